@@ -1,0 +1,55 @@
+//! Which device to compute on, and how many CPU threads.
+//!
+//! candle sizes its CPU thread pool from the physical core count and ignores
+//! cgroup limits; a job sets the count explicitly (and records it), because
+//! CPU results are bit-identical only for the same thread count.
+
+use candle_core::Device;
+
+use crate::error::{EngineError, Result};
+
+/// "cpu" or "cuda:N" (the latter needs the `cuda` feature and a GPU).
+pub fn select(spec: &str) -> Result<Device> {
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = spec.strip_prefix("cuda:") {
+        let n: usize = n.parse().map_err(|_| EngineError::Input(format!("bad device {spec:?}: expected cuda:N")))?;
+        return cuda(n);
+    }
+    Err(EngineError::Input(format!("unknown device {spec:?}: expected \"cpu\" or \"cuda:N\"")))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(n: usize) -> Result<Device> {
+    Ok(Device::new_cuda(n)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_n: usize) -> Result<Device> {
+    Err(EngineError::Input("this build has no CUDA support (build with --features cuda)".into()))
+}
+
+/// CUDA devices visible to this build (empty without the `cuda` feature).
+pub fn cuda_devices() -> Vec<String> {
+    #[cfg(feature = "cuda")]
+    {
+        (0..16).take_while(|n| Device::new_cuda(*n).is_ok()).map(|n| format!("cuda:{n}")).collect()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        vec![]
+    }
+}
+
+/// Fix the CPU thread count for this process. Call before any tensor work.
+pub fn set_cpu_threads(n: usize) {
+    let n = n.max(1).to_string();
+    std::env::set_var("RAYON_NUM_THREADS", &n);
+    std::env::set_var("CANDLE_NUM_THREADS", &n);
+}
+
+/// The thread count candle will use.
+pub fn cpu_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}

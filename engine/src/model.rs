@@ -1,0 +1,304 @@
+//! The Llama model, whole, in one file.
+//!
+//! Decoder-only transformer as in Llama 3: token embedding, N blocks of
+//! (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm ->
+//! SwiGLU MLP -> residual), final RMSNorm, then either the LM head (next-token
+//! logits) or a one-output score head (a reward model, as transformers'
+//! LlamaForSequenceClassification). Parameters are f32 `Var`s named exactly as
+//! Hugging Face names them, so checkpoints move both ways unchanged.
+//!
+//! Shapes: B batch, T sequence, H hidden, V vocab, nh query heads, nkv
+//! key/value heads, hd head dim, rep = nh / nkv.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::config::LlamaConfig;
+use crate::error::{EngineError, Result};
+use crate::ops::{apply_rope, rms_norm, softmax, MASKED};
+
+/// One transformer block's parameters.
+pub struct Block {
+    pub input_layernorm: Var,          // [H]
+    pub q_proj: Var,                   // [nh*hd, H]
+    pub k_proj: Var,                   // [nkv*hd, H]
+    pub v_proj: Var,                   // [nkv*hd, H]
+    pub o_proj: Var,                   // [H, nh*hd]
+    pub post_attention_layernorm: Var, // [H]
+    pub gate_proj: Var,                // [I, H]
+    pub up_proj: Var,                  // [I, H]
+    pub down_proj: Var,                // [H, I]
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Var, // [V, H]
+    pub layers: Vec<Block>,
+    pub norm: Var, // [H]
+    /// [V, H]; None when tied to the embedding or for a reward model.
+    pub lm_head: Option<Var>,
+    /// [1, H] for a reward model.
+    pub score: Option<Var>,
+    pub device: Device,
+    inv_freq: Tensor, // [hd/2]
+}
+
+/// Per-layer cached keys and values for incremental decoding.
+#[derive(Default)]
+pub struct KvCache {
+    /// (k, v) per layer, each [B, nkv, Tc, hd].
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+/// x @ w^T over the last dim: [.., in] -> [.., out].
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+    let out = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut shape = dims;
+    *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
+    out.reshape(shape)
+}
+
+/// RoPE inverse frequencies, with the Llama 3 long-context scaling when configured.
+fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
+    let hd = cfg.head_dim;
+    let mut inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)).collect();
+    if let Some(s) = &cfg.rope_scaling {
+        let old = s.original_max_position_embeddings as f64;
+        let low_wavelen = old / s.low_freq_factor;
+        let high_wavelen = old / s.high_freq_factor;
+        for f in inv.iter_mut() {
+            let wavelen = 2.0 * std::f64::consts::PI / *f;
+            if wavelen > low_wavelen {
+                *f /= s.factor;
+            } else if wavelen >= high_wavelen {
+                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+            }
+        }
+    }
+    inv.into_iter().map(|f| f as f32).collect()
+}
+
+/// Expected shape of every parameter, by Hugging Face name, sorted.
+pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let mut m = BTreeMap::new();
+    m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+    m.insert("model.norm.weight".to_string(), vec![h]);
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}.");
+        m.insert(format!("{p}input_layernorm.weight"), vec![h]);
+        m.insert(format!("{p}post_attention_layernorm.weight"), vec![h]);
+        m.insert(format!("{p}self_attn.q_proj.weight"), vec![q, h]);
+        m.insert(format!("{p}self_attn.k_proj.weight"), vec![kv, h]);
+        m.insert(format!("{p}self_attn.v_proj.weight"), vec![kv, h]);
+        m.insert(format!("{p}self_attn.o_proj.weight"), vec![h, q]);
+        m.insert(format!("{p}mlp.gate_proj.weight"), vec![i, h]);
+        m.insert(format!("{p}mlp.up_proj.weight"), vec![i, h]);
+        m.insert(format!("{p}mlp.down_proj.weight"), vec![h, i]);
+    }
+    if cfg.num_labels == 1 {
+        m.insert("score.weight".to_string(), vec![1, h]);
+    } else if !cfg.tie_word_embeddings {
+        m.insert("lm_head.weight".to_string(), vec![v, h]);
+    }
+    m
+}
+
+impl Llama {
+    /// Build from named f32 tensors; every expected name must be present with
+    /// its expected shape.
+    pub fn from_tensors(config: LlamaConfig, mut tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let shapes = param_shapes(&config);
+        for (name, shape) in &shapes {
+            let t = tensors.get(name).ok_or_else(|| EngineError::Input(format!("missing tensor `{name}`")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(EngineError::Input(format!(
+                    "tensor `{name}` has shape {:?}, the config implies {:?}",
+                    t.dims(),
+                    shape
+                )));
+            }
+        }
+        let mut take = |name: &str| -> Result<Var> {
+            let t = tensors.remove(name).expect("checked above");
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?)
+        };
+        let embed_tokens = take("model.embed_tokens.weight")?;
+        let norm = take("model.norm.weight")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}.");
+            layers.push(Block {
+                input_layernorm: take(&format!("{p}input_layernorm.weight"))?,
+                q_proj: take(&format!("{p}self_attn.q_proj.weight"))?,
+                k_proj: take(&format!("{p}self_attn.k_proj.weight"))?,
+                v_proj: take(&format!("{p}self_attn.v_proj.weight"))?,
+                o_proj: take(&format!("{p}self_attn.o_proj.weight"))?,
+                post_attention_layernorm: take(&format!("{p}post_attention_layernorm.weight"))?,
+                gate_proj: take(&format!("{p}mlp.gate_proj.weight"))?,
+                up_proj: take(&format!("{p}mlp.up_proj.weight"))?,
+                down_proj: take(&format!("{p}mlp.down_proj.weight"))?,
+            });
+        }
+        let score = if config.num_labels == 1 { Some(take("score.weight")?) } else { None };
+        let lm_head = if config.num_labels == 0 && !config.tie_word_embeddings { Some(take("lm_head.weight")?) } else { None };
+        let inv = rope_inv_freq(&config);
+        let inv_freq = Tensor::from_vec(inv.clone(), inv.len(), device)?;
+        Ok(Llama { config, embed_tokens, layers, norm, lm_head, score, device: device.clone(), inv_freq })
+    }
+
+    /// Random init (normal with std 0.02, norms at 1), seeded: the same seed
+    /// gives the same weights on every machine.
+    pub fn init(config: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let tensors = param_shapes(&config)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> =
+                    if name.ends_with("norm.weight") { vec![1.0; n] } else { (0..n).map(|_| 0.02 * rng.normal()).collect() };
+                Ok((name, Tensor::from_vec(data, shape, &Device::Cpu)?))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Self::from_tensors(config, tensors, device)
+    }
+
+    /// Every trainable parameter with its Hugging Face name, sorted by name.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), self.embed_tokens.clone()),
+            ("model.norm.weight".to_string(), self.norm.clone()),
+        ];
+        for (l, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}.");
+            out.push((format!("{p}input_layernorm.weight"), b.input_layernorm.clone()));
+            out.push((format!("{p}self_attn.q_proj.weight"), b.q_proj.clone()));
+            out.push((format!("{p}self_attn.k_proj.weight"), b.k_proj.clone()));
+            out.push((format!("{p}self_attn.v_proj.weight"), b.v_proj.clone()));
+            out.push((format!("{p}self_attn.o_proj.weight"), b.o_proj.clone()));
+            out.push((format!("{p}post_attention_layernorm.weight"), b.post_attention_layernorm.clone()));
+            out.push((format!("{p}mlp.gate_proj.weight"), b.gate_proj.clone()));
+            out.push((format!("{p}mlp.up_proj.weight"), b.up_proj.clone()));
+            out.push((format!("{p}mlp.down_proj.weight"), b.down_proj.clone()));
+        }
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        if let Some(s) = &self.score {
+            out.push(("score.weight".to_string(), s.clone()));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// cos, sin for RoPE at the given positions: [B, T] -> each [B, 1, T, hd].
+    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?; // [B, T, hd/2]
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?; // [B, 1, T, hd]
+        Ok((emb.cos()?, emb.sin()?))
+    }
+
+    /// Final hidden states [B, T, H].
+    ///
+    /// * `ids`: [B, T] u32.
+    /// * `positions`: [B, T] u32 (RoPE positions; restart them to pack rows).
+    /// * `bias`: additive attention bias [B, 1, T, Tk] (0 or MASKED), where
+    ///   Tk = cached + T; build it with [`crate::batch`].
+    /// * `cache`: keys/values of earlier tokens, extended in place.
+    pub fn forward_hidden(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t) = ids.dims2()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (cos, sin) = self.rope_tables(positions)?;
+        let bias = bias.unsqueeze(2)?; // [B, 1, 1, T, Tk]
+        let mut x = self.embed_tokens.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(cfg.num_hidden_layers, || None);
+        }
+        for (l, blk) in self.layers.iter().enumerate() {
+            // Attention.
+            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+            let q = linear(&h, &blk.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [B, nh, T, hd]
+            let k = linear(&h, &blk.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [B, nkv, T, hd]
+            let v = linear(&h, &blk.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let k = apply_rope(&k, &cos, &sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                None => (k, v),
+                Some(c) => {
+                    let (k, v) = match c.layers[l].take() {
+                        None => (k, v),
+                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    };
+                    c.layers[l] = Some((k.clone(), v.clone()));
+                    (k, v)
+                }
+            };
+            let tk = k.dim(2)?;
+            // Group query heads by their shared KV head instead of repeating K/V:
+            // head h uses KV head h / rep, as transformers' repeat_kv does.
+            let q = q.reshape((b, nkv, rep * t, hd))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?; // [B, nkv, rep*T, Tk]
+            let scores = scores.reshape((b, nkv, rep, t, tk))?.broadcast_add(&bias)?;
+            let probs = softmax(&scores)?.reshape((b, nkv, rep * t, tk))?;
+            let att = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            x = (x + linear(&att, &blk.o_proj)?)?;
+            // SwiGLU MLP.
+            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
+            let gated = (linear(&h, &blk.gate_proj)?.silu()? * linear(&h, &blk.up_proj)?)?;
+            x = (x + linear(&gated, &blk.down_proj)?)?;
+        }
+        Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+    }
+
+    /// Next-token logits [B, T, V] from hidden states.
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = match (&self.lm_head, self.config.num_labels) {
+            (_, 1) => return Err(EngineError::Input("a reward model has no LM head".into())),
+            (Some(h), _) => h.as_tensor(),
+            (None, _) => self.embed_tokens.as_tensor(),
+        };
+        Ok(linear(hidden, w)?)
+    }
+
+    /// Rewards at chosen tokens: hidden [B, T, H], flat indices (row * T +
+    /// position) -> [R].
+    pub fn rewards_at(&self, hidden: &Tensor, flat_index: &[u32]) -> Result<Tensor> {
+        let score = self.score.as_ref().ok_or_else(|| EngineError::Input("not a reward model (no score head)".into()))?;
+        let (b, t, h) = hidden.dims3()?;
+        let idx = Tensor::new(flat_index, hidden.device())?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&idx, 0)?; // [R, H]
+        Ok(linear(&picked, score.as_tensor())?.squeeze(D::Minus1)?)
+    }
+
+    /// Convenience: logits of plain causal rows without padding.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
+        let bias = crate::batch::causal_bias(b, t, &self.device)?;
+        let h = self.forward_hidden(ids, &positions, &bias, None)?;
+        self.lm_logits(&h)
+    }
+
+    /// A fresh copy of the weights (new Vars), e.g. a frozen reference model.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let tensors = self.params().into_iter().map(|(n, v)| Ok((n, v.as_tensor().copy()?))).collect::<Result<_>>()?;
+        Self::from_tensors(self.config.clone(), tensors, &self.device)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// Masked value used in attention biases (re-exported for builders).
+pub const MASK_VALUE: f32 = MASKED;

@@ -1,0 +1,250 @@
+//! From examples to losses: how SFT, DPO and RM batches become rows, target
+//! tokens and per-sequence sums. Recipes, tests and benchmarks all go through
+//! here, so the fixture-checked math is the math that trains.
+
+use candle_core::Tensor;
+
+use crate::batch::{Batch, Row};
+use crate::chat::Encoded;
+use crate::error::{EngineError, Result};
+use crate::loss::{self, DpoOutput, RmOutput, Targets};
+use crate::model::Llama;
+
+/// Number of leading prompt tokens (target mask 0) of a sequence.
+pub fn prompt_len(seq: &Encoded) -> usize {
+    seq.target_mask.iter().take_while(|m| **m == 0).count()
+}
+
+/// SFT: token-mean cross entropy over target tokens of the batch.
+/// Returns the loss and the number of target tokens.
+pub fn sft_loss(model: &Llama, seqs: &[Encoded], pad_id: u32) -> Result<(Tensor, usize)> {
+    let rows: Vec<Row> = seqs.iter().map(|s| Row::causal(&s.ids)).collect();
+    let batch = Batch::collate(&rows, pad_id, &model.device)?;
+    let mut targets = Targets::default();
+    for (r, s) in seqs.iter().enumerate() {
+        for j in 1..s.ids.len() {
+            if s.target_mask[j] == 1 {
+                targets.push(r * batch.len + j - 1, s.ids[j]);
+            }
+        }
+    }
+    if targets.is_empty() {
+        return Err(EngineError::Input("SFT batch has no target tokens".into()));
+    }
+    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+    let lp = loss::target_logprobs(&model.lm_logits(&h)?, &targets)?;
+    Ok((loss::sft_loss(&lp)?, targets.len()))
+}
+
+/// SFT with several examples packed per row (block-diagonal attention,
+/// positions restarting), rows filled greedily up to `max_len` tokens.
+pub fn sft_loss_packed(model: &Llama, seqs: &[Encoded], pad_id: u32, max_len: usize) -> Result<(Tensor, usize)> {
+    let mut rows: Vec<Row> = vec![];
+    let mut placed: Vec<(usize, usize)> = vec![]; // (row, start) per seq
+    for s in seqs {
+        if s.len() > max_len {
+            return Err(EngineError::Input(format!("sequence of {} tokens exceeds max_len {max_len}", s.len())));
+        }
+        if rows.last().map(|r| r.len() + s.len() > max_len).unwrap_or(true) {
+            rows.push(Row::default());
+        }
+        let r = rows.len() - 1;
+        let seg = rows[r].segments.last().map(|x| x + 1).unwrap_or(1);
+        let start = rows[r].push_document(&s.ids, seg);
+        placed.push((r, start));
+    }
+    let batch = Batch::collate(&rows, pad_id, &model.device)?;
+    let mut targets = Targets::default();
+    for (s, (r, start)) in seqs.iter().zip(&placed) {
+        for j in 1..s.ids.len() {
+            if s.target_mask[j] == 1 {
+                targets.push(r * batch.len + start + j - 1, s.ids[j]);
+            }
+        }
+    }
+    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+    let lp = loss::target_logprobs(&model.lm_logits(&h)?, &targets)?;
+    Ok((loss::sft_loss(&lp)?, targets.len()))
+}
+
+/// A DPO pair: full sequences (prompt + completion) sharing their prompt.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub chosen: Encoded,
+    pub rejected: Encoded,
+}
+
+/// Per-sequence log-prob sums a DPO step needs.
+pub struct DpoLogps {
+    /// Sums over DPO tokens (completion, minus format tokens when masking).
+    pub chosen: Tensor,   // [N]
+    pub rejected: Tensor, // [N]
+    /// Sum over chosen completion tokens (format included), and their count.
+    pub nll_sum: Tensor, // scalar
+    pub nll_tokens: usize,
+}
+
+/// Score DPO pairs. With `share_prompt`, each pair is one row: prompt once,
+/// then chosen and rejected as two branches (same numbers, less compute).
+pub fn dpo_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt: bool, pad_id: u32) -> Result<DpoLogps> {
+    let n = pairs.len();
+    let mut rows = vec![];
+    // (row, row index of token j's predecessor) resolved per sequence below.
+    let mut layout: Vec<[(usize, Vec<usize>); 2]> = vec![];
+    for (i, p) in pairs.iter().enumerate() {
+        let (pc, pr) = (prompt_len(&p.chosen), prompt_len(&p.rejected));
+        if share_prompt {
+            if pc != pr || p.chosen.ids[..pc] != p.rejected.ids[..pr] || pc == 0 {
+                return Err(EngineError::Input(format!("pair {i}: chosen and rejected do not share a prompt")));
+            }
+            let mut row = Row::causal(&p.chosen.ids[..pc]);
+            let mut preds = [vec![], vec![]];
+            for (side, seq) in [&p.chosen, &p.rejected].into_iter().enumerate() {
+                let start = row.push_branch(&seq.ids[pc..], side as u32 + 1, pc);
+                // predecessor of sequence position j (j >= pc)
+                preds[side] = (0..seq.len()).map(|j| if j <= pc { j.saturating_sub(1) } else { start + j - pc - 1 }).collect();
+            }
+            let r = rows.len();
+            rows.push(row);
+            let [a, b] = preds;
+            layout.push([(r, a), (r, b)]);
+        } else {
+            let mut sides = vec![];
+            for seq in [&p.chosen, &p.rejected] {
+                let r = rows.len();
+                rows.push(Row::causal(&seq.ids));
+                sides.push((r, (0..seq.len()).map(|j| j.saturating_sub(1)).collect::<Vec<_>>()));
+            }
+            let b = sides.pop().expect("two sides");
+            let a = sides.pop().expect("two sides");
+            layout.push([a, b]);
+        }
+    }
+    let batch = Batch::collate(&rows, pad_id, &model.device)?;
+    let mut targets = Targets::default();
+    // weights: rows 0..n chosen, n..2n rejected, 2n nll.
+    let mut owners: Vec<(usize, f32, f32)> = vec![]; // (sequence slot, dpo weight, nll weight)
+    for (i, p) in pairs.iter().enumerate() {
+        for (side, seq) in [&p.chosen, &p.rejected].into_iter().enumerate() {
+            let (r, preds) = &layout[i][side];
+            for j in 1..seq.len() {
+                if seq.target_mask[j] == 0 {
+                    continue;
+                }
+                let dpo_w = if mask_format && seq.format_mask[j] == 1 { 0.0 } else { 1.0 };
+                let nll_w = if side == 0 { 1.0 } else { 0.0 };
+                targets.push(r * batch.len + preds[j], seq.ids[j]);
+                owners.push((side * n + i, dpo_w, nll_w));
+            }
+        }
+    }
+    let m = targets.len();
+    let mut weights = vec![vec![0f32; m]; 2 * n + 1];
+    let mut nll_tokens = 0;
+    for (k, (slot, dw, nw)) in owners.iter().enumerate() {
+        weights[*slot][k] = *dw;
+        weights[2 * n][k] = *nw;
+        nll_tokens += (*nw > 0.0) as usize;
+    }
+    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+    let lp = loss::target_logprobs(&model.lm_logits(&h)?, &targets)?;
+    let sums = loss::per_sequence_sum(&lp, &weights, &model.device)?;
+    Ok(DpoLogps {
+        chosen: sums.narrow(0, 0, n)?,
+        rejected: sums.narrow(0, n, n)?,
+        nll_sum: sums.get(2 * n)?,
+        nll_tokens,
+    })
+}
+
+/// Reference log-prob sums for DPO, computed once without a graph.
+pub fn reference_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt: bool, pad_id: u32) -> Result<(Vec<f32>, Vec<f32>)> {
+    let l = dpo_logps(model, pairs, mask_format, share_prompt, pad_id)?;
+    Ok((l.chosen.detach().to_vec1()?, l.rejected.detach().to_vec1()?))
+}
+
+/// DPO + NLL on a batch with cached reference sums.
+pub fn dpo_loss(
+    model: &Llama,
+    pairs: &[Pair],
+    ref_chosen: &[f32],
+    ref_rejected: &[f32],
+    beta: f64,
+    nll_weight: f64,
+    mask_format: bool,
+    pad_id: u32,
+) -> Result<DpoOutput> {
+    let l = dpo_logps(model, pairs, mask_format, true, pad_id)?;
+    loss::dpo_loss(loss::DpoInputs {
+        policy_chosen: &l.chosen,
+        policy_rejected: &l.rejected,
+        ref_chosen,
+        ref_rejected,
+        nll_logprob_sum: &l.nll_sum,
+        nll_tokens: l.nll_tokens,
+        beta,
+        nll_weight,
+    })
+}
+
+/// A ranked RM example: prompt ids and 2-3 completions (ids), best first.
+#[derive(Debug, Clone)]
+pub struct Ranked {
+    pub prompt: Vec<u32>,
+    pub responses: Vec<Vec<u32>>,
+    pub margin: f32,
+}
+
+/// Rewards of every response, flattened in example order, and for each
+/// example the indices of its responses best first. `packed`: one row per
+/// example, prompt once, responses in `order[e]` (a permutation, e.g. a
+/// seeded shuffle) each seeing only the prompt and itself.
+pub fn rm_rewards(model: &Llama, examples: &[Ranked], packed: bool, orders: Option<&[Vec<usize>]>, pad_id: u32) -> Result<(Tensor, Vec<Vec<usize>>)> {
+    let mut rows = vec![];
+    let mut last_tok = vec![]; // (row, position) per response, in example/rank order
+    for (e, ex) in examples.iter().enumerate() {
+        if ex.responses.len() < 2 {
+            return Err(EngineError::Input(format!("example {e}: a ranking needs at least 2 responses")));
+        }
+        if ex.prompt.is_empty() || ex.responses.iter().any(|r| r.is_empty()) {
+            return Err(EngineError::Input(format!("example {e}: empty prompt or response")));
+        }
+        if packed {
+            let mut row = Row::causal(&ex.prompt);
+            let order: Vec<usize> = orders.map(|o| o[e].clone()).unwrap_or_else(|| (0..ex.responses.len()).collect());
+            let mut ends = vec![0; ex.responses.len()];
+            for (slot, &resp) in order.iter().enumerate() {
+                let start = row.push_branch(&ex.responses[resp], slot as u32 + 1, ex.prompt.len());
+                ends[resp] = start + ex.responses[resp].len() - 1;
+            }
+            let r = rows.len();
+            rows.push(row);
+            last_tok.extend(ends.into_iter().map(|p| (r, p)));
+        } else {
+            for resp in &ex.responses {
+                let mut ids = ex.prompt.clone();
+                ids.extend_from_slice(resp);
+                let r = rows.len();
+                rows.push(Row::causal(&ids));
+                last_tok.push((r, ids.len() - 1));
+            }
+        }
+    }
+    let batch = Batch::collate(&rows, pad_id, &model.device)?;
+    let flat: Vec<u32> = last_tok.iter().map(|(r, p)| (r * batch.len + p) as u32).collect();
+    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+    let rewards = model.rewards_at(&h, &flat)?;
+    let mut ranked = vec![];
+    let mut k = 0;
+    for ex in examples {
+        ranked.push((k..k + ex.responses.len()).collect());
+        k += ex.responses.len();
+    }
+    Ok((rewards, ranked))
+}
+
+pub fn rm_loss(model: &Llama, examples: &[Ranked], packed: bool, orders: Option<&[Vec<usize>]>, pad_id: u32) -> Result<(RmOutput, Tensor)> {
+    let (rewards, ranked) = rm_rewards(model, examples, packed, orders, pad_id)?;
+    let margins: Vec<f32> = examples.iter().map(|e| e.margin).collect();
+    Ok((loss::rm_loss(&rewards, &ranked, &margins)?, rewards))
+}
