@@ -26,6 +26,7 @@ pub mod objective;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod train;
 
 pub use config::LlamaConfig;
 pub use error::{EngineError, Result};

@@ -56,7 +56,7 @@ pub fn per_sequence_sum(values: &Tensor, weights: &[Vec<f32>], device: &Device) 
     if flat.len() != s * m {
         return Err(EngineError::Input(format!("weights are {} values, expected {s} x {m}", flat.len())));
     }
-    let w = Tensor::from_vec(flat, (s, m), device)?;
+    let w = Tensor::from_vec(flat, (s, m), device)?.to_dtype(values.dtype())?;
     Ok(w.matmul(&values.unsqueeze(1)?)?.squeeze(1)?)
 }
 
@@ -102,8 +102,9 @@ impl DpoOutput {
 pub fn dpo_loss(x: DpoInputs) -> Result<DpoOutput> {
     let dev = x.policy_chosen.device();
     let n = x.ref_chosen.len();
-    let rc = Tensor::new(x.ref_chosen, dev)?;
-    let rr = Tensor::new(x.ref_rejected, dev)?;
+    let dt = x.policy_chosen.dtype();
+    let rc = Tensor::new(x.ref_chosen, dev)?.to_dtype(dt)?;
+    let rr = Tensor::new(x.ref_rejected, dev)?.to_dtype(dt)?;
     let chosen = (x.policy_chosen - &rc)?; // log-ratio of chosen
     let rejected = (x.policy_rejected - &rr)?;
     let logits = ((&chosen - &rejected)? * x.beta)?;
@@ -113,12 +114,12 @@ pub fn dpo_loss(x: DpoInputs) -> Result<DpoOutput> {
     }
     let nll = (x.nll_logprob_sum.neg()? / x.nll_tokens as f64)?;
     let loss = (&dpo + (&nll * x.nll_weight)?)?;
-    let chosen_rewards = (chosen.detach() * x.beta)?.to_vec1::<f32>()?;
-    let rejected_rewards = (rejected.detach() * x.beta)?.to_vec1::<f32>()?;
+    let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok((t.detach() * x.beta)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?) };
+    let (chosen_rewards, rejected_rewards) = (f32s(&chosen)?, f32s(&rejected)?);
     debug_assert_eq!(chosen_rewards.len(), n);
     Ok(DpoOutput {
-        dpo_loss: dpo.to_scalar::<f32>()? as f64,
-        nll: nll.to_scalar::<f32>()? as f64,
+        dpo_loss: dpo.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+        nll: nll.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
         loss,
         chosen_rewards,
         rejected_rewards,
@@ -153,7 +154,8 @@ pub fn rm_loss(rewards: &Tensor, ranked: &[Vec<usize>], margins: &[f32]) -> Resu
     let rb = rewards.index_select(&Tensor::new(better.as_slice(), dev)?, 0)?;
     let rw = rewards.index_select(&Tensor::new(worse.as_slice(), dev)?, 0)?;
     let diff = (&rb - &rw)?;
-    let loss = log_sigmoid(&diff.broadcast_sub(&Tensor::new(margin.as_slice(), dev)?)?)?.neg()?.mean_all()?;
-    let correct = diff.detach().to_vec1::<f32>()?.iter().filter(|d| **d > 0.0).count();
+    let margin = Tensor::new(margin.as_slice(), dev)?.to_dtype(diff.dtype())?;
+    let loss = log_sigmoid(&diff.broadcast_sub(&margin)?)?.neg()?.mean_all()?;
+    let correct = diff.detach().to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.iter().filter(|d| **d > 0.0).count();
     Ok(RmOutput { loss, pairs, correct })
 }

@@ -112,7 +112,13 @@ pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
 impl Llama {
     /// Build from named f32 tensors; every expected name must be present with
     /// its expected shape.
-    pub fn from_tensors(config: LlamaConfig, mut tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Self> {
+    pub fn from_tensors(config: LlamaConfig, tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Self> {
+        Self::from_tensors_dtype(config, tensors, device, DType::F32)
+    }
+
+    /// As `from_tensors`, with parameters in `dtype` (f32 to train; f64 for
+    /// finite-difference gradient checks).
+    pub fn from_tensors_dtype(config: LlamaConfig, mut tensors: BTreeMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self> {
         let shapes = param_shapes(&config);
         for (name, shape) in &shapes {
             let t = tensors.get(name).ok_or_else(|| EngineError::Input(format!("missing tensor `{name}`")))?;
@@ -126,7 +132,7 @@ impl Llama {
         }
         let mut take = |name: &str| -> Result<Var> {
             let t = tensors.remove(name).expect("checked above");
-            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?)
+            Ok(Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?)
         };
         let embed_tokens = take("model.embed_tokens.weight")?;
         let norm = take("model.norm.weight")?;
@@ -202,7 +208,8 @@ impl Llama {
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?; // [B, T, hd/2]
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?; // [B, 1, T, hd]
-        Ok((emb.cos()?, emb.sin()?))
+        let dtype = self.embed_tokens.dtype();
+        Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
     }
 
     /// Final hidden states [B, T, H].
@@ -219,7 +226,7 @@ impl Llama {
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let (cos, sin) = self.rope_tables(positions)?;
-        let bias = bias.unsqueeze(2)?; // [B, 1, 1, T, Tk]
+        let bias = bias.to_dtype(self.embed_tokens.dtype())?.unsqueeze(2)?; // [B, 1, 1, T, Tk]
         let mut x = self.embed_tokens.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(cfg.num_hidden_layers, || None);
@@ -292,7 +299,12 @@ impl Llama {
     /// A fresh copy of the weights (new Vars), e.g. a frozen reference model.
     pub fn deep_clone(&self) -> Result<Self> {
         let tensors = self.params().into_iter().map(|(n, v)| Ok((n, v.as_tensor().copy()?))).collect::<Result<_>>()?;
-        Self::from_tensors(self.config.clone(), tensors, &self.device)
+        Self::from_tensors_dtype(self.config.clone(), tensors, &self.device, self.embed_tokens.dtype())
+    }
+
+    /// Weights as plain tensors by name (shares storage; copy before mutating).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.params().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
     }
 
     pub fn num_params(&self) -> usize {

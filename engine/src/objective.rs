@@ -160,7 +160,8 @@ pub fn dpo_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt:
 /// Reference log-prob sums for DPO, computed once without a graph.
 pub fn reference_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt: bool, pad_id: u32) -> Result<(Vec<f32>, Vec<f32>)> {
     let l = dpo_logps(model, pairs, mask_format, share_prompt, pad_id)?;
-    Ok((l.chosen.detach().to_vec1()?, l.rejected.detach().to_vec1()?))
+    let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?) };
+    Ok((f32s(&l.chosen)?, f32s(&l.rejected)?))
 }
 
 /// DPO + NLL on a batch with cached reference sums.

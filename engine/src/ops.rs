@@ -11,10 +11,10 @@ use candle_core::{DType, Result, Tensor, D};
 /// masked row into NaN.
 pub const MASKED: f32 = -1e9;
 
-/// RMSNorm over the last dim, computed in f32: x / sqrt(mean(x^2) + eps) * w.
+/// RMSNorm over the last dim, computed in at least f32: x / sqrt(mean(x^2) + eps) * w.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
     let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
