@@ -44,6 +44,12 @@ pub struct Llama {
     inv_freq: Tensor, // [hd/2]
 }
 
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama").field("config", &self.config).field("params", &self.num_params()).finish()
+    }
+}
+
 /// Per-layer cached keys and values for incremental decoding.
 #[derive(Default)]
 pub struct KvCache {
