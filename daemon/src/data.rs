@@ -1,0 +1,374 @@
+//! Datasets as users bring them (JSONL), parsed strictly.
+//!
+//! Three kinds: preference, sft, prompts. Each line is checked on its own and
+//! every problem is reported with file, line and field; a file with any bad
+//! line is refused whole, so nothing is ever half-imported.
+//!
+//! * preference: `{"prompt": [messages] | "text", "responses": [best, ..., worst],
+//!   "strength": "significantly_better|better|slightly_better|marginally_better"}`,
+//!   or TRL's `{"prompt", "chosen", "rejected"}` (strings or message lists) with
+//!   an optional `"edited"` (ranked above chosen).
+//! * sft: `{"messages": [...]}` (ending with the assistant's turn) or
+//!   `{"prompt", "completion"}`.
+//! * prompts: `{"prompt": ...}` or `{"messages": [...]}`, optional `"answer"`.
+
+use herd_engine::chat::{Message, ROLES};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// At most this many errors are listed for one file.
+const MAX_ERRORS: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    Preference,
+    Sft,
+    Prompts,
+}
+
+impl DatasetKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "preference" => Ok(DatasetKind::Preference),
+            "sft" => Ok(DatasetKind::Sft),
+            "prompts" => Ok(DatasetKind::Prompts),
+            other => Err(format!("unknown dataset kind {other:?} (expected preference, sft or prompts)")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetKind::Preference => "preference",
+            DatasetKind::Sft => "sft",
+            DatasetKind::Prompts => "prompts",
+        }
+    }
+}
+
+/// Annotators' preference strength (Llama 2/3's four levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strength {
+    SignificantlyBetter,
+    Better,
+    SlightlyBetter,
+    MarginallyBetter,
+}
+
+impl Strength {
+    pub const ALL: [Strength; 4] = [Strength::SignificantlyBetter, Strength::Better, Strength::SlightlyBetter, Strength::MarginallyBetter];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strength::SignificantlyBetter => "significantly_better",
+            Strength::Better => "better",
+            Strength::SlightlyBetter => "slightly_better",
+            Strength::MarginallyBetter => "marginally_better",
+        }
+    }
+    /// Llama 2's discrete margins for the optional margin term.
+    pub fn margin(self) -> f32 {
+        match self {
+            Strength::SignificantlyBetter => 1.0,
+            Strength::Better => 2.0 / 3.0,
+            Strength::SlightlyBetter => 1.0 / 3.0,
+            Strength::MarginallyBetter => 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreferenceExample {
+    pub prompt: Vec<Message>,
+    /// Best first: [edited,] chosen, rejected.
+    pub responses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<Strength>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftExample {
+    pub messages: Vec<Message>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptExample {
+    pub prompt: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dataset {
+    Preference(Vec<PreferenceExample>),
+    Sft(Vec<SftExample>),
+    Prompts(Vec<PromptExample>),
+}
+
+/// One problem on one line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LineError {
+    pub line: usize,
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {} bad line(s); the file was not imported:\n{}", errors.len(), errors.iter().map(|e| format!("  line {}: field `{}`: {}", e.line, e.field, e.reason)).collect::<Vec<_>>().join("\n"))]
+pub struct DataError {
+    pub file: String,
+    pub errors: Vec<LineError>,
+}
+
+type FieldResult<T> = Result<T, (String, String)>;
+
+fn err<T>(field: &str, reason: impl Into<String>) -> FieldResult<T> {
+    Err((field.to_string(), reason.into()))
+}
+
+fn messages(v: &Value, field: &str) -> FieldResult<Vec<Message>> {
+    let arr = match v {
+        Value::Array(a) => a,
+        _ => return err(field, "expected a list of {role, content} messages"),
+    };
+    if arr.is_empty() {
+        return err(field, "empty message list");
+    }
+    arr.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let f = format!("{field}[{i}]");
+            let role = m.get("role").and_then(|r| r.as_str()).ok_or((format!("{f}.role"), "missing or not a string".to_string()))?;
+            if !ROLES.contains(&role) {
+                return err(&format!("{f}.role"), format!("unknown role {role:?} (expected one of {ROLES:?})"));
+            }
+            let content = m.get("content").and_then(|c| c.as_str()).ok_or((format!("{f}.content"), "missing or not a string".to_string()))?;
+            let eom = match m.get("eom") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return err(&format!("{f}.eom"), "expected true or false"),
+            };
+            Ok(Message { role: role.to_string(), content: content.to_string(), eom })
+        })
+        .collect()
+}
+
+/// A prompt: a string (one user turn) or a message list.
+fn prompt(v: Option<&Value>, field: &str) -> FieldResult<Vec<Message>> {
+    match v {
+        None | Some(Value::Null) => err(field, "missing"),
+        Some(Value::String(s)) if s.trim().is_empty() => err(field, "empty"),
+        Some(Value::String(s)) => Ok(vec![Message::new("user", s)]),
+        Some(other) => {
+            let m = messages(other, field)?;
+            if m.last().map(|x| x.role == "assistant").unwrap_or(false) {
+                return err(field, "a prompt must not end with an assistant message");
+            }
+            Ok(m)
+        }
+    }
+}
+
+/// A response: a string, an assistant message, or a list of one.
+fn response(v: Option<&Value>, field: &str) -> FieldResult<String> {
+    let text = match v {
+        None | Some(Value::Null) => return err(field, "missing"),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(_)) => {
+            let m = messages(&Value::Array(vec![v.cloned().unwrap_or_default()]), field)?;
+            if m[0].role != "assistant" {
+                return err(field, format!("expected an assistant message, got role {:?}", m[0].role));
+            }
+            m[0].content.clone()
+        }
+        Some(Value::Array(a)) if a.len() == 1 => return response(a.first(), &format!("{field}[0]")),
+        Some(_) => return err(field, "expected a string or one assistant message"),
+    };
+    if text.trim().is_empty() {
+        return err(field, "empty response");
+    }
+    Ok(text)
+}
+
+fn object(v: &Value) -> FieldResult<&serde_json::Map<String, Value>> {
+    v.as_object().ok_or(("(line)".to_string(), "expected a JSON object".to_string()))
+}
+
+fn no_unknown(o: &serde_json::Map<String, Value>, known: &[&str]) -> FieldResult<()> {
+    match o.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => err(k, format!("unknown field (expected: {})", known.join(", "))),
+        None => Ok(()),
+    }
+}
+
+fn preference_line(v: &Value) -> FieldResult<PreferenceExample> {
+    let o = object(v)?;
+    let prompt = prompt(o.get("prompt"), "prompt")?;
+    let strength = match o.get("strength") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            Strength::ALL
+                .into_iter()
+                .find(|x| x.as_str() == s)
+                .ok_or(("strength".to_string(), format!("{s:?} is not one of significantly_better, better, slightly_better, marginally_better")))?,
+        ),
+        Some(_) => return err("strength", "expected a string"),
+    };
+    let responses = if let Some(r) = o.get("responses") {
+        no_unknown(o, &["prompt", "responses", "strength"])?;
+        let arr = r.as_array().ok_or(("responses".to_string(), "expected a list, best first".to_string()))?;
+        if !(2..=3).contains(&arr.len()) {
+            return err("responses", format!("expected 2 or 3 ranked responses, got {}", arr.len()));
+        }
+        arr.iter().enumerate().map(|(i, x)| response(Some(x), &format!("responses[{i}]"))).collect::<FieldResult<Vec<_>>>()?
+    } else {
+        no_unknown(o, &["prompt", "chosen", "rejected", "edited", "strength"])?;
+        let mut out = vec![];
+        if let Some(e) = o.get("edited").filter(|e| !e.is_null()) {
+            out.push(response(Some(e), "edited")?);
+        }
+        out.push(response(o.get("chosen"), "chosen")?);
+        out.push(response(o.get("rejected"), "rejected")?);
+        out
+    };
+    Ok(PreferenceExample { prompt, responses, strength })
+}
+
+fn sft_line(v: &Value) -> FieldResult<SftExample> {
+    let o = object(v)?;
+    if let Some(m) = o.get("messages") {
+        no_unknown(o, &["messages"])?;
+        let messages = messages(m, "messages")?;
+        if messages.last().map(|m| m.role != "assistant").unwrap_or(true) {
+            return err("messages", "the last message must be the assistant's (it is what SFT trains on)");
+        }
+        return Ok(SftExample { messages });
+    }
+    no_unknown(o, &["prompt", "completion"])?;
+    let mut messages = prompt(o.get("prompt"), "prompt")?;
+    messages.push(Message::new("assistant", &response(o.get("completion"), "completion")?));
+    Ok(SftExample { messages })
+}
+
+fn prompts_line(v: &Value) -> FieldResult<PromptExample> {
+    let o = object(v)?;
+    no_unknown(o, &["prompt", "messages", "answer"])?;
+    let prompt = match (o.get("prompt"), o.get("messages")) {
+        (Some(p), None) => prompt(Some(p), "prompt")?,
+        (None, Some(m)) => prompt(Some(m), "messages")?,
+        (Some(_), Some(_)) => return err("prompt", "give either `prompt` or `messages`, not both"),
+        (None, None) => return err("prompt", "missing (or `messages`)"),
+    };
+    let answer = match o.get("answer") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return err("answer", "expected a string or a number"),
+    };
+    Ok(PromptExample { prompt, answer })
+}
+
+/// Parse a whole JSONL text. Blank lines are skipped.
+pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataError> {
+    let mut errors = vec![];
+    let (mut pref, mut sft, mut prompts) = (vec![], vec![], vec![]);
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let lineno = i + 1;
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(LineError { line: lineno, field: "(line)".into(), reason: format!("not valid JSON: {e}") });
+                if errors.len() >= MAX_ERRORS {
+                    break;
+                }
+                continue;
+            }
+        };
+        let r = match kind {
+            DatasetKind::Preference => preference_line(&v).map(|x| pref.push(x)),
+            DatasetKind::Sft => sft_line(&v).map(|x| sft.push(x)),
+            DatasetKind::Prompts => prompts_line(&v).map(|x| prompts.push(x)),
+        };
+        if let Err((field, reason)) = r {
+            errors.push(LineError { line: lineno, field, reason });
+            if errors.len() >= MAX_ERRORS {
+                break;
+            }
+        }
+    }
+    if errors.is_empty() && pref.is_empty() && sft.is_empty() && prompts.is_empty() {
+        errors.push(LineError { line: 0, field: "(file)".into(), reason: "no examples".into() });
+    }
+    if !errors.is_empty() {
+        return Err(DataError { file: file.to_string(), errors });
+    }
+    Ok(match kind {
+        DatasetKind::Preference => Dataset::Preference(pref),
+        DatasetKind::Sft => Dataset::Sft(sft),
+        DatasetKind::Prompts => Dataset::Prompts(prompts),
+    })
+}
+
+pub fn parse_bytes(kind: DatasetKind, bytes: &[u8], file: &str) -> Result<Dataset, DataError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| DataError {
+        file: file.to_string(),
+        errors: vec![LineError { line: bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count() + 1, field: "(line)".into(), reason: "not UTF-8".into() }],
+    })?;
+    parse(kind, text, file)
+}
+
+impl Dataset {
+    pub fn kind(&self) -> DatasetKind {
+        match self {
+            Dataset::Preference(_) => DatasetKind::Preference,
+            Dataset::Sft(_) => DatasetKind::Sft,
+            Dataset::Prompts(_) => DatasetKind::Prompts,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Dataset::Preference(x) => x.len(),
+            Dataset::Sft(x) => x.len(),
+            Dataset::Prompts(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Canonical JSONL (our own shape), so equal data hashes equal.
+    pub fn to_jsonl(&self) -> String {
+        fn lines<T: Serialize>(xs: &[T]) -> String {
+            xs.iter().map(|x| serde_json::to_string(x).expect("serializes") + "\n").collect()
+        }
+        match self {
+            Dataset::Preference(x) => lines(x),
+            Dataset::Sft(x) => lines(x),
+            Dataset::Prompts(x) => lines(x),
+        }
+    }
+
+    /// Rows, strength histogram, share of 3-response rankings, answers.
+    pub fn summary(&self) -> Value {
+        match self {
+            Dataset::Preference(x) => {
+                let mut hist = serde_json::Map::new();
+                for s in Strength::ALL {
+                    hist.insert(s.as_str().into(), x.iter().filter(|e| e.strength == Some(s)).count().into());
+                }
+                hist.insert("unspecified".into(), x.iter().filter(|e| e.strength.is_none()).count().into());
+                let three = x.iter().filter(|e| e.responses.len() == 3).count();
+                serde_json::json!({"kind": "preference", "rows": x.len(), "strength": hist,
+                    "three_response_share": three as f64 / x.len().max(1) as f64})
+            }
+            Dataset::Sft(x) => serde_json::json!({"kind": "sft", "rows": x.len(),
+                "turns_mean": x.iter().map(|e| e.messages.len()).sum::<usize>() as f64 / x.len().max(1) as f64}),
+            Dataset::Prompts(x) => serde_json::json!({"kind": "prompts", "rows": x.len(),
+                "with_answer": x.iter().filter(|e| e.answer.is_some()).count()}),
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `dpo`: DPO (sigmoid) against a frozen reference whose log-probs are
+//! computed once up front and recorded as an output, plus NLL on the chosen
+//! response; format tokens masked out of the DPO term (Llama 3 §4.1.4).
+//! Chosen is the best-ranked response, rejected the worst.
+
+use anyhow::{bail, Result};
+use herd_engine::objective::{self, Pair};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::util::{chat_of, load_dataset, prompt_completion, save_checkpoint, train_loop, truncate, TrainParams};
+use super::{JobContext, Validate};
+use crate::data::{Dataset, DatasetKind};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Params {
+    #[serde(flatten)]
+    pub train: TrainParams,
+    pub beta: f64,
+    pub nll_weight: f64,
+    pub mask_format_tokens: bool,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { train: TrainParams { batch_size: 2, ..TrainParams::default() }, beta: 0.1, nll_weight: 0.2, mask_format_tokens: true }
+    }
+}
+
+impl Validate for Params {
+    fn validate(&self) -> Result<(), String> {
+        self.train.validate()?;
+        if !(self.beta.is_finite() && self.beta > 0.0) || !(self.nll_weight.is_finite() && self.nll_weight >= 0.0) {
+            return Err("beta must be > 0 and nll_weight >= 0".into());
+        }
+        Ok(())
+    }
+}
+
+pub fn run(ctx: &mut JobContext) -> Result<Value> {
+    let p: Params = ctx.params()?;
+    let model_dir = ctx.input("model")?.to_path_buf();
+    let ref_dir = ctx.inputs.get("reference").cloned().unwrap_or_else(|| model_dir.clone());
+    let chat = chat_of(&model_dir)?;
+    let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)? else { unreachable!() };
+    let mut pairs = vec![];
+    let mut dropped = 0;
+    for r in &rows {
+        let chosen = truncate(prompt_completion(&chat, &r.prompt, &r.responses[0])?, p.train.max_seq_len);
+        let rejected = truncate(prompt_completion(&chat, &r.prompt, r.responses.last().expect("2+ responses"))?, p.train.max_seq_len);
+        match (chosen, rejected) {
+            (Some(chosen), Some(rejected)) if objective::prompt_len(&chosen) == objective::prompt_len(&rejected) => {
+                pairs.push(Pair { chosen, rejected })
+            }
+            _ => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        ctx.sink.note(&format!("dropped {dropped} pair(s) truncated away by max_seq_len {}", p.train.max_seq_len));
+    }
+    if pairs.is_empty() {
+        bail!("no preference pairs left to train on");
+    }
+    let pad = chat.special.pad;
+    // Reference log-probs: once, in fixed chunks, recorded with the job.
+    let (mut ref_c, mut ref_r) = (vec![], vec![]);
+    {
+        let reference = herd_engine::checkpoint::load_model(&ref_dir, &ctx.device)?;
+        for chunk in pairs.chunks(p.train.batch_size.max(1)) {
+            let (c, r) = objective::reference_logps(&reference, chunk, p.mask_format_tokens, true, pad)?;
+            ref_c.extend(c);
+            ref_r.extend(r);
+        }
+    }
+    let cache_path = ctx.workdir.join("reference_logps.json");
+    std::fs::write(&cache_path, serde_json::to_vec(&json!({"chosen": ref_c, "rejected": ref_r, "mask_format_tokens": p.mask_format_tokens}))?)?;
+    ctx.sink.output("reference_logps", "cache", &cache_path, json!({"pairs": pairs.len()}))?;
+
+    let model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
+    let n = pairs.len();
+    let last = train_loop(ctx, model.params(), &p.train, n, |idx, extras| {
+        let batch: Vec<Pair> = idx.iter().map(|i| pairs[*i].clone()).collect();
+        let rc: Vec<f32> = idx.iter().map(|i| ref_c[*i]).collect();
+        let rr: Vec<f32> = idx.iter().map(|i| ref_r[*i]).collect();
+        let out = objective::dpo_loss(&model, &batch, &rc, &rr, p.beta, p.nll_weight, p.mask_format_tokens, pad)?;
+        let mean = |v: &[f32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
+        extras.push(("dpo_loss".into(), out.dpo_loss));
+        extras.push(("nll".into(), out.nll));
+        extras.push(("chosen_reward".into(), mean(&out.chosen_rewards)));
+        extras.push(("rejected_reward".into(), mean(&out.rejected_rewards)));
+        extras.push(("reward_margin".into(), out.reward_margin()));
+        extras.push(("reward_accuracy".into(), out.reward_accuracy()));
+        let tokens = batch.iter().map(|b| b.chosen.len() + b.rejected.len()).sum();
+        Ok((out.loss, tokens))
+    })?;
+    let summary = json!({"pairs": n, "dropped_truncated": dropped, "final": last.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()});
+    save_checkpoint(ctx, &model, &model_dir, summary.clone())?;
+    Ok(summary)
+}

@@ -1,0 +1,113 @@
+//! `eval`: what a round is judged by. Task accuracy on prompts with
+//! checkable answers (greedy), win rate of the policy over a baseline judged
+//! by a reward model, RM pairwise accuracy on preference data, held-out SFT
+//! loss. Each metric is computed when its inputs are given.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::util::{chat_of, complete, load_dataset, score, GenParams};
+use super::{JobContext, Validate};
+use crate::data::{Dataset, DatasetKind};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Params {
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub max_seq_len: usize,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { max_new_tokens: 64, batch_size: 16, max_seq_len: 512 }
+    }
+}
+
+impl Validate for Params {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_new_tokens == 0 || self.batch_size == 0 || self.max_seq_len < 2 {
+            return Err("max_new_tokens, batch_size >= 1 and max_seq_len >= 2".into());
+        }
+        Ok(())
+    }
+}
+
+pub fn run(ctx: &mut JobContext) -> Result<Value> {
+    let p: Params = ctx.params()?;
+    let g = GenParams { temperature: 0.0, top_p: 1.0, max_new_tokens: p.max_new_tokens, batch_size: p.batch_size };
+    let policy_dir = ctx.input("policy")?.to_path_buf();
+    let chat = chat_of(&policy_dir)?;
+    let policy = herd_engine::checkpoint::load_model(&policy_dir, &ctx.device)?;
+    let baseline = match ctx.inputs.get("baseline") {
+        Some(d) => Some(herd_engine::checkpoint::load_model(d, &ctx.device)?),
+        None => None,
+    };
+    let rm = match ctx.inputs.get("rm") {
+        Some(d) => Some((herd_engine::checkpoint::load_model(d, &ctx.device)?, chat_of(d)?)),
+        None => None,
+    };
+    let mut m = serde_json::Map::new();
+    if let Some(path) = ctx.inputs.get("prompts").cloned() {
+        let Dataset::Prompts(prompts) = load_dataset(&path, DatasetKind::Prompts)? else { unreachable!() };
+        let msgs: Vec<_> = prompts.iter().map(|x| x.prompt.clone()).collect();
+        let ours = complete(&policy, &chat, &msgs, 1, &g, ctx.seed, |_, _| {})?;
+        let accuracy = |outs: &[Vec<String>]| {
+            let checkable: Vec<(usize, &String)> = prompts.iter().enumerate().filter_map(|(i, x)| x.answer.as_ref().map(|a| (i, a))).collect();
+            (!checkable.is_empty()).then(|| {
+                checkable.iter().filter(|(i, a)| crate::task::is_correct(&outs[*i][0], a)).count() as f64 / checkable.len() as f64
+            })
+        };
+        if let Some(a) = accuracy(&ours) {
+            m.insert("task_accuracy".into(), a.into());
+        }
+        if let Some(base) = &baseline {
+            let theirs = complete(base, &chat, &msgs, 1, &g, ctx.seed, |_, _| {})?;
+            if let Some(a) = accuracy(&theirs) {
+                m.insert("baseline_task_accuracy".into(), a.into());
+            }
+            if let Some((rm, rm_chat)) = &rm {
+                let mut wins = 0.0;
+                for (i, x) in prompts.iter().enumerate() {
+                    let s = score(rm, rm_chat, &x.prompt, &[ours[i][0].clone(), theirs[i][0].clone()])?;
+                    wins += if s[0] > s[1] { 1.0 } else if s[0] == s[1] { 0.5 } else { 0.0 };
+                }
+                m.insert("win_rate".into(), (wins / prompts.len().max(1) as f64).into());
+            }
+        }
+        let examples: Vec<Value> = prompts.iter().zip(&ours).take(3).map(|(x, o)| json!({"prompt": x.prompt.last().map(|m| m.content.clone()), "response": o[0], "answer": x.answer})).collect();
+        m.insert("examples".into(), examples.into());
+    }
+    if let (Some(path), Some((rm, rm_chat))) = (ctx.inputs.get("preference").cloned(), &rm) {
+        let Dataset::Preference(rows) = load_dataset(&path, DatasetKind::Preference)? else { unreachable!() };
+        let (mut correct, mut pairs) = (0, 0);
+        for r in &rows {
+            let s = score(rm, rm_chat, &r.prompt, &r.responses)?;
+            for i in 0..s.len() {
+                for j in i + 1..s.len() {
+                    pairs += 1;
+                    correct += (s[i] > s[j]) as usize;
+                }
+            }
+        }
+        m.insert("rm_accuracy".into(), (correct as f64 / pairs.max(1) as f64).into());
+    }
+    if let Some(path) = ctx.inputs.get("sft").cloned() {
+        let Dataset::Sft(rows) = load_dataset(&path, DatasetKind::Sft)? else { unreachable!() };
+        let seqs: Vec<_> = rows.iter().filter_map(|r| chat.encode_dialog(&r.messages).ok().and_then(|e| super::util::truncate(e, p.max_seq_len))).collect();
+        let (mut total, mut tokens) = (0.0, 0usize);
+        for chunk in seqs.chunks(p.batch_size) {
+            let (loss, n) = herd_engine::objective::sft_loss(&policy, chunk, chat.special.pad)?;
+            total += loss.to_scalar::<f32>()? as f64 * n as f64;
+            tokens += n;
+        }
+        m.insert("sft_loss".into(), (total / tokens.max(1) as f64).into());
+    }
+    let points: Vec<(String, f64)> = m.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect();
+    if points.is_empty() {
+        bail!("eval computed nothing: give `prompts` (with answers), `baseline` + `rm`, `preference` + `rm`, or `sft`");
+    }
+    ctx.sink.metrics(0, &points)?;
+    Ok(Value::Object(m))
+}

@@ -1,0 +1,106 @@
+//! `sample`: rejection sampling (Llama 3 §4.2.2). K samples per prompt from
+//! the policy, each scored by the reward model; the best becomes SFT data.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::util::{chat_of, complete, load_dataset, save_dataset, score, GenParams};
+use super::{JobContext, Validate};
+use crate::data::{Dataset, DatasetKind, SftExample};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Params {
+    /// Samples per prompt (the paper uses 10-30).
+    pub k: usize,
+    #[serde(flatten)]
+    pub gen: GenParams,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { k: 10, gen: GenParams::default() }
+    }
+}
+
+impl Validate for Params {
+    fn validate(&self) -> Result<(), String> {
+        if self.k < 2 {
+            return Err("k must be at least 2 (rejection sampling picks the best of k)".into());
+        }
+        self.gen.validate()
+    }
+}
+
+fn stats(xs: &[f64]) -> Value {
+    if xs.is_empty() {
+        return Value::Null;
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let std = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({"mean": mean, "std": std, "min": min, "max": max, "n": xs.len()})
+}
+
+pub fn run(ctx: &mut JobContext) -> Result<Value> {
+    let p: Params = ctx.params()?;
+    let policy_dir = ctx.input("policy")?.to_path_buf();
+    let rm_dir = ctx.input("rm")?.to_path_buf();
+    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)? else { unreachable!() };
+    let chat = chat_of(&policy_dir)?;
+    let rm_chat = chat_of(&rm_dir)?;
+    let samples = {
+        let policy = herd_engine::checkpoint::load_model(&policy_dir, &ctx.device)?;
+        let msgs: Vec<_> = prompts.iter().map(|x| x.prompt.clone()).collect();
+        let sink = &mut *ctx.sink;
+        complete(&policy, &chat, &msgs, p.k, &p.gen, ctx.seed, |d, t| sink.progress(d as u64, t as u64))?
+    };
+    let rm = herd_engine::checkpoint::load_model(&rm_dir, &ctx.device)?;
+    if rm.score.is_none() {
+        bail!("input `rm` is not a reward model (its config is not LlamaForSequenceClassification)");
+    }
+    let (mut all, mut best_scores, mut rows) = (vec![], vec![], vec![]);
+    let (mut empty, mut correct_best, mut correct_any, mut checkable) = (0, 0, 0.0, 0);
+    for (prompt, cands) in prompts.iter().zip(&samples) {
+        let scores = score(&rm, &rm_chat, &prompt.prompt, cands)?;
+        all.extend(scores.iter().map(|s| *s as f64));
+        // Best non-empty sample (first on ties).
+        let best = (0..cands.len()).filter(|i| !cands[*i].is_empty()).fold(None, |acc: Option<usize>, i| match acc {
+            Some(b) if scores[b] >= scores[i] => Some(b),
+            _ => Some(i),
+        });
+        let Some(best) = best else {
+            empty += 1;
+            continue;
+        };
+        best_scores.push(scores[best] as f64);
+        if let Some(ans) = &prompt.answer {
+            checkable += 1;
+            correct_best += crate::task::is_correct(&cands[best], ans) as usize;
+            correct_any += cands.iter().filter(|c| crate::task::is_correct(c, ans)).count() as f64 / cands.len() as f64;
+        }
+        let mut messages = prompt.prompt.clone();
+        messages.push(herd_engine::chat::Message::new("assistant", &cands[best]));
+        rows.push(SftExample { messages });
+    }
+    if rows.is_empty() {
+        bail!("every sample was empty; nothing to keep");
+    }
+    let mut points = vec![("score_mean".to_string(), stats(&all)["mean"].as_f64().unwrap_or(0.0)),
+        ("best_score_mean".to_string(), stats(&best_scores)["mean"].as_f64().unwrap_or(0.0))];
+    let mut summary = json!({"prompts": prompts.len(), "k": p.k, "kept": rows.len(), "all_prompts_empty": empty,
+        "scores": stats(&all), "best_scores": stats(&best_scores)});
+    if checkable > 0 {
+        let (b, s) = (correct_best as f64 / checkable as f64, correct_any / checkable as f64);
+        points.push(("best_correct_rate".into(), b));
+        points.push(("sample_correct_rate".into(), s));
+        summary["best_correct_rate"] = b.into();
+        summary["sample_correct_rate"] = s.into();
+    }
+    ctx.sink.metrics(0, &points)?;
+    save_dataset(ctx, "data", &Dataset::Sft(rows))?;
+    Ok(summary)
+}
