@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use util::{TrainParams, Sink, MemorySink};
+pub use util::{complete, score, store_output, GenParams, MemorySink, Sink, TrainParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -151,6 +151,11 @@ fn check(kind: JobKind, v: &Value) -> Result<(), String> {
         JobKind::Eval => parse_params::<eval::Params>(v).map(drop),
         JobKind::Annotate => parse_params::<annotate::Params>(v).map(drop),
     }
+}
+
+/// The annotators' ranking rule, exposed for tests.
+pub fn annotate_rank_for_test(a: &str, b: &str, answer: &str) -> Option<(usize, crate::data::Strength)> {
+    annotate::rank(a, b, answer)
 }
 
 /// Range checks beyond types.
