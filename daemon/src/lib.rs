@@ -4,7 +4,19 @@
 //! * [`jobs`]: the Llama 3 recipes as jobs (rm, sample, sft, dpo, average,
 //!   curate, eval, annotate).
 //! * [`task`]: the checkable task behind simulated annotation and eval.
+//! * [`rounds`]: round specs expanded into job DAGs.
+//! * [`state`]: store + live projection shared by the API and scheduler.
+//! * [`scheduler`]: devices, queue, dependencies, worker processes, recovery.
+//! * [`worker`]: the worker process side of a job.
+//! * [`api`]: the HTTP API (warp).
+//! * [`server`]: start, token, shutdown.
 
+pub mod api;
 pub mod data;
 pub mod jobs;
+pub mod rounds;
+pub mod scheduler;
+pub mod server;
+pub mod state;
 pub mod task;
+pub mod worker;

@@ -1,0 +1,141 @@
+//! A round spec expands to a DAG of jobs.
+//!
+//! ```json
+//! {"experiment": "<uuid>", "seed": 1,
+//!  "vars": {"prompts": "<hash>"},
+//!  "jobs": [{"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "sample.data"},
+//!            "hyperparameters": {"lr": 1e-5}}],
+//!  "final_policy": "average.checkpoint"}
+//! ```
+//! An input is `$var` (a round variable), `job.output` (the output of an
+//! earlier job of this round: a dependency), or a content hash. `$policy`
+//! defaults to the previous round's final policy.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::jobs::{self, JobKind};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSpec {
+    pub experiment: Uuid,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    pub jobs: Vec<RoundJob>,
+    /// `job.output` naming the policy the next round starts from.
+    #[serde(default)]
+    pub final_policy: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundJob {
+    pub name: String,
+    pub kind: String,
+    pub inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hyperparameters: Value,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// One job of an expanded round, ready to record.
+#[derive(Debug, Clone)]
+pub struct PlannedJob {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: JobKind,
+    pub inputs: BTreeMap<String, String>,
+    pub hyperparameters: Value,
+    pub seed: u64,
+    pub depends_on: Vec<Uuid>,
+    pub priority: i32,
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Expand a spec. `previous_policy` is the `job:<id>/<output>` reference (or
+/// hash) of the last round's final policy, used for `$policy` when unset.
+pub fn expand(spec: &RoundSpec, previous_policy: Option<String>, known_hash: impl Fn(&str) -> bool) -> Result<Vec<PlannedJob>, String> {
+    let mut vars = spec.vars.clone();
+    if !vars.contains_key("policy") {
+        if let Some(p) = previous_policy {
+            vars.insert("policy".into(), p);
+        }
+    }
+    if spec.jobs.is_empty() {
+        return Err("round has no jobs".into());
+    }
+    let mut planned: Vec<PlannedJob> = vec![];
+    let mut by_name: BTreeMap<String, Uuid> = BTreeMap::new();
+    for (i, j) in spec.jobs.iter().enumerate() {
+        let at = format!("jobs[{i}] ({})", j.name);
+        if j.name.is_empty() || j.name.contains('.') || by_name.contains_key(&j.name) {
+            return Err(format!("{at}: names must be unique, non-empty, without '.'"));
+        }
+        let kind = JobKind::parse(&j.kind).map_err(|e| format!("{at}.kind: {e}"))?;
+        let hyperparameters = jobs::effective_hyperparameters(kind, &j.hyperparameters).map_err(|e| format!("{at}.hyperparameters: {e}"))?;
+        let mut inputs = BTreeMap::new();
+        let mut depends_on = vec![];
+        for (name, v) in &j.inputs {
+            let resolved = if let Some(var) = v.strip_prefix('$') {
+                vars.get(var).cloned().ok_or_else(|| format!("{at}.inputs.{name}: variable ${var} is not set (vars: {})", vars.keys().cloned().collect::<Vec<_>>().join(", ")))?
+            } else if is_hash(v) {
+                v.clone()
+            } else if let Some((job, out)) = v.split_once('.') {
+                let id = by_name.get(job).ok_or_else(|| format!("{at}.inputs.{name}: {v:?} names no earlier job of this round"))?;
+                format!("job:{id}/{out}")
+            } else {
+                return Err(format!("{at}.inputs.{name}: {v:?} is not $var, job.output or a content hash"));
+            };
+            if let Some(r) = resolved.strip_prefix("job:") {
+                if let Some(id) = r.split('/').next().and_then(|x| x.parse::<Uuid>().ok()) {
+                    if !depends_on.contains(&id) {
+                        depends_on.push(id);
+                    }
+                }
+            } else if !known_hash(&resolved) {
+                return Err(format!("{at}.inputs.{name}: {resolved} is not in the store"));
+            }
+            inputs.insert(name.clone(), resolved);
+        }
+        jobs::check_inputs(kind, &inputs).map_err(|e| format!("{at}.inputs: {e}"))?;
+        let id = Uuid::now_v7();
+        by_name.insert(j.name.clone(), id);
+        planned.push(PlannedJob {
+            id,
+            name: j.name.clone(),
+            kind,
+            inputs,
+            hyperparameters,
+            seed: j.seed.unwrap_or(spec.seed.wrapping_add(i as u64)),
+            depends_on,
+            priority: j.priority,
+        });
+    }
+    if let Some(fp) = &spec.final_policy {
+        let job = fp.split_once('.').map(|x| x.0).unwrap_or("");
+        if !by_name.contains_key(job) {
+            return Err(format!("final_policy {fp:?} names no job of this round"));
+        }
+    }
+    Ok(planned)
+}
+
+/// `job:<id>/<output>` for a round's final policy, from its recorded spec.
+pub fn final_policy_ref(spec: &Value, jobs: &[(Uuid, String)]) -> Option<String> {
+    let fp = spec.get("final_policy")?.as_str()?;
+    let (job, out) = fp.split_once('.')?;
+    let id = jobs.iter().find(|(_, n)| n == job)?.0;
+    Some(format!("job:{id}/{out}"))
+}

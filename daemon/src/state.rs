@@ -1,0 +1,81 @@
+//! The daemon's shared state: the store, a live projection that follows the
+//! log, and in-memory progress of running jobs.
+//!
+//! Every write goes through [`State::record`], which appends (durably) and
+//! then waits until the projection has folded that event in, so a client that
+//! got an answer reads its own writes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use herd_store::model::HerdEvent;
+use herd_store::{ExpectedVersion, Projection, Store};
+use tokio::sync::{watch, Notify, RwLock};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+pub struct State {
+    pub store: Store,
+    pub data_dir: PathBuf,
+    pub projection: RwLock<Projection>,
+    applied: watch::Sender<u64>,
+    pub progress: std::sync::Mutex<BTreeMap<Uuid, Progress>>,
+    /// Wakes the scheduler when something it cares about changed.
+    pub wake: Notify,
+}
+
+impl State {
+    pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        let store = Store::open(data_dir)?;
+        let projection = Projection::rebuild(&store.log)?;
+        let (applied, _) = watch::channel(projection.last_seq);
+        let state = Arc::new(State {
+            store,
+            data_dir: data_dir.to_path_buf(),
+            projection: RwLock::new(projection),
+            applied,
+            progress: Default::default(),
+            wake: Notify::new(),
+        });
+        // Follow the log: the projection is a fold of what is durable.
+        let follower = state.clone();
+        let from = follower.applied.borrow().to_owned() + 1;
+        let mut sub = state.store.log.subscribe(from);
+        tokio::spawn(async move {
+            while let Ok(rec) = sub.next().await {
+                let seq = rec.seq;
+                follower.projection.write().await.apply(&rec);
+                follower.applied.send_replace(seq);
+                follower.wake.notify_one();
+            }
+        });
+        Ok(state)
+    }
+
+    /// Append events to a stream (durably) and wait until they are visible.
+    pub async fn record(&self, stream: &str, events: Vec<HerdEvent>) -> anyhow::Result<u64> {
+        let events = events.iter().map(|e| e.to_new_event()).collect();
+        let r = self.store.log.append_async(stream, ExpectedVersion::Any, events).await?;
+        let mut rx = self.applied.subscribe();
+        rx.wait_for(|s| *s >= r.last_seq).await?;
+        Ok(r.last_seq)
+    }
+
+    pub async fn record_one(&self, stream: &str, event: HerdEvent) -> anyhow::Result<u64> {
+        self.record(stream, vec![event]).await
+    }
+
+    pub fn work_dir(&self, job: Uuid) -> PathBuf {
+        self.data_dir.join("work").join(job.to_string())
+    }
+
+    pub fn tree_cache(&self, hash: &str) -> PathBuf {
+        self.data_dir.join("cache").join("trees").join(hash)
+    }
+}
