@@ -1,1 +1,420 @@
-//! placeholder
+//! A typed client for herdd's HTTP API, usable from any Rust program, and
+//! the `herd` command-line tool built on it ([`cli`]).
+//!
+//! ```no_run
+//! let c = herd_client::Client::connect(None, None, None).unwrap();
+//! let exp = c.create_experiment("demo", "").unwrap();
+//! println!("{exp}");
+//! ```
+
+pub mod cli;
+pub mod plot;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach herdd at {server}: {reason} (is the daemon running? start it with `herdd`)")]
+    Down { server: String, reason: String },
+    #[error("herdd refused the token (401): set HERD_TOKEN or --token, or point --data-dir at the daemon's data directory")]
+    Unauthorized,
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("unexpected answer from herdd: {0}")]
+    Decode(String),
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A job as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub status: String,
+    #[serde(default)]
+    pub experiment: Option<String>,
+    #[serde(default)]
+    pub round: Option<String>,
+    #[serde(default)]
+    pub inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resolved_inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hyperparameters: Value,
+    #[serde(default)]
+    pub effective_hyperparameters: Value,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub last_metrics: BTreeMap<String, (u64, f64)>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub summary: Value,
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub reproduces: Option<String>,
+    #[serde(default)]
+    pub submitted_ms: u64,
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+}
+
+impl Job {
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "succeeded" | "failed" | "cancelled")
+    }
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.last_metrics.get(name).map(|x| x.1)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// What to run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobRequest {
+    pub kind: String,
+    pub inputs: BTreeMap<String, String>,
+    pub hyperparameters: Value,
+    pub seed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub priority: i32,
+    pub depends_on: Vec<String>,
+}
+
+/// History filters.
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    pub experiment: Option<String>,
+    pub kind: Option<String>,
+    pub status: Option<String>,
+    pub round: Option<String>,
+    pub where_: Option<String>,
+    pub sort: Option<String>,
+    pub limit: Option<usize>,
+}
+
+pub struct Client {
+    pub server: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7447";
+
+/// The daemon's default data directory (where its token lives).
+pub fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("herd")
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    pub fn new(server: &str, token: &str) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
+        Client { server: server.trim_end_matches('/').to_string(), token: token.to_string(), agent }
+    }
+
+    /// Server and token from arguments, then `HERD_SERVER`/`HERD_TOKEN`, then
+    /// the local daemon's data directory.
+    pub fn connect(server: Option<String>, token: Option<String>, data_dir: Option<PathBuf>) -> Result<Self> {
+        let server = server.or_else(|| std::env::var("HERD_SERVER").ok()).unwrap_or_else(|| DEFAULT_SERVER.to_string());
+        let token = match token.or_else(|| std::env::var("HERD_TOKEN").ok()) {
+            Some(t) => t,
+            None => {
+                let dir = data_dir.or_else(|| std::env::var_os("HERD_DATA_DIR").map(PathBuf::from)).unwrap_or_else(default_data_dir);
+                let path = dir.join("token");
+                std::fs::read_to_string(&path)
+                    .map_err(|e| ClientError::Usage(format!("no token: {} ({e}); pass --token or set HERD_TOKEN", path.display())))?
+                    .trim()
+                    .to_string()
+            }
+        };
+        Ok(Client::new(&server, &token))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.server, path)
+    }
+
+    fn handle(&self, r: std::result::Result<ureq::Response, ureq::Error>) -> Result<ureq::Response> {
+        match r {
+            Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(401, _)) => Err(ClientError::Unauthorized),
+            Err(ureq::Error::Status(code, resp)) => {
+                let body = resp.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                    .unwrap_or(body);
+                Err(ClientError::Api { status: code, message })
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Down { server: self.server.clone(), reason: t.to_string() }),
+        }
+    }
+
+    fn req(&self, method: &str, path: &str) -> ureq::Request {
+        self.agent.request(method, &self.url(path)).set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    fn json(resp: ureq::Response) -> Result<Value> {
+        resp.into_json::<Value>().map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value> {
+        Self::json(self.handle(self.req("GET", path).call())?)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        Self::json(self.handle(self.req("POST", path).send_json(body))?)
+    }
+
+    fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
+        serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub fn health(&self) -> Result<Value> {
+        Self::json(self.handle(self.agent.get(&self.url("/health")).call())?)
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        self.get("/status")
+    }
+
+    pub fn create_experiment(&self, name: &str, description: &str) -> Result<String> {
+        let v = self.post("/experiments", &json!({"name": name, "description": description}))?;
+        Ok(v["id"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub fn experiments(&self) -> Result<Value> {
+        self.get("/experiments")
+    }
+
+    pub fn experiment(&self, id: &str) -> Result<Value> {
+        self.get(&format!("/experiments/{id}"))
+    }
+
+    /// Stream a file into the blob store; returns `{id, size, existed}`.
+    pub fn upload_file(&self, path: &Path) -> Result<Value> {
+        self.upload(path, "/blobs")
+    }
+
+    fn upload(&self, path: &Path, route: &str) -> Result<Value> {
+        let io = |e| ClientError::Io { path: path.display().to_string(), source: e };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let resp = self.req("POST", route).set("Content-Length", &size.to_string()).send(file);
+        Self::json(self.handle(resp)?)
+    }
+
+    /// Import a JSONL dataset of `kind` (preference, sft, prompts).
+    pub fn import_dataset(&self, path: &Path, kind: &str, name: &str) -> Result<Value> {
+        self.upload(path, &format!("/datasets?kind={}&name={}", enc(kind), enc(name)))
+    }
+
+    /// Import a Hugging Face model directory (every regular file in it).
+    pub fn import_model(&self, dir: &Path, name: &str) -> Result<Value> {
+        let io = |e| ClientError::Io { path: dir.display().to_string(), source: e };
+        let mut files = serde_json::Map::new();
+        let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+        entries.sort();
+        for p in entries {
+            let fname = p.file_name().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            if fname.starts_with('.') {
+                continue;
+            }
+            let info = self.upload_file(&p)?;
+            files.insert(fname, info["id"].clone());
+        }
+        self.post("/checkpoints", &json!({"name": name, "files": files}))
+    }
+
+    pub fn artifacts(&self) -> Result<Value> {
+        self.get("/artifacts")
+    }
+
+    pub fn submit(&self, req: &JobRequest) -> Result<Value> {
+        self.post("/jobs", &serde_json::to_value(req).expect("serializes"))
+    }
+
+    pub fn job(&self, id: &str) -> Result<Job> {
+        Self::typed(self.get(&format!("/jobs/{}", enc(id)))?)
+    }
+
+    pub fn jobs(&self, q: &JobQuery) -> Result<Vec<Job>> {
+        let mut params = vec![];
+        for (k, v) in [("experiment", &q.experiment), ("kind", &q.kind), ("status", &q.status), ("round", &q.round), ("where", &q.where_), ("sort", &q.sort)] {
+            if let Some(v) = v {
+                params.push(format!("{k}={}", enc(v)));
+            }
+        }
+        if let Some(l) = q.limit {
+            params.push(format!("limit={l}"));
+        }
+        Self::typed(self.get(&format!("/jobs?{}", params.join("&")))?)
+    }
+
+    /// Metric series: name -> [(step, value)].
+    pub fn metrics(&self, id: &str, names: &[&str]) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
+        let q = if names.is_empty() { String::new() } else { format!("?names={}", enc(&names.join(","))) };
+        Self::typed(self.get(&format!("/jobs/{}/metrics{q}", enc(id)))?)
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<Value> {
+        self.post(&format!("/jobs/{}/cancel", enc(id)), &json!({}))
+    }
+
+    pub fn reproduce_job(&self, id: &str) -> Result<Value> {
+        self.post(&format!("/jobs/{}/reproduce", enc(id)), &json!({}))
+    }
+
+    pub fn submit_round(&self, spec: &Value) -> Result<Value> {
+        self.post("/rounds", spec)
+    }
+
+    pub fn round(&self, id: &str) -> Result<Value> {
+        self.get(&format!("/rounds/{}", enc(id)))
+    }
+
+    pub fn reproduce_round(&self, id: &str) -> Result<Value> {
+        self.post(&format!("/rounds/{}/reproduce", enc(id)), &json!({}))
+    }
+
+    pub fn open_run(&self, name: &str, experiment: Option<&str>, hyperparameters: &Value) -> Result<String> {
+        let v = self.post("/runs", &json!({"name": name, "experiment": experiment, "hyperparameters": hyperparameters}))?;
+        Ok(v["id"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Log metric points `(step, name, value)` to an open run.
+    pub fn log_metrics(&self, run: &str, points: &[(u64, &str, f64)]) -> Result<Value> {
+        let points: Vec<Value> = points.iter().map(|(s, n, v)| json!({"step": s, "name": n, "value": v})).collect();
+        self.post(&format!("/runs/{}/metrics", enc(run)), &json!({"points": points}))
+    }
+
+    pub fn log_artifact(&self, run: &str, name: &str, hash: &str, artifact: &str) -> Result<Value> {
+        self.post(&format!("/runs/{}/artifacts", enc(run)), &json!({"name": name, "hash": hash, "artifact": artifact}))
+    }
+
+    pub fn close_run(&self, run: &str, succeeded: bool, reason: &str) -> Result<Value> {
+        self.post(&format!("/runs/{}/close", enc(run)), &json!({"status": if succeeded { "succeeded" } else { "failed" }, "reason": reason}))
+    }
+
+    pub fn lineage(&self, hash: &str) -> Result<Value> {
+        self.get(&format!("/lineage/{}", enc(hash)))
+    }
+
+    pub fn tree(&self, hash: &str) -> Result<Value> {
+        self.get(&format!("/trees/{}", enc(hash)))
+    }
+
+    /// Stream a blob into `out`; the daemon verifies it as it sends.
+    pub fn download(&self, hash: &str, out: &mut dyn std::io::Write) -> Result<u64> {
+        let resp = self.handle(self.req("GET", &format!("/blobs/{}", enc(hash))).call())?;
+        let mut reader = resp.into_reader();
+        std::io::copy(&mut reader, out).map_err(|e| ClientError::Io { path: format!("blob {hash}"), source: e })
+    }
+
+    /// Write a checkpoint (tree) as a Hugging Face directory.
+    pub fn export(&self, hash: &str, dir: &Path) -> Result<Vec<String>> {
+        let tree = self.tree(hash)?;
+        let io = |e| ClientError::Io { path: dir.display().to_string(), source: e };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut names = vec![];
+        for f in tree["files"].as_array().cloned().unwrap_or_default() {
+            let name = f["name"].as_str().unwrap_or_default().to_string();
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err(ClientError::Decode(format!("unsafe file name {name:?} in tree {hash}")));
+            }
+            let path = dir.join(&name);
+            let mut out = std::fs::File::create(&path).map_err(|e| ClientError::Io { path: path.display().to_string(), source: e })?;
+            self.download(f["blob"].as_str().unwrap_or_default(), &mut out)?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    pub fn verify(&self) -> Result<Value> {
+        self.post("/verify", &json!({}))
+    }
+
+    /// Wait until the job ends (or `timeout` passes), polling.
+    pub fn wait(&self, id: &str, timeout: Duration) -> Result<Job> {
+        let start = Instant::now();
+        loop {
+            let j = self.job(id)?;
+            if j.is_final() {
+                return Ok(j);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClientError::Usage(format!("job {id} still {} after {:?}", j.status, timeout)));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Server-sent events from sequence `from`, as JSON records, until `f`
+    /// returns false.
+    pub fn follow_events(&self, from: u64, mut f: impl FnMut(Value) -> bool) -> Result<()> {
+        let resp = self.handle(self.req("GET", &format!("/events?from={from}")).call())?;
+        let reader = std::io::BufReader::new(resp.into_reader());
+        for line in std::io::BufRead::lines(reader) {
+            let line = line.map_err(|e| ClientError::Io { path: "event stream".into(), source: e })?;
+            if let Some(data) = line.strip_prefix("data:") {
+                let v: Value = serde_json::from_str(data.trim()).map_err(|e| ClientError::Decode(e.to_string()))?;
+                if !f(v) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read a whole file (small specs).
+pub fn read_file(path: &Path) -> Result<String> {
+    let mut s = String::new();
+    std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut s)).map_err(|e| ClientError::Io { path: path.display().to_string(), source: e })?;
+    Ok(s)
+}

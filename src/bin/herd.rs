@@ -1,1 +1,5 @@
-fn main() {}
+//! `herd`: the command-line client for herdd (see `herd --help`).
+
+fn main() {
+    std::process::exit(herd_client::cli::main());
+}
