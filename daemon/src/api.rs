@@ -88,37 +88,40 @@ fn auth(token: Arc<String>) -> impl Filter<Extract = (), Error = Rejection> + Cl
 }
 
 pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    let health = warp::path!("health").and(warp::get()).map(|| warp::reply::json(&json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})));
+    type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
+    let health = warp::path!("health").and(warp::get()).map(|| warp::reply::json(&json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})).into_response());
     let c = with(ctx.clone());
-    let api = auth(ctx.token.clone()).and(
-        warp::path!("experiments").and(warp::post()).and(c.clone()).and(json_body()).and_then(create_experiment)
-            .or(warp::path!("experiments").and(warp::get()).and(c.clone()).and_then(list_experiments))
-            .or(warp::path!("experiments" / Uuid).and(warp::get()).and(c.clone()).and_then(get_experiment))
-            .or(warp::path!("blobs").and(warp::post()).and(c.clone()).and(upload()).and_then(put_blob))
-            .or(warp::path!("blobs" / String).and(warp::get()).and(c.clone()).and_then(get_blob))
-            .or(warp::path!("trees" / String).and(warp::get()).and(c.clone()).and_then(get_tree))
-            .or(warp::path!("datasets").and(warp::post()).and(c.clone()).and(warp::query()).and(upload()).and_then(import_dataset))
-            .or(warp::path!("checkpoints").and(warp::post()).and(c.clone()).and(json_body()).and_then(import_checkpoint))
-            .or(warp::path!("artifacts").and(warp::get()).and(c.clone()).and_then(list_artifacts))
-            .or(warp::path!("jobs").and(warp::post()).and(c.clone()).and(json_body()).and_then(submit_job))
-            .or(warp::path!("jobs").and(warp::get()).and(c.clone()).and(warp::query()).and_then(list_jobs))
-            .or(warp::path!("jobs" / Uuid).and(warp::get()).and(c.clone()).and_then(get_job))
-            .or(warp::path!("jobs" / Uuid / "metrics").and(warp::get()).and(c.clone()).and(warp::query()).and_then(get_metrics))
-            .or(warp::path!("jobs" / Uuid / "cancel").and(warp::post()).and(c.clone()).and_then(cancel_job))
-            .or(warp::path!("jobs" / Uuid / "reproduce").and(warp::post()).and(c.clone()).and_then(reproduce_job))
-            .or(warp::path!("rounds").and(warp::post()).and(c.clone()).and(json_body()).and_then(submit_round))
-            .or(warp::path!("rounds" / Uuid).and(warp::get()).and(c.clone()).and_then(get_round))
-            .or(warp::path!("rounds" / Uuid / "reproduce").and(warp::post()).and(c.clone()).and_then(reproduce_round))
-            .or(warp::path!("runs").and(warp::post()).and(c.clone()).and(json_body()).and_then(open_run))
-            .or(warp::path!("runs" / Uuid / "metrics").and(warp::post()).and(c.clone()).and(json_body()).and_then(log_metrics))
-            .or(warp::path!("runs" / Uuid / "artifacts").and(warp::post()).and(c.clone()).and(json_body()).and_then(log_artifact))
-            .or(warp::path!("runs" / Uuid / "close").and(warp::post()).and(c.clone()).and(json_body()).and_then(close_run))
-            .or(warp::path!("lineage" / String).and(warp::get()).and(c.clone()).and_then(lineage))
-            .or(warp::path!("events").and(warp::get()).and(c.clone()).and(warp::query()).and_then(events))
-            .or(warp::path!("verify").and(warp::post()).and(c.clone()).and_then(verify))
-            .or(warp::path!("status").and(warp::get()).and(c.clone()).and_then(status)),
-    );
-    health.or(api).recover(recover)
+    let routes: Vec<Route> = vec![
+        warp::path!("experiments").and(warp::post()).and(c.clone()).and(json_body()).and_then(create_experiment).boxed(),
+        warp::path!("experiments").and(warp::get()).and(c.clone()).and_then(list_experiments).boxed(),
+        warp::path!("experiments" / Uuid).and(warp::get()).and(c.clone()).and_then(get_experiment).boxed(),
+        warp::path!("blobs").and(warp::post()).and(c.clone()).and(upload()).and_then(put_blob).boxed(),
+        warp::path!("blobs" / String).and(warp::get()).and(c.clone()).and_then(get_blob).boxed(),
+        warp::path!("trees" / String).and(warp::get()).and(c.clone()).and_then(get_tree).boxed(),
+        warp::path!("datasets").and(warp::post()).and(c.clone()).and(warp::query()).and(upload()).and_then(import_dataset).boxed(),
+        warp::path!("checkpoints").and(warp::post()).and(c.clone()).and(json_body()).and_then(import_checkpoint).boxed(),
+        warp::path!("artifacts").and(warp::get()).and(c.clone()).and_then(list_artifacts).boxed(),
+        warp::path!("jobs").and(warp::post()).and(c.clone()).and(json_body()).and_then(submit_job).boxed(),
+        warp::path!("jobs").and(warp::get()).and(c.clone()).and(warp::query()).and_then(list_jobs).boxed(),
+        warp::path!("jobs" / Uuid).and(warp::get()).and(c.clone()).and_then(get_job).boxed(),
+        warp::path!("jobs" / Uuid / "metrics").and(warp::get()).and(c.clone()).and(warp::query()).and_then(get_metrics).boxed(),
+        warp::path!("jobs" / Uuid / "cancel").and(warp::post()).and(c.clone()).and_then(cancel_job).boxed(),
+        warp::path!("jobs" / Uuid / "reproduce").and(warp::post()).and(c.clone()).and_then(reproduce_job).boxed(),
+        warp::path!("rounds").and(warp::post()).and(c.clone()).and(json_body()).and_then(submit_round).boxed(),
+        warp::path!("rounds" / Uuid).and(warp::get()).and(c.clone()).and_then(get_round).boxed(),
+        warp::path!("rounds" / Uuid / "reproduce").and(warp::post()).and(c.clone()).and_then(reproduce_round).boxed(),
+        warp::path!("runs").and(warp::post()).and(c.clone()).and(json_body()).and_then(open_run).boxed(),
+        warp::path!("runs" / Uuid / "metrics").and(warp::post()).and(c.clone()).and(json_body()).and_then(log_metrics).boxed(),
+        warp::path!("runs" / Uuid / "artifacts").and(warp::post()).and(c.clone()).and(json_body()).and_then(log_artifact).boxed(),
+        warp::path!("runs" / Uuid / "close").and(warp::post()).and(c.clone()).and(json_body()).and_then(close_run).boxed(),
+        warp::path!("lineage" / String).and(warp::get()).and(c.clone()).and_then(lineage).boxed(),
+        warp::path!("events").and(warp::get()).and(c.clone()).and(warp::query()).and_then(events).boxed(),
+        warp::path!("verify").and(warp::post()).and(c.clone()).and_then(verify).boxed(),
+        warp::path!("status").and(warp::get()).and(c.clone()).and_then(status).boxed(),
+    ];
+    // Boxed and folded one by one: warp's nested types otherwise overflow the compiler.
+    let api = routes.into_iter().reduce(|a, b| a.or(b).unify().boxed()).expect("routes");
+    health.or(auth(ctx.token.clone()).and(api)).unify().recover(recover)
 }
 
 async fn recover(err: Rejection) -> Result<impl Reply, Infallible> {

@@ -1,3 +1,4 @@
+#![recursion_limit = "512"]
 //! herdd: the daemon that wires the store and the engine together.
 //!
 //! * [`data`]: datasets users bring (JSONL), parsed strictly.

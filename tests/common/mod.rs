@@ -1,0 +1,109 @@
+//! Starting the real `herdd` binary on a temp dir and a free port.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use herd_client::Client;
+
+pub fn fixtures() -> PathBuf {
+    std::env::var("HERD_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/llama-tiny"))
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path) -> Daemon {
+        Self::start_with(dir, &[])
+    }
+
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
+            .args(["--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start herdd");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("herdd exited before listening").unwrap();
+            if let Some(rest) = line.strip_prefix("herdd listening on ") {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining stderr so the daemon never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, addr, dir: dir.to_path_buf() }
+    }
+
+    pub fn client(&self) -> Client {
+        let token = std::fs::read_to_string(self.dir.join("token")).unwrap();
+        Client::new(&self.addr, token.trim())
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), 15);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe_kill(self.child.id(), 15);
+            for _ in 0..100 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+        }
+    }
+}
+
+/// Send a signal with the `kill` command (no libc dependency).
+pub fn unsafe_kill(pid: u32, sig: i32) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+pub fn import_fixtures(c: &Client) -> (String, String, String, String, String) {
+    let f = fixtures();
+    let model = |n: &str| c.import_model(&f.join(n), n).unwrap()["hash"].as_str().unwrap().to_string();
+    let (r, p, rm) = (model("ref"), model("policy"), model("rm"));
+    let prefs = c.import_dataset(&f.join("preferences.jsonl"), "preference", "prefs").unwrap()["hash"].as_str().unwrap().to_string();
+    let sft = c.import_dataset(&f.join("sft.jsonl"), "sft", "sft").unwrap()["hash"].as_str().unwrap().to_string();
+    let _ = rm.clone();
+    (r, p, rm, prefs, sft)
+}
+
+/// Pids of worker processes of `herdd` running `job`.
+pub fn worker_pid(job: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let pid: u32 = match entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            Some(p) => p,
+            None => continue,
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("worker") && cmd.contains(job) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
