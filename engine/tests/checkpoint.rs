@@ -191,3 +191,19 @@ fn nan_loss_stops_with_the_step() {
     assert!(matches!(err, EngineError::NonFinite { step: 2, .. }), "{err}");
     assert!(err.to_string().contains("step 2"));
 }
+
+#[test]
+fn byte_tokenizer_round_trips_text_and_has_the_specials() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, herd_engine::chat::byte_tokenizer_json().to_string()).unwrap();
+    let chat = herd_engine::chat::ChatFormat::from_file(&path).unwrap();
+    assert_eq!(chat.tokenizer.get_vocab_size(true), 264);
+    let text = "Compute 17 + 25. Ünïcode\n\nok";
+    let ids = chat.text(text).unwrap();
+    assert_eq!(ids.len(), text.len(), "one token per byte");
+    assert_eq!(chat.decode(&ids).unwrap(), text);
+    let enc = chat.encode_dialog(&[Message::new("user", "hi"), Message::new("assistant", "yo")]).unwrap();
+    assert_eq!(enc.ids[0], 256);
+    assert_eq!(*enc.ids.last().unwrap(), chat.special.eot);
+}

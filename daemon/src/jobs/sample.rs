@@ -14,13 +14,17 @@ use crate::data::{Dataset, DatasetKind, SftExample};
 pub struct Params {
     /// Samples per prompt (the paper uses 10-30).
     pub k: usize,
+    /// Where a prompt carries a checkable answer, only correct samples may be
+    /// kept (Llama 3 filters reasoning traces by their final answer and code
+    /// by execution); prompts with none are dropped and counted.
+    pub require_correct: bool,
     #[serde(flatten)]
     pub gen: GenParams,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { k: 10, gen: GenParams::default() }
+        Params { k: 10, require_correct: false, gen: GenParams::default() }
     }
 }
 
@@ -63,17 +67,20 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         bail!("input `rm` is not a reward model (its config is not LlamaForSequenceClassification)");
     }
     let (mut all, mut best_scores, mut rows) = (vec![], vec![], vec![]);
-    let (mut empty, mut correct_best, mut correct_any, mut checkable) = (0, 0, 0.0, 0);
+    let (mut empty, mut correct_best, mut correct_any, mut checkable, mut none_correct) = (0, 0, 0.0, 0, 0);
     for (prompt, cands) in prompts.iter().zip(&samples) {
         let scores = score(&rm, &rm_chat, &prompt.prompt, cands)?;
         all.extend(scores.iter().map(|s| *s as f64));
         // Best non-empty sample (first on ties).
-        let best = (0..cands.len()).filter(|i| !cands[*i].is_empty()).fold(None, |acc: Option<usize>, i| match acc {
+        let eligible = |i: &usize| {
+            !cands[*i].is_empty() && (!p.require_correct || prompt.answer.as_ref().is_none_or(|a| crate::task::is_correct(&cands[*i], a)))
+        };
+        let best = (0..cands.len()).filter(eligible).fold(None, |acc: Option<usize>, i| match acc {
             Some(b) if scores[b] >= scores[i] => Some(b),
             _ => Some(i),
         });
         let Some(best) = best else {
-            empty += 1;
+            if cands.iter().all(|c| c.is_empty()) { empty += 1 } else { none_correct += 1 }
             continue;
         };
         best_scores.push(scores[best] as f64);
@@ -87,11 +94,11 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         rows.push(SftExample { messages });
     }
     if rows.is_empty() {
-        bail!("every sample was empty; nothing to keep");
+        bail!("no sample of any prompt could be kept ({empty} prompts with only empty samples, {none_correct} with no correct sample)");
     }
     let mut points = vec![("score_mean".to_string(), stats(&all)["mean"].as_f64().unwrap_or(0.0)),
         ("best_score_mean".to_string(), stats(&best_scores)["mean"].as_f64().unwrap_or(0.0))];
-    let mut summary = json!({"prompts": prompts.len(), "k": p.k, "kept": rows.len(), "all_prompts_empty": empty,
+    let mut summary = json!({"prompts": prompts.len(), "k": p.k, "kept": rows.len(), "all_samples_empty": empty, "no_correct_sample": none_correct,
         "scores": stats(&all), "best_scores": stats(&best_scores)});
     if checkable > 0 {
         let (b, s) = (correct_best as f64 / checkable as f64, correct_any / checkable as f64);
