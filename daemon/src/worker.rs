@@ -77,6 +77,7 @@ impl Sink for StdoutSink {
 
 /// `herdd worker --job-file PATH`: run one job, report on stdout, exit 0 on success.
 pub fn main(job_file: &Path) -> i32 {
+    herd_engine::device::tune_allocator();
     let mut sink = StdoutSink { blobs: None, out: std::io::stdout() };
     let result = (|| -> Result<Value> {
         let text = std::fs::read_to_string(job_file).with_context(|| format!("reading job file {}", job_file.display()))?;

@@ -39,6 +39,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
+    herd_engine::device::tune_allocator();
     if std::env::var("RAYON_NUM_THREADS").is_err() {
         herd_engine::device::set_cpu_threads(2);
     }

@@ -53,3 +53,18 @@ pub fn set_cpu_threads(n: usize) {
 pub fn cpu_threads() -> usize {
     candle_core::utils::get_num_threads()
 }
+
+/// Keep freed memory for reuse instead of returning it to the OS: a training
+/// step allocates and frees the same large buffers over and over, and fresh
+/// pages cost a page fault each (measured: ~20% of an SFT step on 2 cores).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called before
+    // any other thread allocates heavily, and invalid values are rejected.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}

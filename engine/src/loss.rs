@@ -42,10 +42,13 @@ pub fn target_logprobs(logits: &Tensor, targets: &Targets) -> Result<Tensor> {
     let flat = logits.reshape((b * t, v))?;
     let preds = Tensor::new(targets.preds.as_slice(), dev)?;
     let rows = flat.index_select(&preds, 0)?; // [M, V]
+    let ids = Tensor::new(targets.ids.as_slice(), dev)?;
+    if crate::fused::usable(&rows) {
+        return Ok(crate::fused::target_logprob(&rows, &ids)?);
+    }
     let max = rows.max_keepdim(D::Minus1)?.detach();
     let lse = (rows.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?; // [M, 1]
-    let ids = Tensor::new(targets.ids.as_slice(), dev)?.unsqueeze(1)?;
-    Ok(rows.gather(&ids, 1)?.sub(&lse)?.squeeze(1)?)
+    Ok(rows.gather(&ids.unsqueeze(1)?, 1)?.sub(&lse)?.squeeze(1)?)
 }
 
 /// Weighted sums of per-target values per sequence: weights [S][M] -> [S].

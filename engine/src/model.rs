@@ -232,7 +232,9 @@ impl Llama {
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let (cos, sin) = self.rope_tables(positions)?;
-        let bias = bias.to_dtype(self.embed_tokens.dtype())?.unsqueeze(2)?; // [B, 1, 1, T, Tk]
+        let bias = bias.to_dtype(self.embed_tokens.dtype())?;
+        let bias5 = if crate::fused::usable(&bias) { Some(bias.contiguous()?) } else { None }; // [B, 1, T, Tk]
+        let bias = bias.unsqueeze(2)?; // [B, 1, 1, T, Tk]
         let mut x = self.embed_tokens.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(cfg.num_hidden_layers, || None);
@@ -260,9 +262,15 @@ impl Llama {
             // Group query heads by their shared KV head instead of repeating K/V:
             // head h uses KV head h / rep, as transformers' repeat_kv does.
             let q = q.reshape((b, nkv, rep * t, hd))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?; // [B, nkv, rep*T, Tk]
-            let scores = scores.reshape((b, nkv, rep, t, tk))?.broadcast_add(&bias)?;
-            let probs = softmax(&scores)?.reshape((b, nkv, rep * t, tk))?;
+            let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, Tk]
+            let probs = if crate::fused::usable(&scores) {
+                // One parallel pass: scale, mask, softmax (own backward).
+                crate::fused::masked_softmax(&scores.reshape((b, nkv * rep, t, tk))?, bias5.as_ref().expect("bias"), scale)?
+            } else {
+                let scores = (scores * scale)?.reshape((b, nkv, rep, t, tk))?.broadcast_add(&bias)?;
+                softmax(&scores)?
+            }
+            .reshape((b, nkv, rep * t, tk))?;
             let att = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + linear(&att, &blk.o_proj)?)?;
             // SwiGLU MLP.

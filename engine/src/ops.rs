@@ -13,6 +13,9 @@ pub const MASKED: f32 = -1e9;
 
 /// RMSNorm over the last dim, computed in at least f32: x / sqrt(mean(x^2) + eps) * w.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::usable(x) && crate::fused::usable(weight) {
+        return crate::fused::rms_norm(x, weight, eps);
+    }
     let dtype = x.dtype();
     let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
     let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
@@ -38,6 +41,9 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// Rotary embedding, Hugging Face layout (halves, not interleaved).
 /// x: [B, H, T, D]; cos, sin: [B, 1, T, D] (already duplicated to D).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::fused::usable(x) && crate::fused::usable(cos) && x.dim(0)? == cos.dim(0)? {
+        return crate::fused::rope(x, cos, sin);
+    }
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;

@@ -1,0 +1,348 @@
+//! Fused CPU kernels with their own backward passes, for the two hot spots
+//! of a training step: the attention softmax (scale, additive mask, softmax)
+//! and the log-probability of target tokens over the vocabulary.
+//!
+//! candle runs elementwise ops on one thread and materializes every
+//! intermediate; these kernels make one parallel pass forward and one
+//! backward. They are used for f32 on the CPU only; other devices and dtypes
+//! take the plain differentiable path in `ops`. Both are checked against
+//! that path (values and gradients) in the tests.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor");
+    }
+    match s {
+        CpuStorage::F32(v) => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("{what}: expected f32"),
+    }
+}
+
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor");
+    }
+    match s {
+        CpuStorage::U32(v) => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("{what}: expected u32"),
+    }
+}
+
+/// softmax(scale * scores + bias) over the last dim.
+/// scores: [B, H, T, K]; bias: [B, 1, T, K] (broadcast over H).
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "herd-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "scores")?;
+        let bias = f32_slice(s2, l2, "bias")?;
+        let (b, h, t, k) = l1.shape().dims4()?;
+        if l2.shape().dims() != [b, 1, t, k] {
+            candle_core::bail!("bias shape {:?} does not match scores {:?}", l2.shape(), l1.shape());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+            let (bi, ti) = (row / (h * t), row % t);
+            let xr = &x[row * k..(row + 1) * k];
+            let br = &bias[(bi * t + ti) * k..(bi * t + ti + 1) * k];
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..k {
+                let v = self.scale * xr[j] + br[j];
+                o[j] = v;
+                max = max.max(v);
+            }
+            let mut sum = 0f32;
+            for v in o.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, _bias: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(g), None))
+    }
+}
+
+/// d scores = scale * p * (g - sum(g * p)), row by row.
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "herd-masked-softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = f32_slice(s1, l1, "probs")?;
+        let g = f32_slice(s2, l2, "grad")?;
+        let k = *l1.shape().dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; p.len()];
+        out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+            let (pr, gr) = (&p[row * k..(row + 1) * k], &g[row * k..(row + 1) * k]);
+            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for j in 0..k {
+                o[j] = self.scale * pr[j] * (gr[j] - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Whether the fused kernels apply to this tensor.
+pub fn usable(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// softmax(scale * scores + bias): scores [B, H, T, K], bias [B, 1, T, K].
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax { scale: scale as f32 })
+}
+
+/// log p(target) per row: logits [M, V], targets [M] u32 -> [M].
+struct TargetLogprob;
+
+impl CustomOp2 for TargetLogprob {
+    fn name(&self) -> &'static str {
+        "herd-target-logprob"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "logits")?;
+        let ids = u32_slice(s2, l2, "targets")?;
+        let (m, v) = l1.shape().dims2()?;
+        if ids.len() != m || ids.iter().any(|i| *i as usize >= v) {
+            candle_core::bail!("targets must be {m} ids below {v}");
+        }
+        let out: Vec<f32> = (0..m)
+            .into_par_iter()
+            .map(|r| {
+                let row = &x[r * v..(r + 1) * v];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|a| (a - max).exp()).sum();
+                row[ids[r] as usize] - max - sum.ln()
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(m)))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.contiguous()?.apply_op3_no_bwd(targets, &grad.contiguous()?, &TargetLogprobBwd)?;
+        Ok((Some(g), None))
+    }
+}
+
+/// d logits[r] = g[r] * (onehot(target[r]) - softmax(logits[r])).
+struct TargetLogprobBwd;
+
+impl CustomOp3 for TargetLogprobBwd {
+    fn name(&self) -> &'static str {
+        "herd-target-logprob-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "logits")?;
+        let ids = u32_slice(s2, l2, "targets")?;
+        let g = f32_slice(s3, l3, "grad")?;
+        let (_, v) = l1.shape().dims2()?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v).enumerate().for_each(|(r, o)| {
+            let row = &x[r * v..(r + 1) * v];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for j in 0..v {
+                o[j] = (row[j] - max).exp();
+                sum += o[j];
+            }
+            let scale = -g[r] / sum;
+            o.iter_mut().for_each(|a| *a *= scale);
+            o[ids[r] as usize] += g[r];
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// log p(target) per row: logits [M, V] f32, targets [M] u32 -> [M].
+pub fn target_logprob(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, TargetLogprob)
+}
+
+/// Rows per partial sum in reductions over rows: fixed, so results do not
+/// depend on the thread count.
+const ROWS_PER_CHUNK: usize = 64;
+
+/// RMSNorm: x [N, H] (any leading dims), w [H] -> x / sqrt(mean(x^2) + eps) * w.
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms: f32 = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "herd-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "x")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+            let row = &x[r * h..(r + 1) * h];
+            let inv = inv_rms(row, self.eps);
+            for j in 0..h {
+                o[j] = row[j] * inv * w[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &g, &RmsNormBwdX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&g, &RmsNormBwdW { eps: self.eps, h: w.elem_count() })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// dx = inv * (w*g - xhat * mean(w*g*xhat)), xhat = x * inv.
+struct RmsNormBwdX {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwdX {
+    fn name(&self) -> &'static str {
+        "herd-rms-norm-bwd-x"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "x")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let g = f32_slice(s3, l3, "grad")?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+            let (row, gr) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+            let inv = inv_rms(row, self.eps);
+            let dot: f32 = (0..h).map(|j| w[j] * gr[j] * row[j] * inv).sum::<f32>() / h as f32;
+            for j in 0..h {
+                o[j] = inv * (w[j] * gr[j] - row[j] * inv * dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// dw = sum over rows of g * xhat (partial sums over fixed row chunks).
+struct RmsNormBwdW {
+    eps: f32,
+    h: usize,
+}
+
+impl CustomOp2 for RmsNormBwdW {
+    fn name(&self) -> &'static str {
+        "herd-rms-norm-bwd-w"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "x")?;
+        let g = f32_slice(s2, l2, "grad")?;
+        let h = self.h;
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(h * ROWS_PER_CHUNK)
+            .zip(g.par_chunks(h * ROWS_PER_CHUNK))
+            .map(|(xc, gc)| {
+                let mut acc = vec![0f32; h];
+                for (row, gr) in xc.chunks(h).zip(gc.chunks(h)) {
+                    let inv = inv_rms(row, self.eps);
+                    for j in 0..h {
+                        acc[j] += gr[j] * row[j] * inv;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; h];
+        for p in partials {
+            for j in 0..h {
+                out[j] += p[j];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(h)))
+    }
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// RoPE, Hugging Face halves layout: x [B, H, T, D], cos/sin [B, 1, T, D].
+/// y = x * cos + rot(x) * sin with rot([a, b]) = [-b, a].
+struct Rope {
+    transpose: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "herd-rope"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "x")?;
+        let cos = f32_slice(s2, l2, "cos")?;
+        let sin = f32_slice(s3, l3, "sin")?;
+        let (b, h, t, d) = l1.shape().dims4()?;
+        if l2.shape().dims() != [b, 1, t, d] {
+            candle_core::bail!("rope tables {:?} do not match x {:?}", l2.shape(), l1.shape());
+        }
+        let half = d / 2;
+        // Forward uses rot; the backward pass applies rot's transpose: [b, -a].
+        let sign = if self.transpose { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+            let (bi, ti) = (r / (h * t), r % t);
+            let xr = &x[r * d..(r + 1) * d];
+            let base = (bi * t + ti) * d;
+            let (c, s) = (&cos[base..base + d], &sin[base..base + d]);
+            for j in 0..half {
+                // forward: o1 = x1 c1 - x2 s1 ; o2 = x2 c2 + x1 s2
+                // backward: d1 = g1 c1 + g2 s2 ; d2 = g2 c2 - g1 s1
+                if self.transpose {
+                    o[j] = xr[j] * c[j] + xr[j + half] * s[j + half];
+                    o[j + half] = xr[j + half] * c[j + half] + sign * xr[j] * s[j];
+                } else {
+                    o[j] = xr[j] * c[j] - xr[j + half] * s[j];
+                    o[j + half] = xr[j + half] * c[j + half] + xr[j] * s[j + half];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { transpose: true })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { transpose: false })
+}
