@@ -8,14 +8,28 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // The daemon starts jobs as `<this program> worker --job-file F`.
     if args.get(1).map(|a| a == "worker").unwrap_or(false) {
-        let file = args.iter().position(|a| a == "--job-file").and_then(|i| args.get(i + 1)).expect("--job-file");
+        let file = args
+            .iter()
+            .position(|a| a == "--job-file")
+            .and_then(|i| args.get(i + 1))
+            .expect("--job-file");
         std::process::exit(herd_daemon::worker::main(std::path::Path::new(file)));
     }
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let exe = std::env::current_exe().expect("current exe").display().to_string();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let exe = std::env::current_exe()
+        .expect("current exe")
+        .display()
+        .to_string();
     let opts = herd::quickstart::Options {
         data_dir: flag("--data-dir").map(Into::into),
-        rounds: flag("--rounds").map(|r| r.parse().expect("--rounds N")).unwrap_or(3),
+        rounds: flag("--rounds")
+            .map(|r| r.parse().expect("--rounds N"))
+            .unwrap_or(3),
         smoke: args.iter().any(|a| a == "--smoke"),
         worker_command: vec![exe, "worker".into()],
         quiet: false,
@@ -24,7 +38,12 @@ fn main() {
         Ok(report) => {
             println!("\n{}", herd::quickstart::table(&report));
             let last = report.rounds.last().map(|r| r.task_accuracy).unwrap_or(0.0);
-            println!("held-out task accuracy: base {:.3} -> after round {} {:.3}", report.base_accuracy, report.rounds.len(), last);
+            println!(
+                "held-out task accuracy: base {:.3} -> after round {} {:.3}",
+                report.base_accuracy,
+                report.rounds.len(),
+                last
+            );
             if !report.reproduced_identical || !report.store_verified {
                 std::process::exit(1);
             }

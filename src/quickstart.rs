@@ -68,9 +68,21 @@ struct Sizes {
 
 fn sizes(smoke: bool) -> Sizes {
     if smoke {
-        Sizes { base_steps: 330, corpus: 300, train_prompts: 40, heldout_prompts: 30, epochs: 2.0 }
+        Sizes {
+            base_steps: 330,
+            corpus: 300,
+            train_prompts: 40,
+            heldout_prompts: 30,
+            epochs: 2.0,
+        }
     } else {
-        Sizes { base_steps: 330, corpus: 300, train_prompts: 100, heldout_prompts: 50, epochs: 8.0 }
+        Sizes {
+            base_steps: 330,
+            corpus: 300,
+            train_prompts: 100,
+            heldout_prompts: 50,
+            epochs: 8.0,
+        }
     }
 }
 
@@ -100,7 +112,13 @@ fn reversed(n: u32) -> String {
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) -> Result<()> {
-    std::fs::write(path, rows.iter().map(|r| r.to_string() + "\n").collect::<String>()).with_context(|| path.display().to_string())
+    std::fs::write(
+        path,
+        rows.iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .with_context(|| path.display().to_string())
 }
 
 fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
@@ -108,7 +126,11 @@ fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let b = ProgressBar::new(len);
-    b.set_style(ProgressStyle::with_template("{prefix:<12} [{bar:30}] {pos}/{len} {msg} ({elapsed})").expect("template").progress_chars("=> "));
+    b.set_style(
+        ProgressStyle::with_template("{prefix:<12} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("template")
+            .progress_chars("=> "),
+    );
     b.set_prefix(what.to_string());
     b
 }
@@ -117,16 +139,32 @@ fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
 fn wait_all(c: &Client, ids: &[String], pb: &ProgressBar) -> Result<Vec<herd_client::Job>> {
     pb.set_length(ids.len() as u64);
     loop {
-        let jobs: Vec<herd_client::Job> = ids.iter().map(|id| c.job(id)).collect::<Result<_, _>>()?;
+        let jobs: Vec<herd_client::Job> =
+            ids.iter().map(|id| c.job(id)).collect::<Result<_, _>>()?;
         let done = jobs.iter().filter(|j| j.is_final()).count();
         pb.set_position(done as u64);
         if let Some(j) = jobs.iter().find(|j| j.status == "running") {
-            let p = j.progress.map(|p| format!(" {}/{}", p.done, p.total)).unwrap_or_default();
-            let loss = j.metric("loss").map(|l| format!(" loss {l:.3}")).unwrap_or_default();
+            let p = j
+                .progress
+                .map(|p| format!(" {}/{}", p.done, p.total))
+                .unwrap_or_default();
+            let loss = j
+                .metric("loss")
+                .map(|l| format!(" loss {l:.3}"))
+                .unwrap_or_default();
             pb.set_message(format!("{}{p}{loss}", j.name));
         }
-        if let Some(f) = jobs.iter().find(|j| j.status == "failed" || j.status == "cancelled") {
-            bail!("job {} ({}) {}: {}", f.name, f.id, f.status, f.error.clone().unwrap_or_default());
+        if let Some(f) = jobs
+            .iter()
+            .find(|j| j.status == "failed" || j.status == "cancelled")
+        {
+            bail!(
+                "job {} ({}) {}: {}",
+                f.name,
+                f.id,
+                f.status,
+                f.error.clone().unwrap_or_default()
+            );
         }
         if done == jobs.len() {
             return Ok(jobs);
@@ -136,11 +174,19 @@ fn wait_all(c: &Client, ids: &[String], pb: &ProgressBar) -> Result<Vec<herd_cli
 }
 
 fn hash_of(v: &Value) -> Result<String> {
-    v["hash"].as_str().map(String::from).context("no hash in answer")
+    v["hash"]
+        .as_str()
+        .map(String::from)
+        .context("no hash in answer")
 }
 
 /// The round spec: the Llama 3 loop at demo scale.
-pub fn round_spec(experiment: &str, vars: BTreeMap<String, String>, seed: u64, epochs: f64) -> Value {
+pub fn round_spec(
+    experiment: &str,
+    vars: BTreeMap<String, String>,
+    seed: u64,
+    epochs: f64,
+) -> Value {
     json!({
         "experiment": experiment,
         "seed": seed,
@@ -170,14 +216,25 @@ pub fn round_spec(experiment: &str, vars: BTreeMap<String, String>, seed: u64, e
 pub fn run(opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let temp = tempfile::tempdir()?;
-    let data_dir = opts.data_dir.clone().unwrap_or_else(|| temp.path().join("herd-data"));
+    let data_dir = opts
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().join("herd-data"));
     let work = data_dir.join("quickstart");
     std::fs::create_dir_all(&work)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let config = DaemonConfig {
         data_dir: data_dir.clone(),
         listen: "127.0.0.1:0".parse().expect("addr"),
-        scheduler: SchedulerConfig { worker_command: opts.worker_command.clone(), devices: vec!["cpu".into(), "cpu".into()], cpu_threads: 1, max_attempts: 3 },
+        scheduler: SchedulerConfig {
+            worker_command: opts.worker_command.clone(),
+            devices: vec!["cpu".into(), "cpu".into()],
+            cpu_threads: 1,
+            max_attempts: 3,
+        },
     };
     let daemon = rt.block_on(Daemon::start(config))?;
     let result = drive(opts, &daemon, &data_dir, &work, started);
@@ -190,7 +247,13 @@ pub fn run(opts: &Options) -> Result<Report> {
     Ok(report)
 }
 
-fn drive(opts: &Options, daemon: &Daemon, data_dir: &Path, work: &Path, started: Instant) -> Result<Report> {
+fn drive(
+    opts: &Options,
+    daemon: &Daemon,
+    data_dir: &Path,
+    work: &Path,
+    started: Instant,
+) -> Result<Report> {
     let say = |s: String| {
         if !opts.quiet {
             eprintln!("{s}");
@@ -198,7 +261,11 @@ fn drive(opts: &Options, daemon: &Daemon, data_dir: &Path, work: &Path, started:
     };
     let c = Client::new(&format!("http://{}", daemon.addr), &daemon.token);
     let z = sizes(opts.smoke);
-    say(format!("herd quickstart: daemon at http://{} with data in {}", daemon.addr, data_dir.display()));
+    say(format!(
+        "herd quickstart: daemon at http://{} with data in {}",
+        daemon.addr,
+        data_dir.display()
+    ));
     let exp = c.create_experiment("quickstart", "Llama 3 post-training loop on digit reversal")?;
 
     // 1. A tiny model from random init, and the task's data.
@@ -214,15 +281,26 @@ fn drive(opts: &Options, daemon: &Daemon, data_dir: &Path, work: &Path, started:
     let heldout: Vec<u32> = all[..z.heldout_prompts].to_vec();
     let train: Vec<u32> = all[z.heldout_prompts..z.heldout_prompts + z.train_prompts].to_vec();
     // Base corpus: other numbers, answered correctly; the base is trained briefly.
-    let base_numbers: Vec<u32> = all[z.heldout_prompts + z.train_prompts..].iter().copied().take(z.corpus).collect();
+    let base_numbers: Vec<u32> = all[z.heldout_prompts + z.train_prompts..]
+        .iter()
+        .copied()
+        .take(z.corpus)
+        .collect();
     let corpus: Vec<Value> = base_numbers.iter().map(|n| json!({"prompt": prompt(*n), "completion": herd_daemon::task::corrected(&reversed(*n))})).collect();
-    let ask = |ps: &[u32]| -> Vec<Value> { ps.iter().map(|n| json!({"prompt": prompt(*n), "answer": reversed(*n)})).collect() };
+    let ask = |ps: &[u32]| -> Vec<Value> {
+        ps.iter()
+            .map(|n| json!({"prompt": prompt(*n), "answer": reversed(*n)}))
+            .collect()
+    };
     write_jsonl(&work.join("corpus.jsonl"), &corpus)?;
     write_jsonl(&work.join("prompts.jsonl"), &ask(&train))?;
     write_jsonl(&work.join("heldout.jsonl"), &ask(&heldout))?;
-    let corpus_h = hash_of(&c.import_dataset(&work.join("corpus.jsonl"), "sft", "addition-corpus")?)?;
-    let prompts_h = hash_of(&c.import_dataset(&work.join("prompts.jsonl"), "prompts", "train-prompts")?)?;
-    let heldout_h = hash_of(&c.import_dataset(&work.join("heldout.jsonl"), "prompts", "heldout-prompts")?)?;
+    let corpus_h =
+        hash_of(&c.import_dataset(&work.join("corpus.jsonl"), "sft", "addition-corpus")?)?;
+    let prompts_h =
+        hash_of(&c.import_dataset(&work.join("prompts.jsonl"), "prompts", "train-prompts")?)?;
+    let heldout_h =
+        hash_of(&c.import_dataset(&work.join("heldout.jsonl"), "prompts", "heldout-prompts")?)?;
 
     let pb = bar(opts.quiet, 2, "base model");
     let base_job = c.submit(&JobRequest {
@@ -242,14 +320,19 @@ fn drive(opts: &Options, daemon: &Daemon, data_dir: &Path, work: &Path, started:
         kind: "eval".into(),
         name: Some("base-eval".into()),
         experiment: Some(exp.clone()),
-        inputs: BTreeMap::from([("policy".into(), base.clone()), ("prompts".into(), heldout_h.clone())]),
+        inputs: BTreeMap::from([
+            ("policy".into(), base.clone()),
+            ("prompts".into(), heldout_h.clone()),
+        ]),
         hyperparameters: json!({"max_new_tokens": 24, "batch_size": 64}),
         ..Default::default()
     })?["id"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let base_accuracy = wait_all(&c, &[base_job, eval_job.clone()], &pb)?[1].metric("task_accuracy").unwrap_or(0.0);
+    let base_accuracy = wait_all(&c, &[base_job, eval_job.clone()], &pb)?[1]
+        .metric("task_accuracy")
+        .unwrap_or(0.0);
     pb.finish_with_message(format!("held-out accuracy {base_accuracy:.3}"));
 
     // 2. Rounds.
@@ -257,20 +340,32 @@ fn drive(opts: &Options, daemon: &Daemon, data_dir: &Path, work: &Path, started:
     let mut round_ids = vec![];
     for r in 1..=opts.rounds {
         let t = Instant::now();
-        let mut vars = BTreeMap::from([("prompts".to_string(), prompts_h.clone()), ("heldout".to_string(), heldout_h.clone())]);
+        let mut vars = BTreeMap::from([
+            ("prompts".to_string(), prompts_h.clone()),
+            ("heldout".to_string(), heldout_h.clone()),
+        ]);
         if r == 1 {
             vars.insert("policy".into(), base.clone());
         }
         let spec = round_spec(&exp, vars, 100 * r as u64, z.epochs);
         let sub = c.submit_round(&spec)?;
-        let ids: Vec<String> = sub["jobs"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
+        let ids: Vec<String> = sub["jobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         round_ids.push(sub["id"].as_str().unwrap_or_default().to_string());
         let pb = bar(opts.quiet, ids.len() as u64, &format!("round {r}"));
         let jobs = wait_all(&c, &ids, &pb)?;
         let by = |n: &str| jobs.iter().find(|j| j.name == n);
         let eval = by("eval").context("round has no eval")?;
         let rm_summary = &by("rm").context("round has no rm")?.summary;
-        let rm_acc = rm_summary.get("heldout_accuracy").or_else(|| rm_summary.pointer("/result/heldout_accuracy")).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        let rm_acc = rm_summary
+            .get("heldout_accuracy")
+            .or_else(|| rm_summary.pointer("/result/heldout_accuracy"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(f64::NAN);
         let row = RoundRow {
             round: r,
             rm_accuracy: rm_acc,
@@ -289,7 +384,17 @@ fn drive(opts: &Options, daemon: &Daemon, data_dir: &Path, work: &Path, started:
     let reproduced_round = 1;
     let pb = bar(opts.quiet, 1, "reproduce");
     let rep = c.reproduce_round(&round_ids[reproduced_round - 1])?;
-    let pairs: Vec<(String, String)> = rep["jobs"].as_array().into_iter().flatten().map(|p| (p["original"].as_str().unwrap_or_default().into(), p["reproduction"].as_str().unwrap_or_default().into())).collect();
+    let pairs: Vec<(String, String)> = rep["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["original"].as_str().unwrap_or_default().into(),
+                p["reproduction"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
     let news: Vec<String> = pairs.iter().map(|p| p.1.clone()).collect();
     let reproduced = wait_all(&c, &news, &pb)?;
     let mut identical = true;
@@ -297,10 +402,17 @@ fn drive(opts: &Options, daemon: &Daemon, data_dir: &Path, work: &Path, started:
         let o = c.job(orig)?;
         if o.outputs != new.outputs {
             identical = false;
-            say(format!("  {}: outputs differ: {:?} vs {:?}", o.name, o.outputs, new.outputs));
+            say(format!(
+                "  {}: outputs differ: {:?} vs {:?}",
+                o.name, o.outputs, new.outputs
+            ));
         }
     }
-    pb.finish_with_message(if identical { "all output hashes identical".to_string() } else { "outputs differ".to_string() });
+    pb.finish_with_message(if identical {
+        "all output hashes identical".to_string()
+    } else {
+        "outputs differ".to_string()
+    });
     let verified = c.verify()?["ok"] == true;
     Ok(Report {
         base_accuracy,
@@ -318,17 +430,29 @@ pub fn table(r: &Report) -> String {
     let mut s = String::new();
     s.push_str("| round | RM held-out accuracy | policy task accuracy (held-out) | previous policy | win rate vs previous | wall time |\n");
     s.push_str("|---|---|---|---|---|---|\n");
-    s.push_str(&format!("| base | – | {:.3} | – | – | – |\n", r.base_accuracy));
+    s.push_str(&format!(
+        "| base | – | {:.3} | – | – | – |\n",
+        r.base_accuracy
+    ));
     for row in &r.rounds {
         s.push_str(&format!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} s |\n",
-            row.round, row.rm_accuracy, row.task_accuracy, row.previous_accuracy, row.win_rate, row.seconds
+            row.round,
+            row.rm_accuracy,
+            row.task_accuracy,
+            row.previous_accuracy,
+            row.win_rate,
+            row.seconds
         ));
     }
     s.push_str(&format!(
         "\nreproduced round {}: {}; store verified: {}; total {:.0} s\n",
         r.reproduced_round,
-        if r.reproduced_identical { "all output hashes identical" } else { "OUTPUTS DIFFER" },
+        if r.reproduced_identical {
+            "all output hashes identical"
+        } else {
+            "OUTPUTS DIFFER"
+        },
         r.store_verified,
         r.total_seconds
     ));

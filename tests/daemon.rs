@@ -9,7 +9,15 @@ use herd_client::{Client, ClientError, JobRequest};
 use serde_json::json;
 
 fn req(kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value) -> JobRequest {
-    JobRequest { kind: kind.into(), inputs: inputs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), hyperparameters: hp, ..Default::default() }
+    JobRequest {
+        kind: kind.into(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        hyperparameters: hp,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -19,7 +27,11 @@ fn auth_limits_and_validation() {
     let good = d.client();
     assert!(good.health().unwrap()["ok"].as_bool().unwrap());
     // Token file is owner-only.
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("token")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("token"))
+            .unwrap()
+            .permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     for bad in [Client::new(&d.addr, ""), Client::new(&d.addr, "wrong")] {
         assert!(matches!(bad.experiments(), Err(ClientError::Unauthorized)));
@@ -38,26 +50,50 @@ fn auth_limits_and_validation() {
         assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     }
     let agent = ureq::agent();
-    let resp = agent.post(&format!("{}/jobs", d.addr)).set("Authorization", &format!("Bearer {}", token.trim())).send_string("{not json");
+    let resp = agent
+        .post(&format!("{}/jobs", d.addr))
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .send_string("{not json");
     match resp {
-        Err(ureq::Error::Status(400, r)) => assert!(r.into_string().unwrap().contains("invalid JSON")),
+        Err(ureq::Error::Status(400, r)) => {
+            assert!(r.into_string().unwrap().contains("invalid JSON"))
+        }
         other => panic!("expected 400, got {other:?}"),
     }
     match good.submit(&req("sft", &[("model", "nothex")], json!({"lr": 1e-5}))) {
-        Err(ClientError::Api { status: 400, message }) => assert!(message.contains("data") || message.contains("model"), "{message}"),
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert!(
+            message.contains("data") || message.contains("model"),
+            "{message}"
+        ),
         other => panic!("{other:?}"),
     }
     match good.submit(&req("sft", &[], json!({"lrr": 1}))) {
-        Err(ClientError::Api { status: 400, message }) => assert!(message.contains("lrr"), "{message}"),
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert!(message.contains("lrr"), "{message}"),
         other => panic!("{other:?}"),
     }
     let bad_data = dir.path().join("bad.jsonl");
     std::fs::write(&bad_data, "{\"prompt\": \"x\"}\n").unwrap();
     match good.import_dataset(&bad_data, "sft", "bad") {
-        Err(ClientError::Api { status: 400, message }) => assert!(message.contains("line 1") && message.contains("completion"), "{message}"),
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert!(
+            message.contains("line 1") && message.contains("completion"),
+            "{message}"
+        ),
         other => panic!("{other:?}"),
     }
-    assert_eq!(good.status().unwrap()["head_seq"].as_u64().unwrap(), before, "nothing recorded by refused requests");
+    assert_eq!(
+        good.status().unwrap()["head_seq"].as_u64().unwrap(),
+        before,
+        "nothing recorded by refused requests"
+    );
 }
 
 #[test]
@@ -68,24 +104,70 @@ fn every_job_kind_runs_over_http_and_lineage_holds() {
     let (r, p, rm, prefs, sft) = import_fixtures(&c);
     let prompts_file = dir.path().join("prompts.jsonl");
     std::fs::write(&prompts_file, "{\"prompt\": \"Compute 17 + 25.\", \"answer\": 42}\n{\"prompt\": \"Compute 1 + 2.\", \"answer\": 3}\n").unwrap();
-    let prompts = c.import_dataset(&prompts_file, "prompts", "prompts").unwrap()["hash"].as_str().unwrap().to_string();
+    let prompts = c
+        .import_dataset(&prompts_file, "prompts", "prompts")
+        .unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let run = |kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value| {
-        let id = c.submit(&req(kind, inputs, hp)).unwrap()["id"].as_str().unwrap().to_string();
+        let id = c.submit(&req(kind, inputs, hp)).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let j = c.wait(&id, Duration::from_secs(300)).unwrap();
         assert_eq!(j.status, "succeeded", "{kind}: {:?}", j.error);
         j
     };
-    let sft_job = run("sft", &[("model", &r), ("data", &sft)], json!({"steps": 2, "batch_size": 3}));
+    let sft_job = run(
+        "sft",
+        &[("model", &r), ("data", &sft)],
+        json!({"steps": 2, "batch_size": 3}),
+    );
     let ckpt = sft_job.outputs["checkpoint"].clone();
-    run("dpo", &[("model", &p), ("reference", &r), ("data", &prefs)], json!({"steps": 1, "batch_size": 3}));
-    run("rm", &[("model", &r), ("data", &prefs)], json!({"steps": 1}));
-    run("sample", &[("policy", &r), ("rm", &rm), ("prompts", &prompts)], json!({"k": 2, "max_new_tokens": 4}));
+    run(
+        "dpo",
+        &[("model", &p), ("reference", &r), ("data", &prefs)],
+        json!({"steps": 1, "batch_size": 3}),
+    );
+    run(
+        "rm",
+        &[("model", &r), ("data", &prefs)],
+        json!({"steps": 1}),
+    );
+    run(
+        "sample",
+        &[("policy", &r), ("rm", &rm), ("prompts", &prompts)],
+        json!({"k": 2, "max_new_tokens": 4}),
+    );
     run("average", &[("a", &r), ("b", &p)], json!({}));
     run("curate", &[("data", &prefs)], json!({}));
-    run("eval", &[("policy", &p), ("baseline", &r), ("rm", &rm), ("prompts", &prompts), ("sft", &sft)], json!({"max_new_tokens": 4}));
-    let ann = c.submit(&req("annotate", &[("policy", &r), ("prompts", &prompts)], json!({"max_new_tokens": 4}))).unwrap()["id"].as_str().unwrap().to_string();
+    run(
+        "eval",
+        &[
+            ("policy", &p),
+            ("baseline", &r),
+            ("rm", &rm),
+            ("prompts", &prompts),
+            ("sft", &sft),
+        ],
+        json!({"max_new_tokens": 4}),
+    );
+    let ann = c
+        .submit(&req(
+            "annotate",
+            &[("policy", &r), ("prompts", &prompts)],
+            json!({"max_new_tokens": 4}),
+        ))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let j = c.wait(&ann, Duration::from_secs(300)).unwrap();
-    assert!(j.status == "succeeded" || j.error.as_deref().unwrap_or("").contains("could not rank"), "{j:?}");
+    assert!(
+        j.status == "succeeded" || j.error.as_deref().unwrap_or("").contains("could not rank"),
+        "{j:?}"
+    );
     // Lineage of the SFT checkpoint goes back to the imported model and data.
     let l = c.lineage(&ckpt).unwrap();
     assert_eq!(l["job"]["kind"], "sft");
@@ -94,7 +176,12 @@ fn every_job_kind_runs_over_http_and_lineage_holds() {
     // Export round-trips: importing the exported directory gives the same tree.
     let out = dir.path().join("export");
     c.export(&ckpt, &out).unwrap();
-    assert_eq!(c.import_model(&out, "again").unwrap()["hash"].as_str().unwrap(), ckpt);
+    assert_eq!(
+        c.import_model(&out, "again").unwrap()["hash"]
+            .as_str()
+            .unwrap(),
+        ckpt
+    );
     assert_eq!(c.verify().unwrap()["ok"], true);
 }
 
@@ -105,8 +192,18 @@ fn cancel_and_a_killed_worker_fail_only_their_job() {
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
     let long = json!({"steps": 1000000, "batch_size": 3});
-    let a = c.submit(&req("sft", &[("model", &r), ("data", &sft)], long.clone())).unwrap()["id"].as_str().unwrap().to_string();
-    let b = c.submit(&req("sft", &[("model", &r), ("data", &sft)], long)).unwrap()["id"].as_str().unwrap().to_string();
+    let a = c
+        .submit(&req("sft", &[("model", &r), ("data", &sft)], long.clone()))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = c
+        .submit(&req("sft", &[("model", &r), ("data", &sft)], long))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for id in [&a, &b] {
         for _ in 0..600 {
             if c.job(id).unwrap().last_metrics.contains_key("loss") {
@@ -119,14 +216,21 @@ fn cancel_and_a_killed_worker_fail_only_their_job() {
     c.cancel(&a).unwrap();
     let ja = c.wait(&a, Duration::from_secs(10)).unwrap();
     assert_eq!(ja.status, "cancelled");
-    assert!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        t.elapsed()
+    );
     let pid = worker_pid(&b).expect("worker process of b");
     unsafe_kill(pid, 9);
     let jb = c.wait(&b, Duration::from_secs(10)).unwrap();
     assert_eq!(jb.status, "failed");
     assert!(jb.error.unwrap().contains("signal 9"));
     assert!(c.health().is_ok(), "daemon survives");
-    assert!(matches!(c.cancel(&a), Err(ClientError::Api { status: 409, .. })));
+    assert!(matches!(
+        c.cancel(&a),
+        Err(ClientError::Api { status: 409, .. })
+    ));
 }
 
 #[test]
@@ -135,7 +239,16 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
     let mut d = Daemon::start(dir.path());
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
-    let id = c.submit(&req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 300, "batch_size": 3}))).unwrap()["id"].as_str().unwrap().to_string();
+    let id = c
+        .submit(&req(
+            "sft",
+            &[("model", &r), ("data", &sft)],
+            json!({"steps": 300, "batch_size": 3}),
+        ))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for _ in 0..600 {
         if c.job(&id).unwrap().status == "running" {
             break;
@@ -161,7 +274,10 @@ fn sigterm_stops_cleanly_with_exit_zero() {
     let status = d.terminate();
     assert!(status.success(), "{status:?}");
     let d2 = Daemon::start(dir.path());
-    assert_eq!(d2.client().experiments().unwrap().as_array().unwrap().len(), 1);
+    assert_eq!(
+        d2.client().experiments().unwrap().as_array().unwrap().len(),
+        1
+    );
 }
 
 #[test]
@@ -175,14 +291,24 @@ fn hundred_concurrent_clients_lose_nothing() {
     const POINTS: usize = 20;
     std::thread::scope(|s| {
         for i in 0..CLIENTS {
-            let (addr, token, run) = (d.addr.clone(), std::fs::read_to_string(dir.path().join("token")).unwrap(), run.clone());
+            let (addr, token, run) = (
+                d.addr.clone(),
+                std::fs::read_to_string(dir.path().join("token")).unwrap(),
+                run.clone(),
+            );
             s.spawn(move || {
                 let c = Client::new(&addr, token.trim());
                 for b in 0..BATCHES {
                     let name = format!("m{i}");
-                    let pts: Vec<(u64, &str, f64)> = (0..POINTS).map(|k| ((b * POINTS + k) as u64, name.as_str(), k as f64)).collect();
+                    let pts: Vec<(u64, &str, f64)> = (0..POINTS)
+                        .map(|k| ((b * POINTS + k) as u64, name.as_str(), k as f64))
+                        .collect();
                     c.log_metrics(&run, &pts).unwrap();
-                    c.jobs(&herd_client::JobQuery { kind: Some("external".into()), ..Default::default() }).unwrap();
+                    c.jobs(&herd_client::JobQuery {
+                        kind: Some("external".into()),
+                        ..Default::default()
+                    })
+                    .unwrap();
                 }
             });
         }

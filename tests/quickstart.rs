@@ -16,12 +16,21 @@ fn quickstart_smoke_runs_rounds_reproduces_and_verifies() {
     eprintln!("{}", table(&report));
     assert_eq!(report.rounds.len(), 2);
     for r in &report.rounds {
-        assert_eq!(r.jobs, 9, "annotate, curate, rm, sample, sft, dpo x2, average, eval");
+        assert_eq!(
+            r.jobs, 9,
+            "annotate, curate, rm, sample, sft, dpo x2, average, eval"
+        );
         assert_eq!(r.succeeded, r.jobs);
         assert!((0.0..=1.0).contains(&r.task_accuracy) && (0.0..=1.0).contains(&r.win_rate));
     }
     // Round 2 started from round 1's final policy: its baseline is round 1's result.
-    assert_eq!(report.rounds[1].previous_accuracy, report.rounds[0].task_accuracy);
-    assert!(report.reproduced_identical, "reproduced round has identical output hashes");
+    assert_eq!(
+        report.rounds[1].previous_accuracy,
+        report.rounds[0].task_accuracy
+    );
+    assert!(
+        report.reproduced_identical,
+        "reproduced round has identical output hashes"
+    );
     assert!(report.store_verified);
 }

@@ -11,8 +11,12 @@ use serde_json::{json, Value};
 use crate::{Client, ClientError, Job, JobQuery, JobRequest, Result};
 
 #[derive(Parser)]
-#[command(name = "herd", version, about = "Client for herdd: queue post-training experiments, query history, reproduce rounds",
-    after_help = "Server and token come from --server/--token, HERD_SERVER/HERD_TOKEN, or the local daemon's data directory.\nExample: herd submit --kind sft --input model=HASH --input data=HASH --set lr=1e-5 --wait")]
+#[command(
+    name = "herd",
+    version,
+    about = "Client for herdd: queue post-training experiments, query history, reproduce rounds",
+    after_help = "Server and token come from --server/--token, HERD_SERVER/HERD_TOKEN, or the local daemon's data directory.\nExample: herd submit --kind sft --input model=HASH --input data=HASH --set lr=1e-5 --wait"
+)]
 pub struct Cli {
     /// Daemon address [default: http://127.0.0.1:7447]
     #[arg(long, global = true)]
@@ -97,7 +101,7 @@ pub enum Command {
         #[arg(long = "where")]
         where_: Option<String>,
         /// Sort key (submitted, hp.X, metric.X); prefix - for descending
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         sort: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
@@ -142,7 +146,9 @@ pub enum ExperimentAction {
         description: String,
     },
     List,
-    Show { id: String },
+    Show {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -170,11 +176,15 @@ pub enum RoundAction {
         #[arg(long)]
         wait: bool,
     },
-    Show { id: String },
+    Show {
+        id: String,
+    },
 }
 
 fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("expected key=value, got {s:?}"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 /// Entry point for the `herd` binary: one clear line and exit 1 on error.
@@ -202,8 +212,30 @@ fn short(s: &str) -> String {
 }
 
 fn job_row(j: &Job) -> String {
-    let metrics: Vec<String> = j.last_metrics.iter().filter(|(k, _)| ["loss", "accuracy", "reward_accuracy", "task_accuracy", "win_rate", "heldout_accuracy"].contains(&k.as_str())).map(|(k, v)| format!("{k}={:.4}", v.1)).collect();
-    format!("{:<36}  {:<9} {:<10} {:<14} {}", j.id, j.kind, j.status, short(&j.name), metrics.join(" "))
+    let metrics: Vec<String> = j
+        .last_metrics
+        .iter()
+        .filter(|(k, _)| {
+            [
+                "loss",
+                "accuracy",
+                "reward_accuracy",
+                "task_accuracy",
+                "win_rate",
+                "heldout_accuracy",
+            ]
+            .contains(&k.as_str())
+        })
+        .map(|(k, v)| format!("{k}={:.4}", v.1))
+        .collect();
+    format!(
+        "{:<36}  {:<9} {:<10} {:<14} {}",
+        j.id,
+        j.kind,
+        j.status,
+        short(&j.name),
+        metrics.join(" ")
+    )
 }
 
 pub fn run(cli: &Cli) -> Result<()> {
@@ -224,23 +256,41 @@ pub fn run(cli: &Cli) -> Result<()> {
                 let v = c.experiments()?;
                 print(js, &v, || {
                     for e in v.as_array().into_iter().flatten() {
-                        println!("{}  {:<24} rounds={} jobs={}", e["id"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or(""), e["rounds"].as_array().map_or(0, |r| r.len()), e["jobs"].as_array().map_or(0, |r| r.len()));
+                        println!(
+                            "{}  {:<24} rounds={} jobs={}",
+                            e["id"].as_str().unwrap_or(""),
+                            e["name"].as_str().unwrap_or(""),
+                            e["rounds"].as_array().map_or(0, |r| r.len()),
+                            e["jobs"].as_array().map_or(0, |r| r.len())
+                        );
                     }
                 });
             }
             ExperimentAction::Show { id } => {
                 let v = c.experiment(id)?;
-                print(js, &v, || println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()));
+                print(js, &v, || {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                });
             }
         },
         Command::Import { what } => {
             let v = match what {
                 ImportWhat::Dataset { file, kind, name } => {
-                    let name = name.clone().unwrap_or_else(|| file.file_name().and_then(|s| s.to_str()).unwrap_or("dataset").to_string());
+                    let name = name.clone().unwrap_or_else(|| {
+                        file.file_name()
+                            .and_then(|s| s.to_str())
+                            .unwrap_or("dataset")
+                            .to_string()
+                    });
                     c.import_dataset(file, kind, &name)?
                 }
                 ImportWhat::Model { dir, name } => {
-                    let name = name.clone().unwrap_or_else(|| dir.file_name().and_then(|s| s.to_str()).unwrap_or("model").to_string());
+                    let name = name.clone().unwrap_or_else(|| {
+                        dir.file_name()
+                            .and_then(|s| s.to_str())
+                            .unwrap_or("model")
+                            .to_string()
+                    });
                     c.import_model(dir, &name)?
                 }
             };
@@ -248,23 +298,56 @@ pub fn run(cli: &Cli) -> Result<()> {
                 println!("{}", v["hash"].as_str().unwrap_or(""));
                 let s = &v["summary"];
                 if let Some(p) = s.get("parameters") {
-                    println!("  {} parameters, {} layers, hidden {}, vocab {}, {}", p, s["layers"], s["hidden_size"], s["vocab_size"], s["dtype"].as_str().unwrap_or(""));
+                    println!(
+                        "  {} parameters, {} layers, hidden {}, vocab {}, {}",
+                        p,
+                        s["layers"],
+                        s["hidden_size"],
+                        s["vocab_size"],
+                        s["dtype"].as_str().unwrap_or("")
+                    );
                     for (n, shape) in s["shapes"].as_object().into_iter().flatten().take(6) {
                         println!("    {n}: {shape}");
                     }
                 } else {
-                    println!("  {} rows of {}", s["rows"], s["kind"].as_str().unwrap_or(""));
+                    println!(
+                        "  {} rows of {}",
+                        s["rows"],
+                        s["kind"].as_str().unwrap_or("")
+                    );
                     if let Some(h) = s.get("strength").and_then(|h| h.as_object()) {
-                        println!("  strength: {}", h.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
-                        println!("  3-response share: {:.2}", s["three_response_share"].as_f64().unwrap_or(0.0));
+                        println!(
+                            "  strength: {}",
+                            h.iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        );
+                        println!(
+                            "  3-response share: {:.2}",
+                            s["three_response_share"].as_f64().unwrap_or(0.0)
+                        );
                     }
                 }
             });
         }
-        Command::Submit { kind, inputs, sets, seed, experiment, name, priority, after, wait } => {
+        Command::Submit {
+            kind,
+            inputs,
+            sets,
+            seed,
+            experiment,
+            name,
+            priority,
+            after,
+            wait,
+        } => {
             let mut hp = serde_json::Map::new();
             for (k, v) in sets {
-                hp.insert(k.clone(), serde_json::from_str(v).unwrap_or(Value::String(v.clone())));
+                hp.insert(
+                    k.clone(),
+                    serde_json::from_str(v).unwrap_or(Value::String(v.clone())),
+                );
             }
             let req = JobRequest {
                 kind: kind.clone(),
@@ -282,7 +365,10 @@ pub fn run(cli: &Cli) -> Result<()> {
                 let j = c.wait(&id, Duration::from_secs(24 * 3600))?;
                 print(js, &json!(j), || println!("{}", job_row(&j)));
                 if j.status != "succeeded" {
-                    return Err(ClientError::Api { status: 0, message: format!("job {id} {}: {}", j.status, j.error.unwrap_or_default()) });
+                    return Err(ClientError::Api {
+                        status: 0,
+                        message: format!("job {id} {}: {}", j.status, j.error.unwrap_or_default()),
+                    });
                 }
             } else {
                 print(js, &v, || println!("{id}"));
@@ -291,11 +377,16 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Round { action } => match action {
             RoundAction::Submit { spec, wait } => {
                 let text = crate::read_file(spec)?;
-                let spec_v: Value = serde_json::from_str(&text).map_err(|e| ClientError::Usage(format!("{}: not valid JSON: {e}", spec.display())))?;
+                let spec_v: Value = serde_json::from_str(&text).map_err(|e| {
+                    ClientError::Usage(format!("{}: not valid JSON: {e}", spec.display()))
+                })?;
                 let v = c.submit_round(&spec_v)?;
                 if *wait {
                     for id in v["jobs"].as_array().into_iter().flatten() {
-                        c.wait(id.as_str().unwrap_or_default(), Duration::from_secs(24 * 3600))?;
+                        c.wait(
+                            id.as_str().unwrap_or_default(),
+                            Duration::from_secs(24 * 3600),
+                        )?;
                     }
                     let r = c.round(v["id"].as_str().unwrap_or_default())?;
                     print(js, &r, || print_round(&r));
@@ -313,9 +404,19 @@ pub fn run(cli: &Cli) -> Result<()> {
             for id in ids {
                 out.push(c.wait(id, Duration::from_secs(*timeout))?);
             }
-            print(js, &json!(out), || out.iter().for_each(|j| println!("{}", job_row(j))));
+            print(js, &json!(out), || {
+                out.iter().for_each(|j| println!("{}", job_row(j)))
+            });
             if let Some(bad) = out.iter().find(|j| j.status != "succeeded") {
-                return Err(ClientError::Api { status: 0, message: format!("job {} {}: {}", bad.id, bad.status, bad.error.clone().unwrap_or_default()) });
+                return Err(ClientError::Api {
+                    status: 0,
+                    message: format!(
+                        "job {} {}: {}",
+                        bad.id,
+                        bad.status,
+                        bad.error.clone().unwrap_or_default()
+                    ),
+                });
             }
         }
         Command::Cancel { id } => {
@@ -329,12 +430,24 @@ pub fn run(cli: &Cli) -> Result<()> {
                 if let Some(e) = &j.error {
                     println!("  error: {e}");
                 }
-                println!("  seed {}  attempts {}  device {}", j.seed, j.attempts, j.device.clone().unwrap_or_default());
+                println!(
+                    "  seed {}  attempts {}  device {}",
+                    j.seed,
+                    j.attempts,
+                    j.device.clone().unwrap_or_default()
+                );
                 println!("  inputs:");
                 for (k, v) in &j.inputs {
                     println!("    {k} = {}", j.resolved_inputs.get(k).unwrap_or(v));
                 }
-                println!("  hyperparameters: {}", if j.effective_hyperparameters.is_null() { &j.hyperparameters } else { &j.effective_hyperparameters });
+                println!(
+                    "  hyperparameters: {}",
+                    if j.effective_hyperparameters.is_null() {
+                        &j.hyperparameters
+                    } else {
+                        &j.effective_hyperparameters
+                    }
+                );
                 println!("  outputs:");
                 for (k, v) in &j.outputs {
                     println!("    {k} = {v}");
@@ -345,11 +458,30 @@ pub fn run(cli: &Cli) -> Result<()> {
                 }
             });
         }
-        Command::History { experiment, kind, status, round, where_, sort, limit } => {
-            let q = JobQuery { experiment: experiment.clone(), kind: kind.clone(), status: status.clone(), round: round.clone(), where_: where_.clone(), sort: sort.clone(), limit: *limit };
+        Command::History {
+            experiment,
+            kind,
+            status,
+            round,
+            where_,
+            sort,
+            limit,
+        } => {
+            let q = JobQuery {
+                experiment: experiment.clone(),
+                kind: kind.clone(),
+                status: status.clone(),
+                round: round.clone(),
+                where_: where_.clone(),
+                sort: sort.clone(),
+                limit: *limit,
+            };
             let jobs = c.jobs(&q)?;
             print(js, &json!(jobs), || {
-                println!("{:<36}  {:<9} {:<10} {:<14} metrics", "job", "kind", "status", "name");
+                println!(
+                    "{:<36}  {:<9} {:<10} {:<14} metrics",
+                    "job", "kind", "status", "name"
+                );
                 jobs.iter().for_each(|j| println!("{}", job_row(j)));
             });
         }
@@ -362,48 +494,89 @@ pub fn run(cli: &Cli) -> Result<()> {
             let names: Vec<&str> = metrics.iter().map(|s| s.as_str()).collect();
             let series = c.metrics(id, &names)?;
             if series.is_empty() {
-                return Err(ClientError::Usage(format!("job {id} has no metrics{}", if names.is_empty() { String::new() } else { format!(" named {}", names.join(", ")) })));
+                return Err(ClientError::Usage(format!(
+                    "job {id} has no metrics{}",
+                    if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" named {}", names.join(", "))
+                    }
+                )));
             }
             let list: Vec<(String, Vec<(u64, f64)>)> = series.into_iter().collect();
-            let path = out.clone().unwrap_or_else(|| PathBuf::from(format!("{}.svg", short(id))));
-            std::fs::write(&path, crate::plot::svg(&format!("job {id}"), &list)).map_err(|e| ClientError::Io { path: path.display().to_string(), source: e })?;
-            print(js, &json!({"file": path, "series": list.iter().map(|s| &s.0).collect::<Vec<_>>()}), || {
-                for (n, pts) in &list {
-                    let vals: Vec<f64> = pts.iter().map(|p| p.1).collect();
-                    println!("{n:<18} {} last={:.5}", crate::plot::sparkline(&vals, 60), vals.last().copied().unwrap_or(f64::NAN));
+            let path = out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{}.svg", short(id))));
+            std::fs::write(&path, crate::plot::svg(&format!("job {id}"), &list)).map_err(|e| {
+                ClientError::Io {
+                    path: path.display().to_string(),
+                    source: e,
                 }
-                println!("wrote {}", path.display());
-            });
+            })?;
+            print(
+                js,
+                &json!({"file": path, "series": list.iter().map(|s| &s.0).collect::<Vec<_>>()}),
+                || {
+                    for (n, pts) in &list {
+                        let vals: Vec<f64> = pts.iter().map(|p| p.1).collect();
+                        println!(
+                            "{n:<18} {} last={:.5}",
+                            crate::plot::sparkline(&vals, 60),
+                            vals.last().copied().unwrap_or(f64::NAN)
+                        );
+                    }
+                    println!("wrote {}", path.display());
+                },
+            );
         }
         Command::Diff { a, b } => diff(&c, a, b, js)?,
         Command::Reproduce { id, timeout } => reproduce(&c, id, *timeout, js)?,
         Command::Export { hash, dir } => {
             let files = c.export(hash, dir)?;
-            print(js, &json!({"dir": dir, "files": files}), || println!("wrote {} files to {}", files.len(), dir.display()));
+            print(js, &json!({"dir": dir, "files": files}), || {
+                println!("wrote {} files to {}", files.len(), dir.display())
+            });
         }
         Command::Verify => {
             let v = c.verify()?;
             print(js, &v, || {
                 if v["ok"] == true {
-                    println!("ok: {} events chained, {} blobs ({} bytes) verified", v["report"]["chain"]["events"], v["report"]["blobs"]["blobs"], v["report"]["blobs"]["bytes"]);
+                    println!(
+                        "ok: {} events chained, {} blobs ({} bytes) verified",
+                        v["report"]["chain"]["events"],
+                        v["report"]["blobs"]["blobs"],
+                        v["report"]["blobs"]["bytes"]
+                    );
                 } else {
                     println!("BROKEN: {}", v["error"].as_str().unwrap_or(""));
                 }
             });
             if v["ok"] != true {
-                return Err(ClientError::Api { status: 0, message: format!("store verification failed: {}", v["error"].as_str().unwrap_or("")) });
+                return Err(ClientError::Api {
+                    status: 0,
+                    message: format!(
+                        "store verification failed: {}",
+                        v["error"].as_str().unwrap_or("")
+                    ),
+                });
             }
         }
         Command::Status => {
             let v = c.status()?;
-            print(js, &v, || println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()));
+            print(js, &v, || {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+            });
         }
     }
     Ok(())
 }
 
 fn print_round(r: &Value) {
-    println!("round {} (index {})", r["round"]["id"].as_str().unwrap_or(""), r["round"]["index"]);
+    println!(
+        "round {} (index {})",
+        r["round"]["id"].as_str().unwrap_or(""),
+        r["round"]["index"]
+    );
     for j in r["jobs"].as_array().into_iter().flatten() {
         if let Ok(j) = serde_json::from_value::<Job>(j.clone()) {
             println!("  {}", job_row(&j));
@@ -413,9 +586,19 @@ fn print_round(r: &Value) {
 
 fn print_lineage(v: &Value, depth: usize) {
     let pad = "  ".repeat(depth);
-    println!("{pad}{} {} ({})", v["artifact"].as_str().unwrap_or(""), v["name"].as_str().unwrap_or(""), short(v["hash"].as_str().unwrap_or("")));
+    println!(
+        "{pad}{} {} ({})",
+        v["artifact"].as_str().unwrap_or(""),
+        v["name"].as_str().unwrap_or(""),
+        short(v["hash"].as_str().unwrap_or(""))
+    );
     if let Some(job) = v.get("job").filter(|j| !j.is_null()) {
-        println!("{pad}  <- {} job {} ({})", job["kind"].as_str().unwrap_or(""), job["name"].as_str().unwrap_or(""), job["id"].as_str().unwrap_or(""));
+        println!(
+            "{pad}  <- {} job {} ({})",
+            job["kind"].as_str().unwrap_or(""),
+            job["name"].as_str().unwrap_or(""),
+            job["id"].as_str().unwrap_or("")
+        );
         for (name, child) in job["inputs"].as_object().into_iter().flatten() {
             print!("{pad}    {name}: ");
             print_lineage(child, depth + 3);
@@ -426,12 +609,17 @@ fn print_lineage(v: &Value, depth: usize) {
 fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let multi = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:<24} [{bar:30}] {pos}/{len} {msg}").expect("template").progress_chars("=> ");
+    let style = ProgressStyle::with_template("{prefix:<24} [{bar:30}] {pos}/{len} {msg}")
+        .expect("template")
+        .progress_chars("=> ");
     let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
     loop {
         let jobs: Vec<Job> = match id {
             Some(id) => vec![c.job(id)?],
-            None => c.jobs(&JobQuery { status: Some("running".into()), ..Default::default() })?,
+            None => c.jobs(&JobQuery {
+                status: Some("running".into()),
+                ..Default::default()
+            })?,
         };
         if js {
             println!("{}", serde_json::to_string(&jobs).expect("json"));
@@ -447,7 +635,13 @@ fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
                 bar.set_length(p.total.max(1));
                 bar.set_position(p.done);
             }
-            let m: Vec<String> = j.last_metrics.iter().filter(|(k, _)| !["lr", "tokens"].contains(&k.as_str())).take(4).map(|(k, v)| format!("{k}={:.4}", v.1)).collect();
+            let m: Vec<String> = j
+                .last_metrics
+                .iter()
+                .filter(|(k, _)| !["lr", "tokens"].contains(&k.as_str()))
+                .take(4)
+                .map(|(k, v)| format!("{k}={:.4}", v.1))
+                .collect();
             bar.set_message(format!("{} {}", j.status, m.join(" ")));
             if j.is_final() {
                 bar.finish();
@@ -469,42 +663,100 @@ fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
     let (ra, rb) = (c.round(a), c.round(b));
     let pairs: Vec<(Job, Job)> = match (ra, rb) {
         (Ok(ra), Ok(rb)) => {
-            let jobs = |r: &Value| -> Vec<Job> { r["jobs"].as_array().into_iter().flatten().filter_map(|j| serde_json::from_value(j.clone()).ok()).collect() };
+            let jobs = |r: &Value| -> Vec<Job> {
+                r["jobs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|j| serde_json::from_value(j.clone()).ok())
+                    .collect()
+            };
             let (ja, jb) = (jobs(&ra), jobs(&rb));
-            ja.into_iter().filter_map(|x| jb.iter().find(|y| y.name == x.name).cloned().map(|y| (x, y))).collect()
+            ja.into_iter()
+                .filter_map(|x| {
+                    jb.iter()
+                        .find(|y| y.name == x.name)
+                        .cloned()
+                        .map(|y| (x, y))
+                })
+                .collect()
         }
         _ => vec![(c.job(a)?, c.job(b)?)],
     };
     let mut out = vec![];
     for (x, y) in &pairs {
         let mut rows = vec![];
-        let hp = |j: &Job| if j.effective_hyperparameters.is_null() { j.hyperparameters.clone() } else { j.effective_hyperparameters.clone() };
+        let hp = |j: &Job| {
+            if j.effective_hyperparameters.is_null() {
+                j.hyperparameters.clone()
+            } else {
+                j.effective_hyperparameters.clone()
+            }
+        };
         let (hx, hy) = (hp(x), hp(y));
-        let keys: std::collections::BTreeSet<String> = hx.as_object().into_iter().flatten().chain(hy.as_object().into_iter().flatten()).map(|(k, _)| k.clone()).collect();
+        let keys: std::collections::BTreeSet<String> = hx
+            .as_object()
+            .into_iter()
+            .flatten()
+            .chain(hy.as_object().into_iter().flatten())
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in keys {
-            rows.push(("hp", k.clone(), hx.get(&k).cloned().unwrap_or(Value::Null), hy.get(&k).cloned().unwrap_or(Value::Null)));
+            rows.push((
+                "hp",
+                k.clone(),
+                hx.get(&k).cloned().unwrap_or(Value::Null),
+                hy.get(&k).cloned().unwrap_or(Value::Null),
+            ));
         }
-        let inputs: std::collections::BTreeSet<&String> = x.resolved_inputs.keys().chain(y.resolved_inputs.keys()).collect();
+        let inputs: std::collections::BTreeSet<&String> = x
+            .resolved_inputs
+            .keys()
+            .chain(y.resolved_inputs.keys())
+            .collect();
         for k in inputs {
-            rows.push(("input", k.clone(), json!(x.resolved_inputs.get(k)), json!(y.resolved_inputs.get(k))));
+            rows.push((
+                "input",
+                k.clone(),
+                json!(x.resolved_inputs.get(k)),
+                json!(y.resolved_inputs.get(k)),
+            ));
         }
         rows.push(("seed", "seed".into(), json!(x.seed), json!(y.seed)));
-        let metrics: std::collections::BTreeSet<&String> = x.last_metrics.keys().chain(y.last_metrics.keys()).collect();
+        let metrics: std::collections::BTreeSet<&String> =
+            x.last_metrics.keys().chain(y.last_metrics.keys()).collect();
         for k in metrics {
             rows.push(("metric", k.clone(), json!(x.metric(k)), json!(y.metric(k))));
         }
-        let outs: std::collections::BTreeSet<&String> = x.outputs.keys().chain(y.outputs.keys()).collect();
+        let outs: std::collections::BTreeSet<&String> =
+            x.outputs.keys().chain(y.outputs.keys()).collect();
         for k in outs {
-            rows.push(("output", k.clone(), json!(x.outputs.get(k)), json!(y.outputs.get(k))));
+            rows.push((
+                "output",
+                k.clone(),
+                json!(x.outputs.get(k)),
+                json!(y.outputs.get(k)),
+            ));
         }
         out.push(json!({"a": x.id, "b": y.id, "name": x.name, "rows": rows.iter().map(|r| json!({"section": r.0, "key": r.1, "a": r.2, "b": r.3, "same": r.2 == r.3})).collect::<Vec<_>>()}));
     }
     print(js, &json!(out), || {
         for d in &out {
-            println!("== {} : {} vs {}", d["name"].as_str().unwrap_or(""), d["a"].as_str().unwrap_or(""), d["b"].as_str().unwrap_or(""));
+            println!(
+                "== {} : {} vs {}",
+                d["name"].as_str().unwrap_or(""),
+                d["a"].as_str().unwrap_or(""),
+                d["b"].as_str().unwrap_or("")
+            );
             for r in d["rows"].as_array().into_iter().flatten() {
                 let mark = if r["same"] == true { " " } else { "*" };
-                println!(" {mark} {:<7} {:<22} {:<28} {}", r["section"].as_str().unwrap_or(""), r["key"].as_str().unwrap_or(""), short_val(&r["a"]), short_val(&r["b"]));
+                println!(
+                    " {mark} {:<7} {:<22} {:<28} {}",
+                    r["section"].as_str().unwrap_or(""),
+                    r["key"].as_str().unwrap_or(""),
+                    short_val(&r["a"]),
+                    short_val(&r["b"])
+                );
             }
         }
     });
@@ -523,11 +775,24 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
     let pairs: Vec<(String, String)> = match c.round(id) {
         Ok(_) => {
             let v = c.reproduce_round(id)?;
-            v["jobs"].as_array().into_iter().flatten().map(|p| (p["original"].as_str().unwrap_or_default().to_string(), p["reproduction"].as_str().unwrap_or_default().to_string())).collect()
+            v["jobs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    (
+                        p["original"].as_str().unwrap_or_default().to_string(),
+                        p["reproduction"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
         }
         Err(ClientError::Api { status: 404, .. }) => {
             let v = c.reproduce_job(id)?;
-            vec![(id.to_string(), v["id"].as_str().unwrap_or_default().to_string())]
+            vec![(
+                id.to_string(),
+                v["id"].as_str().unwrap_or_default().to_string(),
+            )]
         }
         Err(e) => return Err(e),
     };
@@ -538,17 +803,45 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
         let b = c.wait(new, Duration::from_secs(timeout))?;
         let same = b.status == "succeeded" && a.outputs == b.outputs;
         all_same &= same;
-        let diffs: BTreeMap<String, f64> = a.last_metrics.iter().filter_map(|(k, (_, v))| b.metric(k).map(|w| (k.clone(), w - v))).filter(|(_, d)| *d != 0.0).collect();
+        let diffs: BTreeMap<String, f64> = a
+            .last_metrics
+            .iter()
+            .filter_map(|(k, (_, v))| b.metric(k).map(|w| (k.clone(), w - v)))
+            .filter(|(_, d)| *d != 0.0)
+            .collect();
         report.push(json!({"job": orig, "name": a.name, "reproduction": new, "status": b.status, "identical": same, "outputs": a.outputs, "reproduced_outputs": b.outputs, "metric_differences": if same { json!({}) } else { json!(diffs) }}));
     }
     print(js, &json!({"identical": all_same, "jobs": report}), || {
         for r in &report {
-            println!("{:<14} {:<10} {}", short(r["name"].as_str().unwrap_or("")), if r["identical"] == true { "identical" } else { "DIFFERENT" }, r["reproduction"].as_str().unwrap_or(""));
+            println!(
+                "{:<14} {:<10} {}",
+                short(r["name"].as_str().unwrap_or("")),
+                if r["identical"] == true {
+                    "identical"
+                } else {
+                    "DIFFERENT"
+                },
+                r["reproduction"].as_str().unwrap_or("")
+            );
             if r["identical"] != true {
                 println!("    metric differences: {}", r["metric_differences"]);
             }
         }
-        println!("{}", if all_same { "all output hashes identical" } else { "some outputs differ" });
+        println!(
+            "{}",
+            if all_same {
+                "all output hashes identical"
+            } else {
+                "some outputs differ"
+            }
+        );
     });
-    if all_same { Ok(()) } else { Err(ClientError::Api { status: 0, message: "reproduction produced different outputs".into() }) }
+    if all_same {
+        Ok(())
+    } else {
+        Err(ClientError::Api {
+            status: 0,
+            message: "reproduction produced different outputs".into(),
+        })
+    }
 }

@@ -20,7 +20,9 @@ use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach herdd at {server}: {reason} (is the daemon running? start it with `herdd`)")]
+    #[error(
+        "cannot reach herdd at {server}: {reason} (is the daemon running? start it with `herdd`)"
+    )]
     Down { server: String, reason: String },
     #[error("herdd refused the token (401): set HERD_TOKEN or --token, or point --data-dir at the daemon's data directory")]
     Unauthorized,
@@ -29,7 +31,10 @@ pub enum ClientError {
     #[error("{0}")]
     Usage(String),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("unexpected answer from herdd: {0}")]
     Decode(String),
 }
@@ -145,7 +150,9 @@ pub fn default_data_dir() -> PathBuf {
 fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -153,21 +160,40 @@ fn enc(s: &str) -> String {
 
 impl Client {
     pub fn new(server: &str, token: &str) -> Self {
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
-        Client { server: server.trim_end_matches('/').to_string(), token: token.to_string(), agent }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .build();
+        Client {
+            server: server.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            agent,
+        }
     }
 
     /// Server and token from arguments, then `HERD_SERVER`/`HERD_TOKEN`, then
     /// the local daemon's data directory.
-    pub fn connect(server: Option<String>, token: Option<String>, data_dir: Option<PathBuf>) -> Result<Self> {
-        let server = server.or_else(|| std::env::var("HERD_SERVER").ok()).unwrap_or_else(|| DEFAULT_SERVER.to_string());
+    pub fn connect(
+        server: Option<String>,
+        token: Option<String>,
+        data_dir: Option<PathBuf>,
+    ) -> Result<Self> {
+        let server = server
+            .or_else(|| std::env::var("HERD_SERVER").ok())
+            .unwrap_or_else(|| DEFAULT_SERVER.to_string());
         let token = match token.or_else(|| std::env::var("HERD_TOKEN").ok()) {
             Some(t) => t,
             None => {
-                let dir = data_dir.or_else(|| std::env::var_os("HERD_DATA_DIR").map(PathBuf::from)).unwrap_or_else(default_data_dir);
+                let dir = data_dir
+                    .or_else(|| std::env::var_os("HERD_DATA_DIR").map(PathBuf::from))
+                    .unwrap_or_else(default_data_dir);
                 let path = dir.join("token");
                 std::fs::read_to_string(&path)
-                    .map_err(|e| ClientError::Usage(format!("no token: {} ({e}); pass --token or set HERD_TOKEN", path.display())))?
+                    .map_err(|e| {
+                        ClientError::Usage(format!(
+                            "no token: {} ({e}); pass --token or set HERD_TOKEN",
+                            path.display()
+                        ))
+                    })?
                     .trim()
                     .to_string()
             }
@@ -179,7 +205,10 @@ impl Client {
         format!("{}{}", self.server, path)
     }
 
-    fn handle(&self, r: std::result::Result<ureq::Response, ureq::Error>) -> Result<ureq::Response> {
+    fn handle(
+        &self,
+        r: std::result::Result<ureq::Response, ureq::Error>,
+    ) -> Result<ureq::Response> {
         match r {
             Ok(resp) => Ok(resp),
             Err(ureq::Error::Status(401, _)) => Err(ClientError::Unauthorized),
@@ -189,18 +218,27 @@ impl Client {
                     .ok()
                     .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                     .unwrap_or(body);
-                Err(ClientError::Api { status: code, message })
+                Err(ClientError::Api {
+                    status: code,
+                    message,
+                })
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Down { server: self.server.clone(), reason: t.to_string() }),
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Down {
+                server: self.server.clone(),
+                reason: t.to_string(),
+            }),
         }
     }
 
     fn req(&self, method: &str, path: &str) -> ureq::Request {
-        self.agent.request(method, &self.url(path)).set("Authorization", &format!("Bearer {}", self.token))
+        self.agent
+            .request(method, &self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token))
     }
 
     fn json(resp: ureq::Response) -> Result<Value> {
-        resp.into_json::<Value>().map_err(|e| ClientError::Decode(e.to_string()))
+        resp.into_json::<Value>()
+            .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     pub fn get(&self, path: &str) -> Result<Value> {
@@ -224,7 +262,10 @@ impl Client {
     }
 
     pub fn create_experiment(&self, name: &str, description: &str) -> Result<String> {
-        let v = self.post("/experiments", &json!({"name": name, "description": description}))?;
+        let v = self.post(
+            "/experiments",
+            &json!({"name": name, "description": description}),
+        )?;
         Ok(v["id"].as_str().unwrap_or_default().to_string())
     }
 
@@ -242,26 +283,47 @@ impl Client {
     }
 
     fn upload(&self, path: &Path, route: &str) -> Result<Value> {
-        let io = |e| ClientError::Io { path: path.display().to_string(), source: e };
+        let io = |e| ClientError::Io {
+            path: path.display().to_string(),
+            source: e,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
-        let resp = self.req("POST", route).set("Content-Length", &size.to_string()).send(file);
+        let resp = self
+            .req("POST", route)
+            .set("Content-Length", &size.to_string())
+            .send(file);
         Self::json(self.handle(resp)?)
     }
 
     /// Import a JSONL dataset of `kind` (preference, sft, prompts).
     pub fn import_dataset(&self, path: &Path, kind: &str, name: &str) -> Result<Value> {
-        self.upload(path, &format!("/datasets?kind={}&name={}", enc(kind), enc(name)))
+        self.upload(
+            path,
+            &format!("/datasets?kind={}&name={}", enc(kind), enc(name)),
+        )
     }
 
     /// Import a Hugging Face model directory (every regular file in it).
     pub fn import_model(&self, dir: &Path, name: &str) -> Result<Value> {
-        let io = |e| ClientError::Io { path: dir.display().to_string(), source: e };
+        let io = |e| ClientError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        };
         let mut files = serde_json::Map::new();
-        let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
         entries.sort();
         for p in entries {
-            let fname = p.file_name().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let fname = p
+                .file_name()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
             if fname.starts_with('.') {
                 continue;
             }
@@ -285,7 +347,14 @@ impl Client {
 
     pub fn jobs(&self, q: &JobQuery) -> Result<Vec<Job>> {
         let mut params = vec![];
-        for (k, v) in [("experiment", &q.experiment), ("kind", &q.kind), ("status", &q.status), ("round", &q.round), ("where", &q.where_), ("sort", &q.sort)] {
+        for (k, v) in [
+            ("experiment", &q.experiment),
+            ("kind", &q.kind),
+            ("status", &q.status),
+            ("round", &q.round),
+            ("where", &q.where_),
+            ("sort", &q.sort),
+        ] {
             if let Some(v) = v {
                 params.push(format!("{k}={}", enc(v)));
             }
@@ -298,7 +367,11 @@ impl Client {
 
     /// Metric series: name -> [(step, value)].
     pub fn metrics(&self, id: &str, names: &[&str]) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
-        let q = if names.is_empty() { String::new() } else { format!("?names={}", enc(&names.join(","))) };
+        let q = if names.is_empty() {
+            String::new()
+        } else {
+            format!("?names={}", enc(&names.join(",")))
+        };
         Self::typed(self.get(&format!("/jobs/{}/metrics{q}", enc(id)))?)
     }
 
@@ -322,23 +395,43 @@ impl Client {
         self.post(&format!("/rounds/{}/reproduce", enc(id)), &json!({}))
     }
 
-    pub fn open_run(&self, name: &str, experiment: Option<&str>, hyperparameters: &Value) -> Result<String> {
-        let v = self.post("/runs", &json!({"name": name, "experiment": experiment, "hyperparameters": hyperparameters}))?;
+    pub fn open_run(
+        &self,
+        name: &str,
+        experiment: Option<&str>,
+        hyperparameters: &Value,
+    ) -> Result<String> {
+        let v = self.post(
+            "/runs",
+            &json!({"name": name, "experiment": experiment, "hyperparameters": hyperparameters}),
+        )?;
         Ok(v["id"].as_str().unwrap_or_default().to_string())
     }
 
     /// Log metric points `(step, name, value)` to an open run.
     pub fn log_metrics(&self, run: &str, points: &[(u64, &str, f64)]) -> Result<Value> {
-        let points: Vec<Value> = points.iter().map(|(s, n, v)| json!({"step": s, "name": n, "value": v})).collect();
-        self.post(&format!("/runs/{}/metrics", enc(run)), &json!({"points": points}))
+        let points: Vec<Value> = points
+            .iter()
+            .map(|(s, n, v)| json!({"step": s, "name": n, "value": v}))
+            .collect();
+        self.post(
+            &format!("/runs/{}/metrics", enc(run)),
+            &json!({"points": points}),
+        )
     }
 
     pub fn log_artifact(&self, run: &str, name: &str, hash: &str, artifact: &str) -> Result<Value> {
-        self.post(&format!("/runs/{}/artifacts", enc(run)), &json!({"name": name, "hash": hash, "artifact": artifact}))
+        self.post(
+            &format!("/runs/{}/artifacts", enc(run)),
+            &json!({"name": name, "hash": hash, "artifact": artifact}),
+        )
     }
 
     pub fn close_run(&self, run: &str, succeeded: bool, reason: &str) -> Result<Value> {
-        self.post(&format!("/runs/{}/close", enc(run)), &json!({"status": if succeeded { "succeeded" } else { "failed" }, "reason": reason}))
+        self.post(
+            &format!("/runs/{}/close", enc(run)),
+            &json!({"status": if succeeded { "succeeded" } else { "failed" }, "reason": reason}),
+        )
     }
 
     pub fn lineage(&self, hash: &str) -> Result<Value> {
@@ -353,22 +446,33 @@ impl Client {
     pub fn download(&self, hash: &str, out: &mut dyn std::io::Write) -> Result<u64> {
         let resp = self.handle(self.req("GET", &format!("/blobs/{}", enc(hash))).call())?;
         let mut reader = resp.into_reader();
-        std::io::copy(&mut reader, out).map_err(|e| ClientError::Io { path: format!("blob {hash}"), source: e })
+        std::io::copy(&mut reader, out).map_err(|e| ClientError::Io {
+            path: format!("blob {hash}"),
+            source: e,
+        })
     }
 
     /// Write a checkpoint (tree) as a Hugging Face directory.
     pub fn export(&self, hash: &str, dir: &Path) -> Result<Vec<String>> {
         let tree = self.tree(hash)?;
-        let io = |e| ClientError::Io { path: dir.display().to_string(), source: e };
+        let io = |e| ClientError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut names = vec![];
         for f in tree["files"].as_array().cloned().unwrap_or_default() {
             let name = f["name"].as_str().unwrap_or_default().to_string();
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                return Err(ClientError::Decode(format!("unsafe file name {name:?} in tree {hash}")));
+                return Err(ClientError::Decode(format!(
+                    "unsafe file name {name:?} in tree {hash}"
+                )));
             }
             let path = dir.join(&name);
-            let mut out = std::fs::File::create(&path).map_err(|e| ClientError::Io { path: path.display().to_string(), source: e })?;
+            let mut out = std::fs::File::create(&path).map_err(|e| ClientError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
             self.download(f["blob"].as_str().unwrap_or_default(), &mut out)?;
             names.push(name);
         }
@@ -388,7 +492,10 @@ impl Client {
                 return Ok(j);
             }
             if start.elapsed() > timeout {
-                return Err(ClientError::Usage(format!("job {id} still {} after {:?}", j.status, timeout)));
+                return Err(ClientError::Usage(format!(
+                    "job {id} still {} after {:?}",
+                    j.status, timeout
+                )));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -400,9 +507,13 @@ impl Client {
         let resp = self.handle(self.req("GET", &format!("/events?from={from}")).call())?;
         let reader = std::io::BufReader::new(resp.into_reader());
         for line in std::io::BufRead::lines(reader) {
-            let line = line.map_err(|e| ClientError::Io { path: "event stream".into(), source: e })?;
+            let line = line.map_err(|e| ClientError::Io {
+                path: "event stream".into(),
+                source: e,
+            })?;
             if let Some(data) = line.strip_prefix("data:") {
-                let v: Value = serde_json::from_str(data.trim()).map_err(|e| ClientError::Decode(e.to_string()))?;
+                let v: Value = serde_json::from_str(data.trim())
+                    .map_err(|e| ClientError::Decode(e.to_string()))?;
                 if !f(v) {
                     return Ok(());
                 }
@@ -415,6 +526,11 @@ impl Client {
 /// Read a whole file (small specs).
 pub fn read_file(path: &Path) -> Result<String> {
     let mut s = String::new();
-    std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut s)).map_err(|e| ClientError::Io { path: path.display().to_string(), source: e })?;
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .map_err(|e| ClientError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
     Ok(s)
 }

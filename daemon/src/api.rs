@@ -40,16 +40,28 @@ pub struct ApiError {
 impl warp::reject::Reject for ApiError {}
 
 fn bad(msg: impl Into<String>) -> Rejection {
-    warp::reject::custom(ApiError { status: StatusCode::BAD_REQUEST, message: msg.into() })
+    warp::reject::custom(ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: msg.into(),
+    })
 }
 fn not_found(msg: impl Into<String>) -> Rejection {
-    warp::reject::custom(ApiError { status: StatusCode::NOT_FOUND, message: msg.into() })
+    warp::reject::custom(ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: msg.into(),
+    })
 }
 fn conflict(msg: impl Into<String>) -> Rejection {
-    warp::reject::custom(ApiError { status: StatusCode::CONFLICT, message: msg.into() })
+    warp::reject::custom(ApiError {
+        status: StatusCode::CONFLICT,
+        message: msg.into(),
+    })
 }
 fn internal(e: impl std::fmt::Display) -> Rejection {
-    warp::reject::custom(ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() })
+    warp::reject::custom(ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: e.to_string(),
+    })
 }
 
 #[derive(Clone)]
@@ -63,10 +75,13 @@ fn with<T: Clone + Send>(x: T) -> impl Filter<Extract = (T,), Error = Infallible
     warp::any().map(move || x.clone())
 }
 
-fn json_body<T: serde::de::DeserializeOwned + Send>() -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
-    warp::body::content_length_limit(JSON_LIMIT).and(warp::body::bytes()).and_then(|b: Bytes| async move {
-        serde_json::from_slice::<T>(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))
-    })
+fn json_body<T: serde::de::DeserializeOwned + Send>(
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(JSON_LIMIT)
+        .and(warp::body::bytes())
+        .and_then(|b: Bytes| async move {
+            serde_json::from_slice::<T>(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))
+        })
 }
 
 fn auth(token: Arc<String>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
@@ -74,13 +89,24 @@ fn auth(token: Arc<String>) -> impl Filter<Extract = (), Error = Rejection> + Cl
         .and_then(move |h: Option<String>| {
             let token = token.clone();
             async move {
-                let given = h.as_deref().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+                let given = h
+                    .as_deref()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
                 // Constant-time comparison.
-                let ok = given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+                let ok = given.len() == token.len()
+                    && given
+                        .bytes()
+                        .zip(token.bytes())
+                        .fold(0u8, |a, (x, y)| a | (x ^ y))
+                        == 0;
                 if ok {
                     Ok(())
                 } else {
-                    Err(warp::reject::custom(ApiError { status: StatusCode::UNAUTHORIZED, message: "missing or wrong bearer token".into() }))
+                    Err(warp::reject::custom(ApiError {
+                        status: StatusCode::UNAUTHORIZED,
+                        message: "missing or wrong bearer token".into(),
+                    }))
                 }
             }
         })
@@ -89,39 +115,166 @@ fn auth(token: Arc<String>) -> impl Filter<Extract = (), Error = Rejection> + Cl
 
 pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
-    let health = warp::path!("health").and(warp::get()).map(|| warp::reply::json(&json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})).into_response());
+    let health = warp::path!("health").and(warp::get()).map(|| {
+        warp::reply::json(&json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
+            .into_response()
+    });
     let c = with(ctx.clone());
     let routes: Vec<Route> = vec![
-        warp::path!("experiments").and(warp::post()).and(c.clone()).and(json_body()).and_then(create_experiment).boxed(),
-        warp::path!("experiments").and(warp::get()).and(c.clone()).and_then(list_experiments).boxed(),
-        warp::path!("experiments" / Uuid).and(warp::get()).and(c.clone()).and_then(get_experiment).boxed(),
-        warp::path!("blobs").and(warp::post()).and(c.clone()).and(upload()).and_then(put_blob).boxed(),
-        warp::path!("blobs" / String).and(warp::get()).and(c.clone()).and_then(get_blob).boxed(),
-        warp::path!("trees" / String).and(warp::get()).and(c.clone()).and_then(get_tree).boxed(),
-        warp::path!("datasets").and(warp::post()).and(c.clone()).and(warp::query()).and(upload()).and_then(import_dataset).boxed(),
-        warp::path!("checkpoints").and(warp::post()).and(c.clone()).and(json_body()).and_then(import_checkpoint).boxed(),
-        warp::path!("artifacts").and(warp::get()).and(c.clone()).and_then(list_artifacts).boxed(),
-        warp::path!("jobs").and(warp::post()).and(c.clone()).and(json_body()).and_then(submit_job).boxed(),
-        warp::path!("jobs").and(warp::get()).and(c.clone()).and(warp::query()).and_then(list_jobs).boxed(),
-        warp::path!("jobs" / Uuid).and(warp::get()).and(c.clone()).and_then(get_job).boxed(),
-        warp::path!("jobs" / Uuid / "metrics").and(warp::get()).and(c.clone()).and(warp::query()).and_then(get_metrics).boxed(),
-        warp::path!("jobs" / Uuid / "cancel").and(warp::post()).and(c.clone()).and_then(cancel_job).boxed(),
-        warp::path!("jobs" / Uuid / "reproduce").and(warp::post()).and(c.clone()).and_then(reproduce_job).boxed(),
-        warp::path!("rounds").and(warp::post()).and(c.clone()).and(json_body()).and_then(submit_round).boxed(),
-        warp::path!("rounds" / Uuid).and(warp::get()).and(c.clone()).and_then(get_round).boxed(),
-        warp::path!("rounds" / Uuid / "reproduce").and(warp::post()).and(c.clone()).and_then(reproduce_round).boxed(),
-        warp::path!("runs").and(warp::post()).and(c.clone()).and(json_body()).and_then(open_run).boxed(),
-        warp::path!("runs" / Uuid / "metrics").and(warp::post()).and(c.clone()).and(json_body()).and_then(log_metrics).boxed(),
-        warp::path!("runs" / Uuid / "artifacts").and(warp::post()).and(c.clone()).and(json_body()).and_then(log_artifact).boxed(),
-        warp::path!("runs" / Uuid / "close").and(warp::post()).and(c.clone()).and(json_body()).and_then(close_run).boxed(),
-        warp::path!("lineage" / String).and(warp::get()).and(c.clone()).and_then(lineage).boxed(),
-        warp::path!("events").and(warp::get()).and(c.clone()).and(warp::query()).and_then(events).boxed(),
-        warp::path!("verify").and(warp::post()).and(c.clone()).and_then(verify).boxed(),
-        warp::path!("status").and(warp::get()).and(c.clone()).and_then(status).boxed(),
+        warp::path!("experiments")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(create_experiment)
+            .boxed(),
+        warp::path!("experiments")
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(list_experiments)
+            .boxed(),
+        warp::path!("experiments" / Uuid)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(get_experiment)
+            .boxed(),
+        warp::path!("blobs")
+            .and(warp::post())
+            .and(c.clone())
+            .and(upload())
+            .and_then(put_blob)
+            .boxed(),
+        warp::path!("blobs" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(get_blob)
+            .boxed(),
+        warp::path!("trees" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(get_tree)
+            .boxed(),
+        warp::path!("datasets")
+            .and(warp::post())
+            .and(c.clone())
+            .and(warp::query())
+            .and(upload())
+            .and_then(import_dataset)
+            .boxed(),
+        warp::path!("checkpoints")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(import_checkpoint)
+            .boxed(),
+        warp::path!("artifacts")
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(list_artifacts)
+            .boxed(),
+        warp::path!("jobs")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(submit_job)
+            .boxed(),
+        warp::path!("jobs")
+            .and(warp::get())
+            .and(c.clone())
+            .and(warp::query())
+            .and_then(list_jobs)
+            .boxed(),
+        warp::path!("jobs" / Uuid)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(get_job)
+            .boxed(),
+        warp::path!("jobs" / Uuid / "metrics")
+            .and(warp::get())
+            .and(c.clone())
+            .and(warp::query())
+            .and_then(get_metrics)
+            .boxed(),
+        warp::path!("jobs" / Uuid / "cancel")
+            .and(warp::post())
+            .and(c.clone())
+            .and_then(cancel_job)
+            .boxed(),
+        warp::path!("jobs" / Uuid / "reproduce")
+            .and(warp::post())
+            .and(c.clone())
+            .and_then(reproduce_job)
+            .boxed(),
+        warp::path!("rounds")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(submit_round)
+            .boxed(),
+        warp::path!("rounds" / Uuid)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(get_round)
+            .boxed(),
+        warp::path!("rounds" / Uuid / "reproduce")
+            .and(warp::post())
+            .and(c.clone())
+            .and_then(reproduce_round)
+            .boxed(),
+        warp::path!("runs")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(open_run)
+            .boxed(),
+        warp::path!("runs" / Uuid / "metrics")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(log_metrics)
+            .boxed(),
+        warp::path!("runs" / Uuid / "artifacts")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(log_artifact)
+            .boxed(),
+        warp::path!("runs" / Uuid / "close")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(close_run)
+            .boxed(),
+        warp::path!("lineage" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(lineage)
+            .boxed(),
+        warp::path!("events")
+            .and(warp::get())
+            .and(c.clone())
+            .and(warp::query())
+            .and_then(events)
+            .boxed(),
+        warp::path!("verify")
+            .and(warp::post())
+            .and(c.clone())
+            .and_then(verify)
+            .boxed(),
+        warp::path!("status")
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(status)
+            .boxed(),
     ];
     // Boxed and folded one by one: warp's nested types otherwise overflow the compiler.
-    let api = routes.into_iter().reduce(|a, b| a.or(b).unify().boxed()).expect("routes");
-    health.or(auth(ctx.token.clone()).and(api)).unify().recover(recover)
+    let api = routes
+        .into_iter()
+        .reduce(|a, b| a.or(b).unify().boxed())
+        .expect("routes");
+    health
+        .or(auth(ctx.token.clone()).and(api))
+        .unify()
+        .recover(recover)
 }
 
 async fn recover(err: Rejection) -> Result<impl Reply, Infallible> {
@@ -132,9 +285,15 @@ async fn recover(err: Rejection) -> Result<impl Reply, Infallible> {
     } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
         (StatusCode::PAYLOAD_TOO_LARGE, format!("request body too large (limit {JSON_LIMIT} bytes for JSON; upload big files to /blobs)"))
     } else if err.find::<warp::reject::LengthRequired>().is_some() {
-        (StatusCode::LENGTH_REQUIRED, "a Content-Length header is required".into())
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "a Content-Length header is required".into(),
+        )
     } else if let Some(e) = err.find::<warp::reject::InvalidQuery>() {
-        (StatusCode::BAD_REQUEST, format!("invalid query string: {e}"))
+        (
+            StatusCode::BAD_REQUEST,
+            format!("invalid query string: {e}"),
+        )
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
         (StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
     } else if let Some(e) = err.find::<warp::reject::InvalidHeader>() {
@@ -142,7 +301,10 @@ async fn recover(err: Rejection) -> Result<impl Reply, Infallible> {
     } else {
         (StatusCode::BAD_REQUEST, format!("{err:?}"))
     };
-    Ok(warp::reply::with_status(warp::reply::json(&json!({"error": message})), status))
+    Ok(warp::reply::with_status(
+        warp::reply::json(&json!({"error": message})),
+        status,
+    ))
 }
 
 type Res = Result<warp::reply::Response, Rejection>;
@@ -170,8 +332,15 @@ async fn create_experiment(ctx: Ctx, body: NewExperiment) -> Res {
         return Err(bad("field `name`: 1 to 200 characters"));
     }
     let id = Uuid::now_v7();
-    let event = HerdEvent::ExperimentCreated { experiment: id, name: body.name, description: body.description };
-    ctx.state.record_one(&streams::experiment(id), event).await.map_err(internal)?;
+    let event = HerdEvent::ExperimentCreated {
+        experiment: id,
+        name: body.name,
+        description: body.description,
+    };
+    ctx.state
+        .record_one(&streams::experiment(id), event)
+        .await
+        .map_err(internal)?;
     created(json!({"id": id}))
 }
 
@@ -182,14 +351,20 @@ async fn list_experiments(ctx: Ctx) -> Res {
 
 async fn get_experiment(id: Uuid, ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
-    let e = p.experiments.get(&id).ok_or_else(|| not_found(format!("no experiment {id}")))?;
+    let e = p
+        .experiments
+        .get(&id)
+        .ok_or_else(|| not_found(format!("no experiment {id}")))?;
     let rounds: Vec<_> = e.rounds.iter().filter_map(|r| p.rounds.get(r)).collect();
     ok(json!({"experiment": e, "rounds": rounds}))
 }
 
 // ---------- blobs, datasets, checkpoints
 
-fn upload() -> impl Filter<Extract = (impl Stream<Item = Result<impl bytes::Buf, warp::Error>> + Send + 'static,), Error = Rejection> + Clone {
+fn upload() -> impl Filter<
+    Extract = (impl Stream<Item = Result<impl bytes::Buf, warp::Error>> + Send + 'static,),
+    Error = Rejection,
+> + Clone {
     warp::body::content_length_limit(UPLOAD_LIMIT).and(warp::body::stream())
 }
 
@@ -201,17 +376,27 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(8);
     let blobs = ctx.state.store.blobs.clone();
-    let writer = tokio::task::spawn_blocking(move || blobs.put_reader(ChannelReader { rx, cur: Bytes::new() }));
+    let writer = tokio::task::spawn_blocking(move || {
+        blobs.put_reader(ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        })
+    });
     let mut body = Box::pin(body);
     while let Some(chunk) = body.next().await {
-        let msg = chunk.map(|mut b| b.copy_to_bytes(b.remaining())).map_err(|e| e.to_string());
+        let msg = chunk
+            .map(|mut b| b.copy_to_bytes(b.remaining()))
+            .map_err(|e| e.to_string());
         let failed = msg.is_err();
         if tx.send(msg).await.is_err() || failed {
             break;
         }
     }
     drop(tx);
-    writer.await.map_err(internal)?.map_err(|e| bad(format!("upload failed: {e}")))
+    writer
+        .await
+        .map_err(internal)?
+        .map_err(|e| bad(format!("upload failed: {e}")))
 }
 
 struct ChannelReader {
@@ -259,7 +444,10 @@ async fn get_blob(hash: String, ctx: Ctx) -> Res {
             match std::io::Read::read(&mut reader, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    if tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -277,14 +465,19 @@ async fn get_blob(hash: String, ctx: Ctx) -> Res {
         .map_err(internal)?)
 }
 
-fn tokio_stream_from<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Send {
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send {
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
 async fn get_tree(hash: String, ctx: Ctx) -> Res {
     herd_store::blob::validate_id(&hash).map_err(|e| bad(e.to_string()))?;
     let blobs = ctx.state.store.blobs.clone();
-    let tree = tokio::task::spawn_blocking(move || blobs.tree(&hash)).await.map_err(internal)?.map_err(|e| not_found(e.to_string()))?;
+    let tree = tokio::task::spawn_blocking(move || blobs.tree(&hash))
+        .await
+        .map_err(internal)?
+        .map_err(|e| not_found(e.to_string()))?;
     ok(json!(tree))
 }
 
@@ -303,7 +496,10 @@ where
     let kind = DatasetKind::parse(&q.kind).map_err(bad)?;
     let info = stream_to_blob(&ctx, body).await?;
     if info.size > DATASET_LIMIT {
-        return Err(bad(format!("dataset of {} bytes exceeds the {DATASET_LIMIT}-byte limit", info.size)));
+        return Err(bad(format!(
+            "dataset of {} bytes exceeds the {DATASET_LIMIT}-byte limit",
+            info.size
+        )));
     }
     let blobs = ctx.state.store.blobs.clone();
     let (hash, name) = (info.id.clone(), q.name.clone());
@@ -316,8 +512,16 @@ where
     .map_err(internal)?;
     // Nothing is recorded unless the whole file parsed.
     let summary = parsed.map_err(bad)?;
-    let event = HerdEvent::ArtifactImported { hash: info.id.clone(), artifact: kind.as_str().into(), name: q.name, summary: summary.clone() };
-    ctx.state.record_one(streams::ARTIFACTS, event).await.map_err(internal)?;
+    let event = HerdEvent::ArtifactImported {
+        hash: info.id.clone(),
+        artifact: kind.as_str().into(),
+        name: q.name,
+        summary: summary.clone(),
+    };
+    ctx.state
+        .record_one(streams::ARTIFACTS, event)
+        .await
+        .map_err(internal)?;
     created(json!({"hash": info.id, "summary": summary}))
 }
 
@@ -335,10 +539,21 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(bad(format!("field `files`: bad file name {name:?}")));
         }
-        herd_store::blob::validate_id(hash).map_err(|e| bad(format!("field `files.{name}`: {e}")))?;
+        herd_store::blob::validate_id(hash)
+            .map_err(|e| bad(format!("field `files.{name}`: {e}")))?;
         let path = ctx.state.store.blobs.path_of(hash).map_err(internal)?;
-        let size = std::fs::metadata(&path).map_err(|_| bad(format!("field `files.{name}`: blob {hash} was not uploaded")))?.len();
-        entries.push(herd_store::TreeEntry { name: name.clone(), blob: hash.clone(), size });
+        let size = std::fs::metadata(&path)
+            .map_err(|_| {
+                bad(format!(
+                    "field `files.{name}`: blob {hash} was not uploaded"
+                ))
+            })?
+            .len();
+        entries.push(herd_store::TreeEntry {
+            name: name.clone(),
+            blob: hash.clone(),
+            size,
+        });
     }
     for need in ["config.json", "tokenizer.json"] {
         if !body.files.contains_key(need) {
@@ -346,26 +561,43 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
         }
     }
     let state = ctx.state.clone();
-    let (hash, summary) = tokio::task::spawn_blocking(move || -> Result<(String, Value), String> {
-        let tree = state.store.blobs.put_tree(entries).map_err(|e| e.to_string())?;
-        let dir = state.data_dir.join("tmp").join(Uuid::now_v7().to_string());
-        state.store.blobs.materialize(&tree.id, &dir).map_err(|e| e.to_string())?;
-        // Refuse what the engine cannot load, with the engine's reason.
-        let check = herd_engine::checkpoint::describe(&dir).and_then(|d| {
-            herd_engine::checkpoint::load_chat(&dir)?;
-            let cfg = herd_engine::LlamaConfig::from_file(&dir.join("config.json"))?;
-            let tensors = herd_engine::checkpoint::load_tensors(&dir)?;
-            herd_engine::Llama::from_tensors(cfg, tensors, &candle_core::Device::Cpu)?;
-            Ok(d)
-        });
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok((tree.id, check.map_err(|e| e.to_string())?))
-    })
-    .await
-    .map_err(internal)?
-    .map_err(|e| bad(format!("not a loadable Llama checkpoint: {e}")))?;
-    let event = HerdEvent::ArtifactImported { hash: hash.clone(), artifact: "checkpoint".into(), name: body.name, summary: summary.clone() };
-    ctx.state.record_one(streams::ARTIFACTS, event).await.map_err(internal)?;
+    let (hash, summary) =
+        tokio::task::spawn_blocking(move || -> Result<(String, Value), String> {
+            let tree = state
+                .store
+                .blobs
+                .put_tree(entries)
+                .map_err(|e| e.to_string())?;
+            let dir = state.data_dir.join("tmp").join(Uuid::now_v7().to_string());
+            state
+                .store
+                .blobs
+                .materialize(&tree.id, &dir)
+                .map_err(|e| e.to_string())?;
+            // Refuse what the engine cannot load, with the engine's reason.
+            let check = herd_engine::checkpoint::describe(&dir).and_then(|d| {
+                herd_engine::checkpoint::load_chat(&dir)?;
+                let cfg = herd_engine::LlamaConfig::from_file(&dir.join("config.json"))?;
+                let tensors = herd_engine::checkpoint::load_tensors(&dir)?;
+                herd_engine::Llama::from_tensors(cfg, tensors, &candle_core::Device::Cpu)?;
+                Ok(d)
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok((tree.id, check.map_err(|e| e.to_string())?))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| bad(format!("not a loadable Llama checkpoint: {e}")))?;
+    let event = HerdEvent::ArtifactImported {
+        hash: hash.clone(),
+        artifact: "checkpoint".into(),
+        name: body.name,
+        summary: summary.clone(),
+    };
+    ctx.state
+        .record_one(streams::ARTIFACTS, event)
+        .await
+        .map_err(internal)?;
     created(json!({"hash": hash, "summary": summary}))
 }
 
@@ -398,7 +630,8 @@ struct NewJob {
 
 async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
     let kind = JobKind::parse(&body.kind).map_err(|e| bad(format!("field `kind`: {e}")))?;
-    let hp = jobs::effective_hyperparameters(kind, &body.hyperparameters).map_err(|e| bad(format!("field `hyperparameters`: {e}")))?;
+    let hp = jobs::effective_hyperparameters(kind, &body.hyperparameters)
+        .map_err(|e| bad(format!("field `hyperparameters`: {e}")))?;
     jobs::check_inputs(kind, &body.inputs).map_err(|e| bad(format!("field `inputs`: {e}")))?;
     let mut depends_on = body.depends_on.clone();
     {
@@ -410,7 +643,13 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
         }
         for (name, v) in &body.inputs {
             if let Some(r) = v.strip_prefix("job:") {
-                let id = r.split('/').next().and_then(|x| x.parse::<Uuid>().ok()).ok_or_else(|| bad(format!("field `inputs.{name}`: bad job reference {v:?}")))?;
+                let id = r
+                    .split('/')
+                    .next()
+                    .and_then(|x| x.parse::<Uuid>().ok())
+                    .ok_or_else(|| {
+                        bad(format!("field `inputs.{name}`: bad job reference {v:?}"))
+                    })?;
                 if !p.jobs.contains_key(&id) {
                     return Err(bad(format!("field `inputs.{name}`: no job {id}")));
                 }
@@ -418,7 +657,9 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
                     depends_on.push(id);
                 }
             } else if !ctx.state.store.blobs.contains(v) {
-                return Err(bad(format!("field `inputs.{name}`: {v:?} is not a stored blob (import it first)")));
+                return Err(bad(format!(
+                    "field `inputs.{name}`: {v:?} is not a stored blob (import it first)"
+                )));
             }
         }
         for d in &depends_on {
@@ -441,7 +682,10 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
         priority: body.priority,
         reproduces: None,
     };
-    ctx.state.record_one(&streams::job(id), event).await.map_err(internal)?;
+    ctx.state
+        .record_one(&streams::job(id), event)
+        .await
+        .map_err(internal)?;
     created(json!({"id": id, "effective_hyperparameters": hp}))
 }
 
@@ -462,7 +706,12 @@ pub struct JobQuery {
 
 fn job_value(j: &JobView, key: &str) -> Option<f64> {
     let (scope, name) = key.split_once('.').unwrap_or(("", key));
-    let hp = || j.effective_hyperparameters.get(name).or_else(|| j.hyperparameters.get(name)).and_then(|v| v.as_f64().or_else(|| v.as_bool().map(|b| b as u8 as f64)));
+    let hp = || {
+        j.effective_hyperparameters
+            .get(name)
+            .or_else(|| j.hyperparameters.get(name))
+            .and_then(|v| v.as_f64().or_else(|| v.as_bool().map(|b| b as u8 as f64)))
+    };
     let metric = || j.last_metrics.get(name).map(|x| x.1);
     match scope {
         "hp" => hp(),
@@ -484,17 +733,24 @@ fn parse_where(s: &str) -> Result<Vec<Condition>, String> {
             let c = c.trim();
             for op in ["<=", ">=", "!=", "<", ">", "="] {
                 if let Some((k, v)) = c.split_once(op) {
-                    let v: f64 = v.trim().parse().map_err(|_| format!("where: {c:?}: {v:?} is not a number"))?;
+                    let v: f64 = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("where: {c:?}: {v:?} is not a number"))?;
                     return Ok((k.trim().to_string(), op.to_string(), v));
                 }
             }
-            Err(format!("where: {c:?} has no operator (<, <=, >, >=, =, !=)"))
+            Err(format!(
+                "where: {c:?} has no operator (<, <=, >, >=, =, !=)"
+            ))
         })
         .collect()
 }
 
 fn holds(j: &JobView, (k, op, v): &Condition) -> bool {
-    let Some(x) = job_value(j, k) else { return false };
+    let Some(x) = job_value(j, k) else {
+        return false;
+    };
     match op.as_str() {
         "<" => x < *v,
         "<=" => x <= *v,
@@ -515,7 +771,17 @@ fn job_json(ctx: &Ctx, j: &JobView) -> Value {
 
 async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
     let conds = parse_where(q.where_.as_deref().unwrap_or("")).map_err(bad)?;
-    let status = q.status.as_deref().map(|s| JobStatus::parse(s).ok_or_else(|| bad(format!("status {s:?} is not queued|running|succeeded|failed|cancelled")))).transpose()?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            JobStatus::parse(s).ok_or_else(|| {
+                bad(format!(
+                    "status {s:?} is not queued|running|succeeded|failed|cancelled"
+                ))
+            })
+        })
+        .transpose()?;
     let p = ctx.state.projection.read().await;
     let mut out: Vec<&JobView> = p
         .jobs
@@ -527,20 +793,37 @@ async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
         .filter(|j| conds.iter().all(|c| holds(j, c)))
         .collect();
     if let Some(sort) = &q.sort {
-        let (desc, key) = sort.strip_prefix('-').map(|k| (true, k)).unwrap_or((false, sort.as_str()));
+        let (desc, key) = sort
+            .strip_prefix('-')
+            .map(|k| (true, k))
+            .unwrap_or((false, sort.as_str()));
         out.sort_by(|a, b| {
-            let (x, y) = (job_value(a, key).unwrap_or(f64::NAN), job_value(b, key).unwrap_or(f64::NAN));
+            let (x, y) = (
+                job_value(a, key).unwrap_or(f64::NAN),
+                job_value(b, key).unwrap_or(f64::NAN),
+            );
             let o = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
-            if desc { o.reverse() } else { o }
+            if desc {
+                o.reverse()
+            } else {
+                o
+            }
         });
     }
-    let out: Vec<Value> = out.into_iter().take(q.limit.unwrap_or(usize::MAX)).map(|j| job_json(&ctx, j)).collect();
+    let out: Vec<Value> = out
+        .into_iter()
+        .take(q.limit.unwrap_or(usize::MAX))
+        .map(|j| job_json(&ctx, j))
+        .collect();
     ok(json!(out))
 }
 
 async fn get_job(id: Uuid, ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
-    let j = p.jobs.get(&id).ok_or_else(|| not_found(format!("no job {id}")))?;
+    let j = p
+        .jobs
+        .get(&id)
+        .ok_or_else(|| not_found(format!("no job {id}")))?;
     ok(job_json(&ctx, j))
 }
 
@@ -578,12 +861,24 @@ async fn cancel_job(id: Uuid, ctx: Ctx) -> Res {
 /// Re-run a finished job with exactly its recorded resolved inputs,
 /// effective hyperparameters and seed.
 async fn reproduce_one(ctx: &Ctx, id: Uuid) -> Result<Uuid, Rejection> {
-    let j = ctx.state.projection.read().await.jobs.get(&id).cloned().ok_or_else(|| not_found(format!("no job {id}")))?;
+    let j = ctx
+        .state
+        .projection
+        .read()
+        .await
+        .jobs
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| not_found(format!("no job {id}")))?;
     if j.kind == EXTERNAL {
-        return Err(bad(format!("job {id} is an external run; herd cannot re-run it")));
+        return Err(bad(format!(
+            "job {id} is an external run; herd cannot re-run it"
+        )));
     }
     if j.resolved_inputs.is_empty() && !j.inputs.is_empty() {
-        return Err(conflict(format!("job {id} never started; nothing recorded to reproduce")));
+        return Err(conflict(format!(
+            "job {id} never started; nothing recorded to reproduce"
+        )));
     }
     let new = Uuid::now_v7();
     let event = HerdEvent::JobSubmitted {
@@ -593,13 +888,20 @@ async fn reproduce_one(ctx: &Ctx, id: Uuid) -> Result<Uuid, Rejection> {
         name: format!("{} (reproduce)", j.name),
         kind: j.kind.clone(),
         inputs: j.resolved_inputs.clone(),
-        hyperparameters: if j.effective_hyperparameters.is_null() { j.hyperparameters.clone() } else { j.effective_hyperparameters.clone() },
+        hyperparameters: if j.effective_hyperparameters.is_null() {
+            j.hyperparameters.clone()
+        } else {
+            j.effective_hyperparameters.clone()
+        },
         seed: j.seed,
         depends_on: vec![],
         priority: j.priority,
         reproduces: Some(id),
     };
-    ctx.state.record_one(&streams::job(new), event).await.map_err(internal)?;
+    ctx.state
+        .record_one(&streams::job(new), event)
+        .await
+        .map_err(internal)?;
     Ok(new)
 }
 
@@ -611,24 +913,48 @@ async fn reproduce_job(id: Uuid, ctx: Ctx) -> Res {
 // ---------- rounds
 
 async fn submit_round(ctx: Ctx, spec: Value) -> Res {
-    let spec_parsed: RoundSpec = serde_json::from_value(spec.clone()).map_err(|e| bad(format!("round spec: {e}")))?;
+    let spec_parsed: RoundSpec =
+        serde_json::from_value(spec.clone()).map_err(|e| bad(format!("round spec: {e}")))?;
     let (index, previous) = {
         let p = ctx.state.projection.read().await;
-        let exp = p.experiments.get(&spec_parsed.experiment).ok_or_else(|| bad(format!("field `experiment`: no experiment {}", spec_parsed.experiment)))?;
-        let last = exp.rounds.iter().filter_map(|r| p.rounds.get(r)).max_by_key(|r| r.index);
+        let exp = p.experiments.get(&spec_parsed.experiment).ok_or_else(|| {
+            bad(format!(
+                "field `experiment`: no experiment {}",
+                spec_parsed.experiment
+            ))
+        })?;
+        let last = exp
+            .rounds
+            .iter()
+            .filter_map(|r| p.rounds.get(r))
+            .max_by_key(|r| r.index);
         let previous = last.and_then(|r| {
-            let names: Vec<(Uuid, String)> = r.jobs.iter().filter_map(|j| p.jobs.get(j).map(|v| (v.id, v.name.clone()))).collect();
+            let names: Vec<(Uuid, String)> = r
+                .jobs
+                .iter()
+                .filter_map(|j| p.jobs.get(j).map(|v| (v.id, v.name.clone())))
+                .collect();
             rounds::final_policy_ref(&r.spec, &names)
         });
         (last.map(|r| r.index + 1).unwrap_or(0), previous)
     };
     let blobs = ctx.state.store.blobs.clone();
-    let planned = rounds::expand(&spec_parsed, previous, |h| blobs.contains(h)).map_err(|e| bad(format!("round spec: {e}")))?;
+    let planned = rounds::expand(&spec_parsed, previous, |h| blobs.contains(h))
+        .map_err(|e| bad(format!("round spec: {e}")))?;
     let round = Uuid::now_v7();
     let exp = spec_parsed.experiment;
     let jobs: Vec<Uuid> = planned.iter().map(|j| j.id).collect();
     ctx.state
-        .record_one(&streams::experiment(exp), HerdEvent::RoundSubmitted { experiment: exp, round, index, spec, jobs: jobs.clone() })
+        .record_one(
+            &streams::experiment(exp),
+            HerdEvent::RoundSubmitted {
+                experiment: exp,
+                round,
+                index,
+                spec,
+                jobs: jobs.clone(),
+            },
+        )
         .await
         .map_err(internal)?;
     for j in planned {
@@ -645,20 +971,39 @@ async fn submit_round(ctx: Ctx, spec: Value) -> Res {
             priority: j.priority,
             reproduces: None,
         };
-        ctx.state.record_one(&streams::job(j.id), event).await.map_err(internal)?;
+        ctx.state
+            .record_one(&streams::job(j.id), event)
+            .await
+            .map_err(internal)?;
     }
     created(json!({"id": round, "index": index, "jobs": jobs}))
 }
 
 async fn get_round(id: Uuid, ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
-    let r = p.rounds.get(&id).ok_or_else(|| not_found(format!("no round {id}")))?;
-    let jobs: Vec<Value> = r.jobs.iter().filter_map(|j| p.jobs.get(j)).map(|j| job_json(&ctx, j)).collect();
+    let r = p
+        .rounds
+        .get(&id)
+        .ok_or_else(|| not_found(format!("no round {id}")))?;
+    let jobs: Vec<Value> = r
+        .jobs
+        .iter()
+        .filter_map(|j| p.jobs.get(j))
+        .map(|j| job_json(&ctx, j))
+        .collect();
     ok(json!({"round": r, "jobs": jobs}))
 }
 
 async fn reproduce_round(id: Uuid, ctx: Ctx) -> Res {
-    let jobs = ctx.state.projection.read().await.rounds.get(&id).map(|r| r.jobs.clone()).ok_or_else(|| not_found(format!("no round {id}")))?;
+    let jobs = ctx
+        .state
+        .projection
+        .read()
+        .await
+        .rounds
+        .get(&id)
+        .map(|r| r.jobs.clone())
+        .ok_or_else(|| not_found(format!("no round {id}")))?;
     let mut pairs = vec![];
     for j in jobs {
         pairs.push(json!({"original": j, "reproduction": reproduce_one(&ctx, j).await?}));
@@ -680,7 +1025,14 @@ struct NewRun {
 
 async fn open_run(ctx: Ctx, body: NewRun) -> Res {
     if let Some(e) = body.experiment {
-        if !ctx.state.projection.read().await.experiments.contains_key(&e) {
+        if !ctx
+            .state
+            .projection
+            .read()
+            .await
+            .experiments
+            .contains_key(&e)
+        {
             return Err(bad(format!("field `experiment`: no experiment {e}")));
         }
     }
@@ -717,7 +1069,10 @@ async fn open_run(ctx: Ctx, body: NewRun) -> Res {
 
 async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
     let p = ctx.state.projection.read().await;
-    let j = p.jobs.get(&id).ok_or_else(|| not_found(format!("no run {id}")))?;
+    let j = p
+        .jobs
+        .get(&id)
+        .ok_or_else(|| not_found(format!("no run {id}")))?;
     if j.kind != EXTERNAL {
         return Err(bad(format!("job {id} is not an external run")));
     }
@@ -737,12 +1092,30 @@ async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
     if body.points.is_empty() || body.points.len() > MAX_POINTS {
         return Err(bad(format!("field `points`: 1 to {MAX_POINTS} points")));
     }
-    if let Some((i, p)) = body.points.iter().enumerate().find(|(_, p)| !p.value.is_finite() || p.name.is_empty() || p.name.len() > 200) {
-        return Err(bad(format!("field `points[{i}]`: name must be 1-200 chars and value finite (got {:?} = {})", p.name, p.value)));
+    if let Some((i, p)) = body
+        .points
+        .iter()
+        .enumerate()
+        .find(|(_, p)| !p.value.is_finite() || p.name.is_empty() || p.name.len() > 200)
+    {
+        return Err(bad(format!(
+            "field `points[{i}]`: name must be 1-200 chars and value finite (got {:?} = {})",
+            p.name, p.value
+        )));
     }
     open_run_view(&ctx, id).await?;
     let n = body.points.len();
-    let seq = ctx.state.record_one(&streams::job(id), HerdEvent::JobMetrics { job: id, points: body.points }).await.map_err(internal)?;
+    let seq = ctx
+        .state
+        .record_one(
+            &streams::job(id),
+            HerdEvent::JobMetrics {
+                job: id,
+                points: body.points,
+            },
+        )
+        .await
+        .map_err(internal)?;
     ok(json!({"accepted": n, "seq": seq}))
 }
 
@@ -759,11 +1132,23 @@ struct NewArtifact {
 async fn log_artifact(id: Uuid, ctx: Ctx, body: NewArtifact) -> Res {
     herd_store::blob::validate_id(&body.hash).map_err(|e| bad(format!("field `hash`: {e}")))?;
     if !ctx.state.store.blobs.contains(&body.hash) {
-        return Err(bad(format!("field `hash`: blob {} was not uploaded", body.hash)));
+        return Err(bad(format!(
+            "field `hash`: blob {} was not uploaded",
+            body.hash
+        )));
     }
     open_run_view(&ctx, id).await?;
-    let event = HerdEvent::JobOutput { job: id, name: body.name, hash: body.hash, artifact: body.artifact, summary: body.summary };
-    ctx.state.record_one(&streams::job(id), event).await.map_err(internal)?;
+    let event = HerdEvent::JobOutput {
+        job: id,
+        name: body.name,
+        hash: body.hash,
+        artifact: body.artifact,
+        summary: body.summary,
+    };
+    ctx.state
+        .record_one(&streams::job(id), event)
+        .await
+        .map_err(internal)?;
     ok(json!({"ok": true}))
 }
 
@@ -778,11 +1163,24 @@ struct CloseRun {
 async fn close_run(id: Uuid, ctx: Ctx, body: CloseRun) -> Res {
     open_run_view(&ctx, id).await?;
     let event = match body.status.as_str() {
-        "succeeded" => HerdEvent::JobSucceeded { job: id, summary: json!({"reason": body.reason}) },
-        "failed" => HerdEvent::JobFailed { job: id, reason: body.reason },
-        other => return Err(bad(format!("field `status`: {other:?} is not succeeded or failed"))),
+        "succeeded" => HerdEvent::JobSucceeded {
+            job: id,
+            summary: json!({"reason": body.reason}),
+        },
+        "failed" => HerdEvent::JobFailed {
+            job: id,
+            reason: body.reason,
+        },
+        other => {
+            return Err(bad(format!(
+                "field `status`: {other:?} is not succeeded or failed"
+            )))
+        }
     };
-    ctx.state.record_one(&streams::job(id), event).await.map_err(internal)?;
+    ctx.state
+        .record_one(&streams::job(id), event)
+        .await
+        .map_err(internal)?;
     ok(json!({"ok": true}))
 }
 
@@ -790,7 +1188,9 @@ async fn close_run(id: Uuid, ctx: Ctx, body: CloseRun) -> Res {
 
 async fn lineage(hash: String, ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
-    let tree = p.lineage(&hash).ok_or_else(|| not_found(format!("no recorded artifact {hash}")))?;
+    let tree = p
+        .lineage(&hash)
+        .ok_or_else(|| not_found(format!("no recorded artifact {hash}")))?;
     ok(json!(tree))
 }
 
@@ -805,7 +1205,11 @@ async fn events(ctx: Ctx, q: EventsQuery) -> Res {
     let stream = futures_util::stream::unfold(sub, |mut sub| async move {
         match sub.next().await {
             Ok(rec) => {
-                let ev = warp::sse::Event::default().id(rec.seq.to_string()).event(rec.event_type.clone()).json_data(&rec).ok()?;
+                let ev = warp::sse::Event::default()
+                    .id(rec.seq.to_string())
+                    .event(rec.event_type.clone())
+                    .json_data(&rec)
+                    .ok()?;
                 Some((Ok::<_, Infallible>(ev), sub))
             }
             Err(_) => None,
@@ -816,7 +1220,10 @@ async fn events(ctx: Ctx, q: EventsQuery) -> Res {
 
 async fn verify(ctx: Ctx) -> Res {
     let store = ctx.state.store.clone();
-    match tokio::task::spawn_blocking(move || store.verify()).await.map_err(internal)? {
+    match tokio::task::spawn_blocking(move || store.verify())
+        .await
+        .map_err(internal)?
+    {
         Ok(report) => ok(json!({"ok": true, "report": report})),
         Err(e) => ok(json!({"ok": false, "error": e.to_string()})),
     }

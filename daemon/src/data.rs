@@ -33,7 +33,9 @@ impl DatasetKind {
             "preference" => Ok(DatasetKind::Preference),
             "sft" => Ok(DatasetKind::Sft),
             "prompts" => Ok(DatasetKind::Prompts),
-            other => Err(format!("unknown dataset kind {other:?} (expected preference, sft or prompts)")),
+            other => Err(format!(
+                "unknown dataset kind {other:?} (expected preference, sft or prompts)"
+            )),
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -56,7 +58,12 @@ pub enum Strength {
 }
 
 impl Strength {
-    pub const ALL: [Strength; 4] = [Strength::SignificantlyBetter, Strength::Better, Strength::SlightlyBetter, Strength::MarginallyBetter];
+    pub const ALL: [Strength; 4] = [
+        Strength::SignificantlyBetter,
+        Strength::Better,
+        Strength::SlightlyBetter,
+        Strength::MarginallyBetter,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Strength::SignificantlyBetter => "significantly_better",
@@ -137,17 +144,30 @@ fn messages(v: &Value, field: &str) -> FieldResult<Vec<Message>> {
         .enumerate()
         .map(|(i, m)| {
             let f = format!("{field}[{i}]");
-            let role = m.get("role").and_then(|r| r.as_str()).ok_or((format!("{f}.role"), "missing or not a string".to_string()))?;
+            let role = m
+                .get("role")
+                .and_then(|r| r.as_str())
+                .ok_or((format!("{f}.role"), "missing or not a string".to_string()))?;
             if !ROLES.contains(&role) {
-                return err(&format!("{f}.role"), format!("unknown role {role:?} (expected one of {ROLES:?})"));
+                return err(
+                    &format!("{f}.role"),
+                    format!("unknown role {role:?} (expected one of {ROLES:?})"),
+                );
             }
-            let content = m.get("content").and_then(|c| c.as_str()).ok_or((format!("{f}.content"), "missing or not a string".to_string()))?;
+            let content = m.get("content").and_then(|c| c.as_str()).ok_or((
+                format!("{f}.content"),
+                "missing or not a string".to_string(),
+            ))?;
             let eom = match m.get("eom") {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
                 Some(_) => return err(&format!("{f}.eom"), "expected true or false"),
             };
-            Ok(Message { role: role.to_string(), content: content.to_string(), eom })
+            Ok(Message {
+                role: role.to_string(),
+                content: content.to_string(),
+                eom,
+            })
         })
         .collect()
 }
@@ -176,11 +196,16 @@ fn response(v: Option<&Value>, field: &str) -> FieldResult<String> {
         Some(Value::Object(_)) => {
             let m = messages(&Value::Array(vec![v.cloned().unwrap_or_default()]), field)?;
             if m[0].role != "assistant" {
-                return err(field, format!("expected an assistant message, got role {:?}", m[0].role));
+                return err(
+                    field,
+                    format!("expected an assistant message, got role {:?}", m[0].role),
+                );
             }
             m[0].content.clone()
         }
-        Some(Value::Array(a)) if a.len() == 1 => return response(a.first(), &format!("{field}[0]")),
+        Some(Value::Array(a)) if a.len() == 1 => {
+            return response(a.first(), &format!("{field}[0]"))
+        }
         Some(_) => return err(field, "expected a string or one assistant message"),
     };
     if text.trim().is_empty() {
@@ -190,7 +215,8 @@ fn response(v: Option<&Value>, field: &str) -> FieldResult<String> {
 }
 
 fn object(v: &Value) -> FieldResult<&serde_json::Map<String, Value>> {
-    v.as_object().ok_or(("(line)".to_string(), "expected a JSON object".to_string()))
+    v.as_object()
+        .ok_or(("(line)".to_string(), "expected a JSON object".to_string()))
 }
 
 fn no_unknown(o: &serde_json::Map<String, Value>, known: &[&str]) -> FieldResult<()> {
@@ -215,11 +241,20 @@ fn preference_line(v: &Value) -> FieldResult<PreferenceExample> {
     };
     let responses = if let Some(r) = o.get("responses") {
         no_unknown(o, &["prompt", "responses", "strength"])?;
-        let arr = r.as_array().ok_or(("responses".to_string(), "expected a list, best first".to_string()))?;
+        let arr = r.as_array().ok_or((
+            "responses".to_string(),
+            "expected a list, best first".to_string(),
+        ))?;
         if !(2..=3).contains(&arr.len()) {
-            return err("responses", format!("expected 2 or 3 ranked responses, got {}", arr.len()));
+            return err(
+                "responses",
+                format!("expected 2 or 3 ranked responses, got {}", arr.len()),
+            );
         }
-        arr.iter().enumerate().map(|(i, x)| response(Some(x), &format!("responses[{i}]"))).collect::<FieldResult<Vec<_>>>()?
+        arr.iter()
+            .enumerate()
+            .map(|(i, x)| response(Some(x), &format!("responses[{i}]")))
+            .collect::<FieldResult<Vec<_>>>()?
     } else {
         no_unknown(o, &["prompt", "chosen", "rejected", "edited", "strength"])?;
         let mut out = vec![];
@@ -230,7 +265,11 @@ fn preference_line(v: &Value) -> FieldResult<PreferenceExample> {
         out.push(response(o.get("rejected"), "rejected")?);
         out
     };
-    Ok(PreferenceExample { prompt, responses, strength })
+    Ok(PreferenceExample {
+        prompt,
+        responses,
+        strength,
+    })
 }
 
 fn sft_line(v: &Value) -> FieldResult<SftExample> {
@@ -238,14 +277,24 @@ fn sft_line(v: &Value) -> FieldResult<SftExample> {
     if let Some(m) = o.get("messages") {
         no_unknown(o, &["messages"])?;
         let messages = messages(m, "messages")?;
-        if messages.last().map(|m| m.role != "assistant").unwrap_or(true) {
-            return err("messages", "the last message must be the assistant's (it is what SFT trains on)");
+        if messages
+            .last()
+            .map(|m| m.role != "assistant")
+            .unwrap_or(true)
+        {
+            return err(
+                "messages",
+                "the last message must be the assistant's (it is what SFT trains on)",
+            );
         }
         return Ok(SftExample { messages });
     }
     no_unknown(o, &["prompt", "completion"])?;
     let mut messages = prompt(o.get("prompt"), "prompt")?;
-    messages.push(Message::new("assistant", &response(o.get("completion"), "completion")?));
+    messages.push(Message::new(
+        "assistant",
+        &response(o.get("completion"), "completion")?,
+    ));
     Ok(SftExample { messages })
 }
 
@@ -279,7 +328,11 @@ pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataE
         let v: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(LineError { line: lineno, field: "(line)".into(), reason: format!("not valid JSON: {e}") });
+                errors.push(LineError {
+                    line: lineno,
+                    field: "(line)".into(),
+                    reason: format!("not valid JSON: {e}"),
+                });
                 if errors.len() >= MAX_ERRORS {
                     break;
                 }
@@ -292,17 +345,28 @@ pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataE
             DatasetKind::Prompts => prompts_line(&v).map(|x| prompts.push(x)),
         };
         if let Err((field, reason)) = r {
-            errors.push(LineError { line: lineno, field, reason });
+            errors.push(LineError {
+                line: lineno,
+                field,
+                reason,
+            });
             if errors.len() >= MAX_ERRORS {
                 break;
             }
         }
     }
     if errors.is_empty() && pref.is_empty() && sft.is_empty() && prompts.is_empty() {
-        errors.push(LineError { line: 0, field: "(file)".into(), reason: "no examples".into() });
+        errors.push(LineError {
+            line: 0,
+            field: "(file)".into(),
+            reason: "no examples".into(),
+        });
     }
     if !errors.is_empty() {
-        return Err(DataError { file: file.to_string(), errors });
+        return Err(DataError {
+            file: file.to_string(),
+            errors,
+        });
     }
     Ok(match kind {
         DatasetKind::Preference => Dataset::Preference(pref),
@@ -314,7 +378,15 @@ pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataE
 pub fn parse_bytes(kind: DatasetKind, bytes: &[u8], file: &str) -> Result<Dataset, DataError> {
     let text = std::str::from_utf8(bytes).map_err(|e| DataError {
         file: file.to_string(),
-        errors: vec![LineError { line: bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count() + 1, field: "(line)".into(), reason: "not UTF-8".into() }],
+        errors: vec![LineError {
+            line: bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1,
+            field: "(line)".into(),
+            reason: "not UTF-8".into(),
+        }],
     })?;
     parse(kind, text, file)
 }
@@ -343,7 +415,9 @@ impl Dataset {
     /// Canonical JSONL (our own shape), so equal data hashes equal.
     pub fn to_jsonl(&self) -> String {
         fn lines<T: Serialize>(xs: &[T]) -> String {
-            xs.iter().map(|x| serde_json::to_string(x).expect("serializes") + "\n").collect()
+            xs.iter()
+                .map(|x| serde_json::to_string(x).expect("serializes") + "\n")
+                .collect()
         }
         match self {
             Dataset::Preference(x) => lines(x),
@@ -358,9 +432,15 @@ impl Dataset {
             Dataset::Preference(x) => {
                 let mut hist = serde_json::Map::new();
                 for s in Strength::ALL {
-                    hist.insert(s.as_str().into(), x.iter().filter(|e| e.strength == Some(s)).count().into());
+                    hist.insert(
+                        s.as_str().into(),
+                        x.iter().filter(|e| e.strength == Some(s)).count().into(),
+                    );
                 }
-                hist.insert("unspecified".into(), x.iter().filter(|e| e.strength.is_none()).count().into());
+                hist.insert(
+                    "unspecified".into(),
+                    x.iter().filter(|e| e.strength.is_none()).count().into(),
+                );
                 let three = x.iter().filter(|e| e.responses.len() == 3).count();
                 serde_json::json!({"kind": "preference", "rows": x.len(), "strength": hist,
                     "three_response_share": three as f64 / x.len().max(1) as f64})

@@ -66,7 +66,11 @@ fn is_hash(s: &str) -> bool {
 
 /// Expand a spec. `previous_policy` is the `job:<id>/<output>` reference (or
 /// hash) of the last round's final policy, used for `$policy` when unset.
-pub fn expand(spec: &RoundSpec, previous_policy: Option<String>, known_hash: impl Fn(&str) -> bool) -> Result<Vec<PlannedJob>, String> {
+pub fn expand(
+    spec: &RoundSpec,
+    previous_policy: Option<String>,
+    known_hash: impl Fn(&str) -> bool,
+) -> Result<Vec<PlannedJob>, String> {
     let mut vars = spec.vars.clone();
     if !vars.contains_key("policy") {
         if let Some(p) = previous_policy {
@@ -81,22 +85,34 @@ pub fn expand(spec: &RoundSpec, previous_policy: Option<String>, known_hash: imp
     for (i, j) in spec.jobs.iter().enumerate() {
         let at = format!("jobs[{i}] ({})", j.name);
         if j.name.is_empty() || j.name.contains('.') || by_name.contains_key(&j.name) {
-            return Err(format!("{at}: names must be unique, non-empty, without '.'"));
+            return Err(format!(
+                "{at}: names must be unique, non-empty, without '.'"
+            ));
         }
         let kind = JobKind::parse(&j.kind).map_err(|e| format!("{at}.kind: {e}"))?;
-        let hyperparameters = jobs::effective_hyperparameters(kind, &j.hyperparameters).map_err(|e| format!("{at}.hyperparameters: {e}"))?;
+        let hyperparameters = jobs::effective_hyperparameters(kind, &j.hyperparameters)
+            .map_err(|e| format!("{at}.hyperparameters: {e}"))?;
         let mut inputs = BTreeMap::new();
         let mut depends_on = vec![];
         for (name, v) in &j.inputs {
             let resolved = if let Some(var) = v.strip_prefix('$') {
-                vars.get(var).cloned().ok_or_else(|| format!("{at}.inputs.{name}: variable ${var} is not set (vars: {})", vars.keys().cloned().collect::<Vec<_>>().join(", ")))?
+                vars.get(var).cloned().ok_or_else(|| {
+                    format!(
+                        "{at}.inputs.{name}: variable ${var} is not set (vars: {})",
+                        vars.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                })?
             } else if is_hash(v) {
                 v.clone()
             } else if let Some((job, out)) = v.split_once('.') {
-                let id = by_name.get(job).ok_or_else(|| format!("{at}.inputs.{name}: {v:?} names no earlier job of this round"))?;
+                let id = by_name.get(job).ok_or_else(|| {
+                    format!("{at}.inputs.{name}: {v:?} names no earlier job of this round")
+                })?;
                 format!("job:{id}/{out}")
             } else {
-                return Err(format!("{at}.inputs.{name}: {v:?} is not $var, job.output or a content hash"));
+                return Err(format!(
+                    "{at}.inputs.{name}: {v:?} is not $var, job.output or a content hash"
+                ));
             };
             if let Some(r) = resolved.strip_prefix("job:") {
                 if let Some(id) = r.split('/').next().and_then(|x| x.parse::<Uuid>().ok()) {
@@ -105,7 +121,9 @@ pub fn expand(spec: &RoundSpec, previous_policy: Option<String>, known_hash: imp
                     }
                 }
             } else if !known_hash(&resolved) {
-                return Err(format!("{at}.inputs.{name}: {resolved} is not in the store"));
+                return Err(format!(
+                    "{at}.inputs.{name}: {resolved} is not in the store"
+                ));
             }
             inputs.insert(name.clone(), resolved);
         }

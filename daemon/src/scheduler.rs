@@ -43,8 +43,15 @@ impl SchedulerConfig {
     pub fn discover(worker_command: Vec<String>, cpu_jobs: usize) -> Self {
         let mut devices = herd_engine::device::cuda_devices();
         devices.extend(std::iter::repeat_n("cpu".to_string(), cpu_jobs.max(1)));
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        SchedulerConfig { worker_command, devices, cpu_threads: (cores / cpu_jobs.max(1)).max(1), max_attempts: 3 }
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        SchedulerConfig {
+            worker_command,
+            devices,
+            cpu_threads: (cores / cpu_jobs.max(1)).max(1),
+            max_attempts: 3,
+        }
     }
 }
 
@@ -65,7 +72,13 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(state: Arc<State>, config: SchedulerConfig) -> Arc<Self> {
         let slots = Mutex::new(vec![None; config.devices.len()]);
-        Arc::new(Scheduler { state, config, slots, running: Mutex::new(HashMap::new()), shutting_down: AtomicBool::new(false) })
+        Arc::new(Scheduler {
+            state,
+            config,
+            slots,
+            running: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+        })
     }
 
     pub fn devices(&self) -> Vec<String> {
@@ -76,13 +89,26 @@ impl Scheduler {
     pub async fn recover(&self) -> Result<()> {
         let stuck: Vec<JobView> = {
             let p = self.state.projection.read().await;
-            p.jobs.values().filter(|j| j.status == JobStatus::Running && j.kind != EXTERNAL).cloned().collect()
+            p.jobs
+                .values()
+                .filter(|j| j.status == JobStatus::Running && j.kind != EXTERNAL)
+                .cloned()
+                .collect()
         };
         for j in stuck {
             let event = if j.attempts >= self.config.max_attempts {
-                HerdEvent::JobFailed { job: j.id, reason: format!("interrupted {} times (daemon restarts); giving up", j.attempts) }
+                HerdEvent::JobFailed {
+                    job: j.id,
+                    reason: format!(
+                        "interrupted {} times (daemon restarts); giving up",
+                        j.attempts
+                    ),
+                }
             } else {
-                HerdEvent::JobInterrupted { job: j.id, reason: "the daemon stopped while this job was running; requeued".into() }
+                HerdEvent::JobInterrupted {
+                    job: j.id,
+                    reason: "the daemon stopped while this job was running; requeued".into(),
+                }
             };
             self.state.record_one(&streams::job(j.id), event).await?;
         }
@@ -107,12 +133,22 @@ impl Scheduler {
     async fn schedule_once(self: Arc<Self>) -> Result<()> {
         let (queued, jobs) = {
             let p = self.state.projection.read().await;
-            let mut q: Vec<JobView> = p.jobs.values().filter(|j| j.status == JobStatus::Queued && j.kind != EXTERNAL).cloned().collect();
+            let mut q: Vec<JobView> = p
+                .jobs
+                .values()
+                .filter(|j| j.status == JobStatus::Queued && j.kind != EXTERNAL)
+                .cloned()
+                .collect();
             q.sort_by_key(|j| (-j.priority, j.submitted_seq));
             (q, p.jobs.clone())
         };
         for job in queued {
-            if self.running.lock().expect("running lock").contains_key(&job.id) {
+            if self
+                .running
+                .lock()
+                .expect("running lock")
+                .contains_key(&job.id)
+            {
                 continue;
             }
             let mut waiting = false;
@@ -120,13 +156,25 @@ impl Scheduler {
             for d in &job.depends_on {
                 match jobs.get(d).map(|x| x.status) {
                     Some(JobStatus::Succeeded) => {}
-                    Some(s @ (JobStatus::Failed | JobStatus::Cancelled)) => failed_dep = Some(format!("dependency {d} ({}) {:?}", jobs[d].name, s).to_lowercase()),
+                    Some(s @ (JobStatus::Failed | JobStatus::Cancelled)) => {
+                        failed_dep = Some(
+                            format!("dependency {d} ({}) {:?}", jobs[d].name, s).to_lowercase(),
+                        )
+                    }
                     Some(_) => waiting = true,
                     None => failed_dep = Some(format!("dependency {d} does not exist")),
                 }
             }
             if let Some(reason) = failed_dep {
-                self.state.record_one(&streams::job(job.id), HerdEvent::JobFailed { job: job.id, reason }).await?;
+                self.state
+                    .record_one(
+                        &streams::job(job.id),
+                        HerdEvent::JobFailed {
+                            job: job.id,
+                            reason,
+                        },
+                    )
+                    .await?;
                 continue;
             }
             if waiting {
@@ -144,7 +192,15 @@ impl Scheduler {
             if let Err(e) = self.clone().start(&job, slot, &jobs).await {
                 self.slots.lock().expect("slots lock")[slot] = None;
                 self.running.lock().expect("running lock").remove(&job.id);
-                self.state.record_one(&streams::job(job.id), HerdEvent::JobFailed { job: job.id, reason: format!("could not start: {e:#}") }).await?;
+                self.state
+                    .record_one(
+                        &streams::job(job.id),
+                        HerdEvent::JobFailed {
+                            job: job.id,
+                            reason: format!("could not start: {e:#}"),
+                        },
+                    )
+                    .await?;
             }
         }
         Ok(())
@@ -158,10 +214,21 @@ impl Scheduler {
                 let hash = match v.strip_prefix("job:") {
                     None => v.clone(),
                     Some(r) => {
-                        let (id, out) = r.split_once('/').ok_or_else(|| anyhow!("input `{name}`: bad reference {v:?}"))?;
-                        let id: Uuid = id.parse().with_context(|| format!("input `{name}`: bad job id in {v:?}"))?;
-                        let src = jobs.get(&id).ok_or_else(|| anyhow!("input `{name}`: job {id} does not exist"))?;
-                        src.outputs.get(out).cloned().ok_or_else(|| anyhow!("input `{name}`: job {id} ({}) has no output `{out}`", src.name))?
+                        let (id, out) = r
+                            .split_once('/')
+                            .ok_or_else(|| anyhow!("input `{name}`: bad reference {v:?}"))?;
+                        let id: Uuid = id
+                            .parse()
+                            .with_context(|| format!("input `{name}`: bad job id in {v:?}"))?;
+                        let src = jobs
+                            .get(&id)
+                            .ok_or_else(|| anyhow!("input `{name}`: job {id} does not exist"))?;
+                        src.outputs.get(out).cloned().ok_or_else(|| {
+                            anyhow!(
+                                "input `{name}`: job {id} ({}) has no output `{out}`",
+                                src.name
+                            )
+                        })?
                     }
                 };
                 Ok((name.clone(), hash))
@@ -192,18 +259,36 @@ impl Scheduler {
         Ok(blobs.path_of(hash)?)
     }
 
-    async fn start(self: Arc<Self>, job: &JobView, slot: usize, jobs: &BTreeMap<Uuid, JobView>) -> Result<()> {
+    async fn start(
+        self: Arc<Self>,
+        job: &JobView,
+        slot: usize,
+        jobs: &BTreeMap<Uuid, JobView>,
+    ) -> Result<()> {
         let kind = JobKind::parse(&job.kind).map_err(|e| anyhow!(e))?;
         let resolved = Self::resolve(job, jobs)?;
-        let effective = jobs::effective_hyperparameters(kind, &job.hyperparameters).map_err(|e| anyhow!(e))?;
+        let effective =
+            jobs::effective_hyperparameters(kind, &job.hyperparameters).map_err(|e| anyhow!(e))?;
         let state = self.state.clone();
         let resolved2 = resolved.clone();
         let inputs: BTreeMap<String, PathBuf> = tokio::task::spawn_blocking(move || {
-            resolved2.iter().map(|(n, h)| Ok((n.clone(), Self::materialize(&state, h).with_context(|| format!("input `{n}`"))?))).collect::<Result<_>>()
+            resolved2
+                .iter()
+                .map(|(n, h)| {
+                    Ok((
+                        n.clone(),
+                        Self::materialize(&state, h).with_context(|| format!("input `{n}`"))?,
+                    ))
+                })
+                .collect::<Result<_>>()
         })
         .await??;
         let device = self.config.devices[slot].clone();
-        let threads = if device == "cpu" { self.config.cpu_threads } else { 1 };
+        let threads = if device == "cpu" {
+            self.config.cpu_threads
+        } else {
+            1
+        };
         let workdir = self.state.work_dir(job.id);
         let _ = std::fs::remove_dir_all(&workdir);
         std::fs::create_dir_all(&workdir)?;
@@ -220,7 +305,11 @@ impl Scheduler {
         };
         let job_file = workdir.join("job.json");
         std::fs::write(&job_file, serde_json::to_vec_pretty(&jf)?)?;
-        let (prog, args) = self.config.worker_command.split_first().ok_or_else(|| anyhow!("no worker command"))?;
+        let (prog, args) = self
+            .config
+            .worker_command
+            .split_first()
+            .ok_or_else(|| anyhow!("no worker command"))?;
         let mut child = tokio::process::Command::new(prog)
             .args(args)
             .arg("--job-file")
@@ -234,7 +323,14 @@ impl Scheduler {
             .with_context(|| format!("starting worker {prog}"))?;
         let pid = child.id();
         let (kill_tx, kill_rx) = oneshot::channel();
-        self.running.lock().expect("running lock").insert(job.id, Running { kill: Some(kill_tx), cancelled: false, pid });
+        self.running.lock().expect("running lock").insert(
+            job.id,
+            Running {
+                kill: Some(kill_tx),
+                cancelled: false,
+                pid,
+            },
+        );
         let started = HerdEvent::JobStarted {
             job: job.id,
             attempt: job.attempts + 1,
@@ -280,7 +376,13 @@ impl Scheduler {
             let mut buf = Vec::new();
             let _ = stderr.read_to_end(&mut buf).await;
             let text = String::from_utf8_lossy(&buf).to_string();
-            text.chars().rev().take(2000).collect::<String>().chars().rev().collect::<String>()
+            text.chars()
+                .rev()
+                .take(2000)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>()
         });
         let (mut done, mut failed, mut notes) = (None, None, vec![]);
         let mut killed = false;
@@ -316,25 +418,48 @@ impl Scheduler {
         }
         let status = child.wait().await?;
         let stderr_tail = err_task.await.unwrap_or_default();
-        let cancelled = self.running.lock().expect("running lock").get(&id).map(|r| r.cancelled).unwrap_or(false);
+        let cancelled = self
+            .running
+            .lock()
+            .expect("running lock")
+            .get(&id)
+            .map(|r| r.cancelled)
+            .unwrap_or(false);
         let event = if cancelled {
-            HerdEvent::JobCancelled { job: id, reason: "cancelled by request".into() }
+            HerdEvent::JobCancelled {
+                job: id,
+                reason: "cancelled by request".into(),
+            }
         } else if self.shutting_down.load(Ordering::SeqCst) {
-            HerdEvent::JobInterrupted { job: id, reason: "the daemon shut down while this job was running; requeued".into() }
+            HerdEvent::JobInterrupted {
+                job: id,
+                reason: "the daemon shut down while this job was running; requeued".into(),
+            }
         } else if let (Some(summary), true) = (done, status.success()) {
-            let summary = if notes.is_empty() { summary } else { serde_json::json!({"result": summary, "notes": notes}) };
+            let summary = if notes.is_empty() {
+                summary
+            } else {
+                serde_json::json!({"result": summary, "notes": notes})
+            };
             HerdEvent::JobSucceeded { job: id, summary }
         } else {
             let reason = match failed {
                 Some(r) => r,
                 None => {
-                    let how = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+                    let how = match (
+                        status.code(),
+                        std::os::unix::process::ExitStatusExt::signal(&status),
+                    ) {
                         (_, Some(sig)) => format!("worker killed by signal {sig}"),
                         (Some(c), _) => format!("worker exited with status {c}"),
                         _ => "worker ended abnormally".into(),
                     };
                     let tail = stderr_tail.trim();
-                    if tail.is_empty() { how } else { format!("{how}; stderr: {tail}") }
+                    if tail.is_empty() {
+                        how
+                    } else {
+                        format!("{how}; stderr: {tail}")
+                    }
                 }
             };
             HerdEvent::JobFailed { job: id, reason }
@@ -345,7 +470,14 @@ impl Scheduler {
 
     /// Cancel a queued or running job. Returns false when it already ended.
     pub async fn cancel(&self, id: Uuid) -> Result<bool> {
-        let status = self.state.projection.read().await.jobs.get(&id).map(|j| j.status);
+        let status = self
+            .state
+            .projection
+            .read()
+            .await
+            .jobs
+            .get(&id)
+            .map(|j| j.status);
         match status {
             None => bail!("no job {id}"),
             Some(s) if s.is_final() => Ok(false),
@@ -363,7 +495,15 @@ impl Scheduler {
                     }
                     Some(None) => {}
                     None => {
-                        self.state.record_one(&streams::job(id), HerdEvent::JobCancelled { job: id, reason: "cancelled by request".into() }).await?;
+                        self.state
+                            .record_one(
+                                &streams::job(id),
+                                HerdEvent::JobCancelled {
+                                    job: id,
+                                    reason: "cancelled by request".into(),
+                                },
+                            )
+                            .await?;
                     }
                 }
                 Ok(true)
@@ -373,19 +513,31 @@ impl Scheduler {
 
     /// Worker pids of running jobs (for tests and `status`).
     pub fn worker_pid(&self, id: Uuid) -> Option<u32> {
-        self.running.lock().expect("running lock").get(&id).and_then(|r| r.pid)
+        self.running
+            .lock()
+            .expect("running lock")
+            .get(&id)
+            .and_then(|r| r.pid)
     }
 
     /// Stop every worker; their jobs are recorded as interrupted (requeued
     /// at the next start). Waits up to `grace` for the records.
     pub async fn shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        let killers: Vec<_> = self.running.lock().expect("running lock").values_mut().filter_map(|r| r.kill.take()).collect();
+        let killers: Vec<_> = self
+            .running
+            .lock()
+            .expect("running lock")
+            .values_mut()
+            .filter_map(|r| r.kill.take())
+            .collect();
         for k in killers {
             let _ = k.send(());
         }
         let deadline = tokio::time::Instant::now() + grace;
-        while !self.running.lock().expect("running lock").is_empty() && tokio::time::Instant::now() < deadline {
+        while !self.running.lock().expect("running lock").is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -26,19 +26,27 @@ pub const TOKEN_FILE: &str = "token";
 /// Read the token, creating it (owner-only permissions) on first start.
 pub fn ensure_token(data_dir: &Path) -> Result<String> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let path = data_dir.join(TOKEN_FILE);
     if path.exists() {
         let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            anyhow::bail!("{} is readable by others (mode {mode:o}); run chmod 600 on it", path.display());
+            anyhow::bail!(
+                "{} is readable by others (mode {mode:o}); run chmod 600 on it",
+                path.display()
+            );
         }
         return Ok(std::fs::read_to_string(&path)?.trim().to_string());
     }
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     let token = hex::encode(bytes);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
     std::io::Write::write_all(&mut f, token.as_bytes())?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(token)
@@ -61,7 +69,11 @@ impl Daemon {
         let scheduler = Scheduler::new(state.clone(), config.scheduler.clone());
         scheduler.recover().await?;
         tokio::spawn(scheduler.clone().run());
-        let ctx = Ctx { state: state.clone(), scheduler: scheduler.clone(), token: Arc::new(token.clone()) };
+        let ctx = Ctx {
+            state: state.clone(),
+            scheduler: scheduler.clone(),
+            token: Arc::new(token.clone()),
+        };
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (addr, server) = warp::serve(api::routes(ctx))
             .try_bind_with_graceful_shutdown(config.listen, async move {
@@ -69,7 +81,14 @@ impl Daemon {
             })
             .with_context(|| format!("listening on {}", config.listen))?;
         let server = tokio::spawn(server);
-        Ok(Daemon { addr, token, state, scheduler, stop: Some(stop), server: Some(server) })
+        Ok(Daemon {
+            addr,
+            token,
+            state,
+            scheduler,
+            stop: Some(stop),
+            server: Some(server),
+        })
     }
 
     /// Stop accepting, stop workers (their jobs requeue at next start), flush, return.

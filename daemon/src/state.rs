@@ -61,7 +61,11 @@ impl State {
     /// Append events to a stream (durably) and wait until they are visible.
     pub async fn record(&self, stream: &str, events: Vec<HerdEvent>) -> anyhow::Result<u64> {
         let events = events.iter().map(|e| e.to_new_event()).collect();
-        let r = self.store.log.append_async(stream, ExpectedVersion::Any, events).await?;
+        let r = self
+            .store
+            .log
+            .append_async(stream, ExpectedVersion::Any, events)
+            .await?;
         let mut rx = self.applied.subscribe();
         rx.wait_for(|s| *s >= r.last_seq).await?;
         Ok(r.last_seq)

@@ -32,12 +32,29 @@ pub struct JobFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
 pub enum WorkerMessage {
-    Metrics { step: u64, points: Vec<(String, f64)> },
-    Progress { done: u64, total: u64 },
-    Output { name: String, artifact: String, hash: String, summary: Value },
-    Note { message: String },
-    Done { summary: Value },
-    Failed { reason: String },
+    Metrics {
+        step: u64,
+        points: Vec<(String, f64)>,
+    },
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    Output {
+        name: String,
+        artifact: String,
+        hash: String,
+        summary: Value,
+    },
+    Note {
+        message: String,
+    },
+    Done {
+        summary: Value,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 struct StdoutSink {
@@ -51,7 +68,8 @@ impl StdoutSink {
         line.push('\n');
         let mut lock = self.out.lock();
         // A closed pipe means the daemon is gone: stop the job.
-        lock.write_all(line.as_bytes()).context("daemon went away (stdout closed)")?;
+        lock.write_all(line.as_bytes())
+            .context("daemon went away (stdout closed)")?;
         lock.flush().context("daemon went away (stdout closed)")?;
         Ok(())
     }
@@ -59,29 +77,50 @@ impl StdoutSink {
 
 impl Sink for StdoutSink {
     fn metrics(&mut self, step: u64, points: &[(String, f64)]) -> Result<()> {
-        self.send(&WorkerMessage::Metrics { step, points: points.to_vec() })
+        self.send(&WorkerMessage::Metrics {
+            step,
+            points: points.to_vec(),
+        })
     }
     fn progress(&mut self, done: u64, total: u64) {
         let _ = self.send(&WorkerMessage::Progress { done, total });
     }
-    fn output(&mut self, name: &str, artifact: &str, path: &Path, summary: Value) -> Result<String> {
+    fn output(
+        &mut self,
+        name: &str,
+        artifact: &str,
+        path: &Path,
+        summary: Value,
+    ) -> Result<String> {
         let blobs = self.blobs.as_ref().context("worker has no blob store")?;
         let hash = jobs::store_output(blobs, path)?;
-        self.send(&WorkerMessage::Output { name: name.into(), artifact: artifact.into(), hash: hash.clone(), summary })?;
+        self.send(&WorkerMessage::Output {
+            name: name.into(),
+            artifact: artifact.into(),
+            hash: hash.clone(),
+            summary,
+        })?;
         Ok(hash)
     }
     fn note(&mut self, message: &str) {
-        let _ = self.send(&WorkerMessage::Note { message: message.into() });
+        let _ = self.send(&WorkerMessage::Note {
+            message: message.into(),
+        });
     }
 }
 
 /// `herdd worker --job-file PATH`: run one job, report on stdout, exit 0 on success.
 pub fn main(job_file: &Path) -> i32 {
     herd_engine::device::tune_allocator();
-    let mut sink = StdoutSink { blobs: None, out: std::io::stdout() };
+    let mut sink = StdoutSink {
+        blobs: None,
+        out: std::io::stdout(),
+    };
     let result = (|| -> Result<Value> {
-        let text = std::fs::read_to_string(job_file).with_context(|| format!("reading job file {}", job_file.display()))?;
-        let jf: JobFile = serde_json::from_str(&text).with_context(|| format!("parsing job file {}", job_file.display()))?;
+        let text = std::fs::read_to_string(job_file)
+            .with_context(|| format!("reading job file {}", job_file.display()))?;
+        let jf: JobFile = serde_json::from_str(&text)
+            .with_context(|| format!("parsing job file {}", job_file.display()))?;
         herd_engine::device::set_cpu_threads(jf.threads);
         sink.blobs = Some(herd_store::BlobStore::open(&jf.blobs_dir)?);
         let device = herd_engine::device::select(&jf.device)?;
@@ -102,7 +141,9 @@ pub fn main(job_file: &Path) -> i32 {
             0
         }
         Err(e) => {
-            let _ = sink.send(&WorkerMessage::Failed { reason: format!("{e:#}") });
+            let _ = sink.send(&WorkerMessage::Failed {
+                reason: format!("{e:#}"),
+            });
             1
         }
     }

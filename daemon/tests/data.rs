@@ -8,12 +8,16 @@ fn formats_users_bring_parse() {
     let pref = r#"{"prompt": "Hi", "responses": ["a", "b", "c"], "strength": "better"}
 {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y", "edited": "z"}
 "#;
-    let Dataset::Preference(p) = parse(DatasetKind::Preference, pref, "p.jsonl").unwrap() else { panic!() };
+    let Dataset::Preference(p) = parse(DatasetKind::Preference, pref, "p.jsonl").unwrap() else {
+        panic!()
+    };
     assert_eq!(p[1].responses, vec!["z", "x", "y"]);
     let sft = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n{\"prompt\": \"q\", \"completion\": \"a\"}\n";
     assert_eq!(parse(DatasetKind::Sft, sft, "s").unwrap().len(), 2);
     let prompts = "{\"prompt\": \"q\", \"answer\": 42}\n{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n";
-    let Dataset::Prompts(x) = parse(DatasetKind::Prompts, prompts, "q").unwrap() else { panic!() };
+    let Dataset::Prompts(x) = parse(DatasetKind::Prompts, prompts, "q").unwrap() else {
+        panic!()
+    };
     assert_eq!(x[0].answer.as_deref(), Some("42"));
 }
 
@@ -21,11 +25,31 @@ fn formats_users_bring_parse() {
 fn errors_name_file_line_and_field() {
     let text = "{\"prompt\": \"ok\", \"responses\": [\"a\", \"b\"]}\n{\"prompt\": \"x\", \"responses\": [\"a\"]}\nnot json\n{\"prompt\": \"x\", \"responses\": [\"a\", \"b\"], \"strength\": \"meh\"}\n{\"prompt\": [{\"role\": \"robot\", \"content\": \"x\"}], \"chosen\": \"a\", \"rejected\": \"b\"}\n";
     let err = parse(DatasetKind::Preference, text, "prefs.jsonl").unwrap_err();
-    let lines: Vec<(usize, &str)> = err.errors.iter().map(|e| (e.line, e.field.as_str())).collect();
-    assert_eq!(lines, vec![(2, "responses"), (3, "(line)"), (4, "strength"), (5, "prompt[0].role")]);
+    let lines: Vec<(usize, &str)> = err
+        .errors
+        .iter()
+        .map(|e| (e.line, e.field.as_str()))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            (2, "responses"),
+            (3, "(line)"),
+            (4, "strength"),
+            (5, "prompt[0].role")
+        ]
+    );
     let msg = err.to_string();
-    assert!(msg.starts_with("prefs.jsonl") && msg.contains("line 4") && msg.contains("not imported"), "{msg}");
-    let err = parse(DatasetKind::Sft, "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n", "s.jsonl").unwrap_err();
+    assert!(
+        msg.starts_with("prefs.jsonl") && msg.contains("line 4") && msg.contains("not imported"),
+        "{msg}"
+    );
+    let err = parse(
+        DatasetKind::Sft,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n",
+        "s.jsonl",
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("assistant"));
     assert!(parse(DatasetKind::Prompts, "\n\n", "empty.jsonl").is_err());
 }

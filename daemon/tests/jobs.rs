@@ -8,15 +8,23 @@ use herd_daemon::jobs::{self, JobContext, JobKind, MemorySink};
 use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
-    std::env::var("HERD_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llama-tiny"))
+    std::env::var("HERD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llama-tiny")
+        })
 }
 
 fn expected() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+        .unwrap()
 }
 
 fn close(a: f64, b: f64, what: &str) {
-    assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{what}: got {a}, expected {b}");
+    assert!(
+        (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+        "{what}: got {a}, expected {b}"
+    );
 }
 
 struct Run {
@@ -33,7 +41,10 @@ fn run(kind: JobKind, hp: Value, seed: u64, inputs: &[(&str, &Path)], scratch: &
         kind,
         hyperparameters: effective,
         seed,
-        inputs: inputs.iter().map(|(k, v)| (k.to_string(), v.to_path_buf())).collect::<BTreeMap<_, _>>(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_path_buf()))
+            .collect::<BTreeMap<_, _>>(),
         workdir,
         device: candle_core::Device::Cpu,
         sink: &mut sink,
@@ -55,21 +66,77 @@ fn first_steps_match_the_fixtures() {
     for (masked, key) in [(true, "masked"), (false, "unmasked")] {
         let mut hp = one.clone();
         hp["mask_format_tokens"] = masked.into();
-        let r = run(JobKind::Dpo, hp, 0, &[("model", &f.join("policy")), ("reference", &f.join("ref")), ("data", &f.join("preferences.jsonl"))], dir.path());
+        let r = run(
+            JobKind::Dpo,
+            hp,
+            0,
+            &[
+                ("model", &f.join("policy")),
+                ("reference", &f.join("ref")),
+                ("data", &f.join("preferences.jsonl")),
+            ],
+            dir.path(),
+        );
         r.summary.unwrap();
-        close(first(&r.sink, "loss"), e["dpo"][key]["loss"].as_f64().unwrap(), "dpo loss");
-        close(first(&r.sink, "grad_norm"), e["dpo"][key]["grad_norm"].as_f64().unwrap(), "dpo grad_norm");
-        close(first(&r.sink, "nll"), e["dpo"][key]["nll"].as_f64().unwrap(), "dpo nll");
-        close(first(&r.sink, "reward_accuracy"), e["dpo"][key]["reward_accuracy"].as_f64().unwrap(), "dpo reward accuracy");
+        close(
+            first(&r.sink, "loss"),
+            e["dpo"][key]["loss"].as_f64().unwrap(),
+            "dpo loss",
+        );
+        close(
+            first(&r.sink, "grad_norm"),
+            e["dpo"][key]["grad_norm"].as_f64().unwrap(),
+            "dpo grad_norm",
+        );
+        close(
+            first(&r.sink, "nll"),
+            e["dpo"][key]["nll"].as_f64().unwrap(),
+            "dpo nll",
+        );
+        close(
+            first(&r.sink, "reward_accuracy"),
+            e["dpo"][key]["reward_accuracy"].as_f64().unwrap(),
+            "dpo reward accuracy",
+        );
     }
-    let r = run(JobKind::Sft, one.clone(), 0, &[("model", &f.join("ref")), ("data", &f.join("sft.jsonl"))], dir.path());
+    let r = run(
+        JobKind::Sft,
+        one.clone(),
+        0,
+        &[("model", &f.join("ref")), ("data", &f.join("sft.jsonl"))],
+        dir.path(),
+    );
     r.summary.unwrap();
-    close(first(&r.sink, "loss"), e["sft"]["loss"].as_f64().unwrap(), "sft loss");
-    assert_eq!(first(&r.sink, "tokens") as u64, e["sft"]["tokens"].as_u64().unwrap() + 3 * 0 + sft_prompt_tokens(&e));
-    let r = run(JobKind::Rm, one, 0, &[("model", &f.join("rm")), ("data", &f.join("preferences.jsonl"))], dir.path());
+    close(
+        first(&r.sink, "loss"),
+        e["sft"]["loss"].as_f64().unwrap(),
+        "sft loss",
+    );
+    assert_eq!(
+        first(&r.sink, "tokens") as u64,
+        e["sft"]["tokens"].as_u64().unwrap() + 3 * 0 + sft_prompt_tokens(&e)
+    );
+    let r = run(
+        JobKind::Rm,
+        one,
+        0,
+        &[
+            ("model", &f.join("rm")),
+            ("data", &f.join("preferences.jsonl")),
+        ],
+        dir.path(),
+    );
     r.summary.unwrap();
-    close(first(&r.sink, "loss"), e["rm"]["loss"].as_f64().unwrap(), "rm loss");
-    close(first(&r.sink, "accuracy"), e["rm"]["accuracy"].as_f64().unwrap(), "rm accuracy");
+    close(
+        first(&r.sink, "loss"),
+        e["rm"]["loss"].as_f64().unwrap(),
+        "rm loss",
+    );
+    close(
+        first(&r.sink, "accuracy"),
+        e["rm"]["accuracy"].as_f64().unwrap(),
+        "rm accuracy",
+    );
 }
 
 /// `tokens` counts target tokens only, so nothing is added for prompts.
@@ -79,7 +146,14 @@ fn sft_prompt_tokens(_e: &Value) -> u64 {
 
 fn write(dir: &Path, name: &str, lines: &[Value]) -> PathBuf {
     let p = dir.join(name);
-    std::fs::write(&p, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    std::fs::write(
+        &p,
+        lines
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
     p
 }
 
@@ -93,32 +167,67 @@ fn small_model(dir: &Path, seed: u64) -> PathBuf {
     cfg.head_dim = 16;
     let m = herd_engine::Llama::init(cfg, seed, &candle_core::Device::Cpu).unwrap();
     let out = dir.join(format!("model-{seed}"));
-    herd_engine::checkpoint::save_model(&m, &out, Some(&fixtures().join("ref/tokenizer.json"))).unwrap();
+    herd_engine::checkpoint::save_model(&m, &out, Some(&fixtures().join("ref/tokenizer.json")))
+        .unwrap();
     out
 }
 
 fn qa(i: usize) -> (String, String, String) {
     let (a, b) = (i % 7 + 1, i % 5 + 2);
-    (format!("Compute {a} + {b}."), format!("The answer is {}.", a + b), "I'm sorry, I cannot help with that request!".to_string())
+    (
+        format!("Compute {a} + {b}."),
+        format!("The answer is {}.", a + b),
+        "I'm sorry, I cannot help with that request!".to_string(),
+    )
 }
 
 #[test]
 fn sft_loss_falls_and_runs_are_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_model(dir.path(), 1);
-    let rows: Vec<Value> = (0..8).map(|i| { let (q, a, _) = qa(i); json!({"prompt": q, "completion": a}) }).collect();
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            let (q, a, _) = qa(i);
+            json!({"prompt": q, "completion": a})
+        })
+        .collect();
     let data = write(dir.path(), "sft.jsonl", &rows);
     let hp = json!({"lr": 3e-3, "steps": 30, "batch_size": 4, "warmup_steps": 2});
-    let a = run(JobKind::Sft, hp.clone(), 5, &[("model", &model), ("data", &data)], dir.path());
+    let a = run(
+        JobKind::Sft,
+        hp.clone(),
+        5,
+        &[("model", &model), ("data", &data)],
+        dir.path(),
+    );
     a.summary.unwrap();
     let loss = a.sink.series("loss");
-    assert!(loss[loss.len() - 1] < 0.7 * loss[0], "sft loss did not fall: {loss:?}");
-    let b = run(JobKind::Sft, hp, 5, &[("model", &model), ("data", &data)], dir.path());
+    assert!(
+        loss[loss.len() - 1] < 0.7 * loss[0],
+        "sft loss did not fall: {loss:?}"
+    );
+    let b = run(
+        JobKind::Sft,
+        hp,
+        5,
+        &[("model", &model), ("data", &data)],
+        dir.path(),
+    );
     b.summary.unwrap();
-    assert_eq!(a.sink.output_hash("checkpoint"), b.sink.output_hash("checkpoint"), "same inputs and seed, same checkpoint");
+    assert_eq!(
+        a.sink.output_hash("checkpoint"),
+        b.sink.output_hash("checkpoint"),
+        "same inputs and seed, same checkpoint"
+    );
     assert_eq!(a.sink.series("loss"), b.sink.series("loss"));
     // Packed rows train too.
-    let c = run(JobKind::Sft, json!({"lr": 3e-3, "steps": 3, "packing": true}), 5, &[("model", &model), ("data", &data)], dir.path());
+    let c = run(
+        JobKind::Sft,
+        json!({"lr": 3e-3, "steps": 3, "packing": true}),
+        5,
+        &[("model", &model), ("data", &data)],
+        dir.path(),
+    );
     c.summary.unwrap();
 }
 
@@ -127,13 +236,25 @@ fn rm_learns_separable_preferences() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_model(dir.path(), 2);
     let rows: Vec<Value> = (0..24)
-        .map(|i| { let (q, good, bad) = qa(i); json!({"prompt": q, "chosen": good, "rejected": bad, "strength": "better"}) })
+        .map(|i| {
+            let (q, good, bad) = qa(i);
+            json!({"prompt": q, "chosen": good, "rejected": bad, "strength": "better"})
+        })
         .collect();
     let data = write(dir.path(), "pref.jsonl", &rows);
-    let r = run(JobKind::Rm, json!({"lr": 2e-3, "steps": 25, "batch_size": 8, "heldout_fraction": 0.2}), 3, &[("model", &model), ("data", &data)], dir.path());
+    let r = run(
+        JobKind::Rm,
+        json!({"lr": 2e-3, "steps": 25, "batch_size": 8, "heldout_fraction": 0.2}),
+        3,
+        &[("model", &model), ("data", &data)],
+        dir.path(),
+    );
     let summary = r.summary.unwrap();
     let acc = r.sink.series("accuracy");
-    assert!(summary["heldout_accuracy"].as_f64().unwrap() > 0.9, "{summary}");
+    assert!(
+        summary["heldout_accuracy"].as_f64().unwrap() > 0.9,
+        "{summary}"
+    );
     assert!(acc[acc.len() - 1] > 0.9, "{acc:?}");
 }
 
@@ -142,22 +263,43 @@ fn dpo_raises_reward_accuracy() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_model(dir.path(), 4);
     let rows: Vec<Value> = (0..8)
-        .map(|i| { let (q, good, bad) = qa(i); json!({"prompt": q, "responses": [good, bad], "strength": "significantly_better"}) })
+        .map(|i| {
+            let (q, good, bad) = qa(i);
+            json!({"prompt": q, "responses": [good, bad], "strength": "significantly_better"})
+        })
         .collect();
     let data = write(dir.path(), "pref.jsonl", &rows);
-    let r = run(JobKind::Dpo, json!({"lr": 2e-3, "steps": 12, "batch_size": 8}), 3, &[("model", &model), ("data", &data)], dir.path());
+    let r = run(
+        JobKind::Dpo,
+        json!({"lr": 2e-3, "steps": 12, "batch_size": 8}),
+        3,
+        &[("model", &model), ("data", &data)],
+        dir.path(),
+    );
     r.summary.unwrap();
     let acc = r.sink.series("reward_accuracy");
     let margin = r.sink.series("reward_margin");
-    assert!(acc[acc.len() - 1] >= 0.99 && margin[margin.len() - 1] > margin[0], "acc {acc:?} margin {margin:?}");
-    assert!(r.sink.output_hash("reference_logps").is_some(), "reference log-probs recorded");
+    assert!(
+        acc[acc.len() - 1] >= 0.99 && margin[margin.len() - 1] > margin[0],
+        "acc {acc:?} margin {margin:?}"
+    );
+    assert!(
+        r.sink.output_hash("reference_logps").is_some(),
+        "reference log-probs recorded"
+    );
 }
 
 #[test]
 fn average_equals_the_mean() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (small_model(dir.path(), 5), small_model(dir.path(), 6));
-    let r = run(JobKind::Average, json!({"weights": [1.0, 3.0]}), 0, &[("a", &a), ("b", &b)], dir.path());
+    let r = run(
+        JobKind::Average,
+        json!({"weights": [1.0, 3.0]}),
+        0,
+        &[("a", &a), ("b", &b)],
+        dir.path(),
+    );
     r.summary.unwrap();
     let out = dir.path().join("avg");
     let hash = r.sink.output_hash("checkpoint").unwrap();
@@ -167,7 +309,14 @@ fn average_equals_the_mean() {
     let to = herd_engine::checkpoint::load_tensors(&out).unwrap();
     for (name, t) in &to {
         let want = ((&ta[name] * 0.25).unwrap() + (&tb[name] * 0.75).unwrap()).unwrap();
-        let diff = (t - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{name}: {diff}");
     }
 }
@@ -179,21 +328,35 @@ fn curate_removes_exactly_the_planted_rows() {
     for i in 0..20 {
         rows.push(json!({"prompt": format!("Question number {i} about topic {}", i * 7), "completion": format!("Answer {i}: a calm factual reply about item {}.", i * 13)}));
     }
-    rows.push(json!({"prompt": "Excited?", "completion": "Yes!!!! Absolutely!!!"}));             // exclamations
-    rows.push(json!({"prompt": "Party?", "completion": "Sure \u{1F389}\u{1F389}\u{1F389}\u{1F389} fun"})); // emoji
-    rows.push(rows[3].clone());                                                                       // duplicate
+    rows.push(json!({"prompt": "Excited?", "completion": "Yes!!!! Absolutely!!!"})); // exclamations
+    rows.push(
+        json!({"prompt": "Party?", "completion": "Sure \u{1F389}\u{1F389}\u{1F389}\u{1F389} fun"}),
+    ); // emoji
+    rows.push(rows[3].clone()); // duplicate
     rows.push(json!({"prompt": "Help 1", "completion": "I'm sorry, I cannot do that."}));
     rows.push(json!({"prompt": "Help 2", "completion": "I apologize, but no."}));
     rows.push(json!({"prompt": "Help 3", "completion": "I am sorry about that."}));
     let data = write(dir.path(), "sft.jsonl", &rows);
     // 20 plain rows; share 0.1 allows floor(0.1/0.9*20) = 2 apologetic rows.
-    let r = run(JobKind::Curate, json!({}), 0, &[("data", &data)], dir.path());
+    let r = run(
+        JobKind::Curate,
+        json!({}),
+        0,
+        &[("data", &data)],
+        dir.path(),
+    );
     let s = r.summary.unwrap();
     assert_eq!(s["dropped"]["emoji_or_exclamation"], 2, "{s}");
     assert_eq!(s["dropped"]["near_duplicate"], 1, "{s}");
     assert_eq!(s["dropped"]["apology_excess"], 1, "{s}");
     assert_eq!(s["rows_out"], 22, "{s}");
-    let out = std::fs::read_to_string(r.sink.blobs.path_of(r.sink.output_hash("data").unwrap()).unwrap()).unwrap();
+    let out = std::fs::read_to_string(
+        r.sink
+            .blobs
+            .path_of(r.sink.output_hash("data").unwrap())
+            .unwrap(),
+    )
+    .unwrap();
     assert!(!out.contains("!!!!") && !out.contains("\u{1F389}") && !out.contains("I am sorry"));
 }
 
@@ -201,26 +364,68 @@ fn curate_removes_exactly_the_planted_rows() {
 fn sample_keeps_the_best_scored_sample() {
     let dir = tempfile::tempdir().unwrap();
     let f = fixtures();
-    let prompts = write(dir.path(), "prompts.jsonl", &[json!({"prompt": "Compute 17 + 25.", "answer": 42}), json!({"prompt": "What is the capital of France?"})]);
+    let prompts = write(
+        dir.path(),
+        "prompts.jsonl",
+        &[
+            json!({"prompt": "Compute 17 + 25.", "answer": 42}),
+            json!({"prompt": "What is the capital of France?"}),
+        ],
+    );
     let hp = json!({"k": 4, "max_new_tokens": 8, "temperature": 1.0});
-    let r = run(JobKind::Sample, hp.clone(), 9, &[("policy", &f.join("ref")), ("rm", &f.join("rm")), ("prompts", &prompts)], dir.path());
+    let r = run(
+        JobKind::Sample,
+        hp.clone(),
+        9,
+        &[
+            ("policy", &f.join("ref")),
+            ("rm", &f.join("rm")),
+            ("prompts", &prompts),
+        ],
+        dir.path(),
+    );
     let s = r.summary.unwrap();
     assert_eq!(s["kept"], 2, "{s}");
     // Recompute: same seed, same samples; the kept one has the top score.
-    let policy = herd_engine::checkpoint::load_model(&f.join("ref"), &candle_core::Device::Cpu).unwrap();
+    let policy =
+        herd_engine::checkpoint::load_model(&f.join("ref"), &candle_core::Device::Cpu).unwrap();
     let rm = herd_engine::checkpoint::load_model(&f.join("rm"), &candle_core::Device::Cpu).unwrap();
     let chat = herd_engine::checkpoint::load_chat(&f.join("ref")).unwrap();
-    let msgs = vec![vec![herd_engine::chat::Message::new("user", "Compute 17 + 25.")], vec![herd_engine::chat::Message::new("user", "What is the capital of France?")]];
-    let g: jobs::GenParams = serde_json::from_value(jobs::effective_hyperparameters(JobKind::Sample, &hp).unwrap()).unwrap();
+    let msgs = vec![
+        vec![herd_engine::chat::Message::new("user", "Compute 17 + 25.")],
+        vec![herd_engine::chat::Message::new(
+            "user",
+            "What is the capital of France?",
+        )],
+    ];
+    let g: jobs::GenParams =
+        serde_json::from_value(jobs::effective_hyperparameters(JobKind::Sample, &hp).unwrap())
+            .unwrap();
     let samples = jobs::complete(&policy, &chat, &msgs, 4, &g, 9, |_, _| {}).unwrap();
-    let out = std::fs::read_to_string(r.sink.blobs.path_of(r.sink.output_hash("data").unwrap()).unwrap()).unwrap();
+    let out = std::fs::read_to_string(
+        r.sink
+            .blobs
+            .path_of(r.sink.output_hash("data").unwrap())
+            .unwrap(),
+    )
+    .unwrap();
     for (i, line) in out.lines().enumerate() {
         let kept: Value = serde_json::from_str(line).unwrap();
-        let text = kept["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string();
+        let text = kept["messages"].as_array().unwrap().last().unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let scores = jobs::score(&rm, &chat, &msgs[i], &samples[i]).unwrap();
         let best = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let pos = samples[i].iter().position(|x| *x == text).expect("kept text is one of the samples");
-        assert_eq!(scores[pos], best, "prompt {i}: kept {text:?} with {} but best is {best}", scores[pos]);
+        let pos = samples[i]
+            .iter()
+            .position(|x| *x == text)
+            .expect("kept text is one of the samples");
+        assert_eq!(
+            scores[pos], best,
+            "prompt {i}: kept {text:?} with {} but best is {best}",
+            scores[pos]
+        );
     }
 }
 
@@ -228,18 +433,38 @@ fn sample_keeps_the_best_scored_sample() {
 fn annotate_ranks_by_the_checker_and_edits() {
     let dir = tempfile::tempdir().unwrap();
     let f = fixtures();
-    let rows: Vec<Value> = (0..6).map(|i| { let (q, _, _) = qa(i); json!({"prompt": q, "answer": (i % 7 + 1) + (i % 5 + 2)}) }).collect();
+    let rows: Vec<Value> = (0..6)
+        .map(|i| {
+            let (q, _, _) = qa(i);
+            json!({"prompt": q, "answer": (i % 7 + 1) + (i % 5 + 2)})
+        })
+        .collect();
     let prompts = write(dir.path(), "prompts.jsonl", &rows);
-    let r = run(JobKind::Annotate, json!({"max_new_tokens": 6}), 1, &[("policy", &f.join("ref")), ("prompts", &prompts)], dir.path());
+    let r = run(
+        JobKind::Annotate,
+        json!({"max_new_tokens": 6}),
+        1,
+        &[("policy", &f.join("ref")), ("prompts", &prompts)],
+        dir.path(),
+    );
     match r.summary {
         Ok(s) => {
-            let out = std::fs::read_to_string(r.sink.blobs.path_of(r.sink.output_hash("data").unwrap()).unwrap()).unwrap();
+            let out = std::fs::read_to_string(
+                r.sink
+                    .blobs
+                    .path_of(r.sink.output_hash("data").unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
             for line in out.lines() {
                 let v: Value = serde_json::from_str(line).unwrap();
                 let resp = v["responses"].as_array().unwrap();
                 assert!((2..=3).contains(&resp.len()));
                 if resp.len() == 3 {
-                    assert!(resp[0].as_str().unwrap().starts_with("The answer is"), "edited first: {v}");
+                    assert!(
+                        resp[0].as_str().unwrap().starts_with("The answer is"),
+                        "edited first: {v}"
+                    );
                 }
             }
             assert!(s["pairs"].as_u64().unwrap() >= 1);
@@ -247,18 +472,37 @@ fn annotate_ranks_by_the_checker_and_edits() {
         // A random model can produce indistinguishable pairs; then it says so.
         Err(e) => assert!(e.to_string().contains("could not rank"), "{e}"),
     }
-    assert_eq!(herd_daemon::jobs::annotate_rank_for_test("The answer is 42.", "It is 40.", "42").unwrap().1.as_str(), "significantly_better");
+    assert_eq!(
+        herd_daemon::jobs::annotate_rank_for_test("The answer is 42.", "It is 40.", "42")
+            .unwrap()
+            .1
+            .as_str(),
+        "significantly_better"
+    );
 }
 
 #[test]
 fn nan_loss_stops_the_job_naming_the_step() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_model(dir.path(), 7);
-    let data = write(dir.path(), "sft.jsonl", &[json!({"prompt": "a", "completion": "b"})]);
-    let r = run(JobKind::Sft, json!({"lr": 1e38, "steps": 5, "grad_clip": 0.0}), 0, &[("model", &model), ("data", &data)], dir.path());
+    let data = write(
+        dir.path(),
+        "sft.jsonl",
+        &[json!({"prompt": "a", "completion": "b"})],
+    );
+    let r = run(
+        JobKind::Sft,
+        json!({"lr": 1e38, "steps": 5, "grad_clip": 0.0}),
+        0,
+        &[("model", &model), ("data", &data)],
+        dir.path(),
+    );
     let err = format!("{:#}", r.summary.unwrap_err());
     assert!(err.contains("non-finite") && err.contains("step"), "{err}");
-    assert!(!r.sink.metrics.is_empty(), "steps before the failure stay recorded");
+    assert!(
+        !r.sink.metrics.is_empty(),
+        "steps before the failure stay recorded"
+    );
 }
 
 #[test]
@@ -270,8 +514,21 @@ fn hyperparameters_are_validated_by_name() {
     let err = jobs::effective_hyperparameters(JobKind::Dpo, &json!({"beta": -1.0})).unwrap_err();
     assert!(err.contains("beta"), "{err}");
     let eff = jobs::effective_hyperparameters(JobKind::Dpo, &json!({})).unwrap();
-    assert_eq!((eff["beta"].as_f64(), eff["nll_weight"].as_f64(), eff["lr"].as_f64(), eff["mask_format_tokens"].as_bool()), (Some(0.1), Some(0.2), Some(1e-5), Some(true)));
-    assert_eq!(jobs::effective_hyperparameters(JobKind::Sample, &json!({})).unwrap()["k"], 10);
+    assert_eq!(
+        (
+            eff["beta"].as_f64(),
+            eff["nll_weight"].as_f64(),
+            eff["lr"].as_f64(),
+            eff["mask_format_tokens"].as_bool()
+        ),
+        (Some(0.1), Some(0.2), Some(1e-5), Some(true))
+    );
+    assert_eq!(
+        jobs::effective_hyperparameters(JobKind::Sample, &json!({})).unwrap()["k"],
+        10
+    );
     let inputs = BTreeMap::from([("model".to_string(), "x".to_string())]);
-    assert!(jobs::check_inputs(JobKind::Sft, &inputs).unwrap_err().contains("`data`"));
+    assert!(jobs::check_inputs(JobKind::Sft, &inputs)
+        .unwrap_err()
+        .contains("`data`"));
 }

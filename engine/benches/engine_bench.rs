@@ -33,7 +33,15 @@ fn median(mut f: impl FnMut(), reps: usize) -> f64 {
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0)))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
         .unwrap_or(0.0)
         / 1024.0
 }
@@ -43,8 +51,10 @@ fn main() {
     if std::env::var("RAYON_NUM_THREADS").is_err() {
         herd_engine::device::set_cpu_threads(2);
     }
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/llama-bench.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("bench config")).unwrap();
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/bench/llama-bench.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("bench config")).unwrap();
     let b = v["bench_batch"].as_u64().unwrap() as usize;
     let t = v["bench_seq"].as_u64().unwrap() as usize;
     let obj = v.as_object_mut().unwrap();
@@ -58,19 +68,47 @@ fn main() {
     let mut rand_ids = |n: usize| (0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>();
     let arg = std::env::args().nth(1).unwrap_or_default();
     let run = |name: &str| arg.is_empty() || arg == "--bench" || arg.contains(name);
-    println!("threads={} params={} batch={b} seq={t}", herd_engine::device::cpu_threads(), model.num_params());
+    println!(
+        "threads={} params={} batch={b} seq={t}",
+        herd_engine::device::cpu_threads(),
+        model.num_params()
+    );
 
     if run("sft") {
         // Every token after the first is a target, as torch_bench.py's SFT step.
         let seqs: Vec<Encoded> = (0..b)
             .map(|_| {
                 let ids = rand_ids(t);
-                Encoded { target_mask: vec![1; t], format_mask: vec![0; t], ids }
+                Encoded {
+                    target_mask: vec![1; t],
+                    format_mask: vec![0; t],
+                    ids,
+                }
             })
             .collect();
-        let mut trainer = Trainer::new(model.params(), TrainConfig { lr: 1e-5, steps: 1000, ..Default::default() }).unwrap();
-        let secs = median(|| { trainer.step(|_| Ok(objective::sft_loss(&model, &seqs, 0)?.0)).unwrap(); }, 5);
-        println!("sft_step: {:.0} tokens/s ({:.3} s/step, {} tokens)", (b * t) as f64 / secs, secs, b * t);
+        let mut trainer = Trainer::new(
+            model.params(),
+            TrainConfig {
+                lr: 1e-5,
+                steps: 1000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let secs = median(
+            || {
+                trainer
+                    .step(|_| Ok(objective::sft_loss(&model, &seqs, 0)?.0))
+                    .unwrap();
+            },
+            5,
+        );
+        println!(
+            "sft_step: {:.0} tokens/s ({:.3} s/step, {} tokens)",
+            (b * t) as f64 / secs,
+            secs,
+            b * t
+        );
     }
     if run("dpo") {
         // B pairs; each sequence is T tokens: a T/2 prompt shared by a T/2
@@ -84,38 +122,85 @@ fn main() {
                     ids.extend(c);
                     let mut target = vec![0u8; half];
                     target.extend(vec![1u8; t - half]);
-                    Encoded { format_mask: vec![0; ids.len()], target_mask: target, ids }
+                    Encoded {
+                        format_mask: vec![0; ids.len()],
+                        target_mask: target,
+                        ids,
+                    }
                 };
-                Pair { chosen: mk(rand_ids(t - half)), rejected: mk(rand_ids(t - half)) }
+                Pair {
+                    chosen: mk(rand_ids(t - half)),
+                    rejected: mk(rand_ids(t - half)),
+                }
             })
             .collect();
         let reference = model.deep_clone().unwrap();
         let (rc, rr) = objective::reference_logps(&reference, &pairs, true, true, 0).unwrap();
         let policy = model.deep_clone().unwrap();
-        let mut trainer = Trainer::new(policy.params(), TrainConfig { lr: 1e-5, steps: 1000, ..Default::default() }).unwrap();
-        let secs = median(|| { trainer.step(|_| Ok(objective::dpo_loss(&policy, &pairs, &rc, &rr, 0.1, 0.2, true, 0)?.loss)).unwrap(); }, 5);
-        println!("dpo_step (shared prompt, cached reference): {:.0} pair-tokens/s ({:.3} s/step)", (2 * b * t) as f64 / secs, secs);
+        let mut trainer = Trainer::new(
+            policy.params(),
+            TrainConfig {
+                lr: 1e-5,
+                steps: 1000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let secs = median(
+            || {
+                trainer
+                    .step(|_| {
+                        Ok(objective::dpo_loss(&policy, &pairs, &rc, &rr, 0.1, 0.2, true, 0)?.loss)
+                    })
+                    .unwrap();
+            },
+            5,
+        );
+        println!(
+            "dpo_step (shared prompt, cached reference): {:.0} pair-tokens/s ({:.3} s/step)",
+            (2 * b * t) as f64 / secs,
+            secs
+        );
         let secs = median(
             || {
                 trainer
                     .step(|_| {
                         let l = objective::dpo_logps(&policy, &pairs, true, false, 0)?;
                         Ok(herd_engine::loss::dpo_loss(herd_engine::loss::DpoInputs {
-                            policy_chosen: &l.chosen, policy_rejected: &l.rejected, ref_chosen: &rc, ref_rejected: &rr,
-                            nll_logprob_sum: &l.nll_sum, nll_tokens: l.nll_tokens, beta: 0.1, nll_weight: 0.2,
-                        })?.loss)
+                            policy_chosen: &l.chosen,
+                            policy_rejected: &l.rejected,
+                            ref_chosen: &rc,
+                            ref_rejected: &rr,
+                            nll_logprob_sum: &l.nll_sum,
+                            nll_tokens: l.nll_tokens,
+                            beta: 0.1,
+                            nll_weight: 0.2,
+                        })?
+                        .loss)
                     })
                     .unwrap();
             },
             3,
         );
-        println!("dpo_step (separate rows, cached reference): {:.0} pair-tokens/s ({:.3} s/step)", (2 * b * t) as f64 / secs, secs);
+        println!(
+            "dpo_step (separate rows, cached reference): {:.0} pair-tokens/s ({:.3} s/step)",
+            (2 * b * t) as f64 / secs,
+            secs
+        );
     }
     if run("gen") {
         let prompts: Vec<Vec<u32>> = (0..4).map(|_| rand_ids(32)).collect();
         let cfg = SamplingConfig::greedy(128, vec![]);
-        let secs = median(|| { generate(&model, &prompts, &cfg, 0).unwrap(); }, 3);
-        println!("generate (batch 4, 32 prompt + 128 new, greedy): {:.0} new tokens/s", (4 * 128) as f64 / secs);
+        let secs = median(
+            || {
+                generate(&model, &prompts, &cfg, 0).unwrap();
+            },
+            3,
+        );
+        println!(
+            "generate (batch 4, 32 prompt + 128 new, greedy): {:.0} new tokens/s",
+            (4 * 128) as f64 / secs
+        );
     }
     println!("peak_rss: {:.0} MiB", peak_rss_mib());
 }

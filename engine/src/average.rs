@@ -9,7 +9,10 @@ use crate::error::{EngineError, Result};
 
 /// Weighted average of tensor maps. `weights` empty means uniform; otherwise
 /// non-negative, one per model, normalized to sum to 1.
-pub fn average(models: &[BTreeMap<String, Tensor>], weights: &[f64]) -> Result<BTreeMap<String, Tensor>> {
+pub fn average(
+    models: &[BTreeMap<String, Tensor>],
+    weights: &[f64],
+) -> Result<BTreeMap<String, Tensor>> {
     if models.is_empty() {
         return Err(EngineError::Input("nothing to average".into()));
     }
@@ -17,10 +20,16 @@ pub fn average(models: &[BTreeMap<String, Tensor>], weights: &[f64]) -> Result<B
         vec![1.0 / models.len() as f64; models.len()]
     } else {
         if weights.len() != models.len() {
-            return Err(EngineError::Input(format!("{} weights for {} models", weights.len(), models.len())));
+            return Err(EngineError::Input(format!(
+                "{} weights for {} models",
+                weights.len(),
+                models.len()
+            )));
         }
         if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
-            return Err(EngineError::Input(format!("weights must be finite and non-negative, got {weights:?}")));
+            return Err(EngineError::Input(format!(
+                "weights must be finite and non-negative, got {weights:?}"
+            )));
         }
         let total: f64 = weights.iter().sum();
         if total <= 0.0 {
@@ -31,7 +40,9 @@ pub fn average(models: &[BTreeMap<String, Tensor>], weights: &[f64]) -> Result<B
     let first = &models[0];
     for (i, m) in models.iter().enumerate().skip(1) {
         for (name, t) in first {
-            let other = m.get(name).ok_or_else(|| EngineError::Input(format!("model {i} has no tensor `{name}`")))?;
+            let other = m
+                .get(name)
+                .ok_or_else(|| EngineError::Input(format!("model {i} has no tensor `{name}`")))?;
             if other.dims() != t.dims() {
                 return Err(EngineError::Input(format!(
                     "tensor `{name}`: model 0 has shape {:?}, model {i} has {:?}",
@@ -41,7 +52,9 @@ pub fn average(models: &[BTreeMap<String, Tensor>], weights: &[f64]) -> Result<B
             }
         }
         if let Some(extra) = m.keys().find(|k| !first.contains_key(*k)) {
-            return Err(EngineError::Input(format!("model {i} has a tensor `{extra}` that model 0 lacks")));
+            return Err(EngineError::Input(format!(
+                "model {i} has a tensor `{extra}` that model 0 lacks"
+            )));
         }
     }
     let mut out = BTreeMap::new();

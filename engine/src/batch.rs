@@ -29,27 +29,40 @@ pub struct Row {
 impl Row {
     /// A plain causal row.
     pub fn causal(ids: &[u32]) -> Row {
-        Row { ids: ids.to_vec(), positions: (0..ids.len() as u32).collect(), segments: vec![0; ids.len()] }
+        Row {
+            ids: ids.to_vec(),
+            positions: (0..ids.len() as u32).collect(),
+            segments: vec![0; ids.len()],
+        }
     }
 
     /// Append a branch that continues the shared prefix (segment 0, the first
     /// `prefix_len` tokens). Returns the row index of the branch's first token.
     pub fn push_branch(&mut self, ids: &[u32], segment: u32, prefix_len: usize) -> usize {
-        assert!(segment != 0 && segment != PAD_SEGMENT, "branch segments are 1..u32::MAX");
+        assert!(
+            segment != 0 && segment != PAD_SEGMENT,
+            "branch segments are 1..u32::MAX"
+        );
         let start = self.ids.len();
         self.ids.extend_from_slice(ids);
-        self.positions.extend((0..ids.len()).map(|i| (prefix_len + i) as u32));
-        self.segments.extend(std::iter::repeat_n(segment, ids.len()));
+        self.positions
+            .extend((0..ids.len()).map(|i| (prefix_len + i) as u32));
+        self.segments
+            .extend(std::iter::repeat_n(segment, ids.len()));
         start
     }
 
     /// Append an independent document (positions restart at 0).
     pub fn push_document(&mut self, ids: &[u32], segment: u32) -> usize {
-        assert!(segment != 0 && segment != PAD_SEGMENT, "document segments are 1..u32::MAX");
+        assert!(
+            segment != 0 && segment != PAD_SEGMENT,
+            "document segments are 1..u32::MAX"
+        );
         let start = self.ids.len();
         self.ids.extend_from_slice(ids);
         self.positions.extend(0..ids.len() as u32);
-        self.segments.extend(std::iter::repeat_n(segment, ids.len()));
+        self.segments
+            .extend(std::iter::repeat_n(segment, ids.len()));
         start
     }
 
@@ -114,6 +127,8 @@ impl Batch {
 
 /// Additive causal bias [B, 1, T, T].
 pub fn causal_bias(b: usize, t: usize, device: &Device) -> Result<Tensor> {
-    let one: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { MASKED }).collect();
+    let one: Vec<f32> = (0..t * t)
+        .map(|i| if i % t <= i / t { 0.0 } else { MASKED })
+        .collect();
     Ok(Tensor::from_vec(one, (1, 1, t, t), device)?.repeat((b, 1, 1, 1))?)
 }

@@ -28,7 +28,11 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into(), eom: false }
+        Message {
+            role: role.into(),
+            content: content.into(),
+            eom: false,
+        }
     }
 }
 
@@ -42,8 +46,10 @@ pub struct Encoded {
 impl Encoded {
     fn push(&mut self, ids: &[u32], target: u8, format: u8) {
         self.ids.extend_from_slice(ids);
-        self.target_mask.extend(std::iter::repeat_n(target, ids.len()));
-        self.format_mask.extend(std::iter::repeat_n(format, ids.len()));
+        self.target_mask
+            .extend(std::iter::repeat_n(target, ids.len()));
+        self.format_mask
+            .extend(std::iter::repeat_n(format, ids.len()));
     }
     pub fn extend(&mut self, other: &Encoded) {
         self.ids.extend_from_slice(&other.ids);
@@ -77,13 +83,16 @@ pub struct ChatFormat {
 
 impl ChatFormat {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let tok = Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let tok = Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         Self::new(tok).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
     }
 
     pub fn new(tokenizer: Tokenizer) -> Result<Self> {
         let id = |s: &str| tokenizer.token_to_id(s);
-        let need = |s: &str| id(s).ok_or_else(|| EngineError::Tokenizer(format!("special token {s} is missing")));
+        let need = |s: &str| {
+            id(s).ok_or_else(|| EngineError::Tokenizer(format!("special token {s} is missing")))
+        };
         let eot = need("<|eot_id|>")?;
         let special = SpecialIds {
             begin_of_text: need("<|begin_of_text|>")?,
@@ -100,12 +109,19 @@ impl ChatFormat {
 
     /// Plain text to ids, no special tokens added around it.
     pub fn text(&self, s: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode(s, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?.get_ids().to_vec())
+        Ok(self
+            .tokenizer
+            .encode(s, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
     }
 
     fn header(&self, role: &str) -> Result<Vec<u32>> {
         if !ROLES.contains(&role) {
-            return Err(EngineError::Input(format!("unknown role {role:?} (expected one of {ROLES:?})")));
+            return Err(EngineError::Input(format!(
+                "unknown role {role:?} (expected one of {ROLES:?})"
+            )));
         }
         let mut ids = vec![self.special.start_header];
         ids.extend(self.text(role)?);
@@ -117,9 +133,14 @@ impl ChatFormat {
     fn end_of(&self, m: &Message) -> Result<u32> {
         if m.eom {
             if m.role != "assistant" {
-                return Err(EngineError::Input(format!("only assistant messages end with <|eom_id|>, not {:?}", m.role)));
+                return Err(EngineError::Input(format!(
+                    "only assistant messages end with <|eom_id|>, not {:?}",
+                    m.role
+                )));
             }
-            self.special.eom.ok_or_else(|| EngineError::Tokenizer("tokenizer has no <|eom_id|>".into()))
+            self.special
+                .eom
+                .ok_or_else(|| EngineError::Tokenizer("tokenizer has no <|eom_id|>".into()))
         } else {
             Ok(self.special.eot)
         }
@@ -163,7 +184,9 @@ impl ChatFormat {
 
     /// Ids back to text, special tokens dropped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     pub fn stop_ids(&self) -> Vec<u32> {
@@ -187,7 +210,10 @@ pub const SPECIAL_TOKENS: [&str; 8] = [
 
 /// GPT-2's byte-to-character map used by byte-level BPE.
 fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut extra = 0;
     for b in 0..256u32 {
@@ -208,8 +234,11 @@ fn byte_chars() -> Vec<char> {
 /// Llama 3 special tokens: vocab 256 + 8. For models built from scratch
 /// (the quickstart); it needs no training and no download.
 pub fn byte_tokenizer_json() -> serde_json::Value {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), (i as u32).into())).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), (i as u32).into()))
+        .collect();
     let added: Vec<serde_json::Value> = SPECIAL_TOKENS
         .iter()
         .enumerate()

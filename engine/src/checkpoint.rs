@@ -30,18 +30,26 @@ pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
         vec![single]
     } else if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| EngineError::checkpoint(&index, format!("not valid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::checkpoint(&index, format!("not valid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| EngineError::checkpoint(&index, "field `weight_map` missing or not an object"))?;
+            .ok_or_else(|| {
+                EngineError::checkpoint(&index, "field `weight_map` missing or not an object")
+            })?;
         let mut shards: Vec<PathBuf> = map
             .values()
             .map(|f| {
-                let name = f.as_str().filter(|s| !s.contains('/') && !s.contains("..")).ok_or_else(|| {
-                    EngineError::checkpoint(&index, format!("`weight_map` names an invalid shard file {f}"))
-                })?;
+                let name = f
+                    .as_str()
+                    .filter(|s| !s.contains('/') && !s.contains(".."))
+                    .ok_or_else(|| {
+                        EngineError::checkpoint(
+                            &index,
+                            format!("`weight_map` names an invalid shard file {f}"),
+                        )
+                    })?;
                 Ok(dir.join(name))
             })
             .collect::<Result<_>>()?;
@@ -49,21 +57,31 @@ pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
         shards.dedup();
         shards
     } else {
-        return Err(EngineError::checkpoint(dir, format!("neither {WEIGHTS} nor {INDEX} found")));
+        return Err(EngineError::checkpoint(
+            dir,
+            format!("neither {WEIGHTS} nor {INDEX} found"),
+        ));
     };
     let mut out = BTreeMap::new();
     for f in files {
         if !f.is_file() {
-            return Err(EngineError::checkpoint(&f, "shard listed in the index is missing"));
+            return Err(EngineError::checkpoint(
+                &f,
+                "shard listed in the index is missing",
+            ));
         }
-        let tensors = candle_core::safetensors::load(&f, &Device::Cpu)
-            .map_err(|e| EngineError::checkpoint(&f, format!("not a readable safetensors file: {e}")))?;
+        let tensors = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| {
+            EngineError::checkpoint(&f, format!("not a readable safetensors file: {e}"))
+        })?;
         for (name, t) in tensors {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue; // recomputed from the config
             }
             if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-                return Err(EngineError::checkpoint(&f, format!("tensor `{name}` has unsupported dtype {:?}", t.dtype())));
+                return Err(EngineError::checkpoint(
+                    &f,
+                    format!("tensor `{name}` has unsupported dtype {:?}", t.dtype()),
+                ));
             }
             out.insert(name, t);
         }
@@ -77,11 +95,16 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Llama> {
     let tensors = load_tensors(dir)?;
     let expected = crate::model::param_shapes(&config);
     for name in tensors.keys() {
-        if !expected.contains_key(name) && !(config.tie_word_embeddings && name == "lm_head.weight") {
-            return Err(EngineError::checkpoint(dir, format!("unexpected tensor `{name}` for this config")));
+        if !expected.contains_key(name) && !(config.tie_word_embeddings && name == "lm_head.weight")
+        {
+            return Err(EngineError::checkpoint(
+                dir,
+                format!("unexpected tensor `{name}` for this config"),
+            ));
         }
     }
-    Llama::from_tensors(config, tensors, device).map_err(|e| EngineError::checkpoint(dir, e.to_string()))
+    Llama::from_tensors(config, tensors, device)
+        .map_err(|e| EngineError::checkpoint(dir, e.to_string()))
 }
 
 /// Load a checkpoint's backbone as a reward model, adding a fresh score head
@@ -94,9 +117,13 @@ pub fn load_as_reward_model(dir: &Path, device: &Device, seed: u64) -> Result<Ll
         let mut rng = crate::rng::Rng::new(seed);
         let h = config.hidden_size;
         let w: Vec<f32> = (0..h).map(|_| 0.02 * rng.normal()).collect();
-        tensors.insert("score.weight".into(), Tensor::from_vec(w, (1, h), &Device::Cpu)?);
+        tensors.insert(
+            "score.weight".into(),
+            Tensor::from_vec(w, (1, h), &Device::Cpu)?,
+        );
     }
-    Llama::from_tensors(config.as_reward_model(), tensors, device).map_err(|e| EngineError::checkpoint(dir, e.to_string()))
+    Llama::from_tensors(config.as_reward_model(), tensors, device)
+        .map_err(|e| EngineError::checkpoint(dir, e.to_string()))
 }
 
 pub fn load_chat(dir: &Path) -> Result<ChatFormat> {
@@ -106,9 +133,24 @@ pub fn load_chat(dir: &Path) -> Result<ChatFormat> {
 fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
     let t = t.to_device(&Device::Cpu)?.flatten_all()?;
     Ok(match dtype {
-        DType::BF16 => t.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DType::F16 => t.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        _ => t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::BF16 => t
+            .to_dtype(DType::BF16)?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_dtype(DType::F16)?
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        _ => t
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
     })
 }
 
@@ -132,7 +174,8 @@ pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, dtype: DType, path: &Pat
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| EngineError::checkpoint(path, e.to_string()))
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| EngineError::checkpoint(path, e.to_string()))
 }
 
 pub fn dtype_of(config: &LlamaConfig) -> DType {
@@ -149,7 +192,11 @@ pub fn save_model(model: &Llama, dir: &Path, tokenizer: Option<&Path>) -> Result
     let config_path = dir.join(CONFIG);
     let text = serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
     std::fs::write(&config_path, text).map_err(|e| EngineError::io(&config_path, e))?;
-    let tensors: BTreeMap<String, Tensor> = model.params().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    let tensors: BTreeMap<String, Tensor> = model
+        .params()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
     save_tensors(&tensors, dtype_of(&model.config), &dir.join(WEIGHTS))?;
     if let Some(src) = tokenizer {
         let dst = dir.join(TOKENIZER);

@@ -50,7 +50,9 @@ fn req_usize(v: &Value, name: &str, file: &str) -> Result<usize> {
     x.as_u64()
         .filter(|n| *n > 0)
         .map(|n| n as usize)
-        .ok_or_else(|| EngineError::config(file, name, format!("expected a positive integer, got {x}")))
+        .ok_or_else(|| {
+            EngineError::config(file, name, format!("expected a positive integer, got {x}"))
+        })
 }
 
 fn opt_f64(v: &Value, name: &str, file: &str) -> Result<Option<f64>> {
@@ -60,7 +62,9 @@ fn opt_f64(v: &Value, name: &str, file: &str) -> Result<Option<f64>> {
             .as_f64()
             .filter(|f| f.is_finite() && *f > 0.0)
             .map(Some)
-            .ok_or_else(|| EngineError::config(file, name, format!("expected a positive number, got {x}"))),
+            .ok_or_else(|| {
+                EngineError::config(file, name, format!("expected a positive number, got {x}"))
+            }),
     }
 }
 
@@ -73,9 +77,17 @@ fn token_ids(v: &Value, name: &str, file: &str) -> Result<Vec<u32>> {
             .ok_or_else(|| EngineError::config(file, name, "expected a token id")),
         Some(Value::Array(a)) => a
             .iter()
-            .map(|x| x.as_u64().map(|n| n as u32).ok_or_else(|| EngineError::config(file, name, "expected token ids")))
+            .map(|x| {
+                x.as_u64()
+                    .map(|n| n as u32)
+                    .ok_or_else(|| EngineError::config(file, name, "expected token ids"))
+            })
             .collect(),
-        Some(other) => Err(EngineError::config(file, name, format!("expected a token id or a list, got {other}"))),
+        Some(other) => Err(EngineError::config(
+            file,
+            name,
+            format!("expected a token id or a list, got {other}"),
+        )),
     }
 }
 
@@ -83,7 +95,11 @@ impl LlamaConfig {
     pub fn from_json(v: &Value, file: &str) -> Result<Self> {
         if let Some(mt) = field(v, "model_type").and_then(|m| m.as_str()) {
             if mt != "llama" {
-                return Err(EngineError::config(file, "model_type", format!("expected \"llama\", got {mt:?}")));
+                return Err(EngineError::config(
+                    file,
+                    "model_type",
+                    format!("expected \"llama\", got {mt:?}"),
+                ));
             }
         }
         let hidden_size = req_usize(v, "hidden_size", file)?;
@@ -102,18 +118,30 @@ impl LlamaConfig {
         let head_dim = match field(v, "head_dim") {
             None => {
                 if hidden_size % num_attention_heads != 0 {
-                    return Err(EngineError::config(file, "hidden_size", "not divisible by num_attention_heads"));
+                    return Err(EngineError::config(
+                        file,
+                        "hidden_size",
+                        "not divisible by num_attention_heads",
+                    ));
                 }
                 hidden_size / num_attention_heads
             }
             Some(_) => req_usize(v, "head_dim", file)?,
         };
         if head_dim % 2 != 0 {
-            return Err(EngineError::config(file, "head_dim", format!("{head_dim} is odd; RoPE needs an even head size")));
+            return Err(EngineError::config(
+                file,
+                "head_dim",
+                format!("{head_dim} is odd; RoPE needs an even head size"),
+            ));
         }
         // Newer transformers nest RoPE settings under rope_parameters.
         let rope_params = field(v, "rope_parameters");
-        let rope_theta = match rope_params.map(|p| opt_f64(p, "rope_theta", file)).transpose()?.flatten() {
+        let rope_theta = match rope_params
+            .map(|p| opt_f64(p, "rope_theta", file))
+            .transpose()?
+            .flatten()
+        {
             Some(t) => t,
             None => opt_f64(v, "rope_theta", file)?.unwrap_or(10000.0),
         };
@@ -124,17 +152,34 @@ impl LlamaConfig {
         let rope_scaling = match scaling {
             None => None,
             Some(s) => {
-                let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+                let ty = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default");
                 match ty {
                     "default" => None,
                     "llama3" => Some(Llama3RopeScaling {
-                        factor: opt_f64(s, "factor", file)?
-                            .ok_or_else(|| EngineError::config(file, "rope_scaling.factor", "missing"))?,
-                        low_freq_factor: opt_f64(s, "low_freq_factor", file)?
-                            .ok_or_else(|| EngineError::config(file, "rope_scaling.low_freq_factor", "missing"))?,
-                        high_freq_factor: opt_f64(s, "high_freq_factor", file)?
-                            .ok_or_else(|| EngineError::config(file, "rope_scaling.high_freq_factor", "missing"))?,
-                        original_max_position_embeddings: req_usize(s, "original_max_position_embeddings", file)?,
+                        factor: opt_f64(s, "factor", file)?.ok_or_else(|| {
+                            EngineError::config(file, "rope_scaling.factor", "missing")
+                        })?,
+                        low_freq_factor: opt_f64(s, "low_freq_factor", file)?.ok_or_else(|| {
+                            EngineError::config(file, "rope_scaling.low_freq_factor", "missing")
+                        })?,
+                        high_freq_factor: opt_f64(s, "high_freq_factor", file)?.ok_or_else(
+                            || {
+                                EngineError::config(
+                                    file,
+                                    "rope_scaling.high_freq_factor",
+                                    "missing",
+                                )
+                            },
+                        )?,
+                        original_max_position_embeddings: req_usize(
+                            s,
+                            "original_max_position_embeddings",
+                            file,
+                        )?,
                     }),
                     other => {
                         return Err(EngineError::config(
@@ -152,19 +197,33 @@ impl LlamaConfig {
             .unwrap_or("float32")
             .to_string();
         if !matches!(dtype.as_str(), "float32" | "bfloat16" | "float16") {
-            return Err(EngineError::config(file, "dtype", format!("{dtype:?} is not supported (float32, bfloat16, float16)")));
+            return Err(EngineError::config(
+                file,
+                "dtype",
+                format!("{dtype:?} is not supported (float32, bfloat16, float16)"),
+            ));
         }
         let is_rm = field(v, "architectures")
             .and_then(|a| a.as_array())
-            .map(|a| a.iter().any(|x| x.as_str() == Some("LlamaForSequenceClassification")))
+            .map(|a| {
+                a.iter()
+                    .any(|x| x.as_str() == Some("LlamaForSequenceClassification"))
+            })
             .unwrap_or(false);
         let num_labels = if is_rm {
-            field(v, "id2label").and_then(|m| m.as_object()).map(|m| m.len()).unwrap_or(1)
+            field(v, "id2label")
+                .and_then(|m| m.as_object())
+                .map(|m| m.len())
+                .unwrap_or(1)
         } else {
             0
         };
         if is_rm && num_labels != 1 {
-            return Err(EngineError::config(file, "id2label", format!("a reward model has one label, found {num_labels}")));
+            return Err(EngineError::config(
+                file,
+                "id2label",
+                format!("a reward model has one label, found {num_labels}"),
+            ));
         }
         let cfg = LlamaConfig {
             vocab_size: req_usize(v, "vocab_size", file)?,
@@ -181,21 +240,34 @@ impl LlamaConfig {
                 None => 2048,
                 Some(_) => req_usize(v, "max_position_embeddings", file)?,
             },
-            tie_word_embeddings: field(v, "tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
+            tie_word_embeddings: field(v, "tie_word_embeddings")
+                .and_then(|t| t.as_bool())
+                .unwrap_or(false),
             bos_token_id: token_ids(v, "bos_token_id", file)?.first().copied(),
             eos_token_ids: token_ids(v, "eos_token_id", file)?,
             pad_token_id: token_ids(v, "pad_token_id", file)?.first().copied(),
             dtype,
             num_labels,
         };
-        for (name, flag) in [("attention_bias", "attention_bias"), ("mlp_bias", "mlp_bias")] {
+        for (name, flag) in [
+            ("attention_bias", "attention_bias"),
+            ("mlp_bias", "mlp_bias"),
+        ] {
             if field(v, flag).and_then(|b| b.as_bool()).unwrap_or(false) {
-                return Err(EngineError::config(file, name, "biases are not supported (Llama has none)"));
+                return Err(EngineError::config(
+                    file,
+                    name,
+                    "biases are not supported (Llama has none)",
+                ));
             }
         }
         if let Some(act) = field(v, "hidden_act").and_then(|a| a.as_str()) {
             if act != "silu" {
-                return Err(EngineError::config(file, "hidden_act", format!("expected \"silu\", got {act:?}")));
+                return Err(EngineError::config(
+                    file,
+                    "hidden_act",
+                    format!("expected \"silu\", got {act:?}"),
+                ));
             }
         }
         Ok(cfg)
@@ -204,8 +276,13 @@ impl LlamaConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::config(&file, "(file)", format!("not valid JSON: {e} (line {})", e.line())))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            EngineError::config(
+                &file,
+                "(file)",
+                format!("not valid JSON: {e} (line {})", e.line()),
+            )
+        })?;
         Self::from_json(&v, &file)
     }
 
@@ -247,10 +324,16 @@ impl LlamaConfig {
 
     /// The same backbone as a reward model (one-output score head).
     pub fn as_reward_model(&self) -> Self {
-        LlamaConfig { num_labels: 1, ..self.clone() }
+        LlamaConfig {
+            num_labels: 1,
+            ..self.clone()
+        }
     }
 
     pub fn as_causal_lm(&self) -> Self {
-        LlamaConfig { num_labels: 0, ..self.clone() }
+        LlamaConfig {
+            num_labels: 0,
+            ..self.clone()
+        }
     }
 }

@@ -14,10 +14,14 @@ pub fn select(spec: &str) -> Result<Device> {
         return Ok(Device::Cpu);
     }
     if let Some(n) = spec.strip_prefix("cuda:") {
-        let n: usize = n.parse().map_err(|_| EngineError::Input(format!("bad device {spec:?}: expected cuda:N")))?;
+        let n: usize = n
+            .parse()
+            .map_err(|_| EngineError::Input(format!("bad device {spec:?}: expected cuda:N")))?;
         return cuda(n);
     }
-    Err(EngineError::Input(format!("unknown device {spec:?}: expected \"cpu\" or \"cuda:N\"")))
+    Err(EngineError::Input(format!(
+        "unknown device {spec:?}: expected \"cpu\" or \"cuda:N\""
+    )))
 }
 
 #[cfg(feature = "cuda")]
@@ -27,14 +31,19 @@ fn cuda(n: usize) -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_n: usize) -> Result<Device> {
-    Err(EngineError::Input("this build has no CUDA support (build with --features cuda)".into()))
+    Err(EngineError::Input(
+        "this build has no CUDA support (build with --features cuda)".into(),
+    ))
 }
 
 /// CUDA devices visible to this build (empty without the `cuda` feature).
 pub fn cuda_devices() -> Vec<String> {
     #[cfg(feature = "cuda")]
     {
-        (0..16).take_while(|n| Device::new_cuda(*n).is_ok()).map(|n| format!("cuda:{n}")).collect()
+        (0..16)
+            .take_while(|n| Device::new_cuda(*n).is_ok())
+            .map(|n| format!("cuda:{n}"))
+            .collect()
     }
     #[cfg(not(feature = "cuda"))]
     {

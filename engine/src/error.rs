@@ -5,11 +5,18 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{file}: field `{field}`: {reason}")]
-    Config { file: String, field: String, reason: String },
+    Config {
+        file: String,
+        field: String,
+        reason: String,
+    },
     #[error("{path}: {reason}")]
     Checkpoint { path: String, reason: String },
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("invalid input: {0}")]
@@ -24,13 +31,23 @@ pub enum EngineError {
 
 impl EngineError {
     pub fn config(file: &str, field: &str, reason: impl Into<String>) -> Self {
-        EngineError::Config { file: file.to_string(), field: field.to_string(), reason: reason.into() }
+        EngineError::Config {
+            file: file.to_string(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
     }
     pub fn checkpoint(path: &Path, reason: impl Into<String>) -> Self {
-        EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
+        EngineError::Checkpoint {
+            path: path.display().to_string(),
+            reason: reason.into(),
+        }
     }
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        EngineError::Io { path: path.display().to_string(), source }
+        EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 

@@ -42,12 +42,22 @@ impl CustomOp2 for MaskedSoftmax {
         "herd-masked-softmax"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "scores")?;
         let bias = f32_slice(s2, l2, "bias")?;
         let (b, h, t, k) = l1.shape().dims4()?;
         if l2.shape().dims() != [b, 1, t, k] {
-            candle_core::bail!("bias shape {:?} does not match scores {:?}", l2.shape(), l1.shape());
+            candle_core::bail!(
+                "bias shape {:?} does not match scores {:?}",
+                l2.shape(),
+                l1.shape()
+            );
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
@@ -71,7 +81,13 @@ impl CustomOp2 for MaskedSoftmax {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, _scores: &Tensor, _bias: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
         Ok((Some(g), None))
     }
@@ -87,7 +103,13 @@ impl CustomOp2 for SoftmaxBwd {
         "herd-masked-softmax-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let p = f32_slice(s1, l1, "probs")?;
         let g = f32_slice(s2, l2, "grad")?;
         let k = *l1.shape().dims().last().unwrap_or(&1);
@@ -110,7 +132,12 @@ pub fn usable(t: &Tensor) -> bool {
 
 /// softmax(scale * scores + bias): scores [B, H, T, K], bias [B, 1, T, K].
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax { scale: scale as f32 })
+    scores.contiguous()?.apply_op2(
+        &bias.contiguous()?,
+        MaskedSoftmax {
+            scale: scale as f32,
+        },
+    )
 }
 
 /// log p(target) per row: logits [M, V], targets [M] u32 -> [M].
@@ -121,7 +148,13 @@ impl CustomOp2 for TargetLogprob {
         "herd-target-logprob"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "logits")?;
         let ids = u32_slice(s2, l2, "targets")?;
         let (m, v) = l1.shape().dims2()?;
@@ -140,8 +173,18 @@ impl CustomOp2 for TargetLogprob {
         Ok((CpuStorage::F32(out), Shape::from(m)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.contiguous()?.apply_op3_no_bwd(targets, &grad.contiguous()?, &TargetLogprobBwd)?;
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.contiguous()?.apply_op3_no_bwd(
+            targets,
+            &grad.contiguous()?,
+            &TargetLogprobBwd,
+        )?;
         Ok((Some(g), None))
     }
 }
@@ -154,7 +197,15 @@ impl CustomOp3 for TargetLogprobBwd {
         "herd-target-logprob-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "logits")?;
         let ids = u32_slice(s2, l2, "targets")?;
         let g = f32_slice(s3, l3, "grad")?;
@@ -178,7 +229,9 @@ impl CustomOp3 for TargetLogprobBwd {
 
 /// log p(target) per row: logits [M, V] f32, targets [M] u32 -> [M].
 pub fn target_logprob(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, TargetLogprob)
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, TargetLogprob)
 }
 
 /// Rows per partial sum in reductions over rows: fixed, so results do not
@@ -200,7 +253,13 @@ impl CustomOp2 for RmsNorm {
         "herd-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "x")?;
         let w = f32_slice(s2, l2, "weight")?;
         let h = w.len();
@@ -215,10 +274,22 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &g, &RmsNormBwdX { eps: self.eps })?;
-        let dw = x.apply_op2_no_bwd(&g, &RmsNormBwdW { eps: self.eps, h: w.elem_count() })?;
+        let dw = x.apply_op2_no_bwd(
+            &g,
+            &RmsNormBwdW {
+                eps: self.eps,
+                h: w.elem_count(),
+            },
+        )?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -233,7 +304,15 @@ impl CustomOp3 for RmsNormBwdX {
         "herd-rms-norm-bwd-x"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "x")?;
         let w = f32_slice(s2, l2, "weight")?;
         let g = f32_slice(s3, l3, "grad")?;
@@ -262,7 +341,13 @@ impl CustomOp2 for RmsNormBwdW {
         "herd-rms-norm-bwd-w"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "x")?;
         let g = f32_slice(s2, l2, "grad")?;
         let h = self.h;
@@ -291,7 +376,8 @@ impl CustomOp2 for RmsNormBwdW {
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
 }
 
 /// RoPE, Hugging Face halves layout: x [B, H, T, D], cos/sin [B, 1, T, D].
@@ -305,13 +391,25 @@ impl CustomOp3 for Rope {
         "herd-rope"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "x")?;
         let cos = f32_slice(s2, l2, "cos")?;
         let sin = f32_slice(s3, l3, "sin")?;
         let (b, h, t, d) = l1.shape().dims4()?;
         if l2.shape().dims() != [b, 1, t, d] {
-            candle_core::bail!("rope tables {:?} do not match x {:?}", l2.shape(), l1.shape());
+            candle_core::bail!(
+                "rope tables {:?} do not match x {:?}",
+                l2.shape(),
+                l1.shape()
+            );
         }
         let half = d / 2;
         // Forward uses rot; the backward pass applies rot's transpose: [b, -a].
@@ -337,12 +435,25 @@ impl CustomOp3 for Rope {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { transpose: true })?;
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &Rope { transpose: true })?;
         Ok((Some(dx), None, None))
     }
 }
 
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { transpose: false })
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { transpose: false },
+    )
 }

@@ -25,7 +25,13 @@ pub struct SamplingConfig {
 
 impl SamplingConfig {
     pub fn greedy(max_new_tokens: usize, stop_ids: Vec<u32>) -> Self {
-        SamplingConfig { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids }
+        SamplingConfig {
+            max_new_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_ids,
+        }
     }
 }
 
@@ -41,12 +47,19 @@ fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
         return best as u32;
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> =
-        logits.iter().enumerate().map(|(i, v)| (i, (((*v - max) as f64) / cfg.temperature).exp())).collect();
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i, (((*v - max) as f64) / cfg.temperature).exp()))
+        .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     // Nucleus: smallest set of most likely tokens whose mass reaches top_p.
-    probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+    probs.sort_by(|a, b| {
+        b.1.partial_cmp(&a.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    });
     let mut keep = probs.len();
     if cfg.top_p < 1.0 {
         let mut acc = 0.0;
@@ -71,12 +84,19 @@ fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
 }
 
 /// New tokens for each prompt (stop token included when one was hit).
-pub fn generate(model: &Llama, prompts: &[Vec<u32>], cfg: &SamplingConfig, pad_id: u32) -> Result<Vec<Vec<u32>>> {
+pub fn generate(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    pad_id: u32,
+) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() {
         return Ok(vec![]);
     }
     if prompts.iter().any(|p| p.is_empty()) {
-        return Err(EngineError::Input("cannot generate from an empty prompt".into()));
+        return Err(EngineError::Input(
+            "cannot generate from an empty prompt".into(),
+        ));
     }
     let dev = &model.device;
     let b = prompts.len();
@@ -143,7 +163,11 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], cfg: &SamplingConfig, pad_i
         let mut bias = Vec::with_capacity(b * tk);
         for (r, v) in valid.iter_mut().enumerate() {
             v.push(!done[r]);
-            bias.extend(v.iter().enumerate().map(|(k, ok)| if *ok || k == tk - 1 { 0.0 } else { MASKED }));
+            bias.extend(
+                v.iter()
+                    .enumerate()
+                    .map(|(k, ok)| if *ok || k == tk - 1 { 0.0 } else { MASKED }),
+            );
         }
         let hidden = model.forward_hidden(
             &Tensor::from_vec(feed, (b, 1), dev)?,

@@ -47,7 +47,12 @@ pub fn target_logprobs(logits: &Tensor, targets: &Targets) -> Result<Tensor> {
         return Ok(crate::fused::target_logprob(&rows, &ids)?);
     }
     let max = rows.max_keepdim(D::Minus1)?.detach();
-    let lse = (rows.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?; // [M, 1]
+    let lse = (rows
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?; // [M, 1]
     Ok(rows.gather(&ids.unsqueeze(1)?, 1)?.sub(&lse)?.squeeze(1)?)
 }
 
@@ -57,7 +62,10 @@ pub fn per_sequence_sum(values: &Tensor, weights: &[Vec<f32>], device: &Device) 
     let s = weights.len();
     let flat: Vec<f32> = weights.iter().flat_map(|w| w.iter().copied()).collect();
     if flat.len() != s * m {
-        return Err(EngineError::Input(format!("weights are {} values, expected {s} x {m}", flat.len())));
+        return Err(EngineError::Input(format!(
+            "weights are {} values, expected {s} x {m}",
+            flat.len()
+        )));
     }
     let w = Tensor::from_vec(flat, (s, m), device)?.to_dtype(values.dtype())?;
     Ok(w.matmul(&values.unsqueeze(1)?)?.squeeze(1)?)
@@ -94,11 +102,21 @@ pub struct DpoOutput {
 impl DpoOutput {
     pub fn reward_accuracy(&self) -> f64 {
         let n = self.chosen_rewards.len().max(1);
-        self.chosen_rewards.iter().zip(&self.rejected_rewards).filter(|(c, r)| c > r).count() as f64 / n as f64
+        self.chosen_rewards
+            .iter()
+            .zip(&self.rejected_rewards)
+            .filter(|(c, r)| c > r)
+            .count() as f64
+            / n as f64
     }
     pub fn reward_margin(&self) -> f64 {
         let n = self.chosen_rewards.len().max(1) as f64;
-        self.chosen_rewards.iter().zip(&self.rejected_rewards).map(|(c, r)| (c - r) as f64).sum::<f64>() / n
+        self.chosen_rewards
+            .iter()
+            .zip(&self.rejected_rewards)
+            .map(|(c, r)| (c - r) as f64)
+            .sum::<f64>()
+            / n
     }
 }
 
@@ -113,11 +131,17 @@ pub fn dpo_loss(x: DpoInputs) -> Result<DpoOutput> {
     let logits = ((&chosen - &rejected)? * x.beta)?;
     let dpo = log_sigmoid(&logits)?.neg()?.mean_all()?;
     if x.nll_tokens == 0 {
-        return Err(EngineError::Input("DPO batch has no chosen completion tokens".into()));
+        return Err(EngineError::Input(
+            "DPO batch has no chosen completion tokens".into(),
+        ));
     }
     let nll = (x.nll_logprob_sum.neg()? / x.nll_tokens as f64)?;
     let loss = (&dpo + (&nll * x.nll_weight)?)?;
-    let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok((t.detach() * x.beta)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?) };
+    let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok((t.detach() * x.beta)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?)
+    };
     let (chosen_rewards, rejected_rewards) = (f32s(&chosen)?, f32s(&rejected)?);
     debug_assert_eq!(chosen_rewards.len(), n);
     Ok(DpoOutput {
@@ -151,14 +175,28 @@ pub fn rm_loss(rewards: &Tensor, ranked: &[Vec<usize>], margins: &[f32]) -> Resu
         }
     }
     if better.is_empty() {
-        return Err(EngineError::Input("reward-model batch has no ranked pairs".into()));
+        return Err(EngineError::Input(
+            "reward-model batch has no ranked pairs".into(),
+        ));
     }
     let pairs = better.len();
     let rb = rewards.index_select(&Tensor::new(better.as_slice(), dev)?, 0)?;
     let rw = rewards.index_select(&Tensor::new(worse.as_slice(), dev)?, 0)?;
     let diff = (&rb - &rw)?;
     let margin = Tensor::new(margin.as_slice(), dev)?.to_dtype(diff.dtype())?;
-    let loss = log_sigmoid(&diff.broadcast_sub(&margin)?)?.neg()?.mean_all()?;
-    let correct = diff.detach().to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.iter().filter(|d| **d > 0.0).count();
-    Ok(RmOutput { loss, pairs, correct })
+    let loss = log_sigmoid(&diff.broadcast_sub(&margin)?)?
+        .neg()?
+        .mean_all()?;
+    let correct = diff
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|d| **d > 0.0)
+        .count();
+    Ok(RmOutput {
+        loss,
+        pairs,
+        correct,
+    })
 }

@@ -46,7 +46,10 @@ pub struct Llama {
 
 impl std::fmt::Debug for Llama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Llama").field("config", &self.config).field("params", &self.num_params()).finish()
+        f.debug_struct("Llama")
+            .field("config", &self.config)
+            .field("params", &self.num_params())
+            .finish()
     }
 }
 
@@ -60,7 +63,10 @@ pub struct KvCache {
 /// x @ w^T over the last dim: [.., in] -> [.., out].
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
-    let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+    let (rows, inp) = (
+        dims[..dims.len() - 1].iter().product::<usize>(),
+        dims[dims.len() - 1],
+    );
     let out = x.reshape((rows, inp))?.matmul(&w.t()?)?;
     let mut shape = dims;
     *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
@@ -70,7 +76,9 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// RoPE inverse frequencies, with the Llama 3 long-context scaling when configured.
 fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     let hd = cfg.head_dim;
-    let mut inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)).collect();
+    let mut inv: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64))
+        .collect();
     if let Some(s) = &cfg.rope_scaling {
         let old = s.original_max_position_embeddings as f64;
         let low_wavelen = old / s.low_freq_factor;
@@ -80,7 +88,8 @@ fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
             if wavelen > low_wavelen {
                 *f /= s.factor;
             } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
             }
         }
@@ -91,7 +100,10 @@ fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
 /// Expected shape of every parameter, by Hugging Face name, sorted.
 pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
     let mut m = BTreeMap::new();
     m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
     m.insert("model.norm.weight".to_string(), vec![h]);
@@ -118,16 +130,27 @@ pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
 impl Llama {
     /// Build from named f32 tensors; every expected name must be present with
     /// its expected shape.
-    pub fn from_tensors(config: LlamaConfig, tensors: BTreeMap<String, Tensor>, device: &Device) -> Result<Self> {
+    pub fn from_tensors(
+        config: LlamaConfig,
+        tensors: BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         Self::from_tensors_dtype(config, tensors, device, DType::F32)
     }
 
     /// As `from_tensors`, with parameters in `dtype` (f32 to train; f64 for
     /// finite-difference gradient checks).
-    pub fn from_tensors_dtype(config: LlamaConfig, mut tensors: BTreeMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn from_tensors_dtype(
+        config: LlamaConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let shapes = param_shapes(&config);
         for (name, shape) in &shapes {
-            let t = tensors.get(name).ok_or_else(|| EngineError::Input(format!("missing tensor `{name}`")))?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| EngineError::Input(format!("missing tensor `{name}`")))?;
             if t.dims() != shape.as_slice() {
                 return Err(EngineError::Input(format!(
                     "tensor `{name}` has shape {:?}, the config implies {:?}",
@@ -157,11 +180,28 @@ impl Llama {
                 down_proj: take(&format!("{p}mlp.down_proj.weight"))?,
             });
         }
-        let score = if config.num_labels == 1 { Some(take("score.weight")?) } else { None };
-        let lm_head = if config.num_labels == 0 && !config.tie_word_embeddings { Some(take("lm_head.weight")?) } else { None };
+        let score = if config.num_labels == 1 {
+            Some(take("score.weight")?)
+        } else {
+            None
+        };
+        let lm_head = if config.num_labels == 0 && !config.tie_word_embeddings {
+            Some(take("lm_head.weight")?)
+        } else {
+            None
+        };
         let inv = rope_inv_freq(&config);
         let inv_freq = Tensor::from_vec(inv.clone(), inv.len(), device)?;
-        Ok(Llama { config, embed_tokens, layers, norm, lm_head, score, device: device.clone(), inv_freq })
+        Ok(Llama {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            score,
+            device: device.clone(),
+            inv_freq,
+        })
     }
 
     /// Random init (normal with std 0.02, norms at 1), seeded: the same seed
@@ -172,8 +212,11 @@ impl Llama {
             .into_iter()
             .map(|(name, shape)| {
                 let n: usize = shape.iter().product();
-                let data: Vec<f32> =
-                    if name.ends_with("norm.weight") { vec![1.0; n] } else { (0..n).map(|_| 0.02 * rng.normal()).collect() };
+                let data: Vec<f32> = if name.ends_with("norm.weight") {
+                    vec![1.0; n]
+                } else {
+                    (0..n).map(|_| 0.02 * rng.normal()).collect()
+                };
                 Ok((name, Tensor::from_vec(data, shape, &Device::Cpu)?))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
@@ -183,17 +226,26 @@ impl Llama {
     /// Every trainable parameter with its Hugging Face name, sorted by name.
     pub fn params(&self) -> Vec<(String, Var)> {
         let mut out = vec![
-            ("model.embed_tokens.weight".to_string(), self.embed_tokens.clone()),
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.embed_tokens.clone(),
+            ),
             ("model.norm.weight".to_string(), self.norm.clone()),
         ];
         for (l, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}.");
-            out.push((format!("{p}input_layernorm.weight"), b.input_layernorm.clone()));
+            out.push((
+                format!("{p}input_layernorm.weight"),
+                b.input_layernorm.clone(),
+            ));
             out.push((format!("{p}self_attn.q_proj.weight"), b.q_proj.clone()));
             out.push((format!("{p}self_attn.k_proj.weight"), b.k_proj.clone()));
             out.push((format!("{p}self_attn.v_proj.weight"), b.v_proj.clone()));
             out.push((format!("{p}self_attn.o_proj.weight"), b.o_proj.clone()));
-            out.push((format!("{p}post_attention_layernorm.weight"), b.post_attention_layernorm.clone()));
+            out.push((
+                format!("{p}post_attention_layernorm.weight"),
+                b.post_attention_layernorm.clone(),
+            ));
             out.push((format!("{p}mlp.gate_proj.weight"), b.gate_proj.clone()));
             out.push((format!("{p}mlp.up_proj.weight"), b.up_proj.clone()));
             out.push((format!("{p}mlp.down_proj.weight"), b.down_proj.clone()));
@@ -225,26 +277,51 @@ impl Llama {
     /// * `bias`: additive attention bias [B, 1, T, Tk] (0 or MASKED), where
     ///   Tk = cached + T; build it with [`crate::batch`].
     /// * `cache`: keys/values of earlier tokens, extended in place.
-    pub fn forward_hidden(&self, ids: &Tensor, positions: &Tensor, bias: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t) = ids.dims2()?;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         let (cos, sin) = self.rope_tables(positions)?;
         let bias = bias.to_dtype(self.embed_tokens.dtype())?;
-        let bias5 = if crate::fused::usable(&bias) { Some(bias.contiguous()?) } else { None }; // [B, 1, T, Tk]
+        let bias5 = if crate::fused::usable(&bias) {
+            Some(bias.contiguous()?)
+        } else {
+            None
+        }; // [B, 1, T, Tk]
         let bias = bias.unsqueeze(2)?; // [B, 1, 1, T, Tk]
-        let mut x = self.embed_tokens.as_tensor().index_select(&ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
+        let mut x = self
+            .embed_tokens
+            .as_tensor()
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(cfg.num_hidden_layers, || None);
         }
         for (l, blk) in self.layers.iter().enumerate() {
             // Attention.
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
-            let q = linear(&h, &blk.q_proj)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [B, nh, T, hd]
-            let k = linear(&h, &blk.k_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [B, nkv, T, hd]
-            let v = linear(&h, &blk.v_proj)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = linear(&h, &blk.q_proj)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?; // [B, nh, T, hd]
+            let k = linear(&h, &blk.k_proj)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?; // [B, nkv, T, hd]
+            let v = linear(&h, &blk.v_proj)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = apply_rope(&q, &cos, &sin)?;
             let k = apply_rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
@@ -252,7 +329,9 @@ impl Llama {
                 Some(c) => {
                     let (k, v) = match c.layers[l].take() {
                         None => (k, v),
-                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                        Some((pk, pv)) => {
+                            (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+                        }
                     };
                     c.layers[l] = Some((k.clone(), v.clone()));
                     (k, v)
@@ -265,13 +344,23 @@ impl Llama {
             let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, Tk]
             let probs = if crate::fused::usable(&scores) {
                 // One parallel pass: scale, mask, softmax (own backward).
-                crate::fused::masked_softmax(&scores.reshape((b, nkv * rep, t, tk))?, bias5.as_ref().expect("bias"), scale)?
+                crate::fused::masked_softmax(
+                    &scores.reshape((b, nkv * rep, t, tk))?,
+                    bias5.as_ref().expect("bias"),
+                    scale,
+                )?
             } else {
-                let scores = (scores * scale)?.reshape((b, nkv, rep, t, tk))?.broadcast_add(&bias)?;
+                let scores = (scores * scale)?
+                    .reshape((b, nkv, rep, t, tk))?
+                    .broadcast_add(&bias)?;
                 softmax(&scores)?
             }
             .reshape((b, nkv, rep * t, tk))?;
-            let att = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let att = probs
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
             x = (x + linear(&att, &blk.o_proj)?)?;
             // SwiGLU MLP.
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
@@ -294,7 +383,10 @@ impl Llama {
     /// Rewards at chosen tokens: hidden [B, T, H], flat indices (row * T +
     /// position) -> [R].
     pub fn rewards_at(&self, hidden: &Tensor, flat_index: &[u32]) -> Result<Tensor> {
-        let score = self.score.as_ref().ok_or_else(|| EngineError::Input("not a reward model (no score head)".into()))?;
+        let score = self
+            .score
+            .as_ref()
+            .ok_or_else(|| EngineError::Input("not a reward model (no score head)".into()))?;
         let (b, t, h) = hidden.dims3()?;
         let idx = Tensor::new(flat_index, hidden.device())?;
         let picked = hidden.reshape((b * t, h))?.index_select(&idx, 0)?; // [R, H]
@@ -304,7 +396,9 @@ impl Llama {
     /// Convenience: logits of plain causal rows without padding.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
+        let positions = Tensor::arange(0u32, t as u32, &self.device)?
+            .unsqueeze(0)?
+            .repeat((b, 1))?;
         let bias = crate::batch::causal_bias(b, t, &self.device)?;
         let h = self.forward_hidden(ids, &positions, &bias, None)?;
         self.lm_logits(&h)
@@ -312,13 +406,25 @@ impl Llama {
 
     /// A fresh copy of the weights (new Vars), e.g. a frozen reference model.
     pub fn deep_clone(&self) -> Result<Self> {
-        let tensors = self.params().into_iter().map(|(n, v)| Ok((n, v.as_tensor().copy()?))).collect::<Result<_>>()?;
-        Self::from_tensors_dtype(self.config.clone(), tensors, &self.device, self.embed_tokens.dtype())
+        let tensors = self
+            .params()
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
+        Self::from_tensors_dtype(
+            self.config.clone(),
+            tensors,
+            &self.device,
+            self.embed_tokens.dtype(),
+        )
     }
 
     /// Weights as plain tensors by name (shares storage; copy before mutating).
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.params().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
+        self.params()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
     }
 
     pub fn num_params(&self) -> usize {

@@ -38,14 +38,26 @@ pub fn sft_loss(model: &Llama, seqs: &[Encoded], pad_id: u32) -> Result<(Tensor,
 
 /// SFT with several examples packed per row (block-diagonal attention,
 /// positions restarting), rows filled greedily up to `max_len` tokens.
-pub fn sft_loss_packed(model: &Llama, seqs: &[Encoded], pad_id: u32, max_len: usize) -> Result<(Tensor, usize)> {
+pub fn sft_loss_packed(
+    model: &Llama,
+    seqs: &[Encoded],
+    pad_id: u32,
+    max_len: usize,
+) -> Result<(Tensor, usize)> {
     let mut rows: Vec<Row> = vec![];
     let mut placed: Vec<(usize, usize)> = vec![]; // (row, start) per seq
     for s in seqs {
         if s.len() > max_len {
-            return Err(EngineError::Input(format!("sequence of {} tokens exceeds max_len {max_len}", s.len())));
+            return Err(EngineError::Input(format!(
+                "sequence of {} tokens exceeds max_len {max_len}",
+                s.len()
+            )));
         }
-        if rows.last().map(|r| r.len() + s.len() > max_len).unwrap_or(true) {
+        if rows
+            .last()
+            .map(|r| r.len() + s.len() > max_len)
+            .unwrap_or(true)
+        {
             rows.push(Row::default());
         }
         let r = rows.len() - 1;
@@ -77,7 +89,7 @@ pub struct Pair {
 /// Per-sequence log-prob sums a DPO step needs.
 pub struct DpoLogps {
     /// Sums over DPO tokens (completion, minus format tokens when masking).
-    pub chosen: Tensor,   // [N]
+    pub chosen: Tensor, // [N]
     pub rejected: Tensor, // [N]
     /// Sum over chosen completion tokens (format included), and their count.
     pub nll_sum: Tensor, // scalar
@@ -86,7 +98,13 @@ pub struct DpoLogps {
 
 /// Score DPO pairs. With `share_prompt`, each pair is one row: prompt once,
 /// then chosen and rejected as two branches (same numbers, less compute).
-pub fn dpo_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt: bool, pad_id: u32) -> Result<DpoLogps> {
+pub fn dpo_logps(
+    model: &Llama,
+    pairs: &[Pair],
+    mask_format: bool,
+    share_prompt: bool,
+    pad_id: u32,
+) -> Result<DpoLogps> {
     let n = pairs.len();
     let mut rows = vec![];
     // (row, row index of token j's predecessor) resolved per sequence below.
@@ -95,14 +113,24 @@ pub fn dpo_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt:
         let (pc, pr) = (prompt_len(&p.chosen), prompt_len(&p.rejected));
         if share_prompt {
             if pc != pr || p.chosen.ids[..pc] != p.rejected.ids[..pr] || pc == 0 {
-                return Err(EngineError::Input(format!("pair {i}: chosen and rejected do not share a prompt")));
+                return Err(EngineError::Input(format!(
+                    "pair {i}: chosen and rejected do not share a prompt"
+                )));
             }
             let mut row = Row::causal(&p.chosen.ids[..pc]);
             let mut preds = [vec![], vec![]];
             for (side, seq) in [&p.chosen, &p.rejected].into_iter().enumerate() {
                 let start = row.push_branch(&seq.ids[pc..], side as u32 + 1, pc);
                 // predecessor of sequence position j (j >= pc)
-                preds[side] = (0..seq.len()).map(|j| if j <= pc { j.saturating_sub(1) } else { start + j - pc - 1 }).collect();
+                preds[side] = (0..seq.len())
+                    .map(|j| {
+                        if j <= pc {
+                            j.saturating_sub(1)
+                        } else {
+                            start + j - pc - 1
+                        }
+                    })
+                    .collect();
             }
             let r = rows.len();
             rows.push(row);
@@ -113,7 +141,12 @@ pub fn dpo_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt:
             for seq in [&p.chosen, &p.rejected] {
                 let r = rows.len();
                 rows.push(Row::causal(&seq.ids));
-                sides.push((r, (0..seq.len()).map(|j| j.saturating_sub(1)).collect::<Vec<_>>()));
+                sides.push((
+                    r,
+                    (0..seq.len())
+                        .map(|j| j.saturating_sub(1))
+                        .collect::<Vec<_>>(),
+                ));
             }
             let b = sides.pop().expect("two sides");
             let a = sides.pop().expect("two sides");
@@ -131,7 +164,11 @@ pub fn dpo_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt:
                 if seq.target_mask[j] == 0 {
                     continue;
                 }
-                let dpo_w = if mask_format && seq.format_mask[j] == 1 { 0.0 } else { 1.0 };
+                let dpo_w = if mask_format && seq.format_mask[j] == 1 {
+                    0.0
+                } else {
+                    1.0
+                };
                 let nll_w = if side == 0 { 1.0 } else { 0.0 };
                 targets.push(r * batch.len + preds[j], seq.ids[j]);
                 owners.push((side * n + i, dpo_w, nll_w));
@@ -158,9 +195,17 @@ pub fn dpo_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt:
 }
 
 /// Reference log-prob sums for DPO, computed once without a graph.
-pub fn reference_logps(model: &Llama, pairs: &[Pair], mask_format: bool, share_prompt: bool, pad_id: u32) -> Result<(Vec<f32>, Vec<f32>)> {
+pub fn reference_logps(
+    model: &Llama,
+    pairs: &[Pair],
+    mask_format: bool,
+    share_prompt: bool,
+    pad_id: u32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let l = dpo_logps(model, pairs, mask_format, share_prompt, pad_id)?;
-    let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?) };
+    let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?)
+    };
     Ok((f32s(&l.chosen)?, f32s(&l.rejected)?))
 }
 
@@ -200,19 +245,31 @@ pub struct Ranked {
 /// example the indices of its responses best first. `packed`: one row per
 /// example, prompt once, responses in `order[e]` (a permutation, e.g. a
 /// seeded shuffle) each seeing only the prompt and itself.
-pub fn rm_rewards(model: &Llama, examples: &[Ranked], packed: bool, orders: Option<&[Vec<usize>]>, pad_id: u32) -> Result<(Tensor, Vec<Vec<usize>>)> {
+pub fn rm_rewards(
+    model: &Llama,
+    examples: &[Ranked],
+    packed: bool,
+    orders: Option<&[Vec<usize>]>,
+    pad_id: u32,
+) -> Result<(Tensor, Vec<Vec<usize>>)> {
     let mut rows = vec![];
     let mut last_tok = vec![]; // (row, position) per response, in example/rank order
     for (e, ex) in examples.iter().enumerate() {
         if ex.responses.len() < 2 {
-            return Err(EngineError::Input(format!("example {e}: a ranking needs at least 2 responses")));
+            return Err(EngineError::Input(format!(
+                "example {e}: a ranking needs at least 2 responses"
+            )));
         }
         if ex.prompt.is_empty() || ex.responses.iter().any(|r| r.is_empty()) {
-            return Err(EngineError::Input(format!("example {e}: empty prompt or response")));
+            return Err(EngineError::Input(format!(
+                "example {e}: empty prompt or response"
+            )));
         }
         if packed {
             let mut row = Row::causal(&ex.prompt);
-            let order: Vec<usize> = orders.map(|o| o[e].clone()).unwrap_or_else(|| (0..ex.responses.len()).collect());
+            let order: Vec<usize> = orders
+                .map(|o| o[e].clone())
+                .unwrap_or_else(|| (0..ex.responses.len()).collect());
             let mut ends = vec![0; ex.responses.len()];
             for (slot, &resp) in order.iter().enumerate() {
                 let start = row.push_branch(&ex.responses[resp], slot as u32 + 1, ex.prompt.len());
@@ -232,7 +289,10 @@ pub fn rm_rewards(model: &Llama, examples: &[Ranked], packed: bool, orders: Opti
         }
     }
     let batch = Batch::collate(&rows, pad_id, &model.device)?;
-    let flat: Vec<u32> = last_tok.iter().map(|(r, p)| (r * batch.len + p) as u32).collect();
+    let flat: Vec<u32> = last_tok
+        .iter()
+        .map(|(r, p)| (r * batch.len + p) as u32)
+        .collect();
     let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
     let rewards = model.rewards_at(&h, &flat)?;
     let mut ranked = vec![];
@@ -244,7 +304,13 @@ pub fn rm_rewards(model: &Llama, examples: &[Ranked], packed: bool, orders: Opti
     Ok((rewards, ranked))
 }
 
-pub fn rm_loss(model: &Llama, examples: &[Ranked], packed: bool, orders: Option<&[Vec<usize>]>, pad_id: u32) -> Result<(RmOutput, Tensor)> {
+pub fn rm_loss(
+    model: &Llama,
+    examples: &[Ranked],
+    packed: bool,
+    orders: Option<&[Vec<usize>]>,
+    pad_id: u32,
+) -> Result<(RmOutput, Tensor)> {
     let (rewards, ranked) = rm_rewards(model, examples, packed, orders, pad_id)?;
     let margins: Vec<f32> = examples.iter().map(|e| e.margin).collect();
     Ok((loss::rm_loss(&rewards, &ranked, &margins)?, rewards))

@@ -17,9 +17,15 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         return crate::fused::rms_norm(x, weight, eps);
     }
     let dtype = x.dtype();
-    let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let x = if dtype == DType::F64 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
     let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(weight)
+    x.broadcast_mul(&inv)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
 }
 
 /// Softmax over the last dim. The max is detached: softmax does not depend

@@ -20,7 +20,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-5, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            lr: 1e-5,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -34,9 +40,18 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
-        let m = params.iter().map(|(_, p)| p.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let m = params
+            .iter()
+            .map(|(_, p)| p.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(AdamW { config, params, m, v, step: 0 })
+        Ok(AdamW {
+            config,
+            params,
+            m,
+            v,
+            step: 0,
+        })
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -46,7 +61,11 @@ impl AdamW {
     /// One update with `grads` (aligned with the params) at learning rate `lr`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(EngineError::Input(format!("{} gradients for {} parameters", grads.len(), self.params.len())));
+            return Err(EngineError::Input(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
         }
         self.step += 1;
         let c = self.config;
@@ -101,7 +120,9 @@ impl LrSchedule {
         match self.decay {
             Decay::Constant => self.base,
             Decay::Linear => self.base - (self.base - min) * progress,
-            Decay::Cosine => min + (self.base - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Decay::Cosine => {
+                min + (self.base - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
         }
     }
 }
@@ -110,7 +131,11 @@ impl LrSchedule {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }
@@ -135,6 +160,11 @@ pub fn gradients(loss: &Tensor, params: &[(String, Var)]) -> Result<Vec<Tensor>>
     let store = loss.backward()?;
     params
         .iter()
-        .map(|(name, p)| store.get(p.as_tensor()).cloned().ok_or_else(|| EngineError::NoGradient(name.clone())))
+        .map(|(name, p)| {
+            store
+                .get(p.as_tensor())
+                .cloned()
+                .ok_or_else(|| EngineError::NoGradient(name.clone()))
+        })
         .collect()
 }

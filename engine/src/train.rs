@@ -65,7 +65,13 @@ impl Trainer {
         }
         let opt = AdamW::new(
             params,
-            AdamWConfig { lr: config.lr, beta1: config.beta1, beta2: config.beta2, eps: config.eps, weight_decay: config.weight_decay },
+            AdamWConfig {
+                lr: config.lr,
+                beta1: config.beta1,
+                beta2: config.beta2,
+                eps: config.eps,
+                weight_decay: config.weight_decay,
+            },
         )?;
         let schedule = LrSchedule {
             base: config.lr,
@@ -74,7 +80,12 @@ impl Trainer {
             decay: config.decay,
             min_ratio: config.min_lr_ratio,
         };
-        Ok(Trainer { config, opt, schedule, step: 0 })
+        Ok(Trainer {
+            config,
+            opt,
+            schedule,
+            step: 0,
+        })
     }
 
     /// Steps taken so far.
@@ -93,24 +104,38 @@ impl Trainer {
             let loss = micro(i)?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
-                return Err(EngineError::NonFinite { step: step_no, value });
+                return Err(EngineError::NonFinite {
+                    step: step_no,
+                    value,
+                });
             }
             loss_sum += value;
             let scaled = if n > 1 { (loss / n as f64)? } else { loss };
             let grads = gradients(&scaled, self.opt.params())?;
             total = Some(match total {
                 None => grads,
-                Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| a + g)
+                    .collect::<candle_core::Result<_>>()?,
             });
         }
         let mut grads = total.expect("grad_accum >= 1");
         let grad_norm = clip_grad_norm(&mut grads, self.config.grad_clip)?;
         if !grad_norm.is_finite() {
-            return Err(EngineError::NonFinite { step: step_no, value: grad_norm });
+            return Err(EngineError::NonFinite {
+                step: step_no,
+                value: grad_norm,
+            });
         }
         let lr = self.schedule.lr(self.step);
         self.opt.step(&grads, lr)?;
         self.step += 1;
-        Ok(StepStats { loss: loss_sum / n as f64, grad_norm, lr })
+        Ok(StepStats {
+            loss: loss_sum / n as f64,
+            grad_norm,
+            lr,
+        })
     }
 }

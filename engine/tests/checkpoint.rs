@@ -27,7 +27,8 @@ fn tiny_config(tie: bool) -> LlamaConfig {
 #[test]
 fn old_and_new_config_keys_agree() {
     let dir = fixtures().join("ref/config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dir).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dir).unwrap()).unwrap();
     let both = LlamaConfig::from_json(&v, "both").unwrap();
     let obj = v.as_object_mut().unwrap();
     obj.remove("rope_parameters");
@@ -36,7 +37,8 @@ fn old_and_new_config_keys_agree() {
     let old = LlamaConfig::from_json(&v, "old").unwrap();
     assert_eq!(both, old);
     // Newer spelling only.
-    let mut new = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&dir).unwrap()).unwrap();
+    let mut new =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&dir).unwrap()).unwrap();
     let obj = new.as_object_mut().unwrap();
     obj.remove("rope_theta");
     obj.remove("torch_dtype");
@@ -53,12 +55,22 @@ fn old_and_new_config_keys_agree() {
 
 #[test]
 fn bad_configs_name_the_field() {
-    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref/config.json")).unwrap()).unwrap();
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref/config.json")).unwrap())
+            .unwrap();
     let cases = [
         ("hidden_size", serde_json::json!("big"), "hidden_size"),
-        ("num_key_value_heads", serde_json::json!(3), "num_key_value_heads"),
+        (
+            "num_key_value_heads",
+            serde_json::json!(3),
+            "num_key_value_heads",
+        ),
         ("model_type", serde_json::json!("gpt2"), "model_type"),
-        ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 2.0}), "rope_type"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 2.0}),
+            "rope_type",
+        ),
         ("hidden_act", serde_json::json!("gelu"), "hidden_act"),
         ("dtype", serde_json::json!("int8"), "dtype"),
     ];
@@ -68,31 +80,57 @@ fn bad_configs_name_the_field() {
         if key == "dtype" {
             v.as_object_mut().unwrap().remove("torch_dtype");
         }
-        let err = LlamaConfig::from_json(&v, "config.json").unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains(field), "{key}: {err}");
+        let err = LlamaConfig::from_json(&v, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.json") && err.contains(field),
+            "{key}: {err}"
+        );
     }
     let mut v = base.clone();
     v.as_object_mut().unwrap().remove("vocab_size");
-    assert!(LlamaConfig::from_json(&v, "c").unwrap_err().to_string().contains("vocab_size"));
+    assert!(LlamaConfig::from_json(&v, "c")
+        .unwrap_err()
+        .to_string()
+        .contains("vocab_size"));
 }
 
 #[test]
 fn missing_files_and_wrong_shapes_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let err = load_model(dir.path(), &Device::Cpu).unwrap_err().to_string();
+    let err = load_model(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("config.json"), "{err}");
-    std::fs::copy(fixtures().join("ref/config.json"), dir.path().join("config.json")).unwrap();
-    let err = load_model(dir.path(), &Device::Cpu).unwrap_err().to_string();
+    std::fs::copy(
+        fixtures().join("ref/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let err = load_model(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model.safetensors"), "{err}");
     std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
-    let err = load_model(dir.path(), &Device::Cpu).unwrap_err().to_string();
+    let err = load_model(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("safetensors"), "{err}");
     // Right file, wrong config: the tensor and both shapes are named.
-    std::fs::copy(fixtures().join("ref/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    std::fs::copy(
+        fixtures().join("ref/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
     c["intermediate_size"] = 100.into();
     std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
-    let err = load_model(dir.path(), &Device::Cpu).unwrap_err().to_string();
+    let err = load_model(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("mlp") && err.contains("100"), "{err}");
 }
 
@@ -100,29 +138,78 @@ fn missing_files_and_wrong_shapes_are_clear_errors() {
 fn tied_model_round_trips_and_shards_load() {
     let dir = tempfile::tempdir().unwrap();
     let model = Llama::init(tiny_config(true), 7, &Device::Cpu).unwrap();
-    save_model(&model, dir.path(), Some(&fixtures().join("ref/tokenizer.json"))).unwrap();
+    save_model(
+        &model,
+        dir.path(),
+        Some(&fixtures().join("ref/tokenizer.json")),
+    )
+    .unwrap();
     let names: Vec<String> = load_tensors(dir.path()).unwrap().into_keys().collect();
-    assert!(!names.contains(&"lm_head.weight".to_string()), "tied: no lm_head saved");
+    assert!(
+        !names.contains(&"lm_head.weight".to_string()),
+        "tied: no lm_head saved"
+    );
     let back = load_model(dir.path(), &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[312u32, 5, 6, 7]], &Device::Cpu).unwrap();
-    let a: Vec<f32> = model.forward(&ids).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = back.forward(&ids).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = model
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = back
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(a, b);
     // Split into two shards with an index, as large checkpoints are.
     let sharded = tempfile::tempdir().unwrap();
-    std::fs::copy(dir.path().join("config.json"), sharded.path().join("config.json")).unwrap();
+    std::fs::copy(
+        dir.path().join("config.json"),
+        sharded.path().join("config.json"),
+    )
+    .unwrap();
     let all = model.tensors();
     let (mut s1, mut s2) = (BTreeMap::new(), BTreeMap::new());
     let mut map = serde_json::Map::new();
     for (i, (n, t)) in all.iter().enumerate() {
-        let (shard, file) = if i % 2 == 0 { (&mut s1, "model-00001-of-00002.safetensors") } else { (&mut s2, "model-00002-of-00002.safetensors") };
+        let (shard, file) = if i % 2 == 0 {
+            (&mut s1, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut s2, "model-00002-of-00002.safetensors")
+        };
         shard.insert(n.clone(), t.clone());
         map.insert(n.clone(), file.into());
     }
-    save_tensors(&s1, DType::F32, &sharded.path().join("model-00001-of-00002.safetensors")).unwrap();
-    save_tensors(&s2, DType::F32, &sharded.path().join("model-00002-of-00002.safetensors")).unwrap();
-    std::fs::write(sharded.path().join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string()).unwrap();
-    let c: Vec<f32> = load_model(sharded.path(), &Device::Cpu).unwrap().forward(&ids).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    save_tensors(
+        &s1,
+        DType::F32,
+        &sharded.path().join("model-00001-of-00002.safetensors"),
+    )
+    .unwrap();
+    save_tensors(
+        &s2,
+        DType::F32,
+        &sharded.path().join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        sharded.path().join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let c: Vec<f32> = load_model(sharded.path(), &Device::Cpu)
+        .unwrap()
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(a, c);
 }
 
@@ -133,12 +220,26 @@ fn bf16_checkpoints_load_and_save_in_bf16() {
     cfg.dtype = "bfloat16".into();
     let model = Llama::init(cfg, 3, &Device::Cpu).unwrap();
     save_model(&model, dir.path(), None).unwrap();
-    let raw = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let raw =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     assert!(raw.values().all(|t| t.dtype() == DType::BF16));
     let back = load_model(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(back.embed_tokens.dtype(), DType::F32, "trains in f32");
-    let x = model.embed_tokens.as_tensor().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-    let diff = (x - back.embed_tokens.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let x = model
+        .embed_tokens
+        .as_tensor()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let diff = (x - back.embed_tokens.as_tensor())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(diff, 0.0);
 }
 
@@ -148,7 +249,10 @@ fn a_cut_graph_is_an_error_not_a_silent_zero() {
     let ids = Tensor::new(&[[312u32, 5, 6, 7]], &Device::Cpu).unwrap();
     // candle-nn's fused softmax has no backward: the graph stops there.
     let logits = model.forward(&ids).unwrap();
-    let fused = candle_nn::ops::softmax_last_dim(&logits).unwrap().sum_all().unwrap();
+    let fused = candle_nn::ops::softmax_last_dim(&logits)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let err = gradients(&fused, &model.params()).unwrap_err();
     assert!(matches!(err, EngineError::NoGradient(_)), "{err}");
 }
@@ -156,16 +260,32 @@ fn a_cut_graph_is_an_error_not_a_silent_zero() {
 fn train_once(dir: &std::path::Path) -> Vec<u8> {
     let chat = herd_engine::checkpoint::load_chat(&fixtures().join("ref")).unwrap();
     let model = Llama::init(tiny_config(false), 11, &Device::Cpu).unwrap();
-    let data: Vec<_> = ["Compute 17 + 25.", "What is the capital of France?", "Write a short poem."]
-        .iter()
-        .zip(["The answer is 42.", "Paris.", "The sea and the sky."])
-        .map(|(q, a)| chat.encode_dialog(&[Message::new("user", q), Message::new("assistant", a)]).unwrap())
-        .collect();
-    let cfg = TrainConfig { lr: 1e-3, steps: 4, warmup_steps: 1, grad_accum: 2, weight_decay: 0.1, ..TrainConfig::default() };
+    let data: Vec<_> = [
+        "Compute 17 + 25.",
+        "What is the capital of France?",
+        "Write a short poem.",
+    ]
+    .iter()
+    .zip(["The answer is 42.", "Paris.", "The sea and the sky."])
+    .map(|(q, a)| {
+        chat.encode_dialog(&[Message::new("user", q), Message::new("assistant", a)])
+            .unwrap()
+    })
+    .collect();
+    let cfg = TrainConfig {
+        lr: 1e-3,
+        steps: 4,
+        warmup_steps: 1,
+        grad_accum: 2,
+        weight_decay: 0.1,
+        ..TrainConfig::default()
+    };
     let mut trainer = Trainer::new(model.params(), cfg).unwrap();
     let mut losses = vec![];
     for _ in 0..4 {
-        let s = trainer.step(|i| Ok(objective::sft_loss(&model, &data[i..i + 2], chat.special.pad)?.0)).unwrap();
+        let s = trainer
+            .step(|i| Ok(objective::sft_loss(&model, &data[i..i + 2], chat.special.pad)?.0))
+            .unwrap();
         losses.push(s.loss);
     }
     assert!(losses[3] < losses[0], "loss falls: {losses:?}");
@@ -186,9 +306,16 @@ fn nan_loss_stops_with_the_step() {
     let model = Llama::init(tiny_config(false), 1, &Device::Cpu).unwrap();
     let mut trainer = Trainer::new(model.params(), TrainConfig::default()).unwrap();
     let ids = Tensor::new(&[[312u32, 5, 6, 7]], &Device::Cpu).unwrap();
-    trainer.step(|_| Ok(model.forward(&ids)?.sqr()?.mean_all()?)).unwrap();
-    let err = trainer.step(|_| Ok((model.forward(&ids)?.mean_all()? * f64::NAN)?)).unwrap_err();
-    assert!(matches!(err, EngineError::NonFinite { step: 2, .. }), "{err}");
+    trainer
+        .step(|_| Ok(model.forward(&ids)?.sqr()?.mean_all()?))
+        .unwrap();
+    let err = trainer
+        .step(|_| Ok((model.forward(&ids)?.mean_all()? * f64::NAN)?))
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::NonFinite { step: 2, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("step 2"));
 }
 
@@ -203,7 +330,9 @@ fn byte_tokenizer_round_trips_text_and_has_the_specials() {
     let ids = chat.text(text).unwrap();
     assert_eq!(ids.len(), text.len(), "one token per byte");
     assert_eq!(chat.decode(&ids).unwrap(), text);
-    let enc = chat.encode_dialog(&[Message::new("user", "hi"), Message::new("assistant", "yo")]).unwrap();
+    let enc = chat
+        .encode_dialog(&[Message::new("user", "hi"), Message::new("assistant", "yo")])
+        .unwrap();
     assert_eq!(enc.ids[0], 256);
     assert_eq!(*enc.ids.last().unwrap(), chat.special.eot);
 }

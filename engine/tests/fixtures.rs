@@ -11,11 +11,15 @@ use herd_engine::chat::{Encoded, Message};
 use herd_engine::checkpoint::{load_chat, load_model, load_tensors};
 use herd_engine::generate::{generate, SamplingConfig};
 use herd_engine::objective::{self, Pair, Ranked};
-use herd_engine::optim::{gradients, global_norm, AdamW, AdamWConfig};
+use herd_engine::optim::{global_norm, gradients, AdamW, AdamWConfig};
 use serde_json::Value;
 
 fn seq(v: &Value) -> Encoded {
-    Encoded { ids: ids(&v["ids"]), target_mask: mask(&v["completion_mask"]), format_mask: mask(&v["format_mask"]) }
+    Encoded {
+        ids: ids(&v["ids"]),
+        target_mask: mask(&v["completion_mask"]),
+        format_mask: mask(&v["format_mask"]),
+    }
 }
 
 #[test]
@@ -30,7 +34,11 @@ fn chat_format_ids_and_masks() {
     let prompt = chat.encode_prompt(&dialog[..2]).unwrap();
     assert_eq!(prompt.ids, ids(&e["chat"]["generation_prompt_ids"]));
     for (name, id) in e["chat"]["special_ids"].as_object().unwrap() {
-        assert_eq!(chat.tokenizer.token_to_id(name), Some(id.as_u64().unwrap() as u32), "{name}");
+        assert_eq!(
+            chat.tokenizer.token_to_id(name),
+            Some(id.as_u64().unwrap() as u32),
+            "{name}"
+        );
     }
     // Decoding drops specials and returns the text.
     let answer = chat.encode_completion("The answer is 42.").unwrap();
@@ -42,7 +50,14 @@ fn forward_logits() {
     let e = expected();
     let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
     let input = ids(&e["forward"]["ids"]);
-    let logits = model.forward(&Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+    let logits = model
+        .forward(
+            &Tensor::new(input.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
     let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
     close_all(&got, &flat(&e["forward"]["logits"]), "logits");
 }
@@ -52,10 +67,22 @@ fn greedy_generation() {
     let e = expected();
     let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
     let prompt = ids(&e["generate"]["prompt_ids"]);
-    let out = generate(&model, &[prompt.clone()], &SamplingConfig::greedy(12, vec![]), 319).unwrap();
+    let out = generate(
+        &model,
+        &[prompt.clone()],
+        &SamplingConfig::greedy(12, vec![]),
+        319,
+    )
+    .unwrap();
     assert_eq!(out[0], ids(&e["generate"]["greedy_ids"]));
     // Batched with a shorter prompt (left padding) gives the same row.
-    let out = generate(&model, &[prompt[..10].to_vec(), prompt.clone()], &SamplingConfig::greedy(12, vec![]), 319).unwrap();
+    let out = generate(
+        &model,
+        &[prompt[..10].to_vec(), prompt.clone()],
+        &SamplingConfig::greedy(12, vec![]),
+        319,
+    )
+    .unwrap();
     assert_eq!(out[1], ids(&e["generate"]["greedy_ids"]));
 }
 
@@ -63,13 +90,26 @@ fn greedy_generation() {
 fn sft_loss() {
     let e = expected();
     let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
-    let seqs: Vec<Encoded> = e["sft"]["sequences"].as_array().unwrap().iter().map(seq).collect();
+    let seqs: Vec<Encoded> = e["sft"]["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(seq)
+        .collect();
     let (loss, tokens) = objective::sft_loss(&model, &seqs, 319).unwrap();
     assert_eq!(tokens as u64, e["sft"]["tokens"].as_u64().unwrap());
-    close(loss.to_scalar::<f32>().unwrap() as f64, e["sft"]["loss"].as_f64().unwrap(), "sft loss");
+    close(
+        loss.to_scalar::<f32>().unwrap() as f64,
+        e["sft"]["loss"].as_f64().unwrap(),
+        "sft loss",
+    );
     // Packing all three into one row gives the same loss.
     let (packed, _) = objective::sft_loss_packed(&model, &seqs, 319, 512).unwrap();
-    close(packed.to_scalar::<f32>().unwrap() as f64, e["sft"]["loss"].as_f64().unwrap(), "packed sft loss");
+    close(
+        packed.to_scalar::<f32>().unwrap() as f64,
+        e["sft"]["loss"].as_f64().unwrap(),
+        "packed sft loss",
+    );
 }
 
 fn dpo_case(key: &str, mask_format: bool) {
@@ -81,32 +121,78 @@ fn dpo_case(key: &str, mask_format: bool) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| Pair { chosen: seq(&r["chosen"]), rejected: seq(&r["rejected"]) })
+        .map(|r| Pair {
+            chosen: seq(&r["chosen"]),
+            rejected: seq(&r["rejected"]),
+        })
         .collect();
     let x = &d[key];
     for share in [false, true] {
-        let (rc, rr) = objective::reference_logps(&reference, &pairs, mask_format, share, 319).unwrap();
+        let (rc, rr) =
+            objective::reference_logps(&reference, &pairs, mask_format, share, 319).unwrap();
         let l = objective::dpo_logps(&policy, &pairs, mask_format, share, 319).unwrap();
         let pc: Vec<f32> = l.chosen.to_vec1().unwrap();
         let pr: Vec<f32> = l.rejected.to_vec1().unwrap();
         for (i, ex) in x["per_example"].as_array().unwrap().iter().enumerate() {
-            close(pc[i] as f64, ex["policy_chosen"].as_f64().unwrap(), "policy_chosen");
-            close(pr[i] as f64, ex["policy_rejected"].as_f64().unwrap(), "policy_rejected");
-            close(rc[i] as f64, ex["ref_chosen"].as_f64().unwrap(), "ref_chosen");
-            close(rr[i] as f64, ex["ref_rejected"].as_f64().unwrap(), "ref_rejected");
+            close(
+                pc[i] as f64,
+                ex["policy_chosen"].as_f64().unwrap(),
+                "policy_chosen",
+            );
+            close(
+                pr[i] as f64,
+                ex["policy_rejected"].as_f64().unwrap(),
+                "policy_rejected",
+            );
+            close(
+                rc[i] as f64,
+                ex["ref_chosen"].as_f64().unwrap(),
+                "ref_chosen",
+            );
+            close(
+                rr[i] as f64,
+                ex["ref_rejected"].as_f64().unwrap(),
+                "ref_rejected",
+            );
         }
-        let out = objective::dpo_loss(&policy, &pairs, &rc, &rr, d["beta"].as_f64().unwrap(), d["alpha"].as_f64().unwrap(), mask_format, 319).unwrap();
+        let out = objective::dpo_loss(
+            &policy,
+            &pairs,
+            &rc,
+            &rr,
+            d["beta"].as_f64().unwrap(),
+            d["alpha"].as_f64().unwrap(),
+            mask_format,
+            319,
+        )
+        .unwrap();
         close(out.dpo_loss, x["dpo_loss"].as_f64().unwrap(), "dpo term");
         close(out.nll, x["nll"].as_f64().unwrap(), "nll");
-        close(out.loss.to_scalar::<f32>().unwrap() as f64, x["loss"].as_f64().unwrap(), "loss");
-        close(out.reward_accuracy(), x["reward_accuracy"].as_f64().unwrap(), "reward accuracy");
+        close(
+            out.loss.to_scalar::<f32>().unwrap() as f64,
+            x["loss"].as_f64().unwrap(),
+            "loss",
+        );
+        close(
+            out.reward_accuracy(),
+            x["reward_accuracy"].as_f64().unwrap(),
+            "reward accuracy",
+        );
         let params = policy.params();
         let grads = gradients(&out.loss, &params).unwrap();
-        close(global_norm(&grads).unwrap(), x["grad_norm"].as_f64().unwrap(), "grad norm");
+        close(
+            global_norm(&grads).unwrap(),
+            x["grad_norm"].as_f64().unwrap(),
+            "grad norm",
+        );
         let by_name: BTreeMap<_, _> = params.iter().map(|(n, _)| n.clone()).zip(grads).collect();
         for (name, want) in x["grads"].as_object().unwrap() {
             let got: Vec<f32> = by_name[name].flatten_all().unwrap().to_vec1().unwrap();
-            close_all(&got, &flat(want), &format!("grad {name} ({key}, share_prompt={share})"));
+            close_all(
+                &got,
+                &flat(want),
+                &format!("grad {name} ({key}, share_prompt={share})"),
+            );
         }
     }
 }
@@ -131,19 +217,43 @@ fn reward_model_rewards_loss_accuracy_packed_and_not() {
         .unwrap()
         .iter()
         .map(|row| {
-            let seqs: Vec<Encoded> = row["sequences"].as_array().unwrap().iter().map(seq).collect();
+            let seqs: Vec<Encoded> = row["sequences"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(seq)
+                .collect();
             let p = objective::prompt_len(&seqs[0]);
-            Ranked { prompt: seqs[0].ids[..p].to_vec(), responses: seqs.iter().map(|s| s.ids[p..].to_vec()).collect(), margin: 0.0 }
+            Ranked {
+                prompt: seqs[0].ids[..p].to_vec(),
+                responses: seqs.iter().map(|s| s.ids[p..].to_vec()).collect(),
+                margin: 0.0,
+            }
         })
         .collect();
     let want: Vec<f64> = flat(&x["rewards"]);
     let (out, rewards) = objective::rm_loss(&rm, &examples, false, None, 319).unwrap();
-    close_all(&rewards.to_vec1::<f32>().unwrap(), &want, "rewards (unpacked)");
-    close(out.loss.to_scalar::<f32>().unwrap() as f64, x["loss"].as_f64().unwrap(), "rm loss");
+    close_all(
+        &rewards.to_vec1::<f32>().unwrap(),
+        &want,
+        "rewards (unpacked)",
+    );
+    close(
+        out.loss.to_scalar::<f32>().unwrap() as f64,
+        x["loss"].as_f64().unwrap(),
+        "rm loss",
+    );
     assert_eq!(out.pairs as u64, x["pairs"].as_u64().unwrap());
-    close(out.correct as f64 / out.pairs as f64, x["accuracy"].as_f64().unwrap(), "rm accuracy");
+    close(
+        out.correct as f64 / out.pairs as f64,
+        x["accuracy"].as_f64().unwrap(),
+        "rm accuracy",
+    );
     // Packed rows, responses in a shuffled order: the same rewards (1e-5).
-    let orders: Vec<Vec<usize>> = examples.iter().map(|ex| (0..ex.responses.len()).rev().collect()).collect();
+    let orders: Vec<Vec<usize>> = examples
+        .iter()
+        .map(|ex| (0..ex.responses.len()).rev().collect())
+        .collect();
     let (packed, _) = objective::rm_rewards(&rm, &examples, true, Some(&orders), 319).unwrap();
     let packed: Vec<f32> = packed.to_vec1().unwrap();
     for (a, b) in packed.iter().zip(&want) {
@@ -156,16 +266,36 @@ fn adamw_three_steps() {
     let e = expected();
     let a = &e["adamw"];
     let shape = (4usize, 5usize);
-    let w0 = Tensor::from_vec(flat(&a["w0"]).iter().map(|x| *x as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap();
+    let w0 = Tensor::from_vec(
+        flat(&a["w0"]).iter().map(|x| *x as f32).collect::<Vec<_>>(),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap();
     let var = candle_core::Var::from_tensor(&w0).unwrap();
     let betas = flat(&a["betas"]);
-    let cfg = AdamWConfig { lr: a["lr"].as_f64().unwrap(), beta1: betas[0], beta2: betas[1], eps: a["eps"].as_f64().unwrap(), weight_decay: a["weight_decay"].as_f64().unwrap() };
+    let cfg = AdamWConfig {
+        lr: a["lr"].as_f64().unwrap(),
+        beta1: betas[0],
+        beta2: betas[1],
+        eps: a["eps"].as_f64().unwrap(),
+        weight_decay: a["weight_decay"].as_f64().unwrap(),
+    };
     let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
     for g in a["grads"].as_array().unwrap() {
-        let g = Tensor::from_vec(flat(g).iter().map(|x| *x as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap();
+        let g = Tensor::from_vec(
+            flat(g).iter().map(|x| *x as f32).collect::<Vec<_>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap();
         opt.step(&[g], cfg.lr).unwrap();
     }
-    close_all(&var.flatten_all().unwrap().to_vec1().unwrap(), &flat(&a["w3"]), "adamw w3");
+    close_all(
+        &var.flatten_all().unwrap().to_vec1().unwrap(),
+        &flat(&a["w3"]),
+        "adamw w3",
+    );
 }
 
 #[test]
@@ -173,15 +303,29 @@ fn averaging_uniform_and_weighted() {
     let e = expected();
     let a = &e["average"];
     let name = a["tensor"].as_str().unwrap();
-    let models = vec![load_tensors(&fixtures().join("ref")).unwrap(), load_tensors(&fixtures().join("policy")).unwrap()];
+    let models = vec![
+        load_tensors(&fixtures().join("ref")).unwrap(),
+        load_tensors(&fixtures().join("policy")).unwrap(),
+    ];
     let uniform = herd_engine::average::average(&models, &[]).unwrap();
-    close_all(&uniform[name].flatten_all().unwrap().to_vec1().unwrap(), &flat(&a["uniform"]), "uniform");
+    close_all(
+        &uniform[name].flatten_all().unwrap().to_vec1().unwrap(),
+        &flat(&a["uniform"]),
+        "uniform",
+    );
     let weights = flat(&a["weights"]);
     let weighted = herd_engine::average::average(&models, &weights).unwrap();
-    close_all(&weighted[name].flatten_all().unwrap().to_vec1().unwrap(), &flat(&a["weighted"]), "weighted");
+    close_all(
+        &weighted[name].flatten_all().unwrap().to_vec1().unwrap(),
+        &flat(&a["weighted"]),
+        "weighted",
+    );
     // Mismatched shapes are refused, naming the tensor.
     let mut bad = models[1].clone();
-    bad.insert(name.to_string(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap());
+    bad.insert(
+        name.to_string(),
+        Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = herd_engine::average::average(&[models[0].clone(), bad], &[]).unwrap_err();
     assert!(err.to_string().contains(name), "{err}");
 }

@@ -62,7 +62,11 @@ fn enc(prompt: &[u32], completion: &[u32], fmt_last: bool) -> Encoded {
     if fmt_last {
         *format.last_mut().unwrap() = 1;
     }
-    Encoded { ids, target_mask: target, format_mask: format }
+    Encoded {
+        ids,
+        target_mask: target,
+        format_mask: format,
+    }
 }
 
 fn check(model: &Llama, loss_fn: &dyn Fn(&Llama) -> Tensor, what: &str) {
@@ -80,29 +84,49 @@ fn check(model: &Llama, loss_fn: &dyn Fn(&Llama) -> Tensor, what: &str) {
             let probe = |delta: f64| {
                 let mut w = base.clone();
                 w[k] += delta;
-                var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss_fn(model).to_scalar::<f64>().unwrap()
             };
             let numeric = (probe(eps) - probe(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let analytic = g[k];
             if (numeric - analytic).abs() > 1e-6 + 1e-4 * numeric.abs().max(analytic.abs()) {
-                bad.push(format!("{what}: d loss / d {name}[{k}]: analytic {analytic}, numeric {numeric}"));
+                bad.push(format!(
+                    "{what}: d loss / d {name}[{k}]: analytic {analytic}, numeric {numeric}"
+                ));
             }
             checked += 1;
         }
     }
-    assert!(bad.is_empty(), "{} of {checked} gradient probes disagree:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of {checked} gradient probes disagree:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
     assert!(checked >= 4 * 11, "{what}: only {checked} probes");
 }
 
 #[test]
 fn sft_gradients_untied_with_llama3_rope_scaling() {
     let model = model_f64(config(false, 0, true), 1);
-    let seqs = vec![enc(&[0, 5, 6, 7], &[8, 9, 10, 1], true), enc(&[0, 11, 12], &[13, 14, 1], true)];
-    check(&model, &|m| objective::sft_loss(m, &seqs, 2).unwrap().0, "sft");
+    let seqs = vec![
+        enc(&[0, 5, 6, 7], &[8, 9, 10, 1], true),
+        enc(&[0, 11, 12], &[13, 14, 1], true),
+    ];
+    check(
+        &model,
+        &|m| objective::sft_loss(m, &seqs, 2).unwrap().0,
+        "sft",
+    );
     // Packed rows (block-diagonal attention, restarted positions) too.
-    check(&model, &|m| objective::sft_loss_packed(m, &seqs, 2, 32).unwrap().0, "packed sft");
+    check(
+        &model,
+        &|m| objective::sft_loss_packed(m, &seqs, 2, 32).unwrap().0,
+        "packed sft",
+    );
 }
 
 #[test]
@@ -110,22 +134,53 @@ fn dpo_gradients_tied_embeddings_masked_shared_prompt() {
     let model = model_f64(config(true, 0, false), 2);
     let reference = model_f64(config(true, 0, false), 3);
     let pairs = vec![
-        Pair { chosen: enc(&[0, 5, 6], &[7, 8, 1], true), rejected: enc(&[0, 5, 6], &[9, 1], true) },
-        Pair { chosen: enc(&[0, 11], &[12, 13, 14, 1], true), rejected: enc(&[0, 11], &[15, 16, 1], true) },
+        Pair {
+            chosen: enc(&[0, 5, 6], &[7, 8, 1], true),
+            rejected: enc(&[0, 5, 6], &[9, 1], true),
+        },
+        Pair {
+            chosen: enc(&[0, 11], &[12, 13, 14, 1], true),
+            rejected: enc(&[0, 11], &[15, 16, 1], true),
+        },
     ];
     let (rc, rr) = objective::reference_logps(&reference, &pairs, true, true, 2).unwrap();
-    check(&model, &|m| objective::dpo_loss(m, &pairs, &rc, &rr, 0.1, 0.2, true, 2).unwrap().loss, "dpo");
+    check(
+        &model,
+        &|m| {
+            objective::dpo_loss(m, &pairs, &rc, &rr, 0.1, 0.2, true, 2)
+                .unwrap()
+                .loss
+        },
+        "dpo",
+    );
 }
 
 #[test]
 fn reward_model_gradients_packed() {
     let model = model_f64(config(false, 1, false), 4);
     let examples = vec![
-        Ranked { prompt: vec![0, 5, 6], responses: vec![vec![7, 8, 1], vec![9, 1], vec![10, 11, 12, 1]], margin: 0.0 },
-        Ranked { prompt: vec![0, 13], responses: vec![vec![14, 1], vec![15, 16, 1]], margin: 0.5 },
+        Ranked {
+            prompt: vec![0, 5, 6],
+            responses: vec![vec![7, 8, 1], vec![9, 1], vec![10, 11, 12, 1]],
+            margin: 0.0,
+        },
+        Ranked {
+            prompt: vec![0, 13],
+            responses: vec![vec![14, 1], vec![15, 16, 1]],
+            margin: 0.5,
+        },
     ];
     let orders = vec![vec![2, 0, 1], vec![1, 0]];
-    check(&model, &|m| objective::rm_loss(m, &examples, true, Some(&orders), 2).unwrap().0.loss, "rm");
+    check(
+        &model,
+        &|m| {
+            objective::rm_loss(m, &examples, true, Some(&orders), 2)
+                .unwrap()
+                .0
+                .loss
+        },
+        "rm",
+    );
 }
 
 /// The fused f32 CPU kernels (attention softmax, target log-probs, RMSNorm,
@@ -135,10 +190,16 @@ fn reward_model_gradients_packed() {
 fn fused_kernels_match_the_plain_path() {
     let m64 = model_f64(config(false, 0, true), 9);
     let m32 = Llama::from_tensors(m64.config.clone(), m64.tensors(), &Device::Cpu).unwrap();
-    let seqs = vec![enc(&[0, 5, 6, 7], &[8, 9, 10, 1], true), enc(&[0, 11, 12], &[13, 14, 1], true)];
+    let seqs = vec![
+        enc(&[0, 5, 6, 7], &[8, 9, 10, 1], true),
+        enc(&[0, 11, 12], &[13, 14, 1], true),
+    ];
     let (l64, _) = objective::sft_loss_packed(&m64, &seqs, 2, 32).unwrap();
     let (l32, _) = objective::sft_loss_packed(&m32, &seqs, 2, 32).unwrap();
-    let (v64, v32) = (l64.to_scalar::<f64>().unwrap(), l32.to_scalar::<f32>().unwrap() as f64);
+    let (v64, v32) = (
+        l64.to_scalar::<f64>().unwrap(),
+        l32.to_scalar::<f32>().unwrap() as f64,
+    );
     assert!((v64 - v32).abs() < 1e-4 * v64.abs(), "loss {v32} vs {v64}");
     let g64 = gradients(&l64, &m64.params()).unwrap();
     let g32 = gradients(&l32, &m32.params()).unwrap();
@@ -146,7 +207,14 @@ fn fused_kernels_match_the_plain_path() {
         let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
         let scale = a.iter().map(|x| x.abs()).fold(0.0, f64::max).max(1e-6);
-        let worst = a.iter().zip(&b).map(|(x, y)| (x - *y as f64).abs()).fold(0.0, f64::max);
-        assert!(worst < 1e-3 * scale, "{name}: max abs diff {worst} (scale {scale})");
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - *y as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-3 * scale,
+            "{name}: max abs diff {worst} (scale {scale})"
+        );
     }
 }

@@ -9,7 +9,11 @@ use herd_daemon::scheduler::SchedulerConfig;
 use herd_daemon::server::{serve, DaemonConfig};
 
 #[derive(Parser)]
-#[command(name = "herdd", version, about = "herd daemon: records post-training rounds and runs their jobs")]
+#[command(
+    name = "herdd",
+    version,
+    about = "herd daemon: records post-training rounds and runs their jobs"
+)]
 struct Cli {
     /// Data directory (event log, blobs, token). Default: the user's data dir.
     #[arg(long, env = "HERD_DATA_DIR", global = true)]
@@ -52,7 +56,9 @@ fn main() {
     if let Some(Command::Worker { job_file }) = &cli.command {
         std::process::exit(herd_daemon::worker::main(job_file));
     }
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "herdd".into());
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "herdd".into());
     let mut sched = SchedulerConfig::discover(vec![exe, "worker".into()], cli.cpu_jobs);
     if !cli.devices.is_empty() {
         for d in &cli.devices {
@@ -66,8 +72,15 @@ fn main() {
     if let Some(t) = cli.threads {
         sched.cpu_threads = t.max(1);
     }
-    let config = DaemonConfig { data_dir: cli.data_dir.unwrap_or_else(default_data_dir), listen: cli.listen, scheduler: sched };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let config = DaemonConfig {
+        data_dir: cli.data_dir.unwrap_or_else(default_data_dir),
+        listen: cli.listen,
+        scheduler: sched,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     if let Err(e) = rt.block_on(serve(config)) {
         eprintln!("herdd: {e:#}");
         std::process::exit(1);

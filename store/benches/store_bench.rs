@@ -11,7 +11,10 @@ use herd_store::{EventLog, ExpectedVersion, NewEvent};
 use serde_json::json;
 
 fn metric(i: u64) -> NewEvent {
-    NewEvent::new("JobMetrics", json!({"job": "bench", "points": [{"step": i, "name": "loss", "value": 1.0 / (i as f64 + 1.0)}]}))
+    NewEvent::new(
+        "JobMetrics",
+        json!({"job": "bench", "points": [{"step": i, "name": "loss", "value": 1.0 / (i as f64 + 1.0)}]}),
+    )
 }
 
 fn main() {
@@ -22,9 +25,13 @@ fn main() {
     let n = 2_000;
     let t = Instant::now();
     for i in 0..n {
-        log.append("single", ExpectedVersion::Any, vec![metric(i)]).unwrap();
+        log.append("single", ExpectedVersion::Any, vec![metric(i)])
+            .unwrap();
     }
-    println!("durable single appends, 1 writer: {:.0} events/s", n as f64 / t.elapsed().as_secs_f64());
+    println!(
+        "durable single appends, 1 writer: {:.0} events/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
 
     // 32 writers: group commit shares each flush.
     let per = 500;
@@ -34,12 +41,16 @@ fn main() {
             let log = log.clone();
             s.spawn(move || {
                 for i in 0..per {
-                    log.append(&format!("w{w}"), ExpectedVersion::Any, vec![metric(i)]).unwrap();
+                    log.append(&format!("w{w}"), ExpectedVersion::Any, vec![metric(i)])
+                        .unwrap();
                 }
             });
         }
     });
-    println!("durable single appends, 32 writers: {:.0} events/s", (32 * per) as f64 / t.elapsed().as_secs_f64());
+    println!(
+        "durable single appends, 32 writers: {:.0} events/s",
+        (32 * per) as f64 / t.elapsed().as_secs_f64()
+    );
 
     // Batches of 1,000.
     let batches = 200;
@@ -48,7 +59,10 @@ fn main() {
         let events = (0..1000).map(|i| metric(b * 1000 + i)).collect();
         log.append("batched", ExpectedVersion::Any, events).unwrap();
     }
-    println!("durable batched appends (1,000/batch): {:.0} events/s", (batches * 1000) as f64 / t.elapsed().as_secs_f64());
+    println!(
+        "durable batched appends (1,000/batch): {:.0} events/s",
+        (batches * 1000) as f64 / t.elapsed().as_secs_f64()
+    );
 
     // Fill to 1M events, then replay everything.
     let have = log.head_seq();
@@ -56,7 +70,12 @@ fn main() {
     while log.head_seq() < 1_000_000 {
         let k = (1_000_000 - log.head_seq()).min(10_000);
         let events = (0..k).map(|i| metric(b * 10_000 + i)).collect();
-        log.append(if b % 50 == 0 { "stream20k" } else { "fill" }, ExpectedVersion::Any, events).unwrap();
+        log.append(
+            if b % 50 == 0 { "stream20k" } else { "fill" },
+            ExpectedVersion::Any,
+            events,
+        )
+        .unwrap();
         b += 1;
     }
     let _ = have;
@@ -72,11 +91,18 @@ fn main() {
         from = chunk.last().unwrap().seq + 1;
     }
     let secs = t.elapsed().as_secs_f64();
-    println!("full replay: {seen} events in {secs:.2} s = {:.0} events/s", seen as f64 / secs);
+    println!(
+        "full replay: {seen} events in {secs:.2} s = {:.0} events/s",
+        seen as f64 / secs
+    );
 
     // One stream of 20k events.
     let len = log.stream_version("stream20k").unwrap().min(20_000) as usize;
     let t = Instant::now();
     let evs = log.read_stream("stream20k", 1, 20_000).unwrap();
-    println!("read one stream of {} events: {:.1} ms", evs.len().min(len), t.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "read one stream of {} events: {:.1} ms",
+        evs.len().min(len),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
 }

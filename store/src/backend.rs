@@ -64,7 +64,9 @@ fn u64_of(bytes: &[u8], what: &str) -> Result<u64> {
     let arr: [u8; 8] = bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| StoreError::Backend(format!("{what}: expected 8 bytes, found {}", bytes.len())))?;
+        .ok_or_else(|| {
+            StoreError::Backend(format!("{what}: expected 8 bytes, found {}", bytes.len()))
+        })?;
     Ok(u64::from_be_bytes(arr))
 }
 
@@ -98,10 +100,16 @@ impl Backend {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()
-            .map_err(|e| StoreError::Backend(format!("opening sled database at {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                StoreError::Backend(format!("opening sled database at {}: {e}", dir.display()))
+            })?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|e| StoreError::io(&data_path, e))?;
-        Ok(Backend { db, data_file, path: dir.to_path_buf() })
+        Ok(Backend {
+            db,
+            data_file,
+            path: dir.to_path_buf(),
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -130,7 +138,11 @@ impl Backend {
     }
 
     pub(crate) fn seq_of_id(&self, id: &uuid::Uuid) -> Result<Option<u64>> {
-        self.db.get(id_key(id)).map_err(be)?.map(|v| u64_of(&v, "event id index")).transpose()
+        self.db
+            .get(id_key(id))
+            .map_err(be)?
+            .map(|v| u64_of(&v, "event id index"))
+            .transpose()
     }
 
     pub(crate) fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>> {
@@ -138,15 +150,24 @@ impl Backend {
     }
 
     /// Events with sequence >= `from`, in order.
-    pub(crate) fn scan_events(&self, from: u64) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
-        self.db.range(event_key(from)..event_key(u64::MAX)).map(|r| {
-            let (k, v) = r.map_err(be)?;
-            Ok((u64_of(&k[1..], "event key")?, v))
-        })
+    pub(crate) fn scan_events(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
+        self.db
+            .range(event_key(from)..event_key(u64::MAX))
+            .map(|r| {
+                let (k, v) = r.map_err(be)?;
+                Ok((u64_of(&k[1..], "event key")?, v))
+            })
     }
 
     /// Sequence numbers of a stream's events with version >= `from`, in order.
-    pub(crate) fn scan_stream(&self, stream: &str, from: u64) -> impl Iterator<Item = Result<u64>> + '_ {
+    pub(crate) fn scan_stream(
+        &self,
+        stream: &str,
+        from: u64,
+    ) -> impl Iterator<Item = Result<u64>> + '_ {
         let start = stream_key(stream, from);
         let end = stream_key(stream, u64::MAX);
         self.db.range(start..=end).map(|r| {
@@ -159,7 +180,8 @@ impl Backend {
     pub(crate) fn streams(&self) -> impl Iterator<Item = Result<String>> + '_ {
         self.db.scan_prefix(b"h").map(|r| {
             let (k, _) = r.map_err(be)?;
-            String::from_utf8(k[1..].to_vec()).map_err(|_| StoreError::Backend("stream name is not UTF-8".into()))
+            String::from_utf8(k[1..].to_vec())
+                .map_err(|_| StoreError::Backend("stream name is not UTF-8".into()))
         })
     }
 

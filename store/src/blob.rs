@@ -56,7 +56,11 @@ pub struct BlobStore {
 }
 
 pub fn validate_id(id: &str) -> Result<()> {
-    if id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if id.len() == 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(StoreError::BadBlobId(id.chars().take(80).collect()))
@@ -68,7 +72,9 @@ impl BlobStore {
         for d in [root.join("sha256"), root.join("tmp")] {
             fs::create_dir_all(&d).map_err(|e| StoreError::io(&d, e))?;
         }
-        Ok(BlobStore { root: root.to_path_buf() })
+        Ok(BlobStore {
+            root: root.to_path_buf(),
+        })
     }
 
     /// Where a blob lives (whether or not it exists).
@@ -96,14 +102,22 @@ impl BlobStore {
                 Err(e) => return Err(StoreError::io(&tmp.path, e)),
             };
             hasher.update(&buf[..n]);
-            tmp.file.write_all(&buf[..n]).map_err(|e| StoreError::io(&tmp.path, e))?;
+            tmp.file
+                .write_all(&buf[..n])
+                .map_err(|e| StoreError::io(&tmp.path, e))?;
             size += n as u64;
         }
-        tmp.file.sync_all().map_err(|e| StoreError::io(&tmp.path, e))?;
+        tmp.file
+            .sync_all()
+            .map_err(|e| StoreError::io(&tmp.path, e))?;
         let id = hex::encode(hasher.finalize());
         let dest = self.path_of(&id)?;
         if dest.is_file() {
-            return Ok(BlobInfo { id, size, existed: true });
+            return Ok(BlobInfo {
+                id,
+                size,
+                existed: true,
+            });
         }
         let parent = dest.parent().expect("blob path has a parent");
         fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
@@ -113,7 +127,11 @@ impl BlobStore {
         if let Ok(d) = File::open(parent) {
             let _ = d.sync_all();
         }
-        Ok(BlobInfo { id, size, existed: false })
+        Ok(BlobInfo {
+            id,
+            size,
+            existed: false,
+        })
     }
 
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<BlobInfo> {
@@ -132,7 +150,13 @@ impl BlobStore {
             io::ErrorKind::NotFound => StoreError::BlobNotFound { id: id.to_string() },
             _ => StoreError::io(&path, e),
         })?;
-        Ok(VerifyingReader { inner: BufReader::new(file), hasher: Sha256::new(), id: id.to_string(), path, done: false })
+        Ok(VerifyingReader {
+            inner: BufReader::new(file),
+            hasher: Sha256::new(),
+            id: id.to_string(),
+            path,
+            done: false,
+        })
     }
 
     /// The whole blob, verified. For small blobs (manifests, datasets).
@@ -172,31 +196,46 @@ impl BlobStore {
         let mut files = Vec::new();
         for path in read_dir_sorted(dir)? {
             if path.is_file() {
-                let name = path.file_name().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+                let name = path
+                    .file_name()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
                 files.push((name, path));
             }
         }
         if files.is_empty() {
-            return Err(StoreError::io(dir, io::Error::new(io::ErrorKind::NotFound, "directory holds no files")));
+            return Err(StoreError::io(
+                dir,
+                io::Error::new(io::ErrorKind::NotFound, "directory holds no files"),
+            ));
         }
         let mut entries = Vec::new();
         for (name, path) in files {
             let info = self.put_file(&path)?;
-            entries.push(TreeEntry { name, blob: info.id, size: info.size });
+            entries.push(TreeEntry {
+                name,
+                blob: info.id,
+                size: info.size,
+            });
         }
         self.put_tree(entries)
     }
 
     pub fn put_tree(&self, mut files: Vec<TreeEntry>) -> Result<BlobInfo> {
         files.sort_by(|a, b| a.name.cmp(&b.name));
-        let tree = Tree { herd_tree: 1, files };
+        let tree = Tree {
+            herd_tree: 1,
+            files,
+        };
         self.put_bytes(&serde_json::to_vec(&tree).expect("tree serializes"))
     }
 
     /// Read a tree manifest; errors if the blob is not one.
     pub fn tree(&self, id: &str) -> Result<Tree> {
         let bytes = self.read(id)?;
-        serde_json::from_slice(&bytes).map_err(|e| StoreError::Invalid(format!("blob {id} is not a directory tree: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Invalid(format!("blob {id} is not a directory tree: {e}")))
     }
 
     /// Write a tree's files into `dest` (created), each verified as copied.
@@ -204,8 +243,12 @@ impl BlobStore {
         let tree = self.tree(id)?;
         fs::create_dir_all(dest).map_err(|e| StoreError::io(dest, e))?;
         for entry in &tree.files {
-            if entry.name.contains('/') || entry.name.contains('\\') || entry.name.starts_with('.') {
-                return Err(StoreError::Invalid(format!("tree {id} has an unsafe file name {:?}", entry.name)));
+            if entry.name.contains('/') || entry.name.contains('\\') || entry.name.starts_with('.')
+            {
+                return Err(StoreError::Invalid(format!(
+                    "tree {id} has an unsafe file name {:?}",
+                    entry.name
+                )));
             }
             let target = dest.join(&entry.name);
             let mut r = self.reader(&entry.blob)?;
@@ -242,7 +285,11 @@ impl Drop for TempFile {
 fn tempfile_in(dir: &Path) -> Result<TempFile> {
     let path = dir.join(format!("{}.part", uuid::Uuid::now_v7()));
     let file = File::create(&path).map_err(|e| StoreError::io(&path, e))?;
-    Ok(TempFile { file, path, kept: false })
+    Ok(TempFile {
+        file,
+        path,
+        kept: false,
+    })
 }
 
 /// Reads a blob and fails at the end if its bytes do not hash to its id.
@@ -256,8 +303,15 @@ pub struct VerifyingReader {
 
 impl VerifyingReader {
     fn to_store_error(&self, e: io::Error) -> StoreError {
-        match e.get_ref().and_then(|inner| inner.downcast_ref::<CorruptBlob>()) {
-            Some(c) => StoreError::BlobCorrupt { id: self.id.clone(), actual: c.0.clone(), path: self.path.clone() },
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<CorruptBlob>())
+        {
+            Some(c) => StoreError::BlobCorrupt {
+                id: self.id.clone(),
+                actual: c.0.clone(),
+                path: self.path.clone(),
+            },
             None => StoreError::io(&self.path, e),
         }
     }
@@ -281,7 +335,10 @@ impl Read for VerifyingReader {
             self.done = true;
             let actual = hex::encode(self.hasher.clone().finalize());
             if actual != self.id {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, CorruptBlob(actual)));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    CorruptBlob(actual),
+                ));
             }
         }
         Ok(n)

@@ -6,10 +6,18 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("version conflict on stream `{stream}`: expected {expected}, but the stream is at version {current}")]
-    Conflict { stream: String, expected: String, current: u64 },
+    Conflict {
+        stream: String,
+        expected: String,
+        current: u64,
+    },
 
     #[error("append to stream `{stream}` mixes event ids already stored ({stored} of {total}) with new ones; retry the original batch unchanged")]
-    PartialDuplicate { stream: String, stored: usize, total: usize },
+    PartialDuplicate {
+        stream: String,
+        stored: usize,
+        total: usize,
+    },
 
     #[error("invalid append: {0}")]
     Invalid(String),
@@ -24,13 +32,20 @@ pub enum StoreError {
     BlobNotFound { id: String },
 
     #[error("blob {id} is corrupt: content hashes to {actual} ({path})")]
-    BlobCorrupt { id: String, actual: String, path: PathBuf },
+    BlobCorrupt {
+        id: String,
+        actual: String,
+        path: PathBuf,
+    },
 
     #[error("invalid blob id `{0}`: expected 64 lowercase hex characters (sha256)")]
     BadBlobId(String),
 
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("storage backend error: {0}")]
     Backend(String),
@@ -44,7 +59,10 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StoreError::Io { path: path.into(), source }
+        StoreError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -38,11 +38,17 @@ pub struct VerifyReport {
 impl Store {
     /// Open (or create) `dir/log` and `dir/blobs`.
     pub fn open(dir: &Path) -> Result<Self> {
-        Ok(Store { log: EventLog::open(&dir.join("log"))?, blobs: BlobStore::open(&dir.join("blobs"))? })
+        Ok(Store {
+            log: EventLog::open(&dir.join("log"))?,
+            blobs: BlobStore::open(&dir.join("blobs"))?,
+        })
     }
 
     /// Walk the hash chain and re-hash every blob; the first fault is the error.
     pub fn verify(&self) -> Result<VerifyReport> {
-        Ok(VerifyReport { chain: self.log.verify_chain()?, blobs: self.blobs.verify_all()? })
+        Ok(VerifyReport {
+            chain: self.log.verify_chain()?,
+            blobs: self.blobs.verify_all()?,
+        })
     }
 }

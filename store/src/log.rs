@@ -102,16 +102,32 @@ impl EventLog {
     ) -> Result<oneshot::Receiver<Result<AppendResult>>> {
         validate_append(stream, &events)?;
         let (reply, rx) = oneshot::channel();
-        let req = AppendRequest { stream: stream.to_string(), expected, events, reply };
+        let req = AppendRequest {
+            stream: stream.to_string(),
+            expected,
+            events,
+            reply,
+        };
         let guard = self.shared.requests.lock().expect("request queue lock");
-        guard.as_ref().ok_or(StoreError::Closed)?.send(req).map_err(|_| StoreError::Closed)?;
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(req)
+            .map_err(|_| StoreError::Closed)?;
         Ok(rx)
     }
 
     /// Append atomically; returns once the events are durable. Blocking: do not
     /// call from inside an async task (use [`EventLog::append_async`]).
-    pub fn append(&self, stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Result<AppendResult> {
-        self.submit(stream, expected, events)?.blocking_recv().map_err(|_| StoreError::Closed)?
+    pub fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        self.submit(stream, expected, events)?
+            .blocking_recv()
+            .map_err(|_| StoreError::Closed)?
     }
 
     pub async fn append_async(
@@ -120,7 +136,9 @@ impl EventLog {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        self.submit(stream, expected, events)?.await.map_err(|_| StoreError::Closed)?
+        self.submit(stream, expected, events)?
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Sequence number of the last durable event (0 when empty).
@@ -159,19 +177,32 @@ impl EventLog {
     }
 
     /// Up to `limit` events of one stream with version >= `from_version`.
-    pub fn read_stream(&self, stream: &str, from_version: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
         let head = self.head_seq();
         let mut out = Vec::new();
-        for seq in self.shared.backend.scan_stream(stream, from_version.max(1)).take(limit) {
+        for seq in self
+            .shared
+            .backend
+            .scan_stream(stream, from_version.max(1))
+            .take(limit)
+        {
             let seq = seq?;
             if seq > head {
                 break;
             }
-            let bytes = self
-                .shared
-                .backend
-                .event_bytes(seq)?
-                .ok_or_else(|| StoreError::CorruptEvent { seq, reason: format!("indexed by stream `{stream}` but missing") })?;
+            let bytes =
+                self.shared
+                    .backend
+                    .event_bytes(seq)?
+                    .ok_or_else(|| StoreError::CorruptEvent {
+                        seq,
+                        reason: format!("indexed by stream `{stream}` but missing"),
+                    })?;
             out.push(decode(seq, &bytes)?);
         }
         Ok(out)
@@ -199,20 +230,32 @@ impl EventLog {
         for item in backend.scan_events(1) {
             let (seq, bytes) = item?;
             if seq != expected_seq {
-                return Err(StoreError::BrokenChain { seq: expected_seq, reason: format!("missing; next stored is {seq}") });
+                return Err(StoreError::BrokenChain {
+                    seq: expected_seq,
+                    reason: format!("missing; next stored is {seq}"),
+                });
             }
             let rec = decode(seq, &bytes)?;
             if rec.prev_hash != prev_hash {
                 return Err(StoreError::BrokenChain {
                     seq,
-                    reason: format!("prev_hash {} does not match the previous record's hash {}", rec.prev_hash, prev_hash),
+                    reason: format!(
+                        "prev_hash {} does not match the previous record's hash {}",
+                        rec.prev_hash, prev_hash
+                    ),
                 });
             }
-            let indexed = backend.scan_stream(&rec.stream, rec.version).next().transpose()?;
+            let indexed = backend
+                .scan_stream(&rec.stream, rec.version)
+                .next()
+                .transpose()?;
             if indexed != Some(seq) {
                 return Err(StoreError::BrokenChain {
                     seq,
-                    reason: format!("stream index of `{}` v{} points at {:?}", rec.stream, rec.version, indexed),
+                    reason: format!(
+                        "stream index of `{}` v{} points at {:?}",
+                        rec.stream, rec.version, indexed
+                    ),
                 });
             }
             prev_hash = sha256_hex(&bytes);
@@ -225,7 +268,10 @@ impl EventLog {
                 reason: format!("head pointer says seq {head_seq} hash {head_hash}, records end at {last} hash {prev_hash}"),
             });
         }
-        Ok(ChainReport { events: last, last_hash: prev_hash })
+        Ok(ChainReport {
+            events: last,
+            last_hash: prev_hash,
+        })
     }
 
     /// Test hook: overwrite a record's raw bytes, to prove verification notices.
@@ -247,7 +293,9 @@ fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
         )));
     }
     if events.is_empty() {
-        return Err(StoreError::Invalid(format!("append to `{stream}` carries no events")));
+        return Err(StoreError::Invalid(format!(
+            "append to `{stream}` carries no events"
+        )));
     }
     if events.len() > MAX_EVENTS_PER_APPEND {
         return Err(StoreError::Invalid(format!(
@@ -258,10 +306,15 @@ fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
     let mut seen = std::collections::HashSet::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
         if e.event_type.is_empty() {
-            return Err(StoreError::Invalid(format!("event {i} of the append to `{stream}` has an empty type")));
+            return Err(StoreError::Invalid(format!(
+                "event {i} of the append to `{stream}` has an empty type"
+            )));
         }
         if !seen.insert(e.id) {
-            return Err(StoreError::Invalid(format!("event id {} appears twice in one append to `{stream}`", e.id)));
+            return Err(StoreError::Invalid(format!(
+                "event id {} appears twice in one append to `{stream}`",
+                e.id
+            )));
         }
     }
     Ok(())
@@ -269,9 +322,15 @@ fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
 
 pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Result<RecordedEvent> {
     let rec: RecordedEvent =
-        serde_json::from_slice(bytes).map_err(|e| StoreError::CorruptEvent { seq, reason: e.to_string() })?;
+        serde_json::from_slice(bytes).map_err(|e| StoreError::CorruptEvent {
+            seq,
+            reason: e.to_string(),
+        })?;
     if rec.seq != seq {
-        return Err(StoreError::CorruptEvent { seq, reason: format!("record claims sequence {}", rec.seq) });
+        return Err(StoreError::CorruptEvent {
+            seq,
+            reason: format!("record claims sequence {}", rec.seq),
+        });
     }
     Ok(rec)
 }
@@ -293,7 +352,13 @@ enum Outcome {
 
 impl Writer {
     fn new(backend: Arc<Backend>, seq: u64, hash: String) -> Self {
-        Writer { backend, seq, hash, versions: HashMap::new(), poisoned: None }
+        Writer {
+            backend,
+            seq,
+            hash,
+            versions: HashMap::new(),
+            poisoned: None,
+        }
     }
 
     fn run(mut self, rx: mpsc::Receiver<AppendRequest>, shared: std::sync::Weak<Shared>) {
@@ -334,7 +399,10 @@ impl Writer {
             }
             return;
         }
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis() as u64;
         let mut batch = WriteBatch::default();
         let mut pending_versions: HashMap<String, u64> = HashMap::new();
         let mut pending_ids: HashMap<Uuid, (u64, u64)> = HashMap::new();
@@ -342,7 +410,15 @@ impl Writer {
         let mut hash = self.hash.clone();
         let mut outcomes = Vec::with_capacity(group.len());
         for req in group {
-            let outcome = self.stage(&req, now_ms, &mut batch, &mut pending_versions, &mut pending_ids, &mut seq, &mut hash);
+            let outcome = self.stage(
+                &req,
+                now_ms,
+                &mut batch,
+                &mut pending_versions,
+                &mut pending_ids,
+                &mut seq,
+                &mut hash,
+            );
             outcomes.push((req.reply, outcome));
         }
         let committed = if batch.len > 0 {
@@ -373,7 +449,9 @@ impl Writer {
             let result = match outcome {
                 Outcome::Reply(r) => r,
                 Outcome::Pending(r) if committed => Ok(r),
-                Outcome::Pending(_) => Err(StoreError::Poisoned(self.poisoned.clone().unwrap_or_default())),
+                Outcome::Pending(_) => Err(StoreError::Poisoned(
+                    self.poisoned.clone().unwrap_or_default(),
+                )),
             };
             let _ = reply.send(result);
         }
@@ -419,7 +497,12 @@ impl Writer {
             }
             let first_seq = known.iter().map(|k| k.0).min().unwrap_or(0);
             let last_seq = known.iter().map(|k| k.0).max().unwrap_or(0);
-            return Outcome::Reply(Ok(AppendResult { first_seq, last_seq, version: current, duplicate: true }));
+            return Outcome::Reply(Ok(AppendResult {
+                first_seq,
+                last_seq,
+                version: current,
+                duplicate: true,
+            }));
         }
         if !req.expected.admits(current) {
             return Outcome::Reply(Err(StoreError::Conflict {
@@ -449,13 +532,24 @@ impl Writer {
             let bytes = serde_json::to_vec(&rec).expect("serializing a JSON value cannot fail");
             *hash = sha256_hex(&bytes);
             batch.put(&backend::event_key(*seq), &bytes);
-            batch.put(&backend::stream_key(&req.stream, version), &seq.to_be_bytes());
+            batch.put(
+                &backend::stream_key(&req.stream, version),
+                &seq.to_be_bytes(),
+            );
             batch.put(&backend::id_key(&e.id), &seq.to_be_bytes());
             pending_ids.insert(e.id, (*seq, version));
         }
-        batch.put(&backend::stream_head_key(&req.stream), &version.to_be_bytes());
+        batch.put(
+            &backend::stream_head_key(&req.stream),
+            &version.to_be_bytes(),
+        );
         pending_versions.insert(req.stream.clone(), version);
-        Outcome::Pending(AppendResult { first_seq, last_seq: *seq, version, duplicate: false })
+        Outcome::Pending(AppendResult {
+            first_seq,
+            last_seq: *seq,
+            version,
+            duplicate: false,
+        })
     }
 }
 
@@ -495,7 +589,10 @@ impl Subscription {
                 return Ok(None);
             }
             if *guard < self.next {
-                let _ = shared.head_changed.wait_timeout(guard, deadline - now).expect("head lock");
+                let _ = shared
+                    .head_changed
+                    .wait_timeout(guard, deadline - now)
+                    .expect("head lock");
             }
         }
     }
@@ -508,7 +605,10 @@ impl Subscription {
                 return Ok(e);
             }
             let next = self.next;
-            self.watch.wait_for(|head| *head >= next).await.map_err(|_| StoreError::Closed)?;
+            self.watch
+                .wait_for(|head| *head >= next)
+                .await
+                .map_err(|_| StoreError::Closed)?;
         }
     }
 }

@@ -119,7 +119,10 @@ pub enum HerdEvent {
         reason: String,
     },
     #[serde(skip)]
-    Unknown { event_type: String, payload: Value },
+    Unknown {
+        event_type: String,
+        payload: Value,
+    },
 }
 
 impl HerdEvent {
@@ -169,15 +172,27 @@ impl HerdEvent {
             "JobInterrupted",
         ];
         if !known.contains(&rec.event_type.as_str()) {
-            return Ok(HerdEvent::Unknown { event_type: rec.event_type.clone(), payload });
+            return Ok(HerdEvent::Unknown {
+                event_type: rec.event_type.clone(),
+                payload,
+            });
         }
         let mut obj = match payload {
             Value::Object(m) => m,
-            other => return Err(format!("event {} ({}): payload is not an object: {other}", rec.seq, rec.event_type)),
+            other => {
+                return Err(format!(
+                    "event {} ({}): payload is not an object: {other}",
+                    rec.seq, rec.event_type
+                ))
+            }
         };
         obj.insert("type".into(), Value::String(rec.event_type.clone()));
-        serde_json::from_value(Value::Object(obj))
-            .map_err(|e| format!("event {} ({}) schema v{}: {e}", rec.seq, rec.event_type, rec.schema_version))
+        serde_json::from_value(Value::Object(obj)).map_err(|e| {
+            format!(
+                "event {} ({}) schema v{}: {e}",
+                rec.seq, rec.event_type, rec.schema_version
+            )
+        })
     }
 }
 
@@ -211,7 +226,10 @@ pub enum JobStatus {
 
 impl JobStatus {
     pub fn is_final(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
     pub fn parse(s: &str) -> Option<Self> {
         serde_json::from_value(Value::String(s.to_string())).ok()
@@ -350,17 +368,28 @@ impl Projection {
         };
         let ts = rec.timestamp_ms;
         match event {
-            HerdEvent::ExperimentCreated { experiment, name, description } => {
-                self.experiments.entry(experiment).or_insert(ExperimentView {
-                    id: experiment,
-                    name,
-                    description,
-                    created_ms: ts,
-                    rounds: vec![],
-                    jobs: vec![],
-                });
+            HerdEvent::ExperimentCreated {
+                experiment,
+                name,
+                description,
+            } => {
+                self.experiments
+                    .entry(experiment)
+                    .or_insert(ExperimentView {
+                        id: experiment,
+                        name,
+                        description,
+                        created_ms: ts,
+                        rounds: vec![],
+                        jobs: vec![],
+                    });
             }
-            HerdEvent::ArtifactImported { hash, artifact, name, summary } => {
+            HerdEvent::ArtifactImported {
+                hash,
+                artifact,
+                name,
+                summary,
+            } => {
                 self.artifacts.entry(hash.clone()).or_insert(ArtifactView {
                     hash,
                     artifact,
@@ -370,11 +399,26 @@ impl Projection {
                     recorded_seq: rec.seq,
                 });
             }
-            HerdEvent::RoundSubmitted { experiment, round, index, spec, jobs } => {
+            HerdEvent::RoundSubmitted {
+                experiment,
+                round,
+                index,
+                spec,
+                jobs,
+            } => {
                 if let Some(e) = self.experiments.get_mut(&experiment) {
                     e.rounds.push(round);
                 }
-                self.rounds.insert(round, RoundView { id: round, experiment, index, spec, jobs });
+                self.rounds.insert(
+                    round,
+                    RoundView {
+                        id: round,
+                        experiment,
+                        index,
+                        spec,
+                        jobs,
+                    },
+                );
             }
             HerdEvent::JobSubmitted {
                 job,
@@ -457,7 +501,13 @@ impl Projection {
                     }
                 }
             }
-            HerdEvent::JobOutput { job, name, hash, artifact, summary } => {
+            HerdEvent::JobOutput {
+                job,
+                name,
+                hash,
+                artifact,
+                summary,
+            } => {
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.outputs.insert(name.clone(), hash.clone());
                 }
@@ -480,7 +530,11 @@ impl Projection {
             HerdEvent::JobFailed { job, reason } | HerdEvent::JobCancelled { job, reason } => {
                 let cancelled = rec.event_type == "JobCancelled";
                 if let Some(j) = self.jobs.get_mut(&job) {
-                    j.status = if cancelled { JobStatus::Cancelled } else { JobStatus::Failed };
+                    j.status = if cancelled {
+                        JobStatus::Cancelled
+                    } else {
+                        JobStatus::Failed
+                    };
                     j.error = Some(reason);
                     j.finished_ms = Some(ts);
                 }
@@ -502,13 +556,22 @@ impl Projection {
 
     fn lineage_inner(&self, hash: &str, seen: &mut BTreeSet<String>) -> Option<LineageNode> {
         let a = self.artifacts.get(hash)?;
-        let mut node = LineageNode { hash: hash.to_string(), artifact: a.artifact.clone(), name: a.name.clone(), job: None };
+        let mut node = LineageNode {
+            hash: hash.to_string(),
+            artifact: a.artifact.clone(),
+            name: a.name.clone(),
+            job: None,
+        };
         if !seen.insert(hash.to_string()) {
             return Some(node); // a cycle cannot happen with content hashes, but never loop
         }
         if let Some(job) = a.produced_by.and_then(|id| self.jobs.get(&id)) {
             let mut inputs = BTreeMap::new();
-            let from = if job.resolved_inputs.is_empty() { &job.inputs } else { &job.resolved_inputs };
+            let from = if job.resolved_inputs.is_empty() {
+                &job.inputs
+            } else {
+                &job.resolved_inputs
+            };
             for (name, h) in from {
                 let child = self.lineage_inner(h, seen).unwrap_or(LineageNode {
                     hash: h.clone(),
@@ -518,7 +581,12 @@ impl Projection {
                 });
                 inputs.insert(name.clone(), child);
             }
-            node.job = Some(LineageJob { id: job.id, kind: job.kind.clone(), name: job.name.clone(), inputs });
+            node.job = Some(LineageJob {
+                id: job.id,
+                kind: job.kind.clone(),
+                name: job.name.clone(),
+                inputs,
+            });
         }
         seen.remove(hash);
         Some(node)

@@ -12,7 +12,10 @@ fn same_content_is_stored_once_and_trees_round_trip() {
     let b = store.blobs.put_bytes(b"hello").unwrap();
     assert_eq!(a.id, b.id);
     assert!(!a.existed && b.existed);
-    assert_eq!(a.id, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+    assert_eq!(
+        a.id,
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    );
 
     let src = dir.path().join("model");
     std::fs::create_dir_all(&src).unwrap();
@@ -23,7 +26,10 @@ fn same_content_is_stored_once_and_trees_round_trip() {
     let out = dir.path().join("out");
     let t = store.blobs.materialize(&tree.id, &out).unwrap();
     assert_eq!(t.files.len(), 2);
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), vec![7u8; 3_000_000]);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        vec![7u8; 3_000_000]
+    );
     let report = store.verify().unwrap();
     assert_eq!(report.blobs.blobs, 4);
 }
@@ -47,16 +53,30 @@ fn flipped_byte_is_detected_on_read_and_by_verify() {
     let mut sink = Vec::new();
     assert!(r.read_to_end(&mut sink).is_err());
     let err = store.verify().unwrap_err();
-    assert!(matches!(err, StoreError::BlobCorrupt { ref id, .. } if *id == info.id), "{err}");
+    assert!(
+        matches!(err, StoreError::BlobCorrupt { ref id, .. } if *id == info.id),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_ids_and_missing_blobs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    assert!(matches!(store.blobs.read("../../etc/passwd"), Err(StoreError::BadBlobId(_))));
+    assert!(matches!(
+        store.blobs.read("../../etc/passwd"),
+        Err(StoreError::BadBlobId(_))
+    ));
     let missing = "0".repeat(64);
-    assert!(matches!(store.blobs.read(&missing), Err(StoreError::BlobNotFound { .. })));
+    assert!(matches!(
+        store.blobs.read(&missing),
+        Err(StoreError::BlobNotFound { .. })
+    ));
     let not_tree = store.blobs.put_bytes(b"plain").unwrap();
-    assert!(store.blobs.tree(&not_tree.id).unwrap_err().to_string().contains("not a directory tree"));
+    assert!(store
+        .blobs
+        .tree(&not_tree.id)
+        .unwrap_err()
+        .to_string()
+        .contains("not a directory tree"));
 }

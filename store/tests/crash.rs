@@ -16,7 +16,9 @@ const CHILD_ENV: &str = "HERD_STORE_CRASH_CHILD_DIR";
 /// In child mode (env set) this is the appender; otherwise it does nothing.
 #[test]
 fn crash_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let log = EventLog::open(std::path::Path::new(&dir)).unwrap();
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -25,7 +27,9 @@ fn crash_child() {
                 let stream = format!("w{t}");
                 for i in 0.. {
                     let n = 1 + (i % 3);
-                    let events = (0..n).map(|k| NewEvent::new("Tick", json!({"t": t, "i": i, "k": k}))).collect();
+                    let events = (0..n)
+                        .map(|k| NewEvent::new("Tick", json!({"t": t, "i": i, "k": k})))
+                        .collect();
                     let r = log.append(&stream, ExpectedVersion::Any, events).unwrap();
                     println!("ack {} {}", r.first_seq, r.last_seq);
                 }
@@ -48,7 +52,13 @@ fn acknowledged_events_survive_sigkill() {
     let mut acked_max = 0u64;
     for round in 0..22 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -66,7 +76,9 @@ fn acknowledged_events_survive_sigkill() {
             }
         });
         // Wait for the first acknowledgement, then a random moment.
-        let first = rx.recv_timeout(Duration::from_secs(30)).expect("child never acknowledged");
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("child never acknowledged");
         acked_max = acked_max.max(first);
         let deadline = Instant::now() + Duration::from_millis(rng.random_range(5..120));
         while Instant::now() < deadline {
@@ -80,13 +92,27 @@ fn acknowledged_events_survive_sigkill() {
             acked_max = acked_max.max(s);
         }
         let log = EventLog::open(dir.path()).unwrap();
-        let report = log.verify_chain().unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert!(report.events >= acked_max, "round {round}: acknowledged up to {acked_max}, found {}", report.events);
+        let report = log
+            .verify_chain()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(
+            report.events >= acked_max,
+            "round {round}: acknowledged up to {acked_max}, found {}",
+            report.events
+        );
         for seq in [1, acked_max / 2 + 1, acked_max] {
-            assert!(log.get(seq).unwrap().is_some(), "round {round}: event {seq} missing");
+            assert!(
+                log.get(seq).unwrap().is_some(),
+                "round {round}: event {seq} missing"
+            );
         }
         // The next incarnation continues the chain.
-        log.append("parent", ExpectedVersion::Any, vec![NewEvent::new("Reopened", json!({"round": round}))]).unwrap();
+        log.append(
+            "parent",
+            ExpectedVersion::Any,
+            vec![NewEvent::new("Reopened", json!({"round": round}))],
+        )
+        .unwrap();
         acked_max = log.head_seq();
     }
     assert!(acked_max > 22);

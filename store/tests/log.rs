@@ -15,19 +15,34 @@ fn ev(n: u64) -> NewEvent {
 fn expected_versions_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path()).unwrap();
-    let r = log.append("a", ExpectedVersion::NoStream, vec![ev(1), ev(2)]).unwrap();
+    let r = log
+        .append("a", ExpectedVersion::NoStream, vec![ev(1), ev(2)])
+        .unwrap();
     assert_eq!((r.first_seq, r.last_seq, r.version), (1, 2, 2));
-    let err = log.append("a", ExpectedVersion::NoStream, vec![ev(3)]).unwrap_err();
-    assert!(matches!(err, StoreError::Conflict { current: 2, .. }), "{err}");
+    let err = log
+        .append("a", ExpectedVersion::NoStream, vec![ev(3)])
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { current: 2, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("at version 2"), "{err}");
-    let err = log.append("a", ExpectedVersion::Exact(1), vec![ev(3)]).unwrap_err();
+    let err = log
+        .append("a", ExpectedVersion::Exact(1), vec![ev(3)])
+        .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { current: 2, .. }));
-    log.append("a", ExpectedVersion::Exact(2), vec![ev(3)]).unwrap();
-    let err = log.append("b", ExpectedVersion::StreamExists, vec![ev(4)]).unwrap_err();
+    log.append("a", ExpectedVersion::Exact(2), vec![ev(3)])
+        .unwrap();
+    let err = log
+        .append("b", ExpectedVersion::StreamExists, vec![ev(4)])
+        .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { current: 0, .. }));
     log.append("b", ExpectedVersion::Any, vec![ev(4)]).unwrap();
     let a = log.read_stream("a", 1, usize::MAX).unwrap();
-    assert_eq!(a.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        a.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     assert_eq!(log.read_all(1, usize::MAX).unwrap().len(), 4);
     log.verify_chain().unwrap();
 }
@@ -36,11 +51,22 @@ fn expected_versions_are_enforced() {
 fn bad_appends_are_refused_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path()).unwrap();
-    assert!(matches!(log.append("", ExpectedVersion::Any, vec![ev(1)]), Err(StoreError::Invalid(_))));
-    assert!(matches!(log.append("a\0b", ExpectedVersion::Any, vec![ev(1)]), Err(StoreError::Invalid(_))));
-    assert!(matches!(log.append("a", ExpectedVersion::Any, vec![]), Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        log.append("", ExpectedVersion::Any, vec![ev(1)]),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        log.append("a\0b", ExpectedVersion::Any, vec![ev(1)]),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        log.append("a", ExpectedVersion::Any, vec![]),
+        Err(StoreError::Invalid(_))
+    ));
     let e = ev(1);
-    let err = log.append("a", ExpectedVersion::Any, vec![e.clone(), e]).unwrap_err();
+    let err = log
+        .append("a", ExpectedVersion::Any, vec![e.clone(), e])
+        .unwrap_err();
     assert!(err.to_string().contains("appears twice"), "{err}");
     assert_eq!(log.head_seq(), 0);
 }
@@ -50,19 +76,33 @@ fn retrying_an_append_stores_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path()).unwrap();
     let batch = vec![ev(1), ev(2)];
-    let first = log.append("s", ExpectedVersion::NoStream, batch.clone()).unwrap();
+    let first = log
+        .append("s", ExpectedVersion::NoStream, batch.clone())
+        .unwrap();
     // The retry carries the stale expected version; it is still a success.
-    let again = log.append("s", ExpectedVersion::NoStream, batch.clone()).unwrap();
+    let again = log
+        .append("s", ExpectedVersion::NoStream, batch.clone())
+        .unwrap();
     assert!(again.duplicate);
-    assert_eq!((again.first_seq, again.last_seq), (first.first_seq, first.last_seq));
+    assert_eq!(
+        (again.first_seq, again.last_seq),
+        (first.first_seq, first.last_seq)
+    );
     assert_eq!(log.head_seq(), 2);
     let mixed = vec![batch[0].clone(), ev(3)];
-    assert!(matches!(log.append("s", ExpectedVersion::Any, mixed), Err(StoreError::PartialDuplicate { .. })));
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, mixed),
+        Err(StoreError::PartialDuplicate { .. })
+    ));
     assert_eq!(log.head_seq(), 2);
     drop(log);
     // Idempotency survives a restart.
     let log = EventLog::open(dir.path()).unwrap();
-    assert!(log.append("s", ExpectedVersion::Any, batch).unwrap().duplicate);
+    assert!(
+        log.append("s", ExpectedVersion::Any, batch)
+            .unwrap()
+            .duplicate
+    );
     assert_eq!(log.head_seq(), 2);
 }
 
@@ -87,7 +127,11 @@ fn concurrent_writers_with_expected_versions() {
                     for i in 0..PER {
                         loop {
                             let v = log.stream_version("shared").unwrap();
-                            match log.append("shared", ExpectedVersion::Exact(v), vec![ev(w * 1000 + i)]) {
+                            match log.append(
+                                "shared",
+                                ExpectedVersion::Exact(v),
+                                vec![ev(w * 1000 + i)],
+                            ) {
                                 Ok(r) => {
                                     assert_eq!(r.version, v + 1);
                                     break;
@@ -96,7 +140,8 @@ fn concurrent_writers_with_expected_versions() {
                                 Err(e) => panic!("{e}"),
                             }
                         }
-                        log.append(&format!("own-{w}"), ExpectedVersion::Exact(i), vec![ev(i)]).unwrap();
+                        log.append(&format!("own-{w}"), ExpectedVersion::Exact(i), vec![ev(i)])
+                            .unwrap();
                     }
                     conflicts
                 })
@@ -106,9 +151,19 @@ fn concurrent_writers_with_expected_versions() {
     });
     let shared = log.read_stream("shared", 1, usize::MAX).unwrap();
     assert_eq!(shared.len() as u64, WRITERS * PER);
-    assert!(shared.iter().enumerate().all(|(i, e)| e.version == i as u64 + 1));
-    let ns: HashSet<u64> = shared.iter().map(|e| e.payload["n"].as_u64().unwrap()).collect();
-    assert_eq!(ns.len() as u64, WRITERS * PER, "no duplicates in the shared stream");
+    assert!(shared
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.version == i as u64 + 1));
+    let ns: HashSet<u64> = shared
+        .iter()
+        .map(|e| e.payload["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ns.len() as u64,
+        WRITERS * PER,
+        "no duplicates in the shared stream"
+    );
     for w in 0..WRITERS {
         let own = log.read_stream(&format!("own-{w}"), 1, usize::MAX).unwrap();
         assert_eq!(own.len() as u64, PER);
@@ -125,25 +180,37 @@ fn subscription_sees_every_event_once_while_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path()).unwrap();
     for i in 0..500 {
-        log.append("pre", ExpectedVersion::Any, vec![ev(i)]).unwrap();
+        log.append("pre", ExpectedVersion::Any, vec![ev(i)])
+            .unwrap();
     }
     let mut sub = log.subscribe(100);
     let writer = {
         let log = log.clone();
         std::thread::spawn(move || {
             for i in 0..1000 {
-                log.append(&format!("live-{}", i % 3), ExpectedVersion::Any, vec![ev(i)]).unwrap();
+                log.append(
+                    &format!("live-{}", i % 3),
+                    ExpectedVersion::Any,
+                    vec![ev(i)],
+                )
+                .unwrap();
             }
         })
     };
     let mut seen = Vec::new();
     while seen.len() < 1401 {
-        let e = sub.next_blocking(Duration::from_secs(20)).unwrap().expect("subscription stalled");
+        let e = sub
+            .next_blocking(Duration::from_secs(20))
+            .unwrap()
+            .expect("subscription stalled");
         seen.push(e.seq);
     }
     writer.join().unwrap();
     assert_eq!(seen, (100..=1500).collect::<Vec<_>>());
-    assert!(sub.next_blocking(Duration::from_millis(50)).unwrap().is_none());
+    assert!(sub
+        .next_blocking(Duration::from_millis(50))
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +221,9 @@ async fn async_subscription_and_appends() {
     let l2 = log.clone();
     let writer = tokio::spawn(async move {
         for i in 0..200 {
-            l2.append_async("x", ExpectedVersion::Any, vec![ev(i)]).await.unwrap();
+            l2.append_async("x", ExpectedVersion::Any, vec![ev(i)])
+                .await
+                .unwrap();
         }
     });
     for want in 1..=200 {
@@ -172,15 +241,25 @@ fn a_changed_record_breaks_the_chain() {
     }
     let mut rec = log.get(5).unwrap().unwrap();
     rec.payload = json!({"n": 999});
-    log.corrupt_record_for_test(5, &serde_json::to_vec(&rec).unwrap()).unwrap();
+    log.corrupt_record_for_test(5, &serde_json::to_vec(&rec).unwrap())
+        .unwrap();
     // Record 5 still parses, but record 6 no longer names its hash.
     let err = log.verify_chain().unwrap_err();
-    assert!(matches!(err, StoreError::BrokenChain { seq: 6, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::BrokenChain { seq: 6, .. }),
+        "{err}"
+    );
     // Garbage bytes are reported as corrupt, with the sequence, not a panic.
     log.corrupt_record_for_test(3, b"\x00\xffnot json").unwrap();
     let err = log.get(3).unwrap_err();
-    assert!(matches!(err, StoreError::CorruptEvent { seq: 3, .. }), "{err}");
-    assert!(matches!(log.verify_chain().unwrap_err(), StoreError::CorruptEvent { seq: 3, .. }));
+    assert!(
+        matches!(err, StoreError::CorruptEvent { seq: 3, .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        log.verify_chain().unwrap_err(),
+        StoreError::CorruptEvent { seq: 3, .. }
+    ));
 }
 
 #[test]
@@ -188,13 +267,21 @@ fn versions_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let log = EventLog::open(dir.path()).unwrap();
-        log.append("s", ExpectedVersion::Any, vec![ev(1), ev(2)]).unwrap();
+        log.append("s", ExpectedVersion::Any, vec![ev(1), ev(2)])
+            .unwrap();
     }
     let log = EventLog::open(dir.path()).unwrap();
     assert_eq!(log.head_seq(), 2);
-    let r = log.append("s", ExpectedVersion::Exact(2), vec![ev(3)]).unwrap();
+    let r = log
+        .append("s", ExpectedVersion::Exact(2), vec![ev(3)])
+        .unwrap();
     assert_eq!((r.first_seq, r.version), (3, 3));
-    let by_stream: BTreeMap<_, _> = log.read_all(1, 10).unwrap().into_iter().map(|e| (e.seq, e.version)).collect();
+    let by_stream: BTreeMap<_, _> = log
+        .read_all(1, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.version))
+        .collect();
     assert_eq!(by_stream.len(), 3);
     log.verify_chain().unwrap();
 }

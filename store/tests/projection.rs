@@ -108,13 +108,59 @@ proptest! {
 fn lineage_walks_back_to_imports() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path()).unwrap();
-    let put = |s: &str, e: HerdEvent| log.append(s, ExpectedVersion::Any, vec![e.to_new_event()]).unwrap();
-    put(streams::ARTIFACTS, HerdEvent::ArtifactImported { hash: hash(1), artifact: "checkpoint".into(), name: "base".into(), summary: json!(null) });
-    put(streams::ARTIFACTS, HerdEvent::ArtifactImported { hash: hash(2), artifact: "sft".into(), name: "data".into(), summary: json!(null) });
+    let put = |s: &str, e: HerdEvent| {
+        log.append(s, ExpectedVersion::Any, vec![e.to_new_event()])
+            .unwrap()
+    };
+    put(
+        streams::ARTIFACTS,
+        HerdEvent::ArtifactImported {
+            hash: hash(1),
+            artifact: "checkpoint".into(),
+            name: "base".into(),
+            summary: json!(null),
+        },
+    );
+    put(
+        streams::ARTIFACTS,
+        HerdEvent::ArtifactImported {
+            hash: hash(2),
+            artifact: "sft".into(),
+            name: "data".into(),
+            summary: json!(null),
+        },
+    );
     let job = Uuid::now_v7();
-    let inputs = BTreeMap::from([("model".to_string(), hash(1)), ("data".to_string(), hash(2))]);
-    put(&streams::job(job), HerdEvent::JobSubmitted { job, experiment: None, round: None, name: "sft".into(), kind: "sft".into(), inputs, hyperparameters: json!({}), seed: 0, depends_on: vec![], priority: 0, reproduces: None });
-    put(&streams::job(job), HerdEvent::JobOutput { job, name: "checkpoint".into(), hash: hash(3), artifact: "checkpoint".into(), summary: json!(null) });
+    let inputs = BTreeMap::from([
+        ("model".to_string(), hash(1)),
+        ("data".to_string(), hash(2)),
+    ]);
+    put(
+        &streams::job(job),
+        HerdEvent::JobSubmitted {
+            job,
+            experiment: None,
+            round: None,
+            name: "sft".into(),
+            kind: "sft".into(),
+            inputs,
+            hyperparameters: json!({}),
+            seed: 0,
+            depends_on: vec![],
+            priority: 0,
+            reproduces: None,
+        },
+    );
+    put(
+        &streams::job(job),
+        HerdEvent::JobOutput {
+            job,
+            name: "checkpoint".into(),
+            hash: hash(3),
+            artifact: "checkpoint".into(),
+            summary: json!(null),
+        },
+    );
     let p = Projection::rebuild(&log).unwrap();
     let tree = p.lineage(&hash(3)).unwrap();
     let j = tree.job.unwrap();

@@ -10,7 +10,11 @@ use std::time::Duration;
 use herd_client::Client;
 
 pub fn fixtures() -> PathBuf {
-    std::env::var("HERD_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/llama-tiny"))
+    std::env::var("HERD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/llama-tiny")
+        })
 }
 
 pub struct Daemon {
@@ -26,7 +30,14 @@ impl Daemon {
 
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
-            .args(["--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--threads", "1"])
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -35,14 +46,21 @@ impl Daemon {
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
         let addr = loop {
-            let line = lines.next().expect("herdd exited before listening").unwrap();
+            let line = lines
+                .next()
+                .expect("herdd exited before listening")
+                .unwrap();
             if let Some(rest) = line.strip_prefix("herdd listening on ") {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
         };
         // Keep draining stderr so the daemon never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        Daemon { child, addr, dir: dir.to_path_buf() }
+        Daemon {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+        }
     }
 
     pub fn client(&self) -> Client {
@@ -78,15 +96,33 @@ impl Drop for Daemon {
 
 /// Send a signal with the `kill` command (no libc dependency).
 pub fn unsafe_kill(pid: u32, sig: i32) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 pub fn import_fixtures(c: &Client) -> (String, String, String, String, String) {
     let f = fixtures();
-    let model = |n: &str| c.import_model(&f.join(n), n).unwrap()["hash"].as_str().unwrap().to_string();
+    let model = |n: &str| {
+        c.import_model(&f.join(n), n).unwrap()["hash"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     let (r, p, rm) = (model("ref"), model("policy"), model("rm"));
-    let prefs = c.import_dataset(&f.join("preferences.jsonl"), "preference", "prefs").unwrap()["hash"].as_str().unwrap().to_string();
-    let sft = c.import_dataset(&f.join("sft.jsonl"), "sft", "sft").unwrap()["hash"].as_str().unwrap().to_string();
+    let prefs = c
+        .import_dataset(&f.join("preferences.jsonl"), "preference", "prefs")
+        .unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sft = c
+        .import_dataset(&f.join("sft.jsonl"), "sft", "sft")
+        .unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let _ = rm.clone();
     (r, p, rm, prefs, sft)
 }

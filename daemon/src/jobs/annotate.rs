@@ -25,7 +25,14 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { gen: GenParams { temperature: 1.0, top_p: 1.0, ..GenParams::default() }, edit: true }
+        Params {
+            gen: GenParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                ..GenParams::default()
+            },
+            edit: true,
+        }
     }
 }
 
@@ -56,7 +63,13 @@ pub fn rank(a: &str, b: &str, answer: &str) -> Option<(usize, Strength)> {
         (Some(x), Some(y)) if x != y => {
             let (best, lo, hi) = if x < y { (0, x, y) } else { (1, y, x) };
             let ratio = lo as f64 / hi as f64;
-            let s = if ratio < 0.25 { Strength::Better } else if ratio < 0.75 { Strength::SlightlyBetter } else { Strength::MarginallyBetter };
+            let s = if ratio < 0.25 {
+                Strength::Better
+            } else if ratio < 0.75 {
+                Strength::SlightlyBetter
+            } else {
+                Strength::MarginallyBetter
+            };
             Some((best, s))
         }
         _ => None,
@@ -67,7 +80,10 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let p: Params = ctx.params()?;
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let chat = chat_of(&policy_dir)?;
-    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)? else { unreachable!() };
+    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?
+    else {
+        unreachable!()
+    };
     if prompts.iter().any(|x| x.answer.is_none()) {
         bail!("annotate needs an `answer` on every prompt (the checker ranks by it)");
     }
@@ -78,14 +94,19 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
             let a = complete(&policy, &chat, &msgs, 1, &p.gen, ctx.seed, |_, _| {})?;
             let other = herd_engine::checkpoint::load_model(&other_dir, &ctx.device)?;
             let b = complete(&other, &chat, &msgs, 1, &p.gen, ctx.seed ^ 0xb, |_, _| {})?;
-            a.into_iter().zip(b).map(|(x, y)| (x[0].clone(), y[0].clone())).collect()
+            a.into_iter()
+                .zip(b)
+                .map(|(x, y)| (x[0].clone(), y[0].clone()))
+                .collect()
         }
         None => {
             let sink = &mut *ctx.sink;
-            complete(&policy, &chat, &msgs, 2, &p.gen, ctx.seed, |d, t| sink.progress(d as u64, t as u64))?
-                .into_iter()
-                .map(|x| (x[0].clone(), x[1].clone()))
-                .collect()
+            complete(&policy, &chat, &msgs, 2, &p.gen, ctx.seed, |d, t| {
+                sink.progress(d as u64, t as u64)
+            })?
+            .into_iter()
+            .map(|x| (x[0].clone(), x[1].clone()))
+            .collect()
         }
     };
     let (mut rows, mut ties, mut edited, mut correct) = (vec![], 0, 0, 0);
@@ -106,14 +127,31 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
             responses.insert(0, task::corrected(answer));
             edited += 1;
         }
-        rows.push(PreferenceExample { prompt: x.prompt.clone(), responses, strength: Some(strength) });
+        rows.push(PreferenceExample {
+            prompt: x.prompt.clone(),
+            responses,
+            strength: Some(strength),
+        });
     }
     let accuracy = correct as f64 / prompts.len().max(1) as f64;
-    ctx.sink.metrics(0, &[("policy_accuracy".into(), accuracy), ("pairs".into(), rows.len() as f64), ("ties".into(), ties as f64), ("edited".into(), edited as f64)])?;
+    ctx.sink.metrics(
+        0,
+        &[
+            ("policy_accuracy".into(), accuracy),
+            ("pairs".into(), rows.len() as f64),
+            ("ties".into(), ties as f64),
+            ("edited".into(), edited as f64),
+        ],
+    )?;
     if rows.is_empty() {
-        bail!("the checker could not rank any of the {} response pairs", prompts.len());
+        bail!(
+            "the checker could not rank any of the {} response pairs",
+            prompts.len()
+        );
     }
     let ds = Dataset::Preference(rows);
     save_dataset(ctx, "data", &ds)?;
-    Ok(json!({"prompts": prompts.len(), "pairs": ds.len(), "ties": ties, "edited": edited, "policy_accuracy": accuracy, "data": ds.summary()}))
+    Ok(
+        json!({"prompts": prompts.len(), "pairs": ds.len(), "ties": ties, "edited": edited, "policy_accuracy": accuracy, "data": ds.summary()}),
+    )
 }

@@ -28,28 +28,49 @@ impl Validate for Params {
 
 pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let p: Params = ctx.params()?;
-    let inputs: Vec<(String, std::path::PathBuf)> = ctx.inputs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let inputs: Vec<(String, std::path::PathBuf)> = ctx
+        .inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut models = vec![];
     for (name, dir) in &inputs {
-        models.push(herd_engine::checkpoint::load_tensors(dir).with_context(|| format!("input `{name}`"))?);
+        models.push(
+            herd_engine::checkpoint::load_tensors(dir)
+                .with_context(|| format!("input `{name}`"))?,
+        );
     }
     let first = &inputs[0].1;
     let config = herd_engine::LlamaConfig::from_file(&first.join(herd_engine::checkpoint::CONFIG))?;
     for (name, dir) in &inputs[1..] {
         let c = herd_engine::LlamaConfig::from_file(&dir.join(herd_engine::checkpoint::CONFIG))?;
         if c.num_labels != config.num_labels {
-            anyhow::bail!("input `{name}` is a {} but `{}` is a {}", kind(&c), inputs[0].0, kind(&config));
+            anyhow::bail!(
+                "input `{name}` is a {} but `{}` is a {}",
+                kind(&c),
+                inputs[0].0,
+                kind(&config)
+            );
         }
     }
     let avg: BTreeMap<_, _> = herd_engine::average::average(&models, &p.weights)?;
     let model = herd_engine::Llama::from_tensors(config, avg, &ctx.device)?;
     let out = ctx.workdir.join("checkpoint");
-    herd_engine::checkpoint::save_model(&model, &out, Some(&first.join(herd_engine::checkpoint::TOKENIZER)))?;
+    herd_engine::checkpoint::save_model(
+        &model,
+        &out,
+        Some(&first.join(herd_engine::checkpoint::TOKENIZER)),
+    )?;
     let summary = json!({"models": inputs.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "weights": p.weights});
-    ctx.sink.output("checkpoint", "checkpoint", &out, summary.clone())?;
+    ctx.sink
+        .output("checkpoint", "checkpoint", &out, summary.clone())?;
     Ok(summary)
 }
 
 fn kind(c: &herd_engine::LlamaConfig) -> &'static str {
-    if c.num_labels == 1 { "reward model" } else { "causal LM" }
+    if c.num_labels == 1 {
+        "reward model"
+    } else {
+        "causal LM"
+    }
 }

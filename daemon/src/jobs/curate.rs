@@ -45,8 +45,15 @@ impl Default for Params {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
-        for (n, v) in [("apology_max_share", self.apology_max_share), ("dedup_threshold", self.dedup_threshold),
-            ("similar_response_threshold", self.similar_response_threshold), ("quality_top_fraction", self.quality_top_fraction)] {
+        for (n, v) in [
+            ("apology_max_share", self.apology_max_share),
+            ("dedup_threshold", self.dedup_threshold),
+            (
+                "similar_response_threshold",
+                self.similar_response_threshold,
+            ),
+            ("quality_top_fraction", self.quality_top_fraction),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(format!("{n} must be in [0, 1]"));
             }
@@ -55,7 +62,13 @@ impl Validate for Params {
     }
 }
 
-const APOLOGIES: [&str; 5] = ["i'm sorry", "i am sorry", "i apologize", "my apologies", "apologies for"];
+const APOLOGIES: [&str; 5] = [
+    "i'm sorry",
+    "i am sorry",
+    "i apologize",
+    "my apologies",
+    "apologies for",
+];
 
 pub fn is_emoji(c: char) -> bool {
     matches!(c as u32, 0x1F300..=0x1FAFF | 0x2600..=0x27BF | 0x1F000..=0x1F2FF)
@@ -69,7 +82,11 @@ pub fn apologizes(text: &str) -> bool {
 /// 64-permutation MinHash of 3-word shingles (whole text if shorter).
 fn minhash(text: &str) -> [u64; 64] {
     let words: Vec<String> = text.split_whitespace().map(|w| w.to_lowercase()).collect();
-    let shingles: Vec<String> = if words.len() < 3 { vec![words.join(" ")] } else { words.windows(3).map(|w| w.join(" ")).collect() };
+    let shingles: Vec<String> = if words.len() < 3 {
+        vec![words.join(" ")]
+    } else {
+        words.windows(3).map(|w| w.join(" ")).collect()
+    };
     let mut sig = [u64::MAX; 64];
     for s in shingles {
         let base = fnv(s.as_bytes());
@@ -82,7 +99,9 @@ fn minhash(text: &str) -> [u64; 64] {
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -115,18 +134,37 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         Dataset::Preference(rows) => rows
             .iter()
             .map(|r| View {
-                text: format!("{} {}", r.prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join(" "), r.responses[0]),
+                text: format!(
+                    "{} {}",
+                    r.prompt
+                        .iter()
+                        .map(|m| m.content.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    r.responses[0]
+                ),
                 response: r.responses[0].clone(),
                 prompt: r.prompt.clone(),
-                pair: Some((r.responses[0].clone(), r.responses.last().cloned().unwrap_or_default())),
+                pair: Some((
+                    r.responses[0].clone(),
+                    r.responses.last().cloned().unwrap_or_default(),
+                )),
             })
             .collect(),
         Dataset::Sft(rows) => rows
             .iter()
             .map(|r| {
-                let (last, prompt) = r.messages.split_last().expect("sft rows end with the assistant");
+                let (last, prompt) = r
+                    .messages
+                    .split_last()
+                    .expect("sft rows end with the assistant");
                 View {
-                    text: r.messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join(" "),
+                    text: r
+                        .messages
+                        .iter()
+                        .map(|m| m.content.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     response: last.content.clone(),
                     prompt: prompt.to_vec(),
                     pair: None,
@@ -172,7 +210,11 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
             continue;
         }
         let dup = kept_sigs.iter().any(|j| {
-            let same = sigs[i].iter().zip(&sigs[*j]).filter(|(a, b)| a == b).count();
+            let same = sigs[i]
+                .iter()
+                .zip(&sigs[*j])
+                .filter(|(a, b)| a == b)
+                .count();
             same as f64 / 64.0 >= p.dedup_threshold
         });
         if dup {
@@ -184,9 +226,15 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     }
     count("near_duplicate", dropped);
     // 2. apology share: keep the first apologetic rows up to the share.
-    let sorry: Vec<usize> = (0..n).filter(|i| keep[*i] && apologizes(&views[*i].response)).collect();
+    let sorry: Vec<usize> = (0..n)
+        .filter(|i| keep[*i] && apologizes(&views[*i].response))
+        .collect();
     let plain = (0..n).filter(|i| keep[*i]).count() - sorry.len();
-    let allowed = if p.apology_max_share >= 1.0 { sorry.len() } else { ((p.apology_max_share / (1.0 - p.apology_max_share)) * plain as f64).floor() as usize };
+    let allowed = if p.apology_max_share >= 1.0 {
+        sorry.len()
+    } else {
+        ((p.apology_max_share / (1.0 - p.apology_max_share)) * plain as f64).floor() as usize
+    };
     let mut dropped = 0;
     for i in sorry.into_iter().skip(allowed) {
         keep[i] = false;
@@ -200,12 +248,23 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         let chat = chat_of(&rm_dir)?;
         let mut scored: Vec<(usize, f32)> = vec![];
         for i in (0..n).filter(|i| keep[*i]) {
-            let s = score(&rm, &chat, &views[i].prompt, std::slice::from_ref(&views[i].response))?;
+            let s = score(
+                &rm,
+                &chat,
+                &views[i].prompt,
+                std::slice::from_ref(&views[i].response),
+            )?;
             scored.push((i, s[0]));
         }
-        let k = ((scored.len() as f64 * p.quality_top_fraction).ceil() as usize).max(1).min(scored.len());
+        let k = ((scored.len() as f64 * p.quality_top_fraction).ceil() as usize)
+            .max(1)
+            .min(scored.len());
         let mut ranked = scored.clone();
-        ranked.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+        ranked.sort_by(|a, b| {
+            b.1.partial_cmp(&a.1)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.0.cmp(&b.0))
+        });
         for (i, _) in ranked.into_iter().skip(k) {
             keep[i] = false;
             dropped += 1;
@@ -213,15 +272,34 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     }
     count("low_quality", dropped);
     let out = match ds {
-        Dataset::Preference(rows) => Dataset::Preference(rows.into_iter().zip(&keep).filter(|x| *x.1).map(|x| x.0).collect()),
-        Dataset::Sft(rows) => Dataset::Sft(rows.into_iter().zip(&keep).filter(|x| *x.1).map(|x| x.0).collect()),
+        Dataset::Preference(rows) => Dataset::Preference(
+            rows.into_iter()
+                .zip(&keep)
+                .filter(|x| *x.1)
+                .map(|x| x.0)
+                .collect(),
+        ),
+        Dataset::Sft(rows) => Dataset::Sft(
+            rows.into_iter()
+                .zip(&keep)
+                .filter(|x| *x.1)
+                .map(|x| x.0)
+                .collect(),
+        ),
         Dataset::Prompts(_) => unreachable!(),
     };
     let kept = out.len();
-    let points: Vec<(String, f64)> = counts.iter().map(|(k, v)| (format!("dropped_{k}"), v.as_f64().unwrap_or(0.0))).chain([("kept".to_string(), kept as f64)]).collect();
+    let points: Vec<(String, f64)> = counts
+        .iter()
+        .map(|(k, v)| (format!("dropped_{k}"), v.as_f64().unwrap_or(0.0)))
+        .chain([("kept".to_string(), kept as f64)])
+        .collect();
     ctx.sink.metrics(0, &points)?;
     if kept == 0 {
-        anyhow::bail!("curation removed every row ({n} in): {}", Value::Object(counts));
+        anyhow::bail!(
+            "curation removed every row ({n} in): {}",
+            Value::Object(counts)
+        );
     }
     save_dataset(ctx, "data", &out)?;
     Ok(json!({"rows_in": n, "rows_out": kept, "dropped": counts}))

@@ -8,7 +8,9 @@ use herd_engine::objective::{self, Pair};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{chat_of, load_dataset, prompt_completion, save_checkpoint, train_loop, truncate, TrainParams};
+use super::util::{
+    chat_of, load_dataset, prompt_completion, save_checkpoint, train_loop, truncate, TrainParams,
+};
 use super::{JobContext, Validate};
 use crate::data::{Dataset, DatasetKind};
 
@@ -24,14 +26,24 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { train: TrainParams { batch_size: 2, ..TrainParams::default() }, beta: 0.1, nll_weight: 0.2, mask_format_tokens: true }
+        Params {
+            train: TrainParams {
+                batch_size: 2,
+                ..TrainParams::default()
+            },
+            beta: 0.1,
+            nll_weight: 0.2,
+            mask_format_tokens: true,
+        }
     }
 }
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
-        if !(self.beta.is_finite() && self.beta > 0.0) || !(self.nll_weight.is_finite() && self.nll_weight >= 0.0) {
+        if !(self.beta.is_finite() && self.beta > 0.0)
+            || !(self.nll_weight.is_finite() && self.nll_weight >= 0.0)
+        {
             return Err("beta must be > 0 and nll_weight >= 0".into());
         }
         Ok(())
@@ -41,23 +53,41 @@ impl Validate for Params {
 pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let p: Params = ctx.params()?;
     let model_dir = ctx.input("model")?.to_path_buf();
-    let ref_dir = ctx.inputs.get("reference").cloned().unwrap_or_else(|| model_dir.clone());
+    let ref_dir = ctx
+        .inputs
+        .get("reference")
+        .cloned()
+        .unwrap_or_else(|| model_dir.clone());
     let chat = chat_of(&model_dir)?;
-    let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)? else { unreachable!() };
+    let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)?
+    else {
+        unreachable!()
+    };
     let mut pairs = vec![];
     let mut dropped = 0;
     for r in &rows {
-        let chosen = truncate(prompt_completion(&chat, &r.prompt, &r.responses[0])?, p.train.max_seq_len);
-        let rejected = truncate(prompt_completion(&chat, &r.prompt, r.responses.last().expect("2+ responses"))?, p.train.max_seq_len);
+        let chosen = truncate(
+            prompt_completion(&chat, &r.prompt, &r.responses[0])?,
+            p.train.max_seq_len,
+        );
+        let rejected = truncate(
+            prompt_completion(&chat, &r.prompt, r.responses.last().expect("2+ responses"))?,
+            p.train.max_seq_len,
+        );
         match (chosen, rejected) {
-            (Some(chosen), Some(rejected)) if objective::prompt_len(&chosen) == objective::prompt_len(&rejected) => {
+            (Some(chosen), Some(rejected))
+                if objective::prompt_len(&chosen) == objective::prompt_len(&rejected) =>
+            {
                 pairs.push(Pair { chosen, rejected })
             }
             _ => dropped += 1,
         }
     }
     if dropped > 0 {
-        ctx.sink.note(&format!("dropped {dropped} pair(s) truncated away by max_seq_len {}", p.train.max_seq_len));
+        ctx.sink.note(&format!(
+            "dropped {dropped} pair(s) truncated away by max_seq_len {}",
+            p.train.max_seq_len
+        ));
     }
     if pairs.is_empty() {
         bail!("no preference pairs left to train on");
@@ -68,14 +98,25 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     {
         let reference = herd_engine::checkpoint::load_model(&ref_dir, &ctx.device)?;
         for chunk in pairs.chunks(p.train.batch_size.max(1)) {
-            let (c, r) = objective::reference_logps(&reference, chunk, p.mask_format_tokens, true, pad)?;
+            let (c, r) =
+                objective::reference_logps(&reference, chunk, p.mask_format_tokens, true, pad)?;
             ref_c.extend(c);
             ref_r.extend(r);
         }
     }
     let cache_path = ctx.workdir.join("reference_logps.json");
-    std::fs::write(&cache_path, serde_json::to_vec(&json!({"chosen": ref_c, "rejected": ref_r, "mask_format_tokens": p.mask_format_tokens}))?)?;
-    ctx.sink.output("reference_logps", "cache", &cache_path, json!({"pairs": pairs.len()}))?;
+    std::fs::write(
+        &cache_path,
+        serde_json::to_vec(
+            &json!({"chosen": ref_c, "rejected": ref_r, "mask_format_tokens": p.mask_format_tokens}),
+        )?,
+    )?;
+    ctx.sink.output(
+        "reference_logps",
+        "cache",
+        &cache_path,
+        json!({"pairs": pairs.len()}),
+    )?;
 
     let model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
     let n = pairs.len();
@@ -83,7 +124,16 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         let batch: Vec<Pair> = idx.iter().map(|i| pairs[*i].clone()).collect();
         let rc: Vec<f32> = idx.iter().map(|i| ref_c[*i]).collect();
         let rr: Vec<f32> = idx.iter().map(|i| ref_r[*i]).collect();
-        let out = objective::dpo_loss(&model, &batch, &rc, &rr, p.beta, p.nll_weight, p.mask_format_tokens, pad)?;
+        let out = objective::dpo_loss(
+            &model,
+            &batch,
+            &rc,
+            &rr,
+            p.beta,
+            p.nll_weight,
+            p.mask_format_tokens,
+            pad,
+        )?;
         let mean = |v: &[f32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
         extras.push(("dpo_loss".into(), out.dpo_loss));
         extras.push(("nll".into(), out.nll));
@@ -91,7 +141,10 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         extras.push(("rejected_reward".into(), mean(&out.rejected_rewards)));
         extras.push(("reward_margin".into(), out.reward_margin()));
         extras.push(("reward_accuracy".into(), out.reward_accuracy()));
-        let tokens = batch.iter().map(|b| b.chosen.len() + b.rejected.len()).sum();
+        let tokens = batch
+            .iter()
+            .map(|b| b.chosen.len() + b.rejected.len())
+            .sum();
         Ok((out.loss, tokens))
     })?;
     let summary = json!({"pairs": n, "dropped_truncated": dropped, "final": last.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()});

@@ -21,7 +21,11 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { max_new_tokens: 64, batch_size: 16, max_seq_len: 512 }
+        Params {
+            max_new_tokens: 64,
+            batch_size: 16,
+            max_seq_len: 512,
+        }
     }
 }
 
@@ -36,7 +40,12 @@ impl Validate for Params {
 
 pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let p: Params = ctx.params()?;
-    let g = GenParams { temperature: 0.0, top_p: 1.0, max_new_tokens: p.max_new_tokens, batch_size: p.batch_size };
+    let g = GenParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_new_tokens: p.max_new_tokens,
+        batch_size: p.batch_size,
+    };
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let chat = chat_of(&policy_dir)?;
     let policy = herd_engine::checkpoint::load_model(&policy_dir, &ctx.device)?;
@@ -45,18 +54,31 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         None => None,
     };
     let rm = match ctx.inputs.get("rm") {
-        Some(d) => Some((herd_engine::checkpoint::load_model(d, &ctx.device)?, chat_of(d)?)),
+        Some(d) => Some((
+            herd_engine::checkpoint::load_model(d, &ctx.device)?,
+            chat_of(d)?,
+        )),
         None => None,
     };
     let mut m = serde_json::Map::new();
     if let Some(path) = ctx.inputs.get("prompts").cloned() {
-        let Dataset::Prompts(prompts) = load_dataset(&path, DatasetKind::Prompts)? else { unreachable!() };
+        let Dataset::Prompts(prompts) = load_dataset(&path, DatasetKind::Prompts)? else {
+            unreachable!()
+        };
         let msgs: Vec<_> = prompts.iter().map(|x| x.prompt.clone()).collect();
         let ours = complete(&policy, &chat, &msgs, 1, &g, ctx.seed, |_, _| {})?;
         let accuracy = |outs: &[Vec<String>]| {
-            let checkable: Vec<(usize, &String)> = prompts.iter().enumerate().filter_map(|(i, x)| x.answer.as_ref().map(|a| (i, a))).collect();
+            let checkable: Vec<(usize, &String)> = prompts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, x)| x.answer.as_ref().map(|a| (i, a)))
+                .collect();
             (!checkable.is_empty()).then(|| {
-                checkable.iter().filter(|(i, a)| crate::task::is_correct(&outs[*i][0], a)).count() as f64 / checkable.len() as f64
+                checkable
+                    .iter()
+                    .filter(|(i, a)| crate::task::is_correct(&outs[*i][0], a))
+                    .count() as f64
+                    / checkable.len() as f64
             })
         };
         if let Some(a) = accuracy(&ours) {
@@ -70,17 +92,33 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
             if let Some((rm, rm_chat)) = &rm {
                 let mut wins = 0.0;
                 for (i, x) in prompts.iter().enumerate() {
-                    let s = score(rm, rm_chat, &x.prompt, &[ours[i][0].clone(), theirs[i][0].clone()])?;
-                    wins += if s[0] > s[1] { 1.0 } else if s[0] == s[1] { 0.5 } else { 0.0 };
+                    let s = score(
+                        rm,
+                        rm_chat,
+                        &x.prompt,
+                        &[ours[i][0].clone(), theirs[i][0].clone()],
+                    )?;
+                    wins += if s[0] > s[1] {
+                        1.0
+                    } else if s[0] == s[1] {
+                        0.5
+                    } else {
+                        0.0
+                    };
                 }
-                m.insert("win_rate".into(), (wins / prompts.len().max(1) as f64).into());
+                m.insert(
+                    "win_rate".into(),
+                    (wins / prompts.len().max(1) as f64).into(),
+                );
             }
         }
         let examples: Vec<Value> = prompts.iter().zip(&ours).take(3).map(|(x, o)| json!({"prompt": x.prompt.last().map(|m| m.content.clone()), "response": o[0], "answer": x.answer})).collect();
         m.insert("examples".into(), examples.into());
     }
     if let (Some(path), Some((rm, rm_chat))) = (ctx.inputs.get("preference").cloned(), &rm) {
-        let Dataset::Preference(rows) = load_dataset(&path, DatasetKind::Preference)? else { unreachable!() };
+        let Dataset::Preference(rows) = load_dataset(&path, DatasetKind::Preference)? else {
+            unreachable!()
+        };
         let (mut correct, mut pairs) = (0, 0);
         for r in &rows {
             let s = score(rm, rm_chat, &r.prompt, &r.responses)?;
@@ -91,11 +129,23 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
                 }
             }
         }
-        m.insert("rm_accuracy".into(), (correct as f64 / pairs.max(1) as f64).into());
+        m.insert(
+            "rm_accuracy".into(),
+            (correct as f64 / pairs.max(1) as f64).into(),
+        );
     }
     if let Some(path) = ctx.inputs.get("sft").cloned() {
-        let Dataset::Sft(rows) = load_dataset(&path, DatasetKind::Sft)? else { unreachable!() };
-        let seqs: Vec<_> = rows.iter().filter_map(|r| chat.encode_dialog(&r.messages).ok().and_then(|e| super::util::truncate(e, p.max_seq_len))).collect();
+        let Dataset::Sft(rows) = load_dataset(&path, DatasetKind::Sft)? else {
+            unreachable!()
+        };
+        let seqs: Vec<_> = rows
+            .iter()
+            .filter_map(|r| {
+                chat.encode_dialog(&r.messages)
+                    .ok()
+                    .and_then(|e| super::util::truncate(e, p.max_seq_len))
+            })
+            .collect();
         let (mut total, mut tokens) = (0.0, 0usize);
         for chunk in seqs.chunks(p.batch_size) {
             let (loss, n) = herd_engine::objective::sft_loss(&policy, chunk, chat.special.pad)?;
@@ -104,7 +154,10 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         }
         m.insert("sft_loss".into(), (total / tokens.max(1) as f64).into());
     }
-    let points: Vec<(String, f64)> = m.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect();
+    let points: Vec<(String, f64)> = m
+        .iter()
+        .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+        .collect();
     if points.is_empty() {
         bail!("eval computed nothing: give `prompts` (with answers), `baseline` + `rm`, `preference` + `rm`, or `sft`");
     }

@@ -42,13 +42,24 @@ pub enum JobKind {
     Annotate,
 }
 
-pub const KINDS: [JobKind; 8] =
-    [JobKind::Rm, JobKind::Sample, JobKind::Sft, JobKind::Dpo, JobKind::Average, JobKind::Curate, JobKind::Eval, JobKind::Annotate];
+pub const KINDS: [JobKind; 8] = [
+    JobKind::Rm,
+    JobKind::Sample,
+    JobKind::Sft,
+    JobKind::Dpo,
+    JobKind::Average,
+    JobKind::Curate,
+    JobKind::Eval,
+    JobKind::Annotate,
+];
 
 impl JobKind {
     pub fn parse(s: &str) -> Result<Self, String> {
         KINDS.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
-            format!("unknown job kind {s:?} (expected one of {})", KINDS.map(|k| k.as_str()).join(", "))
+            format!(
+                "unknown job kind {s:?} (expected one of {})",
+                KINDS.map(|k| k.as_str()).join(", ")
+            )
         })
     }
 
@@ -74,7 +85,10 @@ impl JobKind {
             JobKind::Dpo => (&["model", "data"], &["reference"]),
             JobKind::Average => (&[], &[]),
             JobKind::Curate => (&["data"], &["rm"]),
-            JobKind::Eval => (&["policy"], &["baseline", "rm", "prompts", "sft", "preference"]),
+            JobKind::Eval => (
+                &["policy"],
+                &["baseline", "rm", "prompts", "sft", "preference"],
+            ),
             JobKind::Annotate => (&["policy", "prompts"], &["other"]),
         }
     }
@@ -104,7 +118,11 @@ pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, 
     let given = match given {
         Value::Null => Map::new(),
         Value::Object(m) => m.clone(),
-        other => return Err(format!("hyperparameters must be a JSON object, got {other}")),
+        other => {
+            return Err(format!(
+                "hyperparameters must be a JSON object, got {other}"
+            ))
+        }
     };
     let defaults = match kind.default_hyperparameters() {
         Value::Object(m) => m,
@@ -118,14 +136,21 @@ pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, 
             return Err(format!(
                 "unknown hyperparameter `{k}` for job kind {} (known: {})",
                 kind.as_str(),
-                known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                known
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         // Check this one field alone so the error can name it.
         let mut one = defaults.clone();
         one.insert(k.clone(), v.clone());
         if let Err(e) = check(kind, &Value::Object(one)) {
-            return Err(format!("hyperparameter `{k}` = {v}: {e} (default: {})", defaults[k]));
+            return Err(format!(
+                "hyperparameter `{k}` = {v}: {e} (default: {})",
+                defaults[k]
+            ));
         }
         merged.insert(k.clone(), v.clone());
     }
@@ -154,7 +179,11 @@ fn check(kind: JobKind, v: &Value) -> Result<(), String> {
 }
 
 /// The annotators' ranking rule, exposed for tests.
-pub fn annotate_rank_for_test(a: &str, b: &str, answer: &str) -> Option<(usize, crate::data::Strength)> {
+pub fn annotate_rank_for_test(
+    a: &str,
+    b: &str,
+    answer: &str,
+) -> Option<(usize, crate::data::Strength)> {
     annotate::rank(a, b, answer)
 }
 
@@ -174,12 +203,22 @@ pub fn check_inputs(kind: JobKind, inputs: &BTreeMap<String, String>) -> Result<
     }
     for r in required {
         if !inputs.contains_key(*r) {
-            return Err(format!("job kind {} needs input `{r}` (required: {}; optional: {})", kind.as_str(), required.join(", "), optional.join(", ")));
+            return Err(format!(
+                "job kind {} needs input `{r}` (required: {}; optional: {})",
+                kind.as_str(),
+                required.join(", "),
+                optional.join(", ")
+            ));
         }
     }
     for k in inputs.keys() {
         if !required.contains(&k.as_str()) && !optional.contains(&k.as_str()) {
-            return Err(format!("job kind {} takes no input `{k}` (required: {}; optional: {})", kind.as_str(), required.join(", "), optional.join(", ")));
+            return Err(format!(
+                "job kind {} takes no input `{k}` (required: {}; optional: {})",
+                kind.as_str(),
+                required.join(", "),
+                optional.join(", ")
+            ));
         }
     }
     Ok(())
@@ -201,7 +240,10 @@ pub struct JobContext<'a> {
 
 impl JobContext<'_> {
     pub fn input(&self, name: &str) -> Result<&Path> {
-        self.inputs.get(name).map(|p| p.as_path()).ok_or_else(|| anyhow::anyhow!("missing input `{name}`"))
+        self.inputs
+            .get(name)
+            .map(|p| p.as_path())
+            .ok_or_else(|| anyhow::anyhow!("missing input `{name}`"))
     }
     pub fn params<T: DeserializeOwned>(&self) -> Result<T> {
         Ok(serde_json::from_value(self.hyperparameters.clone())?)

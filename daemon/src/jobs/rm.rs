@@ -30,14 +30,21 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { train: TrainParams::default(), margin: false, similarity_threshold: 0.95, heldout_fraction: 0.1 }
+        Params {
+            train: TrainParams::default(),
+            margin: false,
+            similarity_threshold: 0.95,
+            heldout_fraction: 0.1,
+        }
     }
 }
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
-        if !(0.0..=1.0).contains(&self.similarity_threshold) || !(0.0..0.9).contains(&self.heldout_fraction) {
+        if !(0.0..=1.0).contains(&self.similarity_threshold)
+            || !(0.0..0.9).contains(&self.heldout_fraction)
+        {
             return Err("similarity_threshold in [0, 1], heldout_fraction in [0, 0.9)".into());
         }
         Ok(())
@@ -48,24 +55,41 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let p: Params = ctx.params()?;
     let model_dir = ctx.input("model")?.to_path_buf();
     let chat = chat_of(&model_dir)?;
-    let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)? else { unreachable!() };
+    let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)?
+    else {
+        unreachable!()
+    };
     let mut examples = vec![];
     let (mut too_similar, mut too_long) = (0, 0);
     for r in &rows {
-        let similar = (0..r.responses.len())
-            .any(|i| (i + 1..r.responses.len()).any(|j| similarity(&r.responses[i], &r.responses[j]) >= p.similarity_threshold));
+        let similar = (0..r.responses.len()).any(|i| {
+            (i + 1..r.responses.len())
+                .any(|j| similarity(&r.responses[i], &r.responses[j]) >= p.similarity_threshold)
+        });
         if similar {
             too_similar += 1;
             continue;
         }
         let prompt = chat.encode_prompt(&r.prompt)?.ids;
-        let responses: Vec<Vec<u32>> = r.responses.iter().map(|x| Ok(chat.encode_completion(x)?.ids)).collect::<Result<_>>()?;
+        let responses: Vec<Vec<u32>> = r
+            .responses
+            .iter()
+            .map(|x| Ok(chat.encode_completion(x)?.ids))
+            .collect::<Result<_>>()?;
         if prompt.len() + responses.iter().map(|x| x.len()).sum::<usize>() > p.train.max_seq_len {
             too_long += 1;
             continue;
         }
-        let margin = if p.margin { r.strength.map(|s| s.margin()).unwrap_or(0.0) } else { 0.0 };
-        examples.push(Ranked { prompt, responses, margin });
+        let margin = if p.margin {
+            r.strength.map(|s| s.margin()).unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        examples.push(Ranked {
+            prompt,
+            responses,
+            margin,
+        });
     }
     ctx.sink.note(&format!(
         "rm data: {} examples kept, {too_similar} dropped as too similar (>= {}), {too_long} longer than max_seq_len",
@@ -75,7 +99,11 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     // Held-out split: a seeded shuffle, the tail held out.
     let mut rng = Rng::new(ctx.seed ^ 0x5eed);
     rng.shuffle(&mut examples);
-    let held = if examples.len() >= 10 { (examples.len() as f64 * p.heldout_fraction).round() as usize } else { 0 };
+    let held = if examples.len() >= 10 {
+        (examples.len() as f64 * p.heldout_fraction).round() as usize
+    } else {
+        0
+    };
     let heldout: Vec<Ranked> = examples.split_off(examples.len() - held);
     if examples.is_empty() {
         bail!("no reward-model examples left to train on");
@@ -83,27 +111,42 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let model = herd_engine::checkpoint::load_as_reward_model(&model_dir, &ctx.device, ctx.seed)?;
     let pad = chat.special.pad;
     let mut order_rng = Rng::new(ctx.seed ^ 0x0dd);
-    let last = train_loop(ctx, model.params(), &p.train, examples.len(), |idx, extras| {
-        let batch: Vec<Ranked> = idx.iter().map(|i| examples[*i].clone()).collect();
-        let orders: Vec<Vec<usize>> = batch
-            .iter()
-            .map(|e| {
-                let mut o: Vec<usize> = (0..e.responses.len()).collect();
-                order_rng.shuffle(&mut o);
-                o
-            })
-            .collect();
-        let (out, _) = objective::rm_loss(&model, &batch, true, Some(&orders), pad)?;
-        extras.push(("accuracy".into(), out.correct as f64 / out.pairs as f64));
-        let tokens = batch.iter().map(|e| e.prompt.len() + e.responses.iter().map(|r| r.len()).sum::<usize>()).sum();
-        Ok((out.loss, tokens))
-    })?;
+    let last = train_loop(
+        ctx,
+        model.params(),
+        &p.train,
+        examples.len(),
+        |idx, extras| {
+            let batch: Vec<Ranked> = idx.iter().map(|i| examples[*i].clone()).collect();
+            let orders: Vec<Vec<usize>> = batch
+                .iter()
+                .map(|e| {
+                    let mut o: Vec<usize> = (0..e.responses.len()).collect();
+                    order_rng.shuffle(&mut o);
+                    o
+                })
+                .collect();
+            let (out, _) = objective::rm_loss(&model, &batch, true, Some(&orders), pad)?;
+            extras.push(("accuracy".into(), out.correct as f64 / out.pairs as f64));
+            let tokens = batch
+                .iter()
+                .map(|e| e.prompt.len() + e.responses.iter().map(|r| r.len()).sum::<usize>())
+                .sum();
+            Ok((out.loss, tokens))
+        },
+    )?;
     let mut summary = json!({"examples": examples.len(), "heldout": heldout.len(), "dropped_similar": too_similar,
         "dropped_too_long": too_long, "final": last.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()});
     if !heldout.is_empty() {
         let (loss, acc) = evaluate(&model, &heldout, pad)?;
         let step = p.train.total_steps(examples.len());
-        ctx.sink.metrics(step, &[("heldout_loss".into(), loss), ("heldout_accuracy".into(), acc)])?;
+        ctx.sink.metrics(
+            step,
+            &[
+                ("heldout_loss".into(), loss),
+                ("heldout_accuracy".into(), acc),
+            ],
+        )?;
         summary["heldout_loss"] = loss.into();
         summary["heldout_accuracy"] = acc.into();
     }
@@ -120,5 +163,8 @@ pub fn evaluate(model: &herd_engine::Llama, examples: &[Ranked], pad: u32) -> Re
         pairs += out.pairs;
         correct += out.correct;
     }
-    Ok((loss / pairs.max(1) as f64, correct as f64 / pairs.max(1) as f64))
+    Ok((
+        loss / pairs.max(1) as f64,
+        correct as f64 / pairs.max(1) as f64,
+    ))
 }

@@ -24,7 +24,11 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { k: 10, require_correct: false, gen: GenParams::default() }
+        Params {
+            k: 10,
+            require_correct: false,
+            gen: GenParams::default(),
+        }
     }
 }
 
@@ -53,41 +57,65 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let p: Params = ctx.params()?;
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let rm_dir = ctx.input("rm")?.to_path_buf();
-    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)? else { unreachable!() };
+    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?
+    else {
+        unreachable!()
+    };
     let chat = chat_of(&policy_dir)?;
     let rm_chat = chat_of(&rm_dir)?;
     let samples = {
         let policy = herd_engine::checkpoint::load_model(&policy_dir, &ctx.device)?;
         let msgs: Vec<_> = prompts.iter().map(|x| x.prompt.clone()).collect();
         let sink = &mut *ctx.sink;
-        complete(&policy, &chat, &msgs, p.k, &p.gen, ctx.seed, |d, t| sink.progress(d as u64, t as u64))?
+        complete(&policy, &chat, &msgs, p.k, &p.gen, ctx.seed, |d, t| {
+            sink.progress(d as u64, t as u64)
+        })?
     };
     let rm = herd_engine::checkpoint::load_model(&rm_dir, &ctx.device)?;
     if rm.score.is_none() {
-        bail!("input `rm` is not a reward model (its config is not LlamaForSequenceClassification)");
+        bail!(
+            "input `rm` is not a reward model (its config is not LlamaForSequenceClassification)"
+        );
     }
     let (mut all, mut best_scores, mut rows) = (vec![], vec![], vec![]);
-    let (mut empty, mut correct_best, mut correct_any, mut checkable, mut none_correct) = (0, 0, 0.0, 0, 0);
+    let (mut empty, mut correct_best, mut correct_any, mut checkable, mut none_correct) =
+        (0, 0, 0.0, 0, 0);
     for (prompt, cands) in prompts.iter().zip(&samples) {
         let scores = score(&rm, &rm_chat, &prompt.prompt, cands)?;
         all.extend(scores.iter().map(|s| *s as f64));
         // Best non-empty sample (first on ties).
         let eligible = |i: &usize| {
-            !cands[*i].is_empty() && (!p.require_correct || prompt.answer.as_ref().is_none_or(|a| crate::task::is_correct(&cands[*i], a)))
+            !cands[*i].is_empty()
+                && (!p.require_correct
+                    || prompt
+                        .answer
+                        .as_ref()
+                        .is_none_or(|a| crate::task::is_correct(&cands[*i], a)))
         };
-        let best = (0..cands.len()).filter(eligible).fold(None, |acc: Option<usize>, i| match acc {
-            Some(b) if scores[b] >= scores[i] => Some(b),
-            _ => Some(i),
-        });
+        let best =
+            (0..cands.len())
+                .filter(eligible)
+                .fold(None, |acc: Option<usize>, i| match acc {
+                    Some(b) if scores[b] >= scores[i] => Some(b),
+                    _ => Some(i),
+                });
         let Some(best) = best else {
-            if cands.iter().all(|c| c.is_empty()) { empty += 1 } else { none_correct += 1 }
+            if cands.iter().all(|c| c.is_empty()) {
+                empty += 1
+            } else {
+                none_correct += 1
+            }
             continue;
         };
         best_scores.push(scores[best] as f64);
         if let Some(ans) = &prompt.answer {
             checkable += 1;
             correct_best += crate::task::is_correct(&cands[best], ans) as usize;
-            correct_any += cands.iter().filter(|c| crate::task::is_correct(c, ans)).count() as f64 / cands.len() as f64;
+            correct_any += cands
+                .iter()
+                .filter(|c| crate::task::is_correct(c, ans))
+                .count() as f64
+                / cands.len() as f64;
         }
         let mut messages = prompt.prompt.clone();
         messages.push(herd_engine::chat::Message::new("assistant", &cands[best]));
@@ -96,12 +124,23 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     if rows.is_empty() {
         bail!("no sample of any prompt could be kept ({empty} prompts with only empty samples, {none_correct} with no correct sample)");
     }
-    let mut points = vec![("score_mean".to_string(), stats(&all)["mean"].as_f64().unwrap_or(0.0)),
-        ("best_score_mean".to_string(), stats(&best_scores)["mean"].as_f64().unwrap_or(0.0))];
+    let mut points = vec![
+        (
+            "score_mean".to_string(),
+            stats(&all)["mean"].as_f64().unwrap_or(0.0),
+        ),
+        (
+            "best_score_mean".to_string(),
+            stats(&best_scores)["mean"].as_f64().unwrap_or(0.0),
+        ),
+    ];
     let mut summary = json!({"prompts": prompts.len(), "k": p.k, "kept": rows.len(), "all_samples_empty": empty, "no_correct_sample": none_correct,
         "scores": stats(&all), "best_scores": stats(&best_scores)});
     if checkable > 0 {
-        let (b, s) = (correct_best as f64 / checkable as f64, correct_any / checkable as f64);
+        let (b, s) = (
+            correct_best as f64 / checkable as f64,
+            correct_any / checkable as f64,
+        );
         points.push(("best_correct_rate".into(), b));
         points.push(("sample_correct_rate".into(), s));
         summary["best_correct_rate"] = b.into();

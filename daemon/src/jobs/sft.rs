@@ -30,7 +30,9 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     let p: Params = ctx.params()?;
     let model_dir = ctx.input("model")?.to_path_buf();
     let chat = chat_of(&model_dir)?;
-    let Dataset::Sft(rows) = load_dataset(ctx.input("data")?, DatasetKind::Sft)? else { unreachable!() };
+    let Dataset::Sft(rows) = load_dataset(ctx.input("data")?, DatasetKind::Sft)? else {
+        unreachable!()
+    };
     let mut seqs = vec![];
     let mut dropped = 0;
     for r in &rows {
@@ -40,7 +42,10 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         }
     }
     if dropped > 0 {
-        ctx.sink.note(&format!("dropped {dropped} example(s) whose completion was truncated away by max_seq_len {}", p.train.max_seq_len));
+        ctx.sink.note(&format!(
+            "dropped {dropped} example(s) whose completion was truncated away by max_seq_len {}",
+            p.train.max_seq_len
+        ));
     }
     let model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
     let pad = chat.special.pad;

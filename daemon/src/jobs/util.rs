@@ -22,7 +22,8 @@ pub trait Sink {
     fn metrics(&mut self, step: u64, points: &[(String, f64)]) -> Result<()>;
     fn progress(&mut self, done: u64, total: u64);
     /// Record an output (a checkpoint directory or a dataset file); returns its hash.
-    fn output(&mut self, name: &str, artifact: &str, path: &Path, summary: Value) -> Result<String>;
+    fn output(&mut self, name: &str, artifact: &str, path: &Path, summary: Value)
+        -> Result<String>;
     fn note(&mut self, message: &str);
 }
 
@@ -37,19 +38,34 @@ pub struct MemorySink {
 
 impl MemorySink {
     pub fn new(blobs: herd_store::BlobStore) -> Self {
-        MemorySink { blobs, metrics: vec![], outputs: vec![], notes: vec![] }
+        MemorySink {
+            blobs,
+            metrics: vec![],
+            outputs: vec![],
+            notes: vec![],
+        }
     }
     /// The values of one metric, in step order.
     pub fn series(&self, name: &str) -> Vec<f64> {
-        self.metrics.iter().flat_map(|(_, p)| p.iter().filter(|(n, _)| n == name).map(|(_, v)| *v)).collect()
+        self.metrics
+            .iter()
+            .flat_map(|(_, p)| p.iter().filter(|(n, _)| n == name).map(|(_, v)| *v))
+            .collect()
     }
     pub fn output_hash(&self, name: &str) -> Option<&str> {
-        self.outputs.iter().find(|o| o.0 == name).map(|o| o.2.as_str())
+        self.outputs
+            .iter()
+            .find(|o| o.0 == name)
+            .map(|o| o.2.as_str())
     }
 }
 
 pub fn store_output(blobs: &herd_store::BlobStore, path: &Path) -> Result<String> {
-    Ok(if path.is_dir() { blobs.put_dir(path)?.id } else { blobs.put_file(path)?.id })
+    Ok(if path.is_dir() {
+        blobs.put_dir(path)?.id
+    } else {
+        blobs.put_file(path)?.id
+    })
 }
 
 impl Sink for MemorySink {
@@ -58,9 +74,20 @@ impl Sink for MemorySink {
         Ok(())
     }
     fn progress(&mut self, _done: u64, _total: u64) {}
-    fn output(&mut self, name: &str, artifact: &str, path: &Path, summary: Value) -> Result<String> {
+    fn output(
+        &mut self,
+        name: &str,
+        artifact: &str,
+        path: &Path,
+        summary: Value,
+    ) -> Result<String> {
         let hash = store_output(&self.blobs, path)?;
-        self.outputs.push((name.to_string(), artifact.to_string(), hash.clone(), summary));
+        self.outputs.push((
+            name.to_string(),
+            artifact.to_string(),
+            hash.clone(),
+            summary,
+        ));
         Ok(hash)
     }
     fn note(&mut self, message: &str) {
@@ -116,7 +143,10 @@ impl TrainParams {
         if self.steps == 0 && !(self.epochs.is_finite() && self.epochs > 0.0) {
             return Err("give steps > 0 or epochs > 0".into());
         }
-        if self.weight_decay < 0.0 || self.grad_clip < 0.0 || !(0.0..=1.0).contains(&self.min_lr_ratio) {
+        if self.weight_decay < 0.0
+            || self.grad_clip < 0.0
+            || !(0.0..=1.0).contains(&self.min_lr_ratio)
+        {
             return Err("weight_decay and grad_clip must be >= 0, min_lr_ratio in [0, 1]".into());
         }
         Ok(())
@@ -147,7 +177,8 @@ impl TrainParams {
 
 /// Load a dataset input, insisting on its kind.
 pub fn load_dataset(path: &Path, want: DatasetKind) -> Result<Dataset> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading dataset {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading dataset {}", path.display()))?;
     let ds = data::parse_bytes(want, &bytes, &path.display().to_string())?;
     Ok(ds)
 }
@@ -205,7 +236,8 @@ pub fn train_loop(
         let mut extras: Vec<(String, f64)> = vec![];
         let mut tokens = 0usize;
         let stats = trainer.step(|i| {
-            let (loss, t) = loss_of(&batches[i], &mut extras).map_err(|e| herd_engine::EngineError::Input(format!("{e:#}")))?;
+            let (loss, t) = loss_of(&batches[i], &mut extras)
+                .map_err(|e| herd_engine::EngineError::Input(format!("{e:#}")))?;
             tokens += t;
             Ok(loss)
         })?;
@@ -232,9 +264,18 @@ pub fn train_loop(
 }
 
 /// Save a model into the workdir and record it as output `checkpoint`.
-pub fn save_checkpoint(ctx: &mut JobContext, model: &herd_engine::Llama, tokenizer_from: &Path, summary: Value) -> Result<String> {
+pub fn save_checkpoint(
+    ctx: &mut JobContext,
+    model: &herd_engine::Llama,
+    tokenizer_from: &Path,
+    summary: Value,
+) -> Result<String> {
     let out: PathBuf = ctx.workdir.join("checkpoint");
-    herd_engine::checkpoint::save_model(model, &out, Some(&tokenizer_from.join(herd_engine::checkpoint::TOKENIZER)))?;
+    herd_engine::checkpoint::save_model(
+        model,
+        &out,
+        Some(&tokenizer_from.join(herd_engine::checkpoint::TOKENIZER)),
+    )?;
     ctx.sink.output("checkpoint", "checkpoint", &out, summary)
 }
 
@@ -242,7 +283,8 @@ pub fn save_checkpoint(ctx: &mut JobContext, model: &herd_engine::Llama, tokeniz
 pub fn save_dataset(ctx: &mut JobContext, name: &str, ds: &Dataset) -> Result<String> {
     let path = ctx.workdir.join(format!("{name}.jsonl"));
     std::fs::write(&path, ds.to_jsonl())?;
-    ctx.sink.output(name, ds.kind().as_str(), &path, ds.summary())
+    ctx.sink
+        .output(name, ds.kind().as_str(), &path, ds.summary())
 }
 
 /// Word-set Jaccard similarity of two texts (for the too-similar filters).
@@ -256,7 +298,11 @@ pub fn similarity(a: &str, b: &str) -> f64 {
 }
 
 /// Prompt + completion as one encoded sequence.
-pub fn prompt_completion(chat: &ChatFormat, prompt: &[herd_engine::chat::Message], completion: &str) -> Result<Encoded> {
+pub fn prompt_completion(
+    chat: &ChatFormat,
+    prompt: &[herd_engine::chat::Message],
+    completion: &str,
+) -> Result<Encoded> {
     let mut e = chat.encode_prompt(prompt)?;
     e.extend(&chat.encode_completion(completion)?);
     Ok(e)
@@ -276,13 +322,20 @@ pub struct GenParams {
 
 impl Default for GenParams {
     fn default() -> Self {
-        GenParams { temperature: 0.8, top_p: 0.95, max_new_tokens: 64, batch_size: 16 }
+        GenParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            max_new_tokens: 64,
+            batch_size: 16,
+        }
     }
 }
 
 impl GenParams {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) || !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite())
+            || !(self.top_p > 0.0 && self.top_p <= 1.0)
+        {
             return Err("temperature must be >= 0 and top_p in (0, 1]".into());
         }
         if self.max_new_tokens == 0 || self.batch_size == 0 {
@@ -303,8 +356,13 @@ pub fn complete(
     seed: u64,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<String>>> {
-    let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| Ok(chat.encode_prompt(p)?.ids)).collect::<Result<_>>()?;
-    let rows: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, n)).collect();
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| Ok(chat.encode_prompt(p)?.ids))
+        .collect::<Result<_>>()?;
+    let rows: Vec<usize> = (0..prompts.len())
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .collect();
     let mut out: Vec<Vec<String>> = vec![vec![]; prompts.len()];
     let total = rows.len();
     for (bi, chunk) in rows.chunks(g.batch_size).enumerate() {
@@ -333,7 +391,10 @@ pub fn score(
     completions: &[String],
 ) -> Result<Vec<f32>> {
     let p = chat.encode_prompt(prompt)?.ids;
-    let responses: Vec<Vec<u32>> = completions.iter().map(|c| Ok(chat.encode_completion(c)?.ids)).collect::<Result<_>>()?;
+    let responses: Vec<Vec<u32>> = completions
+        .iter()
+        .map(|c| Ok(chat.encode_completion(c)?.ids))
+        .collect::<Result<_>>()?;
     let mut out = vec![];
     // rm_rewards wants >= 2 responses per row; score in rows of up to 16.
     for chunk in responses.chunks(16) {
@@ -342,7 +403,11 @@ pub fn score(
         if real == 1 {
             resp.push(resp[0].clone());
         }
-        let ex = herd_engine::objective::Ranked { prompt: p.clone(), responses: resp, margin: 0.0 };
+        let ex = herd_engine::objective::Ranked {
+            prompt: p.clone(),
+            responses: resp,
+            margin: 0.0,
+        };
         let (r, _) = herd_engine::objective::rm_rewards(rm, &[ex], true, None, chat.special.pad)?;
         out.extend(r.to_vec1::<f32>()?.into_iter().take(real));
     }

@@ -14,12 +14,18 @@ pub fn fixtures() -> PathBuf {
 
 pub fn expected() -> serde_json::Value {
     let p = fixtures().join("expected.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 /// |a - b| <= 1e-5 + 1e-4 * |b|
 pub fn close(a: f64, b: f64, what: &str) {
-    assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{what}: got {a}, expected {b}");
+    assert!(
+        (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+        "{what}: got {a}, expected {b}"
+    );
 }
 
 pub fn close_all(a: &[f32], b: &[f64], what: &str) {
@@ -31,7 +37,13 @@ pub fn close_all(a: &[f32], b: &[f64], what: &str) {
             worst = (err, i);
         }
     }
-    assert!(worst.0 <= 1e-5, "{what}: index {} got {}, expected {}", worst.1, a[worst.1], b[worst.1]);
+    assert!(
+        worst.0 <= 1e-5,
+        "{what}: index {} got {}, expected {}",
+        worst.1,
+        a[worst.1],
+        b[worst.1]
+    );
 }
 
 pub fn flat(v: &serde_json::Value) -> Vec<f64> {
@@ -42,9 +54,17 @@ pub fn flat(v: &serde_json::Value) -> Vec<f64> {
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn mask(v: &serde_json::Value) -> Vec<u8> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u8)
+        .collect()
 }
