@@ -13,11 +13,20 @@ use serde_json::json;
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let config = DaemonConfig {
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        scheduler: SchedulerConfig { worker_command: vec!["true".into()], devices: vec!["cpu".into()], cpu_threads: 1, max_attempts: 1 },
+        scheduler: SchedulerConfig {
+            worker_command: vec!["true".into()],
+            devices: vec!["cpu".into()],
+            cpu_threads: 1,
+            max_attempts: 1,
+        },
     };
     let daemon = rt.block_on(Daemon::start(config)).unwrap();
     let server = format!("http://{}", daemon.addr);
@@ -34,12 +43,16 @@ fn main() {
                 let c = Client::new(&server, &token);
                 let name = format!("single{i}");
                 for k in 0..per {
-                    c.log_metrics(&run, &[(k as u64, name.as_str(), k as f64)]).unwrap();
+                    c.log_metrics(&run, &[(k as u64, name.as_str(), k as f64)])
+                        .unwrap();
                 }
             });
         }
     });
-    println!("single durable metric events over HTTP (32 keep-alive clients): {:.0} events/s", (clients * per) as f64 / t.elapsed().as_secs_f64());
+    println!(
+        "single durable metric events over HTTP (32 keep-alive clients): {:.0} events/s",
+        (clients * per) as f64 / t.elapsed().as_secs_f64()
+    );
 
     // Batches of 10,000 points (one event each), from 4 clients.
     let (bclients, batches, size) = (4, 10, 10_000);
@@ -51,16 +64,23 @@ fn main() {
                 let c = Client::new(&server, &token);
                 let name = format!("batch{i}");
                 for b in 0..batches {
-                    let pts: Vec<(u64, &str, f64)> = (0..size).map(|k| ((b * size + k) as u64, name.as_str(), k as f64)).collect();
+                    let pts: Vec<(u64, &str, f64)> = (0..size)
+                        .map(|k| ((b * size + k) as u64, name.as_str(), k as f64))
+                        .collect();
                     c.log_metrics(&run, &pts).unwrap();
                 }
             });
         }
     });
-    println!("batched durable metric points over HTTP (10,000/request, 4 clients): {:.0} points/s", (bclients * batches * size) as f64 / t.elapsed().as_secs_f64());
+    println!(
+        "batched durable metric points over HTTP (10,000/request, 4 clients): {:.0} points/s",
+        (bclients * batches * size) as f64 / t.elapsed().as_secs_f64()
+    );
 
     // A 20k-point series: "batch0" has 100k points; ask for a 20k-point one.
-    let pts: Vec<(u64, &str, f64)> = (0..20_000).map(|k| (k as u64, "loss20k", 1.0 / (k as f64 + 1.0))).collect();
+    let pts: Vec<(u64, &str, f64)> = (0..20_000)
+        .map(|k| (k as u64, "loss20k", 1.0 / (k as f64 + 1.0)))
+        .collect();
     c.log_metrics(&run, &pts).unwrap();
     let mut times = vec![];
     for _ in 0..20 {
@@ -70,6 +90,10 @@ fn main() {
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!("history query of a 20k-point series: median {:.1} ms, max {:.1} ms", times[times.len() / 2], times[times.len() - 1]);
+    println!(
+        "history query of a 20k-point series: median {:.1} ms, max {:.1} ms",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
     rt.block_on(daemon.shutdown()).unwrap();
 }

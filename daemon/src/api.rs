@@ -58,10 +58,14 @@ fn conflict(msg: impl Into<String>) -> Rejection {
     })
 }
 fn internal(e: impl std::fmt::Display) -> Rejection {
-    warp::reject::custom(ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: e.to_string(),
-    })
+    let message = e.to_string();
+    // The store refusing an append (too large, bad stream) is the caller's doing.
+    let status = if message.starts_with("invalid append") {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    warp::reject::custom(ApiError { status, message })
 }
 
 #[derive(Clone)]
@@ -1105,15 +1109,19 @@ async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
     }
     open_run_view(&ctx, id).await?;
     let n = body.points.len();
+    // Events stay well under the store's record limit: one atomic append of
+    // JobMetrics events of at most 1,000 points each.
+    let events: Vec<HerdEvent> = body
+        .points
+        .chunks(1000)
+        .map(|c| HerdEvent::JobMetrics {
+            job: id,
+            points: c.to_vec(),
+        })
+        .collect();
     let seq = ctx
         .state
-        .record_one(
-            &streams::job(id),
-            HerdEvent::JobMetrics {
-                job: id,
-                points: body.points,
-            },
-        )
+        .record(&streams::job(id), events)
         .await
         .map_err(internal)?;
     ok(json!({"accepted": n, "seq": seq}))

@@ -25,6 +25,10 @@ use crate::event::{sha256_hex, AppendResult, ExpectedVersion, NewEvent, Recorded
 pub const MAX_EVENTS_PER_APPEND: usize = 100_000;
 /// Longest stream name, in bytes.
 pub const MAX_STREAM_NAME: usize = 256;
+/// Largest encoded record. sled writes values over ~128 KiB to side files
+/// that its flush never syncs, so a bigger event could be lost after an
+/// acknowledgement; callers split large payloads (the API splits metric batches).
+pub const MAX_RECORD_BYTES: usize = 120 * 1024;
 /// A group commit stops collecting requests once it holds this many events.
 const MAX_GROUP_EVENTS: usize = 50_000;
 
@@ -305,6 +309,17 @@ fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
     }
     let mut seen = std::collections::HashSet::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
+        // The envelope adds well under 1 KiB to the payload.
+        let size = serde_json::to_vec(&e.payload)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX)
+            + e.event_type.len()
+            + 1024;
+        if size > MAX_RECORD_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "event {i} of the append to `{stream}` encodes to about {size} bytes; the limit is {MAX_RECORD_BYTES} (split it)"
+            )));
+        }
         if e.event_type.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "event {i} of the append to `{stream}` has an empty type"

@@ -285,3 +285,18 @@ fn versions_survive_reopen() {
     assert_eq!(by_stream.len(), 3);
     log.verify_chain().unwrap();
 }
+
+#[test]
+fn oversized_events_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path()).unwrap();
+    let big = NewEvent::new("Big", json!({"blob": "x".repeat(200 * 1024)}));
+    let err = log
+        .append("s", ExpectedVersion::Any, vec![ev(1), big])
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Invalid(_)) && err.to_string().contains("limit"),
+        "{err}"
+    );
+    assert_eq!(log.head_seq(), 0);
+}
