@@ -31,6 +31,23 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]>
     }
 }
 
+/// Below this many elements a kernel runs on the calling thread: waking the
+/// pool costs more than the work (decoding one token touches a few thousand).
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+/// Apply `f(row_index, row)` to each `width`-long row of `out`, in parallel
+/// when the work is large enough. Rows are independent, so the result does
+/// not depend on the choice.
+fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() < PARALLEL_MIN_ELEMS {
+        out.chunks_mut(width).enumerate().for_each(|(r, o)| f(r, o));
+    } else {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(r, o)| f(r, o));
+    }
+}
+
 /// softmax(scale * scores + bias) over the last dim.
 /// scores: [B, H, T, K]; bias: [B, 1, T, K] (broadcast over H).
 struct MaskedSoftmax {
@@ -60,7 +77,7 @@ impl CustomOp2 for MaskedSoftmax {
             );
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+        for_rows(&mut out, k, |row, o| {
             let (bi, ti) = (row / (h * t), row % t);
             let xr = &x[row * k..(row + 1) * k];
             let br = &bias[(bi * t + ti) * k..(bi * t + ti + 1) * k];
@@ -114,7 +131,7 @@ impl CustomOp2 for SoftmaxBwd {
         let g = f32_slice(s2, l2, "grad")?;
         let k = *l1.shape().dims().last().unwrap_or(&1);
         let mut out = vec![0f32; p.len()];
-        out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+        for_rows(&mut out, k, |row, o| {
             let (pr, gr) = (&p[row * k..(row + 1) * k], &g[row * k..(row + 1) * k]);
             let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
             for j in 0..k {
@@ -211,7 +228,7 @@ impl CustomOp3 for TargetLogprobBwd {
         let g = f32_slice(s3, l3, "grad")?;
         let (_, v) = l1.shape().dims2()?;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(v).enumerate().for_each(|(r, o)| {
+        for_rows(&mut out, v, |r, o| {
             let row = &x[r * v..(r + 1) * v];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -264,7 +281,7 @@ impl CustomOp2 for RmsNorm {
         let w = f32_slice(s2, l2, "weight")?;
         let h = w.len();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+        for_rows(&mut out, h, |r, o| {
             let row = &x[r * h..(r + 1) * h];
             let inv = inv_rms(row, self.eps);
             for j in 0..h {
@@ -318,7 +335,7 @@ impl CustomOp3 for RmsNormBwdX {
         let g = f32_slice(s3, l3, "grad")?;
         let h = w.len();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+        for_rows(&mut out, h, |r, o| {
             let (row, gr) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
             let inv = inv_rms(row, self.eps);
             let dot: f32 = (0..h).map(|j| w[j] * gr[j] * row[j] * inv).sum::<f32>() / h as f32;
@@ -415,7 +432,7 @@ impl CustomOp3 for Rope {
         // Forward uses rot; the backward pass applies rot's transpose: [b, -a].
         let sign = if self.transpose { -1.0 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+        for_rows(&mut out, d, |r, o| {
             let (bi, ti) = (r / (h * t), r % t);
             let xr = &x[r * d..(r + 1) * d];
             let base = (bi * t + ti) * d;
