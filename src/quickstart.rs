@@ -27,7 +27,7 @@ pub struct Options {
     /// Where the daemon keeps its data (a temp dir when None).
     pub data_dir: Option<PathBuf>,
     pub rounds: usize,
-    /// A shorter run (the end-to-end test).
+    /// A shorter run (the end-to-end test): callers give it fewer rounds.
     pub smoke: bool,
     /// How to start a worker process: program and leading args.
     pub worker_command: Vec<String>,
@@ -66,9 +66,9 @@ struct Sizes {
     epochs: f64,
 }
 
-/// The smoke run (the end-to-end test) is the same work with fewer rounds:
-/// the quickstart's numbers are a property of the recipe, not of the size.
-fn sizes(_smoke: bool) -> Sizes {
+/// The smoke run (the end-to-end test) is the same work with fewer rounds,
+/// so its numbers are the quickstart's numbers.
+fn sizes() -> Sizes {
     Sizes {
         base_steps: 290,
         corpus: 300,
@@ -252,7 +252,7 @@ fn drive(
         }
     };
     let c = Client::new(&format!("http://{}", daemon.addr), &daemon.token);
-    let z = sizes(opts.smoke);
+    let z = sizes();
     say(format!(
         "herd quickstart: daemon at http://{} with data in {}",
         daemon.addr,

@@ -249,7 +249,6 @@ pub fn train_loop(
         ];
         // Average extras over micro-batches by name.
         let mut names: Vec<String> = extras.iter().map(|e| e.0.clone()).collect();
-        names.dedup();
         names.sort();
         names.dedup();
         for name in names {
