@@ -157,6 +157,20 @@ impl HerdEvent {
     /// Decode a stored event, upcasting old schema versions; unknown types
     /// come back as `Unknown`, a known type that does not parse is an error.
     pub fn from_recorded(rec: &RecordedEvent) -> std::result::Result<Self, String> {
+        // The hot type (metric batches) is read in place, without copying its payload.
+        if rec.event_type == "JobMetrics" && rec.schema_version == SCHEMA_VERSION {
+            #[derive(Deserialize)]
+            struct Metrics {
+                job: Uuid,
+                points: Vec<MetricPoint>,
+            }
+            return Metrics::deserialize(&rec.payload)
+                .map(|m| HerdEvent::JobMetrics {
+                    job: m.job,
+                    points: m.points,
+                })
+                .map_err(|e| format!("event {} (JobMetrics): {e}", rec.seq));
+        }
         let payload = upcast(&rec.event_type, rec.schema_version, rec.payload.clone());
         let known = [
             "ExperimentCreated",
@@ -494,10 +508,21 @@ impl Projection {
             HerdEvent::JobMetrics { job, points } => {
                 if let Some(j) = self.jobs.get_mut(&job) {
                     let series = self.series.entry(job).or_default();
+                    j.metric_points += points.len() as u64;
                     for p in points {
-                        j.metric_points += 1;
-                        j.last_metrics.insert(p.name.clone(), (p.step, p.value));
-                        series.entry(p.name).or_default().push((p.step, p.value));
+                        // Look up before inserting: no key allocation for known names.
+                        match j.last_metrics.get_mut(&p.name) {
+                            Some(last) => *last = (p.step, p.value),
+                            None => {
+                                j.last_metrics.insert(p.name.clone(), (p.step, p.value));
+                            }
+                        }
+                        match series.get_mut(&p.name) {
+                            Some(s) => s.push((p.step, p.value)),
+                            None => {
+                                series.insert(p.name, vec![(p.step, p.value)]);
+                            }
+                        }
                     }
                 }
             }
