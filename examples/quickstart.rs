@@ -30,7 +30,6 @@ fn main() {
         rounds: flag("--rounds")
             .map(|r| r.parse().expect("--rounds N"))
             .unwrap_or(3),
-        smoke: args.iter().any(|a| a == "--smoke"),
         worker_command: vec![exe, "worker".into()],
         quiet: false,
     };

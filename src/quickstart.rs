@@ -27,8 +27,6 @@ pub struct Options {
     /// Where the daemon keeps its data (a temp dir when None).
     pub data_dir: Option<PathBuf>,
     pub rounds: usize,
-    /// A shorter run (the end-to-end test): callers give it fewer rounds.
-    pub smoke: bool,
     /// How to start a worker process: program and leading args.
     pub worker_command: Vec<String>,
     pub quiet: bool,
@@ -66,8 +64,8 @@ struct Sizes {
     epochs: f64,
 }
 
-/// The smoke run (the end-to-end test) is the same work with fewer rounds,
-/// so its numbers are the quickstart's numbers.
+/// The smoke run (`--smoke`, the end-to-end test) is the same work with
+/// fewer rounds, so its numbers are the quickstart's numbers.
 fn sizes() -> Sizes {
     Sizes {
         base_steps: 290,

@@ -8,7 +8,6 @@ fn quickstart_smoke_runs_rounds_reproduces_and_verifies() {
     let opts = Options {
         data_dir: Some(dir.path().join("data")),
         rounds: 2,
-        smoke: true,
         worker_command: vec![env!("CARGO_BIN_EXE_herdd").to_string(), "worker".into()],
         quiet: true,
     };

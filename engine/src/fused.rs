@@ -31,6 +31,16 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]>
     }
 }
 
+/// Shape of x [B, H, T, K] after checking that `table` is [B, 1, T, K]
+/// (a per-batch table broadcast over heads: attention bias, RoPE cos/sin).
+fn dims_with_table(x: &Layout, table: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    let (b, h, t, k) = x.shape().dims4()?;
+    if table.shape().dims() != [b, 1, t, k] {
+        candle_core::bail!("{what} {:?} do not match {:?}", table.shape(), x.shape());
+    }
+    Ok((b, h, t, k))
+}
+
 /// Below this many elements a kernel runs on the calling thread: waking the
 /// pool costs more than the work (decoding one token touches a few thousand).
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
@@ -68,14 +78,7 @@ impl CustomOp2 for MaskedSoftmax {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "scores")?;
         let bias = f32_slice(s2, l2, "bias")?;
-        let (b, h, t, k) = l1.shape().dims4()?;
-        if l2.shape().dims() != [b, 1, t, k] {
-            candle_core::bail!(
-                "bias shape {:?} does not match scores {:?}",
-                l2.shape(),
-                l1.shape()
-            );
-        }
+        let (_, h, t, k) = dims_with_table(l1, l2, "bias")?;
         let mut out = vec![0f32; x.len()];
         for_rows(&mut out, k, |row, o| {
             let (bi, ti) = (row / (h * t), row % t);
@@ -420,17 +423,8 @@ impl CustomOp3 for Rope {
         let x = f32_slice(s1, l1, "x")?;
         let cos = f32_slice(s2, l2, "cos")?;
         let sin = f32_slice(s3, l3, "sin")?;
-        let (b, h, t, d) = l1.shape().dims4()?;
-        if l2.shape().dims() != [b, 1, t, d] {
-            candle_core::bail!(
-                "rope tables {:?} do not match x {:?}",
-                l2.shape(),
-                l1.shape()
-            );
-        }
+        let (_, h, t, d) = dims_with_table(l1, l2, "rope tables")?;
         let half = d / 2;
-        // Forward uses rot; the backward pass applies rot's transpose: [b, -a].
-        let sign = if self.transpose { -1.0 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         for_rows(&mut out, d, |r, o| {
             let (bi, ti) = (r / (h * t), r % t);
@@ -442,7 +436,7 @@ impl CustomOp3 for Rope {
                 // backward: d1 = g1 c1 + g2 s2 ; d2 = g2 c2 - g1 s1
                 if self.transpose {
                     o[j] = xr[j] * c[j] + xr[j + half] * s[j + half];
-                    o[j + half] = xr[j + half] * c[j + half] + sign * xr[j] * s[j];
+                    o[j + half] = xr[j + half] * c[j + half] - xr[j] * s[j];
                 } else {
                     o[j] = xr[j] * c[j] - xr[j + half] * s[j];
                     o[j + half] = xr[j + half] * c[j + half] + xr[j] * s[j + half];

@@ -43,14 +43,6 @@ enum Command {
     },
 }
 
-fn default_data_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("herd")
-}
-
 fn main() {
     let cli = Cli::parse();
     if let Some(Command::Worker { job_file }) = &cli.command {
@@ -73,7 +65,7 @@ fn main() {
         sched.cpu_threads = t.max(1);
     }
     let config = DaemonConfig {
-        data_dir: cli.data_dir.unwrap_or_else(default_data_dir),
+        data_dir: cli.data_dir.unwrap_or_else(herd_client::default_data_dir),
         listen: cli.listen,
         scheduler: sched,
     };
