@@ -1,96 +1,226 @@
-//! The one place that knows the storage engine is sled.
+//! The one place that knows how events are laid out on disk.
 //!
-//! sled 0.34 has had no release since 2021, so everything else in the store
-//! talks to this narrow seam: keyed bytes, one atomic batch, one durable
-//! flush. Changing the engine means rewriting this file only.
+//! Record bytes go to an append-only JSON Lines file, `events.jsonl`: one
+//! record per line, written once at the end and never rewritten, so
+//! `cat events.jsonl` shows the whole history. That file is the truth; sled
+//! holds an index into it. We measured why (see BENCHMARKS.md): sled rewrites
+//! whole leaf nodes, so bulk record bytes cost it ~1.8x write amplification
+//! and ~200 MB/s with fsync, and leaves bigger than ~128 KiB go to side files
+//! that its flush never syncs. A plain append file has neither problem, and
+//! every sled value here stays a few KiB.
 //!
-//! Everything lives in one sled tree so that a batch spanning events, stream
-//! indexes and the head pointer is a single atomic `apply_batch` (cross-tree
-//! atomicity would need sled transactions, which take a process-wide lock).
+//! A commit is: write the group's records at the end of the file and
+//! `fdatasync` it (the one sync an append waits for), then apply one sled
+//! batch with the index entries and the head pointer. sled persists that
+//! batch on its own schedule; after a crash its head pointer may lag the
+//! file, and opening the log re-indexes the records past it (see
+//! `log::recover`). Bytes after the last whole, chained record are the tail
+//! of a group that was never acknowledged and are cut off.
 //!
-//! Key layout (all integers big-endian so that byte order is numeric order):
-//!   `e` seq                 -> event record (JSON)
-//!   `s` stream 0x00 version -> seq
-//!   `h` stream              -> current stream version
-//!   `i` event-uuid          -> seq
-//!   `mhead`                 -> last seq (8 bytes) ++ hex sha256 of its record
+//! sled key layout (integers big-endian so byte order is numeric order):
+//!   `c` first_seq                 -> chunk: file offset u64, count u32, count x u32 record lengths
+//!   `s` stream 0x00 first_version -> run: first_seq u64, count u64 (contiguous versions)
+//!   `h` stream                    -> current stream version u64
+//!   `i` id[0..6] first_seq        -> n x (id[6..16], varint seq delta from the previous entry,
+//!                                    the first from first_seq)
+//!   `mhead`                       -> last indexed seq u64, its end in the file u64, hex sha256 of that record
+//!   `mformat`                     -> FORMAT
+//!
+//! Ids are bucketed by their first six bytes, which for UUID v7 is the
+//! millisecond they were made: one bucket entry per group and millisecond
+//! instead of one key per event, and a lookup is one prefix scan.
 
-use std::fs::File;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
 
 use crate::error::{Result, StoreError};
 
+const HEAD_KEY: &[u8] = b"mhead";
+const FORMAT_KEY: &[u8] = b"mformat";
+const FORMAT: &[u8] = b"herd-events/2 jsonl+sled-index";
+const LOG_FILE: &str = "events.jsonl";
+/// Records per chunk entry: bounds the bytes read to fetch one event.
+const CHUNK_RECORDS: usize = 256;
+/// Ids per bucket entry: keeps every sled value a few KiB.
+const BUCKET_IDS: usize = 256;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 pub(crate) struct Backend {
     db: sled::Db,
-    /// sled's `flush` ends in `sync_file_range`, which does not survive a power
-    /// cut; we `fdatasync` the data file ourselves after each flush.
-    data_file: File,
+    /// The record file, opened read+write; positioned reads and writes only.
+    log: File,
     path: PathBuf,
 }
 
-const HEAD_KEY: &[u8] = b"mhead";
+impl Drop for Backend {
+    /// Persist the index on a clean close so the next open has nothing to
+    /// re-index; a failure here only costs that re-indexing.
+    fn drop(&mut self) {
+        let _ = self.db.flush();
+    }
+}
 
-pub(crate) fn event_key(seq: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'e';
-    k[1..].copy_from_slice(&seq.to_be_bytes());
+/// The committed end of the log.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Head {
+    pub(crate) seq: u64,
+    /// Hex sha256 of the last record ("" when empty).
+    pub(crate) hash: String,
+    /// Committed length of the record file.
+    pub(crate) log_end: u64,
+}
+
+/// One append's events: versions `first_version..` of `stream` are
+/// sequences `first_seq..`, `count` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub(crate) first_version: u64,
+    pub(crate) first_seq: u64,
+    pub(crate) count: u64,
+}
+
+/// The index entries of consecutive records (one group commit, or the
+/// records recovered after a crash).
+#[derive(Default)]
+pub(crate) struct GroupIndex {
+    /// Length of each record without its newline, in sequence order.
+    pub(crate) lengths: Vec<u32>,
+    /// Sequence of the first record.
+    pub(crate) first_seq: u64,
+    pub(crate) runs: Vec<(String, Run)>,
+    pub(crate) stream_versions: BTreeMap<String, u64>,
+    pub(crate) ids: Vec<(Uuid, u64)>,
+    /// Hash of the last record.
+    pub(crate) head_hash: String,
+}
+
+struct Chunk {
+    first_seq: u64,
+    offset: u64,
+    lengths: Vec<u32>,
+}
+
+impl Chunk {
+    fn end_seq(&self) -> u64 {
+        self.first_seq + self.lengths.len() as u64
+    }
+    fn byte_len(&self) -> u64 {
+        self.lengths.iter().map(|&l| l as u64 + 1).sum()
+    }
+}
+
+fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(tag);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
     k
 }
 
-pub(crate) fn stream_key(stream: &str, version: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(stream.len() + 10);
-    k.push(b's');
-    k.extend_from_slice(stream.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&version.to_be_bytes());
-    k
+fn chunk_key(seq: u64) -> Vec<u8> {
+    key(b'c', &[&seq.to_be_bytes()])
 }
 
-pub(crate) fn stream_head_key(stream: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(stream.len() + 1);
-    k.push(b'h');
-    k.extend_from_slice(stream.as_bytes());
-    k
+fn run_key(stream: &str, version: u64) -> Vec<u8> {
+    key(b's', &[stream.as_bytes(), &[0], &version.to_be_bytes()])
 }
 
-pub(crate) fn id_key(id: &uuid::Uuid) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = b'i';
-    k[1..].copy_from_slice(id.as_bytes());
-    k
+fn stream_head_key(stream: &str) -> Vec<u8> {
+    key(b'h', &[stream.as_bytes()])
 }
 
-fn u64_of(bytes: &[u8], what: &str) -> Result<u64> {
-    let arr: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| {
-            StoreError::Backend(format!("{what}: expected 8 bytes, found {}", bytes.len()))
-        })?;
-    Ok(u64::from_be_bytes(arr))
+fn id_prefix(id: &Uuid) -> [u8; 6] {
+    id.as_bytes()[..6].try_into().expect("uuid has 16 bytes")
+}
+
+/// Reads fixed-width big-endian integers, naming what it was reading when
+/// the bytes run out.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    what: &'static str,
+}
+
+impl Cursor<'_> {
+    fn varint(&mut self) -> Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let [b] = self.take::<1>()?;
+            v |= ((b & 0x7f) as u64) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "{}: varint too long",
+            self.what
+        )))
+    }
+    fn take<const N: usize>(&mut self) -> Result<[u8; N]> {
+        if self.bytes.len() < N {
+            return Err(StoreError::Backend(format!(
+                "{}: entry ends early ({} bytes left, {N} needed)",
+                self.what,
+                self.bytes.len()
+            )));
+        }
+        let (head, rest) = self.bytes.split_at(N);
+        self.bytes = rest;
+        Ok(head.try_into().expect("split at N"))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        self.take::<8>().map(u64::from_be_bytes)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        self.take::<4>().map(u32::from_be_bytes)
+    }
 }
 
 fn be(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// One atomic group of writes.
-#[derive(Default)]
-pub(crate) struct WriteBatch {
-    inner: sled::Batch,
-    pub(crate) len: usize,
+fn decode_chunk(k: &[u8], v: &[u8]) -> Result<Chunk> {
+    let first_seq = Cursor {
+        bytes: &k[1..],
+        what: "chunk key",
+    }
+    .u64()?;
+    let mut c = Cursor {
+        bytes: v,
+        what: "chunk index",
+    };
+    let offset = c.u64()?;
+    let count = c.u32()? as usize;
+    let lengths = (0..count).map(|_| c.u32()).collect::<Result<Vec<_>>>()?;
+    Ok(Chunk {
+        first_seq,
+        offset,
+        lengths,
+    })
 }
 
-impl WriteBatch {
-    pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.inner.insert(key, value);
-        self.len += 1;
-    }
-    pub(crate) fn set_head(&mut self, seq: u64, hash: &str) {
-        let mut v = seq.to_be_bytes().to_vec();
-        v.extend_from_slice(hash.as_bytes());
-        self.put(HEAD_KEY, &v);
-    }
+fn decode_run(v: &[u8], first_version: u64) -> Result<Run> {
+    let mut c = Cursor {
+        bytes: v,
+        what: "stream index",
+    };
+    Ok(Run {
+        first_version,
+        first_seq: c.u64()?,
+        count: c.u64()?,
+    })
 }
 
 impl Backend {
@@ -99,33 +229,108 @@ impl Backend {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(if std::env::var("NOFLUSH").is_ok() {
+                None
+            } else {
+                Some(500)
+            })
             .open()
             .map_err(|e| {
                 StoreError::Backend(format!("opening sled database at {}: {e}", dir.display()))
             })?;
-        let data_path = dir.join("db");
-        let data_file = File::open(&data_path).map_err(|e| StoreError::io(&data_path, e))?;
+        match db.get(FORMAT_KEY).map_err(be)? {
+            Some(f) if f.as_ref() == FORMAT => {}
+            Some(f) => {
+                return Err(StoreError::Backend(format!(
+                    "{} holds event log format {:?}; this herd reads {:?}",
+                    dir.display(),
+                    String::from_utf8_lossy(&f),
+                    String::from_utf8_lossy(FORMAT)
+                )))
+            }
+            None if db.get(HEAD_KEY).map_err(be)?.is_some() => {
+                return Err(StoreError::Backend(format!(
+                    "{} holds an event log from an earlier herd format (records inside sled); \
+                     this herd reads {:?}",
+                    dir.display(),
+                    String::from_utf8_lossy(FORMAT)
+                )))
+            }
+            None => {
+                db.insert(FORMAT_KEY, FORMAT).map_err(be)?;
+                db.flush().map_err(be)?;
+            }
+        }
+        let log_path = dir.join(LOG_FILE);
+        let log = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&log_path)
+            .map_err(|e| StoreError::io(&log_path, e))?;
         Ok(Backend {
             db,
-            data_file,
+            log,
             path: dir.to_path_buf(),
         })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.path.join(LOG_FILE)
+    }
+
+    /// The file's bytes from `from` to its end: records not yet indexed.
+    /// A file shorter than `from` lost indexed records: that is corruption.
+    pub(crate) fn tail(&self, from: u64, seq: u64) -> Result<Vec<u8>> {
+        let path = self.log_path();
+        let len = self
+            .log
+            .metadata()
+            .map_err(|e| StoreError::io(&path, e))?
+            .len();
+        if len < from {
+            return Err(StoreError::CorruptEvent {
+                seq,
+                reason: format!(
+                    "{} is {len} bytes but records up to byte {from} were indexed: the file was truncated",
+                    path.display()
+                ),
+            });
+        }
+        let mut buf = vec![0u8; (len - from) as usize];
+        self.log
+            .read_exact_at(&mut buf, from)
+            .map_err(|e| StoreError::io(&path, e))?;
+        Ok(buf)
+    }
+
+    /// Cut the file to `len`: what lies past it was never acknowledged.
+    pub(crate) fn truncate(&self, len: u64) -> Result<()> {
+        self.log
+            .set_len(len)
+            .and_then(|_| self.log.sync_all())
+            .map_err(|e| StoreError::io(self.log_path(), e))
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// (last sequence, hex hash of its record); (0, "") for an empty log.
-    pub(crate) fn head(&self) -> Result<(u64, String)> {
+    pub(crate) fn head(&self) -> Result<Head> {
         match self.db.get(HEAD_KEY).map_err(be)? {
-            None => Ok((0, String::new())),
+            None => Ok(Head::default()),
             Some(v) => {
-                let seq = u64_of(&v, "head pointer")?;
-                let hash = std::str::from_utf8(&v[8..])
+                let mut c = Cursor {
+                    bytes: &v,
+                    what: "head pointer",
+                };
+                let seq = c.u64()?;
+                let log_end = c.u64()?;
+                let hash = std::str::from_utf8(c.bytes)
                     .map_err(|_| StoreError::Backend("head pointer hash is not UTF-8".into()))?
                     .to_string();
-                Ok((seq, hash))
+                Ok(Head { seq, hash, log_end })
             }
         }
     }
@@ -133,46 +338,62 @@ impl Backend {
     pub(crate) fn stream_version(&self, stream: &str) -> Result<u64> {
         match self.db.get(stream_head_key(stream)).map_err(be)? {
             None => Ok(0),
-            Some(v) => u64_of(&v, "stream head"),
+            Some(v) => Cursor {
+                bytes: &v,
+                what: "stream head",
+            }
+            .u64(),
         }
     }
 
-    pub(crate) fn seq_of_id(&self, id: &uuid::Uuid) -> Result<Option<u64>> {
-        self.db
-            .get(id_key(id))
-            .map_err(be)?
-            .map(|v| u64_of(&v, "event id index"))
-            .transpose()
+    /// Every stored (id, seq) whose id starts with the same six bytes as `id`.
+    pub(crate) fn ids_like(&self, id: &Uuid) -> Result<Vec<(Uuid, u64)>> {
+        let mut out = Vec::new();
+        let prefix = id_prefix(id);
+        for item in self.db.scan_prefix(key(b'i', &[&prefix])) {
+            let (k, v) = item.map_err(be)?;
+            let mut seq = Cursor {
+                bytes: &k[7..],
+                what: "event id index key",
+            }
+            .u64()?;
+            let mut c = Cursor {
+                bytes: &v,
+                what: "event id index",
+            };
+            while !c.bytes.is_empty() {
+                let mut bytes = [0u8; 16];
+                bytes[..6].copy_from_slice(&prefix);
+                bytes[6..].copy_from_slice(&c.take::<10>()?);
+                seq += c.varint()?;
+                out.push((Uuid::from_bytes(bytes), seq));
+            }
+        }
+        Ok(out)
     }
 
-    pub(crate) fn event_bytes(&self, seq: u64) -> Result<Option<sled::IVec>> {
-        self.db.get(event_key(seq)).map_err(be)
-    }
-
-    /// Events with sequence >= `from`, in order.
-    pub(crate) fn scan_events(
-        &self,
-        from: u64,
-    ) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
-        self.db
-            .range(event_key(from)..event_key(u64::MAX))
-            .map(|r| {
-                let (k, v) = r.map_err(be)?;
-                Ok((u64_of(&k[1..], "event key")?, v))
-            })
-    }
-
-    /// Sequence numbers of a stream's events with version >= `from`, in order.
-    pub(crate) fn scan_stream(
+    /// The runs of `stream` that hold versions >= `from`, in order.
+    pub(crate) fn runs_from(
         &self,
         stream: &str,
         from: u64,
-    ) -> impl Iterator<Item = Result<u64>> + '_ {
-        let start = stream_key(stream, from);
-        let end = stream_key(stream, u64::MAX);
-        self.db.range(start..=end).map(|r| {
-            let (_, v) = r.map_err(be)?;
-            u64_of(&v, "stream index")
+    ) -> impl Iterator<Item = Result<Run>> + '_ {
+        let lo = run_key(stream, 0);
+        let hi = run_key(stream, u64::MAX);
+        let prefix_len = lo.len() - 8;
+        // The run holding `from` may start before it.
+        let start = match self.db.range(lo..=run_key(stream, from)).next_back() {
+            Some(Ok((k, _))) => k.to_vec(),
+            _ => run_key(stream, from),
+        };
+        self.db.range(start..=hi).map(move |item| {
+            let (k, v) = item.map_err(be)?;
+            let first_version = Cursor {
+                bytes: &k[prefix_len..],
+                what: "stream index key",
+            }
+            .u64()?;
+            decode_run(&v, first_version)
         })
     }
 
@@ -185,21 +406,164 @@ impl Backend {
         })
     }
 
-    /// Apply atomically, then make it durable: sled flush plus our own fdatasync.
-    pub(crate) fn commit(&self, batch: WriteBatch) -> Result<()> {
-        self.db.apply_batch(batch.inner).map_err(be)?;
-        self.db.flush().map_err(be)?;
-        self.data_file
-            .sync_data()
-            .map_err(|e| StoreError::io(self.path.join("db"), e))?;
+    fn chunks_from(&self, seq: u64) -> impl Iterator<Item = Result<Chunk>> + '_ {
+        let start = match self.db.range(chunk_key(0)..=chunk_key(seq)).next_back() {
+            Some(Ok((k, _))) => k.to_vec(),
+            _ => chunk_key(seq),
+        };
+        self.db.range(start..chunk_key(u64::MAX)).map(|item| {
+            let (k, v) = item.map_err(be)?;
+            decode_chunk(&k, &v)
+        })
+    }
+
+    fn read_chunk(&self, chunk: &Chunk) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; chunk.byte_len() as usize];
+        self.log
+            .read_exact_at(&mut buf, chunk.offset)
+            .map_err(|e| StoreError::CorruptEvent {
+                seq: chunk.first_seq,
+                reason: format!(
+                    "reading {} bytes at offset {} of {}: {e}",
+                    buf.len(),
+                    chunk.offset,
+                    self.log_path().display()
+                ),
+            })?;
+        Ok(buf)
+    }
+
+    /// Call `f(seq, record bytes)` for every record with `from <= seq <= to`,
+    /// in order, until it returns false. A gap in the index is an error.
+    pub(crate) fn for_each_record(
+        &self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let mut expected = from;
+        for chunk in self.chunks_from(from) {
+            let chunk = chunk?;
+            if chunk.first_seq > to {
+                break;
+            }
+            if chunk.first_seq > expected {
+                return Err(StoreError::CorruptEvent {
+                    seq: expected,
+                    reason: format!(
+                        "missing from the index; the next chunk starts at {}",
+                        chunk.first_seq
+                    ),
+                });
+            }
+            let bytes = self.read_chunk(&chunk)?;
+            let mut at = 0usize;
+            for (i, &len) in chunk.lengths.iter().enumerate() {
+                let seq = chunk.first_seq + i as u64;
+                let record = &bytes[at..at + len as usize];
+                at += len as usize + 1;
+                if seq < from {
+                    continue;
+                }
+                if seq > to || !f(seq, record)? {
+                    return Ok(());
+                }
+                expected = seq + 1;
+            }
+        }
+        if expected <= to {
+            return Err(StoreError::CorruptEvent {
+                seq: expected,
+                reason: "committed but missing from the index".into(),
+            });
+        }
         Ok(())
     }
 
-    /// Test hook: overwrite raw bytes (used to prove that `verify` notices).
+    /// Make records durable: write them at `at` (the end of the committed
+    /// file) and `fdatasync`. When this returns, the records survive a crash.
+    pub(crate) fn write_records(&self, bytes: &[u8], at: u64) -> Result<()> {
+        self.log
+            .write_all_at(bytes, at)
+            .and_then(|_| self.log.sync_data())
+            .map_err(|e| StoreError::io(self.log_path(), e))
+    }
+
+    /// Index records that are already durable in the file at `at`, in one
+    /// atomic sled batch. Returns the file offset after the last of them.
+    pub(crate) fn index(&self, group: GroupIndex, at: u64) -> Result<u64> {
+        let mut batch = sled::Batch::default();
+        let mut offset = at;
+        for (i, lengths) in group.lengths.chunks(CHUNK_RECORDS).enumerate() {
+            let mut v = Vec::with_capacity(12 + 4 * lengths.len());
+            v.extend_from_slice(&offset.to_be_bytes());
+            v.extend_from_slice(&(lengths.len() as u32).to_be_bytes());
+            for &l in lengths {
+                v.extend_from_slice(&l.to_be_bytes());
+                offset += l as u64 + 1;
+            }
+            let first = group.first_seq + (i * CHUNK_RECORDS) as u64;
+            batch.insert(chunk_key(first), v);
+        }
+        for (stream, run) in &group.runs {
+            let mut v = run.first_seq.to_be_bytes().to_vec();
+            v.extend_from_slice(&run.count.to_be_bytes());
+            batch.insert(run_key(stream, run.first_version), v);
+        }
+        for (stream, version) in &group.stream_versions {
+            batch.insert(stream_head_key(stream), &version.to_be_bytes());
+        }
+        let mut ids = group.ids;
+        ids.sort_by_key(|(id, seq)| (id_prefix(id), *seq));
+        for bucket in ids.chunk_by(|a, b| id_prefix(&a.0) == id_prefix(&b.0)) {
+            for part in bucket.chunks(BUCKET_IDS) {
+                let mut v = Vec::with_capacity(11 * part.len());
+                let mut prev = part[0].1;
+                for (id, seq) in part {
+                    v.extend_from_slice(&id.as_bytes()[6..]);
+                    put_varint(&mut v, seq - prev);
+                    prev = *seq;
+                }
+                batch.insert(
+                    key(b'i', &[&id_prefix(&part[0].0), &part[0].1.to_be_bytes()]),
+                    v,
+                );
+            }
+        }
+        let last_seq = group.first_seq + group.lengths.len() as u64 - 1;
+        let mut head = last_seq.to_be_bytes().to_vec();
+        head.extend_from_slice(&offset.to_be_bytes());
+        head.extend_from_slice(group.head_hash.as_bytes());
+        batch.insert(HEAD_KEY, head);
+        self.db.apply_batch(batch).map_err(be)?;
+        Ok(offset)
+    }
+
+    /// Persist the index now (it is also persisted in the background).
+    pub(crate) fn flush_index(&self) -> Result<()> {
+        self.db.flush().map_err(be).map(|_| ())
+    }
+
+    /// Test hook: change a committed record's bytes in place (same length),
+    /// to prove that reads and `verify` notice.
     #[doc(hidden)]
-    pub(crate) fn raw_put(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.db.insert(key, value).map_err(be)?;
-        self.db.flush().map_err(be)?;
-        Ok(())
+    pub(crate) fn mutate_record(&self, seq: u64, f: &mut dyn FnMut(&mut [u8])) -> Result<()> {
+        let chunk = self
+            .chunks_from(seq)
+            .next()
+            .transpose()?
+            .filter(|c| c.first_seq <= seq && seq < c.end_seq())
+            .ok_or_else(|| StoreError::Invalid(format!("no record {seq}")))?;
+        let before: u64 = chunk.lengths[..(seq - chunk.first_seq) as usize]
+            .iter()
+            .map(|&l| l as u64 + 1)
+            .sum();
+        let mut bytes = vec![0u8; chunk.lengths[(seq - chunk.first_seq) as usize] as usize];
+        let at = chunk.offset + before;
+        let io = |e| StoreError::io(self.log_path(), e);
+        self.log.read_exact_at(&mut bytes, at).map_err(io)?;
+        f(&mut bytes);
+        self.log.write_all_at(&bytes, at).map_err(io)?;
+        self.log.sync_data().map_err(io)
     }
 }

@@ -17,17 +17,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use crate::backend::{self, Backend, WriteBatch};
+use crate::backend::{Backend, GroupIndex, Head, Run};
 use crate::error::{Result, StoreError};
-use crate::event::{sha256_hex, AppendResult, ExpectedVersion, NewEvent, RecordedEvent};
+use crate::event::{
+    sha256_hex, write_record, AppendResult, ExpectedVersion, NewEvent, RecordParts, RecordedEvent,
+};
 
 /// Largest number of events one append may carry.
 pub const MAX_EVENTS_PER_APPEND: usize = 100_000;
 /// Longest stream name, in bytes.
 pub const MAX_STREAM_NAME: usize = 256;
-/// Largest encoded record. sled writes values over ~128 KiB to side files
-/// that its flush never syncs, so a bigger event could be lost after an
-/// acknowledgement; callers split large payloads (the API splits metric batches).
+/// Largest encoded record. Events are facts, not data: datasets and
+/// checkpoints belong in the blob store; callers split large payloads (the
+/// API splits metric batches).
 pub const MAX_RECORD_BYTES: usize = 120 * 1024;
 /// A group commit stops collecting requests once it holds this many events.
 const MAX_GROUP_EVENTS: usize = 50_000;
@@ -78,7 +80,8 @@ pub struct ChainReport {
 impl EventLog {
     pub fn open(dir: &std::path::Path) -> Result<Self> {
         let backend = Arc::new(Backend::open(dir)?);
-        let (head_seq, head_hash) = backend.head()?;
+        let head = recover(&backend)?;
+        let head_seq = head.seq;
         let (tx, rx) = mpsc::channel();
         let (head_watch, _) = watch::channel(head_seq);
         let shared = Arc::new(Shared {
@@ -92,7 +95,7 @@ impl EventLog {
         let weak = Arc::downgrade(&shared);
         let handle = std::thread::Builder::new()
             .name("herd-store-writer".into())
-            .spawn(move || Writer::new(backend, head_seq, head_hash).run(rx, weak))
+            .spawn(move || Writer::new(backend, head).run(rx, weak))
             .map_err(|e| StoreError::io(dir, e))?;
         *shared.writer.lock().expect("writer lock") = Some(handle);
         Ok(EventLog { shared })
@@ -160,23 +163,34 @@ impl EventLog {
 
     /// One event by global sequence.
     pub fn get(&self, seq: u64) -> Result<Option<RecordedEvent>> {
-        match self.shared.backend.event_bytes(seq)? {
-            None => Ok(None),
-            Some(bytes) => decode(seq, &bytes).map(Some),
+        if seq == 0 || seq > self.head_seq() {
+            return Ok(None);
         }
+        let mut found = None;
+        self.shared
+            .backend
+            .for_each_record(seq, seq, |seq, bytes| {
+                found = Some(decode(seq, bytes)?);
+                Ok(false)
+            })?;
+        Ok(found)
     }
 
     /// Up to `limit` events of the global log with sequence >= `from`.
     pub fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
         let head = self.head_seq();
-        let mut out = Vec::new();
-        for item in self.shared.backend.scan_events(from.max(1)).take(limit) {
-            let (seq, bytes) = item?;
-            if seq > head {
-                break; // written by a group whose flush has not returned yet
-            }
-            out.push(decode(seq, &bytes)?);
+        let from = from.max(1);
+        if from > head || limit == 0 {
+            return Ok(Vec::new());
         }
+        let to = head.min(from.saturating_add(limit as u64 - 1));
+        let mut out = Vec::with_capacity((to - from + 1) as usize);
+        self.shared
+            .backend
+            .for_each_record(from, to, |seq, bytes| {
+                out.push(decode(seq, bytes)?);
+                Ok(true)
+            })?;
         Ok(out)
     }
 
@@ -188,26 +202,39 @@ impl EventLog {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
         let head = self.head_seq();
+        let from_version = from_version.max(1);
         let mut out = Vec::new();
-        for seq in self
-            .shared
-            .backend
-            .scan_stream(stream, from_version.max(1))
-            .take(limit)
-        {
-            let seq = seq?;
-            if seq > head {
+        for run in self.shared.backend.runs_from(stream, from_version) {
+            let run = run?;
+            let skip = from_version.saturating_sub(run.first_version);
+            if skip >= run.count {
+                continue;
+            }
+            let want = (run.count - skip).min((limit - out.len()) as u64);
+            let first = run.first_seq + skip;
+            let last = first + want - 1;
+            if first > head {
                 break;
             }
-            let bytes =
-                self.shared
-                    .backend
-                    .event_bytes(seq)?
-                    .ok_or_else(|| StoreError::CorruptEvent {
-                        seq,
-                        reason: format!("indexed by stream `{stream}` but missing"),
-                    })?;
-            out.push(decode(seq, &bytes)?);
+            self.shared
+                .backend
+                .for_each_record(first, last.min(head), |seq, bytes| {
+                    let rec = decode(seq, bytes)?;
+                    if rec.stream != stream {
+                        return Err(StoreError::CorruptEvent {
+                            seq,
+                            reason: format!(
+                                "indexed for stream `{stream}` but belongs to `{}`",
+                                rec.stream
+                            ),
+                        });
+                    }
+                    out.push(rec);
+                    Ok(true)
+                })?;
+            if out.len() >= limit || last > head {
+                break;
+            }
         }
         Ok(out)
     }
@@ -228,48 +255,59 @@ impl EventLog {
     /// back at it, and the head pointer matches the last record.
     pub fn verify_chain(&self) -> Result<ChainReport> {
         let backend = &self.shared.backend;
-        let (head_seq, head_hash) = backend.head()?;
+        let head = backend.head()?;
         let mut prev_hash = String::new();
-        let mut expected_seq = 1u64;
-        for item in backend.scan_events(1) {
-            let (seq, bytes) = item?;
-            if seq != expected_seq {
-                return Err(StoreError::BrokenChain {
-                    seq: expected_seq,
-                    reason: format!("missing; next stored is {seq}"),
-                });
-            }
-            let rec = decode(seq, &bytes)?;
-            if rec.prev_hash != prev_hash {
-                return Err(StoreError::BrokenChain {
-                    seq,
-                    reason: format!(
-                        "prev_hash {} does not match the previous record's hash {}",
-                        rec.prev_hash, prev_hash
-                    ),
-                });
-            }
-            let indexed = backend
-                .scan_stream(&rec.stream, rec.version)
-                .next()
-                .transpose()?;
-            if indexed != Some(seq) {
-                return Err(StoreError::BrokenChain {
-                    seq,
-                    reason: format!(
-                        "stream index of `{}` v{} points at {:?}",
-                        rec.stream, rec.version, indexed
-                    ),
-                });
-            }
-            prev_hash = sha256_hex(&bytes);
-            expected_seq += 1;
+        let mut last = 0u64;
+        // The run last seen per stream: most records fall inside it.
+        let mut runs: HashMap<String, Run> = HashMap::new();
+        if head.seq > 0 {
+            backend.for_each_record(1, head.seq, |seq, bytes| {
+                let rec = decode(seq, bytes)?;
+                if rec.prev_hash != prev_hash {
+                    return Err(StoreError::BrokenChain {
+                        seq,
+                        reason: format!(
+                            "prev_hash {} does not match the previous record's hash {}",
+                            rec.prev_hash, prev_hash
+                        ),
+                    });
+                }
+                let covers = |r: &Run| {
+                    r.first_version <= rec.version && rec.version < r.first_version + r.count
+                };
+                let run = match runs.get(&rec.stream).copied().filter(covers) {
+                    Some(r) => Some(r),
+                    None => backend
+                        .runs_from(&rec.stream, rec.version)
+                        .next()
+                        .transpose()?
+                        .filter(covers),
+                };
+                let indexed = run.map(|r| r.first_seq + (rec.version - r.first_version));
+                if indexed != Some(seq) {
+                    return Err(StoreError::BrokenChain {
+                        seq,
+                        reason: format!(
+                            "stream index of `{}` v{} points at {:?}",
+                            rec.stream, rec.version, indexed
+                        ),
+                    });
+                }
+                if let Some(r) = run {
+                    runs.insert(rec.stream, r);
+                }
+                prev_hash = sha256_hex(bytes);
+                last = seq;
+                Ok(true)
+            })?;
         }
-        let last = expected_seq - 1;
-        if last != head_seq || prev_hash != head_hash {
+        if last != head.seq || prev_hash != head.hash {
             return Err(StoreError::BrokenChain {
                 seq: last,
-                reason: format!("head pointer says seq {head_seq} hash {head_hash}, records end at {last} hash {prev_hash}"),
+                reason: format!(
+                    "head pointer says seq {} hash {}, records end at {last} hash {prev_hash}",
+                    head.seq, head.hash
+                ),
             });
         }
         Ok(ChainReport {
@@ -278,10 +316,11 @@ impl EventLog {
         })
     }
 
-    /// Test hook: overwrite a record's raw bytes, to prove verification notices.
+    /// Test hook: change a stored record's bytes in place (the length stays),
+    /// to prove that reads and verification notice.
     #[doc(hidden)]
-    pub fn corrupt_record_for_test(&self, seq: u64, bytes: &[u8]) -> Result<()> {
-        self.shared.backend.raw_put(&backend::event_key(seq), bytes)
+    pub fn corrupt_record_for_test(&self, seq: u64, mut f: impl FnMut(&mut [u8])) -> Result<()> {
+        self.shared.backend.mutate_record(seq, &mut f)
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -289,6 +328,8 @@ impl EventLog {
     }
 }
 
+/// Check an append before it reaches the writer; every refusal names the
+/// stream and the event's index.
 fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
     if stream.is_empty() || stream.len() > MAX_STREAM_NAME || stream.contains('\0') {
         return Err(StoreError::Invalid(format!(
@@ -307,30 +348,27 @@ fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
             events.len()
         )));
     }
-    let mut seen = std::collections::HashSet::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
-        // The envelope adds well under 1 KiB to the payload.
-        let size = serde_json::to_vec(&e.payload)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX)
-            + e.event_type.len()
-            + 1024;
-        if size > MAX_RECORD_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "event {i} of the append to `{stream}` encodes to about {size} bytes; the limit is {MAX_RECORD_BYTES} (split it)"
-            )));
-        }
         if e.event_type.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "event {i} of the append to `{stream}` has an empty type"
             )));
         }
-        if !seen.insert(e.id) {
+        // The envelope adds well under 1 KiB to the payload.
+        let size = e.payload.get().len() + e.event_type.len() + 1024;
+        if size > MAX_RECORD_BYTES {
             return Err(StoreError::Invalid(format!(
-                "event id {} appears twice in one append to `{stream}`",
-                e.id
+                "event {i} of the append to `{stream}` encodes to about {size} bytes; the limit is {MAX_RECORD_BYTES} (split it)"
             )));
         }
+    }
+    let mut ids: Vec<u128> = events.iter().map(|e| e.id.as_u128()).collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(StoreError::Invalid(format!(
+            "event id {} appears twice in one append to `{stream}`",
+            Uuid::from_u128(w[0])
+        )));
     }
     Ok(())
 }
@@ -350,29 +388,105 @@ pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Result<RecordedEvent> {
     Ok(rec)
 }
 
-/// The writer thread's state: the chain head and a cache of stream versions.
+/// Re-index the records that reached the file after the index last
+/// persisted (a crash), and cut off what follows the last whole record that
+/// continues the chain: the unacknowledged tail of a group that never
+/// finished its fsync. Returns the committed head.
+fn recover(backend: &Backend) -> Result<Head> {
+    let head = backend.head()?;
+    let tail = backend.tail(head.log_end, head.seq)?;
+    if tail.is_empty() {
+        return Ok(head);
+    }
+    let mut index = GroupIndex {
+        first_seq: head.seq + 1,
+        ..GroupIndex::default()
+    };
+    let mut seq = head.seq;
+    let mut hash = head.hash.clone();
+    let mut at = 0usize;
+    while let Some(len) = tail[at..].iter().position(|&b| b == b'\n') {
+        let line = &tail[at..at + len];
+        let Ok(rec) = decode(seq + 1, line) else {
+            break;
+        };
+        let current = match index.stream_versions.get(&rec.stream) {
+            Some(v) => *v,
+            None => backend.stream_version(&rec.stream)?,
+        };
+        if rec.prev_hash != hash || rec.version != current + 1 {
+            break;
+        }
+        seq += 1;
+        hash = sha256_hex(line);
+        at += len + 1;
+        index.lengths.push(len as u32);
+        index.ids.push((rec.id, seq));
+        index
+            .stream_versions
+            .insert(rec.stream.clone(), rec.version);
+        match index.runs.last_mut() {
+            Some((s, run)) if *s == rec.stream && run.first_version + run.count == rec.version => {
+                run.count += 1
+            }
+            _ => index.runs.push((
+                rec.stream,
+                Run {
+                    first_version: rec.version,
+                    first_seq: seq,
+                    count: 1,
+                },
+            )),
+        }
+    }
+    let mut recovered = head.clone();
+    if seq > head.seq {
+        index.head_hash = hash.clone();
+        let log_end = backend.index(index, head.log_end)?;
+        backend.flush_index()?;
+        recovered = Head { seq, hash, log_end };
+    }
+    if at < tail.len() {
+        backend.truncate(recovered.log_end)?;
+    }
+    Ok(recovered)
+}
+
+/// The writer thread's state: the committed head and a cache of stream versions.
 struct Writer {
     backend: Arc<Backend>,
-    seq: u64,
-    hash: String,
+    head: Head,
     versions: HashMap<String, u64>,
     poisoned: Option<String>,
+    /// The staging buffer, kept between groups: a fresh multi-megabyte
+    /// buffer per group costs page faults in the writer and in `write`.
+    buffer: Vec<u8>,
 }
 
 enum Outcome {
     Reply(Result<AppendResult>),
-    /// Accepted into the batch; acknowledged only after the commit.
+    /// Accepted into the group; acknowledged only after the commit.
     Pending(AppendResult),
 }
 
+/// What the requests of one group have staged so far.
+struct Staged {
+    bytes: Vec<u8>,
+    write: GroupIndex,
+    seq: u64,
+    hash: String,
+    ids: HashMap<Uuid, u64>,
+    now_ms: u64,
+}
+
 impl Writer {
-    fn new(backend: Arc<Backend>, seq: u64, hash: String) -> Self {
+    fn new(backend: Arc<Backend>, head: Head) -> Self {
         Writer {
             backend,
-            seq,
-            hash,
+            head,
             versions: HashMap::new(),
             poisoned: None,
+            buffer: Vec::new(),
         }
     }
 
@@ -393,8 +507,8 @@ impl Writer {
         }
     }
 
-    fn version_of(&mut self, stream: &str, pending: &HashMap<String, u64>) -> Result<u64> {
-        if let Some(v) = pending.get(stream) {
+    fn version_of(&mut self, stream: &str, staged: &GroupIndex) -> Result<u64> {
+        if let Some(v) = staged.stream_versions.get(stream) {
             return Ok(*v);
         }
         if let Some(v) = self.versions.get(stream) {
@@ -414,35 +528,43 @@ impl Writer {
             }
             return;
         }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis() as u64;
-        let mut batch = WriteBatch::default();
-        let mut pending_versions: HashMap<String, u64> = HashMap::new();
-        let mut pending_ids: HashMap<Uuid, (u64, u64)> = HashMap::new();
-        let mut seq = self.seq;
-        let mut hash = self.hash.clone();
+        let mut staged = Staged {
+            bytes: std::mem::take(&mut self.buffer),
+            write: GroupIndex {
+                first_seq: self.head.seq + 1,
+                ..GroupIndex::default()
+            },
+            seq: self.head.seq,
+            hash: self.head.hash.clone(),
+            ids: HashMap::new(),
+            now_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_millis() as u64,
+        };
         let mut outcomes = Vec::with_capacity(group.len());
         for req in group {
-            let outcome = self.stage(
-                &req,
-                now_ms,
-                &mut batch,
-                &mut pending_versions,
-                &mut pending_ids,
-                &mut seq,
-                &mut hash,
-            );
+            let outcome = self.stage(&req, &mut staged);
             outcomes.push((req.reply, outcome));
         }
-        let committed = if batch.len > 0 {
-            batch.set_head(seq, &hash);
-            match self.backend.commit(batch) {
-                Ok(()) => {
-                    self.seq = seq;
-                    self.hash = hash;
-                    self.versions.extend(pending_versions);
+        let committed = if staged.seq > self.head.seq {
+            staged.write.head_hash = staged.hash.clone();
+            let versions = staged.write.stream_versions.clone();
+            let at = self.head.log_end;
+            let committed = self
+                .backend
+                .write_records(&staged.bytes, at)
+                .and_then(|()| self.backend.index(staged.write, at));
+            match committed {
+                Ok(log_end) => {
+                    self.buffer = std::mem::take(&mut staged.bytes);
+                    self.buffer.clear();
+                    self.head = Head {
+                        seq: staged.seq,
+                        hash: staged.hash,
+                        log_end,
+                    };
+                    self.versions.extend(versions);
                     true
                 }
                 Err(e) => {
@@ -455,9 +577,9 @@ impl Writer {
         };
         if committed {
             if let Some(shared) = shared.upgrade() {
-                *shared.head.lock().expect("head lock") = self.seq;
+                *shared.head.lock().expect("head lock") = self.head.seq;
                 shared.head_changed.notify_all();
-                shared.head_watch.send_replace(self.seq);
+                shared.head_watch.send_replace(self.head.seq);
             }
         }
         for (reply, outcome) in outcomes {
@@ -472,33 +594,35 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn stage(
-        &mut self,
-        req: &AppendRequest,
-        now_ms: u64,
-        batch: &mut WriteBatch,
-        pending_versions: &mut HashMap<String, u64>,
-        pending_ids: &mut HashMap<Uuid, (u64, u64)>,
-        seq: &mut u64,
-        hash: &mut String,
-    ) -> Outcome {
-        // Idempotency: (seq, version) of ids already stored or staged.
+    /// Sequences of the request's ids that are already stored or staged.
+    fn known_ids(&self, req: &AppendRequest, staged: &Staged) -> Result<Vec<u64>> {
+        let mut stored: HashMap<Uuid, u64> = HashMap::new();
+        let mut scanned: Vec<[u8; 6]> = Vec::new();
         let mut known = Vec::new();
         for e in &req.events {
-            let found = match pending_ids.get(&e.id) {
-                Some(p) => Some(*p),
-                None => match self.backend.seq_of_id(&e.id) {
-                    Ok(Some(s)) => Some((s, 0)),
-                    Ok(None) => None,
-                    Err(err) => return Outcome::Reply(Err(err)),
-                },
-            };
-            if let Some(f) = found {
-                known.push(f);
+            if let Some(seq) = staged.ids.get(&e.id) {
+                known.push(*seq);
+                continue;
+            }
+            let prefix: [u8; 6] = e.id.as_bytes()[..6].try_into().expect("16 bytes");
+            if !scanned.contains(&prefix) {
+                scanned.push(prefix);
+                stored.extend(self.backend.ids_like(&e.id)?);
+            }
+            if let Some(seq) = stored.get(&e.id) {
+                known.push(*seq);
             }
         }
-        let current = match self.version_of(&req.stream, pending_versions) {
+        Ok(known)
+    }
+
+    fn stage(&mut self, req: &AppendRequest, staged: &mut Staged) -> Outcome {
+        // Idempotency: sequences of ids already stored or staged.
+        let known = match self.known_ids(req, staged) {
+            Ok(k) => k,
+            Err(e) => return Outcome::Reply(Err(e)),
+        };
+        let current = match self.version_of(&req.stream, &staged.write) {
             Ok(v) => v,
             Err(e) => return Outcome::Reply(Err(e)),
         };
@@ -510,11 +634,9 @@ impl Writer {
                     total: req.events.len(),
                 }));
             }
-            let first_seq = known.iter().map(|k| k.0).min().unwrap_or(0);
-            let last_seq = known.iter().map(|k| k.0).max().unwrap_or(0);
             return Outcome::Reply(Ok(AppendResult {
-                first_seq,
-                last_seq,
+                first_seq: known.iter().copied().min().unwrap_or(0),
+                last_seq: known.iter().copied().max().unwrap_or(0),
                 version: current,
                 duplicate: true,
             }));
@@ -526,42 +648,54 @@ impl Writer {
                 current,
             }));
         }
-        let first_seq = *seq + 1;
+        let first_seq = staged.seq + 1;
         let mut version = current;
+        let w = &mut staged.write;
+        let bytes = &mut staged.bytes;
+        let json = |s: &str| serde_json::to_vec(s).expect("a string serializes");
+        let stream_json = json(&req.stream);
+        let mut type_json: (&str, Vec<u8>) = ("", Vec::new());
         for e in &req.events {
-            *seq += 1;
+            staged.seq += 1;
             version += 1;
-            let rec = RecordedEvent {
-                seq: *seq,
-                id: e.id,
-                stream: req.stream.clone(),
-                version,
-                event_type: e.event_type.clone(),
-                schema_version: e.schema_version,
-                timestamp_ms: now_ms,
-                payload: e.payload.clone(),
-                causation_id: e.causation_id,
-                correlation_id: e.correlation_id,
-                prev_hash: std::mem::take(hash),
-            };
-            let bytes = serde_json::to_vec(&rec).expect("serializing a JSON value cannot fail");
-            *hash = sha256_hex(&bytes);
-            batch.put(&backend::event_key(*seq), &bytes);
-            batch.put(
-                &backend::stream_key(&req.stream, version),
-                &seq.to_be_bytes(),
+            if type_json.0 != e.event_type {
+                type_json = (&e.event_type, json(&e.event_type));
+            }
+            let start = bytes.len();
+            write_record(
+                bytes,
+                &RecordParts {
+                    seq: staged.seq,
+                    id: &e.id,
+                    stream_json: &stream_json,
+                    version,
+                    event_type_json: &type_json.1,
+                    schema_version: e.schema_version,
+                    timestamp_ms: staged.now_ms,
+                    payload: &e.payload,
+                    causation_id: e.causation_id,
+                    correlation_id: e.correlation_id,
+                    prev_hash: &staged.hash,
+                },
             );
-            batch.put(&backend::id_key(&e.id), &seq.to_be_bytes());
-            pending_ids.insert(e.id, (*seq, version));
+            staged.hash = sha256_hex(&bytes[start..]);
+            w.lengths.push((bytes.len() - start) as u32);
+            bytes.push(b'\n');
+            w.ids.push((e.id, staged.seq));
+            staged.ids.insert(e.id, staged.seq);
         }
-        batch.put(
-            &backend::stream_head_key(&req.stream),
-            &version.to_be_bytes(),
-        );
-        pending_versions.insert(req.stream.clone(), version);
+        w.runs.push((
+            req.stream.clone(),
+            Run {
+                first_version: current + 1,
+                first_seq,
+                count: req.events.len() as u64,
+            },
+        ));
+        w.stream_versions.insert(req.stream.clone(), version);
         Outcome::Pending(AppendResult {
             first_seq,
-            last_seq: *seq,
+            last_seq: staged.seq,
             version,
             duplicate: false,
         })

@@ -164,14 +164,17 @@ impl HerdEvent {
                 job: Uuid,
                 points: Vec<MetricPoint>,
             }
-            return Metrics::deserialize(&rec.payload)
+            return serde_json::from_str::<Metrics>(rec.payload.get())
                 .map(|m| HerdEvent::JobMetrics {
                     job: m.job,
                     points: m.points,
                 })
                 .map_err(|e| format!("event {} (JobMetrics): {e}", rec.seq));
         }
-        let payload = upcast(&rec.event_type, rec.schema_version, rec.payload.clone());
+        let payload = rec
+            .payload_value()
+            .map_err(|e| format!("event {} ({}): payload: {e}", rec.seq, rec.event_type))?;
+        let payload = upcast(&rec.event_type, rec.schema_version, payload);
         let known = [
             "ExperimentCreated",
             "ArtifactImported",

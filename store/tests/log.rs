@@ -157,7 +157,7 @@ fn concurrent_writers_with_expected_versions() {
         .all(|(i, e)| e.version == i as u64 + 1));
     let ns: HashSet<u64> = shared
         .iter()
-        .map(|e| e.payload["n"].as_u64().unwrap())
+        .map(|e| e.payload_value().unwrap()["n"].as_u64().unwrap())
         .collect();
     assert_eq!(
         ns.len() as u64,
@@ -239,10 +239,15 @@ fn a_changed_record_breaks_the_chain() {
     for i in 0..10 {
         log.append("s", ExpectedVersion::Any, vec![ev(i)]).unwrap();
     }
-    let mut rec = log.get(5).unwrap().unwrap();
-    rec.payload = json!({"n": 999});
-    log.corrupt_record_for_test(5, &serde_json::to_vec(&rec).unwrap())
-        .unwrap();
+    // Change the payload of record 5 without changing its length.
+    let rec = log.get(5).unwrap().unwrap();
+    assert_eq!(rec.payload.get(), r#"{"n":4}"#);
+    log.corrupt_record_for_test(5, |bytes| {
+        let at = bytes.windows(5).position(|w| w == br#""n":4"#).unwrap();
+        bytes[at + 4] = b'9';
+    })
+    .unwrap();
+    assert_eq!(log.get(5).unwrap().unwrap().payload.get(), r#"{"n":9}"#);
     // Record 5 still parses, but record 6 no longer names its hash.
     let err = log.verify_chain().unwrap_err();
     assert!(
@@ -250,7 +255,8 @@ fn a_changed_record_breaks_the_chain() {
         "{err}"
     );
     // Garbage bytes are reported as corrupt, with the sequence, not a panic.
-    log.corrupt_record_for_test(3, b"\x00\xffnot json").unwrap();
+    log.corrupt_record_for_test(3, |bytes| bytes.fill(0xff))
+        .unwrap();
     let err = log.get(3).unwrap_err();
     assert!(
         matches!(err, StoreError::CorruptEvent { seq: 3, .. }),
@@ -299,4 +305,48 @@ fn oversized_events_are_refused_before_anything_is_written() {
         "{err}"
     );
     assert_eq!(log.head_seq(), 0);
+}
+
+#[test]
+fn an_uncommitted_tail_is_cut_and_a_truncated_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    {
+        let log = EventLog::open(dir.path()).unwrap();
+        log.append("s", ExpectedVersion::Any, vec![ev(1), ev(2)])
+            .unwrap();
+    }
+    // A crash after writing a group's records but before its index commit.
+    let committed = std::fs::metadata(&file).unwrap().len();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"seq\":3,\"torn").unwrap();
+    drop(f);
+    {
+        let log = EventLog::open(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), committed);
+        let r = log
+            .append("s", ExpectedVersion::Exact(2), vec![ev(3)])
+            .unwrap();
+        assert_eq!(r.first_seq, 3);
+        assert_eq!(log.verify_chain().unwrap().events, 3);
+    }
+    // Losing committed bytes is corruption, reported at open.
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let err = EventLog::open(dir.path())
+        .err()
+        .expect("a truncated log must not open");
+    assert!(
+        matches!(err, StoreError::CorruptEvent { seq: 3, .. })
+            && err.to_string().contains("truncated"),
+        "{err}"
+    );
 }
