@@ -226,18 +226,38 @@ fn decode_run(v: &[u8], first_version: u64) -> Result<Run> {
 impl Backend {
     pub(crate) fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(if std::env::var("NOFLUSH").is_ok() {
-                None
-            } else {
-                Some(500)
-            })
-            .open()
-            .map_err(|e| {
-                StoreError::Backend(format!("opening sled database at {}: {e}", dir.display()))
-            })?;
+        // sled releases its file lock only when its last I/O thread lets go,
+        // a moment after the previous handle in this process was dropped; a
+        // lock still held after a few seconds belongs to someone else.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && started.elapsed() < std::time::Duration::from_secs(3) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(StoreError::Backend(format!(
+                        "{} is locked by another process (is another herdd using this data directory?)",
+                        dir.display()
+                    )))
+                }
+                other => {
+                    break other.map_err(|e| {
+                        StoreError::Backend(format!(
+                            "opening sled database at {}: {e}",
+                            dir.display()
+                        ))
+                    })?
+                }
+            }
+        };
         match db.get(FORMAT_KEY).map_err(be)? {
             Some(f) if f.as_ref() == FORMAT => {}
             Some(f) => {

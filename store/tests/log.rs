@@ -350,3 +350,59 @@ fn an_uncommitted_tail_is_cut_and_a_truncated_log_is_refused() {
         "{err}"
     );
 }
+
+/// Ids are indexed in buckets by their first six bytes (the millisecond of a
+/// UUID v7): ids sharing a bucket across several index values and appends,
+/// and arbitrary (v4) ids, are all found again, also after a restart.
+#[test]
+fn every_stored_id_is_found_however_ids_are_bucketed() {
+    let dir = tempfile::tempdir().unwrap();
+    let same_ms = |n: u64, base: u128| -> Vec<NewEvent> {
+        (0..n)
+            .map(|i| {
+                let mut e = ev(i);
+                // One millisecond prefix, distinct tails.
+                e.id = uuid::Uuid::from_u128(base | (i as u128 * 7919));
+                e
+            })
+            .collect()
+    };
+    let base = 0x0190_0000_0001u128 << 80;
+    let big = same_ms(700, base);
+    let other = same_ms(300, base | (1 << 40));
+    let random: Vec<NewEvent> = (0..50)
+        .map(|i| {
+            let mut e = ev(i);
+            // Arbitrary ids (not time-ordered), as a v4 generator would give.
+            e.id = uuid::Uuid::from_u128(rand::random::<u128>());
+            e
+        })
+        .collect();
+    {
+        let log = EventLog::open(dir.path()).unwrap();
+        log.append("a", ExpectedVersion::Any, big.clone()).unwrap();
+        log.append("b", ExpectedVersion::Any, other.clone())
+            .unwrap();
+        log.append("c", ExpectedVersion::Any, random.clone())
+            .unwrap();
+    }
+    let log = EventLog::open(dir.path()).unwrap();
+    for (batch, first, last) in [(&big, 1, 700), (&other, 701, 1000), (&random, 1001, 1050)] {
+        let r = log
+            .append("z", ExpectedVersion::Any, batch.clone())
+            .unwrap();
+        assert!(r.duplicate);
+        assert_eq!((r.first_seq, r.last_seq), (first, last));
+    }
+    // One stored id from the middle of a bucket, one new: refused.
+    let mixed = vec![big[450].clone(), ev(1)];
+    assert!(matches!(
+        log.append("z", ExpectedVersion::Any, mixed),
+        Err(StoreError::PartialDuplicate {
+            stored: 1,
+            total: 2,
+            ..
+        })
+    ));
+    assert_eq!(log.head_seq(), 1050);
+}
