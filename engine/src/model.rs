@@ -67,7 +67,16 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         dims[..dims.len() - 1].iter().product::<usize>(),
         dims[dims.len() - 1],
     );
-    let out = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let x = x.reshape((rows, inp))?;
+    let out = if rows <= crate::fused::FEW_ROWS
+        && crate::fused::usable(&x)
+        && crate::fused::usable(w)
+        && w.is_contiguous()
+    {
+        crate::fused::linear_few_rows(&x, w)?
+    } else {
+        x.matmul(&w.t()?)?
+    };
     let mut shape = dims;
     *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
     out.reshape(shape)

@@ -184,37 +184,81 @@ fn reward_model_gradients_packed() {
 }
 
 /// The fused f32 CPU kernels (attention softmax, target log-probs, RMSNorm,
-/// RoPE) against the plain differentiable path in f64: values and every
-/// parameter's gradient.
+/// RoPE, the few-row linear) against the plain differentiable path in f64:
+/// values and every parameter's gradient.
 #[test]
 fn fused_kernels_match_the_plain_path() {
     let m64 = model_f64(config(false, 0, true), 9);
     let m32 = Llama::from_tensors(m64.config.clone(), m64.tensors(), &Device::Cpu).unwrap();
-    let seqs = vec![
+    let two = vec![
         enc(&[0, 5, 6, 7], &[8, 9, 10, 1], true),
         enc(&[0, 11, 12], &[13, 14, 1], true),
     ];
-    let (l64, _) = objective::sft_loss_packed(&m64, &seqs, 2, 32).unwrap();
-    let (l32, _) = objective::sft_loss_packed(&m32, &seqs, 2, 32).unwrap();
-    let (v64, v32) = (
-        l64.to_scalar::<f64>().unwrap(),
-        l32.to_scalar::<f32>().unwrap() as f64,
-    );
-    assert!((v64 - v32).abs() < 1e-4 * v64.abs(), "loss {v32} vs {v64}");
-    let g64 = gradients(&l64, &m64.params()).unwrap();
-    let g32 = gradients(&l32, &m32.params()).unwrap();
-    for (((name, _), a), b) in m64.params().iter().zip(&g64).zip(&g32) {
-        let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-        let scale = a.iter().map(|x| x.abs()).fold(0.0, f64::max).max(1e-6);
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - *y as f64).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            worst < 1e-3 * scale,
-            "{name}: max abs diff {worst} (scale {scale})"
+    // One row of 6 tokens: every projection has <= FEW_ROWS rows.
+    let short = vec![enc(&[0, 11, 12], &[13, 14, 1], true)];
+    assert!(short[0].ids.len() <= herd_engine::fused::FEW_ROWS);
+    for seqs in [two, short] {
+        let (l64, _) = objective::sft_loss_packed(&m64, &seqs, 2, 32).unwrap();
+        let (l32, _) = objective::sft_loss_packed(&m32, &seqs, 2, 32).unwrap();
+        let (v64, v32) = (
+            l64.to_scalar::<f64>().unwrap(),
+            l32.to_scalar::<f32>().unwrap() as f64,
         );
+        assert!((v64 - v32).abs() < 1e-4 * v64.abs(), "loss {v32} vs {v64}");
+        let g64 = gradients(&l64, &m64.params()).unwrap();
+        let g32 = gradients(&l32, &m32.params()).unwrap();
+        for (((name, _), a), b) in m64.params().iter().zip(&g64).zip(&g32) {
+            let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = a.iter().map(|x| x.abs()).fold(0.0, f64::max).max(1e-6);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - *y as f64).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 1e-3 * scale,
+                "{name} ({} rows): max abs diff {worst} (scale {scale})",
+                seqs.len()
+            );
+        }
+    }
+}
+
+/// The few-row linear equals a plain matmul for every row count up to
+/// FEW_ROWS, odd widths (a tail after the 8-wide chunks) included.
+#[test]
+fn few_row_linear_matches_matmul() {
+    let dev = Device::Cpu;
+    for (m, k, n) in [
+        (1, 8, 3),
+        (3, 37, 5),
+        (4, 256, 17),
+        (8, 13, 64),
+        (5, 300, 2),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let fast: Vec<f32> = herd_engine::fused::linear_few_rows(&x, &w)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let x64 = x.to_dtype(candle_core::DType::F64).unwrap();
+        let w64 = w.to_dtype(candle_core::DType::F64).unwrap();
+        let plain: Vec<f64> = x64
+            .matmul(&w64.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in fast.iter().zip(&plain) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "{m}x{k} @ {n}: {a} vs {b}"
+            );
+        }
     }
 }
