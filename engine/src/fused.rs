@@ -58,6 +58,9 @@ fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     }
 }
 
+/// Bias values at or below this are masked positions (`ops::MASKED`).
+const MASK_CUTOFF: f32 = crate::ops::MASKED / 2.0;
+
 /// softmax(scale * scores + bias) over the last dim.
 /// scores: [B, H, T, K]; bias: [B, 1, T, K] (broadcast over H).
 struct MaskedSoftmax {
@@ -84,16 +87,25 @@ impl CustomOp2 for MaskedSoftmax {
             let (bi, ti) = (row / (h * t), row % t);
             let xr = &x[row * k..(row + 1) * k];
             let br = &bias[(bi * t + ti) * k..(bi * t + ti + 1) * k];
+            // Masked entries come out as exp(MASKED - max) == 0 in f32, so
+            // they are skipped (half of a causal row); a row with nothing
+            // unmasked (padding) takes the full path, which stays finite.
+            let open = |j: usize| br[j] > MASK_CUTOFF;
+            let all = !(0..k).any(open);
             let mut max = f32::NEG_INFINITY;
             for j in 0..k {
-                let v = self.scale * xr[j] + br[j];
-                o[j] = v;
-                max = max.max(v);
+                if all || open(j) {
+                    let v = self.scale * xr[j] + br[j];
+                    o[j] = v;
+                    max = max.max(v);
+                }
             }
             let mut sum = 0f32;
-            for v in o.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
+            for (j, v) in o.iter_mut().enumerate() {
+                if all || open(j) {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
             }
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|v| *v *= inv);
@@ -600,4 +612,102 @@ impl CustomOp2 for LinearFewRows {
 /// x [M, K] @ w[N, K]^T for M <= [`FEW_ROWS`], f32 on the CPU.
 pub fn linear_few_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, LinearFewRows)
+}
+
+/// SwiGLU's gate: silu(g) * u, elementwise, with its own backward
+/// (candle's `silu` and `mul` make four passes forward and seven backward).
+struct Swiglu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "herd-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "gate")?;
+        let u = f32_slice(s2, l2, "up")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: gate {:?} vs up {:?}", l1.shape(), l2.shape());
+        }
+        let width = *l1.shape().dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; g.len()];
+        for_rows(&mut out, width, |r, o| {
+            let (gr, ur) = (
+                &g[r * width..(r + 1) * width],
+                &u[r * width..(r + 1) * width],
+            );
+            for j in 0..width {
+                o[j] = gr[j] * sigmoid(gr[j]) * ur[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dg = g.apply_op3_no_bwd(u, &grad, &SwigluBwd { gate: true })?;
+        let du = g.apply_op3_no_bwd(u, &grad, &SwigluBwd { gate: false })?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// d gate = grad * u * s(g) * (1 + g * (1 - s(g))); d up = grad * silu(g).
+struct SwigluBwd {
+    gate: bool,
+}
+
+impl CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "herd-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "gate")?;
+        let u = f32_slice(s2, l2, "up")?;
+        let d = f32_slice(s3, l3, "grad")?;
+        let width = *l1.shape().dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; g.len()];
+        for_rows(&mut out, width, |r, o| {
+            let span = r * width..(r + 1) * width;
+            let (gr, ur, dr) = (&g[span.clone()], &u[span.clone()], &d[span]);
+            for j in 0..width {
+                let s = sigmoid(gr[j]);
+                o[j] = if self.gate {
+                    dr[j] * ur[j] * s * (1.0 + gr[j] * (1.0 - s))
+                } else {
+                    dr[j] * gr[j] * s
+                };
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// silu(gate) * up, elementwise (SwiGLU), f32 on the CPU.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }

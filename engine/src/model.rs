@@ -373,7 +373,12 @@ impl Llama {
             x = (x + linear(&att, &blk.o_proj)?)?;
             // SwiGLU MLP.
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let gated = (linear(&h, &blk.gate_proj)?.silu()? * linear(&h, &blk.up_proj)?)?;
+            let (gate, up) = (linear(&h, &blk.gate_proj)?, linear(&h, &blk.up_proj)?);
+            let gated = if crate::fused::usable(&gate) {
+                crate::fused::swiglu(&gate, &up)?
+            } else {
+                (gate.silu()? * up)?
+            };
             x = (x + linear(&gated, &blk.down_proj)?)?;
         }
         Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
