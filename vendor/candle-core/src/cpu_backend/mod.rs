@@ -1478,7 +1478,20 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // herd patch: gemm below writes every element of dst (read_dst is
+        // false) unless k == 0, so the zero-fill is skipped; as in
+        // `alloc_uninit`, T is a plain number type valid for any bit pattern.
+        let len = b * m * n;
+        let mut dst: Vec<T> = if k == 0 {
+            vec![T::zero(); len]
+        } else {
+            let mut v = Vec::with_capacity(len);
+            #[allow(clippy::uninit_vec)]
+            unsafe {
+                v.set_len(len)
+            };
+            v
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
