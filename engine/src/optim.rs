@@ -74,6 +74,25 @@ impl AdamW {
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         let step_size = lr / bc1;
         for (i, ((_, p), g)) in self.params.iter().zip(grads).enumerate() {
+            let decay = if c.weight_decay != 0.0 && p.rank() >= 2 {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            };
+            let k = StepConsts {
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                decay: decay as f32,
+                inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+                eps: c.eps as f32,
+                step_size: step_size as f32,
+            };
+            if let Some((w, m, v)) = step_f32_cpu(p.as_tensor(), &self.m[i], &self.v[i], g, &k)? {
+                p.set(&w)?;
+                self.m[i] = m;
+                self.v[i] = v;
+                continue;
+            }
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let mut w = p.as_tensor().clone();
@@ -88,6 +107,77 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// The scalars of one AdamW update, in f32 as the tensor path applies them.
+struct StepConsts {
+    beta1: f32,
+    beta2: f32,
+    /// 1 - lr * weight_decay for decayed parameters, else 1.
+    decay: f32,
+    inv_bc2_sqrt: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+/// The whole AdamW update of one f32 CPU parameter in one pass over its
+/// elements (the tensor path makes a dozen passes, each allocating). Same
+/// arithmetic, in the same order, as the tensor path below it. `None` when
+/// a tensor is not contiguous f32 on the CPU.
+fn step_f32_cpu(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    k: &StepConsts,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    let n = p.elem_count();
+    let (new_w, new_m, new_v) = {
+        let guards = [p, m, v, g].map(|t| t.storage_and_layout());
+        let mut slices: Vec<&[f32]> = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            match &**storage {
+                Storage::Cpu(CpuStorage::F32(data))
+                    if layout.is_contiguous() && layout.shape().elem_count() == n =>
+                {
+                    slices.push(&data[layout.start_offset()..layout.start_offset() + n])
+                }
+                _ => return Ok(None),
+            }
+        }
+        let (ws, ms, vs, gs) = (slices[0], slices[1], slices[2], slices[3]);
+        let mut new_w = crate::fused::output_buffer(n);
+        let mut new_m = crate::fused::output_buffer(n);
+        let mut new_v = crate::fused::output_buffer(n);
+        const CHUNK: usize = 1 << 14;
+        new_w
+            .par_chunks_mut(CHUNK)
+            .zip(new_m.par_chunks_mut(CHUNK))
+            .zip(new_v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, ((wo, mo), vo))| {
+                for j in 0..wo.len() {
+                    let i = c * CHUNK + j;
+                    let gi = gs[i];
+                    let mi = ms[i] * k.beta1 + gi * (1.0 - k.beta1);
+                    let vi = vs[i] * k.beta2 + (gi * gi) * (1.0 - k.beta2);
+                    let denom = vi.sqrt() * k.inv_bc2_sqrt + k.eps;
+                    wo[j] = ws[i] * k.decay - (mi / denom) * k.step_size;
+                    mo[j] = mi;
+                    vo[j] = vi;
+                }
+            });
+        (new_w, new_m, new_v)
+    };
+    let shape = p.shape().clone();
+    let dev = p.device();
+    Ok(Some((
+        Tensor::from_vec(new_w, shape.clone(), dev)?,
+        Tensor::from_vec(new_m, shape.clone(), dev)?,
+        Tensor::from_vec(new_v, shape, dev)?,
+    )))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -167,4 +257,45 @@ pub fn gradients(loss: &Tensor, params: &[(String, Var)]) -> Result<Vec<Tensor>>
                 .ok_or_else(|| EngineError::NoGradient(name.clone()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The one-pass f32 update equals the tensor expression it replaces.
+    #[test]
+    fn fused_update_matches_the_tensor_path() {
+        let dev = Device::Cpu;
+        let t = |seed: f32| {
+            let data: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+            Tensor::from_vec(data, (20, 15), &dev).unwrap()
+        };
+        let (p, m, g) = (t(0.1), t(0.2), t(0.3));
+        let v = t(0.4).sqr().unwrap();
+        let (b1, b2, lr, wd, eps) = (0.9f64, 0.95f64, 1e-3f64, 0.1f64, 1e-8f64);
+        let (bc1, bc2_sqrt) = (1.0 - b1.powi(3), (1.0 - b2.powi(3)).sqrt());
+        let k = StepConsts {
+            beta1: b1 as f32,
+            beta2: b2 as f32,
+            decay: (1.0 - lr * wd) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            eps: eps as f32,
+            step_size: (lr / bc1) as f32,
+        };
+        let (w1, m1, v1) = step_f32_cpu(&p, &m, &v, &g, &k).unwrap().unwrap();
+        let m2 = ((&m * b1).unwrap() + (&g * (1.0 - b1)).unwrap()).unwrap();
+        let v2 = ((&v * b2).unwrap() + (g.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
+        let denom = ((v2.sqrt().unwrap() / bc2_sqrt).unwrap() + eps).unwrap();
+        let w2 = ((&p * (1.0 - lr * wd)).unwrap() - ((&m2 / denom).unwrap() * (lr / bc1)).unwrap())
+            .unwrap();
+        for (a, b) in [(w1, w2), (m1, m2), (v1, v2)] {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
+    }
 }
