@@ -72,9 +72,6 @@ fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     }
 }
 
-/// Bias values at or below this are masked positions (`ops::MASKED`).
-const MASK_CUTOFF: f32 = crate::ops::MASKED / 2.0;
-
 /// softmax(scale * scores + bias) over the last dim.
 /// scores: [B, H, T, K]; bias: [B, 1, T, K] (broadcast over H).
 struct MaskedSoftmax {
@@ -101,27 +98,14 @@ impl CustomOp2 for MaskedSoftmax {
             let (bi, ti) = (row / (h * t), row % t);
             let xr = &x[row * k..(row + 1) * k];
             let br = &bias[(bi * t + ti) * k..(bi * t + ti + 1) * k];
-            // Masked entries come out as exp(MASKED - max) == 0 in f32, so
-            // they are skipped (half of a causal row); a row with nothing
-            // unmasked (padding) takes the full path, which stays finite.
-            let open = |j: usize| br[j] > MASK_CUTOFF;
-            let all = !(0..k).any(open);
+            // Masked entries sit ~1e9 below the max, where the polynomial
+            // exp is exactly 0; a row with nothing unmasked (padding) has all
+            // entries near its max and stays finite.
             let mut max = f32::NEG_INFINITY;
             for j in 0..k {
-                if all || open(j) {
-                    let v = self.scale * xr[j] + br[j];
-                    o[j] = v;
-                    max = max.max(v);
-                }
-            }
-            // Masked entries were left at 0 - max <= -87.3 (or hold
-            // MASKED + score): the polynomial gives exactly 0 for them.
-            if !all {
-                for j in 0..k {
-                    if !open(j) {
-                        o[j] = f32::NEG_INFINITY;
-                    }
-                }
+                let v = self.scale * xr[j] + br[j];
+                o[j] = v;
+                max = max.max(v);
             }
             let sum = fast_exp::exp_shifted_inplace(o, max);
             let inv = 1.0 / sum;
@@ -631,8 +615,13 @@ pub fn linear_few_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// (candle's `silu` and `mul` make four passes forward and seven backward).
 struct Swiglu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// s[j] = sigmoid(g[j]), with the vectorized exp.
+fn sigmoid_row(g: &[f32], s: &mut [f32]) {
+    for (o, x) in s.iter_mut().zip(g) {
+        *o = -x;
+    }
+    fast_exp::exp_shifted_inplace(s, 0.0);
+    s.iter_mut().for_each(|e| *e = 1.0 / (1.0 + *e));
 }
 
 impl CustomOp2 for Swiglu {
@@ -659,8 +648,9 @@ impl CustomOp2 for Swiglu {
                 &g[r * width..(r + 1) * width],
                 &u[r * width..(r + 1) * width],
             );
+            sigmoid_row(gr, o);
             for j in 0..width {
-                o[j] = gr[j] * sigmoid(gr[j]) * ur[j];
+                o[j] *= gr[j] * ur[j];
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -707,8 +697,9 @@ impl CustomOp3 for SwigluBwd {
         for_rows(&mut out, width, |r, o| {
             let span = r * width..(r + 1) * width;
             let (gr, ur, dr) = (&g[span.clone()], &u[span.clone()], &d[span]);
+            sigmoid_row(gr, o);
             for j in 0..width {
-                let s = sigmoid(gr[j]);
+                let s = o[j];
                 o[j] = if self.gate {
                     dr[j] * ur[j] * s * (1.0 + gr[j] * (1.0 - s))
                 } else {
