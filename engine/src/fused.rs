@@ -101,12 +101,7 @@ impl CustomOp2 for MaskedSoftmax {
             // Masked entries sit ~1e9 below the max, where the polynomial
             // exp is exactly 0; a row with nothing unmasked (padding) has all
             // entries near its max and stays finite.
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..k {
-                let v = self.scale * xr[j] + br[j];
-                o[j] = v;
-                max = max.max(v);
-            }
+            let max = fast_exp::scale_add_max(xr, self.scale, br, o);
             let sum = fast_exp::exp_shifted_inplace(o, max);
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|v| *v *= inv);
@@ -751,6 +746,59 @@ mod fast_exp {
         }
         let y = (p * r).mul_add(r, r) + 1.0;
         y * f32::from_bits((((n as i32) + 127) as u32) << 23)
+    }
+
+    /// o[j] = scale * x[j] + b[j]; returns max(o). Vectorized because the
+    /// max reduction is not (NaN rules keep the compiler from it).
+    pub(super) fn scale_add_max(x: &[f32], scale: f32, b: &[f32], o: &mut [f32]) -> f32 {
+        assert!(
+            x.len() == b.len() && x.len() == o.len(),
+            "scale_add_max: lengths"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: AVX2 and FMA are present; all three slices have
+                // the same length (asserted above).
+                return unsafe { scale_add_max_avx2(x, scale, b, o) };
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..x.len() {
+            o[j] = scale.mul_add(x[j], b[j]);
+            max = max.max(o[j]);
+        }
+        max
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scale_add_max_avx2(x: &[f32], scale: f32, b: &[f32], o: &mut [f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let n8 = x.len() / 8 * 8;
+        let sv = _mm256_set1_ps(scale);
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut j = 0;
+        while j < n8 {
+            let v = _mm256_fmadd_ps(
+                sv,
+                _mm256_loadu_ps(x.as_ptr().add(j)),
+                _mm256_loadu_ps(b.as_ptr().add(j)),
+            );
+            _mm256_storeu_ps(o.as_mut_ptr().add(j), v);
+            mv = _mm256_max_ps(mv, v);
+            j += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for k in n8..x.len() {
+            o[k] = scale.mul_add(x[k], b[k]);
+            max = max.max(o[k]);
+        }
+        max
     }
 
     /// v[j] = exp(v[j] - shift); returns the sum.
