@@ -42,8 +42,13 @@ pub fn target_logprobs(logits: &Tensor, targets: &Targets) -> Result<Tensor> {
     let flat = logits.reshape((b * t, v))?;
     let preds = Tensor::new(targets.preds.as_slice(), dev)?;
     let rows = flat.index_select(&preds, 0)?; // [M, V]
-    let ids = Tensor::new(targets.ids.as_slice(), dev)?;
-    if crate::fused::usable(&rows) {
+    row_logprobs(&rows, &targets.ids)
+}
+
+/// log p(ids[m]) under the logits of row m: rows [M, V] -> [M].
+pub fn row_logprobs(rows: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let ids = Tensor::new(ids, rows.device())?;
+    if crate::fused::usable(rows) {
         return Ok(crate::fused::target_logprob(&rows, &ids)?);
     }
     let max = rows.max_keepdim(D::Minus1)?.detach();

@@ -15,6 +15,19 @@ pub fn prompt_len(seq: &Encoded) -> usize {
     seq.target_mask.iter().take_while(|m| **m == 0).count()
 }
 
+/// log p(target) for each target: the LM head runs only on the hidden
+/// states that predict a target (prompt positions of SFT and DPO rows need
+/// no logits), and no [B*T, V] logits tensor is gathered from.
+fn target_logprobs(model: &Llama, hidden: &Tensor, targets: &Targets) -> Result<Tensor> {
+    if targets.is_empty() {
+        return Err(EngineError::Input("no target tokens to score".into()));
+    }
+    let (b, t, h) = hidden.dims3()?;
+    let preds = Tensor::new(targets.preds.as_slice(), hidden.device())?;
+    let rows = hidden.reshape((b * t, h))?.index_select(&preds, 0)?; // [M, H]
+    loss::row_logprobs(&model.lm_logits(&rows)?, &targets.ids)
+}
+
 /// SFT: token-mean cross entropy over target tokens of the batch.
 /// Returns the loss and the number of target tokens.
 pub fn sft_loss(model: &Llama, seqs: &[Encoded], pad_id: u32) -> Result<(Tensor, usize)> {
@@ -32,7 +45,7 @@ pub fn sft_loss(model: &Llama, seqs: &[Encoded], pad_id: u32) -> Result<(Tensor,
         return Err(EngineError::Input("SFT batch has no target tokens".into()));
     }
     let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
-    let lp = loss::target_logprobs(&model.lm_logits(&h)?, &targets)?;
+    let lp = target_logprobs(model, &h, &targets)?;
     Ok((loss::sft_loss(&lp)?, targets.len()))
 }
 
@@ -75,7 +88,7 @@ pub fn sft_loss_packed(
         }
     }
     let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
-    let lp = loss::target_logprobs(&model.lm_logits(&h)?, &targets)?;
+    let lp = target_logprobs(model, &h, &targets)?;
     Ok((loss::sft_loss(&lp)?, targets.len()))
 }
 
@@ -184,7 +197,7 @@ pub fn dpo_logps(
         nll_tokens += (*nw > 0.0) as usize;
     }
     let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
-    let lp = loss::target_logprobs(&model.lm_logits(&h)?, &targets)?;
+    let lp = target_logprobs(model, &h, &targets)?;
     let sums = loss::per_sequence_sum(&lp, &weights, &model.device)?;
     Ok(DpoLogps {
         chosen: sums.narrow(0, 0, n)?,
