@@ -109,8 +109,9 @@ pub struct DpoLogps {
     pub nll_tokens: usize,
 }
 
-/// Score DPO pairs. With `share_prompt`, each pair is one row: prompt once,
-/// then chosen and rejected as two branches (same numbers, less compute).
+/// Score DPO pairs. With `share_prompt`, each prompt runs once and chosen
+/// and rejected attend to its cached keys and values (same numbers, less
+/// compute); otherwise every sequence is its own row.
 pub fn dpo_logps(
     model: &Llama,
     pairs: &[Pair],
@@ -118,53 +119,28 @@ pub fn dpo_logps(
     share_prompt: bool,
     pad_id: u32,
 ) -> Result<DpoLogps> {
+    if share_prompt {
+        return dpo_logps_shared_prompt(model, pairs, mask_format, pad_id);
+    }
     let n = pairs.len();
     let mut rows = vec![];
     // (row, row index of token j's predecessor) resolved per sequence below.
     let mut layout: Vec<[(usize, Vec<usize>); 2]> = vec![];
-    for (i, p) in pairs.iter().enumerate() {
-        let (pc, pr) = (prompt_len(&p.chosen), prompt_len(&p.rejected));
-        if share_prompt {
-            if pc != pr || p.chosen.ids[..pc] != p.rejected.ids[..pr] || pc == 0 {
-                return Err(EngineError::Input(format!(
-                    "pair {i}: chosen and rejected do not share a prompt"
-                )));
-            }
-            let mut row = Row::causal(&p.chosen.ids[..pc]);
-            let mut preds = [vec![], vec![]];
-            for (side, seq) in [&p.chosen, &p.rejected].into_iter().enumerate() {
-                let start = row.push_branch(&seq.ids[pc..], side as u32 + 1, pc);
-                // predecessor of sequence position j (j >= pc)
-                preds[side] = (0..seq.len())
-                    .map(|j| {
-                        if j <= pc {
-                            j.saturating_sub(1)
-                        } else {
-                            start + j - pc - 1
-                        }
-                    })
-                    .collect();
-            }
+    for p in pairs {
+        let mut sides = vec![];
+        for seq in [&p.chosen, &p.rejected] {
             let r = rows.len();
-            rows.push(row);
-            let [a, b] = preds;
-            layout.push([(r, a), (r, b)]);
-        } else {
-            let mut sides = vec![];
-            for seq in [&p.chosen, &p.rejected] {
-                let r = rows.len();
-                rows.push(Row::causal(&seq.ids));
-                sides.push((
-                    r,
-                    (0..seq.len())
-                        .map(|j| j.saturating_sub(1))
-                        .collect::<Vec<_>>(),
-                ));
-            }
-            let b = sides.pop().expect("two sides");
-            let a = sides.pop().expect("two sides");
-            layout.push([a, b]);
+            rows.push(Row::causal(&seq.ids));
+            sides.push((
+                r,
+                (0..seq.len())
+                    .map(|j| j.saturating_sub(1))
+                    .collect::<Vec<_>>(),
+            ));
         }
+        let b = sides.pop().expect("two sides");
+        let a = sides.pop().expect("two sides");
+        layout.push([a, b]);
     }
     let batch = Batch::collate(&rows, pad_id, &model.device)?;
     let mut targets = Targets::default();
@@ -177,12 +153,7 @@ pub fn dpo_logps(
                 if seq.target_mask[j] == 0 {
                     continue;
                 }
-                let dpo_w = if mask_format && seq.format_mask[j] == 1 {
-                    0.0
-                } else {
-                    1.0
-                };
-                let nll_w = if side == 0 { 1.0 } else { 0.0 };
+                let (dpo_w, nll_w) = dpo_weights(seq, j, side, mask_format);
                 targets.push(r * batch.len + preds[j], seq.ids[j]);
                 owners.push((side * n + i, dpo_w, nll_w));
             }
@@ -327,4 +298,154 @@ pub fn rm_loss(
     let (rewards, ranked) = rm_rewards(model, examples, packed, orders, pad_id)?;
     let margins: Vec<f32> = examples.iter().map(|e| e.margin).collect();
     Ok((loss::rm_loss(&rewards, &ranked, &margins)?, rewards))
+}
+
+/// Weight of target token j of one side of a DPO pair: (dpo weight, nll weight).
+fn dpo_weights(seq: &Encoded, j: usize, side: usize, mask_format: bool) -> (f32, f32) {
+    let dpo_w = if mask_format && seq.format_mask[j] == 1 {
+        0.0
+    } else {
+        1.0
+    };
+    (dpo_w, if side == 0 { 1.0 } else { 0.0 })
+}
+
+/// DPO log-prob sums with each prompt run once: the prompts as one batch
+/// (keeping their keys and values), then the 2N completions as one batch
+/// whose rows attend to their prompt's cached keys and values (gradients
+/// flow back into the prompt through them) and causally to themselves.
+/// Attention costs P^2 + 2 P C + C^2 per pair instead of (P + 2C)^2 for one
+/// packed row.
+fn dpo_logps_shared_prompt(
+    model: &Llama,
+    pairs: &[Pair],
+    mask_format: bool,
+    pad_id: u32,
+) -> Result<DpoLogps> {
+    use crate::model::KvCache;
+    let n = pairs.len();
+    if n == 0 {
+        return Err(EngineError::Input("empty DPO batch".into()));
+    }
+    let mut prompts = Vec::with_capacity(n);
+    for (i, p) in pairs.iter().enumerate() {
+        let (pc, pr) = (prompt_len(&p.chosen), prompt_len(&p.rejected));
+        if pc != pr || p.chosen.ids[..pc] != p.rejected.ids[..pr] || pc == 0 {
+            return Err(EngineError::Input(format!(
+                "pair {i}: chosen and rejected do not share a prompt"
+            )));
+        }
+        prompts.push(pc);
+    }
+    let dev = &model.device;
+    // Prompts, right-padded to P.
+    let rows: Vec<Row> = pairs
+        .iter()
+        .zip(&prompts)
+        .map(|(p, &pc)| Row::causal(&p.chosen.ids[..pc]))
+        .collect();
+    let prompt_batch = Batch::collate(&rows, pad_id, dev)?;
+    let big_p = prompt_batch.len;
+    let mut cache = KvCache::default();
+    let hp = model.forward_hidden(
+        &prompt_batch.ids,
+        &prompt_batch.positions,
+        &prompt_batch.bias,
+        Some(&mut cache),
+    )?; // [N, P, H]
+        // Completions: rows 0..N chosen, N..2N rejected, right-padded to C.
+    let seqs: Vec<(&Encoded, usize)> = (0..2)
+        .flat_map(|side| {
+            pairs
+                .iter()
+                .zip(&prompts)
+                .map(move |(p, &pc)| (if side == 0 { &p.chosen } else { &p.rejected }, pc))
+        })
+        .collect();
+    let big_c = seqs
+        .iter()
+        .map(|(s, pc)| s.len() - pc)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let tk = big_p + big_c;
+    let mut ids = Vec::with_capacity(2 * n * big_c);
+    let mut pos = Vec::with_capacity(2 * n * big_c);
+    let mut bias = vec![crate::ops::MASKED; 2 * n * big_c * tk];
+    for (r, (seq, pc)) in seqs.iter().enumerate() {
+        let len = seq.len() - pc;
+        for q in 0..big_c {
+            ids.push(if q < len { seq.ids[pc + q] } else { pad_id });
+            pos.push((pc + q) as u32);
+            let base = (r * big_c + q) * tk;
+            if q < len {
+                bias[base..base + pc].fill(0.0); // the real prompt tokens
+                bias[base + big_p..base + big_p + q + 1].fill(0.0); // causal
+            } else {
+                bias[base + big_p + q] = 0.0; // padding sees itself only
+            }
+        }
+    }
+    let ids = Tensor::from_vec(ids, (2 * n, big_c), dev)?;
+    let pos = Tensor::from_vec(pos, (2 * n, big_c), dev)?;
+    let bias = Tensor::from_vec(bias, (2 * n, 1, big_c, tk), dev)?;
+    // Each prompt's keys and values serve its chosen and its rejected row.
+    let twice: Vec<u32> = (0..2).flat_map(|_| 0..n as u32).collect();
+    let twice = Tensor::new(twice.as_slice(), dev)?;
+    let mut branch_cache = KvCache {
+        layers: cache
+            .layers
+            .iter()
+            .map(|kv| {
+                kv.as_ref()
+                    .map(|(k, v)| Ok((k.index_select(&twice, 0)?, v.index_select(&twice, 0)?)))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?,
+    };
+    let hc = model.forward_hidden(&ids, &pos, &bias, Some(&mut branch_cache))?; // [2N, C, H]
+                                                                                // Targets over [prompt hidden rows | completion hidden rows].
+    let mut targets = Targets::default();
+    let mut owners: Vec<(usize, f32, f32)> = vec![];
+    for (r, (seq, pc)) in seqs.iter().enumerate() {
+        let (side, i) = (r / n, r % n);
+        for j in *pc..seq.len() {
+            if seq.target_mask[j] == 0 {
+                continue;
+            }
+            let pred = if j == *pc {
+                i * big_p + pc - 1
+            } else {
+                n * big_p + r * big_c + (j - pc - 1)
+            };
+            targets.push(pred, seq.ids[j]);
+            let (dw, nw) = dpo_weights(seq, j, side, mask_format);
+            owners.push((side * n + i, dw, nw));
+        }
+    }
+    let m = targets.len();
+    let mut weights = vec![vec![0f32; m]; 2 * n + 1];
+    let mut nll_tokens = 0;
+    for (k, (slot, dw, nw)) in owners.iter().enumerate() {
+        weights[*slot][k] = *dw;
+        weights[2 * n][k] = *nw;
+        nll_tokens += (*nw > 0.0) as usize;
+    }
+    let h = hp.dims3()?.2;
+    let all = Tensor::cat(
+        &[
+            &hp.reshape((n * big_p, h))?,
+            &hc.reshape((2 * n * big_c, h))?,
+        ],
+        0,
+    )?
+    .unsqueeze(0)?; // [1, N*P + 2N*C, H]
+    let lp = target_logprobs(model, &all, &targets)?;
+    let sums = loss::per_sequence_sum(&lp, &weights, dev)?;
+    Ok(DpoLogps {
+        chosen: sums.narrow(0, 0, n)?,
+        rejected: sums.narrow(0, n, n)?,
+        nll_sum: sums.get(2 * n)?,
+        nll_tokens,
+    })
 }

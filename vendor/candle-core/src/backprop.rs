@@ -726,8 +726,10 @@ impl GradStore {
                 let sum = entry.get().add(grad)?;
                 *entry.get_mut() = sum;
             }
+            // Stored gradients stay contiguous, as upstream's zeros + add made
+            // them (index_add and scatter_add in later steps require it).
             Entry::Vacant(entry) => {
-                entry.insert(grad.clone());
+                entry.insert(grad.contiguous()?);
             }
         }
         Ok(())
