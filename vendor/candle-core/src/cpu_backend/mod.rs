@@ -1512,6 +1512,41 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        // herd patch: a batch of several independent products (attention,
+        // one per batch row and head) runs the products in parallel, each on
+        // one thread, instead of waking every thread for each small product.
+        if b > 1 && num_threads > 1 && c_skip > 0 {
+            dst.par_chunks_mut(c_skip)
+                .enumerate()
+                .for_each(|(step, dst_p)| {
+                    let lhs_p = &lhs[step * a_skip..];
+                    let rhs_p = &rhs[step * b_skip..];
+                    unsafe {
+                        gemm(
+                            m,
+                            n,
+                            k,
+                            dst_p.as_mut_ptr(),
+                            dst_cs as isize,
+                            dst_rs as isize,
+                            false,
+                            lhs_p.as_ptr(),
+                            lhs_cs as isize,
+                            lhs_rs as isize,
+                            rhs_p.as_ptr(),
+                            rhs_cs as isize,
+                            rhs_rs as isize,
+                            T::zero(),
+                            T::one(),
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        )
+                    }
+                });
+            return Ok(dst);
+        }
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
