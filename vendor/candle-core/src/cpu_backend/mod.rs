@@ -1515,7 +1515,9 @@ impl Map2 for MatMul {
         // herd patch: a batch of several independent products (attention,
         // one per batch row and head) runs the products in parallel, each on
         // one thread, instead of waking every thread for each small product.
-        if b > 1 && num_threads > 1 && c_skip > 0 {
+        // Small batches (decoding: a few rows per head) stay on the loop
+        // below, where gemm keeps tiny products on the calling thread.
+        if b > 1 && num_threads > 1 && c_skip > 0 && b * m * n * k >= 1 << 21 {
             dst.par_chunks_mut(c_skip)
                 .enumerate()
                 .for_each(|(step, dst_p)| {
