@@ -144,7 +144,7 @@ impl CustomOp2 for SoftmaxBwd {
         let mut out = output_buffer(p.len());
         for_rows(&mut out, k, |row, o| {
             let (pr, gr) = (&p[row * k..(row + 1) * k], &g[row * k..(row + 1) * k]);
-            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            let dot = dot(pr, gr);
             for j in 0..k {
                 o[j] = self.scale * pr[j] * (gr[j] - dot);
             }
@@ -268,8 +268,26 @@ struct RmsNorm {
 }
 
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ms: f32 = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let ms = dot(row, row) / row.len() as f32;
     1.0 / (ms + eps).sqrt()
+}
+
+/// sum a[j] * b[j], in 16 independent partial sums so that it vectorizes
+/// (a single running sum must be added in order).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
 }
 
 impl CustomOp2 for RmsNorm {
@@ -345,7 +363,8 @@ impl CustomOp3 for RmsNormBwdX {
         for_rows(&mut out, h, |r, o| {
             let (row, gr) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
             let inv = inv_rms(row, self.eps);
-            let dot: f32 = (0..h).map(|j| w[j] * gr[j] * row[j] * inv).sum::<f32>() / h as f32;
+            let wg: Vec<f32> = (0..h).map(|j| w[j] * gr[j]).collect();
+            let dot = dot(&wg, row) * inv / h as f32;
             for j in 0..h {
                 o[j] = inv * (w[j] * gr[j] - row[j] * inv * dot);
             }
@@ -693,13 +712,15 @@ impl CustomOp3 for SwigluBwd {
             let span = r * width..(r + 1) * width;
             let (gr, ur, dr) = (&g[span.clone()], &u[span.clone()], &d[span]);
             sigmoid_row(gr, o);
-            for j in 0..width {
-                let s = o[j];
-                o[j] = if self.gate {
-                    dr[j] * ur[j] * s * (1.0 + gr[j] * (1.0 - s))
-                } else {
-                    dr[j] * gr[j] * s
-                };
+            if self.gate {
+                for j in 0..width {
+                    let s = o[j];
+                    o[j] = dr[j] * ur[j] * s * (1.0 + gr[j] * (1.0 - s));
+                }
+            } else {
+                for j in 0..width {
+                    o[j] *= dr[j] * gr[j];
+                }
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
