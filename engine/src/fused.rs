@@ -677,17 +677,14 @@ impl CustomOp2 for Swiglu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dg = g.apply_op3_no_bwd(u, &grad, &SwigluBwd { gate: true })?;
-        let du = g.apply_op3_no_bwd(u, &grad, &SwigluBwd { gate: false })?;
-        Ok((Some(dg), Some(du)))
+        let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwigluBwd)?; // [2, ..]
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
-/// d gate = grad * u * s(g) * (1 + g * (1 - s(g))); d up = grad * silu(g).
-struct SwigluBwd {
-    gate: bool,
-}
+/// d gate = grad * u * s(g) * (1 + g * (1 - s(g))); d up = grad * silu(g),
+/// in one pass (one sigmoid per element), stacked: [2, ..shape].
+struct SwigluBwd;
 
 impl CustomOp3 for SwigluBwd {
     fn name(&self) -> &'static str {
@@ -706,24 +703,34 @@ impl CustomOp3 for SwigluBwd {
         let g = f32_slice(s1, l1, "gate")?;
         let u = f32_slice(s2, l2, "up")?;
         let d = f32_slice(s3, l3, "grad")?;
+        let n = g.len();
         let width = *l1.shape().dims().last().unwrap_or(&1);
-        let mut out = output_buffer(g.len());
-        for_rows(&mut out, width, |r, o| {
+        let mut out = output_buffer(2 * n);
+        let (dg, du) = out.split_at_mut(n);
+        let body = |((r, og), ou): ((usize, &mut [f32]), &mut [f32])| {
             let span = r * width..(r + 1) * width;
             let (gr, ur, dr) = (&g[span.clone()], &u[span.clone()], &d[span]);
-            sigmoid_row(gr, o);
-            if self.gate {
-                for j in 0..width {
-                    let s = o[j];
-                    o[j] = dr[j] * ur[j] * s * (1.0 + gr[j] * (1.0 - s));
-                }
-            } else {
-                for j in 0..width {
-                    o[j] *= dr[j] * gr[j];
-                }
+            sigmoid_row(gr, ou);
+            for j in 0..width {
+                let s = ou[j];
+                og[j] = dr[j] * ur[j] * s * (1.0 + gr[j] * (1.0 - s));
+                ou[j] = dr[j] * gr[j] * s;
             }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        };
+        if n < PARALLEL_MIN_ELEMS {
+            dg.chunks_mut(width)
+                .enumerate()
+                .zip(du.chunks_mut(width))
+                .for_each(body);
+        } else {
+            dg.par_chunks_mut(width)
+                .enumerate()
+                .zip(du.par_chunks_mut(width))
+                .for_each(body);
+        }
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.shape().dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
