@@ -49,7 +49,7 @@ pub fn target_logprobs(logits: &Tensor, targets: &Targets) -> Result<Tensor> {
 pub fn row_logprobs(rows: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let ids = Tensor::new(ids, rows.device())?;
     if crate::fused::usable(rows) {
-        return Ok(crate::fused::target_logprob(&rows, &ids)?);
+        return Ok(crate::fused::target_logprob(rows, &ids)?);
     }
     let max = rows.max_keepdim(D::Minus1)?.detach();
     let lse = (rows

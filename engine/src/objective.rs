@@ -159,7 +159,20 @@ pub fn dpo_logps(
             }
         }
     }
-    let m = targets.len();
+    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+    let lp = target_logprobs(model, &h, &targets)?;
+    dpo_sums(&lp, &owners, n, &model.device)
+}
+
+/// Per-sequence sums of per-target log-probs: `owners[k]` is (sequence slot:
+/// 0..n chosen, n..2n rejected; DPO weight; NLL weight) of target k.
+fn dpo_sums(
+    lp: &Tensor,
+    owners: &[(usize, f32, f32)],
+    n: usize,
+    device: &candle_core::Device,
+) -> Result<DpoLogps> {
+    let m = owners.len();
     let mut weights = vec![vec![0f32; m]; 2 * n + 1];
     let mut nll_tokens = 0;
     for (k, (slot, dw, nw)) in owners.iter().enumerate() {
@@ -167,9 +180,7 @@ pub fn dpo_logps(
         weights[2 * n][k] = *nw;
         nll_tokens += (*nw > 0.0) as usize;
     }
-    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
-    let lp = target_logprobs(model, &h, &targets)?;
-    let sums = loss::per_sequence_sum(&lp, &weights, &model.device)?;
+    let sums = loss::per_sequence_sum(lp, &weights, device)?;
     Ok(DpoLogps {
         chosen: sums.narrow(0, 0, n)?,
         rejected: sums.narrow(0, n, n)?,
@@ -423,14 +434,6 @@ fn dpo_logps_shared_prompt(
             owners.push((side * n + i, dw, nw));
         }
     }
-    let m = targets.len();
-    let mut weights = vec![vec![0f32; m]; 2 * n + 1];
-    let mut nll_tokens = 0;
-    for (k, (slot, dw, nw)) in owners.iter().enumerate() {
-        weights[*slot][k] = *dw;
-        weights[2 * n][k] = *nw;
-        nll_tokens += (*nw > 0.0) as usize;
-    }
     let h = hp.dims3()?.2;
     let all = Tensor::cat(
         &[
@@ -441,11 +444,5 @@ fn dpo_logps_shared_prompt(
     )?
     .unsqueeze(0)?; // [1, N*P + 2N*C, H]
     let lp = target_logprobs(model, &all, &targets)?;
-    let sums = loss::per_sequence_sum(&lp, &weights, dev)?;
-    Ok(DpoLogps {
-        chosen: sums.narrow(0, 0, n)?,
-        rejected: sums.narrow(0, n, n)?,
-        nll_sum: sums.get(2 * n)?,
-        nll_tokens,
-    })
+    dpo_sums(&lp, &owners, n, dev)
 }
