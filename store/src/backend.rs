@@ -28,7 +28,10 @@
 //!
 //! Ids are bucketed by their first six bytes, which for UUID v7 is the
 //! millisecond they were made: one bucket entry per group and millisecond
-//! instead of one key per event, and a lookup is one prefix scan.
+//! instead of one key per event, and a lookup is one prefix scan. Random
+//! (v4) ids get a bucket each; ids that all share their first six bytes
+//! (a client counting from a fixed prefix) would make one bucket that every
+//! lookup scans whole, so such clients should use UUID v7.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
