@@ -567,6 +567,16 @@ impl Backend {
         self.db.flush().map_err(be).map(|_| ())
     }
 
+    /// Test hook: remove the id index entries sharing `id`'s bucket.
+    #[doc(hidden)]
+    pub(crate) fn drop_id_bucket(&self, id: &Uuid) -> Result<()> {
+        for item in self.db.scan_prefix(key(b'i', &[&id_prefix(id)])) {
+            let (k, _) = item.map_err(be)?;
+            self.db.remove(k).map_err(be)?;
+        }
+        Ok(())
+    }
+
     /// Test hook: change a committed record's bytes in place (same length),
     /// to prove that reads and `verify` notice.
     #[doc(hidden)]

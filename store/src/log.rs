@@ -251,8 +251,9 @@ impl EventLog {
     }
 
     /// Walk the whole chain: every record decodes, sequences are gap-free,
-    /// each record names the hash of the one before, the stream index points
-    /// back at it, and the head pointer matches the last record.
+    /// each record names the hash of the one before, the stream index and
+    /// the id index point back at it, and the head pointer matches the last
+    /// record.
     pub fn verify_chain(&self) -> Result<ChainReport> {
         let backend = &self.shared.backend;
         let head = backend.head()?;
@@ -260,6 +261,9 @@ impl EventLog {
         let mut last = 0u64;
         // The run last seen per stream: most records fall inside it.
         let mut runs: HashMap<String, Run> = HashMap::new();
+        // The id bucket last loaded: consecutive v7 ids share one.
+        let mut bucket: ([u8; 6], HashMap<Uuid, u64>) = ([0; 6], HashMap::new());
+        let mut bucket_loaded = false;
         if head.seq > 0 {
             backend.for_each_record(1, head.seq, |seq, bytes| {
                 let rec = decode(seq, bytes)?;
@@ -296,6 +300,23 @@ impl EventLog {
                 if let Some(r) = run {
                     runs.insert(rec.stream, r);
                 }
+                // Idempotent retries depend on the id index: it must know
+                // every event, at its sequence.
+                let prefix: [u8; 6] = rec.id.as_bytes()[..6].try_into().expect("16 bytes");
+                if !bucket_loaded || bucket.0 != prefix {
+                    bucket = (prefix, backend.ids_like(&rec.id)?.into_iter().collect());
+                    bucket_loaded = true;
+                }
+                if bucket.1.get(&rec.id) != Some(&seq) {
+                    return Err(StoreError::BrokenChain {
+                        seq,
+                        reason: format!(
+                            "event id index has {} at {:?}",
+                            rec.id,
+                            bucket.1.get(&rec.id)
+                        ),
+                    });
+                }
                 prev_hash = sha256_hex(bytes);
                 last = seq;
                 Ok(true)
@@ -321,6 +342,13 @@ impl EventLog {
     #[doc(hidden)]
     pub fn corrupt_record_for_test(&self, seq: u64, mut f: impl FnMut(&mut [u8])) -> Result<()> {
         self.shared.backend.mutate_record(seq, &mut f)
+    }
+
+    /// Test hook: forget the id index entries of the bucket holding `id`,
+    /// to prove that verification notices.
+    #[doc(hidden)]
+    pub fn drop_id_bucket_for_test(&self, id: &Uuid) -> Result<()> {
+        self.shared.backend.drop_id_bucket(id)
     }
 
     pub fn path(&self) -> &std::path::Path {

@@ -406,3 +406,19 @@ fn every_stored_id_is_found_however_ids_are_bucketed() {
     ));
     assert_eq!(log.head_seq(), 1050);
 }
+
+#[test]
+fn verify_notices_a_lost_id_index_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path()).unwrap();
+    let events: Vec<NewEvent> = (0..5).map(ev).collect();
+    let third = events[2].id;
+    log.append("s", ExpectedVersion::Any, events).unwrap();
+    assert_eq!(log.verify_chain().unwrap().events, 5);
+    log.drop_id_bucket_for_test(&third).unwrap();
+    let err = log.verify_chain().unwrap_err();
+    assert!(
+        matches!(err, StoreError::BrokenChain { .. }) && err.to_string().contains("id index"),
+        "{err}"
+    );
+}
