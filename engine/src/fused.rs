@@ -55,6 +55,19 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
+/// Whether this CPU has AVX2 and FMA, which the hand-vectorized kernels
+/// below need (std caches the detection).
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Below this many elements a kernel runs on the calling thread: waking the
 /// pool costs more than the work (decoding one token touches a few thousand).
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
@@ -363,10 +376,13 @@ impl CustomOp3 for RmsNormBwdX {
         for_rows(&mut out, h, |r, o| {
             let (row, gr) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
             let inv = inv_rms(row, self.eps);
-            let wg: Vec<f32> = (0..h).map(|j| w[j] * gr[j]).collect();
-            let dot = dot(&wg, row) * inv / h as f32;
+            // o holds w * g first (no per-row allocation), then dx.
             for j in 0..h {
-                o[j] = inv * (w[j] * gr[j] - row[j] * inv * dot);
+                o[j] = w[j] * gr[j];
+            }
+            let dot = dot(o, row) * inv / h as f32;
+            for j in 0..h {
+                o[j] = inv * (o[j] - row[j] * inv * dot);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -507,17 +523,20 @@ const FEW_ROWS_PARALLEL_MIN_WEIGHTS: usize = 1 << 21;
 /// depend on the thread count.
 struct LinearFewRows;
 
-fn dot_rows(x: &[f32], m: usize, k: usize, w_row: &[f32], out: &mut [f32]) {
+/// `out[r] = x[r] . w_row` for the m rows of x; `simd` is [`avx2_fma`],
+/// asked once per product rather than once per weight row.
+fn dot_rows(simd: bool, x: &[f32], m: usize, k: usize, w_row: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above), which
-            // is all `dot_rows_avx2` requires; it reads only within the slices.
+        if simd {
+            // SAFETY: `simd` says the CPU supports AVX2 and FMA, which is all
+            // `dot_rows_avx2` requires; it reads only within the slices.
             unsafe { dot_rows_avx2(x, m, k, w_row, out) };
             return;
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     for (r, o) in out.iter_mut().enumerate().take(m) {
         let xr = &x[r * k..(r + 1) * k];
         let mut acc = [0f32; 8];
@@ -593,7 +612,8 @@ impl CustomOp2 for LinearFewRows {
         // Computed transposed ([N, M]: one weight row -> M outputs), then
         // transposed back, so each task writes a contiguous slice.
         let mut out_t = output_buffer(n * m);
-        let body = |(i, o): (usize, &mut [f32])| dot_rows(x, m, k, &w[i * k..(i + 1) * k], o);
+        let simd = avx2_fma();
+        let body = |(i, o): (usize, &mut [f32])| dot_rows(simd, x, m, k, &w[i * k..(i + 1) * k], o);
         if n * k >= FEW_ROWS_PARALLEL_MIN_WEIGHTS {
             out_t.par_chunks_mut(m).enumerate().for_each(body);
         } else {
@@ -785,9 +805,7 @@ mod fast_exp {
         );
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if super::avx2_fma() {
                 // SAFETY: AVX2 and FMA are present; all three slices have
                 // the same length (asserted above).
                 return unsafe { scale_add_max_avx2(x, scale, b, o) };
@@ -858,9 +876,7 @@ mod fast_exp {
     unsafe fn exp_shifted_raw(src: *const f32, dst: *mut f32, len: usize, shift: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if super::avx2_fma() {
                 // SAFETY: AVX2 and FMA are present (checked above); the
                 // pointer contract is the caller's.
                 return unsafe { exp_shifted_avx2(src, dst, len, shift) };

@@ -32,19 +32,6 @@ impl Targets {
     }
 }
 
-/// log p(target | prefix) for each target: logits [B, T, V] -> [M].
-pub fn target_logprobs(logits: &Tensor, targets: &Targets) -> Result<Tensor> {
-    if targets.is_empty() {
-        return Err(EngineError::Input("no target tokens to score".into()));
-    }
-    let (b, t, v) = logits.dims3()?;
-    let dev = logits.device();
-    let flat = logits.reshape((b * t, v))?;
-    let preds = Tensor::new(targets.preds.as_slice(), dev)?;
-    let rows = flat.index_select(&preds, 0)?; // [M, V]
-    row_logprobs(&rows, &targets.ids)
-}
-
 /// log p(ids[m]) under the logits of row m: rows [M, V] -> [M].
 pub fn row_logprobs(rows: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let ids = Tensor::new(ids, rows.device())?;

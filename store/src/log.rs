@@ -204,6 +204,9 @@ impl EventLog {
         let head = self.head_seq();
         let from_version = from_version.max(1);
         let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
         for run in self.shared.backend.runs_from(stream, from_version) {
             let run = run?;
             let skip = from_version.saturating_sub(run.first_version);
