@@ -11,7 +11,7 @@ fn fixtures() -> PathBuf {
     std::env::var("HERD_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llama-tiny")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama-tiny")
         })
 }
 

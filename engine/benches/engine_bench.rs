@@ -1,4 +1,4 @@
-//! Engine throughput on the shared bench shape (../shared/bench/llama-bench.json):
+//! Engine throughput on the shared bench shape (engine/benches/llama-bench.json):
 //! SFT step tokens/s, DPO step pair-tokens/s (reference log-probs cached,
 //! prompt shared by chosen and rejected), greedy generation new tokens/s at
 //! batch 4, and peak RSS. Median of 5 timed repetitions after one warm-up.
@@ -52,7 +52,7 @@ fn main() {
         herd_engine::device::set_cpu_threads(2);
     }
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/bench/llama-bench.json");
+        .join("benches/llama-bench.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("bench config")).unwrap();
     let b = v["bench_batch"].as_u64().unwrap() as usize;

@@ -1,5 +1,5 @@
 //! The engine against PyTorch/transformers/TRL reference values
-//! (`../shared/fixtures/llama-tiny/expected.json`, see make_fixtures.py).
+//! (`tests/fixtures/llama-tiny/expected.json`; how each value was computed: tests/fixtures/README.md).
 
 mod common;
 

@@ -4,12 +4,12 @@
 
 use std::path::PathBuf;
 
-/// `../shared/fixtures/llama-tiny` beside the checkout (or $HERD_FIXTURES).
+/// `tests/fixtures/llama-tiny` in this repository (or $HERD_FIXTURES).
 pub fn fixtures() -> PathBuf {
     if let Ok(p) = std::env::var("HERD_FIXTURES") {
         return PathBuf::from(p);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llama-tiny")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama-tiny")
 }
 
 pub fn expected() -> serde_json::Value {
