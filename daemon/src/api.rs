@@ -18,6 +18,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::data::{self, DatasetKind};
 use crate::jobs::{self, JobKind};
+use crate::references::{self, InputRef};
 use crate::rounds::{self, RoundSpec};
 use crate::scheduler::{Scheduler, EXTERNAL};
 use crate::state::State;
@@ -28,6 +29,9 @@ pub const JSON_LIMIT: u64 = 8 * 1024 * 1024;
 pub const UPLOAD_LIMIT: u64 = 64 * 1024 * 1024 * 1024;
 /// Largest dataset parsed at import.
 pub const DATASET_LIMIT: u64 = 1024 * 1024 * 1024;
+/// Deepest nesting of arrays and objects in a request body. Far above any
+/// real request, far below what the store and every reader can hold.
+pub const MAX_JSON_DEPTH: usize = 32;
 /// Most metric points in one request.
 pub const MAX_POINTS: usize = 100_000;
 
@@ -62,6 +66,8 @@ fn internal(e: impl std::fmt::Display) -> Rejection {
     // The store refusing an append (too large, bad stream) is the caller's doing.
     let status = if message.starts_with("invalid append") {
         StatusCode::BAD_REQUEST
+    } else if message.starts_with("no space left") {
+        StatusCode::INSUFFICIENT_STORAGE
     } else {
         StatusCode::INTERNAL_SERVER_ERROR
     };
@@ -84,6 +90,12 @@ fn json_body<T: serde::de::DeserializeOwned + Send>(
     warp::body::content_length_limit(JSON_LIMIT)
         .and(warp::body::bytes())
         .and_then(|b: Bytes| async move {
+            let depth = herd_store::event::json_depth(&b);
+            if depth > MAX_JSON_DEPTH {
+                return Err(bad(format!(
+                    "invalid JSON body: nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}"
+                )));
+            }
             serde_json::from_slice::<T>(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))
         })
 }
@@ -275,13 +287,16 @@ pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallib
         .into_iter()
         .reduce(|a, b| a.or(b).unify().boxed())
         .expect("routes");
+    let data_dir = Arc::new(ctx.state.data_dir.display().to_string());
     health
         .or(auth(ctx.token.clone()).and(api))
         .unify()
-        .recover(recover)
+        .recover(move |err| recover(err, data_dir.clone()))
 }
 
-async fn recover(err: Rejection) -> Result<impl Reply, Infallible> {
+/// Every rejection as `{"error": ...}`. Server paths become `DATA/...`:
+/// a client has no business knowing where the data directory lives.
+async fn recover(err: Rejection, data_dir: Arc<String>) -> Result<impl Reply, Infallible> {
     let (status, message) = if let Some(e) = err.find::<ApiError>() {
         (e.status, e.message.clone())
     } else if err.is_not_found() {
@@ -305,6 +320,7 @@ async fn recover(err: Rejection) -> Result<impl Reply, Infallible> {
     } else {
         (StatusCode::BAD_REQUEST, format!("{err:?}"))
     };
+    let message = message.replace(data_dir.as_str(), "DATA");
     Ok(warp::reply::with_status(
         warp::reply::json(&json!({"error": message})),
         status,
@@ -636,7 +652,6 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
     let kind = JobKind::parse(&body.kind).map_err(|e| bad(format!("field `kind`: {e}")))?;
     let hp = jobs::effective_hyperparameters(kind, &body.hyperparameters)
         .map_err(|e| bad(format!("field `hyperparameters`: {e}")))?;
-    jobs::check_inputs(kind, &body.inputs).map_err(|e| bad(format!("field `inputs`: {e}")))?;
     let mut depends_on = body.depends_on.clone();
     {
         let p = ctx.state.projection.read().await;
@@ -645,25 +660,21 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
                 return Err(bad(format!("field `experiment`: no experiment {e}")));
             }
         }
+        references::check_inputs(&p, &BTreeMap::new(), kind, &body.inputs)
+            .map_err(|e| bad(format!("field `inputs`: {e}")))?;
         for (name, v) in &body.inputs {
-            if let Some(r) = v.strip_prefix("job:") {
-                let id = r
-                    .split('/')
-                    .next()
-                    .and_then(|x| x.parse::<Uuid>().ok())
-                    .ok_or_else(|| {
-                        bad(format!("field `inputs.{name}`: bad job reference {v:?}"))
-                    })?;
-                if !p.jobs.contains_key(&id) {
-                    return Err(bad(format!("field `inputs.{name}`: no job {id}")));
+            match InputRef::parse(v).map_err(|e| bad(format!("field `inputs.{name}`: {e}")))? {
+                InputRef::JobOutput { job, .. } => {
+                    if !depends_on.contains(&job) {
+                        depends_on.push(job);
+                    }
                 }
-                if !depends_on.contains(&id) {
-                    depends_on.push(id);
+                InputRef::Blob(hash) if !ctx.state.store.blobs.contains(&hash) => {
+                    return Err(bad(format!(
+                        "field `inputs.{name}`: blob {hash} is recorded but missing from the blob store (run `herd verify`)"
+                    )));
                 }
-            } else if !ctx.state.store.blobs.contains(v) {
-                return Err(bad(format!(
-                    "field `inputs.{name}`: {v:?} is not a stored blob (import it first)"
-                )));
+                InputRef::Blob(_) => {}
             }
         }
         for d in &depends_on {
@@ -942,9 +953,10 @@ async fn submit_round(ctx: Ctx, spec: Value) -> Res {
         });
         (last.map(|r| r.index + 1).unwrap_or(0), previous)
     };
-    let blobs = ctx.state.store.blobs.clone();
-    let planned = rounds::expand(&spec_parsed, previous, |h| blobs.contains(h))
-        .map_err(|e| bad(format!("round spec: {e}")))?;
+    let planned = {
+        let p = ctx.state.projection.read().await;
+        rounds::expand(&spec_parsed, previous, &p).map_err(|e| bad(format!("round spec: {e}")))?
+    };
     let round = Uuid::now_v7();
     let exp = spec_parsed.experiment;
     let jobs: Vec<Uuid> = planned.iter().map(|j| j.id).collect();
@@ -1245,6 +1257,5 @@ async fn status(ctx: Ctx) -> Res {
         "head_seq": p.last_seq,
         "jobs": {"queued": count(JobStatus::Queued), "running": count(JobStatus::Running), "succeeded": count(JobStatus::Succeeded),
                   "failed": count(JobStatus::Failed), "cancelled": count(JobStatus::Cancelled)},
-        "data_dir": ctx.state.data_dir,
     }))
 }

@@ -5,6 +5,7 @@
 //! * [`jobs`]: the Llama 3 recipes as jobs (rm, sample, sft, dpo, average,
 //!   curate, eval, annotate).
 //! * [`task`]: the checkable task behind simulated annotation and eval.
+//! * [`references`]: job inputs (`job:<id>/<output>` or a hash), parsed and kind-checked once.
 //! * [`rounds`]: round specs expanded into job DAGs.
 //! * [`state`]: store + live projection shared by the API and scheduler.
 //! * [`scheduler`]: devices, queue, dependencies, worker processes, recovery.
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod data;
 pub mod jobs;
+pub mod references;
 pub mod rounds;
 pub mod scheduler;
 pub mod server;

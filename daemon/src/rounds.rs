@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::references::{self, InputRef};
 use crate::jobs::{self, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,16 +61,12 @@ pub struct PlannedJob {
     pub priority: i32,
 }
 
-fn is_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 /// Expand a spec. `previous_policy` is the `job:<id>/<output>` reference (or
 /// hash) of the last round's final policy, used for `$policy` when unset.
 pub fn expand(
     spec: &RoundSpec,
     previous_policy: Option<String>,
-    known_hash: impl Fn(&str) -> bool,
+    recorded: &herd_store::Projection,
 ) -> Result<Vec<PlannedJob>, String> {
     let mut vars = spec.vars.clone();
     if !vars.contains_key("policy") {
@@ -102,7 +99,7 @@ pub fn expand(
                         vars.keys().cloned().collect::<Vec<_>>().join(", ")
                     )
                 })?
-            } else if is_hash(v) {
+            } else if references::is_hash(v) {
                 v.clone()
             } else if let Some((job, out)) = v.split_once('.') {
                 let id = by_name.get(job).ok_or_else(|| {
@@ -114,20 +111,18 @@ pub fn expand(
                     "{at}.inputs.{name}: {v:?} is not $var, job.output or a content hash"
                 ));
             };
-            if let Some(r) = resolved.strip_prefix("job:") {
-                if let Some(id) = r.split('/').next().and_then(|x| x.parse::<Uuid>().ok()) {
-                    if !depends_on.contains(&id) {
-                        depends_on.push(id);
-                    }
-                }
-            } else if !known_hash(&resolved) {
-                return Err(format!(
-                    "{at}.inputs.{name}: {resolved} is not in the store"
-                ));
+            match InputRef::parse(&resolved).map_err(|e| format!("{at}.inputs.{name}: {e}"))? {
+                InputRef::JobOutput { job, .. } if !depends_on.contains(&job) => depends_on.push(job),
+                _ => {}
             }
             inputs.insert(name.clone(), resolved);
         }
-        jobs::check_inputs(kind, &inputs).map_err(|e| format!("{at}.inputs: {e}"))?;
+        let earlier: BTreeMap<Uuid, references::Planned> = planned
+            .iter()
+            .map(|p| (p.id, references::Planned { kind: p.kind, inputs: &p.inputs }))
+            .collect();
+        references::check_inputs(recorded, &earlier, kind, &inputs)
+            .map_err(|e| format!("{at}.inputs: {e}"))?;
         let id = Uuid::now_v7();
         by_name.insert(j.name.clone(), id);
         planned.push(PlannedJob {

@@ -22,33 +22,128 @@ pub struct DaemonConfig {
 }
 
 pub const TOKEN_FILE: &str = "token";
+/// Tokens shorter than this are refused: a guessable token is no token.
+pub const MIN_TOKEN_LEN: usize = 32;
 
-/// Read the token, creating it (owner-only permissions) on first start.
-pub fn ensure_token(data_dir: &Path) -> Result<String> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+/// Make the data directory owner-only and have everything herdd creates
+/// in it owner-only too (the log, blobs and checkpoints are the user's data).
+pub fn secure_data_dir(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: umask only sets the process's file-mode mask.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    let path = data_dir.join(TOKEN_FILE);
-    if path.exists() {
-        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            anyhow::bail!(
-                "{} is readable by others (mode {mode:o}); run chmod 600 on it",
-                path.display()
-            );
-        }
-        return Ok(std::fs::read_to_string(&path)?.trim().to_string());
+    let mode = std::fs::metadata(data_dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} owner-only (chmod 700)", data_dir.display()))?;
+        eprintln!(
+            "herdd: {} was mode {mode:o}; made it owner-only (700)",
+            data_dir.display()
+        );
     }
+    Ok(())
+}
+
+/// Hold DATA/herdd.lock (an advisory lock the kernel drops when the process
+/// dies, however it dies) for as long as the returned file lives, so a
+/// second herdd, or `herdd repair`, on the same directory says who holds it.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join("herdd.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        anyhow::bail!(
+            "another herdd (pid {}) holds {}; stop it first",
+            if holder.is_empty() { "unknown" } else { holder },
+            data_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// Read the bearer token, creating it on first start. A token herdd did not
+/// make properly (empty, short, whitespace, readable by others) is refused:
+/// an empty token file used to switch auth off.
+pub fn ensure_token(data_dir: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data_dir.join(TOKEN_FILE);
+    match std::fs::read(&path) {
+        // An empty file is what an interrupted first start of an older herdd
+        // left (it wrote the token in place): replace it with a real one.
+        Ok(bytes) if bytes.is_empty() => {
+            eprintln!("herdd: {} is empty; writing a new token", path.display());
+            write_new_token(data_dir)
+        }
+        Ok(bytes) => {
+            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                anyhow::bail!(
+                    "{} is readable by others (mode {mode:o}); run `chmod 600 {}` or delete it to get a new token",
+                    path.display(),
+                    path.display()
+                );
+            }
+            let token = String::from_utf8(bytes)
+                .ok()
+                .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
+                .filter(|t| {
+                    t.len() >= MIN_TOKEN_LEN && t.bytes().all(|b| b.is_ascii_graphic())
+                });
+            token.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} does not hold a usable token (at least {MIN_TOKEN_LEN} printable characters, no spaces); \
+                     delete it and herdd writes a new one",
+                    path.display()
+                )
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_new_token(data_dir),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// 256 random bits, hex: written to a temp file, synced, renamed into place,
+/// so the token file is either absent or whole.
+fn write_new_token(data_dir: &Path) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     let token = hex::encode(bytes);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    std::io::Write::write_all(&mut f, token.as_bytes())?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let path = data_dir.join(TOKEN_FILE);
+    let tmp = data_dir.join(format!(".{TOKEN_FILE}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing a new token to {}", path.display()));
+    }
     Ok(token)
 }
 
@@ -58,14 +153,26 @@ pub struct Daemon {
     pub token: String,
     pub state: Arc<State>,
     pub scheduler: Arc<Scheduler>,
+    /// The data directory's lock, released when the daemon is dropped.
+    _lock: std::fs::File,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Daemon {
     pub async fn start(config: DaemonConfig) -> Result<Daemon> {
+        secure_data_dir(&config.data_dir)?;
+        let lock = lock_data_dir(&config.data_dir)?;
         let token = ensure_token(&config.data_dir)?;
         let state = State::open(&config.data_dir)?;
+        let recovery = state.store.log.recovery();
+        if recovery.reindexed > 0 || recovery.torn_bytes_cut > 0 {
+            eprintln!(
+                "herdd: recovered the event log: re-indexed {} record(s) written after the index's last save; \
+                 cut {} byte(s) of a torn last line (never acknowledged)",
+                recovery.reindexed, recovery.torn_bytes_cut
+            );
+        }
         let scheduler = Scheduler::new(state.clone(), config.scheduler.clone());
         scheduler.recover().await?;
         tokio::spawn(scheduler.clone().run());
@@ -86,6 +193,7 @@ impl Daemon {
             token,
             state,
             scheduler,
+            _lock: lock,
             stop: Some(stop),
             server: Some(server),
         })

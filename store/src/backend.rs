@@ -45,7 +45,10 @@ use crate::error::{Result, StoreError};
 const HEAD_KEY: &[u8] = b"mhead";
 const FORMAT_KEY: &[u8] = b"mformat";
 const FORMAT: &[u8] = b"herd-events/2 jsonl+sled-index";
-const LOG_FILE: &str = "events.jsonl";
+pub(crate) const LOG_FILE: &str = "events.jsonl";
+/// What sled keeps beside the record file (plus `snap.*`): the index, which
+/// `recovery::repair` may set aside and rebuild from the records.
+pub(crate) const SLED_FILES: &[&str] = &["conf", "db", "blobs"];
 /// Records per chunk entry: bounds the bytes read to fetch one event.
 const CHUNK_RECORDS: usize = 256;
 /// Ids per bucket entry: keeps every sled value a few KiB.
@@ -190,6 +193,12 @@ impl Cursor<'_> {
     }
 }
 
+/// sled reports a held file lock as WouldBlock, sometimes wrapped in an
+/// error of its own whose text says so.
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 fn be(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -240,12 +249,11 @@ impl Backend {
                 .open()
             {
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && started.elapsed() < std::time::Duration::from_secs(3) =>
+                    if is_lock_error(&e) && started.elapsed() < std::time::Duration::from_secs(3) =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(sled::Error::Io(e)) if is_lock_error(&e) => {
                     return Err(StoreError::Backend(format!(
                         "{} is locked by another process (is another herdd using this data directory?)",
                         dir.display()
@@ -456,13 +464,14 @@ impl Backend {
         Ok(buf)
     }
 
-    /// Call `f(seq, record bytes)` for every record with `from <= seq <= to`,
-    /// in order, until it returns false. A gap in the index is an error.
+    /// Call `f(seq, byte offset in the file, record bytes)` for every record
+    /// with `from <= seq <= to`, in order, until it returns false. A gap in
+    /// the index is an error.
     pub(crate) fn for_each_record(
         &self,
         from: u64,
         to: u64,
-        mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
+        mut f: impl FnMut(u64, u64, &[u8]) -> Result<bool>,
     ) -> Result<()> {
         let mut expected = from;
         for chunk in self.chunks_from(from) {
@@ -488,7 +497,7 @@ impl Backend {
                 if seq < from {
                     continue;
                 }
-                if seq > to || !f(seq, record)? {
+                if seq > to || !f(seq, chunk.offset + (at - len as usize - 1) as u64, record)? {
                     return Ok(());
                 }
                 expected = seq + 1;

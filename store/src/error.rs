@@ -25,6 +25,23 @@ pub enum StoreError {
     #[error("corrupt event record at sequence {seq}: {reason}")]
     CorruptEvent { seq: u64, reason: String },
 
+    /// Found when the log is opened: the records from `seq` on can't be
+    /// trusted. Nothing is changed; `herdd repair` sets them aside.
+    #[error("the event log is damaged at sequence {seq} (byte {offset} of log/events.jsonl): {reason}. \
+             Nothing was changed. `herdd repair --data-dir DATA` moves the records from there on \
+             into a quarantine file (nothing is deleted), rebuilds the index and says how many \
+             acknowledged events it set aside")]
+    Damaged {
+        seq: u64,
+        offset: u64,
+        reason: String,
+    },
+
+    /// An append could not be written because the disk is full. Nothing of
+    /// it was recorded; the log takes writes again once space returns.
+    #[error("no space left on the disk holding the event log: nothing of this append was recorded (retry when space returns)")]
+    NoSpace,
+
     #[error("broken hash chain at sequence {seq}: {reason}")]
     BrokenChain { seq: u64, reason: String },
 

@@ -180,6 +180,38 @@ pub(crate) fn write_record(out: &mut Vec<u8>, r: &RecordParts) {
     out.extend_from_slice(b"\"}");
 }
 
+/// Deepest nesting of arrays and objects an event payload may have. serde
+/// refuses to read past 128 levels, and a record wraps its payload in one
+/// more: whatever the log accepts, every reader must be able to read.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// The deepest nesting of `[` and `{` in JSON text (strings skipped), in
+/// one pass without building a tree.
+pub fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// What the caller asserts about the stream's version before appending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpectedVersion {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod event;
 pub mod log;
 pub mod model;
+pub mod recovery;
 
 use std::path::Path;
 
@@ -20,6 +21,7 @@ pub use error::{Result, StoreError};
 pub use event::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent};
 pub use log::{ChainReport, EventLog, Subscription};
 pub use model::{HerdEvent, JobStatus, Projection};
+pub use recovery::{repair, RecoveryReport, RepairReport};
 
 /// The event log and the blob store of one data directory.
 #[derive(Clone)]

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::backend::{Backend, GroupIndex, Head, Run};
 use crate::error::{Result, StoreError};
+use crate::recovery::{recover, RecoveryReport};
 use crate::event::{
     sha256_hex, write_record, AppendResult, ExpectedVersion, NewEvent, RecordParts, RecordedEvent,
 };
@@ -49,6 +50,8 @@ struct Shared {
     head_changed: Condvar,
     head_watch: watch::Sender<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// What opening did on its own (re-indexed records, a cut torn line).
+    recovery: RecoveryReport,
 }
 
 impl Drop for Shared {
@@ -80,7 +83,7 @@ pub struct ChainReport {
 impl EventLog {
     pub fn open(dir: &std::path::Path) -> Result<Self> {
         let backend = Arc::new(Backend::open(dir)?);
-        let head = recover(&backend)?;
+        let (head, recovery) = recover(&backend)?;
         let head_seq = head.seq;
         let (tx, rx) = mpsc::channel();
         let (head_watch, _) = watch::channel(head_seq);
@@ -91,6 +94,7 @@ impl EventLog {
             head_changed: Condvar::new(),
             head_watch,
             writer: Mutex::new(None),
+            recovery,
         });
         let weak = Arc::downgrade(&shared);
         let handle = std::thread::Builder::new()
@@ -169,7 +173,7 @@ impl EventLog {
         let mut found = None;
         self.shared
             .backend
-            .for_each_record(seq, seq, |seq, bytes| {
+            .for_each_record(seq, seq, |seq, _, bytes| {
                 found = Some(decode(seq, bytes)?);
                 Ok(false)
             })?;
@@ -187,7 +191,7 @@ impl EventLog {
         let mut out = Vec::with_capacity((to - from + 1) as usize);
         self.shared
             .backend
-            .for_each_record(from, to, |seq, bytes| {
+            .for_each_record(from, to, |seq, _, bytes| {
                 out.push(decode(seq, bytes)?);
                 Ok(true)
             })?;
@@ -221,7 +225,7 @@ impl EventLog {
             }
             self.shared
                 .backend
-                .for_each_record(first, last.min(head), |seq, bytes| {
+                .for_each_record(first, last.min(head), |seq, _, bytes| {
                     let rec = decode(seq, bytes)?;
                     if rec.stream != stream {
                         return Err(StoreError::CorruptEvent {
@@ -268,7 +272,7 @@ impl EventLog {
         let mut bucket: ([u8; 6], HashMap<Uuid, u64>) = ([0; 6], HashMap::new());
         let mut bucket_loaded = false;
         if head.seq > 0 {
-            backend.for_each_record(1, head.seq, |seq, bytes| {
+            backend.for_each_record(1, head.seq, |seq, _, bytes| {
                 let rec = decode(seq, bytes)?;
                 if rec.prev_hash != prev_hash {
                     return Err(StoreError::BrokenChain {
@@ -357,6 +361,12 @@ impl EventLog {
     pub fn path(&self) -> &std::path::Path {
         self.shared.backend.path()
     }
+
+    /// What opening the log did on its own: records re-indexed after a
+    /// crash, bytes of a torn (never acknowledged) last line cut.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.shared.recovery
+    }
 }
 
 /// Check an append before it reaches the writer; every refusal names the
@@ -383,6 +393,13 @@ fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
         if e.event_type.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "event {i} of the append to `{stream}` has an empty type"
+            )));
+        }
+        let depth = crate::event::json_depth(e.payload.get().as_bytes());
+        if depth > crate::event::MAX_PAYLOAD_DEPTH {
+            return Err(StoreError::Invalid(format!(
+                "event {i} of the append to `{stream}` nests {depth} levels deep; the limit is {}",
+                crate::event::MAX_PAYLOAD_DEPTH
             )));
         }
         // The envelope adds well under 1 KiB to the payload.
@@ -417,70 +434,6 @@ pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Result<RecordedEvent> {
         });
     }
     Ok(rec)
-}
-
-/// Re-index the records that reached the file after the index last
-/// persisted (a crash), and cut off what follows the last whole record that
-/// continues the chain: the unacknowledged tail of a group that never
-/// finished its fsync. Returns the committed head.
-fn recover(backend: &Backend) -> Result<Head> {
-    let head = backend.head()?;
-    let tail = backend.tail(head.log_end, head.seq)?;
-    if tail.is_empty() {
-        return Ok(head);
-    }
-    let mut index = GroupIndex {
-        first_seq: head.seq + 1,
-        ..GroupIndex::default()
-    };
-    let mut seq = head.seq;
-    let mut hash = head.hash.clone();
-    let mut at = 0usize;
-    while let Some(len) = tail[at..].iter().position(|&b| b == b'\n') {
-        let line = &tail[at..at + len];
-        let Ok(rec) = decode(seq + 1, line) else {
-            break;
-        };
-        let current = match index.stream_versions.get(&rec.stream) {
-            Some(v) => *v,
-            None => backend.stream_version(&rec.stream)?,
-        };
-        if rec.prev_hash != hash || rec.version != current + 1 {
-            break;
-        }
-        seq += 1;
-        hash = sha256_hex(line);
-        at += len + 1;
-        index.lengths.push(len as u32);
-        index.ids.push((rec.id, seq));
-        index
-            .stream_versions
-            .insert(rec.stream.clone(), rec.version);
-        match index.runs.last_mut() {
-            Some((s, run)) if *s == rec.stream && run.first_version + run.count == rec.version => {
-                run.count += 1
-            }
-            _ => index.runs.push((
-                rec.stream,
-                Run {
-                    first_version: rec.version,
-                    first_seq: seq,
-                    count: 1,
-                },
-            )),
-        }
-    }
-    let mut recovered = head.clone();
-    if seq > head.seq {
-        index.head_hash = hash.clone();
-        let log_end = backend.index(index, head.log_end)?;
-        backend.flush_index()?;
-        recovered = Head { seq, hash, log_end };
-    }
-    if at < tail.len() {
-        backend.truncate(recovered.log_end)?;
-    }
-    Ok(recovered)
 }
 
 /// The writer thread's state: the committed head and a cache of stream versions.
@@ -578,34 +531,54 @@ impl Writer {
             let outcome = self.stage(&req, &mut staged);
             outcomes.push((req.reply, outcome));
         }
-        let committed = if staged.seq > self.head.seq {
+        let commit: Option<Result<()>> = if staged.seq > self.head.seq {
             staged.write.head_hash = staged.hash.clone();
             let versions = staged.write.stream_versions.clone();
             let at = self.head.log_end;
-            let committed = self
-                .backend
-                .write_records(&staged.bytes, at)
-                .and_then(|()| self.backend.index(staged.write, at));
-            match committed {
-                Ok(log_end) => {
+            Some(match self.backend.write_records(&staged.bytes, at) {
+                Ok(()) => match self.backend.index(staged.write, at) {
+                    Ok(log_end) => {
+                        self.buffer = std::mem::take(&mut staged.bytes);
+                        self.buffer.clear();
+                        self.head = Head {
+                            seq: staged.seq,
+                            hash: staged.hash,
+                            log_end,
+                        };
+                        self.versions.extend(versions);
+                        Ok(())
+                    }
+                    // The records are durable but the index is not: only a
+                    // reopen (which re-indexes the file's tail) can go on.
+                    Err(e) => {
+                        self.poisoned = Some(e.to_string());
+                        Err(StoreError::Poisoned(e.to_string()))
+                    }
+                },
+                // Nothing of this group was acknowledged: cut whatever part
+                // reached the file and keep taking writes (a full disk
+                // recovers when space returns). If even the cut fails, the
+                // file's end is unknown and only a reopen can tell.
+                Err(e) => {
+                    let no_space = matches!(&e, StoreError::Io { source, .. }
+                        if source.raw_os_error() == Some(28) /* ENOSPC */
+                            || source.kind() == std::io::ErrorKind::StorageFull);
                     self.buffer = std::mem::take(&mut staged.bytes);
                     self.buffer.clear();
-                    self.head = Head {
-                        seq: staged.seq,
-                        hash: staged.hash,
-                        log_end,
-                    };
-                    self.versions.extend(versions);
-                    true
+                    match self.backend.truncate(at) {
+                        Ok(()) if no_space => Err(StoreError::NoSpace),
+                        Ok(()) => Err(e),
+                        Err(cut) => {
+                            self.poisoned = Some(format!("{e}; then cutting the partial write failed: {cut}"));
+                            Err(StoreError::Poisoned(self.poisoned.clone().unwrap_or_default()))
+                        }
+                    }
                 }
-                Err(e) => {
-                    self.poisoned = Some(e.to_string());
-                    false
-                }
-            }
+            })
         } else {
-            false
+            None // every request was answered while staging
         };
+        let committed = matches!(commit, Some(Ok(())));
         if committed {
             if let Some(shared) = shared.upgrade() {
                 *shared.head.lock().expect("head lock") = self.head.seq;
@@ -617,9 +590,12 @@ impl Writer {
             let result = match outcome {
                 Outcome::Reply(r) => r,
                 Outcome::Pending(r) if committed => Ok(r),
-                Outcome::Pending(_) => Err(StoreError::Poisoned(
-                    self.poisoned.clone().unwrap_or_default(),
-                )),
+                Outcome::Pending(_) => Err(match &commit {
+                    Some(Err(StoreError::NoSpace)) => StoreError::NoSpace,
+                    Some(Err(StoreError::Poisoned(why))) => StoreError::Poisoned(why.clone()),
+                    Some(Err(e)) => StoreError::Backend(format!("the append was not recorded: {e}")),
+                    _ => StoreError::Backend("the append was not recorded".into()),
+                }),
             };
             let _ = reply.send(result);
         }

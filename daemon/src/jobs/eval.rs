@@ -31,9 +31,10 @@ impl Default for Params {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
-        if self.max_new_tokens == 0 || self.batch_size == 0 || self.max_seq_len < 2 {
-            return Err("max_new_tokens, batch_size >= 1 and max_seq_len >= 2".into());
-        }
+        use super::util::{in_range, limits::*};
+        in_range("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)?;
+        in_range("batch_size", self.batch_size, 1, MAX_BATCH)?;
+        in_range("max_seq_len", self.max_seq_len, 2, MAX_SEQ_LEN)?;
         Ok(())
     }
 }

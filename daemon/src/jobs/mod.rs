@@ -112,6 +112,77 @@ fn to_value<T: Serialize>(t: T) -> Value {
     serde_json::to_value(t).expect("params serialize")
 }
 
+/// What kind of artifact something is, as recorded with it: `checkpoint`,
+/// a dataset kind (`preference`, `sft`, `prompts`) or `cache`.
+pub mod artifact {
+    pub const CHECKPOINT: &str = "checkpoint";
+    pub const PREFERENCE: &str = "preference";
+    pub const SFT: &str = "sft";
+    pub const PROMPTS: &str = "prompts";
+    pub const CACHE: &str = "cache";
+}
+
+impl JobKind {
+    /// The artifact kinds input `name` accepts (checked at submit, so a
+    /// dataset given as a checkpoint is refused before anything runs).
+    pub fn accepts(self, input: &str) -> &'static [&'static str] {
+        use artifact::*;
+        match (self, input) {
+            (JobKind::Rm | JobKind::Dpo, "data") => &[PREFERENCE],
+            (JobKind::Sft, "data") => &[SFT],
+            (JobKind::Curate, "data") => &[SFT, PREFERENCE],
+            (JobKind::Sample | JobKind::Annotate | JobKind::Eval, "prompts") => &[PROMPTS],
+            (JobKind::Eval, "sft") => &[SFT],
+            (JobKind::Eval, "preference") => &[PREFERENCE],
+            _ => &[CHECKPOINT],
+        }
+    }
+
+    /// The artifact kind of this kind's output `name`; `input_kind` tells
+    /// the kind of one of the job's inputs (curate keeps its data's kind).
+    /// None: this kind has no such output.
+    pub fn output_kind(
+        self,
+        output: &str,
+        input_kind: impl Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        use artifact::*;
+        let kind = match (self, output) {
+            (JobKind::Rm | JobKind::Sft | JobKind::Dpo | JobKind::Average, "checkpoint") => CHECKPOINT,
+            (JobKind::Dpo, "reference_logps") => CACHE,
+            (JobKind::Sample, "data") => SFT,
+            (JobKind::Annotate, "data") => PREFERENCE,
+            (JobKind::Curate, "data") => return input_kind("data"),
+            _ => return None,
+        };
+        Some(kind.to_string())
+    }
+
+    /// The output names this kind records.
+    pub fn outputs(self) -> &'static [&'static str] {
+        match self {
+            JobKind::Rm | JobKind::Sft | JobKind::Average => &["checkpoint"],
+            JobKind::Dpo => &["checkpoint", "reference_logps"],
+            JobKind::Sample | JobKind::Annotate | JobKind::Curate => &["data"],
+            JobKind::Eval => &[],
+        }
+    }
+}
+
+/// Input `name` of a `kind` job may be an artifact of kind `artifact`.
+pub fn check_input_kind(kind: JobKind, name: &str, artifact: &str) -> Result<(), String> {
+    let accepts = kind.accepts(name);
+    if accepts.contains(&artifact) {
+        return Ok(());
+    }
+    Err(format!(
+        "input `{name}` of a {} job must be {}, but it is {} {artifact}",
+        kind.as_str(),
+        accepts.iter().map(|a| format!("a {a}")).collect::<Vec<_>>().join(" or "),
+        if artifact.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" },
+    ))
+}
+
 /// Merge user hyperparameters over the kind's defaults, refusing unknown names
 /// and wrong types by name. Returns the effective set.
 pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, String> {

@@ -37,6 +37,7 @@ impl Validate for Params {
         if self.k < 2 {
             return Err("k must be at least 2 (rejection sampling picks the best of k)".into());
         }
+        super::util::in_range("k", self.k, 2, super::util::limits::MAX_SAMPLES_PER_PROMPT)?;
         self.gen.validate()
     }
 }

@@ -132,10 +132,48 @@ impl Default for TrainParams {
     }
 }
 
+/// Upper bounds that keep a job's time and memory sane: far above any real
+/// run on one machine, far below what would run for ever or abort the
+/// worker on an allocation.
+pub mod limits {
+    pub const MAX_STEPS: u64 = 10_000_000;
+    pub const MAX_EPOCHS: f64 = 10_000.0;
+    pub const MAX_BATCH: usize = 4096;
+    pub const MAX_GRAD_ACCUM: usize = 4096;
+    pub const MAX_SEQ_LEN: usize = 131_072;
+    /// Tokens in one micro-batch (batch_size x max_seq_len).
+    pub const MAX_BATCH_TOKENS: usize = 1 << 22;
+    pub const MAX_NEW_TOKENS: usize = 32_768;
+    pub const MAX_SAMPLES_PER_PROMPT: usize = 1024;
+}
+
+/// `name` within `lo..=hi`, or an error that says both bounds.
+pub fn in_range<T: PartialOrd + std::fmt::Display>(name: &str, v: T, lo: T, hi: T) -> Result<(), String> {
+    if v < lo || v > hi {
+        return Err(format!("{name} must be in [{lo}, {hi}], got {v}"));
+    }
+    Ok(())
+}
+
 impl TrainParams {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err("lr must be a positive number".into());
+        use limits::*;
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            return Err("lr must be a number in (0, 1]".into());
+        }
+        in_range("steps", self.steps, 0, MAX_STEPS)?;
+        in_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)?;
+        in_range("batch_size", self.batch_size, 1, MAX_BATCH)?;
+        in_range("grad_accum", self.grad_accum, 1, MAX_GRAD_ACCUM)?;
+        in_range("max_seq_len", self.max_seq_len, 2, MAX_SEQ_LEN)?;
+        if self.batch_size * self.max_seq_len > MAX_BATCH_TOKENS {
+            return Err(format!(
+                "batch_size x max_seq_len = {} tokens per micro-batch; the limit is {MAX_BATCH_TOKENS} (use grad_accum)",
+                self.batch_size * self.max_seq_len
+            ));
+        }
+        if self.steps == 0 && !(self.epochs.is_finite() && self.epochs > 0.0 && self.epochs <= MAX_EPOCHS) {
+            return Err(format!("give steps > 0 or epochs in (0, {MAX_EPOCHS}]"));
         }
         if self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
             return Err("batch_size and grad_accum must be >= 1, max_seq_len >= 2".into());
@@ -337,9 +375,11 @@ impl GenParams {
         {
             return Err("temperature must be >= 0 and top_p in (0, 1]".into());
         }
-        if self.max_new_tokens == 0 || self.batch_size == 0 {
-            return Err("max_new_tokens and batch_size must be >= 1".into());
+        if self.temperature > 100.0 {
+            return Err("temperature must be <= 100".into());
         }
+        in_range("max_new_tokens", self.max_new_tokens, 1, limits::MAX_NEW_TOKENS)?;
+        in_range("batch_size", self.batch_size, 1, limits::MAX_BATCH)?;
         Ok(())
     }
 }
