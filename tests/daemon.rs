@@ -255,7 +255,13 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Kill the daemon once the first attempt has logged some steps.
+    for _ in 0..600 {
+        if c.metrics(&id, &["loss"]).unwrap().get("loss").is_some_and(|l| l.len() >= 3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     d.kill9();
     // The orphaned worker dies on its closed stdout; the job restarts.
     let d2 = Daemon::start(dir.path());
@@ -264,6 +270,14 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
     assert_eq!(j.status, "succeeded", "{:?}", j.error);
     assert!(j.attempts >= 2, "attempts {}", j.attempts);
     assert_eq!(c2.verify().unwrap()["ok"], true);
+    // The curves are the latest attempt's alone: every step once, in order.
+    let loss = &c2.metrics(&id, &["loss"]).unwrap()["loss"];
+    let steps: Vec<u64> = loss.iter().map(|(s, _)| *s).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "steps repeat or go back: {steps:?}");
+    assert_eq!(steps.len() as u64, 300, "one point per step of the last attempt");
+    // The first attempt's points are still there, asked for by number.
+    let first = c2.metrics_of_attempt(&id, &["loss"], Some(1)).unwrap();
+    assert!(first.get("loss").is_some_and(|l| !l.is_empty() && l.len() < 300));
 }
 
 #[test]

@@ -803,13 +803,21 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
         let b = c.wait(new, Duration::from_secs(timeout))?;
         let same = b.status == "succeeded" && a.outputs == b.outputs;
         all_same &= same;
+        // The environment first: a difference there explains different bytes.
+        let keys: std::collections::BTreeSet<&String> =
+            a.fingerprint.keys().chain(b.fingerprint.keys()).collect();
+        let environment: BTreeMap<String, Value> = keys
+            .into_iter()
+            .filter(|k| a.fingerprint.get(*k) != b.fingerprint.get(*k))
+            .map(|k| ((*k).clone(), json!({"original": a.fingerprint.get(k), "reproduction": b.fingerprint.get(k)})))
+            .collect();
         let diffs: BTreeMap<String, f64> = a
             .last_metrics
             .iter()
             .filter_map(|(k, (_, v))| b.metric(k).map(|w| (k.clone(), w - v)))
             .filter(|(_, d)| *d != 0.0)
             .collect();
-        report.push(json!({"job": orig, "name": a.name, "reproduction": new, "status": b.status, "identical": same, "outputs": a.outputs, "reproduced_outputs": b.outputs, "metric_differences": if same { json!({}) } else { json!(diffs) }}));
+        report.push(json!({"job": orig, "name": a.name, "reproduction": new, "status": b.status, "identical": same, "outputs": a.outputs, "reproduced_outputs": b.outputs, "metric_differences": if same { json!({}) } else { json!(diffs) }, "same_environment": environment.is_empty(), "environment_differences": environment}));
     }
     print(js, &json!({"identical": all_same, "jobs": report}), || {
         for r in &report {
@@ -823,8 +831,18 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
                 },
                 r["reproduction"].as_str().unwrap_or("")
             );
+            if r["same_environment"] == true {
+                println!("    environment: same build, kernels, threads and device");
+            } else {
+                println!("    environment DIFFERED: {}", r["environment_differences"]);
+            }
             if r["identical"] != true {
                 println!("    metric differences: {}", r["metric_differences"]);
+                if r["same_environment"] == true {
+                    println!("    same environment, different outputs: the job is not deterministic here");
+                } else {
+                    println!("    the environment differed, which can explain the different outputs");
+                }
             }
         }
         println!(

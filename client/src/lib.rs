@@ -72,6 +72,10 @@ pub struct Job {
     pub attempts: u32,
     #[serde(default)]
     pub device: Option<String>,
+    /// The build and machine it ran on: engine source hash, kernel path,
+    /// threads, device, CUDA version.
+    #[serde(default)]
+    pub fingerprint: BTreeMap<String, String>,
     #[serde(default)]
     pub summary: Value,
     #[serde(default)]
@@ -365,14 +369,28 @@ impl Client {
         Self::typed(self.get(&format!("/jobs?{}", params.join("&")))?)
     }
 
-    /// Metric series: name -> [(step, value)].
+    /// Metric series of the job's latest attempt: name -> [(step, value)].
     pub fn metrics(&self, id: &str, names: &[&str]) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
-        let q = if names.is_empty() {
-            String::new()
-        } else {
-            format!("?names={}", enc(&names.join(",")))
-        };
-        Self::typed(self.get(&format!("/jobs/{}/metrics{q}", enc(id)))?)
+        self.metrics_of_attempt(id, names, None)
+    }
+
+    /// Metric series of one attempt (1-based; None: the latest).
+    pub fn metrics_of_attempt(
+        &self,
+        id: &str,
+        names: &[&str],
+        attempt: Option<u32>,
+    ) -> Result<BTreeMap<String, Vec<(u64, f64)>>> {
+        let mut q = vec![];
+        if !names.is_empty() {
+            q.push(format!("names={}", enc(&names.join(","))));
+        }
+        if let Some(a) = attempt {
+            q.push(format!("attempt={a}"));
+        }
+        let q = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
+        let mut v = self.get(&format!("/jobs/{}/metrics{q}", enc(id)))?;
+        Self::typed(v["series"].take())
     }
 
     pub fn cancel(&self, id: &str) -> Result<Value> {
@@ -443,23 +461,49 @@ impl Client {
     }
 
     /// Stream a blob into `out`; the daemon verifies it as it sends.
+    /// Stream blob `hash` into `out`, hashing what arrives: bytes that don't
+    /// hash to `hash` (a corrupt blob, a cut connection) are an error.
     pub fn download(&self, hash: &str, out: &mut dyn std::io::Write) -> Result<u64> {
+        use sha2::Digest;
         let resp = self.handle(self.req("GET", &format!("/blobs/{}", enc(hash))).call())?;
         let mut reader = resp.into_reader();
-        std::io::copy(&mut reader, out).map_err(|e| ClientError::Io {
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut size = 0u64;
+        let io = |e| ClientError::Io {
             path: format!("blob {hash}"),
             source: e,
-        })
+        };
+        loop {
+            let n = match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io(e)),
+            };
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io)?;
+            size += n as u64;
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != hash {
+            return Err(ClientError::Decode(format!(
+                "blob {hash} arrived as bytes hashing to {actual} ({size} bytes): not written"
+            )));
+        }
+        Ok(size)
     }
 
-    /// Write a checkpoint (tree) as a Hugging Face directory.
+    /// Write a checkpoint (tree) as a Hugging Face directory. Each file goes
+    /// to a temporary name and is renamed into place only once its bytes
+    /// hash right: a failed export leaves no corrupt file behind.
     pub fn export(&self, hash: &str, dir: &Path) -> Result<Vec<String>> {
         let tree = self.tree(hash)?;
-        let io = |e| ClientError::Io {
-            path: dir.display().to_string(),
+        let io = |path: &Path, e| ClientError::Io {
+            path: path.display().to_string(),
             source: e,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let mut names = vec![];
         for f in tree["files"].as_array().cloned().unwrap_or_default() {
             let name = f["name"].as_str().unwrap_or_default().to_string();
@@ -469,11 +513,16 @@ impl Client {
                 )));
             }
             let path = dir.join(&name);
-            let mut out = std::fs::File::create(&path).map_err(|e| ClientError::Io {
-                path: path.display().to_string(),
-                source: e,
-            })?;
-            self.download(f["blob"].as_str().unwrap_or_default(), &mut out)?;
+            let partial = dir.join(format!(".{name}.partial"));
+            let mut out = std::fs::File::create(&partial).map_err(|e| io(&partial, e))?;
+            let written = self
+                .download(f["blob"].as_str().unwrap_or_default(), &mut out)
+                .and_then(|_| out.sync_all().map_err(|e| io(&partial, e)))
+                .and_then(|_| std::fs::rename(&partial, &path).map_err(|e| io(&path, e)));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
             names.push(name);
         }
         Ok(names)

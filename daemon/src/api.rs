@@ -454,7 +454,19 @@ async fn get_blob(hash: String, ctx: Ctx) -> Res {
     if !ctx.state.store.blobs.contains(&hash) {
         return Err(not_found(format!("no blob {hash}")));
     }
-    // Verify while streaming: a corrupt blob ends the stream with an error.
+    // Verify before answering: a corrupt blob is an error, never a 200 with
+    // bad bytes (the stream re-checks as it goes).
+    let blobs = ctx.state.store.blobs.clone();
+    let h = hash.clone();
+    tokio::task::spawn_blocking(move || blobs.verify(&h))
+        .await
+        .map_err(internal)?
+        .map_err(|e| {
+            warp::reject::custom(ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("{e}; re-upload the right bytes to repair it"),
+            })
+        })?;
     let reader = ctx.state.store.blobs.reader(&hash).map_err(internal)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
@@ -847,22 +859,51 @@ async fn get_job(id: Uuid, ctx: Ctx) -> Res {
 struct MetricsQuery {
     /// Comma-separated metric names; all when absent.
     names: Option<String>,
+    /// Which attempt's points (1-based); the latest when absent.
+    attempt: Option<u32>,
 }
 
+/// A job's metric series: the latest attempt's (the live view), or an
+/// earlier attempt's, folded from the job's stream in the log.
 async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
     let p = ctx.state.projection.read().await;
-    if !p.jobs.contains_key(&id) {
-        return Err(not_found(format!("no job {id}")));
-    }
-    let empty = BTreeMap::new();
-    let series = p.series.get(&id).unwrap_or(&empty);
+    let job = p.jobs.get(&id).ok_or_else(|| not_found(format!("no job {id}")))?;
+    let latest = job.attempts;
     let wanted: Option<Vec<&str>> = q.names.as_deref().map(|n| n.split(',').collect());
-    let out: serde_json::Map<String, Value> = series
-        .iter()
-        .filter(|(k, _)| wanted.as_ref().is_none_or(|w| w.contains(&k.as_str())))
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
-    ok(Value::Object(out))
+    let keep = |k: &str| wanted.as_ref().is_none_or(|w| w.contains(&k));
+    let attempt = q.attempt.unwrap_or(latest);
+    if attempt == latest || latest == 0 {
+        let empty = BTreeMap::new();
+        let series = p.series.get(&id).unwrap_or(&empty);
+        let out: serde_json::Map<String, Value> = series
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        return ok(json!({"attempt": latest, "attempts": latest, "series": out}));
+    }
+    if attempt == 0 || attempt > latest {
+        return Err(bad(format!(
+            "query `attempt`: job {id} has attempts 1..={latest}, not {attempt}"
+        )));
+    }
+    drop(p);
+    let log = ctx.state.store.log.clone();
+    let events = tokio::task::spawn_blocking(move || log.read_stream(&streams::job(id), 1, usize::MAX))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    for rec in &events {
+        if let Ok(HerdEvent::JobMetrics { attempt: a, points, .. }) = HerdEvent::from_recorded(rec) {
+            if a == attempt {
+                for pt in points.into_iter().filter(|pt| keep(&pt.name)) {
+                    series.entry(pt.name).or_default().push((pt.step, pt.value));
+                }
+            }
+        }
+    }
+    ok(json!({"attempt": attempt, "attempts": latest, "series": series}))
 }
 
 async fn cancel_job(id: Uuid, ctx: Ctx) -> Res {
@@ -1077,6 +1118,7 @@ async fn open_run(ctx: Ctx, body: NewRun) -> Res {
             threads: 0,
             resolved_inputs: BTreeMap::new(),
             effective_hyperparameters: body.hyperparameters,
+            fingerprint: BTreeMap::new(),
         },
     ];
     ctx.state.record(&stream, events).await.map_err(internal)?;
@@ -1128,6 +1170,7 @@ async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
         .chunks(1000)
         .map(|c| HerdEvent::JobMetrics {
             job: id,
+            attempt: 0,
             points: c.to_vec(),
         })
         .collect();
@@ -1238,15 +1281,64 @@ async fn events(ctx: Ctx, q: EventsQuery) -> Res {
     Ok(warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response())
 }
 
+/// Everything that can be checked: the hash chain and its indexes, every
+/// blob's bytes, every recorded artifact's blob (and a tree's files) still
+/// present, and every materialized checkpoint in the cache still equal to
+/// its blobs. Each problem is listed; `ok` only when there are none.
 async fn verify(ctx: Ctx) -> Res {
-    let store = ctx.state.store.clone();
-    match tokio::task::spawn_blocking(move || store.verify())
-        .await
-        .map_err(internal)?
-    {
-        Ok(report) => ok(json!({"ok": true, "report": report})),
-        Err(e) => ok(json!({"ok": false, "error": e.to_string()})),
-    }
+    let referenced: Vec<(String, String, String)> = {
+        let p = ctx.state.projection.read().await;
+        p.artifacts
+            .values()
+            .map(|a| (a.hash.clone(), a.artifact.clone(), a.name.clone()))
+            .collect()
+    };
+    let state = ctx.state.clone();
+    let (report, problems) = tokio::task::spawn_blocking(move || {
+        let store = &state.store;
+        let mut problems: Vec<String> = vec![];
+        let chain = store.log.verify_chain().map_err(|e| problems.push(e.to_string())).ok();
+        let blobs = store.blobs.verify_all().map_err(|e| problems.push(e.to_string())).ok();
+        for (hash, artifact, name) in &referenced {
+            if !store.blobs.contains(hash) {
+                problems.push(format!("{artifact} {hash} ({name:?}) is recorded but its blob is missing"));
+                continue;
+            }
+            let tree = (artifact == "checkpoint").then(|| store.blobs.tree(hash).ok()).flatten();
+            if let Some(tree) = tree {
+                for f in tree.files.iter().filter(|f| !store.blobs.contains(&f.blob)) {
+                    problems.push(format!(
+                        "{artifact} {hash} ({name:?}): file {} (blob {}) is missing",
+                        f.name, f.blob
+                    ));
+                }
+            }
+        }
+        let cache = state.data_dir.join("cache").join("trees");
+        let mut cached: Vec<_> = std::fs::read_dir(&cache)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        cached.sort();
+        for dir in cached.iter().filter(|d| d.join(".complete").exists()) {
+            let hash = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if let Err(e) = store.blobs.check_materialized(&hash, dir) {
+                problems.push(format!(
+                    "cached checkpoint {hash} differs from its blobs ({e}); it is materialized again before any job uses it"
+                ));
+            }
+        }
+        (json!({"chain": chain, "blobs": blobs, "artifacts_checked": referenced.len()}), problems)
+    })
+    .await
+    .map_err(internal)?;
+    let data_dir = ctx.state.data_dir.display().to_string();
+    let problems: Vec<String> = problems.iter().map(|p| p.replace(&data_dir, "DATA")).collect();
+    ok(json!({
+        "ok": problems.is_empty(),
+        "report": report,
+        "problems": problems,
+        "error": problems.join("; "),
+    }))
 }
 
 async fn status(ctx: Ctx) -> Res {

@@ -11,11 +11,13 @@
 //! * [`scheduler`]: devices, queue, dependencies, worker processes, recovery.
 //! * [`worker`]: the worker process side of a job.
 //! * [`api`]: the HTTP API (warp).
+//! * [`listener`]: accepting connections: header timeout, connection limit.
 //! * [`server`]: start, token, shutdown.
 
 pub mod api;
 pub mod data;
 pub mod jobs;
+pub mod listener;
 pub mod references;
 pub mod rounds;
 pub mod scheduler;

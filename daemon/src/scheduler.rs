@@ -245,14 +245,22 @@ impl Scheduler {
         }
         if let Ok(tree) = blobs.tree(hash) {
             let dir = state.tree_cache(hash);
-            if !dir.join(".complete").exists() {
-                let tmp = dir.with_extension(format!("tmp-{}", Uuid::now_v7()));
-                blobs.materialize(hash, &tmp)?;
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(dir.parent().expect("cache has a parent"))?;
-                std::fs::rename(&tmp, &dir)?;
-                std::fs::write(dir.join(".complete"), serde_json::to_vec(&tree)?)?;
+            // A cached copy is used only if it still holds the recorded
+            // bytes: a worker never trains on anything but its input hashes.
+            if dir.join(".complete").exists() {
+                match blobs.check_materialized(hash, &dir) {
+                    Ok(()) => return Ok(dir),
+                    Err(e) => tracing::warn!(
+                        "tree cache of {hash} no longer matches its blobs ({e}); materializing it again"
+                    ),
+                }
             }
+            let tmp = dir.with_extension(format!("tmp-{}", Uuid::now_v7()));
+            blobs.materialize(hash, &tmp)?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.parent().expect("cache has a parent"))?;
+            std::fs::rename(&tmp, &dir)?;
+            std::fs::write(dir.join(".complete"), serde_json::to_vec(&tree)?)?;
             return Ok(dir);
         }
         blobs.verify(hash)?;
@@ -331,15 +339,18 @@ impl Scheduler {
                 pid,
             },
         );
+        let attempt = job.attempts + 1;
+        let device_name = device.clone();
         let started = HerdEvent::JobStarted {
             job: job.id,
-            attempt: job.attempts + 1,
+            attempt,
             device,
             pid,
             engine_version: herd_engine::ENGINE_VERSION.into(),
             threads: threads as u32,
             resolved_inputs: resolved,
             effective_hyperparameters: effective,
+            fingerprint: herd_engine::fingerprint(&device_name, threads),
         };
         if let Err(e) = self.state.record_one(&streams::job(job.id), started).await {
             let _ = child.start_kill();
@@ -350,7 +361,7 @@ impl Scheduler {
         let me = self.clone();
         let id = job.id;
         tokio::spawn(async move {
-            let outcome = me.monitor(id, child, stdout, stderr, kill_rx).await;
+            let outcome = me.monitor(id, attempt, child, stdout, stderr, kill_rx).await;
             if let Err(e) = outcome {
                 tracing::error!("job {id}: monitor: {e:#}");
             }
@@ -365,6 +376,7 @@ impl Scheduler {
     async fn monitor(
         &self,
         id: Uuid,
+        attempt: u32,
         mut child: tokio::process::Child,
         stdout: tokio::process::ChildStdout,
         mut stderr: tokio::process::ChildStderr,
@@ -397,7 +409,7 @@ impl Scheduler {
                     match msg {
                         WorkerMessage::Metrics { step, points } => {
                             let points = points.into_iter().map(|(name, value)| MetricPoint { step, name, value }).collect();
-                            self.state.record_one(&stream, HerdEvent::JobMetrics { job: id, points }).await?;
+                            self.state.record_one(&stream, HerdEvent::JobMetrics { job: id, attempt, points }).await?;
                         }
                         WorkerMessage::Progress { done, total } => {
                             self.state.progress.lock().expect("progress lock").insert(id, Progress { done, total });

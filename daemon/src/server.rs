@@ -182,12 +182,10 @@ impl Daemon {
             token: Arc::new(token.clone()),
         };
         let (stop, stop_rx) = oneshot::channel::<()>();
-        let (addr, server) = warp::serve(api::routes(ctx))
-            .try_bind_with_graceful_shutdown(config.listen, async move {
-                let _ = stop_rx.await;
-            })
+        let (listener, addr) = crate::listener::bind(config.listen)
+            .await
             .with_context(|| format!("listening on {}", config.listen))?;
-        let server = tokio::spawn(server);
+        let server = tokio::spawn(crate::listener::serve(listener, api::routes(ctx), stop_rx));
         Ok(Daemon {
             addr,
             token,

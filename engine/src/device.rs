@@ -77,3 +77,10 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
+
+/// The NVIDIA driver's version line (it names the CUDA driver), where one is
+/// loaded; part of a GPU job's fingerprint.
+pub fn cuda_version() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
+    text.lines().next().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+}

@@ -55,6 +55,26 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
+/// Which CPU kernels this process takes: gemm's AVX-512 ones where the CPU
+/// has AVX-512F, our AVX2+FMA kernels where it has those, scalar otherwise.
+/// Different paths round differently, so it is part of a job's fingerprint.
+pub fn kernel_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if avx2_fma() {
+            return "avx2+fma";
+        }
+        "x86_64-scalar"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "scalar"
+    }
+}
+
 /// Whether this CPU has AVX2 and FMA, which the hand-vectorized kernels
 /// below need (std caches the detection).
 fn avx2_fma() -> bool {

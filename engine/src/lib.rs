@@ -33,5 +33,31 @@ pub use config::LlamaConfig;
 pub use error::{EngineError, Result};
 pub use model::Llama;
 
-/// Recorded with every job: results are reproducible for the same version.
-pub const ENGINE_VERSION: &str = concat!("herd-engine/", env!("CARGO_PKG_VERSION"));
+/// Recorded with every job: the crate version plus a hash of the engine's
+/// and the vendored candle-core's sources (build.rs), so any kernel change
+/// shows up as a different engine version.
+pub const ENGINE_VERSION: &str = concat!(
+    "herd-engine/",
+    env!("CARGO_PKG_VERSION"),
+    "+src.",
+    env!("HERD_ENGINE_SOURCE_HASH")
+);
+
+pub use fused::kernel_path;
+
+/// Everything about the build and the machine that can change a job's
+/// numbers: the engine version (with its source hash), the CPU kernel path
+/// taken, threads, device and CUDA version. Recorded with each job;
+/// `herd reproduce` compares it first.
+pub fn fingerprint(device: &str, threads: usize) -> std::collections::BTreeMap<String, String> {
+    let mut f = std::collections::BTreeMap::new();
+    f.insert("engine_version".into(), ENGINE_VERSION.to_string());
+    f.insert("kernel_path".into(), kernel_path().to_string());
+    f.insert("threads".into(), threads.to_string());
+    f.insert("device".into(), device.to_string());
+    f.insert("arch".into(), std::env::consts::ARCH.to_string());
+    if device.starts_with("cuda") {
+        f.insert("cuda".into(), device::cuda_version().unwrap_or_else(|| "unknown".into()));
+    }
+    f
+}

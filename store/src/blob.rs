@@ -25,8 +25,11 @@ pub type BlobId = String;
 pub struct BlobInfo {
     pub id: BlobId,
     pub size: u64,
-    /// True when this content was already stored.
+    /// True when this content was already stored (and intact).
     pub existed: bool,
+    /// True when a stored copy was corrupt and these bytes replaced it.
+    #[serde(default)]
+    pub repaired: bool,
 }
 
 /// One file of a stored directory.
@@ -112,11 +115,16 @@ impl BlobStore {
             .map_err(|e| StoreError::io(&tmp.path, e))?;
         let id = hex::encode(hasher.finalize());
         let dest = self.path_of(&id)?;
-        if dest.is_file() {
+        // The bytes just hashed are right by construction: a stored copy
+        // that no longer hashes to its name is replaced by them (re-uploading
+        // is how a corrupt blob is repaired).
+        let repaired = dest.is_file() && self.verify(&id).is_err();
+        if dest.is_file() && !repaired {
             return Ok(BlobInfo {
                 id,
                 size,
                 existed: true,
+                repaired: false,
             });
         }
         let parent = dest.parent().expect("blob path has a parent");
@@ -131,6 +139,7 @@ impl BlobStore {
             id,
             size,
             existed: false,
+            repaired,
         })
     }
 
@@ -239,6 +248,27 @@ impl BlobStore {
     }
 
     /// Write a tree's files into `dest` (created), each verified as copied.
+    /// Check that `dir` (a materialized copy of tree `id`) still holds
+    /// exactly the tree's bytes: every file re-hashed, none missing.
+    pub fn check_materialized(&self, id: &str, dir: &Path) -> Result<()> {
+        let tree = self.tree(id)?;
+        for entry in &tree.files {
+            let path = dir.join(&entry.name);
+            let mut f = File::open(&path).map_err(|e| StoreError::io(&path, e))?;
+            let mut hasher = Sha256::new();
+            io::copy(&mut f, &mut hasher).map_err(|e| StoreError::io(&path, e))?;
+            let actual = hex::encode(hasher.finalize());
+            if actual != entry.blob {
+                return Err(StoreError::BlobCorrupt {
+                    id: entry.blob.clone(),
+                    actual,
+                    path,
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn materialize(&self, id: &str, dest: &Path) -> Result<Tree> {
         let tree = self.tree(id)?;
         fs::create_dir_all(dest).map_err(|e| StoreError::io(dest, e))?;

@@ -87,9 +87,18 @@ pub enum HerdEvent {
         /// Hyperparameters with defaults filled in.
         #[serde(default)]
         effective_hyperparameters: Value,
+        /// What of the build and machine can change the numbers (engine
+        /// source hash, kernel path, threads, device, CUDA version).
+        #[serde(default)]
+        fingerprint: BTreeMap<String, String>,
     },
     JobMetrics {
         job: Uuid,
+        /// The attempt (JobStarted.attempt) these points belong to; 0 for
+        /// points recorded before attempts were kept apart, and for
+        /// external runs, which have one attempt.
+        #[serde(default)]
+        attempt: u32,
         points: Vec<MetricPoint>,
     },
     JobOutput {
@@ -162,11 +171,14 @@ impl HerdEvent {
             #[derive(Deserialize)]
             struct Metrics {
                 job: Uuid,
+                #[serde(default)]
+                attempt: u32,
                 points: Vec<MetricPoint>,
             }
             return serde_json::from_str::<Metrics>(rec.payload.get())
                 .map(|m| HerdEvent::JobMetrics {
                     job: m.job,
+                    attempt: m.attempt,
                     points: m.points,
                 })
                 .map_err(|e| format!("event {} (JobMetrics): {e}", rec.seq));
@@ -292,6 +304,9 @@ pub struct JobView {
     pub device: Option<String>,
     pub engine_version: Option<String>,
     pub threads: Option<u32>,
+    /// The build and machine the latest attempt ran on (see JobStarted).
+    #[serde(default)]
+    pub fingerprint: BTreeMap<String, String>,
     pub outputs: BTreeMap<String, String>,
     /// Last value and step of each metric.
     pub last_metrics: BTreeMap<String, (u64, f64)>,
@@ -474,6 +489,7 @@ impl Projection {
                         device: None,
                         engine_version: None,
                         threads: None,
+                        fingerprint: BTreeMap::new(),
                         outputs: BTreeMap::new(),
                         last_metrics: BTreeMap::new(),
                         metric_points: 0,
@@ -494,9 +510,17 @@ impl Projection {
                 threads,
                 resolved_inputs,
                 effective_hyperparameters,
+                fingerprint,
                 ..
             } => {
                 if let Some(j) = self.jobs.get_mut(&job) {
+                    // A new attempt starts its curves afresh: the views show
+                    // the latest attempt (earlier ones stay in the log).
+                    if attempt > 1 {
+                        self.series.remove(&job);
+                        j.last_metrics.clear();
+                        j.metric_points = 0;
+                    }
                     j.status = JobStatus::Running;
                     j.attempts = attempt;
                     j.device = Some(device);
@@ -504,12 +528,18 @@ impl Projection {
                     j.threads = Some(threads);
                     j.resolved_inputs = resolved_inputs;
                     j.effective_hyperparameters = effective_hyperparameters;
+                    j.fingerprint = fingerprint;
                     j.started_ms = Some(ts);
                     j.error = None;
                 }
             }
-            HerdEvent::JobMetrics { job, points } => {
-                if let Some(j) = self.jobs.get_mut(&job) {
+            HerdEvent::JobMetrics {
+                job,
+                attempt,
+                points,
+            } => {
+                // Late points of an attempt that was superseded stay in the log only.
+                if let Some(j) = self.jobs.get_mut(&job).filter(|j| attempt == 0 || attempt >= j.attempts) {
                     let series = self.series.entry(job).or_default();
                     j.metric_points += points.len() as u64;
                     for p in points {

@@ -64,12 +64,12 @@ proptest! {
                 }
                 Op::Start(j) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
-                    (streams::job(job), HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, engine_version: "t".into(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }.to_new_event())
+                    (streams::job(job), HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, engine_version: "t".into(), fingerprint: Default::default(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }.to_new_event())
                 }
                 Op::Metrics(j, n) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
                     let points = (0..n as u64).map(|s| MetricPoint { step: s, name: "loss".into(), value: 1.0 / (s as f64 + 1.0) }).collect();
-                    (streams::job(job), HerdEvent::JobMetrics { job, points }.to_new_event())
+                    (streams::job(job), HerdEvent::JobMetrics { job, attempt: 1, points }.to_new_event())
                 }
                 Op::Output(j, h) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];

@@ -158,8 +158,8 @@ pub fn in_range<T: PartialOrd + std::fmt::Display>(name: &str, v: T, lo: T, hi: 
 impl TrainParams {
     pub fn validate(&self) -> Result<(), String> {
         use limits::*;
-        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
-            return Err("lr must be a number in (0, 1]".into());
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err("lr must be a positive number".into());
         }
         in_range("steps", self.steps, 0, MAX_STEPS)?;
         in_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)?;

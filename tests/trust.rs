@@ -1,0 +1,376 @@
+//! The record can be trusted: auth can't be switched off by accident, hostile
+//! input can't poison history, slow clients can't lock anyone out, bytes are
+//! verified where they are used, and reproduction says what it compared.
+//! Each test is one of the failures the outside attack found (RELIABILITY.md).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herd_client::{Client, ClientError, JobRequest};
+use serde_json::{json, Value};
+
+fn req(kind: &str, inputs: &[(&str, &str)], hp: Value) -> JobRequest {
+    JobRequest {
+        kind: kind.into(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        hyperparameters: hp,
+        ..Default::default()
+    }
+}
+
+/// Run herdd expecting it to refuse to start: its exit code and stderr.
+fn herdd_refuses(dir: &Path, extra: &[&str]) -> (i32, String) {
+    let listen: &[&str] = if extra.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
+        .args(["--data-dir", dir.to_str().unwrap()])
+        .args(listen)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("herdd {extra:?} should have refused to start but kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn api_error(r: Result<Value, ClientError>) -> (u16, String) {
+    match r {
+        Err(ClientError::Api { status, message }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[test]
+fn auth_cannot_be_switched_off_by_accident() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // An empty token file (what a first start on a full disk used to leave)
+    // is replaced by a real token; auth stays on.
+    std::fs::write(data.join("token"), "").unwrap();
+    std::fs::set_permissions(data.join("token"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    {
+        let d = Daemon::start(&data);
+        let token = std::fs::read_to_string(data.join("token")).unwrap();
+        assert_eq!(token.len(), 64, "a fresh 256-bit token");
+        assert!(matches!(
+            Client::new(&d.addr, "").experiments(),
+            Err(ClientError::Unauthorized)
+        ));
+        d.client().experiments().unwrap();
+        // Owner-only: the directory, the token, the log.
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("token")), 0o600);
+        assert_eq!(mode(&data.join("log").join("events.jsonl")) & 0o077, 0);
+        // No server paths to clients.
+        let status = d.client().status().unwrap();
+        assert!(
+            !status.to_string().contains(data.to_str().unwrap()),
+            "{status}"
+        );
+        // A second daemon on the same directory says who holds it.
+        let (code, err) = herdd_refuses(&data, &[]);
+        assert_ne!(code, 0);
+        assert!(
+            err.contains(&format!("another herdd (pid {})", d.child.id())),
+            "{err}"
+        );
+    }
+    // Tokens that are not real tokens are refused, saying why.
+    for (content, why) in [
+        ("   \n", "usable token"),
+        ("x", "usable token"),
+        ("short-token", "usable token"),
+        ("has spaces in the middle of a long enough token!!", "usable token"),
+    ] {
+        std::fs::write(data.join("token"), content).unwrap();
+        let (code, err) = herdd_refuses(&data, &[]);
+        assert_ne!(code, 0, "{content:?}");
+        assert!(err.contains(why), "{content:?}: {err}");
+    }
+    // A good token readable by the group is refused too.
+    std::fs::write(data.join("token"), "a".repeat(64)).unwrap();
+    std::fs::set_permissions(data.join("token"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (_, err) = herdd_refuses(&data, &[]);
+    assert!(err.contains("readable by others"), "{err}");
+    // Plain HTTP off the machine needs an explicit flag.
+    let (code, err) = herdd_refuses(&data, &["--listen", "0.0.0.0:0"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--allow-remote"), "{err}");
+}
+
+#[test]
+fn hostile_requests_are_refused_and_history_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let (r, _, rm, prefs, sft) = import_fixtures(&c);
+    let (r, rm, prefs, sft) = (r.as_str(), rm.as_str(), prefs.as_str(), sft.as_str());
+    let before = c.status().unwrap()["head_seq"].as_u64().unwrap();
+    // Hyperparameters nested 126 deep: refused, and history still reads.
+    let mut deep = json!(1);
+    for _ in 0..126 {
+        deep = json!({ "a": deep });
+    }
+    let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
+    let resp = ureq::post(&format!("{}/runs", d.addr))
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .send_json(json!({"name": "deep", "hyperparameters": deep}));
+    match resp {
+        Err(ureq::Error::Status(400, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("nested"), "{body}");
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    // Out of range: refused at submit, naming the field and the bounds.
+    for (kind, inputs, hp, field) in [
+        ("sft", vec![("model", r), ("data", sft)], json!({"steps": u64::MAX}), "steps"),
+        ("sft", vec![("model", r), ("data", sft)], json!({"batch_size": 1_000_000_000_000u64}), "batch_size"),
+        ("sft", vec![("model", r), ("data", sft)], json!({"max_seq_len": 10_000_000}), "max_seq_len"),
+        ("dpo", vec![("model", r), ("data", prefs)], json!({"grad_accum": 1_000_000}), "grad_accum"),
+        ("eval", vec![("policy", r)], json!({"max_new_tokens": 10_000_000}), "max_new_tokens"),
+    ] {
+        let (status, msg) = api_error(c.submit(&req(kind, &inputs, hp)));
+        assert_eq!(status, 400, "{msg}");
+        assert!(msg.contains(field) && msg.contains("must be in"), "{field}: {msg}");
+    }
+    // Wrong kinds of input: refused at submit, not at run time.
+    for (kind, inputs, says) in [
+        ("sft", vec![("model", sft), ("data", sft)], "input `model` of a sft job must be a checkpoint"),
+        ("sft", vec![("model", r), ("data", prefs)], "input `data` of a sft job must be a sft"),
+        ("average", vec![("a", r), ("b", sft)], "must be a checkpoint"),
+        ("sample", vec![("policy", r), ("rm", rm), ("prompts", sft)], "must be a prompts"),
+    ] {
+        let (status, msg) = api_error(c.submit(&req(kind, &inputs, json!({}))));
+        assert_eq!(status, 400, "{msg}");
+        assert!(msg.contains(says), "{kind}: {msg}");
+    }
+    let upper = r.to_uppercase();
+    let (_, msg) = api_error(c.submit(&req("sft", &[("model", &upper), ("data", sft)], json!({}))));
+    assert!(msg.contains("lowercase"), "{msg}");
+    // Inside round specs too: a garbage job reference, a wrong kind.
+    let exp = c.create_experiment("trust", "").unwrap();
+    for (vars, says) in [
+        (json!({"policy": "job:garbage"}), "job:garbage"),
+        (json!({"policy": sft}), "must be a checkpoint"),
+    ] {
+        let spec = json!({
+            "experiment": exp,
+            "vars": vars,
+            "jobs": [{"name": "s", "kind": "sft", "inputs": {"model": "$policy", "data": sft}}],
+        });
+        let (status, msg) = api_error(c.submit_round(&spec));
+        assert_eq!(status, 400, "{msg}");
+        assert!(msg.contains(says), "{msg}");
+    }
+    // A curate output keeps its input's kind: preference data can't feed sft.
+    let spec = json!({
+        "experiment": exp,
+        "jobs": [
+            {"name": "c", "kind": "curate", "inputs": {"data": prefs}},
+            {"name": "s", "kind": "sft", "inputs": {"model": r, "data": "c.data"}},
+        ],
+    });
+    let (_, msg) = api_error(c.submit_round(&spec));
+    assert!(msg.contains("must be a sft") && msg.contains("preference"), "{msg}");
+    // Nothing refused was recorded (one experiment was), and everything reads.
+    assert_eq!(c.status().unwrap()["head_seq"].as_u64().unwrap(), before + 1);
+    c.jobs(&Default::default()).unwrap();
+    // Following the event stream (what `herd watch` does) reads every event.
+    let head = c.status().unwrap()["head_seq"].as_u64().unwrap();
+    let mut seen = 0;
+    c.follow_events(1, |e| {
+        seen += 1;
+        e["seq"].as_u64() != Some(head)
+    })
+    .unwrap();
+    assert_eq!(seen, head);
+}
+
+#[test]
+fn idle_connections_cannot_lock_clients_out() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let addr = d.addr.trim_start_matches("http://").to_string();
+    // 1,100 connections that never finish a request (half send part of one).
+    let mut idle = vec![];
+    for i in 0..1100 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n").unwrap();
+        }
+        idle.push(s);
+    }
+    let t = Instant::now();
+    c.status().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "status took {:?}", t.elapsed());
+    // The server closes them once their head is overdue.
+    let first = &mut idle[0];
+    first.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = first.read(&mut buf).unwrap_or(0);
+    assert!(t.elapsed() < Duration::from_secs(25), "idle connection kept {:?}", t.elapsed());
+    let _ = n; // hyper may answer 408 or just close
+}
+
+/// 1,100 sockets need more descriptors than some shells give a process.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn blob_path(data: &Path, hash: &str) -> std::path::PathBuf {
+    data.join("blobs").join("sha256").join(&hash[..2]).join(&hash[2..])
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    perms.set_mode(0o600);
+    std::fs::set_permissions(path, perms).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x55;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[test]
+fn bytes_are_verified_where_they_are_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let d = Daemon::start(data);
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let run = |c: &Client| -> String {
+        let id = c
+            .submit(&req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 2, "batch_size": 2})))
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let j = c.wait(&id, Duration::from_secs(120)).unwrap();
+        assert_eq!(j.status, "succeeded", "{:?}", j.error);
+        j.outputs["checkpoint"].clone()
+    };
+    let first = run(&c);
+    assert_eq!(c.verify().unwrap()["ok"], true);
+    // A flipped byte in the materialized checkpoint the worker reads:
+    // verify reports it, and the next job trains on the recorded bytes.
+    let cached = data.join("cache").join("trees").join(&r).join("model.safetensors");
+    flip_byte(&cached, 4000);
+    let v = c.verify().unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["error"].as_str().unwrap().contains("cached checkpoint"), "{v}");
+    assert_eq!(run(&c), first, "same inputs and seed, same output despite the cache flip");
+    // A corrupt blob is never served as a success, and the client keeps no bad file.
+    let ckpt_tree = c.tree(&first).unwrap();
+    let weights = ckpt_tree["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "model.safetensors")
+        .unwrap()["blob"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    flip_byte(&blob_path(data, &weights), 100);
+    let mut sink = Vec::new();
+    assert!(c.download(&weights, &mut sink).is_err());
+    let out = dir.path().join("export");
+    assert!(c.export(&first, &out).is_err());
+    assert!(!out.join("model.safetensors").exists(), "export left a corrupt file behind");
+    let v = c.verify().unwrap();
+    assert_eq!(v["ok"], false);
+    // Error messages name no server path.
+    assert!(!v.to_string().contains(data.to_str().unwrap()), "{v}");
+    // Re-uploading the right bytes repairs a corrupt blob.
+    // The dataset blob: corrupt it, re-import the file, and it is whole again.
+    flip_byte(&blob_path(data, &sft), 10);
+    assert!(c.verify().unwrap()["ok"] == false);
+    let again = c.import_dataset(&fixtures().join("sft.jsonl"), "sft", "sft").unwrap();
+    assert_eq!(again["hash"], sft.as_str());
+    let mut bytes = Vec::new();
+    c.download(&sft, &mut bytes).unwrap();
+    assert_eq!(bytes, std::fs::read(fixtures().join("sft.jsonl")).unwrap());
+    // A deleted blob that the record references: verify names it.
+    std::fs::remove_file(blob_path(data, &weights)).unwrap();
+    let v = c.verify().unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["error"].as_str().unwrap().contains("is missing"), "{v}");
+}
+
+#[test]
+fn reproduction_says_whether_the_environment_differed() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = {
+        let d = Daemon::start_with(dir.path(), &["--threads", "1"]);
+        let c = d.client();
+        let (r, _, _, _, sft) = import_fixtures(&c);
+        let id = c
+            .submit(&req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 2, "batch_size": 2})))
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let j = c.wait(&id, Duration::from_secs(120)).unwrap();
+        assert_eq!(j.status, "succeeded", "{:?}", j.error);
+        // The fingerprint says what can change the numbers.
+        for key in ["engine_version", "kernel_path", "threads", "device"] {
+            assert!(j.fingerprint.contains_key(key), "{:?}", j.fingerprint);
+        }
+        assert!(j.fingerprint["engine_version"].contains("+src."), "{:?}", j.fingerprint);
+        id
+    };
+    // Same data, a different thread count on purpose.
+    let d = Daemon::start_with(dir.path(), &["--threads", "2"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["--server", &d.addr, "--data-dir", dir.path().to_str().unwrap()])
+        .args(["reproduce", &job, "--json"])
+        .env_remove("HERD_TOKEN")
+        .env_remove("HERD_SERVER")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    let r = &report["jobs"][0];
+    assert_eq!(r["same_environment"], false, "{report}");
+    assert_eq!(r["environment_differences"]["threads"]["original"], "1", "{report}");
+    assert_eq!(r["environment_differences"]["threads"]["reproduction"], "2", "{report}");
+}
