@@ -199,6 +199,21 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
     });
     let (_, msg) = api_error(c.submit_round(&spec));
     assert!(msg.contains("must be a sft") && msg.contains("preference"), "{msg}");
+    // A body shorter than its Content-Length: a JSON 400 that says so.
+    {
+        let mut s = std::net::TcpStream::connect(d.addr.trim_start_matches("http://")).unwrap();
+        write!(
+            s,
+            "POST /experiments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\":",
+            token.trim()
+        )
+        .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("ended before its Content-Length"), "{answer}");
+    }
     // Nothing refused was recorded (one experiment was), and everything reads.
     assert_eq!(c.status().unwrap()["head_seq"].as_u64().unwrap(), before + 1);
     c.jobs(&Default::default()).unwrap();
@@ -373,4 +388,84 @@ fn reproduction_says_whether_the_environment_differed() {
     assert_eq!(r["same_environment"], false, "{report}");
     assert_eq!(r["environment_differences"]["threads"]["original"], "1", "{report}");
     assert_eq!(r["environment_differences"]["threads"]["reproduction"], "2", "{report}");
+}
+
+/// A tmpfs of `size` at a fresh directory, unmounted on drop (needs root).
+struct SmallDisk {
+    dir: std::path::PathBuf,
+    _keep: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let keep = tempfile::tempdir().ok()?;
+        let dir = keep.path().join("disk");
+        std::fs::create_dir(&dir).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { dir, _keep: keep })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn a_full_disk_answers_507_and_the_daemon_recovers_without_a_restart() {
+    let Some(disk) = SmallDisk::mount("64m") else {
+        eprintln!(
+            "SKIPPED a_full_disk_answers_507_and_the_daemon_recovers_without_a_restart: \
+             could not mount a tmpfs (needs root; CI runs as root)"
+        );
+        return;
+    };
+    let data = disk.dir.join("data");
+    let mut d = Daemon::start(&data);
+    let c = d.client();
+    c.create_experiment("before", "").unwrap();
+    let filler = disk.dir.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        for size in [1 << 16, 4096, 64, 1] {
+            let block = vec![7u8; size];
+            while f.write_all(&block).is_ok() {}
+        }
+    }
+    let mut full = 0;
+    for i in 0..20 {
+        match c.create_experiment(&format!("full-{i}"), &"x".repeat(150)) {
+            Ok(_) => {}
+            Err(ClientError::Api { status: 507, message }) => {
+                assert!(message.contains("no space left"), "{message}");
+                full += 1;
+            }
+            Err(e) => panic!("expected 507, got {e}"),
+        }
+    }
+    assert!(full > 0, "no request hit the full disk");
+    match c.upload_file(&fixtures().join("ref").join("model.safetensors")) {
+        Err(ClientError::Api { status: 507, .. }) => {}
+        other => panic!("expected a 507 upload, got {other:?}"),
+    }
+    std::fs::remove_file(&filler).unwrap();
+    // Space is back: the same daemon records again.
+    c.create_experiment("after", "").unwrap();
+    assert_eq!(c.verify().unwrap()["ok"], true);
+    let names: Vec<String> = c
+        .experiments()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(names.contains(&"before".to_string()) && names.contains(&"after".to_string()));
+    d.terminate();
 }

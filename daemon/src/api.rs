@@ -88,7 +88,11 @@ fn with<T: Clone + Send>(x: T) -> impl Filter<Extract = (T,), Error = Infallible
 fn json_body<T: serde::de::DeserializeOwned + Send>(
 ) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
     warp::body::content_length_limit(JSON_LIMIT)
-        .and(warp::body::bytes())
+        .and(warp::body::bytes().or_else(|_| async {
+            // Without this, a body shorter than its Content-Length came out
+            // as warp's generic 405 from the routes tried after this one.
+            Err(bad("the request body ended before its Content-Length"))
+        }))
         .and_then(|b: Bytes| async move {
             let depth = herd_store::event::json_depth(&b);
             if depth > MAX_JSON_DEPTH {
@@ -408,15 +412,31 @@ where
             .map(|mut b| b.copy_to_bytes(b.remaining()))
             .map_err(|e| e.to_string());
         let failed = msg.is_err();
-        if tx.send(msg).await.is_err() || failed {
+        if failed {
+            let _ = tx.send(msg).await;
+            break;
+        }
+        if tx.send(msg).await.is_err() {
+            // The store gave up (a full disk): read the rest of the body so
+            // the client, still sending, gets the answer instead of a reset.
+            while body.next().await.is_some() {}
             break;
         }
     }
     drop(tx);
-    writer
-        .await
-        .map_err(internal)?
-        .map_err(|e| bad(format!("upload failed: {e}")))
+    writer.await.map_err(internal)?.map_err(|e| match &e {
+        herd_store::StoreError::Io { source, .. } if source.raw_os_error() == Some(28) => {
+            warp::reject::custom(ApiError {
+                status: StatusCode::INSUFFICIENT_STORAGE,
+                message: "no space left on the disk holding the blob store: the upload was not stored".into(),
+            })
+        }
+        // Errors without an OS code come from the request body itself.
+        herd_store::StoreError::Io { source, .. } if source.raw_os_error().is_none() => {
+            bad(format!("upload failed: the request body broke off ({source})"))
+        }
+        _ => internal(e),
+    })
 }
 
 struct ChannelReader {

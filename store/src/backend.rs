@@ -336,6 +336,17 @@ impl Backend {
         Ok(buf)
     }
 
+    /// Bytes free for us on the disk holding the log (None if unknown).
+    pub(crate) fn free_bytes(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fstatvfs fills a local struct for a descriptor we own.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            (libc::fstatvfs(self.log.as_raw_fd(), &mut st) == 0)
+                .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+        }
+    }
+
     /// Cut the file to `len`: what lies past it was never acknowledged.
     pub(crate) fn truncate(&self, len: u64) -> Result<()> {
         self.log

@@ -32,6 +32,9 @@ pub const MAX_STREAM_NAME: usize = 256;
 /// checkpoints belong in the blob store; callers split large payloads (the
 /// API splits metric batches).
 pub const MAX_RECORD_BYTES: usize = 120 * 1024;
+/// Appends are refused (NoSpace) while less than this, plus twice the
+/// group's bytes, is free on the log's disk: room for the index to follow.
+pub const FREE_SPACE_RESERVE: u64 = 8 * 1024 * 1024;
 /// A group commit stops collecting requests once it holds this many events.
 const MAX_GROUP_EVENTS: usize = 50_000;
 
@@ -535,7 +538,16 @@ impl Writer {
             staged.write.head_hash = staged.hash.clone();
             let versions = staged.write.stream_versions.clone();
             let at = self.head.log_end;
-            Some(match self.backend.write_records(&staged.bytes, at) {
+            // Refuse before writing when the disk is nearly full: the index
+            // (sled) must never be the one to hit ENOSPC, since sled stops
+            // for good after a failed write, and only a reopen heals it.
+            let needed = FREE_SPACE_RESERVE + 2 * staged.bytes.len() as u64;
+            let written = if self.backend.free_bytes().is_some_and(|free| free < needed) {
+                Err(StoreError::NoSpace)
+            } else {
+                self.backend.write_records(&staged.bytes, at)
+            };
+            Some(match written {
                 Ok(()) => match self.backend.index(staged.write, at) {
                     Ok(log_end) => {
                         self.buffer = std::mem::take(&mut staged.bytes);
@@ -559,6 +571,11 @@ impl Writer {
                 // reached the file and keep taking writes (a full disk
                 // recovers when space returns). If even the cut fails, the
                 // file's end is unknown and only a reopen can tell.
+                Err(StoreError::NoSpace) => {
+                    self.buffer = std::mem::take(&mut staged.bytes);
+                    self.buffer.clear();
+                    Err(StoreError::NoSpace)
+                }
                 Err(e) => {
                     let no_space = matches!(&e, StoreError::Io { source, .. }
                         if source.raw_os_error() == Some(28) /* ENOSPC */

@@ -9,7 +9,7 @@ use std::process::Command;
 use herd_store::{EventLog, ExpectedVersion, NewEvent, StoreError};
 use serde_json::json;
 
-/// A 2 MiB tmpfs at a fresh directory, unmounted on drop.
+/// A 16 MiB tmpfs at a fresh directory, unmounted on drop.
 struct SmallDisk {
     dir: PathBuf,
     _keep: tempfile::TempDir,
@@ -21,7 +21,7 @@ impl SmallDisk {
         let dir = keep.path().join("disk");
         std::fs::create_dir(&dir).ok()?;
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
             .arg(&dir)
             .status()
             .map(|s| s.success())
