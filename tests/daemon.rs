@@ -5,20 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use herd_client::{Client, ClientError, JobRequest};
+use herd_client::{Client, ClientError};
 use serde_json::json;
-
-fn req(kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value) -> JobRequest {
-    JobRequest {
-        kind: kind.into(),
-        inputs: inputs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        hyperparameters: hp,
-        ..Default::default()
-    }
-}
 
 #[test]
 fn auth_limits_and_validation() {

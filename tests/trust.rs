@@ -12,20 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use herd_client::{Client, ClientError, JobRequest};
+use herd_client::{Client, ClientError};
 use serde_json::{json, Value};
-
-fn req(kind: &str, inputs: &[(&str, &str)], hp: Value) -> JobRequest {
-    JobRequest {
-        kind: kind.into(),
-        inputs: inputs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        hyperparameters: hp,
-        ..Default::default()
-    }
-}
 
 /// Run herdd expecting it to refuse to start: its exit code and stderr.
 fn herdd_refuses(dir: &Path, extra: &[&str]) -> (i32, String) {
@@ -292,17 +280,7 @@ fn bytes_are_verified_where_they_are_used() {
     let d = Daemon::start(data);
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
-    let run = |c: &Client| -> String {
-        let id = c
-            .submit(&req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 2, "batch_size": 2})))
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let j = c.wait(&id, Duration::from_secs(120)).unwrap();
-        assert_eq!(j.status, "succeeded", "{:?}", j.error);
-        j.outputs["checkpoint"].clone()
-    };
+    let run = |c: &Client| -> String { run_short_sft(c, &r, &sft).outputs["checkpoint"].clone() };
     let first = run(&c);
     assert_eq!(c.verify().unwrap()["ok"], true);
     // A flipped byte in the materialized checkpoint the worker reads:
@@ -357,20 +335,13 @@ fn reproduction_says_whether_the_environment_differed() {
         let d = Daemon::start_with(dir.path(), &["--threads", "1"]);
         let c = d.client();
         let (r, _, _, _, sft) = import_fixtures(&c);
-        let id = c
-            .submit(&req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 2, "batch_size": 2})))
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let j = c.wait(&id, Duration::from_secs(120)).unwrap();
-        assert_eq!(j.status, "succeeded", "{:?}", j.error);
+        let j = run_short_sft(&c, &r, &sft);
         // The fingerprint says what can change the numbers.
         for key in ["engine_version", "kernel_path", "threads", "device"] {
             assert!(j.fingerprint.contains_key(key), "{:?}", j.fingerprint);
         }
         assert!(j.fingerprint["engine_version"].contains("+src."), "{:?}", j.fingerprint);
-        id
+        j.id
     };
     // Same data, a different thread count on purpose.
     let d = Daemon::start_with(dir.path(), &["--threads", "2"]);

@@ -291,16 +291,16 @@ pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallib
         .into_iter()
         .reduce(|a, b| a.or(b).unify().boxed())
         .expect("routes");
-    let data_dir = Arc::new(ctx.state.data_dir.display().to_string());
+    let state = ctx.state.clone();
     health
         .or(auth(ctx.token.clone()).and(api))
         .unify()
-        .recover(move |err| recover(err, data_dir.clone()))
+        .recover(move |err| recover(err, state.clone()))
 }
 
 /// Every rejection as `{"error": ...}`. Server paths become `DATA/...`:
 /// a client has no business knowing where the data directory lives.
-async fn recover(err: Rejection, data_dir: Arc<String>) -> Result<impl Reply, Infallible> {
+async fn recover(err: Rejection, state: Arc<State>) -> Result<impl Reply, Infallible> {
     let (status, message) = if let Some(e) = err.find::<ApiError>() {
         (e.status, e.message.clone())
     } else if err.is_not_found() {
@@ -324,7 +324,7 @@ async fn recover(err: Rejection, data_dir: Arc<String>) -> Result<impl Reply, In
     } else {
         (StatusCode::BAD_REQUEST, format!("{err:?}"))
     };
-    let message = message.replace(data_dir.as_str(), "DATA");
+    let message = state.without_server_paths(&message);
     Ok(warp::reply::with_status(
         warp::reply::json(&json!({"error": message})),
         status,
@@ -1351,8 +1351,7 @@ async fn verify(ctx: Ctx) -> Res {
     })
     .await
     .map_err(internal)?;
-    let data_dir = ctx.state.data_dir.display().to_string();
-    let problems: Vec<String> = problems.iter().map(|p| p.replace(&data_dir, "DATA")).collect();
+    let problems: Vec<String> = problems.iter().map(|p| ctx.state.without_server_paths(p)).collect();
     ok(json!({
         "ok": problems.is_empty(),
         "report": report,

@@ -197,7 +197,7 @@ impl Scheduler {
                         &streams::job(job.id),
                         HerdEvent::JobFailed {
                             job: job.id,
-                            reason: format!("could not start: {e:#}"),
+                            reason: self.state.without_server_paths(&format!("could not start: {e:#}")),
                         },
                     )
                     .await?;
@@ -451,6 +451,7 @@ impl Scheduler {
             let summary = if notes.is_empty() {
                 summary
             } else {
+                let notes: Vec<String> = notes.iter().map(|n| self.state.without_server_paths(n)).collect();
                 serde_json::json!({"result": summary, "notes": notes})
             };
             HerdEvent::JobSucceeded { job: id, summary }
@@ -474,7 +475,10 @@ impl Scheduler {
                     }
                 }
             };
-            HerdEvent::JobFailed { job: id, reason }
+            HerdEvent::JobFailed {
+                job: id,
+                reason: self.state.without_server_paths(&reason),
+            }
         };
         self.state.record_one(&stream, event).await?;
         Ok(())

@@ -75,6 +75,12 @@ impl State {
         self.record(stream, vec![event]).await
     }
 
+    /// `text` with the data directory's absolute path written as `DATA`:
+    /// what is recorded and shown to clients names no server paths.
+    pub fn without_server_paths(&self, text: &str) -> String {
+        text.replace(&*self.data_dir.display().to_string(), "DATA")
+    }
+
     pub fn work_dir(&self, job: Uuid) -> PathBuf {
         self.data_dir.join("work").join(job.to_string())
     }

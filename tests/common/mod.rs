@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use herd_client::Client;
+use herd_client::{Client, JobRequest};
 
 pub fn fixtures() -> PathBuf {
     std::env::var("HERD_FIXTURES")
@@ -137,4 +137,34 @@ pub fn worker_pid(job: &str) -> Option<u32> {
         }
     }
     None
+}
+
+/// A job request with these inputs and hyperparameters (seed 0).
+pub fn req(kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value) -> JobRequest {
+    JobRequest {
+        kind: kind.into(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        hyperparameters: hp,
+        ..Default::default()
+    }
+}
+
+/// Submit a two-step SFT of `model` on `data`, wait for it, expect success.
+pub fn run_short_sft(c: &Client, model: &str, data: &str) -> herd_client::Job {
+    let id = c
+        .submit(&req(
+            "sft",
+            &[("model", model), ("data", data)],
+            serde_json::json!({"steps": 2, "batch_size": 2}),
+        ))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let j = c.wait(&id, Duration::from_secs(120)).unwrap();
+    assert_eq!(j.status, "succeeded", "{:?}", j.error);
+    j
 }
