@@ -45,7 +45,11 @@ fn main() {
         .into_iter()
         .map(|p| {
             let canon = p.canonicalize().unwrap_or(p.clone());
-            let rel = canon.strip_prefix(&base).unwrap_or(&canon).display().to_string();
+            let rel = canon
+                .strip_prefix(&base)
+                .unwrap_or(&canon)
+                .display()
+                .to_string();
             (rel, p)
         })
         .collect();

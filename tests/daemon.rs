@@ -245,7 +245,11 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
     }
     // Kill the daemon once the first attempt has logged some steps.
     for _ in 0..600 {
-        if c.metrics(&id, &["loss"]).unwrap().get("loss").is_some_and(|l| l.len() >= 3) {
+        if c.metrics(&id, &["loss"])
+            .unwrap()
+            .get("loss")
+            .is_some_and(|l| l.len() >= 3)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -261,11 +265,20 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
     // The curves are the latest attempt's alone: every step once, in order.
     let loss = &c2.metrics(&id, &["loss"]).unwrap()["loss"];
     let steps: Vec<u64> = loss.iter().map(|(s, _)| *s).collect();
-    assert!(steps.windows(2).all(|w| w[0] < w[1]), "steps repeat or go back: {steps:?}");
-    assert_eq!(steps.len() as u64, 300, "one point per step of the last attempt");
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "steps repeat or go back: {steps:?}"
+    );
+    assert_eq!(
+        steps.len() as u64,
+        300,
+        "one point per step of the last attempt"
+    );
     // The first attempt's points are still there, asked for by number.
     let first = c2.metrics_of_attempt(&id, &["loss"], Some(1)).unwrap();
-    assert!(first.get("loss").is_some_and(|l| !l.is_empty() && l.len() < 300));
+    assert!(first
+        .get("loss")
+        .is_some_and(|l| !l.is_empty() && l.len() < 300));
 }
 
 #[test]

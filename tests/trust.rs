@@ -17,7 +17,11 @@ use serde_json::{json, Value};
 
 /// Run herdd expecting it to refuse to start: its exit code and stderr.
 fn herdd_refuses(dir: &Path, extra: &[&str]) -> (i32, String) {
-    let listen: &[&str] = if extra.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
+    let listen: &[&str] = if extra.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
         .args(["--data-dir", dir.to_str().unwrap()])
         .args(listen)
@@ -30,7 +34,12 @@ fn herdd_refuses(dir: &Path, extra: &[&str]) -> (i32, String) {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             return (status.code().unwrap_or(-1), err);
         }
         if Instant::now() > deadline {
@@ -94,7 +103,10 @@ fn auth_cannot_be_switched_off_by_accident() {
         ("   \n", "usable token"),
         ("x", "usable token"),
         ("short-token", "usable token"),
-        ("has spaces in the middle of a long enough token!!", "usable token"),
+        (
+            "has spaces in the middle of a long enough token!!",
+            "usable token",
+        ),
     ] {
         std::fs::write(data.join("token"), content).unwrap();
         let (code, err) = herdd_refuses(&data, &[]);
@@ -138,22 +150,66 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
     }
     // Out of range: refused at submit, naming the field and the bounds.
     for (kind, inputs, hp, field) in [
-        ("sft", vec![("model", r), ("data", sft)], json!({"steps": u64::MAX}), "steps"),
-        ("sft", vec![("model", r), ("data", sft)], json!({"batch_size": 1_000_000_000_000u64}), "batch_size"),
-        ("sft", vec![("model", r), ("data", sft)], json!({"max_seq_len": 10_000_000}), "max_seq_len"),
-        ("dpo", vec![("model", r), ("data", prefs)], json!({"grad_accum": 1_000_000}), "grad_accum"),
-        ("eval", vec![("policy", r)], json!({"max_new_tokens": 10_000_000}), "max_new_tokens"),
+        (
+            "sft",
+            vec![("model", r), ("data", sft)],
+            json!({"steps": u64::MAX}),
+            "steps",
+        ),
+        (
+            "sft",
+            vec![("model", r), ("data", sft)],
+            json!({"batch_size": 1_000_000_000_000u64}),
+            "batch_size",
+        ),
+        (
+            "sft",
+            vec![("model", r), ("data", sft)],
+            json!({"max_seq_len": 10_000_000}),
+            "max_seq_len",
+        ),
+        (
+            "dpo",
+            vec![("model", r), ("data", prefs)],
+            json!({"grad_accum": 1_000_000}),
+            "grad_accum",
+        ),
+        (
+            "eval",
+            vec![("policy", r)],
+            json!({"max_new_tokens": 10_000_000}),
+            "max_new_tokens",
+        ),
     ] {
         let (status, msg) = api_error(c.submit(&req(kind, &inputs, hp)));
         assert_eq!(status, 400, "{msg}");
-        assert!(msg.contains(field) && msg.contains("must be in"), "{field}: {msg}");
+        assert!(
+            msg.contains(field) && msg.contains("must be in"),
+            "{field}: {msg}"
+        );
     }
     // Wrong kinds of input: refused at submit, not at run time.
     for (kind, inputs, says) in [
-        ("sft", vec![("model", sft), ("data", sft)], "input `model` of a sft job must be a checkpoint"),
-        ("sft", vec![("model", r), ("data", prefs)], "input `data` of a sft job must be a sft"),
-        ("average", vec![("a", r), ("b", sft)], "must be a checkpoint"),
-        ("sample", vec![("policy", r), ("rm", rm), ("prompts", sft)], "must be a prompts"),
+        (
+            "sft",
+            vec![("model", sft), ("data", sft)],
+            "input `model` of a sft job must be a checkpoint",
+        ),
+        (
+            "sft",
+            vec![("model", r), ("data", prefs)],
+            "input `data` of a sft job must be a sft",
+        ),
+        (
+            "average",
+            vec![("a", r), ("b", sft)],
+            "must be a checkpoint",
+        ),
+        (
+            "sample",
+            vec![("policy", r), ("rm", rm), ("prompts", sft)],
+            "must be a prompts",
+        ),
     ] {
         let (status, msg) = api_error(c.submit(&req(kind, &inputs, json!({}))));
         assert_eq!(status, 400, "{msg}");
@@ -186,7 +242,10 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
         ],
     });
     let (_, msg) = api_error(c.submit_round(&spec));
-    assert!(msg.contains("must be a sft") && msg.contains("preference"), "{msg}");
+    assert!(
+        msg.contains("must be a sft") && msg.contains("preference"),
+        "{msg}"
+    );
     // A body shorter than its Content-Length: a JSON 400 that says so.
     {
         let mut s = std::net::TcpStream::connect(d.addr.trim_start_matches("http://")).unwrap();
@@ -200,10 +259,16 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
         let mut answer = String::new();
         let _ = s.read_to_string(&mut answer);
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        assert!(answer.contains("ended before its Content-Length"), "{answer}");
+        assert!(
+            answer.contains("ended before its Content-Length"),
+            "{answer}"
+        );
     }
     // Nothing refused was recorded (one experiment was), and everything reads.
-    assert_eq!(c.status().unwrap()["head_seq"].as_u64().unwrap(), before + 1);
+    assert_eq!(
+        c.status().unwrap()["head_seq"].as_u64().unwrap(),
+        before + 1
+    );
     c.jobs(&Default::default()).unwrap();
     // Following the event stream (what `herd watch` does) reads every event.
     let head = c.status().unwrap()["head_seq"].as_u64().unwrap();
@@ -234,20 +299,33 @@ fn idle_connections_cannot_lock_clients_out() {
     }
     let t = Instant::now();
     c.status().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5), "status took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "status took {:?}",
+        t.elapsed()
+    );
     // The server closes them once their head is overdue.
     let first = &mut idle[0];
-    first.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let t = Instant::now();
     let mut buf = [0u8; 64];
     let n = first.read(&mut buf).unwrap_or(0);
-    assert!(t.elapsed() < Duration::from_secs(25), "idle connection kept {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "idle connection kept {:?}",
+        t.elapsed()
+    );
     let _ = n; // hyper may answer 408 or just close
 }
 
 /// 1,100 sockets need more descriptors than some shells give a process.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -258,7 +336,10 @@ fn raise_fd_limit() {
 }
 
 fn blob_path(data: &Path, hash: &str) -> std::path::PathBuf {
-    data.join("blobs").join("sha256").join(&hash[..2]).join(&hash[2..])
+    data.join("blobs")
+        .join("sha256")
+        .join(&hash[..2])
+        .join(&hash[2..])
 }
 
 fn flip_byte(path: &Path, at: u64) {
@@ -266,7 +347,11 @@ fn flip_byte(path: &Path, at: u64) {
     let mut perms = std::fs::metadata(path).unwrap().permissions();
     perms.set_mode(0o600);
     std::fs::set_permissions(path, perms).unwrap();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
     b[0] ^= 0x55;
@@ -285,12 +370,23 @@ fn bytes_are_verified_where_they_are_used() {
     assert_eq!(c.verify().unwrap()["ok"], true);
     // A flipped byte in the materialized checkpoint the worker reads:
     // verify reports it, and the next job trains on the recorded bytes.
-    let cached = data.join("cache").join("trees").join(&r).join("model.safetensors");
+    let cached = data
+        .join("cache")
+        .join("trees")
+        .join(&r)
+        .join("model.safetensors");
     flip_byte(&cached, 4000);
     let v = c.verify().unwrap();
     assert_eq!(v["ok"], false);
-    assert!(v["error"].as_str().unwrap().contains("cached checkpoint"), "{v}");
-    assert_eq!(run(&c), first, "same inputs and seed, same output despite the cache flip");
+    assert!(
+        v["error"].as_str().unwrap().contains("cached checkpoint"),
+        "{v}"
+    );
+    assert_eq!(
+        run(&c),
+        first,
+        "same inputs and seed, same output despite the cache flip"
+    );
     // A corrupt blob is never served as a success, and the client keeps no bad file.
     let ckpt_tree = c.tree(&first).unwrap();
     let weights = ckpt_tree["files"]
@@ -307,7 +403,10 @@ fn bytes_are_verified_where_they_are_used() {
     assert!(c.download(&weights, &mut sink).is_err());
     let out = dir.path().join("export");
     assert!(c.export(&first, &out).is_err());
-    assert!(!out.join("model.safetensors").exists(), "export left a corrupt file behind");
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "export left a corrupt file behind"
+    );
     let v = c.verify().unwrap();
     assert_eq!(v["ok"], false);
     // Error messages name no server path.
@@ -316,7 +415,9 @@ fn bytes_are_verified_where_they_are_used() {
     // The dataset blob: corrupt it, re-import the file, and it is whole again.
     flip_byte(&blob_path(data, &sft), 10);
     assert!(c.verify().unwrap()["ok"] == false);
-    let again = c.import_dataset(&fixtures().join("sft.jsonl"), "sft", "sft").unwrap();
+    let again = c
+        .import_dataset(&fixtures().join("sft.jsonl"), "sft", "sft")
+        .unwrap();
     assert_eq!(again["hash"], sft.as_str());
     let mut bytes = Vec::new();
     c.download(&sft, &mut bytes).unwrap();
@@ -340,25 +441,44 @@ fn reproduction_says_whether_the_environment_differed() {
         for key in ["engine_version", "kernel_path", "threads", "device"] {
             assert!(j.fingerprint.contains_key(key), "{:?}", j.fingerprint);
         }
-        assert!(j.fingerprint["engine_version"].contains("+src."), "{:?}", j.fingerprint);
+        assert!(
+            j.fingerprint["engine_version"].contains("+src."),
+            "{:?}",
+            j.fingerprint
+        );
         j.id
     };
     // Same data, a different thread count on purpose.
     let d = Daemon::start_with(dir.path(), &["--threads", "2"]);
     let out = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["--server", &d.addr, "--data-dir", dir.path().to_str().unwrap()])
+        .args([
+            "--server",
+            &d.addr,
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
         .args(["reproduce", &job, "--json"])
         .env_remove("HERD_TOKEN")
         .env_remove("HERD_SERVER")
         .output()
         .unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     let r = &report["jobs"][0];
     assert_eq!(r["same_environment"], false, "{report}");
-    assert_eq!(r["environment_differences"]["threads"]["original"], "1", "{report}");
-    assert_eq!(r["environment_differences"]["threads"]["reproduction"], "2", "{report}");
+    assert_eq!(
+        r["environment_differences"]["threads"]["original"], "1",
+        "{report}"
+    );
+    assert_eq!(
+        r["environment_differences"]["threads"]["reproduction"], "2",
+        "{report}"
+    );
 }
 
 /// A tmpfs of `size` at a fresh directory, unmounted on drop (needs root).
@@ -413,7 +533,10 @@ fn a_full_disk_answers_507_and_the_daemon_recovers_without_a_restart() {
     for i in 0..20 {
         match c.create_experiment(&format!("full-{i}"), &"x".repeat(150)) {
             Ok(_) => {}
-            Err(ClientError::Api { status: 507, message }) => {
+            Err(ClientError::Api {
+                status: 507,
+                message,
+            }) => {
                 assert!(message.contains("no space left"), "{message}");
                 full += 1;
             }
@@ -439,4 +562,83 @@ fn a_full_disk_answers_507_and_the_daemon_recovers_without_a_restart() {
         .collect();
     assert!(names.contains(&"before".to_string()) && names.contains(&"after".to_string()));
     d.terminate();
+}
+
+#[test]
+fn a_damaged_log_stops_herdd_and_repair_sets_the_damage_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    {
+        let d = Daemon::start(data);
+        let c = d.client();
+        for i in 0..30 {
+            c.create_experiment(&format!("e{i}"), "").unwrap();
+        }
+    }
+    let log = data.join("log").join("events.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let total = lines.len();
+    // Delete the index and change one digit of a record in the middle: the
+    // old recovery cut history there without a word.
+    for entry in std::fs::read_dir(data.join("log")).unwrap() {
+        let p = entry.unwrap().path();
+        if p != log {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+    let middle = total / 2;
+    let mut changed = lines.clone();
+    let at = changed[middle - 1].find("\"timestamp_ms\":").unwrap() + 15;
+    let digit = changed[middle - 1].as_bytes()[at];
+    changed[middle - 1].replace_range(at..at + 1, if digit == b'9' { "8" } else { "9" });
+    std::fs::write(&log, changed.join("\n") + "\n").unwrap();
+    let (code, err) = herdd_refuses(data, &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("damaged at sequence {}", middle + 1))
+            && err.contains("herdd repair"),
+        "{err}"
+    );
+    // Repair: the suffix goes to quarantine, nothing is deleted.
+    let out = Command::new(env!("CARGO_BIN_EXE_herdd"))
+        .args(["--data-dir", data.to_str().unwrap(), "repair"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!(
+            "set aside {} acknowledged event(s)",
+            total - middle
+        )),
+        "{said}"
+    );
+    let quarantine: Vec<_> = std::fs::read_dir(data.join("log").join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    assert_eq!(quarantine.len(), 1);
+    let kept = std::fs::read_to_string(&quarantine[0]).unwrap();
+    assert_eq!(kept.lines().count(), total - middle);
+    // herdd starts again on what is intact, and says so when asked.
+    let d = Daemon::start(data);
+    let c = d.client();
+    assert_eq!(
+        c.status().unwrap()["head_seq"].as_u64().unwrap(),
+        middle as u64
+    );
+    assert_eq!(c.verify().unwrap()["ok"], true);
 }

@@ -809,7 +809,12 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
         let environment: BTreeMap<String, Value> = keys
             .into_iter()
             .filter(|k| a.fingerprint.get(*k) != b.fingerprint.get(*k))
-            .map(|k| ((*k).clone(), json!({"original": a.fingerprint.get(k), "reproduction": b.fingerprint.get(k)})))
+            .map(|k| {
+                (
+                    (*k).clone(),
+                    json!({"original": a.fingerprint.get(k), "reproduction": b.fingerprint.get(k)}),
+                )
+            })
             .collect();
         let diffs: BTreeMap<String, f64> = a
             .last_metrics
@@ -841,7 +846,9 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
                 if r["same_environment"] == true {
                     println!("    same environment, different outputs: the job is not deterministic here");
                 } else {
-                    println!("    the environment differed, which can explain the different outputs");
+                    println!(
+                        "    the environment differed, which can explain the different outputs"
+                    );
                 }
             }
         }

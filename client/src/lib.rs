@@ -388,7 +388,11 @@ impl Client {
         if let Some(a) = attempt {
             q.push(format!("attempt={a}"));
         }
-        let q = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
+        let q = if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        };
         let mut v = self.get(&format!("/jobs/{}/metrics{q}", enc(id)))?;
         Self::typed(v["series"].take())
     }

@@ -79,7 +79,11 @@ where
                      content-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
                     body.len()
                 );
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    stream.write_all(reply.as_bytes()),
+                )
+                .await;
             });
             continue;
         };

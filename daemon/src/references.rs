@@ -31,7 +31,11 @@ impl InputRef {
             let job = id
                 .parse::<Uuid>()
                 .map_err(|_| format!("{s:?}: {id:?} is not a job id"))?;
-            if output.is_empty() || !output.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            if output.is_empty()
+                || !output
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
                 return Err(format!("{s:?}: {output:?} is not an output name"));
             }
             return Ok(InputRef::JobOutput {
@@ -132,7 +136,8 @@ pub fn check_inputs(
 ) -> Result<(), String> {
     jobs::check_inputs(kind, inputs)?;
     for (name, reference) in inputs {
-        let artifact = artifact_kind(p, planned, reference).map_err(|e| format!("input `{name}`: {e}"))?;
+        let artifact =
+            artifact_kind(p, planned, reference).map_err(|e| format!("input `{name}`: {e}"))?;
         jobs::check_input_kind(kind, name, &artifact)?;
     }
     Ok(())

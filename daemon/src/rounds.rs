@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::references::{self, InputRef};
 use crate::jobs::{self, JobKind};
+use crate::references::{self, InputRef};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,14 +112,24 @@ pub fn expand(
                 ));
             };
             match InputRef::parse(&resolved).map_err(|e| format!("{at}.inputs.{name}: {e}"))? {
-                InputRef::JobOutput { job, .. } if !depends_on.contains(&job) => depends_on.push(job),
+                InputRef::JobOutput { job, .. } if !depends_on.contains(&job) => {
+                    depends_on.push(job)
+                }
                 _ => {}
             }
             inputs.insert(name.clone(), resolved);
         }
         let earlier: BTreeMap<Uuid, references::Planned> = planned
             .iter()
-            .map(|p| (p.id, references::Planned { kind: p.kind, inputs: &p.inputs }))
+            .map(|p| {
+                (
+                    p.id,
+                    references::Planned {
+                        kind: p.kind,
+                        inputs: &p.inputs,
+                    },
+                )
+            })
             .collect();
         references::check_inputs(recorded, &earlier, kind, &inputs)
             .map_err(|e| format!("{at}.inputs: {e}"))?;

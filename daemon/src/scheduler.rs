@@ -197,7 +197,9 @@ impl Scheduler {
                         &streams::job(job.id),
                         HerdEvent::JobFailed {
                             job: job.id,
-                            reason: self.state.without_server_paths(&format!("could not start: {e:#}")),
+                            reason: self
+                                .state
+                                .without_server_paths(&format!("could not start: {e:#}")),
                         },
                     )
                     .await?;
@@ -361,7 +363,9 @@ impl Scheduler {
         let me = self.clone();
         let id = job.id;
         tokio::spawn(async move {
-            let outcome = me.monitor(id, attempt, child, stdout, stderr, kill_rx).await;
+            let outcome = me
+                .monitor(id, attempt, child, stdout, stderr, kill_rx)
+                .await;
             if let Err(e) = outcome {
                 tracing::error!("job {id}: monitor: {e:#}");
             }
@@ -451,7 +455,10 @@ impl Scheduler {
             let summary = if notes.is_empty() {
                 summary
             } else {
-                let notes: Vec<String> = notes.iter().map(|n| self.state.without_server_paths(n)).collect();
+                let notes: Vec<String> = notes
+                    .iter()
+                    .map(|n| self.state.without_server_paths(n))
+                    .collect();
                 serde_json::json!({"result": summary, "notes": notes})
             };
             HerdEvent::JobSucceeded { job: id, summary }

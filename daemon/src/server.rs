@@ -102,9 +102,7 @@ pub fn ensure_token(data_dir: &Path) -> Result<String> {
             let token = String::from_utf8(bytes)
                 .ok()
                 .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
-                .filter(|t| {
-                    t.len() >= MIN_TOKEN_LEN && t.bytes().all(|b| b.is_ascii_graphic())
-                });
+                .filter(|t| t.len() >= MIN_TOKEN_LEN && t.bytes().all(|b| b.is_ascii_graphic()));
             token.ok_or_else(|| {
                 anyhow::anyhow!(
                     "{} does not hold a usable token (at least {MIN_TOKEN_LEN} printable characters, no spaces); \

@@ -51,8 +51,8 @@ fn main() {
     if std::env::var("RAYON_NUM_THREADS").is_err() {
         herd_engine::device::set_cpu_threads(2);
     }
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("benches/llama-bench.json");
+    let path =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/llama-bench.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("bench config")).unwrap();
     let b = v["bench_batch"].as_u64().unwrap() as usize;

@@ -82,5 +82,7 @@ pub fn tune_allocator() {
 /// loaded; part of a GPU job's fingerprint.
 pub fn cuda_version() -> Option<String> {
     let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
-    text.lines().next().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    text.lines()
+        .next()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
 }

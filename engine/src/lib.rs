@@ -57,7 +57,10 @@ pub fn fingerprint(device: &str, threads: usize) -> std::collections::BTreeMap<S
     f.insert("device".into(), device.to_string());
     f.insert("arch".into(), std::env::consts::ARCH.to_string());
     if device.starts_with("cuda") {
-        f.insert("cuda".into(), device::cuda_version().unwrap_or_else(|| "unknown".into()));
+        f.insert(
+            "cuda".into(),
+            device::cuda_version().unwrap_or_else(|| "unknown".into()),
+        );
     }
     f
 }

@@ -19,10 +19,10 @@ use uuid::Uuid;
 
 use crate::backend::{Backend, GroupIndex, Head, Run};
 use crate::error::{Result, StoreError};
-use crate::recovery::{recover, RecoveryReport};
 use crate::event::{
     sha256_hex, write_record, AppendResult, ExpectedVersion, NewEvent, RecordParts, RecordedEvent,
 };
+use crate::recovery::{recover, RecoveryReport};
 
 /// Largest number of events one append may carry.
 pub const MAX_EVENTS_PER_APPEND: usize = 100_000;
@@ -586,8 +586,11 @@ impl Writer {
                         Ok(()) if no_space => Err(StoreError::NoSpace),
                         Ok(()) => Err(e),
                         Err(cut) => {
-                            self.poisoned = Some(format!("{e}; then cutting the partial write failed: {cut}"));
-                            Err(StoreError::Poisoned(self.poisoned.clone().unwrap_or_default()))
+                            self.poisoned =
+                                Some(format!("{e}; then cutting the partial write failed: {cut}"));
+                            Err(StoreError::Poisoned(
+                                self.poisoned.clone().unwrap_or_default(),
+                            ))
                         }
                     }
                 }
@@ -610,7 +613,9 @@ impl Writer {
                 Outcome::Pending(_) => Err(match &commit {
                     Some(Err(StoreError::NoSpace)) => StoreError::NoSpace,
                     Some(Err(StoreError::Poisoned(why))) => StoreError::Poisoned(why.clone()),
-                    Some(Err(e)) => StoreError::Backend(format!("the append was not recorded: {e}")),
+                    Some(Err(e)) => {
+                        StoreError::Backend(format!("the append was not recorded: {e}"))
+                    }
                     _ => StoreError::Backend("the append was not recorded".into()),
                 }),
             };

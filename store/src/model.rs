@@ -539,7 +539,11 @@ impl Projection {
                 points,
             } => {
                 // Late points of an attempt that was superseded stay in the log only.
-                if let Some(j) = self.jobs.get_mut(&job).filter(|j| attempt == 0 || attempt >= j.attempts) {
+                if let Some(j) = self
+                    .jobs
+                    .get_mut(&job)
+                    .filter(|j| attempt == 0 || attempt >= j.attempts)
+                {
                     let series = self.series.entry(job).or_default();
                     j.metric_points += points.len() as u64;
                     for p in points {

@@ -60,8 +60,7 @@ pub(crate) fn recover(backend: &Backend) -> Result<(Head, RecoveryReport)> {
     while let Some(len) = tail[at..].iter().position(|&b| b == b'\n') {
         let line = &tail[at..at + len];
         let offset = head.log_end + at as u64;
-        let (stream, version, id) =
-            chain.admit(line, offset, |s| backend.stream_version(s))?;
+        let (stream, version, id) = chain.admit(line, offset, |s| backend.stream_version(s))?;
         let seq = chain.seq;
         at += len + 1;
         index.lengths.push(len as u32);
@@ -118,7 +117,10 @@ fn check_indexed(backend: &Backend, head: &Head) -> Result<()> {
                 reason: if seq == 1 {
                     "the first record does not start the hash chain".into()
                 } else {
-                    format!("the record does not name the hash of record {} before it", seq - 1)
+                    format!(
+                        "the record does not name the hash of record {} before it",
+                        seq - 1
+                    )
                 },
             });
         }
@@ -252,7 +254,11 @@ pub fn repair(dir: &Path) -> Result<RepairReport> {
         }
         match chain.admit(&line[..n - 1], offset, |_| Ok(0)) {
             Ok(_) => offset += n as u64,
-            Err(StoreError::Damaged { seq, offset, reason }) => {
+            Err(StoreError::Damaged {
+                seq,
+                offset,
+                reason,
+            }) => {
                 report.damaged_at = Some((seq, offset));
                 report.reason = Some(reason);
                 break;
@@ -317,7 +323,10 @@ pub fn repair(dir: &Path) -> Result<RepairReport> {
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if SLED_FILES.iter().any(|f| name == *f || name.starts_with("snap.")) {
+        if SLED_FILES
+            .iter()
+            .any(|f| name == *f || name.starts_with("snap."))
+        {
             if !moved {
                 std::fs::create_dir_all(&old_index).map_err(|e| io(&old_index, e))?;
                 moved = true;

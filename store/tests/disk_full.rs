@@ -46,7 +46,10 @@ fn fill(path: &Path) {
 }
 
 fn tick(n: u64) -> Vec<NewEvent> {
-    vec![NewEvent::new("Tick", json!({"n": n, "pad": "x".repeat(2000)}))]
+    vec![NewEvent::new(
+        "Tick",
+        json!({"n": n, "pad": "x".repeat(2000)}),
+    )]
 }
 
 #[test]

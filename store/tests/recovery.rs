@@ -89,7 +89,9 @@ fn acknowledged(dir: &Path) -> u64 {
 
 /// Opening must refuse, naming `seq` and its byte offset.
 fn refused_at(dir: &Path, seq: u64) -> String {
-    let err = EventLog::open(dir).err().expect("a damaged log must not open");
+    let err = EventLog::open(dir)
+        .err()
+        .expect("a damaged log must not open");
     match &err {
         StoreError::Damaged { seq: s, offset, .. } => {
             assert_eq!(*s, seq, "{err}");
@@ -126,7 +128,10 @@ fn a_flipped_digit_in_the_middle_stops_the_open_with_or_without_the_index() {
             .path()
             .join(report.quarantine_file.unwrap().trim_start_matches("log/"));
         let set_aside = std::fs::read(quarantined).unwrap();
-        assert_eq!(set_aside.iter().filter(|&&b| b == b'\n').count() as u64, EVENTS - 20);
+        assert_eq!(
+            set_aside.iter().filter(|&&b| b == b'\n').count() as u64,
+            EVENTS - 20
+        );
         assert_eq!(acknowledged(dir.path()), 20);
     }
 }
@@ -199,7 +204,11 @@ fn a_deleted_index_is_rebuilt_from_the_records() {
     assert_eq!(log.verify_chain().unwrap().events, EVENTS);
     // Stream versions came back too.
     let r = log
-        .append("s0", ExpectedVersion::Exact(EVENTS.div_ceil(3)), vec![NewEvent::new("T", json!(1))])
+        .append(
+            "s0",
+            ExpectedVersion::Exact(EVENTS.div_ceil(3)),
+            vec![NewEvent::new("T", json!(1))],
+        )
         .unwrap();
     assert_eq!(r.first_seq, EVENTS + 1);
 }

@@ -29,9 +29,18 @@ impl Daemon {
     }
 
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
-        let threads: &[&str] = if extra.contains(&"--threads") { &[] } else { &["--threads", "1"] };
+        let threads: &[&str] = if extra.contains(&"--threads") {
+            &[]
+        } else {
+            &["--threads", "1"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
-            .args(["--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .args(threads)
             .args(extra)
             .stdout(Stdio::null())

@@ -148,7 +148,9 @@ impl JobKind {
     ) -> Option<String> {
         use artifact::*;
         let kind = match (self, output) {
-            (JobKind::Rm | JobKind::Sft | JobKind::Dpo | JobKind::Average, "checkpoint") => CHECKPOINT,
+            (JobKind::Rm | JobKind::Sft | JobKind::Dpo | JobKind::Average, "checkpoint") => {
+                CHECKPOINT
+            }
             (JobKind::Dpo, "reference_logps") => CACHE,
             (JobKind::Sample, "data") => SFT,
             (JobKind::Annotate, "data") => PREFERENCE,
@@ -178,8 +180,16 @@ pub fn check_input_kind(kind: JobKind, name: &str, artifact: &str) -> Result<(),
     Err(format!(
         "input `{name}` of a {} job must be {}, but it is {} {artifact}",
         kind.as_str(),
-        accepts.iter().map(|a| format!("a {a}")).collect::<Vec<_>>().join(" or "),
-        if artifact.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" },
+        accepts
+            .iter()
+            .map(|a| format!("a {a}"))
+            .collect::<Vec<_>>()
+            .join(" or "),
+        if artifact.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        },
     ))
 }
 

@@ -148,7 +148,12 @@ pub mod limits {
 }
 
 /// `name` within `lo..=hi`, or an error that says both bounds.
-pub fn in_range<T: PartialOrd + std::fmt::Display>(name: &str, v: T, lo: T, hi: T) -> Result<(), String> {
+pub fn in_range<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<(), String> {
     if v < lo || v > hi {
         return Err(format!("{name} must be in [{lo}, {hi}], got {v}"));
     }
@@ -172,7 +177,9 @@ impl TrainParams {
                 self.batch_size * self.max_seq_len
             ));
         }
-        if self.steps == 0 && !(self.epochs.is_finite() && self.epochs > 0.0 && self.epochs <= MAX_EPOCHS) {
+        if self.steps == 0
+            && !(self.epochs.is_finite() && self.epochs > 0.0 && self.epochs <= MAX_EPOCHS)
+        {
             return Err(format!("give steps > 0 or epochs in (0, {MAX_EPOCHS}]"));
         }
         if self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
@@ -378,7 +385,12 @@ impl GenParams {
         if self.temperature > 100.0 {
             return Err("temperature must be <= 100".into());
         }
-        in_range("max_new_tokens", self.max_new_tokens, 1, limits::MAX_NEW_TOKENS)?;
+        in_range(
+            "max_new_tokens",
+            self.max_new_tokens,
+            1,
+            limits::MAX_NEW_TOKENS,
+        )?;
         in_range("batch_size", self.batch_size, 1, limits::MAX_BATCH)?;
         Ok(())
     }

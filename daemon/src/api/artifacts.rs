@@ -1,0 +1,321 @@
+//! Blobs, datasets and checkpoints: uploads stream into the blob store,
+//! downloads are verified before they are served, imports are validated
+//! and recorded as artifacts.
+
+use super::*;
+
+/// This resource's routes.
+pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
+    let c = with(ctx.clone());
+    vec![
+        warp::path!("blobs")
+            .and(warp::post())
+            .and(c.clone())
+            .and(upload())
+            .and_then(put_blob)
+            .boxed(),
+        warp::path!("blobs" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(get_blob)
+            .boxed(),
+        warp::path!("trees" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(get_tree)
+            .boxed(),
+        warp::path!("datasets")
+            .and(warp::post())
+            .and(c.clone())
+            .and(warp::query())
+            .and(upload())
+            .and_then(import_dataset)
+            .boxed(),
+        warp::path!("checkpoints")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(import_checkpoint)
+            .boxed(),
+        warp::path!("artifacts")
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(list_artifacts)
+            .boxed(),
+    ]
+}
+
+fn upload() -> impl Filter<
+    Extract = (impl Stream<Item = Result<impl bytes::Buf, warp::Error>> + Send + 'static,),
+    Error = Rejection,
+> + Clone {
+    warp::body::content_length_limit(UPLOAD_LIMIT).and(warp::body::stream())
+}
+
+/// Stream a request body into the blob store without holding it in memory.
+async fn stream_to_blob<S, B>(ctx: &Ctx, body: S) -> Result<herd_store::BlobInfo, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: bytes::Buf,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(8);
+    let blobs = ctx.state.store.blobs.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        blobs.put_reader(ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        })
+    });
+    let mut body = Box::pin(body);
+    while let Some(chunk) = body.next().await {
+        let msg = chunk
+            .map(|mut b| b.copy_to_bytes(b.remaining()))
+            .map_err(|e| e.to_string());
+        let failed = msg.is_err();
+        if failed {
+            let _ = tx.send(msg).await;
+            break;
+        }
+        if tx.send(msg).await.is_err() {
+            // The store gave up (a full disk): read the rest of the body so
+            // the client, still sending, gets the answer instead of a reset.
+            while body.next().await.is_some() {}
+            break;
+        }
+    }
+    drop(tx);
+    writer.await.map_err(internal)?.map_err(|e| match &e {
+        herd_store::StoreError::Io { source, .. } if source.raw_os_error() == Some(28) => {
+            warp::reject::custom(ApiError {
+                status: StatusCode::INSUFFICIENT_STORAGE,
+                message:
+                    "no space left on the disk holding the blob store: the upload was not stored"
+                        .into(),
+            })
+        }
+        // Errors without an OS code come from the request body itself.
+        herd_store::StoreError::Io { source, .. } if source.raw_os_error().is_none() => bad(
+            format!("upload failed: the request body broke off ({source})"),
+        ),
+        _ => internal(e),
+    })
+}
+
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    cur: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+async fn put_blob<S, B>(ctx: Ctx, body: S) -> Res
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: bytes::Buf,
+{
+    let info = stream_to_blob(&ctx, body).await?;
+    created(json!(info))
+}
+
+async fn get_blob(hash: String, ctx: Ctx) -> Res {
+    herd_store::blob::validate_id(&hash).map_err(|e| bad(e.to_string()))?;
+    if !ctx.state.store.blobs.contains(&hash) {
+        return Err(not_found(format!("no blob {hash}")));
+    }
+    // Verify before answering: a corrupt blob is an error, never a 200 with
+    // bad bytes (the stream re-checks as it goes).
+    let blobs = ctx.state.store.blobs.clone();
+    let h = hash.clone();
+    tokio::task::spawn_blocking(move || blobs.verify(&h))
+        .await
+        .map_err(internal)?
+        .map_err(|e| {
+            warp::reject::custom(ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("{e}; re-upload the right bytes to repair it"),
+            })
+        })?;
+    let reader = ctx.state.store.blobs.reader(&hash).map_err(internal)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let stream = tokio_stream_from(rx);
+    Ok(warp::http::Response::builder()
+        .header("content-type", "application/octet-stream")
+        .body(warp::hyper::Body::wrap_stream(stream))
+        .map_err(internal)?)
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
+
+async fn get_tree(hash: String, ctx: Ctx) -> Res {
+    herd_store::blob::validate_id(&hash).map_err(|e| bad(e.to_string()))?;
+    let blobs = ctx.state.store.blobs.clone();
+    let tree = tokio::task::spawn_blocking(move || blobs.tree(&hash))
+        .await
+        .map_err(internal)?
+        .map_err(|e| not_found(e.to_string()))?;
+    ok(json!(tree))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatasetQuery {
+    kind: String,
+    name: String,
+}
+
+async fn import_dataset<S, B>(ctx: Ctx, q: DatasetQuery, body: S) -> Res
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: bytes::Buf,
+{
+    let kind = DatasetKind::parse(&q.kind).map_err(bad)?;
+    let info = stream_to_blob(&ctx, body).await?;
+    if info.size > DATASET_LIMIT {
+        return Err(bad(format!(
+            "dataset of {} bytes exceeds the {DATASET_LIMIT}-byte limit",
+            info.size
+        )));
+    }
+    let blobs = ctx.state.store.blobs.clone();
+    let (hash, name) = (info.id.clone(), q.name.clone());
+    let parsed = tokio::task::spawn_blocking(move || -> Result<Value, String> {
+        let bytes = blobs.read(&hash).map_err(|e| e.to_string())?;
+        let ds = data::parse_bytes(kind, &bytes, &name).map_err(|e| e.to_string())?;
+        Ok(ds.summary())
+    })
+    .await
+    .map_err(internal)?;
+    // Nothing is recorded unless the whole file parsed.
+    let summary = parsed.map_err(bad)?;
+    let event = HerdEvent::ArtifactImported {
+        hash: info.id.clone(),
+        artifact: kind.as_str().into(),
+        name: q.name,
+        summary: summary.clone(),
+    };
+    ctx.state
+        .record_one(streams::ARTIFACTS, event)
+        .await
+        .map_err(internal)?;
+    created(json!({"hash": info.id, "summary": summary}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewCheckpoint {
+    name: String,
+    /// file name -> blob hash (upload each file to /blobs first)
+    files: BTreeMap<String, String>,
+}
+
+async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
+    let mut entries = vec![];
+    for (name, hash) in &body.files {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(bad(format!("field `files`: bad file name {name:?}")));
+        }
+        herd_store::blob::validate_id(hash)
+            .map_err(|e| bad(format!("field `files.{name}`: {e}")))?;
+        let path = ctx.state.store.blobs.path_of(hash).map_err(internal)?;
+        let size = std::fs::metadata(&path)
+            .map_err(|_| {
+                bad(format!(
+                    "field `files.{name}`: blob {hash} was not uploaded"
+                ))
+            })?
+            .len();
+        entries.push(herd_store::TreeEntry {
+            name: name.clone(),
+            blob: hash.clone(),
+            size,
+        });
+    }
+    for need in ["config.json", "tokenizer.json"] {
+        if !body.files.contains_key(need) {
+            return Err(bad(format!("field `files`: a checkpoint needs {need}")));
+        }
+    }
+    let state = ctx.state.clone();
+    let (hash, summary) =
+        tokio::task::spawn_blocking(move || -> Result<(String, Value), String> {
+            let tree = state
+                .store
+                .blobs
+                .put_tree(entries)
+                .map_err(|e| e.to_string())?;
+            let dir = state.data_dir.join("tmp").join(Uuid::now_v7().to_string());
+            state
+                .store
+                .blobs
+                .materialize(&tree.id, &dir)
+                .map_err(|e| e.to_string())?;
+            // Refuse what the engine cannot load, with the engine's reason.
+            let check = herd_engine::checkpoint::describe(&dir).and_then(|d| {
+                herd_engine::checkpoint::load_chat(&dir)?;
+                let cfg = herd_engine::LlamaConfig::from_file(&dir.join("config.json"))?;
+                let tensors = herd_engine::checkpoint::load_tensors(&dir)?;
+                herd_engine::Llama::from_tensors(cfg, tensors, &candle_core::Device::Cpu)?;
+                Ok(d)
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok((tree.id, check.map_err(|e| e.to_string())?))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| bad(format!("not a loadable Llama checkpoint: {e}")))?;
+    let event = HerdEvent::ArtifactImported {
+        hash: hash.clone(),
+        artifact: "checkpoint".into(),
+        name: body.name,
+        summary: summary.clone(),
+    };
+    ctx.state
+        .record_one(streams::ARTIFACTS, event)
+        .await
+        .map_err(internal)?;
+    created(json!({"hash": hash, "summary": summary}))
+}
+
+async fn list_artifacts(ctx: Ctx) -> Res {
+    let p = ctx.state.projection.read().await;
+    ok(json!(p.artifacts.values().collect::<Vec<_>>()))
+}

@@ -1,0 +1,211 @@
+//! The HTTP API (warp). JSON in and out; every error is a 4xx/5xx with
+//! `{"error": "..."}` saying what is wrong. Request bodies are size-limited;
+//! uploads stream into the blob store. Every route but `/health` needs the
+//! bearer token. See API.md.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use herd_store::model::{streams, HerdEvent, JobStatus, JobView, MetricPoint};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::data::{self, DatasetKind};
+use crate::jobs::JobKind;
+use crate::references::{self, InputRef};
+use crate::rounds::RoundSpec;
+use crate::scheduler::{Scheduler, EXTERNAL};
+use crate::state::State;
+
+mod artifacts;
+mod experiments;
+mod jobs;
+mod record;
+mod rounds;
+mod runs;
+
+/// JSON bodies larger than this are refused (uploads are streamed instead).
+pub const JSON_LIMIT: u64 = 8 * 1024 * 1024;
+/// Largest upload accepted as one blob.
+pub const UPLOAD_LIMIT: u64 = 64 * 1024 * 1024 * 1024;
+/// Largest dataset parsed at import.
+pub const DATASET_LIMIT: u64 = 1024 * 1024 * 1024;
+/// Deepest nesting of arrays and objects in a request body. Far above any
+/// real request, far below what the store and every reader can hold.
+pub const MAX_JSON_DEPTH: usize = 32;
+/// Most metric points in one request.
+pub const MAX_POINTS: usize = 100_000;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+fn bad(msg: impl Into<String>) -> Rejection {
+    warp::reject::custom(ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: msg.into(),
+    })
+}
+fn not_found(msg: impl Into<String>) -> Rejection {
+    warp::reject::custom(ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: msg.into(),
+    })
+}
+fn conflict(msg: impl Into<String>) -> Rejection {
+    warp::reject::custom(ApiError {
+        status: StatusCode::CONFLICT,
+        message: msg.into(),
+    })
+}
+fn internal(e: impl std::fmt::Display) -> Rejection {
+    let message = e.to_string();
+    // The store refusing an append (too large, bad stream) is the caller's doing.
+    let status = if message.starts_with("invalid append") {
+        StatusCode::BAD_REQUEST
+    } else if message.starts_with("no space left") {
+        StatusCode::INSUFFICIENT_STORAGE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    warp::reject::custom(ApiError { status, message })
+}
+
+#[derive(Clone)]
+pub struct Ctx {
+    pub state: Arc<State>,
+    pub scheduler: Arc<Scheduler>,
+    pub token: Arc<String>,
+}
+
+fn with<T: Clone + Send>(x: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
+    warp::any().map(move || x.clone())
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Send>(
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(JSON_LIMIT)
+        .and(warp::body::bytes().or_else(|_| async {
+            // Without this, a body shorter than its Content-Length came out
+            // as warp's generic 405 from the routes tried after this one.
+            Err(bad("the request body ended before its Content-Length"))
+        }))
+        .and_then(|b: Bytes| async move {
+            let depth = herd_store::event::json_depth(&b);
+            if depth > MAX_JSON_DEPTH {
+                return Err(bad(format!(
+                    "invalid JSON body: nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}"
+                )));
+            }
+            serde_json::from_slice::<T>(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))
+        })
+}
+
+fn auth(token: Arc<String>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and_then(move |h: Option<String>| {
+            let token = token.clone();
+            async move {
+                let given = h
+                    .as_deref()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                // Constant-time comparison.
+                let ok = given.len() == token.len()
+                    && given
+                        .bytes()
+                        .zip(token.bytes())
+                        .fold(0u8, |a, (x, y)| a | (x ^ y))
+                        == 0;
+                if ok {
+                    Ok(())
+                } else {
+                    Err(warp::reject::custom(ApiError {
+                        status: StatusCode::UNAUTHORIZED,
+                        message: "missing or wrong bearer token".into(),
+                    }))
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// One route of the API, boxed: warp's nested types otherwise overflow the compiler.
+type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
+
+pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let health = warp::path!("health").and(warp::get()).map(|| {
+        warp::reply::json(&json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
+            .into_response()
+    });
+    let mut routes: Vec<Route> = vec![];
+    routes.extend(experiments::routes(&ctx));
+    routes.extend(artifacts::routes(&ctx));
+    routes.extend(jobs::routes(&ctx));
+    routes.extend(rounds::routes(&ctx));
+    routes.extend(runs::routes(&ctx));
+    routes.extend(record::routes(&ctx));
+    // Boxed and folded one by one: warp's nested types otherwise overflow the compiler.
+    let api = routes
+        .into_iter()
+        .reduce(|a, b| a.or(b).unify().boxed())
+        .expect("routes");
+    let state = ctx.state.clone();
+    health
+        .or(auth(ctx.token.clone()).and(api))
+        .unify()
+        .recover(move |err| recover(err, state.clone()))
+}
+
+/// Every rejection as `{"error": ...}`. Server paths become `DATA/...`:
+/// a client has no business knowing where the data directory lives.
+async fn recover(err: Rejection, state: Arc<State>) -> Result<impl Reply, Infallible> {
+    let (status, message) = if let Some(e) = err.find::<ApiError>() {
+        (e.status, e.message.clone())
+    } else if err.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such route".into())
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (StatusCode::PAYLOAD_TOO_LARGE, format!("request body too large (limit {JSON_LIMIT} bytes for JSON; upload big files to /blobs)"))
+    } else if err.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "a Content-Length header is required".into(),
+        )
+    } else if let Some(e) = err.find::<warp::reject::InvalidQuery>() {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("invalid query string: {e}"),
+        )
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
+    } else if let Some(e) = err.find::<warp::reject::InvalidHeader>() {
+        (StatusCode::BAD_REQUEST, e.to_string())
+    } else {
+        (StatusCode::BAD_REQUEST, format!("{err:?}"))
+    };
+    let message = state.without_server_paths(&message);
+    Ok(warp::reply::with_status(
+        warp::reply::json(&json!({"error": message})),
+        status,
+    ))
+}
+
+type Res = Result<warp::reply::Response, Rejection>;
+
+fn ok(v: Value) -> Res {
+    Ok(warp::reply::json(&v).into_response())
+}
+
+fn created(v: Value) -> Res {
+    Ok(warp::reply::with_status(warp::reply::json(&v), StatusCode::CREATED).into_response())
+}

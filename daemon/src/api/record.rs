@@ -1,0 +1,136 @@
+//! The record itself: lineage, the live event stream, verification, status.
+
+use super::*;
+
+/// This resource's routes.
+pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
+    let c = with(ctx.clone());
+    vec![
+        warp::path!("lineage" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(lineage)
+            .boxed(),
+        warp::path!("events")
+            .and(warp::get())
+            .and(c.clone())
+            .and(warp::query())
+            .and_then(events)
+            .boxed(),
+        warp::path!("verify")
+            .and(warp::post())
+            .and(c.clone())
+            .and_then(verify)
+            .boxed(),
+        warp::path!("status")
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(status)
+            .boxed(),
+    ]
+}
+
+async fn lineage(hash: String, ctx: Ctx) -> Res {
+    let p = ctx.state.projection.read().await;
+    let tree = p
+        .lineage(&hash)
+        .ok_or_else(|| not_found(format!("no recorded artifact {hash}")))?;
+    ok(json!(tree))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    from: Option<u64>,
+}
+
+async fn events(ctx: Ctx, q: EventsQuery) -> Res {
+    let sub = ctx.state.store.log.subscribe(q.from.unwrap_or(1));
+    let stream = futures_util::stream::unfold(sub, |mut sub| async move {
+        match sub.next().await {
+            Ok(rec) => {
+                let ev = warp::sse::Event::default()
+                    .id(rec.seq.to_string())
+                    .event(rec.event_type.clone())
+                    .json_data(&rec)
+                    .ok()?;
+                Some((Ok::<_, Infallible>(ev), sub))
+            }
+            Err(_) => None,
+        }
+    });
+    Ok(warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response())
+}
+
+/// Everything that can be checked: the hash chain and its indexes, every
+/// blob's bytes, every recorded artifact's blob (and a tree's files) still
+/// present, and every materialized checkpoint in the cache still equal to
+/// its blobs. Each problem is listed; `ok` only when there are none.
+async fn verify(ctx: Ctx) -> Res {
+    let referenced: Vec<(String, String, String)> = {
+        let p = ctx.state.projection.read().await;
+        p.artifacts
+            .values()
+            .map(|a| (a.hash.clone(), a.artifact.clone(), a.name.clone()))
+            .collect()
+    };
+    let state = ctx.state.clone();
+    let (report, problems) = tokio::task::spawn_blocking(move || {
+        let store = &state.store;
+        let mut problems: Vec<String> = vec![];
+        let chain = store.log.verify_chain().map_err(|e| problems.push(e.to_string())).ok();
+        let blobs = store.blobs.verify_all().map_err(|e| problems.push(e.to_string())).ok();
+        for (hash, artifact, name) in &referenced {
+            if !store.blobs.contains(hash) {
+                problems.push(format!("{artifact} {hash} ({name:?}) is recorded but its blob is missing"));
+                continue;
+            }
+            let tree = (artifact == "checkpoint").then(|| store.blobs.tree(hash).ok()).flatten();
+            if let Some(tree) = tree {
+                for f in tree.files.iter().filter(|f| !store.blobs.contains(&f.blob)) {
+                    problems.push(format!(
+                        "{artifact} {hash} ({name:?}): file {} (blob {}) is missing",
+                        f.name, f.blob
+                    ));
+                }
+            }
+        }
+        let cache = state.data_dir.join("cache").join("trees");
+        let mut cached: Vec<_> = std::fs::read_dir(&cache)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        cached.sort();
+        for dir in cached.iter().filter(|d| d.join(".complete").exists()) {
+            let hash = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if let Err(e) = store.blobs.check_materialized(&hash, dir) {
+                problems.push(format!(
+                    "cached checkpoint {hash} differs from its blobs ({e}); it is materialized again before any job uses it"
+                ));
+            }
+        }
+        (json!({"chain": chain, "blobs": blobs, "artifacts_checked": referenced.len()}), problems)
+    })
+    .await
+    .map_err(internal)?;
+    let problems: Vec<String> = problems
+        .iter()
+        .map(|p| ctx.state.without_server_paths(p))
+        .collect();
+    ok(json!({
+        "ok": problems.is_empty(),
+        "report": report,
+        "problems": problems,
+        "error": problems.join("; "),
+    }))
+}
+
+async fn status(ctx: Ctx) -> Res {
+    let p = ctx.state.projection.read().await;
+    let count = |s: JobStatus| p.jobs.values().filter(|j| j.status == s).count();
+    ok(json!({
+        "devices": ctx.scheduler.devices(),
+        "head_seq": p.last_seq,
+        "jobs": {"queued": count(JobStatus::Queued), "running": count(JobStatus::Running), "succeeded": count(JobStatus::Succeeded),
+                  "failed": count(JobStatus::Failed), "cancelled": count(JobStatus::Cancelled)},
+    }))
+}

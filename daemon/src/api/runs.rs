@@ -1,0 +1,212 @@
+//! External runs: training that happens outside herd, recorded like a job
+//! (hyperparameters, metrics, artifacts, outcome).
+
+use super::*;
+
+/// This resource's routes.
+pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
+    let c = with(ctx.clone());
+    vec![
+        warp::path!("runs")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(open_run)
+            .boxed(),
+        warp::path!("runs" / Uuid / "metrics")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(log_metrics)
+            .boxed(),
+        warp::path!("runs" / Uuid / "artifacts")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(log_artifact)
+            .boxed(),
+        warp::path!("runs" / Uuid / "close")
+            .and(warp::post())
+            .and(c.clone())
+            .and(json_body())
+            .and_then(close_run)
+            .boxed(),
+    ]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRun {
+    name: String,
+    #[serde(default)]
+    experiment: Option<Uuid>,
+    #[serde(default)]
+    hyperparameters: Value,
+}
+
+async fn open_run(ctx: Ctx, body: NewRun) -> Res {
+    if let Some(e) = body.experiment {
+        if !ctx
+            .state
+            .projection
+            .read()
+            .await
+            .experiments
+            .contains_key(&e)
+        {
+            return Err(bad(format!("field `experiment`: no experiment {e}")));
+        }
+    }
+    let id = Uuid::now_v7();
+    let stream = streams::job(id);
+    let events = vec![
+        HerdEvent::JobSubmitted {
+            job: id,
+            experiment: body.experiment,
+            round: None,
+            name: body.name,
+            kind: EXTERNAL.into(),
+            inputs: BTreeMap::new(),
+            hyperparameters: body.hyperparameters.clone(),
+            seed: 0,
+            depends_on: vec![],
+            priority: 0,
+            reproduces: None,
+        },
+        HerdEvent::JobStarted {
+            job: id,
+            attempt: 1,
+            device: "external".into(),
+            pid: None,
+            engine_version: "external".into(),
+            threads: 0,
+            resolved_inputs: BTreeMap::new(),
+            effective_hyperparameters: body.hyperparameters,
+            fingerprint: BTreeMap::new(),
+        },
+    ];
+    ctx.state.record(&stream, events).await.map_err(internal)?;
+    created(json!({"id": id}))
+}
+
+async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
+    let p = ctx.state.projection.read().await;
+    let j = p
+        .jobs
+        .get(&id)
+        .ok_or_else(|| not_found(format!("no run {id}")))?;
+    if j.kind != EXTERNAL {
+        return Err(bad(format!("job {id} is not an external run")));
+    }
+    if j.status != JobStatus::Running {
+        return Err(conflict(format!("run {id} is closed")));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricBatch {
+    points: Vec<MetricPoint>,
+}
+
+async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
+    if body.points.is_empty() || body.points.len() > MAX_POINTS {
+        return Err(bad(format!("field `points`: 1 to {MAX_POINTS} points")));
+    }
+    if let Some((i, p)) = body
+        .points
+        .iter()
+        .enumerate()
+        .find(|(_, p)| !p.value.is_finite() || p.name.is_empty() || p.name.len() > 200)
+    {
+        return Err(bad(format!(
+            "field `points[{i}]`: name must be 1-200 chars and value finite (got {:?} = {})",
+            p.name, p.value
+        )));
+    }
+    open_run_view(&ctx, id).await?;
+    let n = body.points.len();
+    // Events stay well under the store's record limit: one atomic append of
+    // JobMetrics events of at most 1,000 points each.
+    let events: Vec<HerdEvent> = body
+        .points
+        .chunks(1000)
+        .map(|c| HerdEvent::JobMetrics {
+            job: id,
+            attempt: 0,
+            points: c.to_vec(),
+        })
+        .collect();
+    let seq = ctx
+        .state
+        .record(&streams::job(id), events)
+        .await
+        .map_err(internal)?;
+    ok(json!({"accepted": n, "seq": seq}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewArtifact {
+    name: String,
+    hash: String,
+    artifact: String,
+    #[serde(default)]
+    summary: Value,
+}
+
+async fn log_artifact(id: Uuid, ctx: Ctx, body: NewArtifact) -> Res {
+    herd_store::blob::validate_id(&body.hash).map_err(|e| bad(format!("field `hash`: {e}")))?;
+    if !ctx.state.store.blobs.contains(&body.hash) {
+        return Err(bad(format!(
+            "field `hash`: blob {} was not uploaded",
+            body.hash
+        )));
+    }
+    open_run_view(&ctx, id).await?;
+    let event = HerdEvent::JobOutput {
+        job: id,
+        name: body.name,
+        hash: body.hash,
+        artifact: body.artifact,
+        summary: body.summary,
+    };
+    ctx.state
+        .record_one(&streams::job(id), event)
+        .await
+        .map_err(internal)?;
+    ok(json!({"ok": true}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseRun {
+    status: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn close_run(id: Uuid, ctx: Ctx, body: CloseRun) -> Res {
+    open_run_view(&ctx, id).await?;
+    let event = match body.status.as_str() {
+        "succeeded" => HerdEvent::JobSucceeded {
+            job: id,
+            summary: json!({"reason": body.reason}),
+        },
+        "failed" => HerdEvent::JobFailed {
+            job: id,
+            reason: body.reason,
+        },
+        other => {
+            return Err(bad(format!(
+                "field `status`: {other:?} is not succeeded or failed"
+            )))
+        }
+    };
+    ctx.state
+        .record_one(&streams::job(id), event)
+        .await
+        .map_err(internal)?;
+    ok(json!({"ok": true}))
+}
