@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use herd_store::Projection;
+use herd_core::Projection;
 use uuid::Uuid;
 
 use crate::jobs::{self, JobKind};

@@ -66,7 +66,7 @@ pub struct PlannedJob {
 pub fn expand(
     spec: &RoundSpec,
     previous_policy: Option<String>,
-    recorded: &herd_store::Projection,
+    recorded: &herd_core::Projection,
 ) -> Result<Vec<PlannedJob>, String> {
     let mut vars = spec.vars.clone();
     if !vars.contains_key("policy") {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use herd_store::model::{streams, HerdEvent, JobStatus, JobView, MetricPoint};
+use herd_core::model::{streams, HerdEvent, JobStatus, JobView, MetricPoint};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::oneshot;
 use uuid::Uuid;

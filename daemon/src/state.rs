@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use herd_store::model::HerdEvent;
-use herd_store::{ExpectedVersion, Projection, Store};
+use herd_core::model::{HerdEvent, Stored};
+use herd_core::Projection;
+use herd_store::{EventLog, ExpectedVersion, NewEvent, RecordedEvent, Store};
 use tokio::sync::{watch, Notify, RwLock};
 use uuid::Uuid;
 
@@ -33,7 +34,7 @@ pub struct State {
 impl State {
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Self>> {
         let store = Store::open(data_dir)?;
-        let projection = Projection::rebuild(&store.log)?;
+        let projection = rebuild(&store.log)?;
         let (applied, _) = watch::channel(projection.last_seq);
         let state = Arc::new(State {
             store,
@@ -50,7 +51,7 @@ impl State {
         tokio::spawn(async move {
             while let Ok(rec) = sub.next().await {
                 let seq = rec.seq;
-                follower.projection.write().await.apply(&rec);
+                follower.projection.write().await.apply(&stored(&rec));
                 follower.applied.send_replace(seq);
                 follower.wake.notify_one();
             }
@@ -60,7 +61,7 @@ impl State {
 
     /// Append events to a stream (durably) and wait until they are visible.
     pub async fn record(&self, stream: &str, events: Vec<HerdEvent>) -> anyhow::Result<u64> {
-        let events = events.iter().map(|e| e.to_new_event()).collect();
+        let events = events.iter().map(new_event).collect();
         let r = self
             .store
             .log
@@ -87,5 +88,40 @@ impl State {
 
     pub fn tree_cache(&self, hash: &str) -> PathBuf {
         self.data_dir.join("cache").join("trees").join(hash)
+    }
+}
+
+// The glue between the generic store and herd's typed events.
+
+/// A typed event as the store appends it (a fresh UUID v7 id).
+pub fn new_event(event: &HerdEvent) -> NewEvent {
+    let encoded = event.encode();
+    let mut e = NewEvent::from_raw(encoded.event_type, encoded.payload);
+    e.schema_version = encoded.schema_version;
+    e
+}
+
+/// A stored record as the fold reads it.
+pub fn stored(rec: &RecordedEvent) -> Stored<'_> {
+    Stored {
+        seq: rec.seq,
+        timestamp_ms: rec.timestamp_ms,
+        event_type: &rec.event_type,
+        schema_version: rec.schema_version,
+        payload: rec.payload.get(),
+    }
+}
+
+/// Fold the whole log from the beginning.
+pub fn rebuild(log: &EventLog) -> herd_store::Result<Projection> {
+    let mut p = Projection::default();
+    loop {
+        let batch = log.read_all(p.last_seq + 1, 4096)?;
+        if batch.is_empty() {
+            return Ok(p);
+        }
+        for rec in &batch {
+            p.apply(&stored(rec));
+        }
     }
 }

@@ -2,16 +2,15 @@
 //!
 //! * [`EventLog`]: append-only, hash-chained, group-committed event log (sled).
 //! * [`BlobStore`]: content-addressed files for datasets and checkpoints.
-//! * [`model`]: the typed events and the views folded from them.
 //!
-//! The store knows nothing of training; it records facts and answers queries.
+//! The store knows nothing of training or of herd's event types (those live in
+//! herd-core): it keeps records and bytes, verifiably, and answers queries.
 
 mod backend;
 pub mod blob;
 pub mod error;
 pub mod event;
 pub mod log;
-pub mod model;
 pub mod recovery;
 
 use std::path::Path;
@@ -20,7 +19,6 @@ pub use blob::{BlobId, BlobInfo, BlobStore, Tree, TreeEntry};
 pub use error::{Result, StoreError};
 pub use event::{AppendResult, ExpectedVersion, NewEvent, RecordedEvent};
 pub use log::{ChainReport, EventLog, Subscription};
-pub use model::{HerdEvent, JobStatus, Projection};
 pub use recovery::{repair, RecoveryReport, RepairReport};
 
 /// The event log and the blob store of one data directory.

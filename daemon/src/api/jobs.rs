@@ -305,7 +305,7 @@ async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
     for rec in &events {
         if let Ok(HerdEvent::JobMetrics {
             attempt: a, points, ..
-        }) = HerdEvent::from_recorded(rec)
+        }) = HerdEvent::from_recorded(&crate::state::stored(rec))
         {
             if a == attempt {
                 for pt in points.into_iter().filter(|pt| keep(&pt.name)) {

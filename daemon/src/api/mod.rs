@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use herd_store::model::{streams, HerdEvent, JobStatus, JobView, MetricPoint};
+use herd_core::model::{streams, HerdEvent, JobStatus, JobView, MetricPoint};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use herd_store::model::{streams, HerdEvent, MetricPoint};
-use herd_store::{EventLog, ExpectedVersion, NewEvent, Projection};
+use herd_core::model::{streams, HerdEvent, MetricPoint};
+use herd_core::Projection;
+use herd_daemon::state::{new_event, rebuild, stored};
+use herd_store::{EventLog, ExpectedVersion, NewEvent};
 use proptest::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
@@ -52,28 +54,28 @@ proptest! {
                 Op::Experiment => {
                     let id = Uuid::now_v7();
                     exps.push(id);
-                    (streams::experiment(id), HerdEvent::ExperimentCreated { experiment: id, name: format!("e{}", exps.len()), description: String::new() }.to_new_event())
+                    (streams::experiment(id), new_event(&HerdEvent::ExperimentCreated { experiment: id, name: format!("e{}", exps.len()), description: String::new() }))
                 }
-                Op::Import(h) => (streams::ARTIFACTS.into(), HerdEvent::ArtifactImported { hash: hash(h), artifact: "sft".into(), name: "d".into(), summary: json!({"rows": h}) }.to_new_event()),
+                Op::Import(h) => (streams::ARTIFACTS.into(), new_event(&HerdEvent::ArtifactImported { hash: hash(h), artifact: "sft".into(), name: "d".into(), summary: json!({"rows": h}) })),
                 Op::Submit { exp, input } => {
                     let id = Uuid::now_v7();
                     jobs.push(id);
                     let experiment = if exps.is_empty() { None } else { Some(exps[exp as usize % exps.len()]) };
                     let inputs = BTreeMap::from([("data".to_string(), hash(input))]);
-                    (streams::job(id), HerdEvent::JobSubmitted { job: id, experiment, round: None, name: "j".into(), kind: "sft".into(), inputs, hyperparameters: json!({"lr": 1e-5}), seed: 1, depends_on: vec![], priority: 0, reproduces: None }.to_new_event())
+                    (streams::job(id), new_event(&HerdEvent::JobSubmitted { job: id, experiment, round: None, name: "j".into(), kind: "sft".into(), inputs, hyperparameters: json!({"lr": 1e-5}), seed: 1, depends_on: vec![], priority: 0, reproduces: None }))
                 }
                 Op::Start(j) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
-                    (streams::job(job), HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, engine_version: "t".into(), fingerprint: Default::default(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }.to_new_event())
+                    (streams::job(job), new_event(&HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, engine_version: "t".into(), fingerprint: Default::default(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }))
                 }
                 Op::Metrics(j, n) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
                     let points = (0..n as u64).map(|s| MetricPoint { step: s, name: "loss".into(), value: 1.0 / (s as f64 + 1.0) }).collect();
-                    (streams::job(job), HerdEvent::JobMetrics { job, attempt: 1, points }.to_new_event())
+                    (streams::job(job), new_event(&HerdEvent::JobMetrics { job, attempt: 1, points }))
                 }
                 Op::Output(j, h) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
-                    (streams::job(job), HerdEvent::JobOutput { job, name: "checkpoint".into(), hash: hash(h), artifact: "checkpoint".into(), summary: json!(null) }.to_new_event())
+                    (streams::job(job), new_event(&HerdEvent::JobOutput { job, name: "checkpoint".into(), hash: hash(h), artifact: "checkpoint".into(), summary: json!(null) }))
                 }
                 Op::Finish(j, how) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
@@ -83,7 +85,7 @@ proptest! {
                         2 => HerdEvent::JobCancelled { job, reason: "user".into() },
                         _ => HerdEvent::JobInterrupted { job, reason: "restart".into() },
                     };
-                    (streams::job(job), e.to_new_event())
+                    (streams::job(job), new_event(&e))
                 }
                 // A type from a newer herd: must be readable and counted, not fatal.
                 _ => ("future".into(), NewEvent::new("SomethingNew", json!({"x": [1, 2]}))),
@@ -91,16 +93,16 @@ proptest! {
             log.append(&stream, ExpectedVersion::Any, vec![event]).unwrap();
             // Live: follow the subscription.
             while let Some(rec) = sub.next_blocking(std::time::Duration::from_millis(0)).unwrap() {
-                live.apply(&rec);
+                live.apply(&stored(&rec));
             }
         }
-        let rebuilt = Projection::rebuild(&log).unwrap();
+        let rebuilt = rebuild(&log).unwrap();
         prop_assert_eq!(&rebuilt, &live);
         prop_assert!(rebuilt.undecodable.is_empty());
         drop(sub);
         drop(log);
         let reopened = EventLog::open(dir.path()).unwrap();
-        prop_assert_eq!(Projection::rebuild(&reopened).unwrap(), live);
+        prop_assert_eq!(rebuild(&reopened).unwrap(), live);
     }
 }
 
@@ -109,7 +111,7 @@ fn lineage_walks_back_to_imports() {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path()).unwrap();
     let put = |s: &str, e: HerdEvent| {
-        log.append(s, ExpectedVersion::Any, vec![e.to_new_event()])
+        log.append(s, ExpectedVersion::Any, vec![new_event(&e)])
             .unwrap()
     };
     put(
@@ -161,7 +163,7 @@ fn lineage_walks_back_to_imports() {
             summary: json!(null),
         },
     );
-    let p = Projection::rebuild(&log).unwrap();
+    let p = rebuild(&log).unwrap();
     let tree = p.lineage(&hash(3)).unwrap();
     let j = tree.job.unwrap();
     assert_eq!(j.kind, "sft");

@@ -3,8 +3,8 @@
 //!
 //! These are facts about bookkeeping, not about training: a job has a kind,
 //! inputs, hyperparameters and outputs, but what a kind *means* lives in the
-//! daemon. Views are pure folds over the log: `Projection::rebuild` from
-//! sequence 1 equals a projection kept live, always.
+//! daemon. Views are pure folds over the log: folding from sequence 1
+//! equals a projection kept live, always.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -12,9 +12,27 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::error::Result;
-use crate::event::{NewEvent, RecordedEvent};
-use crate::log::EventLog;
+use serde_json::value::RawValue;
+
+/// A stored record as the fold reads it: the store's envelope fields and the
+/// payload's JSON text. The store is a generic log; this is all of it that
+/// the vocabulary needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub event_type: &'a str,
+    pub schema_version: u32,
+    pub payload: &'a str,
+}
+
+/// An event ready to append: envelope fields and payload JSON.
+#[derive(Debug)]
+pub struct Encoded {
+    pub event_type: &'static str,
+    pub schema_version: u32,
+    pub payload: Box<RawValue>,
+}
 
 /// Current schema version of every event type below.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -152,20 +170,23 @@ impl HerdEvent {
         }
     }
 
-    /// The envelope to append: type and schema version outside, fields inside.
-    pub fn to_new_event(&self) -> NewEvent {
+    /// What to append: the type and schema version go in the record's
+    /// envelope, the fields in its payload.
+    pub fn encode(&self) -> Encoded {
         let mut payload = serde_json::to_value(self).expect("events serialize");
         if let Value::Object(m) = &mut payload {
             m.remove("type");
         }
-        let mut e = NewEvent::new(self.type_name(), payload);
-        e.schema_version = SCHEMA_VERSION;
-        e
+        Encoded {
+            event_type: self.type_name(),
+            schema_version: SCHEMA_VERSION,
+            payload: serde_json::value::to_raw_value(&payload).expect("a JSON value serializes"),
+        }
     }
 
     /// Decode a stored event, upcasting old schema versions; unknown types
     /// come back as `Unknown`, a known type that does not parse is an error.
-    pub fn from_recorded(rec: &RecordedEvent) -> std::result::Result<Self, String> {
+    pub fn from_recorded(rec: &Stored) -> Result<Self, String> {
         // The hot type (metric batches) is read in place, without copying its payload.
         if rec.event_type == "JobMetrics" && rec.schema_version == SCHEMA_VERSION {
             #[derive(Deserialize)]
@@ -175,7 +196,7 @@ impl HerdEvent {
                 attempt: u32,
                 points: Vec<MetricPoint>,
             }
-            return serde_json::from_str::<Metrics>(rec.payload.get())
+            return serde_json::from_str::<Metrics>(rec.payload)
                 .map(|m| HerdEvent::JobMetrics {
                     job: m.job,
                     attempt: m.attempt,
@@ -183,10 +204,9 @@ impl HerdEvent {
                 })
                 .map_err(|e| format!("event {} (JobMetrics): {e}", rec.seq));
         }
-        let payload = rec
-            .payload_value()
+        let payload: Value = serde_json::from_str(rec.payload)
             .map_err(|e| format!("event {} ({}): payload: {e}", rec.seq, rec.event_type))?;
-        let payload = upcast(&rec.event_type, rec.schema_version, payload);
+        let payload = upcast(rec.event_type, rec.schema_version, payload);
         let known = [
             "ExperimentCreated",
             "ArtifactImported",
@@ -200,9 +220,9 @@ impl HerdEvent {
             "JobCancelled",
             "JobInterrupted",
         ];
-        if !known.contains(&rec.event_type.as_str()) {
+        if !known.contains(&rec.event_type) {
             return Ok(HerdEvent::Unknown {
-                event_type: rec.event_type.clone(),
+                event_type: rec.event_type.to_string(),
                 payload,
             });
         }
@@ -215,7 +235,7 @@ impl HerdEvent {
                 ))
             }
         };
-        obj.insert("type".into(), Value::String(rec.event_type.clone()));
+        obj.insert("type".into(), Value::String(rec.event_type.to_string()));
         serde_json::from_value(Value::Object(obj)).map_err(|e| {
             format!(
                 "event {} ({}) schema v{}: {e}",
@@ -365,28 +385,8 @@ pub struct Projection {
 }
 
 impl Projection {
-    /// Fold the whole log from the beginning.
-    pub fn rebuild(log: &EventLog) -> Result<Self> {
-        let mut p = Projection::default();
-        p.catch_up(log)?;
-        Ok(p)
-    }
-
-    /// Apply every event after `last_seq`.
-    pub fn catch_up(&mut self, log: &EventLog) -> Result<()> {
-        loop {
-            let batch = log.read_all(self.last_seq + 1, 4096)?;
-            if batch.is_empty() {
-                return Ok(());
-            }
-            for rec in &batch {
-                self.apply(rec);
-            }
-        }
-    }
-
     /// Fold one event. Events must come in sequence order; repeats are ignored.
-    pub fn apply(&mut self, rec: &RecordedEvent) {
+    pub fn apply(&mut self, rec: &Stored) {
         if rec.seq <= self.last_seq {
             return;
         }

@@ -1,0 +1,15 @@
+//! herd's shared vocabulary, one definition for the daemon and the client.
+//!
+//! Why a crate of its own: the store is a generic log and blob store (it
+//! knows nothing of jobs), the client speaks only HTTP (it must not pull in
+//! sled or candle), and both sides of the API must agree on every type.
+//! So the typed events, the views folded from them and the words both sides
+//! use live here, with nothing but serde and uuid underneath.
+//!
+//! * [`model`]: the typed events (`HerdEvent`) and the views folded from
+//!   them (`Projection`: experiments, rounds, jobs, artifacts, metric series,
+//!   lineage).
+
+pub mod model;
+
+pub use model::{HerdEvent, JobStatus, Projection};
