@@ -264,6 +264,21 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
             "{answer}"
         );
     }
+    // Requests hyper cannot parse get the JSON error body too.
+    for raw in [
+        "NOT A REQUEST LINE\r\n\r\n".to_string(),
+        format!(
+            "POST /experiments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: abc\r\n\r\n",
+            token.trim()
+        ),
+    ] {
+        let mut s = std::net::TcpStream::connect(d.addr.trim_start_matches("http://")).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{raw:?}: {answer}");
+        assert!(answer.contains("{\"error\":"), "{raw:?}: {answer}");
+    }
     // Nothing refused was recorded (one experiment was), and everything reads.
     assert_eq!(
         c.status().unwrap()["head_seq"].as_u64().unwrap(),

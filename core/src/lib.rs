@@ -9,7 +9,11 @@
 //! * [`model`]: the typed events (`HerdEvent`) and the views folded from
 //!   them (`Projection`: experiments, rounds, jobs, artifacts, metric series,
 //!   lineage).
+//! * [`vocab`]: job kinds, artifact kinds, blob hashes and input references,
+//!   each parsed once from its text.
 
 pub mod model;
+pub mod vocab;
 
 pub use model::{HerdEvent, JobStatus, Projection};
+pub use vocab::{ArtifactKind, BlobHash, InputRef, JobKind};

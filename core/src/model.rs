@@ -14,6 +14,8 @@ use uuid::Uuid;
 
 use serde_json::value::RawValue;
 
+use crate::vocab::{ArtifactKind, JobKind};
+
 /// A stored record as the fold reads it: the store's envelope fields and the
 /// payload's JSON text. The store is a generic log; this is all of it that
 /// the vocabulary needs.
@@ -60,7 +62,7 @@ pub enum HerdEvent {
     ArtifactImported {
         hash: String,
         /// "checkpoint" or a dataset kind: "preference", "sft", "prompts".
-        artifact: String,
+        artifact: ArtifactKind,
         name: String,
         #[serde(default)]
         summary: Value,
@@ -78,7 +80,7 @@ pub enum HerdEvent {
         round: Option<Uuid>,
         /// Name within its round ("rm", "sft", ...), or free text.
         name: String,
-        kind: String,
+        kind: JobKind,
         /// Input name -> blob hash, or `job:<uuid>/<output>` for an output of
         /// another job not yet finished.
         inputs: BTreeMap<String, String>,
@@ -123,7 +125,7 @@ pub enum HerdEvent {
         job: Uuid,
         name: String,
         hash: String,
-        artifact: String,
+        artifact: ArtifactKind,
         #[serde(default)]
         summary: Value,
     },
@@ -310,7 +312,7 @@ pub struct JobView {
     pub experiment: Option<Uuid>,
     pub round: Option<Uuid>,
     pub name: String,
-    pub kind: String,
+    pub kind: JobKind,
     pub status: JobStatus,
     pub inputs: BTreeMap<String, String>,
     pub resolved_inputs: BTreeMap<String, String>,
@@ -342,7 +344,7 @@ pub struct JobView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactView {
     pub hash: String,
-    pub artifact: String,
+    pub artifact: ArtifactKind,
     pub name: String,
     pub summary: Value,
     /// The job whose output this is (None for imports).
@@ -355,7 +357,7 @@ pub struct ArtifactView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LineageNode {
     pub hash: String,
-    pub artifact: String,
+    pub artifact: Option<ArtifactKind>,
     pub name: String,
     pub job: Option<LineageJob>,
 }
@@ -363,7 +365,7 @@ pub struct LineageNode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LineageJob {
     pub id: Uuid,
-    pub kind: String,
+    pub kind: JobKind,
     pub name: String,
     pub inputs: BTreeMap<String, LineageNode>,
 }
@@ -620,7 +622,7 @@ impl Projection {
         let a = self.artifacts.get(hash)?;
         let mut node = LineageNode {
             hash: hash.to_string(),
-            artifact: a.artifact.clone(),
+            artifact: Some(a.artifact),
             name: a.name.clone(),
             job: None,
         };
@@ -637,7 +639,7 @@ impl Projection {
             for (name, h) in from {
                 let child = self.lineage_inner(h, seen).unwrap_or(LineageNode {
                     hash: h.clone(),
-                    artifact: "unknown".into(),
+                    artifact: None, // not recorded (an older herd, or a raw blob)
                     name: name.clone(),
                     job: None,
                 });
@@ -645,7 +647,7 @@ impl Projection {
             }
             node.job = Some(LineageJob {
                 id: job.id,
-                kind: job.kind.clone(),
+                kind: job.kind,
                 name: job.name.clone(),
                 inputs,
             });

@@ -39,10 +39,14 @@ impl DatasetKind {
         }
     }
     pub fn as_str(self) -> &'static str {
+        self.artifact().as_str()
+    }
+    /// The artifact kind a dataset of this kind is recorded as.
+    pub fn artifact(self) -> herd_core::ArtifactKind {
         match self {
-            DatasetKind::Preference => "preference",
-            DatasetKind::Sft => "sft",
-            DatasetKind::Prompts => "prompts",
+            DatasetKind::Preference => herd_core::ArtifactKind::Preference,
+            DatasetKind::Sft => herd_core::ArtifactKind::Sft,
+            DatasetKind::Prompts => herd_core::ArtifactKind::Prompts,
         }
     }
 }

@@ -6,13 +6,18 @@
 //! Here each connection must finish its request head within
 //! [`HEADER_TIMEOUT`], at most [`max_connections`] are served at once, and a
 //! connection over the limit gets an immediate JSON 503 instead of a hang.
+//! Requests hyper cannot even parse (a bad request line or Content-Length,
+//! headers too large) get the API's JSON error body too ([`JsonParseErrors`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use warp::{Filter, Reply};
@@ -99,7 +104,9 @@ where
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let _ = http.serve_connection(stream, service).await;
+            let _ = http
+                .serve_connection(JsonParseErrors::new(stream), service)
+                .await;
         });
     }
 }
@@ -109,4 +116,144 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+/// hyper answers a request it cannot parse with a canned status and an empty
+/// body, before any route runs. This wrapper around the connection rewrites
+/// exactly those answers (a 400, 414 or 431 head with `content-length: 0`:
+/// every response of the API itself carries a JSON body) into the API's
+/// `{"error": ...}` form, so a malformed request is never answered blank.
+pub struct JsonParseErrors<T> {
+    inner: T,
+    /// A rewritten answer still to be written, and how much of it is.
+    pending: Vec<u8>,
+    written: usize,
+}
+
+impl<T> JsonParseErrors<T> {
+    pub fn new(inner: T) -> Self {
+        JsonParseErrors {
+            inner,
+            pending: Vec::new(),
+            written: 0,
+        }
+    }
+}
+
+/// The JSON answer for one of hyper's canned parse-error heads, if `buf` is one.
+fn json_for_canned(buf: &[u8]) -> Option<Vec<u8>> {
+    let (status, message) = [
+        (
+            "400 Bad Request",
+            "malformed request: its request line, a header or its Content-Length could not be parsed",
+        ),
+        ("414 URI Too Long", "request URI too long"),
+        (
+            "431 Request Header Fields Too Large",
+            "request headers too large",
+        ),
+    ]
+    .into_iter()
+    .find(|(status, _)| {
+        buf.strip_prefix(b"HTTP/1.1 ")
+            .is_some_and(|rest| rest.starts_with(status.as_bytes()))
+    })?;
+    let head = std::str::from_utf8(buf).ok()?;
+    let blank_body = head.ends_with("\r\n\r\n")
+        && head
+            .to_ascii_lowercase()
+            .contains("\r\ncontent-length: 0\r\n");
+    if !blank_body {
+        return None;
+    }
+    let body = format!("{{\"error\":{}}}", serde_json::to_string(message).ok()?);
+    Some(
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+impl<T: AsyncWrite + Unpin> JsonParseErrors<T> {
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.written < self.pending.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for JsonParseErrors<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.drain(cx))?;
+        if let Some(answer) = json_for_canned(buf) {
+            self.pending = answer;
+            self.written = 0;
+            // Accepted: the rewritten bytes go out in drain (here or on flush).
+            let _ = self.drain(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    /// One flat buffer per write, so a canned head is seen whole.
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_for_canned;
+
+    #[test]
+    fn only_blank_canned_error_heads_are_rewritten() {
+        let canned = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Sat, 28 Nov 2026 10:00:00 GMT\r\n\r\n";
+        let answer = String::from_utf8(json_for_canned(canned).unwrap()).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with("}") && answer.contains("{\"error\":"),
+            "{answer}"
+        );
+        // The API's own 400s carry a body and pass untouched.
+        let api = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{\"error\":1}";
+        assert!(json_for_canned(api).is_none());
+        assert!(json_for_canned(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
+    }
 }

@@ -86,7 +86,7 @@ pub fn expand(
                 "{at}: names must be unique, non-empty, without '.'"
             ));
         }
-        let kind = JobKind::parse(&j.kind).map_err(|e| format!("{at}.kind: {e}"))?;
+        let kind: JobKind = j.kind.parse().map_err(|e| format!("{at}.kind: {e}"))?;
         let hyperparameters = jobs::effective_hyperparameters(kind, &j.hyperparameters)
             .map_err(|e| format!("{at}.hyperparameters: {e}"))?;
         let mut inputs = BTreeMap::new();
@@ -111,7 +111,10 @@ pub fn expand(
                     "{at}.inputs.{name}: {v:?} is not $var, job.output or a content hash"
                 ));
             };
-            match InputRef::parse(&resolved).map_err(|e| format!("{at}.inputs.{name}: {e}"))? {
+            match resolved
+                .parse::<InputRef>()
+                .map_err(|e| format!("{at}.inputs.{name}: {e}"))?
+            {
                 InputRef::JobOutput { job, .. } if !depends_on.contains(&job) => {
                     depends_on.push(job)
                 }

@@ -20,12 +20,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::jobs::{self, JobKind};
+use crate::jobs;
 use crate::state::{Progress, State};
 use crate::worker::{JobFile, WorkerMessage};
 
 /// The kind of job recorded for work done outside herd.
-pub const EXTERNAL: &str = "external";
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -91,7 +90,7 @@ impl Scheduler {
             let p = self.state.projection.read().await;
             p.jobs
                 .values()
-                .filter(|j| j.status == JobStatus::Running && j.kind != EXTERNAL)
+                .filter(|j| j.status == JobStatus::Running && j.kind.is_recipe())
                 .cloned()
                 .collect()
         };
@@ -136,7 +135,7 @@ impl Scheduler {
             let mut q: Vec<JobView> = p
                 .jobs
                 .values()
-                .filter(|j| j.status == JobStatus::Queued && j.kind != EXTERNAL)
+                .filter(|j| j.status == JobStatus::Queued && j.kind.is_recipe())
                 .cloned()
                 .collect();
             q.sort_by_key(|j| (-j.priority, j.submitted_seq));
@@ -275,7 +274,7 @@ impl Scheduler {
         slot: usize,
         jobs: &BTreeMap<Uuid, JobView>,
     ) -> Result<()> {
-        let kind = JobKind::parse(&job.kind).map_err(|e| anyhow!(e))?;
+        let kind = job.kind;
         let resolved = Self::resolve(job, jobs)?;
         let effective =
             jobs::effective_hyperparameters(kind, &job.hyperparameters).map_err(|e| anyhow!(e))?;

@@ -42,7 +42,7 @@ pub enum WorkerMessage {
     },
     Output {
         name: String,
-        artifact: String,
+        artifact: herd_core::ArtifactKind,
         hash: String,
         summary: Value,
     },
@@ -88,7 +88,7 @@ impl Sink for StdoutSink {
     fn output(
         &mut self,
         name: &str,
-        artifact: &str,
+        artifact: herd_core::ArtifactKind,
         path: &Path,
         summary: Value,
     ) -> Result<String> {
@@ -96,7 +96,7 @@ impl Sink for StdoutSink {
         let hash = jobs::store_output(blobs, path)?;
         self.send(&WorkerMessage::Output {
             name: name.into(),
-            artifact: artifact.into(),
+            artifact,
             hash: hash.clone(),
             summary,
         })?;

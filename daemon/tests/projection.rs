@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use herd_core::model::{streams, HerdEvent, MetricPoint};
-use herd_core::Projection;
+use herd_core::{ArtifactKind, JobKind, Projection};
 use herd_daemon::state::{new_event, rebuild, stored};
 use herd_store::{EventLog, ExpectedVersion, NewEvent};
 use proptest::prelude::*;
@@ -56,13 +56,13 @@ proptest! {
                     exps.push(id);
                     (streams::experiment(id), new_event(&HerdEvent::ExperimentCreated { experiment: id, name: format!("e{}", exps.len()), description: String::new() }))
                 }
-                Op::Import(h) => (streams::ARTIFACTS.into(), new_event(&HerdEvent::ArtifactImported { hash: hash(h), artifact: "sft".into(), name: "d".into(), summary: json!({"rows": h}) })),
+                Op::Import(h) => (streams::ARTIFACTS.into(), new_event(&HerdEvent::ArtifactImported { hash: hash(h), artifact: ArtifactKind::Sft, name: "d".into(), summary: json!({"rows": h}) })),
                 Op::Submit { exp, input } => {
                     let id = Uuid::now_v7();
                     jobs.push(id);
                     let experiment = if exps.is_empty() { None } else { Some(exps[exp as usize % exps.len()]) };
                     let inputs = BTreeMap::from([("data".to_string(), hash(input))]);
-                    (streams::job(id), new_event(&HerdEvent::JobSubmitted { job: id, experiment, round: None, name: "j".into(), kind: "sft".into(), inputs, hyperparameters: json!({"lr": 1e-5}), seed: 1, depends_on: vec![], priority: 0, reproduces: None }))
+                    (streams::job(id), new_event(&HerdEvent::JobSubmitted { job: id, experiment, round: None, name: "j".into(), kind: JobKind::Sft, inputs, hyperparameters: json!({"lr": 1e-5}), seed: 1, depends_on: vec![], priority: 0, reproduces: None }))
                 }
                 Op::Start(j) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
@@ -75,7 +75,7 @@ proptest! {
                 }
                 Op::Output(j, h) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
-                    (streams::job(job), new_event(&HerdEvent::JobOutput { job, name: "checkpoint".into(), hash: hash(h), artifact: "checkpoint".into(), summary: json!(null) }))
+                    (streams::job(job), new_event(&HerdEvent::JobOutput { job, name: "checkpoint".into(), hash: hash(h), artifact: ArtifactKind::Checkpoint, summary: json!(null) }))
                 }
                 Op::Finish(j, how) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
@@ -118,7 +118,7 @@ fn lineage_walks_back_to_imports() {
         streams::ARTIFACTS,
         HerdEvent::ArtifactImported {
             hash: hash(1),
-            artifact: "checkpoint".into(),
+            artifact: ArtifactKind::Checkpoint,
             name: "base".into(),
             summary: json!(null),
         },
@@ -127,7 +127,7 @@ fn lineage_walks_back_to_imports() {
         streams::ARTIFACTS,
         HerdEvent::ArtifactImported {
             hash: hash(2),
-            artifact: "sft".into(),
+            artifact: ArtifactKind::Sft,
             name: "data".into(),
             summary: json!(null),
         },
@@ -144,7 +144,7 @@ fn lineage_walks_back_to_imports() {
             experiment: None,
             round: None,
             name: "sft".into(),
-            kind: "sft".into(),
+            kind: JobKind::Sft,
             inputs,
             hyperparameters: json!({}),
             seed: 0,
@@ -159,15 +159,15 @@ fn lineage_walks_back_to_imports() {
             job,
             name: "checkpoint".into(),
             hash: hash(3),
-            artifact: "checkpoint".into(),
+            artifact: ArtifactKind::Checkpoint,
             summary: json!(null),
         },
     );
     let p = rebuild(&log).unwrap();
     let tree = p.lineage(&hash(3)).unwrap();
     let j = tree.job.unwrap();
-    assert_eq!(j.kind, "sft");
+    assert_eq!(j.kind, JobKind::Sft);
     assert_eq!(j.inputs["model"].name, "base");
-    assert_eq!(j.inputs["data"].artifact, "sft");
+    assert_eq!(j.inputs["data"].artifact, Some(ArtifactKind::Sft));
     assert!(j.inputs["model"].job.is_none());
 }

@@ -228,7 +228,7 @@ where
     let summary = parsed.map_err(bad)?;
     let event = HerdEvent::ArtifactImported {
         hash: info.id.clone(),
-        artifact: kind.as_str().into(),
+        artifact: kind.artifact(),
         name: q.name,
         summary: summary.clone(),
     };
@@ -304,7 +304,7 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
         .map_err(|e| bad(format!("not a loadable Llama checkpoint: {e}")))?;
     let event = HerdEvent::ArtifactImported {
         hash: hash.clone(),
-        artifact: "checkpoint".into(),
+        artifact: ArtifactKind::Checkpoint,
         name: body.name,
         summary: summary.clone(),
     };

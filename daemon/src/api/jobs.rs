@@ -65,7 +65,10 @@ struct NewJob {
 }
 
 async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
-    let kind = JobKind::parse(&body.kind).map_err(|e| bad(format!("field `kind`: {e}")))?;
+    let kind: JobKind = body
+        .kind
+        .parse()
+        .map_err(|e| bad(format!("field `kind`: {e}")))?;
     let hp = crate::jobs::effective_hyperparameters(kind, &body.hyperparameters)
         .map_err(|e| bad(format!("field `hyperparameters`: {e}")))?;
     let mut depends_on = body.depends_on.clone();
@@ -79,13 +82,16 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
         references::check_inputs(&p, &BTreeMap::new(), kind, &body.inputs)
             .map_err(|e| bad(format!("field `inputs`: {e}")))?;
         for (name, v) in &body.inputs {
-            match InputRef::parse(v).map_err(|e| bad(format!("field `inputs.{name}`: {e}")))? {
+            match v
+                .parse::<InputRef>()
+                .map_err(|e| bad(format!("field `inputs.{name}`: {e}")))?
+            {
                 InputRef::JobOutput { job, .. } => {
                     if !depends_on.contains(&job) {
                         depends_on.push(job);
                     }
                 }
-                InputRef::Blob(hash) if !ctx.state.store.blobs.contains(&hash) => {
+                InputRef::Blob(hash) if !ctx.state.store.blobs.contains(hash.as_str()) => {
                     return Err(bad(format!(
                         "field `inputs.{name}`: blob {hash} is recorded but missing from the blob store (run `herd verify`)"
                     )));
@@ -105,7 +111,7 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
         experiment: body.experiment,
         round: None,
         name: body.name.unwrap_or_else(|| kind.as_str().to_string()),
-        kind: kind.as_str().into(),
+        kind,
         inputs: body.inputs,
         hyperparameters: hp.clone(),
         seed: body.seed,
@@ -218,7 +224,7 @@ async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
         .jobs
         .values()
         .filter(|j| q.experiment.is_none() || j.experiment == q.experiment)
-        .filter(|j| q.kind.as_deref().is_none_or(|k| j.kind == k))
+        .filter(|j| q.kind.as_deref().is_none_or(|k| j.kind.as_str() == k))
         .filter(|j| status.is_none_or(|s| j.status == s))
         .filter(|j| q.round.is_none() || j.round == q.round)
         .filter(|j| conds.iter().all(|c| holds(j, c)))
@@ -337,7 +343,7 @@ pub(super) async fn reproduce_one(ctx: &Ctx, id: Uuid) -> Result<Uuid, Rejection
         .get(&id)
         .cloned()
         .ok_or_else(|| not_found(format!("no job {id}")))?;
-    if j.kind == EXTERNAL {
+    if j.kind == JobKind::External {
         return Err(bad(format!(
             "job {id} is an external run; herd cannot re-run it"
         )));

@@ -17,10 +17,10 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use crate::data::{self, DatasetKind};
-use crate::jobs::JobKind;
+use crate::jobs::{ArtifactKind, JobKind};
 use crate::references::{self, InputRef};
 use crate::rounds::RoundSpec;
-use crate::scheduler::{Scheduler, EXTERNAL};
+use crate::scheduler::Scheduler;
 use crate::state::State;
 
 mod artifacts;

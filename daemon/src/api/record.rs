@@ -67,11 +67,11 @@ async fn events(ctx: Ctx, q: EventsQuery) -> Res {
 /// present, and every materialized checkpoint in the cache still equal to
 /// its blobs. Each problem is listed; `ok` only when there are none.
 async fn verify(ctx: Ctx) -> Res {
-    let referenced: Vec<(String, String, String)> = {
+    let referenced: Vec<(String, ArtifactKind, String)> = {
         let p = ctx.state.projection.read().await;
         p.artifacts
             .values()
-            .map(|a| (a.hash.clone(), a.artifact.clone(), a.name.clone()))
+            .map(|a| (a.hash.clone(), a.artifact, a.name.clone()))
             .collect()
     };
     let state = ctx.state.clone();
@@ -85,7 +85,7 @@ async fn verify(ctx: Ctx) -> Res {
                 problems.push(format!("{artifact} {hash} ({name:?}) is recorded but its blob is missing"));
                 continue;
             }
-            let tree = (artifact == "checkpoint").then(|| store.blobs.tree(hash).ok()).flatten();
+            let tree = (*artifact == ArtifactKind::Checkpoint).then(|| store.blobs.tree(hash).ok()).flatten();
             if let Some(tree) = tree {
                 for f in tree.files.iter().filter(|f| !store.blobs.contains(&f.blob)) {
                     problems.push(format!(

@@ -79,7 +79,7 @@ async fn submit_round(ctx: Ctx, spec: Value) -> Res {
             experiment: Some(exp),
             round: Some(round),
             name: j.name,
-            kind: j.kind.as_str().into(),
+            kind: j.kind,
             inputs: j.inputs,
             hyperparameters: j.hyperparameters,
             seed: j.seed,

@@ -65,7 +65,7 @@ async fn open_run(ctx: Ctx, body: NewRun) -> Res {
             experiment: body.experiment,
             round: None,
             name: body.name,
-            kind: EXTERNAL.into(),
+            kind: JobKind::External,
             inputs: BTreeMap::new(),
             hyperparameters: body.hyperparameters.clone(),
             seed: 0,
@@ -95,7 +95,7 @@ async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
         .jobs
         .get(&id)
         .ok_or_else(|| not_found(format!("no run {id}")))?;
-    if j.kind != EXTERNAL {
+    if j.kind != JobKind::External {
         return Err(bad(format!("job {id} is not an external run")));
     }
     if j.status != JobStatus::Running {
@@ -151,7 +151,7 @@ async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
 struct NewArtifact {
     name: String,
     hash: String,
-    artifact: String,
+    artifact: ArtifactKind,
     #[serde(default)]
     summary: Value,
 }

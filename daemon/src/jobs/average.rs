@@ -62,8 +62,12 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         Some(&first.join(herd_engine::checkpoint::TOKENIZER)),
     )?;
     let summary = json!({"models": inputs.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "weights": p.weights});
-    ctx.sink
-        .output("checkpoint", "checkpoint", &out, summary.clone())?;
+    ctx.sink.output(
+        "checkpoint",
+        herd_core::ArtifactKind::Checkpoint,
+        &out,
+        summary.clone(),
+    )?;
     Ok(summary)
 }
 

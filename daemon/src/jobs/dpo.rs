@@ -113,7 +113,7 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
     )?;
     ctx.sink.output(
         "reference_logps",
-        "cache",
+        herd_core::ArtifactKind::Cache,
         &cache_path,
         json!({"pairs": pairs.len()}),
     )?;

@@ -24,60 +24,37 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use util::{complete, score, store_output, GenParams, MemorySink, Sink, TrainParams};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Rm,
-    Sample,
-    Sft,
-    Dpo,
-    Average,
-    Curate,
-    Eval,
-    Annotate,
+pub use herd_core::{ArtifactKind, JobKind};
+
+/// What herd knows about each kind it runs: its inputs and the artifact kind
+/// each needs, its outputs, its hyperparameters. Implemented for `JobKind`
+/// (the vocabulary lives in herd-core; what a kind *means* lives here).
+pub trait Recipe: Copy {
+    /// (required, optional) input names. `average` takes any names.
+    fn inputs(self) -> (&'static [&'static str], &'static [&'static str]);
+    /// Which hyperparameters this kind takes, with defaults.
+    fn default_hyperparameters(self) -> Value;
+    /// The artifact kinds input `name` accepts.
+    fn accepts(self, input: &str) -> &'static [ArtifactKind];
+    /// The artifact kind of output `name`; `input_kind` tells the kind of
+    /// one of the job's inputs (curate keeps its data's kind). None: no
+    /// such output.
+    fn output_kind(
+        self,
+        output: &str,
+        input_kind: impl Fn(&str) -> Option<ArtifactKind>,
+    ) -> Option<ArtifactKind>;
+    /// The output names this kind records.
+    fn outputs(self) -> &'static [&'static str];
 }
 
-pub const KINDS: [JobKind; 8] = [
-    JobKind::Rm,
-    JobKind::Sample,
-    JobKind::Sft,
-    JobKind::Dpo,
-    JobKind::Average,
-    JobKind::Curate,
-    JobKind::Eval,
-    JobKind::Annotate,
-];
-
-impl JobKind {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        KINDS.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
-            format!(
-                "unknown job kind {s:?} (expected one of {})",
-                KINDS.map(|k| k.as_str()).join(", ")
-            )
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Rm => "rm",
-            JobKind::Sample => "sample",
-            JobKind::Sft => "sft",
-            JobKind::Dpo => "dpo",
-            JobKind::Average => "average",
-            JobKind::Curate => "curate",
-            JobKind::Eval => "eval",
-            JobKind::Annotate => "annotate",
-        }
-    }
-
-    /// (required, optional) input names. `average` takes any names.
-    pub fn inputs(self) -> (&'static [&'static str], &'static [&'static str]) {
+impl Recipe for JobKind {
+    fn inputs(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
             JobKind::Rm => (&["model", "data"], &[]),
             JobKind::Sample => (&["policy", "rm", "prompts"], &[]),
@@ -90,11 +67,11 @@ impl JobKind {
                 &["baseline", "rm", "prompts", "sft", "preference"],
             ),
             JobKind::Annotate => (&["policy", "prompts"], &["other"]),
+            JobKind::External => (&[], &[]),
         }
     }
 
-    /// Which hyperparameters this kind takes, with defaults.
-    pub fn default_hyperparameters(self) -> Value {
+    fn default_hyperparameters(self) -> Value {
         match self {
             JobKind::Rm => to_value(rm::Params::default()),
             JobKind::Sample => to_value(sample::Params::default()),
@@ -104,6 +81,48 @@ impl JobKind {
             JobKind::Curate => to_value(curate::Params::default()),
             JobKind::Eval => to_value(eval::Params::default()),
             JobKind::Annotate => to_value(annotate::Params::default()),
+            JobKind::External => Value::Object(Map::new()),
+        }
+    }
+
+    fn accepts(self, input: &str) -> &'static [ArtifactKind] {
+        use ArtifactKind::*;
+        match (self, input) {
+            (JobKind::External, _) => &[],
+            (JobKind::Rm | JobKind::Dpo, "data") => &[Preference],
+            (JobKind::Sft, "data") => &[Sft],
+            (JobKind::Curate, "data") => &[Sft, Preference],
+            (JobKind::Sample | JobKind::Annotate | JobKind::Eval, "prompts") => &[Prompts],
+            (JobKind::Eval, "sft") => &[Sft],
+            (JobKind::Eval, "preference") => &[Preference],
+            _ => &[Checkpoint],
+        }
+    }
+
+    fn output_kind(
+        self,
+        output: &str,
+        input_kind: impl Fn(&str) -> Option<ArtifactKind>,
+    ) -> Option<ArtifactKind> {
+        use ArtifactKind::*;
+        match (self, output) {
+            (JobKind::Rm | JobKind::Sft | JobKind::Dpo | JobKind::Average, "checkpoint") => {
+                Some(Checkpoint)
+            }
+            (JobKind::Dpo, "reference_logps") => Some(Cache),
+            (JobKind::Sample, "data") => Some(Sft),
+            (JobKind::Annotate, "data") => Some(Preference),
+            (JobKind::Curate, "data") => input_kind("data"),
+            _ => None,
+        }
+    }
+
+    fn outputs(self) -> &'static [&'static str] {
+        match self {
+            JobKind::Rm | JobKind::Sft | JobKind::Average => &["checkpoint"],
+            JobKind::Dpo => &["checkpoint", "reference_logps"],
+            JobKind::Sample | JobKind::Annotate | JobKind::Curate => &["data"],
+            JobKind::Eval | JobKind::External => &[],
         }
     }
 }
@@ -112,67 +131,8 @@ fn to_value<T: Serialize>(t: T) -> Value {
     serde_json::to_value(t).expect("params serialize")
 }
 
-/// What kind of artifact something is, as recorded with it: `checkpoint`,
-/// a dataset kind (`preference`, `sft`, `prompts`) or `cache`.
-pub mod artifact {
-    pub const CHECKPOINT: &str = "checkpoint";
-    pub const PREFERENCE: &str = "preference";
-    pub const SFT: &str = "sft";
-    pub const PROMPTS: &str = "prompts";
-    pub const CACHE: &str = "cache";
-}
-
-impl JobKind {
-    /// The artifact kinds input `name` accepts (checked at submit, so a
-    /// dataset given as a checkpoint is refused before anything runs).
-    pub fn accepts(self, input: &str) -> &'static [&'static str] {
-        use artifact::*;
-        match (self, input) {
-            (JobKind::Rm | JobKind::Dpo, "data") => &[PREFERENCE],
-            (JobKind::Sft, "data") => &[SFT],
-            (JobKind::Curate, "data") => &[SFT, PREFERENCE],
-            (JobKind::Sample | JobKind::Annotate | JobKind::Eval, "prompts") => &[PROMPTS],
-            (JobKind::Eval, "sft") => &[SFT],
-            (JobKind::Eval, "preference") => &[PREFERENCE],
-            _ => &[CHECKPOINT],
-        }
-    }
-
-    /// The artifact kind of this kind's output `name`; `input_kind` tells
-    /// the kind of one of the job's inputs (curate keeps its data's kind).
-    /// None: this kind has no such output.
-    pub fn output_kind(
-        self,
-        output: &str,
-        input_kind: impl Fn(&str) -> Option<String>,
-    ) -> Option<String> {
-        use artifact::*;
-        let kind = match (self, output) {
-            (JobKind::Rm | JobKind::Sft | JobKind::Dpo | JobKind::Average, "checkpoint") => {
-                CHECKPOINT
-            }
-            (JobKind::Dpo, "reference_logps") => CACHE,
-            (JobKind::Sample, "data") => SFT,
-            (JobKind::Annotate, "data") => PREFERENCE,
-            (JobKind::Curate, "data") => return input_kind("data"),
-            _ => return None,
-        };
-        Some(kind.to_string())
-    }
-
-    /// The output names this kind records.
-    pub fn outputs(self) -> &'static [&'static str] {
-        match self {
-            JobKind::Rm | JobKind::Sft | JobKind::Average => &["checkpoint"],
-            JobKind::Dpo => &["checkpoint", "reference_logps"],
-            JobKind::Sample | JobKind::Annotate | JobKind::Curate => &["data"],
-            JobKind::Eval => &[],
-        }
-    }
-}
-
 /// Input `name` of a `kind` job may be an artifact of kind `artifact`.
-pub fn check_input_kind(kind: JobKind, name: &str, artifact: &str) -> Result<(), String> {
+pub fn check_input_kind(kind: JobKind, name: &str, artifact: ArtifactKind) -> Result<(), String> {
     let accepts = kind.accepts(name);
     if accepts.contains(&artifact) {
         return Ok(());
@@ -185,7 +145,7 @@ pub fn check_input_kind(kind: JobKind, name: &str, artifact: &str) -> Result<(),
             .map(|a| format!("a {a}"))
             .collect::<Vec<_>>()
             .join(" or "),
-        if artifact.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        if artifact.as_str().starts_with(['a', 'e', 'i', 'o', 'u']) {
             "an"
         } else {
             "a"
@@ -256,6 +216,7 @@ fn check(kind: JobKind, v: &Value) -> Result<(), String> {
         JobKind::Curate => parse_params::<curate::Params>(v).map(drop),
         JobKind::Eval => parse_params::<eval::Params>(v).map(drop),
         JobKind::Annotate => parse_params::<annotate::Params>(v).map(drop),
+        JobKind::External => Err("external runs are recorded, not run by herd".into()),
     }
 }
 
@@ -343,5 +304,6 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
         JobKind::Curate => curate::run(ctx),
         JobKind::Eval => eval::run(ctx),
         JobKind::Annotate => annotate::run(ctx),
+        JobKind::External => anyhow::bail!("external runs are recorded, not run by herd"),
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::{self, Dataset, DatasetKind};
+use herd_core::ArtifactKind;
 
 use super::JobContext;
 
@@ -22,8 +23,13 @@ pub trait Sink {
     fn metrics(&mut self, step: u64, points: &[(String, f64)]) -> Result<()>;
     fn progress(&mut self, done: u64, total: u64);
     /// Record an output (a checkpoint directory or a dataset file); returns its hash.
-    fn output(&mut self, name: &str, artifact: &str, path: &Path, summary: Value)
-        -> Result<String>;
+    fn output(
+        &mut self,
+        name: &str,
+        artifact: ArtifactKind,
+        path: &Path,
+        summary: Value,
+    ) -> Result<String>;
     fn note(&mut self, message: &str);
 }
 
@@ -32,7 +38,7 @@ pub trait Sink {
 pub struct MemorySink {
     pub blobs: herd_store::BlobStore,
     pub metrics: Vec<(u64, Vec<(String, f64)>)>,
-    pub outputs: Vec<(String, String, String, Value)>,
+    pub outputs: Vec<(String, ArtifactKind, String, Value)>,
     pub notes: Vec<String>,
 }
 
@@ -77,17 +83,13 @@ impl Sink for MemorySink {
     fn output(
         &mut self,
         name: &str,
-        artifact: &str,
+        artifact: ArtifactKind,
         path: &Path,
         summary: Value,
     ) -> Result<String> {
         let hash = store_output(&self.blobs, path)?;
-        self.outputs.push((
-            name.to_string(),
-            artifact.to_string(),
-            hash.clone(),
-            summary,
-        ));
+        self.outputs
+            .push((name.to_string(), artifact, hash.clone(), summary));
         Ok(hash)
     }
     fn note(&mut self, message: &str) {
@@ -320,7 +322,8 @@ pub fn save_checkpoint(
         &out,
         Some(&tokenizer_from.join(herd_engine::checkpoint::TOKENIZER)),
     )?;
-    ctx.sink.output("checkpoint", "checkpoint", &out, summary)
+    ctx.sink
+        .output("checkpoint", ArtifactKind::Checkpoint, &out, summary)
 }
 
 /// Write a dataset into the workdir and record it as an output.
@@ -328,7 +331,7 @@ pub fn save_dataset(ctx: &mut JobContext, name: &str, ds: &Dataset) -> Result<St
     let path = ctx.workdir.join(format!("{name}.jsonl"));
     std::fs::write(&path, ds.to_jsonl())?;
     ctx.sink
-        .output(name, ds.kind().as_str(), &path, ds.summary())
+        .output(name, ds.kind().artifact(), &path, ds.summary())
 }
 
 /// Word-set Jaccard similarity of two texts (for the too-similar filters).

@@ -1,0 +1,296 @@
+//! The words both sides of the API use, each parsed once at the edge:
+//! job kinds, artifact kinds, blob hashes and input references.
+//!
+//! Each is a type with `FromStr`/`Display` and serde as its string form, so
+//! what is recorded and sent over the wire stays the same text it always was
+//! while the code in between handles typed values.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// Serde as the `Display`/`FromStr` string form.
+macro_rules! string_serde {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = std::borrow::Cow::<str>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// What a job does. `External` is a run that happened outside herd and was
+/// recorded through `/runs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobKind {
+    Rm,
+    Sample,
+    Sft,
+    Dpo,
+    Average,
+    Curate,
+    Eval,
+    Annotate,
+    External,
+}
+
+impl JobKind {
+    /// The kinds herd runs itself (every kind but `External`).
+    pub const RECIPES: [JobKind; 8] = [
+        JobKind::Rm,
+        JobKind::Sample,
+        JobKind::Sft,
+        JobKind::Dpo,
+        JobKind::Average,
+        JobKind::Curate,
+        JobKind::Eval,
+        JobKind::Annotate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Rm => "rm",
+            JobKind::Sample => "sample",
+            JobKind::Sft => "sft",
+            JobKind::Dpo => "dpo",
+            JobKind::Average => "average",
+            JobKind::Curate => "curate",
+            JobKind::Eval => "eval",
+            JobKind::Annotate => "annotate",
+            JobKind::External => "external",
+        }
+    }
+
+    /// Whether herd runs this kind (false for external runs).
+    pub fn is_recipe(self) -> bool {
+        self != JobKind::External
+    }
+}
+
+impl FromStr for JobKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobKind::RECIPES
+            .into_iter()
+            .chain([JobKind::External])
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown job kind {s:?} (expected one of {})",
+                    JobKind::RECIPES.map(|k| k.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+string_serde!(JobKind);
+
+/// What an artifact is: a checkpoint, one of the dataset kinds, or a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ArtifactKind {
+    Checkpoint,
+    Preference,
+    Sft,
+    Prompts,
+    Cache,
+}
+
+impl ArtifactKind {
+    pub const ALL: [ArtifactKind; 5] = [
+        ArtifactKind::Checkpoint,
+        ArtifactKind::Preference,
+        ArtifactKind::Sft,
+        ArtifactKind::Prompts,
+        ArtifactKind::Cache,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Checkpoint => "checkpoint",
+            ArtifactKind::Preference => "preference",
+            ArtifactKind::Sft => "sft",
+            ArtifactKind::Prompts => "prompts",
+            ArtifactKind::Cache => "cache",
+        }
+    }
+
+    pub fn is_dataset(self) -> bool {
+        matches!(
+            self,
+            ArtifactKind::Preference | ArtifactKind::Sft | ArtifactKind::Prompts
+        )
+    }
+}
+
+impl FromStr for ArtifactKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ArtifactKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown artifact kind {s:?} (expected one of {})",
+                    ArtifactKind::ALL.map(|k| k.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+string_serde!(ArtifactKind);
+
+/// A blob's name: the sha256 of its bytes as 64 lowercase hex digits (the
+/// only spelling the blob store uses, so the only one accepted).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobHash(String);
+
+impl BlobHash {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_valid(s: &str) -> bool {
+        s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+}
+
+impl FromStr for BlobHash {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if BlobHash::is_valid(s) {
+            Ok(BlobHash(s.to_string()))
+        } else {
+            Err(format!(
+                "{s:?} is not a content hash (64 lowercase hex digits, a sha256)"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+string_serde!(BlobHash);
+
+/// A job input: a stored blob, or an output of another job (which may not
+/// have run yet), written `job:<id>/<output>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum InputRef {
+    Blob(BlobHash),
+    JobOutput { job: Uuid, output: String },
+}
+
+impl InputRef {
+    /// A reference to output `output` of job `job`.
+    pub fn job_output(job: Uuid, output: &str) -> InputRef {
+        InputRef::JobOutput {
+            job,
+            output: output.to_string(),
+        }
+    }
+}
+
+impl FromStr for InputRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("job:") {
+            let (id, output) = rest
+                .split_once('/')
+                .ok_or_else(|| format!("{s:?} is not job:<id>/<output>"))?;
+            let job = id
+                .parse::<Uuid>()
+                .map_err(|_| format!("{s:?}: {id:?} is not a job id"))?;
+            if output.is_empty()
+                || !output
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(format!("{s:?}: {output:?} is not an output name"));
+            }
+            return Ok(InputRef::job_output(job, output));
+        }
+        if BlobHash::is_valid(s) {
+            return Ok(InputRef::Blob(BlobHash(s.to_string())));
+        }
+        Err(format!(
+            "{s:?} is neither a content hash (64 lowercase hex digits) nor job:<id>/<output>"
+        ))
+    }
+}
+
+impl fmt::Display for InputRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InputRef::Blob(h) => f.write_str(h.as_str()),
+            InputRef::JobOutput { job, output } => write!(f, "job:{job}/{output}"),
+        }
+    }
+}
+string_serde!(InputRef);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_word_round_trips_through_its_text() {
+        for k in JobKind::RECIPES.into_iter().chain([JobKind::External]) {
+            assert_eq!(k.to_string().parse::<JobKind>(), Ok(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+        for a in ArtifactKind::ALL {
+            assert_eq!(a.to_string().parse::<ArtifactKind>(), Ok(a));
+        }
+        let h = "ab".repeat(32);
+        let job = Uuid::now_v7();
+        for text in [h.clone(), format!("job:{job}/checkpoint")] {
+            let r: InputRef = text.parse().unwrap();
+            assert_eq!(r.to_string(), text);
+            let v: InputRef = serde_json::from_value(serde_json::json!(text)).unwrap();
+            assert_eq!(v, r);
+        }
+    }
+
+    #[test]
+    fn malformed_words_are_refused_saying_why() {
+        assert!("AB"
+            .repeat(32)
+            .parse::<BlobHash>()
+            .unwrap_err()
+            .contains("lowercase"));
+        assert!("job:garbage"
+            .parse::<InputRef>()
+            .unwrap_err()
+            .contains("job:<id>/<output>"));
+        let bad_output = format!("job:{}/a/b", Uuid::now_v7());
+        assert!(bad_output
+            .parse::<InputRef>()
+            .unwrap_err()
+            .contains("output name"));
+        assert!("train"
+            .parse::<JobKind>()
+            .unwrap_err()
+            .contains("expected one of"));
+    }
+}
