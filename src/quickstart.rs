@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use herd_client::{Client, JobRequest};
+use herd_client::{Client, InputRef, JobKind, JobRequest, JobStatus};
 use herd_daemon::scheduler::SchedulerConfig;
 use herd_daemon::server::{Daemon, DaemonConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -133,7 +133,7 @@ fn wait_all(c: &Client, ids: &[String], pb: &ProgressBar) -> Result<Vec<herd_cli
             ids.iter().map(|id| c.job(id)).collect::<Result<_, _>>()?;
         let done = jobs.iter().filter(|j| j.is_final()).count();
         pb.set_position(done as u64);
-        if let Some(j) = jobs.iter().find(|j| j.status == "running") {
+        if let Some(j) = jobs.iter().find(|j| j.status == JobStatus::Running) {
             let p = j
                 .progress
                 .map(|p| format!(" {}/{}", p.done, p.total))
@@ -146,7 +146,7 @@ fn wait_all(c: &Client, ids: &[String], pb: &ProgressBar) -> Result<Vec<herd_cli
         }
         if let Some(f) = jobs
             .iter()
-            .find(|j| j.status == "failed" || j.status == "cancelled")
+            .find(|j| matches!(j.status, JobStatus::Failed | JobStatus::Cancelled))
         {
             bail!(
                 "job {} ({}) {}: {}",
@@ -293,32 +293,34 @@ fn drive(
         hash_of(&c.import_dataset(&work.join("heldout.jsonl"), "prompts", "heldout-prompts")?)?;
 
     let pb = bar(opts.quiet, 2, "base model");
-    let base_job = c.submit(&JobRequest {
-        kind: "sft".into(),
-        name: Some("base-sft".into()),
-        experiment: Some(exp.clone()),
-        inputs: BTreeMap::from([("model".into(), init), ("data".into(), corpus_h)]),
-        hyperparameters: json!({"lr": 3e-3, "steps": z.base_steps, "batch_size": 32, "warmup_steps": 10, "max_seq_len": 160}),
-        seed: 1,
-        ..Default::default()
-    })?["id"]
-        .as_str()
-        .unwrap_or_default()
+    let experiment: uuid::Uuid = exp.parse()?;
+    let base_job = c
+        .submit(&JobRequest {
+            name: Some("base-sft".into()),
+            experiment: Some(experiment),
+            inputs: BTreeMap::from([
+                ("model".into(), input(&init)?),
+                ("data".into(), input(&corpus_h)?),
+            ]),
+            hyperparameters: json!({"lr": 3e-3, "steps": z.base_steps, "batch_size": 32, "warmup_steps": 10, "max_seq_len": 160}),
+            seed: 1,
+            ..JobRequest::new(JobKind::Sft)
+        })?
+        .id
         .to_string();
     let base = wait_all(&c, std::slice::from_ref(&base_job), &pb)?[0].outputs["checkpoint"].clone();
-    let eval_job = c.submit(&JobRequest {
-        kind: "eval".into(),
-        name: Some("base-eval".into()),
-        experiment: Some(exp.clone()),
-        inputs: BTreeMap::from([
-            ("policy".into(), base.clone()),
-            ("prompts".into(), heldout_h.clone()),
-        ]),
-        hyperparameters: json!({"max_new_tokens": 24, "batch_size": 64}),
-        ..Default::default()
-    })?["id"]
-        .as_str()
-        .unwrap_or_default()
+    let eval_job = c
+        .submit(&JobRequest {
+            name: Some("base-eval".into()),
+            experiment: Some(experiment),
+            inputs: BTreeMap::from([
+                ("policy".into(), input(&base)?),
+                ("prompts".into(), input(&heldout_h)?),
+            ]),
+            hyperparameters: json!({"max_new_tokens": 24, "batch_size": 64}),
+            ..JobRequest::new(JobKind::Eval)
+        })?
+        .id
         .to_string();
     let base_accuracy = wait_all(&c, &[base_job, eval_job.clone()], &pb)?[1]
         .metric("task_accuracy")
@@ -364,7 +366,10 @@ fn drive(
             win_rate: eval.metric("win_rate").unwrap_or(0.0),
             seconds: t.elapsed().as_secs_f64(),
             jobs: jobs.len(),
-            succeeded: jobs.iter().filter(|j| j.status == "succeeded").count(),
+            succeeded: jobs
+                .iter()
+                .filter(|j| j.status == JobStatus::Succeeded)
+                .count(),
         };
         pb.finish_with_message(format!("task accuracy {:.3}", row.task_accuracy));
         rows.push(row);
@@ -447,4 +452,9 @@ pub fn table(r: &Report) -> String {
         r.total_seconds
     ));
     s
+}
+
+/// A hash or `job:<id>/<output>` the daemon gave us, as a typed input.
+fn input(reference: &str) -> Result<InputRef> {
+    reference.parse().map_err(anyhow::Error::msg)
 }

@@ -48,7 +48,10 @@ fn auth_limits_and_validation() {
         }
         other => panic!("expected 400, got {other:?}"),
     }
-    match good.submit(&req("sft", &[("model", "nothex")], json!({"lr": 1e-5}))) {
+    match good.post(
+        "/jobs",
+        &req("sft", &[("model", "nothex")], json!({"lr": 1e-5})),
+    ) {
         Err(ClientError::Api {
             status: 400,
             message,
@@ -58,7 +61,7 @@ fn auth_limits_and_validation() {
         ),
         other => panic!("{other:?}"),
     }
-    match good.submit(&req("sft", &[], json!({"lrr": 1}))) {
+    match good.post("/jobs", &req("sft", &[], json!({"lrr": 1}))) {
         Err(ClientError::Api {
             status: 400,
             message,
@@ -99,12 +102,17 @@ fn every_job_kind_runs_over_http_and_lineage_holds() {
         .unwrap()
         .to_string();
     let run = |kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value| {
-        let id = c.submit(&req(kind, inputs, hp)).unwrap()["id"]
+        let id = c.post("/jobs", &req(kind, inputs, hp)).unwrap()["id"]
             .as_str()
             .unwrap()
             .to_string();
         let j = c.wait(&id, Duration::from_secs(300)).unwrap();
-        assert_eq!(j.status, "succeeded", "{kind}: {:?}", j.error);
+        assert_eq!(
+            j.status,
+            herd_client::JobStatus::Succeeded,
+            "{kind}: {:?}",
+            j.error
+        );
         j
     };
     let sft_job = run(
@@ -142,18 +150,22 @@ fn every_job_kind_runs_over_http_and_lineage_holds() {
         json!({"max_new_tokens": 4}),
     );
     let ann = c
-        .submit(&req(
-            "annotate",
-            &[("policy", &r), ("prompts", &prompts)],
-            json!({"max_new_tokens": 4}),
-        ))
+        .post(
+            "/jobs",
+            &req(
+                "annotate",
+                &[("policy", &r), ("prompts", &prompts)],
+                json!({"max_new_tokens": 4}),
+            ),
+        )
         .unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
     let j = c.wait(&ann, Duration::from_secs(300)).unwrap();
     assert!(
-        j.status == "succeeded" || j.error.as_deref().unwrap_or("").contains("could not rank"),
+        j.status == herd_client::JobStatus::Succeeded
+            || j.error.as_deref().unwrap_or("").contains("could not rank"),
         "{j:?}"
     );
     // Lineage of the SFT checkpoint goes back to the imported model and data.
@@ -181,13 +193,16 @@ fn cancel_and_a_killed_worker_fail_only_their_job() {
     let (r, _, _, _, sft) = import_fixtures(&c);
     let long = json!({"steps": 1000000, "batch_size": 3});
     let a = c
-        .submit(&req("sft", &[("model", &r), ("data", &sft)], long.clone()))
+        .post(
+            "/jobs",
+            &req("sft", &[("model", &r), ("data", &sft)], long.clone()),
+        )
         .unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
     let b = c
-        .submit(&req("sft", &[("model", &r), ("data", &sft)], long))
+        .post("/jobs", &req("sft", &[("model", &r), ("data", &sft)], long))
         .unwrap()["id"]
         .as_str()
         .unwrap()
@@ -203,7 +218,7 @@ fn cancel_and_a_killed_worker_fail_only_their_job() {
     let t = std::time::Instant::now();
     c.cancel(&a).unwrap();
     let ja = c.wait(&a, Duration::from_secs(10)).unwrap();
-    assert_eq!(ja.status, "cancelled");
+    assert_eq!(ja.status, herd_client::JobStatus::Cancelled);
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "cancel took {:?}",
@@ -212,8 +227,8 @@ fn cancel_and_a_killed_worker_fail_only_their_job() {
     let pid = worker_pid(&b).expect("worker process of b");
     unsafe_kill(pid, 9);
     let jb = c.wait(&b, Duration::from_secs(10)).unwrap();
-    assert_eq!(jb.status, "failed");
-    assert!(jb.error.unwrap().contains("signal 9"));
+    assert_eq!(jb.status, herd_client::JobStatus::Failed);
+    assert!(jb.error.as_deref().unwrap().contains("signal 9"));
     assert!(c.health().is_ok(), "daemon survives");
     assert!(matches!(
         c.cancel(&a),
@@ -228,17 +243,20 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
     let id = c
-        .submit(&req(
-            "sft",
-            &[("model", &r), ("data", &sft)],
-            json!({"steps": 300, "batch_size": 3}),
-        ))
+        .post(
+            "/jobs",
+            &req(
+                "sft",
+                &[("model", &r), ("data", &sft)],
+                json!({"steps": 300, "batch_size": 3}),
+            ),
+        )
         .unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
     for _ in 0..600 {
-        if c.job(&id).unwrap().status == "running" {
+        if c.job(&id).unwrap().status == herd_client::JobStatus::Running {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -259,7 +277,7 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
     let d2 = Daemon::start(dir.path());
     let c2 = d2.client();
     let j = c2.wait(&id, Duration::from_secs(300)).unwrap();
-    assert_eq!(j.status, "succeeded", "{:?}", j.error);
+    assert_eq!(j.status, herd_client::JobStatus::Succeeded, "{:?}", j.error);
     assert!(j.attempts >= 2, "attempts {}", j.attempts);
     assert_eq!(c2.verify().unwrap()["ok"], true);
     // The curves are the latest attempt's alone: every step once, in order.
@@ -320,7 +338,7 @@ fn hundred_concurrent_clients_lose_nothing() {
                         .collect();
                     c.log_metrics(&run, &pts).unwrap();
                     c.jobs(&herd_client::JobQuery {
-                        kind: Some("external".into()),
+                        kind: Some(herd_client::JobKind::External),
                         ..Default::default()
                     })
                     .unwrap();
@@ -332,6 +350,9 @@ fn hundred_concurrent_clients_lose_nothing() {
     assert_eq!(series.len(), CLIENTS);
     assert!(series.values().all(|s| s.len() == BATCHES * POINTS));
     c.close_run(&run, true, "done").unwrap();
-    assert_eq!(c.job(&run).unwrap().status, "succeeded");
+    assert_eq!(
+        c.job(&run).unwrap().status,
+        herd_client::JobStatus::Succeeded
+    );
     assert_eq!(c.verify().unwrap()["ok"], true);
 }

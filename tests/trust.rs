@@ -181,7 +181,7 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
             "max_new_tokens",
         ),
     ] {
-        let (status, msg) = api_error(c.submit(&req(kind, &inputs, hp)));
+        let (status, msg) = api_error(c.post("/jobs", &req(kind, &inputs, hp)));
         assert_eq!(status, 400, "{msg}");
         assert!(
             msg.contains(field) && msg.contains("must be in"),
@@ -211,12 +211,15 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
             "must be a prompts",
         ),
     ] {
-        let (status, msg) = api_error(c.submit(&req(kind, &inputs, json!({}))));
+        let (status, msg) = api_error(c.post("/jobs", &req(kind, &inputs, json!({}))));
         assert_eq!(status, 400, "{msg}");
         assert!(msg.contains(says), "{kind}: {msg}");
     }
     let upper = r.to_uppercase();
-    let (_, msg) = api_error(c.submit(&req("sft", &[("model", &upper), ("data", sft)], json!({}))));
+    let (_, msg) = api_error(c.post(
+        "/jobs",
+        &req("sft", &[("model", &upper), ("data", sft)], json!({})),
+    ));
     assert!(msg.contains("lowercase"), "{msg}");
     // Inside round specs too: a garbage job reference, a wrong kind.
     let exp = c.create_experiment("trust", "").unwrap();
@@ -472,7 +475,7 @@ fn reproduction_says_whether_the_environment_differed() {
             "--data-dir",
             dir.path().to_str().unwrap(),
         ])
-        .args(["reproduce", &job, "--json"])
+        .args(["reproduce", &job.to_string(), "--json"])
         .env_remove("HERD_TOKEN")
         .env_remove("HERD_SERVER")
         .output()

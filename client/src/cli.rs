@@ -8,7 +8,9 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use crate::{Client, ClientError, Job, JobQuery, JobRequest, Result};
+use uuid::Uuid;
+
+use crate::{Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest, JobStatus, Result};
 
 #[derive(Parser)]
 #[command(
@@ -50,24 +52,24 @@ pub enum Command {
     /// Submit a job. Example: herd submit --kind dpo --input model=H1 --input data=H2 --set beta=0.1
     Submit {
         #[arg(long)]
-        kind: String,
+        kind: JobKind,
         /// name=HASH (or name=job:ID/output)
-        #[arg(long = "input", value_parser = parse_kv)]
-        inputs: Vec<(String, String)>,
+        #[arg(long = "input", value_parser = parse_input)]
+        inputs: Vec<(String, InputRef)>,
         /// key=value hyperparameter (value parsed as JSON when it can be)
         #[arg(long = "set", value_parser = parse_kv)]
         sets: Vec<(String, String)>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
-        experiment: Option<String>,
+        experiment: Option<Uuid>,
         #[arg(long)]
         name: Option<String>,
         #[arg(long, default_value_t = 0)]
         priority: i32,
         /// Job ids this one waits for
         #[arg(long)]
-        after: Vec<String>,
+        after: Vec<Uuid>,
         /// Wait for the job to end
         #[arg(long)]
         wait: bool,
@@ -90,13 +92,13 @@ pub enum Command {
     /// Query run history. Example: herd history --kind dpo --where "beta<=0.1,metric.reward_accuracy>0.6" --sort -metric.reward_accuracy
     History {
         #[arg(long)]
-        experiment: Option<String>,
+        experiment: Option<Uuid>,
         #[arg(long)]
-        kind: Option<String>,
+        kind: Option<JobKind>,
         #[arg(long)]
-        status: Option<String>,
+        status: Option<JobStatus>,
         #[arg(long)]
-        round: Option<String>,
+        round: Option<Uuid>,
         /// Conditions on hyperparameters and metrics: hp.lr<1e-4,metric.loss<2
         #[arg(long = "where")]
         where_: Option<String>,
@@ -179,6 +181,12 @@ pub enum RoundAction {
     Show {
         id: String,
     },
+}
+
+/// `name=REF`, REF a content hash or `job:<id>/<output>`.
+fn parse_input(s: &str) -> std::result::Result<(String, InputRef), String> {
+    let (k, v) = parse_kv(s)?;
+    Ok((k, v.parse()?))
 }
 
 fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
@@ -350,28 +358,32 @@ pub fn run(cli: &Cli) -> Result<()> {
                 );
             }
             let req = JobRequest {
-                kind: kind.clone(),
+                kind: *kind,
                 inputs: inputs.iter().cloned().collect::<BTreeMap<_, _>>(),
                 hyperparameters: Value::Object(hp),
                 seed: *seed,
-                experiment: experiment.clone(),
+                experiment: *experiment,
                 name: name.clone(),
                 priority: *priority,
                 depends_on: after.clone(),
             };
             let v = c.submit(&req)?;
-            let id = v["id"].as_str().unwrap_or_default().to_string();
+            let id = v.id.to_string();
             if *wait {
                 let j = c.wait(&id, Duration::from_secs(24 * 3600))?;
                 print(js, &json!(j), || println!("{}", job_row(&j)));
-                if j.status != "succeeded" {
+                if j.status != JobStatus::Succeeded {
                     return Err(ClientError::Api {
                         status: 0,
-                        message: format!("job {id} {}: {}", j.status, j.error.unwrap_or_default()),
+                        message: format!(
+                            "job {id} {}: {}",
+                            j.status,
+                            j.error.as_deref().unwrap_or("no reason recorded")
+                        ),
                     });
                 }
             } else {
-                print(js, &v, || println!("{id}"));
+                print(js, &json!(v), || println!("{id}"));
             }
         }
         Command::Round { action } => match action {
@@ -407,7 +419,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             print(js, &json!(out), || {
                 out.iter().for_each(|j| println!("{}", job_row(j)))
             });
-            if let Some(bad) = out.iter().find(|j| j.status != "succeeded") {
+            if let Some(bad) = out.iter().find(|j| j.status != JobStatus::Succeeded) {
                 return Err(ClientError::Api {
                     status: 0,
                     message: format!(
@@ -468,10 +480,10 @@ pub fn run(cli: &Cli) -> Result<()> {
             limit,
         } => {
             let q = JobQuery {
-                experiment: experiment.clone(),
-                kind: kind.clone(),
-                status: status.clone(),
-                round: round.clone(),
+                experiment: *experiment,
+                kind: *kind,
+                status: *status,
+                round: *round,
                 where_: where_.clone(),
                 sort: sort.clone(),
                 limit: *limit,
@@ -617,7 +629,7 @@ fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
         let jobs: Vec<Job> = match id {
             Some(id) => vec![c.job(id)?],
             None => c.jobs(&JobQuery {
-                status: Some("running".into()),
+                status: Some(JobStatus::Running),
                 ..Default::default()
             })?,
         };
@@ -625,7 +637,7 @@ fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
             println!("{}", serde_json::to_string(&jobs).expect("json"));
         }
         for j in &jobs {
-            let bar = bars.entry(j.id.clone()).or_insert_with(|| {
+            let bar = bars.entry(j.id.to_string()).or_insert_with(|| {
                 let b = multi.add(ProgressBar::new(1));
                 b.set_style(style.clone());
                 b.set_prefix(format!("{} {}", j.kind, short(&j.name)));
@@ -801,7 +813,7 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
     for (orig, new) in &pairs {
         let a = c.job(orig)?;
         let b = c.wait(new, Duration::from_secs(timeout))?;
-        let same = b.status == "succeeded" && a.outputs == b.outputs;
+        let same = b.status == JobStatus::Succeeded && a.outputs == b.outputs;
         all_same &= same;
         // The environment first: a difference there explains different bytes.
         let keys: std::collections::BTreeSet<&String> =

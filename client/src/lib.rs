@@ -15,7 +15,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,98 +40,9 @@ pub enum ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
-/// A job as the daemon reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Job {
-    pub id: String,
-    pub name: String,
-    pub kind: String,
-    pub status: String,
-    #[serde(default)]
-    pub experiment: Option<String>,
-    #[serde(default)]
-    pub round: Option<String>,
-    #[serde(default)]
-    pub inputs: BTreeMap<String, String>,
-    #[serde(default)]
-    pub resolved_inputs: BTreeMap<String, String>,
-    #[serde(default)]
-    pub hyperparameters: Value,
-    #[serde(default)]
-    pub effective_hyperparameters: Value,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub outputs: BTreeMap<String, String>,
-    #[serde(default)]
-    pub last_metrics: BTreeMap<String, (u64, f64)>,
-    #[serde(default)]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub attempts: u32,
-    #[serde(default)]
-    pub device: Option<String>,
-    /// The build and machine it ran on: engine source hash, kernel path,
-    /// threads, device, CUDA version.
-    #[serde(default)]
-    pub fingerprint: BTreeMap<String, String>,
-    #[serde(default)]
-    pub summary: Value,
-    #[serde(default)]
-    pub progress: Option<Progress>,
-    #[serde(default)]
-    pub depends_on: Vec<String>,
-    #[serde(default)]
-    pub reproduces: Option<String>,
-    #[serde(default)]
-    pub submitted_ms: u64,
-    #[serde(default)]
-    pub started_ms: Option<u64>,
-    #[serde(default)]
-    pub finished_ms: Option<u64>,
-}
-
-impl Job {
-    pub fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "succeeded" | "failed" | "cancelled")
-    }
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        self.last_metrics.get(name).map(|x| x.1)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Progress {
-    pub done: u64,
-    pub total: u64,
-}
-
-/// What to run.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct JobRequest {
-    pub kind: String,
-    pub inputs: BTreeMap<String, String>,
-    pub hyperparameters: Value,
-    pub seed: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub experiment: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub priority: i32,
-    pub depends_on: Vec<String>,
-}
-
-/// History filters.
-#[derive(Debug, Clone, Default)]
-pub struct JobQuery {
-    pub experiment: Option<String>,
-    pub kind: Option<String>,
-    pub status: Option<String>,
-    pub round: Option<String>,
-    pub where_: Option<String>,
-    pub sort: Option<String>,
-    pub limit: Option<usize>,
-}
+pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
+pub use herd_core::wire::{Job, JobQuery, JobRequest, JobSubmitted, MetricSeries, Progress};
+pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
 
 pub struct Client {
     pub server: String,
@@ -341,8 +251,8 @@ impl Client {
         self.get("/artifacts")
     }
 
-    pub fn submit(&self, req: &JobRequest) -> Result<Value> {
-        self.post("/jobs", &serde_json::to_value(req).expect("serializes"))
+    pub fn submit(&self, req: &JobRequest) -> Result<JobSubmitted> {
+        Self::typed(self.post("/jobs", &serde_json::to_value(req).expect("serializes"))?)
     }
 
     pub fn job(&self, id: &str) -> Result<Job> {
@@ -352,15 +262,15 @@ impl Client {
     pub fn jobs(&self, q: &JobQuery) -> Result<Vec<Job>> {
         let mut params = vec![];
         for (k, v) in [
-            ("experiment", &q.experiment),
-            ("kind", &q.kind),
-            ("status", &q.status),
-            ("round", &q.round),
-            ("where", &q.where_),
-            ("sort", &q.sort),
+            ("experiment", q.experiment.map(|e| e.to_string())),
+            ("kind", q.kind.map(|k| k.to_string())),
+            ("status", q.status.map(|s| s.to_string())),
+            ("round", q.round.map(|r| r.to_string())),
+            ("where", q.where_.clone()),
+            ("sort", q.sort.clone()),
         ] {
             if let Some(v) = v {
-                params.push(format!("{k}={}", enc(v)));
+                params.push(format!("{k}={}", enc(&v)));
             }
         }
         if let Some(l) = q.limit {
@@ -393,8 +303,8 @@ impl Client {
         } else {
             format!("?{}", q.join("&"))
         };
-        let mut v = self.get(&format!("/jobs/{}/metrics{q}", enc(id)))?;
-        Self::typed(v["series"].take())
+        let m: MetricSeries = Self::typed(self.get(&format!("/jobs/{}/metrics{q}", enc(id)))?)?;
+        Ok(m.series)
     }
 
     pub fn cancel(&self, id: &str) -> Result<Value> {

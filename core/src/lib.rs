@@ -11,9 +11,11 @@
 //!   lineage).
 //! * [`vocab`]: job kinds, artifact kinds, blob hashes and input references,
 //!   each parsed once from its text.
+//! * [`wire`]: the request and response bodies of the HTTP API.
 
 pub mod model;
 pub mod vocab;
+pub mod wire;
 
 pub use model::{HerdEvent, JobStatus, Projection};
 pub use vocab::{ArtifactKind, BlobHash, InputRef, JobKind};

@@ -15,11 +15,7 @@ use herd_store::{EventLog, ExpectedVersion, NewEvent, RecordedEvent, Store};
 use tokio::sync::{watch, Notify, RwLock};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct Progress {
-    pub done: u64,
-    pub total: u64,
-}
+pub use herd_core::wire::Progress;
 
 pub struct State {
     pub store: Store,

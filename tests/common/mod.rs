@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use herd_client::{Client, JobRequest};
+use herd_client::Client;
 
 pub fn fixtures() -> PathBuf {
     std::env::var("HERD_FIXTURES")
@@ -148,32 +148,32 @@ pub fn worker_pid(job: &str) -> Option<u32> {
     None
 }
 
-/// A job request with these inputs and hyperparameters (seed 0).
-pub fn req(kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value) -> JobRequest {
-    JobRequest {
-        kind: kind.into(),
-        inputs: inputs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        hyperparameters: hp,
-        ..Default::default()
-    }
+/// The body of `POST /jobs` with these inputs and hyperparameters (seed 0),
+/// as raw JSON: tests also send what a typed client would refuse to build.
+pub fn req(kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value) -> serde_json::Value {
+    let inputs: serde_json::Map<String, serde_json::Value> = inputs
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    serde_json::json!({"kind": kind, "inputs": inputs, "hyperparameters": hp})
 }
 
 /// Submit a two-step SFT of `model` on `data`, wait for it, expect success.
 pub fn run_short_sft(c: &Client, model: &str, data: &str) -> herd_client::Job {
     let id = c
-        .submit(&req(
-            "sft",
-            &[("model", model), ("data", data)],
-            serde_json::json!({"steps": 2, "batch_size": 2}),
-        ))
+        .post(
+            "/jobs",
+            &req(
+                "sft",
+                &[("model", model), ("data", data)],
+                serde_json::json!({"steps": 2, "batch_size": 2}),
+            ),
+        )
         .unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
     let j = c.wait(&id, Duration::from_secs(120)).unwrap();
-    assert_eq!(j.status, "succeeded", "{:?}", j.error);
+    assert_eq!(j.status, herd_client::JobStatus::Succeeded, "{:?}", j.error);
     j
 }

@@ -44,31 +44,14 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
     ]
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewJob {
-    kind: String,
-    #[serde(default)]
-    inputs: BTreeMap<String, String>,
-    #[serde(default)]
-    hyperparameters: Value,
-    #[serde(default)]
-    seed: u64,
-    #[serde(default)]
-    experiment: Option<Uuid>,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    priority: i32,
-    #[serde(default)]
-    depends_on: Vec<Uuid>,
-}
-
-async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
-    let kind: JobKind = body
-        .kind
-        .parse()
-        .map_err(|e| bad(format!("field `kind`: {e}")))?;
+async fn submit_job(ctx: Ctx, body: JobRequest) -> Res {
+    let kind = body.kind;
+    // Recorded as written: the text form of each reference.
+    let inputs: BTreeMap<String, String> = body
+        .inputs
+        .iter()
+        .map(|(name, r)| (name.clone(), r.to_string()))
+        .collect();
     let hp = crate::jobs::effective_hyperparameters(kind, &body.hyperparameters)
         .map_err(|e| bad(format!("field `hyperparameters`: {e}")))?;
     let mut depends_on = body.depends_on.clone();
@@ -79,16 +62,13 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
                 return Err(bad(format!("field `experiment`: no experiment {e}")));
             }
         }
-        references::check_inputs(&p, &BTreeMap::new(), kind, &body.inputs)
+        references::check_inputs(&p, &BTreeMap::new(), kind, &inputs)
             .map_err(|e| bad(format!("field `inputs`: {e}")))?;
         for (name, v) in &body.inputs {
-            match v
-                .parse::<InputRef>()
-                .map_err(|e| bad(format!("field `inputs.{name}`: {e}")))?
-            {
+            match v {
                 InputRef::JobOutput { job, .. } => {
-                    if !depends_on.contains(&job) {
-                        depends_on.push(job);
+                    if !depends_on.contains(job) {
+                        depends_on.push(*job);
                     }
                 }
                 InputRef::Blob(hash) if !ctx.state.store.blobs.contains(hash.as_str()) => {
@@ -112,7 +92,7 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
         round: None,
         name: body.name.unwrap_or_else(|| kind.as_str().to_string()),
         kind,
-        inputs: body.inputs,
+        inputs,
         hyperparameters: hp.clone(),
         seed: body.seed,
         depends_on,
@@ -124,21 +104,6 @@ async fn submit_job(ctx: Ctx, body: NewJob) -> Res {
         .await
         .map_err(internal)?;
     created(json!({"id": id, "effective_hyperparameters": hp}))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct JobQuery {
-    experiment: Option<Uuid>,
-    kind: Option<String>,
-    status: Option<String>,
-    round: Option<Uuid>,
-    /// Comma-separated conditions: `lr<1e-4`, `metric.loss<=2`, `hp.beta=0.1`.
-    #[serde(rename = "where")]
-    where_: Option<String>,
-    /// A field to sort by (`submitted`, `hp.X`, `metric.X`), `-` for descending.
-    sort: Option<String>,
-    limit: Option<usize>,
 }
 
 fn job_value(j: &JobView, key: &str) -> Option<f64> {
@@ -199,33 +164,28 @@ fn holds(j: &JobView, (k, op, v): &Condition) -> bool {
 }
 
 pub(super) fn job_json(ctx: &Ctx, j: &JobView) -> Value {
-    let mut v = json!(j);
-    if let Some(p) = ctx.state.progress.lock().expect("progress lock").get(&j.id) {
-        v["progress"] = json!(p);
-    }
-    v
+    let progress = ctx
+        .state
+        .progress
+        .lock()
+        .expect("progress lock")
+        .get(&j.id)
+        .copied();
+    json!(Job {
+        view: j.clone(),
+        progress
+    })
 }
 
 async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
     let conds = parse_where(q.where_.as_deref().unwrap_or("")).map_err(bad)?;
-    let status = q
-        .status
-        .as_deref()
-        .map(|s| {
-            JobStatus::parse(s).ok_or_else(|| {
-                bad(format!(
-                    "status {s:?} is not queued|running|succeeded|failed|cancelled"
-                ))
-            })
-        })
-        .transpose()?;
     let p = ctx.state.projection.read().await;
     let mut out: Vec<&JobView> = p
         .jobs
         .values()
         .filter(|j| q.experiment.is_none() || j.experiment == q.experiment)
-        .filter(|j| q.kind.as_deref().is_none_or(|k| j.kind.as_str() == k))
-        .filter(|j| status.is_none_or(|s| j.status == s))
+        .filter(|j| q.kind.is_none_or(|k| j.kind == k))
+        .filter(|j| q.status.is_none_or(|s| j.status == s))
         .filter(|j| q.round.is_none() || j.round == q.round)
         .filter(|j| conds.iter().all(|c| holds(j, c)))
         .collect();
@@ -234,16 +194,16 @@ async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
             .strip_prefix('-')
             .map(|k| (true, k))
             .unwrap_or((false, sort.as_str()));
+        // A total order (a partial one makes the sort panic): jobs without
+        // the value come last either way.
         out.sort_by(|a, b| {
-            let (x, y) = (
-                job_value(a, key).unwrap_or(f64::NAN),
-                job_value(b, key).unwrap_or(f64::NAN),
-            );
-            let o = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
-            if desc {
-                o.reverse()
-            } else {
-                o
+            let (x, y) = (job_value(a, key), job_value(b, key));
+            match (x.filter(|v| !v.is_nan()), y.filter(|v| !v.is_nan())) {
+                (Some(x), Some(y)) if desc => y.total_cmp(&x),
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
             }
         });
     }
@@ -288,12 +248,16 @@ async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
     if attempt == latest || latest == 0 {
         let empty = BTreeMap::new();
         let series = p.series.get(&id).unwrap_or(&empty);
-        let out: serde_json::Map<String, Value> = series
+        let out: BTreeMap<String, Vec<(u64, f64)>> = series
             .iter()
             .filter(|(k, _)| keep(k))
-            .map(|(k, v)| (k.clone(), json!(v)))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        return ok(json!({"attempt": latest, "attempts": latest, "series": out}));
+        return ok(json!(MetricSeries {
+            attempt: latest,
+            attempts: latest,
+            series: out
+        }));
     }
     if attempt == 0 || attempt > latest {
         return Err(bad(format!(
@@ -320,7 +284,11 @@ async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
             }
         }
     }
-    ok(json!({"attempt": attempt, "attempts": latest, "series": series}))
+    ok(json!(MetricSeries {
+        attempt,
+        attempts: latest,
+        series
+    }))
 }
 
 async fn cancel_job(id: Uuid, ctx: Ctx) -> Res {

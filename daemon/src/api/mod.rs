@@ -22,6 +22,7 @@ use crate::references::{self, InputRef};
 use crate::rounds::RoundSpec;
 use crate::scheduler::Scheduler;
 use crate::state::State;
+use herd_core::wire::{Job, JobQuery, JobRequest, MetricSeries};
 
 mod artifacts;
 mod experiments;

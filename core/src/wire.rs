@@ -1,0 +1,136 @@
+//! The bodies of the HTTP API that have structure, defined once: the daemon
+//! reads requests and writes responses with these types, the client the
+//! other way round. (Views the API returns as they are — experiments,
+//! rounds, artifacts, lineage — are the `model` types themselves.)
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::model::{JobStatus, JobView};
+use crate::vocab::{InputRef, JobKind};
+
+/// `POST /jobs`: what to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub kind: JobKind,
+    #[serde(default, deserialize_with = "inputs_by_name")]
+    pub inputs: BTreeMap<String, InputRef>,
+    /// Over the kind's defaults; the answer says the effective set.
+    #[serde(default)]
+    pub hyperparameters: Value,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub depends_on: Vec<Uuid>,
+}
+
+impl JobRequest {
+    /// A request for `kind` with no inputs, default hyperparameters, seed 0.
+    pub fn new(kind: JobKind) -> Self {
+        JobRequest {
+            kind,
+            inputs: BTreeMap::new(),
+            hyperparameters: Value::Object(Default::default()),
+            seed: 0,
+            experiment: None,
+            name: None,
+            priority: 0,
+            depends_on: vec![],
+        }
+    }
+}
+
+/// Input references, each error naming its input.
+fn inputs_by_name<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, InputRef>, D::Error> {
+    BTreeMap::<String, String>::deserialize(d)?
+        .into_iter()
+        .map(|(name, text)| {
+            text.parse()
+                .map(|r| (name.clone(), r))
+                .map_err(|e| serde::de::Error::custom(format!("input `{name}`: {e}")))
+        })
+        .collect()
+}
+
+/// `201` answer to `POST /jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSubmitted {
+    pub id: Uuid,
+    pub effective_hyperparameters: Value,
+}
+
+/// `GET /jobs` query: history filters and sort.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<JobKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<JobStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<Uuid>,
+    /// Comma-separated conditions: `lr<1e-4`, `metric.loss<=2`, `hp.beta=0.1`.
+    #[serde(rename = "where", default, skip_serializing_if = "Option::is_none")]
+    pub where_: Option<String>,
+    /// A field to sort by (`submitted`, `hp.X`, `metric.X`), `-` for descending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// How far a running job is, in its own units (steps, rows).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// A job as `GET /jobs/{id}` and `GET /jobs` answer: its view and, while it
+/// runs, its progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    #[serde(flatten)]
+    pub view: JobView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+impl std::ops::Deref for Job {
+    type Target = JobView;
+    fn deref(&self) -> &JobView {
+        &self.view
+    }
+}
+
+impl Job {
+    pub fn is_final(&self) -> bool {
+        self.view.status.is_final()
+    }
+    /// The last value of metric `name`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.view.last_metrics.get(name).map(|x| x.1)
+    }
+}
+
+/// `GET /jobs/{id}/metrics`: one attempt's series, name -> [(step, value)].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricSeries {
+    pub attempt: u32,
+    pub attempts: u32,
+    pub series: BTreeMap<String, Vec<(u64, f64)>>,
+}
