@@ -163,11 +163,8 @@ fn wait_all(c: &Client, ids: &[String], pb: &ProgressBar) -> Result<Vec<herd_cli
     }
 }
 
-fn hash_of(v: &Value) -> Result<String> {
-    v["hash"]
-        .as_str()
-        .map(String::from)
-        .context("no hash in answer")
+fn hash_of(v: &herd_client::Imported) -> Result<String> {
+    Ok(v.hash.clone())
 }
 
 /// The round spec: the Llama 3 loop at demo scale.
@@ -341,13 +338,8 @@ fn drive(
         }
         let spec = round_spec(&exp, vars, 100 * r as u64, z.epochs);
         let sub = c.submit_round(&spec)?;
-        let ids: Vec<String> = sub["jobs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect();
-        round_ids.push(sub["id"].as_str().unwrap_or_default().to_string());
+        let ids: Vec<String> = sub.jobs.iter().map(|id| id.to_string()).collect();
+        round_ids.push(sub.id.to_string());
         let pb = bar(opts.quiet, ids.len() as u64, &format!("round {r}"));
         let jobs = wait_all(&c, &ids, &pb)?;
         let by = |n: &str| jobs.iter().find(|j| j.name == n);
@@ -379,16 +371,10 @@ fn drive(
     let reproduced_round = 1;
     let pb = bar(opts.quiet, 1, "reproduce");
     let rep = c.reproduce_round(&round_ids[reproduced_round - 1])?;
-    let pairs: Vec<(String, String)> = rep["jobs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            (
-                p["original"].as_str().unwrap_or_default().into(),
-                p["reproduction"].as_str().unwrap_or_default().into(),
-            )
-        })
+    let pairs: Vec<(String, String)> = rep
+        .jobs
+        .iter()
+        .map(|p| (p.original.to_string(), p.reproduction.to_string()))
         .collect();
     let news: Vec<String> = pairs.iter().map(|p| p.1.clone()).collect();
     let reproduced = wait_all(&c, &news, &pb)?;
@@ -408,7 +394,7 @@ fn drive(
     } else {
         "outputs differ".to_string()
     });
-    let verified = c.verify()?["ok"] == true;
+    let verified = c.verify()?.ok;
     Ok(Report {
         base_accuracy,
         rounds: rows,

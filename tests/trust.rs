@@ -232,7 +232,7 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
             "vars": vars,
             "jobs": [{"name": "s", "kind": "sft", "inputs": {"model": "$policy", "data": sft}}],
         });
-        let (status, msg) = api_error(c.submit_round(&spec));
+        let (status, msg) = api_error(c.post("/rounds", &spec));
         assert_eq!(status, 400, "{msg}");
         assert!(msg.contains(says), "{msg}");
     }
@@ -244,7 +244,7 @@ fn hostile_requests_are_refused_and_history_stays_readable() {
             {"name": "s", "kind": "sft", "inputs": {"model": r, "data": "c.data"}},
         ],
     });
-    let (_, msg) = api_error(c.submit_round(&spec));
+    let (_, msg) = api_error(c.post("/rounds", &spec));
     assert!(
         msg.contains("must be a sft") && msg.contains("preference"),
         "{msg}"
@@ -385,7 +385,7 @@ fn bytes_are_verified_where_they_are_used() {
     let (r, _, _, _, sft) = import_fixtures(&c);
     let run = |c: &Client| -> String { run_short_sft(c, &r, &sft).outputs["checkpoint"].clone() };
     let first = run(&c);
-    assert_eq!(c.verify().unwrap()["ok"], true);
+    assert_eq!(c.verify().unwrap().ok, true);
     // A flipped byte in the materialized checkpoint the worker reads:
     // verify reports it, and the next job trains on the recorded bytes.
     let cached = data
@@ -395,11 +395,8 @@ fn bytes_are_verified_where_they_are_used() {
         .join("model.safetensors");
     flip_byte(&cached, 4000);
     let v = c.verify().unwrap();
-    assert_eq!(v["ok"], false);
-    assert!(
-        v["error"].as_str().unwrap().contains("cached checkpoint"),
-        "{v}"
-    );
+    assert!(!v.ok);
+    assert!(v.error.contains("cached checkpoint"), "{v:?}");
     assert_eq!(
         run(&c),
         first,
@@ -426,25 +423,25 @@ fn bytes_are_verified_where_they_are_used() {
         "export left a corrupt file behind"
     );
     let v = c.verify().unwrap();
-    assert_eq!(v["ok"], false);
+    assert!(!v.ok);
     // Error messages name no server path.
-    assert!(!v.to_string().contains(data.to_str().unwrap()), "{v}");
+    assert!(!v.error.contains(data.to_str().unwrap()), "{v:?}");
     // Re-uploading the right bytes repairs a corrupt blob.
     // The dataset blob: corrupt it, re-import the file, and it is whole again.
     flip_byte(&blob_path(data, &sft), 10);
-    assert!(c.verify().unwrap()["ok"] == false);
+    assert!(!c.verify().unwrap().ok);
     let again = c
         .import_dataset(&fixtures().join("sft.jsonl"), "sft", "sft")
         .unwrap();
-    assert_eq!(again["hash"], sft.as_str());
+    assert_eq!(again.hash, sft);
     let mut bytes = Vec::new();
     c.download(&sft, &mut bytes).unwrap();
     assert_eq!(bytes, std::fs::read(fixtures().join("sft.jsonl")).unwrap());
     // A deleted blob that the record references: verify names it.
     std::fs::remove_file(blob_path(data, &weights)).unwrap();
     let v = c.verify().unwrap();
-    assert_eq!(v["ok"], false);
-    assert!(v["error"].as_str().unwrap().contains("is missing"), "{v}");
+    assert!(!v.ok);
+    assert!(v.error.contains("is missing"), "{v:?}");
 }
 
 #[test]
@@ -569,14 +566,12 @@ fn a_full_disk_answers_507_and_the_daemon_recovers_without_a_restart() {
     std::fs::remove_file(&filler).unwrap();
     // Space is back: the same daemon records again.
     c.create_experiment("after", "").unwrap();
-    assert_eq!(c.verify().unwrap()["ok"], true);
+    assert_eq!(c.verify().unwrap().ok, true);
     let names: Vec<String> = c
         .experiments()
         .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap_or("").to_string())
+        .into_iter()
+        .map(|e| e.name)
         .collect();
     assert!(names.contains(&"before".to_string()) && names.contains(&"after".to_string()));
     d.terminate();
@@ -658,5 +653,5 @@ fn a_damaged_log_stops_herdd_and_repair_sets_the_damage_aside() {
         c.status().unwrap()["head_seq"].as_u64().unwrap(),
         middle as u64
     );
-    assert_eq!(c.verify().unwrap()["ok"], true);
+    assert_eq!(c.verify().unwrap().ok, true);
 }

@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 
 use uuid::Uuid;
 
-use crate::{Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest, JobStatus, Result};
+use crate::{
+    Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest, JobStatus, LineageNode,
+    Result, RoundDetail,
+};
 
 #[derive(Parser)]
 #[command(
@@ -207,7 +210,7 @@ pub fn main() -> i32 {
     }
 }
 
-fn print(json_mode: bool, v: &Value, human: impl FnOnce()) {
+fn print(json_mode: bool, v: &impl serde::Serialize, human: impl FnOnce()) {
     if json_mode {
         println!("{}", serde_json::to_string_pretty(v).expect("json"));
     } else {
@@ -263,13 +266,13 @@ pub fn run(cli: &Cli) -> Result<()> {
             ExperimentAction::List => {
                 let v = c.experiments()?;
                 print(js, &v, || {
-                    for e in v.as_array().into_iter().flatten() {
+                    for e in &v {
                         println!(
                             "{}  {:<24} rounds={} jobs={}",
-                            e["id"].as_str().unwrap_or(""),
-                            e["name"].as_str().unwrap_or(""),
-                            e["rounds"].as_array().map_or(0, |r| r.len()),
-                            e["jobs"].as_array().map_or(0, |r| r.len())
+                            e.id,
+                            e.name,
+                            e.rounds.len(),
+                            e.jobs.len()
                         );
                     }
                 });
@@ -303,8 +306,8 @@ pub fn run(cli: &Cli) -> Result<()> {
                 }
             };
             print(js, &v, || {
-                println!("{}", v["hash"].as_str().unwrap_or(""));
-                let s = &v["summary"];
+                println!("{}", v.hash);
+                let s = &v.summary;
                 if let Some(p) = s.get("parameters") {
                     println!(
                         "  {} parameters, {} layers, hidden {}, vocab {}, {}",
@@ -312,7 +315,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                         s["layers"],
                         s["hidden_size"],
                         s["vocab_size"],
-                        s["dtype"].as_str().unwrap_or("")
+                        s["dtype"].as_str().unwrap_or("unknown dtype")
                     );
                     for (n, shape) in s["shapes"].as_object().into_iter().flatten().take(6) {
                         println!("    {n}: {shape}");
@@ -321,7 +324,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                     println!(
                         "  {} rows of {}",
                         s["rows"],
-                        s["kind"].as_str().unwrap_or("")
+                        s["kind"].as_str().unwrap_or("unknown kind")
                     );
                     if let Some(h) = s.get("strength").and_then(|h| h.as_object()) {
                         println!(
@@ -394,16 +397,13 @@ pub fn run(cli: &Cli) -> Result<()> {
                 })?;
                 let v = c.submit_round(&spec_v)?;
                 if *wait {
-                    for id in v["jobs"].as_array().into_iter().flatten() {
-                        c.wait(
-                            id.as_str().unwrap_or_default(),
-                            Duration::from_secs(24 * 3600),
-                        )?;
+                    for id in &v.jobs {
+                        c.wait(&id.to_string(), Duration::from_secs(24 * 3600))?;
                     }
-                    let r = c.round(v["id"].as_str().unwrap_or_default())?;
+                    let r = c.round(&v.id.to_string())?;
                     print(js, &r, || print_round(&r));
                 } else {
-                    print(js, &v, || println!("{}", v["id"].as_str().unwrap_or("")));
+                    print(js, &v, || println!("{}", v.id));
                 }
             }
             RoundAction::Show { id } => {
@@ -552,24 +552,23 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Verify => {
             let v = c.verify()?;
             print(js, &v, || {
-                if v["ok"] == true {
+                if v.ok {
                     println!(
-                        "ok: {} events chained, {} blobs ({} bytes) verified",
-                        v["report"]["chain"]["events"],
-                        v["report"]["blobs"]["blobs"],
-                        v["report"]["blobs"]["bytes"]
+                        "ok: {} events chained, {} blobs ({} bytes) verified, {} artifacts present",
+                        v.report["chain"]["events"],
+                        v.report["blobs"]["blobs"],
+                        v.report["blobs"]["bytes"],
+                        v.report["artifacts_checked"]
                     );
                 } else {
-                    println!("BROKEN: {}", v["error"].as_str().unwrap_or(""));
+                    println!("BROKEN:");
+                    v.problems.iter().for_each(|p| println!("  {p}"));
                 }
             });
-            if v["ok"] != true {
+            if !v.ok {
                 return Err(ClientError::Api {
                     status: 0,
-                    message: format!(
-                        "store verification failed: {}",
-                        v["error"].as_str().unwrap_or("")
-                    ),
+                    message: format!("store verification failed: {}", v.error),
                 });
             }
         }
@@ -583,35 +582,24 @@ pub fn run(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn print_round(r: &Value) {
-    println!(
-        "round {} (index {})",
-        r["round"]["id"].as_str().unwrap_or(""),
-        r["round"]["index"]
-    );
-    for j in r["jobs"].as_array().into_iter().flatten() {
-        if let Ok(j) = serde_json::from_value::<Job>(j.clone()) {
-            println!("  {}", job_row(&j));
-        }
+fn print_round(r: &RoundDetail) {
+    println!("round {} (index {})", r.round.id, r.round.index);
+    for j in &r.jobs {
+        println!("  {}", job_row(j));
     }
 }
 
-fn print_lineage(v: &Value, depth: usize) {
+fn print_lineage(v: &LineageNode, depth: usize) {
     let pad = "  ".repeat(depth);
     println!(
         "{pad}{} {} ({})",
-        v["artifact"].as_str().unwrap_or(""),
-        v["name"].as_str().unwrap_or(""),
-        short(v["hash"].as_str().unwrap_or(""))
+        v.artifact.map_or("(kind not recorded)", |a| a.as_str()),
+        v.name,
+        short(&v.hash)
     );
-    if let Some(job) = v.get("job").filter(|j| !j.is_null()) {
-        println!(
-            "{pad}  <- {} job {} ({})",
-            job["kind"].as_str().unwrap_or(""),
-            job["name"].as_str().unwrap_or(""),
-            job["id"].as_str().unwrap_or("")
-        );
-        for (name, child) in job["inputs"].as_object().into_iter().flatten() {
+    if let Some(job) = &v.job {
+        println!("{pad}  <- {} job {} ({})", job.kind, job.name, job.id);
+        for (name, child) in &job.inputs {
             print!("{pad}    {name}: ");
             print_lineage(child, depth + 3);
         }
@@ -675,15 +663,7 @@ fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
     let (ra, rb) = (c.round(a), c.round(b));
     let pairs: Vec<(Job, Job)> = match (ra, rb) {
         (Ok(ra), Ok(rb)) => {
-            let jobs = |r: &Value| -> Vec<Job> {
-                r["jobs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|j| serde_json::from_value(j.clone()).ok())
-                    .collect()
-            };
-            let (ja, jb) = (jobs(&ra), jobs(&rb));
+            let (ja, jb) = (ra.jobs, rb.jobs);
             ja.into_iter()
                 .filter_map(|x| {
                     jb.iter()
@@ -750,29 +730,71 @@ fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
                 json!(y.outputs.get(k)),
             ));
         }
-        out.push(json!({"a": x.id, "b": y.id, "name": x.name, "rows": rows.iter().map(|r| json!({"section": r.0, "key": r.1, "a": r.2, "b": r.3, "same": r.2 == r.3})).collect::<Vec<_>>()}));
+        out.push(JobDiff {
+            a: x.id,
+            b: y.id,
+            name: x.name.clone(),
+            rows: rows
+                .into_iter()
+                .map(|(section, key, a, b)| DiffRow {
+                    same: a == b,
+                    section,
+                    key,
+                    a,
+                    b,
+                })
+                .collect(),
+        });
     }
-    print(js, &json!(out), || {
+    print(js, &out, || {
         for d in &out {
-            println!(
-                "== {} : {} vs {}",
-                d["name"].as_str().unwrap_or(""),
-                d["a"].as_str().unwrap_or(""),
-                d["b"].as_str().unwrap_or("")
-            );
-            for r in d["rows"].as_array().into_iter().flatten() {
-                let mark = if r["same"] == true { " " } else { "*" };
+            println!("== {} : {} vs {}", d.name, d.a, d.b);
+            for r in &d.rows {
+                let mark = if r.same { " " } else { "*" };
                 println!(
                     " {mark} {:<7} {:<22} {:<28} {}",
-                    r["section"].as_str().unwrap_or(""),
-                    r["key"].as_str().unwrap_or(""),
-                    short_val(&r["a"]),
-                    short_val(&r["b"])
+                    r.section,
+                    r.key,
+                    short_val(&r.a),
+                    short_val(&r.b)
                 );
             }
         }
     });
     Ok(())
+}
+
+/// `herd diff`: one pair of jobs, row by row.
+#[derive(serde::Serialize)]
+struct JobDiff {
+    a: uuid::Uuid,
+    b: uuid::Uuid,
+    name: String,
+    rows: Vec<DiffRow>,
+}
+
+#[derive(serde::Serialize)]
+struct DiffRow {
+    section: &'static str,
+    key: String,
+    a: Value,
+    b: Value,
+    same: bool,
+}
+
+/// `herd reproduce`: one original job and its re-run.
+#[derive(serde::Serialize)]
+struct Reproduced {
+    job: String,
+    name: String,
+    reproduction: String,
+    status: JobStatus,
+    identical: bool,
+    outputs: BTreeMap<String, String>,
+    reproduced_outputs: BTreeMap<String, String>,
+    metric_differences: BTreeMap<String, f64>,
+    same_environment: bool,
+    environment_differences: BTreeMap<String, Value>,
 }
 
 fn short_val(v: &Value) -> String {
@@ -787,24 +809,14 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
     let pairs: Vec<(String, String)> = match c.round(id) {
         Ok(_) => {
             let v = c.reproduce_round(id)?;
-            v["jobs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| {
-                    (
-                        p["original"].as_str().unwrap_or_default().to_string(),
-                        p["reproduction"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
+            v.jobs
+                .iter()
+                .map(|p| (p.original.to_string(), p.reproduction.to_string()))
                 .collect()
         }
         Err(ClientError::Api { status: 404, .. }) => {
             let v = c.reproduce_job(id)?;
-            vec![(
-                id.to_string(),
-                v["id"].as_str().unwrap_or_default().to_string(),
-            )]
+            vec![(id.to_string(), v.id.to_string())]
         }
         Err(e) => return Err(e),
     };
@@ -834,28 +846,35 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
             .filter_map(|(k, (_, v))| b.metric(k).map(|w| (k.clone(), w - v)))
             .filter(|(_, d)| *d != 0.0)
             .collect();
-        report.push(json!({"job": orig, "name": a.name, "reproduction": new, "status": b.status, "identical": same, "outputs": a.outputs, "reproduced_outputs": b.outputs, "metric_differences": if same { json!({}) } else { json!(diffs) }, "same_environment": environment.is_empty(), "environment_differences": environment}));
+        report.push(Reproduced {
+            job: orig.clone(),
+            name: a.name.clone(),
+            reproduction: new.clone(),
+            status: b.status,
+            identical: same,
+            outputs: a.outputs.clone(),
+            reproduced_outputs: b.outputs.clone(),
+            metric_differences: if same { BTreeMap::new() } else { diffs },
+            same_environment: environment.is_empty(),
+            environment_differences: environment,
+        });
     }
     print(js, &json!({"identical": all_same, "jobs": report}), || {
         for r in &report {
             println!(
                 "{:<14} {:<10} {}",
-                short(r["name"].as_str().unwrap_or("")),
-                if r["identical"] == true {
-                    "identical"
-                } else {
-                    "DIFFERENT"
-                },
-                r["reproduction"].as_str().unwrap_or("")
+                short(&r.name),
+                if r.identical { "identical" } else { "DIFFERENT" },
+                r.reproduction
             );
-            if r["same_environment"] == true {
+            if r.same_environment {
                 println!("    environment: same build, kernels, threads and device");
             } else {
-                println!("    environment DIFFERED: {}", r["environment_differences"]);
+                println!("    environment DIFFERED: {}", json!(r.environment_differences));
             }
-            if r["identical"] != true {
-                println!("    metric differences: {}", r["metric_differences"]);
-                if r["same_environment"] == true {
+            if !r.identical {
+                println!("    metric differences: {}", json!(r.metric_differences));
+                if r.same_environment {
                     println!("    same environment, different outputs: the job is not deterministic here");
                 } else {
                     println!(

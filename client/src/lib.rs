@@ -41,7 +41,21 @@ pub enum ClientError {
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
-pub use herd_core::wire::{Job, JobQuery, JobRequest, JobSubmitted, MetricSeries, Progress};
+pub use herd_core::wire::{
+    Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest, JobSubmitted,
+    MetricSeries, Progress, Reproduction, RoundDetail, RoundReproduced, RoundSubmitted,
+    Verification,
+};
+
+/// `POST /blobs` answer.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BlobInfo {
+    pub id: String,
+    pub size: u64,
+    pub existed: bool,
+    #[serde(default)]
+    pub repaired: bool,
+}
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
 
 pub struct Client {
@@ -183,12 +197,12 @@ impl Client {
         Ok(v["id"].as_str().unwrap_or_default().to_string())
     }
 
-    pub fn experiments(&self) -> Result<Value> {
-        self.get("/experiments")
+    pub fn experiments(&self) -> Result<Vec<ExperimentView>> {
+        Self::typed(self.get("/experiments")?)
     }
 
-    pub fn experiment(&self, id: &str) -> Result<Value> {
-        self.get(&format!("/experiments/{id}"))
+    pub fn experiment(&self, id: &str) -> Result<ExperimentDetail> {
+        Self::typed(self.get(&format!("/experiments/{}", enc(id)))?)
     }
 
     /// Stream a file into the blob store; returns `{id, size, existed}`.
@@ -211,15 +225,15 @@ impl Client {
     }
 
     /// Import a JSONL dataset of `kind` (preference, sft, prompts).
-    pub fn import_dataset(&self, path: &Path, kind: &str, name: &str) -> Result<Value> {
-        self.upload(
+    pub fn import_dataset(&self, path: &Path, kind: &str, name: &str) -> Result<Imported> {
+        Self::typed(self.upload(
             path,
             &format!("/datasets?kind={}&name={}", enc(kind), enc(name)),
-        )
+        )?)
     }
 
     /// Import a Hugging Face model directory (every regular file in it).
-    pub fn import_model(&self, dir: &Path, name: &str) -> Result<Value> {
+    pub fn import_model(&self, dir: &Path, name: &str) -> Result<Imported> {
         let io = |e| ClientError::Io {
             path: dir.display().to_string(),
             source: e,
@@ -241,10 +255,10 @@ impl Client {
             if fname.starts_with('.') {
                 continue;
             }
-            let info = self.upload_file(&p)?;
-            files.insert(fname, info["id"].clone());
+            let info: BlobInfo = Self::typed(self.upload_file(&p)?)?;
+            files.insert(fname, Value::String(info.id));
         }
-        self.post("/checkpoints", &json!({"name": name, "files": files}))
+        Self::typed(self.post("/checkpoints", &json!({"name": name, "files": files}))?)
     }
 
     pub fn artifacts(&self) -> Result<Value> {
@@ -311,20 +325,20 @@ impl Client {
         self.post(&format!("/jobs/{}/cancel", enc(id)), &json!({}))
     }
 
-    pub fn reproduce_job(&self, id: &str) -> Result<Value> {
-        self.post(&format!("/jobs/{}/reproduce", enc(id)), &json!({}))
+    pub fn reproduce_job(&self, id: &str) -> Result<JobReproduced> {
+        Self::typed(self.post(&format!("/jobs/{}/reproduce", enc(id)), &json!({}))?)
     }
 
-    pub fn submit_round(&self, spec: &Value) -> Result<Value> {
-        self.post("/rounds", spec)
+    pub fn submit_round(&self, spec: &Value) -> Result<RoundSubmitted> {
+        Self::typed(self.post("/rounds", spec)?)
     }
 
-    pub fn round(&self, id: &str) -> Result<Value> {
-        self.get(&format!("/rounds/{}", enc(id)))
+    pub fn round(&self, id: &str) -> Result<RoundDetail> {
+        Self::typed(self.get(&format!("/rounds/{}", enc(id)))?)
     }
 
-    pub fn reproduce_round(&self, id: &str) -> Result<Value> {
-        self.post(&format!("/rounds/{}/reproduce", enc(id)), &json!({}))
+    pub fn reproduce_round(&self, id: &str) -> Result<RoundReproduced> {
+        Self::typed(self.post(&format!("/rounds/{}/reproduce", enc(id)), &json!({}))?)
     }
 
     pub fn open_run(
@@ -366,8 +380,8 @@ impl Client {
         )
     }
 
-    pub fn lineage(&self, hash: &str) -> Result<Value> {
-        self.get(&format!("/lineage/{}", enc(hash)))
+    pub fn lineage(&self, hash: &str) -> Result<LineageNode> {
+        Self::typed(self.get(&format!("/lineage/{}", enc(hash)))?)
     }
 
     pub fn tree(&self, hash: &str) -> Result<Value> {
@@ -442,8 +456,8 @@ impl Client {
         Ok(names)
     }
 
-    pub fn verify(&self) -> Result<Value> {
-        self.post("/verify", &json!({}))
+    pub fn verify(&self) -> Result<Verification> {
+        Self::typed(self.post("/verify", &json!({}))?)
     }
 
     /// Wait until the job ends (or `timeout` passes), polling.

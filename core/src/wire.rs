@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::model::{JobStatus, JobView};
+use crate::model::{ExperimentView, JobStatus, JobView, RoundView};
 use crate::vocab::{InputRef, JobKind};
 
 /// `POST /jobs`: what to run.
@@ -133,4 +133,71 @@ pub struct MetricSeries {
     pub attempt: u32,
     pub attempts: u32,
     pub series: BTreeMap<String, Vec<(u64, f64)>>,
+}
+
+/// `201` answer to creating something by id (`POST /experiments`, `/runs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    pub id: Uuid,
+}
+
+/// `201` answer to importing a dataset or a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Imported {
+    pub hash: String,
+    pub summary: Value,
+}
+
+/// `GET /experiments/{id}`: the experiment and its rounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentDetail {
+    pub experiment: ExperimentView,
+    pub rounds: Vec<RoundView>,
+}
+
+/// `201` answer to `POST /rounds`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSubmitted {
+    pub id: Uuid,
+    pub index: u32,
+    pub jobs: Vec<Uuid>,
+}
+
+/// `GET /rounds/{id}`: the round and its jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundDetail {
+    pub round: RoundView,
+    pub jobs: Vec<Job>,
+}
+
+/// One re-run job: which job it reproduces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reproduction {
+    pub original: Uuid,
+    pub reproduction: Uuid,
+}
+
+/// `201` answer to `POST /rounds/{id}/reproduce`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundReproduced {
+    pub round: Uuid,
+    pub jobs: Vec<Reproduction>,
+}
+
+/// `201` answer to `POST /jobs/{id}/reproduce`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobReproduced {
+    pub id: Uuid,
+    pub reproduces: Uuid,
+}
+
+/// `POST /verify`: every problem found (none: `ok`), and what was checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    pub ok: bool,
+    /// The chain (events, last hash), the blobs (count, bytes), artifacts checked.
+    pub report: Value,
+    pub problems: Vec<String>,
+    /// The problems in one line ("" when ok).
+    pub error: String,
 }

@@ -108,25 +108,16 @@ pub fn unsafe_kill(pid: u32, sig: i32) {
 
 pub fn import_fixtures(c: &Client) -> (String, String, String, String, String) {
     let f = fixtures();
-    let model = |n: &str| {
-        c.import_model(&f.join(n), n).unwrap()["hash"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let model = |n: &str| c.import_model(&f.join(n), n).unwrap().hash;
     let (r, p, rm) = (model("ref"), model("policy"), model("rm"));
     let prefs = c
         .import_dataset(&f.join("preferences.jsonl"), "preference", "prefs")
-        .unwrap()["hash"]
-        .as_str()
         .unwrap()
-        .to_string();
+        .hash;
     let sft = c
         .import_dataset(&f.join("sft.jsonl"), "sft", "sft")
-        .unwrap()["hash"]
-        .as_str()
         .unwrap()
-        .to_string();
+        .hash;
     let _ = rm.clone();
     (r, p, rm, prefs, sft)
 }

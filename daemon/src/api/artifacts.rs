@@ -236,7 +236,10 @@ where
         .record_one(streams::ARTIFACTS, event)
         .await
         .map_err(internal)?;
-    created(json!({"hash": info.id, "summary": summary}))
+    created(json!(Imported {
+        hash: info.id,
+        summary
+    }))
 }
 
 #[derive(Deserialize)]
@@ -312,7 +315,7 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
         .record_one(streams::ARTIFACTS, event)
         .await
         .map_err(internal)?;
-    created(json!({"hash": hash, "summary": summary}))
+    created(json!(Imported { hash, summary }))
 }
 
 async fn list_artifacts(ctx: Ctx) -> Res {

@@ -47,7 +47,7 @@ async fn create_experiment(ctx: Ctx, body: NewExperiment) -> Res {
         .record_one(&streams::experiment(id), event)
         .await
         .map_err(internal)?;
-    created(json!({"id": id}))
+    created(json!(Created { id }))
 }
 
 async fn list_experiments(ctx: Ctx) -> Res {
@@ -62,5 +62,8 @@ async fn get_experiment(id: Uuid, ctx: Ctx) -> Res {
         .get(&id)
         .ok_or_else(|| not_found(format!("no experiment {id}")))?;
     let rounds: Vec<_> = e.rounds.iter().filter_map(|r| p.rounds.get(r)).collect();
-    ok(json!({"experiment": e, "rounds": rounds}))
+    ok(json!(ExperimentDetail {
+        experiment: e.clone(),
+        rounds: rounds.into_iter().cloned().collect()
+    }))
 }

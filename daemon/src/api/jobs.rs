@@ -348,5 +348,8 @@ pub(super) async fn reproduce_one(ctx: &Ctx, id: Uuid) -> Result<Uuid, Rejection
 
 async fn reproduce_job(id: Uuid, ctx: Ctx) -> Res {
     let new = reproduce_one(&ctx, id).await?;
-    created(json!({"id": new, "reproduces": id}))
+    created(json!(JobReproduced {
+        id: new,
+        reproduces: id
+    }))
 }

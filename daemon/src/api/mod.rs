@@ -22,7 +22,10 @@ use crate::references::{self, InputRef};
 use crate::rounds::RoundSpec;
 use crate::scheduler::Scheduler;
 use crate::state::State;
-use herd_core::wire::{Job, JobQuery, JobRequest, MetricSeries};
+use herd_core::wire::{
+    Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest, MetricSeries,
+    Reproduction, RoundReproduced, RoundSubmitted, Verification,
+};
 
 mod artifacts;
 mod experiments;

@@ -116,11 +116,11 @@ async fn verify(ctx: Ctx) -> Res {
         .iter()
         .map(|p| ctx.state.without_server_paths(p))
         .collect();
-    ok(json!({
-        "ok": problems.is_empty(),
-        "report": report,
-        "problems": problems,
-        "error": problems.join("; "),
+    ok(json!(Verification {
+        ok: problems.is_empty(),
+        report,
+        error: problems.join("; "),
+        problems,
     }))
 }
 

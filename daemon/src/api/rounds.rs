@@ -92,7 +92,11 @@ async fn submit_round(ctx: Ctx, spec: Value) -> Res {
             .await
             .map_err(internal)?;
     }
-    created(json!({"id": round, "index": index, "jobs": jobs}))
+    created(json!(RoundSubmitted {
+        id: round,
+        index,
+        jobs
+    }))
 }
 
 async fn get_round(id: Uuid, ctx: Ctx) -> Res {
@@ -122,7 +126,13 @@ async fn reproduce_round(id: Uuid, ctx: Ctx) -> Res {
         .ok_or_else(|| not_found(format!("no round {id}")))?;
     let mut pairs = vec![];
     for j in jobs {
-        pairs.push(json!({"original": j, "reproduction": reproduce_one(&ctx, j).await?}));
+        pairs.push(Reproduction {
+            original: j,
+            reproduction: reproduce_one(&ctx, j).await?,
+        });
     }
-    created(json!({"round": id, "jobs": pairs}))
+    created(json!(RoundReproduced {
+        round: id,
+        jobs: pairs
+    }))
 }

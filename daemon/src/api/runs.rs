@@ -86,7 +86,7 @@ async fn open_run(ctx: Ctx, body: NewRun) -> Res {
         },
     ];
     ctx.state.record(&stream, events).await.map_err(internal)?;
-    created(json!({"id": id}))
+    created(json!(Created { id }))
 }
 
 async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
