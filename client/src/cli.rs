@@ -864,13 +864,20 @@ fn reproduce(c: &Client, id: &str, timeout: u64, js: bool) -> Result<()> {
             println!(
                 "{:<14} {:<10} {}",
                 short(&r.name),
-                if r.identical { "identical" } else { "DIFFERENT" },
+                if r.identical {
+                    "identical"
+                } else {
+                    "DIFFERENT"
+                },
                 r.reproduction
             );
             if r.same_environment {
                 println!("    environment: same build, kernels, threads and device");
             } else {
-                println!("    environment DIFFERED: {}", json!(r.environment_differences));
+                println!(
+                    "    environment DIFFERED: {}",
+                    json!(r.environment_differences)
+                );
             }
             if !r.identical {
                 println!("    metric differences: {}", json!(r.metric_differences));

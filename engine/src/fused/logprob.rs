@@ -1,0 +1,94 @@
+//! Log-probability of each target token over the vocabulary, without
+//! materializing the log-softmax, with its own backward.
+
+use super::*;
+
+/// log p(target) per row: logits [M, V], targets [M] u32 -> [M].
+struct TargetLogprob;
+
+impl CustomOp2 for TargetLogprob {
+    fn name(&self) -> &'static str {
+        "herd-target-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "logits")?;
+        let ids = u32_slice(s2, l2, "targets")?;
+        let (m, v) = l1.shape().dims2()?;
+        if ids.len() != m || ids.iter().any(|i| *i as usize >= v) {
+            candle_core::bail!("targets must be {m} ids below {v}");
+        }
+        let out: Vec<f32> = (0..m)
+            .into_par_iter()
+            .map(|r| {
+                let row = &x[r * v..(r + 1) * v];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum = fast_exp::exp_shifted(row, max, None);
+                row[ids[r] as usize] - max - sum.ln()
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(m)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.contiguous()?.apply_op3_no_bwd(
+            targets,
+            &grad.contiguous()?,
+            &TargetLogprobBwd,
+        )?;
+        Ok((Some(g), None))
+    }
+}
+
+/// d logits[r] = g[r] * (onehot(target[r]) - softmax(logits[r])).
+struct TargetLogprobBwd;
+
+impl CustomOp3 for TargetLogprobBwd {
+    fn name(&self) -> &'static str {
+        "herd-target-logprob-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "logits")?;
+        let ids = u32_slice(s2, l2, "targets")?;
+        let g = f32_slice(s3, l3, "grad")?;
+        let (_, v) = l1.shape().dims2()?;
+        let mut out = output_buffer(x.len());
+        for_rows(&mut out, v, |r, o| {
+            let row = &x[r * v..(r + 1) * v];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum = fast_exp::exp_shifted(row, max, Some(o));
+            let scale = -g[r] / sum;
+            o.iter_mut().for_each(|a| *a *= scale);
+            o[ids[r] as usize] += g[r];
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// log p(target) per row: logits [M, V] f32, targets [M] u32 -> [M].
+pub fn target_logprob(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, TargetLogprob)
+}
