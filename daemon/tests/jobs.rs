@@ -469,7 +469,7 @@ fn annotate_ranks_by_the_checker_and_edits() {
         Err(e) => assert!(e.to_string().contains("could not rank"), "{e}"),
     }
     assert_eq!(
-        herd_daemon::jobs::annotate_rank_for_test("The answer is 42.", "It is 40.", "42")
+        herd_daemon::jobs::annotator_rank("The answer is 42.", "It is 40.", "42")
             .unwrap()
             .1
             .as_str(),

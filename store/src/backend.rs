@@ -118,6 +118,7 @@ struct Chunk {
 }
 
 impl Chunk {
+    #[cfg(feature = "test-hooks")]
     fn end_seq(&self) -> u64 {
         self.first_seq + self.lengths.len() as u64
     }
@@ -439,15 +440,6 @@ impl Backend {
         })
     }
 
-    /// Names of every stream (sorted).
-    pub(crate) fn streams(&self) -> impl Iterator<Item = Result<String>> + '_ {
-        self.db.scan_prefix(b"h").map(|r| {
-            let (k, _) = r.map_err(be)?;
-            String::from_utf8(k[1..].to_vec())
-                .map_err(|_| StoreError::Backend("stream name is not UTF-8".into()))
-        })
-    }
-
     fn chunks_from(&self, seq: u64) -> impl Iterator<Item = Result<Chunk>> + '_ {
         let start = match self.db.range(chunk_key(0)..=chunk_key(seq)).next_back() {
             Some(Ok((k, _))) => k.to_vec(),
@@ -588,7 +580,7 @@ impl Backend {
     }
 
     /// Test hook: remove the id index entries sharing `id`'s bucket.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn drop_id_bucket(&self, id: &Uuid) -> Result<()> {
         for item in self.db.scan_prefix(key(b'i', &[&id_prefix(id)])) {
             let (k, _) = item.map_err(be)?;
@@ -599,7 +591,7 @@ impl Backend {
 
     /// Test hook: change a committed record's bytes in place (same length),
     /// to prove that reads and `verify` notice.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn mutate_record(&self, seq: u64, f: &mut dyn FnMut(&mut [u8])) -> Result<()> {
         let chunk = self
             .chunks_from(seq)

@@ -32,17 +32,6 @@ impl NewEvent {
         Self::from_raw(event_type, payload)
     }
 
-    /// An event whose payload is `payload` serialized, without building a JSON tree.
-    pub fn from_serialize(
-        event_type: impl Into<String>,
-        payload: &impl Serialize,
-    ) -> serde_json::Result<Self> {
-        Ok(Self::from_raw(
-            event_type,
-            serde_json::value::to_raw_value(payload)?,
-        ))
-    }
-
     pub fn from_raw(event_type: impl Into<String>, payload: Box<RawValue>) -> Self {
         NewEvent {
             id: Uuid::now_v7(),
@@ -52,12 +41,6 @@ impl NewEvent {
             causation_id: None,
             correlation_id: None,
         }
-    }
-
-    pub fn caused_by(mut self, causation: Option<Uuid>, correlation: Option<Uuid>) -> Self {
-        self.causation_id = causation;
-        self.correlation_id = correlation;
-        self
     }
 }
 

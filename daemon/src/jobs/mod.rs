@@ -220,12 +220,9 @@ fn check(kind: JobKind, v: &Value) -> Result<(), String> {
     }
 }
 
-/// The annotators' ranking rule, exposed for tests.
-pub fn annotate_rank_for_test(
-    a: &str,
-    b: &str,
-    answer: &str,
-) -> Option<(usize, crate::data::Strength)> {
+/// The simulated annotators' ranking rule (which of two responses to a
+/// checkable prompt is better, and by how much): what `annotate` records.
+pub fn annotator_rank(a: &str, b: &str, answer: &str) -> Option<(usize, crate::data::Strength)> {
     annotate::rank(a, b, answer)
 }
 

@@ -169,10 +169,6 @@ impl EventLog {
         self.shared.backend.stream_version(stream)
     }
 
-    pub fn streams(&self) -> Result<Vec<String>> {
-        self.shared.backend.streams().collect()
-    }
-
     /// One event by global sequence.
     pub fn get(&self, seq: u64) -> Result<Option<RecordedEvent>> {
         if seq == 0 || seq > self.head_seq() {
@@ -267,14 +263,14 @@ impl EventLog {
 
     /// Test hook: change a stored record's bytes in place (the length stays),
     /// to prove that reads and verification notice.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn corrupt_record_for_test(&self, seq: u64, mut f: impl FnMut(&mut [u8])) -> Result<()> {
         self.shared.backend.mutate_record(seq, &mut f)
     }
 
     /// Test hook: forget the id index entries of the bucket holding `id`,
     /// to prove that verification notices.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn drop_id_bucket_for_test(&self, id: &Uuid) -> Result<()> {
         self.shared.backend.drop_id_bucket(id)
     }

@@ -1,0 +1,261 @@
+//! The typed events: everything herd records, how each is encoded for the
+//! log and decoded (with upcasting) from it, and the stream names.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use serde_json::value::RawValue;
+
+use crate::vocab::{ArtifactKind, JobKind};
+
+/// A stored record as the fold reads it: the store's envelope fields and the
+/// payload's JSON text. The store is a generic log; this is all of it that
+/// the vocabulary needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub event_type: &'a str,
+    pub schema_version: u32,
+    pub payload: &'a str,
+}
+
+/// An event ready to append: envelope fields and payload JSON.
+#[derive(Debug)]
+pub struct Encoded {
+    pub event_type: &'static str,
+    pub schema_version: u32,
+    pub payload: Box<RawValue>,
+}
+
+/// Current schema version of every event type below.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One metric value at one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    pub step: u64,
+    pub name: String,
+    pub value: f64,
+}
+
+/// Everything herd records. `Unknown` keeps events written by a newer herd
+/// readable (and skipped by the views) instead of failing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum HerdEvent {
+    ExperimentCreated {
+        experiment: Uuid,
+        name: String,
+        #[serde(default)]
+        description: String,
+    },
+    /// A dataset or checkpoint brought in from outside (or written by a job).
+    ArtifactImported {
+        hash: String,
+        /// "checkpoint" or a dataset kind: "preference", "sft", "prompts".
+        artifact: ArtifactKind,
+        name: String,
+        #[serde(default)]
+        summary: Value,
+    },
+    RoundSubmitted {
+        experiment: Uuid,
+        round: Uuid,
+        index: u32,
+        spec: Value,
+        jobs: Vec<Uuid>,
+    },
+    JobSubmitted {
+        job: Uuid,
+        experiment: Option<Uuid>,
+        round: Option<Uuid>,
+        /// Name within its round ("rm", "sft", ...), or free text.
+        name: String,
+        kind: JobKind,
+        /// Input name -> blob hash, or `job:<uuid>/<output>` for an output of
+        /// another job not yet finished.
+        inputs: BTreeMap<String, String>,
+        hyperparameters: Value,
+        seed: u64,
+        #[serde(default)]
+        depends_on: Vec<Uuid>,
+        #[serde(default)]
+        priority: i32,
+        /// The job this one re-runs, when it is a reproduction.
+        #[serde(default)]
+        reproduces: Option<Uuid>,
+    },
+    JobStarted {
+        job: Uuid,
+        attempt: u32,
+        device: String,
+        #[serde(default)]
+        pid: Option<u32>,
+        engine_version: String,
+        threads: u32,
+        /// Inputs with every `job:` reference replaced by a hash.
+        resolved_inputs: BTreeMap<String, String>,
+        /// Hyperparameters with defaults filled in.
+        #[serde(default)]
+        effective_hyperparameters: Value,
+        /// What of the build and machine can change the numbers (engine
+        /// source hash, kernel path, threads, device, CUDA version).
+        #[serde(default)]
+        fingerprint: BTreeMap<String, String>,
+    },
+    JobMetrics {
+        job: Uuid,
+        /// The attempt (JobStarted.attempt) these points belong to; 0 for
+        /// points recorded before attempts were kept apart, and for
+        /// external runs, which have one attempt.
+        #[serde(default)]
+        attempt: u32,
+        points: Vec<MetricPoint>,
+    },
+    JobOutput {
+        job: Uuid,
+        name: String,
+        hash: String,
+        artifact: ArtifactKind,
+        #[serde(default)]
+        summary: Value,
+    },
+    JobSucceeded {
+        job: Uuid,
+        #[serde(default)]
+        summary: Value,
+    },
+    JobFailed {
+        job: Uuid,
+        reason: String,
+    },
+    JobCancelled {
+        job: Uuid,
+        reason: String,
+    },
+    /// The process running the job died with the daemon; it goes back to the queue.
+    JobInterrupted {
+        job: Uuid,
+        reason: String,
+    },
+    #[serde(skip)]
+    Unknown {
+        event_type: String,
+        payload: Value,
+    },
+}
+
+impl HerdEvent {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            HerdEvent::ExperimentCreated { .. } => "ExperimentCreated",
+            HerdEvent::ArtifactImported { .. } => "ArtifactImported",
+            HerdEvent::RoundSubmitted { .. } => "RoundSubmitted",
+            HerdEvent::JobSubmitted { .. } => "JobSubmitted",
+            HerdEvent::JobStarted { .. } => "JobStarted",
+            HerdEvent::JobMetrics { .. } => "JobMetrics",
+            HerdEvent::JobOutput { .. } => "JobOutput",
+            HerdEvent::JobSucceeded { .. } => "JobSucceeded",
+            HerdEvent::JobFailed { .. } => "JobFailed",
+            HerdEvent::JobCancelled { .. } => "JobCancelled",
+            HerdEvent::JobInterrupted { .. } => "JobInterrupted",
+            HerdEvent::Unknown { .. } => "Unknown",
+        }
+    }
+
+    /// What to append: the type and schema version go in the record's
+    /// envelope, the fields in its payload.
+    pub fn encode(&self) -> Encoded {
+        let mut payload = serde_json::to_value(self).expect("events serialize");
+        if let Value::Object(m) = &mut payload {
+            m.remove("type");
+        }
+        Encoded {
+            event_type: self.type_name(),
+            schema_version: SCHEMA_VERSION,
+            payload: serde_json::value::to_raw_value(&payload).expect("a JSON value serializes"),
+        }
+    }
+
+    /// Decode a stored event, upcasting old schema versions; unknown types
+    /// come back as `Unknown`, a known type that does not parse is an error.
+    pub fn from_recorded(rec: &Stored) -> Result<Self, String> {
+        // The hot type (metric batches) is read in place, without copying its payload.
+        if rec.event_type == "JobMetrics" && rec.schema_version == SCHEMA_VERSION {
+            #[derive(Deserialize)]
+            struct Metrics {
+                job: Uuid,
+                #[serde(default)]
+                attempt: u32,
+                points: Vec<MetricPoint>,
+            }
+            return serde_json::from_str::<Metrics>(rec.payload)
+                .map(|m| HerdEvent::JobMetrics {
+                    job: m.job,
+                    attempt: m.attempt,
+                    points: m.points,
+                })
+                .map_err(|e| format!("event {} (JobMetrics): {e}", rec.seq));
+        }
+        let payload: Value = serde_json::from_str(rec.payload)
+            .map_err(|e| format!("event {} ({}): payload: {e}", rec.seq, rec.event_type))?;
+        let payload = upcast(rec.event_type, rec.schema_version, payload);
+        let known = [
+            "ExperimentCreated",
+            "ArtifactImported",
+            "RoundSubmitted",
+            "JobSubmitted",
+            "JobStarted",
+            "JobMetrics",
+            "JobOutput",
+            "JobSucceeded",
+            "JobFailed",
+            "JobCancelled",
+            "JobInterrupted",
+        ];
+        if !known.contains(&rec.event_type) {
+            return Ok(HerdEvent::Unknown {
+                event_type: rec.event_type.to_string(),
+                payload,
+            });
+        }
+        let mut obj = match payload {
+            Value::Object(m) => m,
+            other => {
+                return Err(format!(
+                    "event {} ({}): payload is not an object: {other}",
+                    rec.seq, rec.event_type
+                ))
+            }
+        };
+        obj.insert("type".into(), Value::String(rec.event_type.to_string()));
+        serde_json::from_value(Value::Object(obj)).map_err(|e| {
+            format!(
+                "event {} ({}) schema v{}: {e}",
+                rec.seq, rec.event_type, rec.schema_version
+            )
+        })
+    }
+}
+
+/// Where schema changes are absorbed: rewrite an old payload into the current
+/// shape. Version 1 is current for every type, so nothing to do yet.
+fn upcast(_event_type: &str, _schema_version: u32, payload: Value) -> Value {
+    payload
+}
+
+/// Stream names, in one place.
+pub mod streams {
+    use uuid::Uuid;
+    pub fn experiment(id: Uuid) -> String {
+        format!("experiment-{id}")
+    }
+    pub fn job(id: Uuid) -> String {
+        format!("job-{id}")
+    }
+    pub const ARTIFACTS: &str = "artifacts";
+}
