@@ -72,17 +72,20 @@ fn conflict(msg: impl Into<String>) -> Rejection {
         message: msg.into(),
     })
 }
-fn internal(e: impl std::fmt::Display) -> Rejection {
-    let message = e.to_string();
-    // The store refusing an append (too large, bad stream) is the caller's doing.
-    let status = if message.starts_with("invalid append") {
-        StatusCode::BAD_REQUEST
-    } else if message.starts_with("no space left") {
-        StatusCode::INSUFFICIENT_STORAGE
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
+/// An error from below the API, as a status chosen by its type: the store
+/// refusing an append (too large, too deep, bad stream) is the caller's
+/// doing, a full disk is 507, anything else is the server's.
+fn internal(e: impl Into<anyhow::Error>) -> Rejection {
+    let e: anyhow::Error = e.into();
+    let status = match e.downcast_ref::<herd_store::StoreError>() {
+        Some(herd_store::StoreError::Invalid(_)) => StatusCode::BAD_REQUEST,
+        Some(herd_store::StoreError::NoSpace) => StatusCode::INSUFFICIENT_STORAGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    warp::reject::custom(ApiError { status, message })
+    warp::reject::custom(ApiError {
+        status,
+        message: format!("{e:#}"),
+    })
 }
 
 #[derive(Clone)]

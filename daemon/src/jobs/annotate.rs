@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{chat_of, complete, load_dataset, save_dataset, GenParams};
+use super::{chat_of, complete, load_dataset, save_dataset, GenParams};
 use super::{JobContext, Validate};
 use crate::data::{Dataset, DatasetKind, PreferenceExample, Strength};
 use crate::task;

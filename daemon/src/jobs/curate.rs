@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{chat_of, save_dataset, score, similarity};
+use super::{chat_of, save_dataset, score, similarity};
 use super::{JobContext, Validate};
 use crate::data::{self, Dataset, DatasetKind};
 

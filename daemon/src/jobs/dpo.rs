@@ -8,7 +8,7 @@ use herd_engine::objective::{self, Pair};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{
+use super::{
     chat_of, load_dataset, prompt_completion, save_checkpoint, train_loop, truncate, TrainParams,
 };
 use super::{JobContext, Validate};

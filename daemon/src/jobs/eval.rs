@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{chat_of, complete, load_dataset, score, GenParams};
+use super::{chat_of, complete, load_dataset, score, GenParams};
 use super::{JobContext, Validate};
 use crate::data::{Dataset, DatasetKind};
 
@@ -31,7 +31,7 @@ impl Default for Params {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
-        use super::util::{in_range, limits::*};
+        use super::{in_range, limits::*};
         in_range("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)?;
         in_range("batch_size", self.batch_size, 1, MAX_BATCH)?;
         in_range("max_seq_len", self.max_seq_len, 2, MAX_SEQ_LEN)?;
@@ -144,7 +144,7 @@ pub fn run(ctx: &mut JobContext) -> Result<Value> {
             .filter_map(|r| {
                 chat.encode_dialog(&r.messages)
                     .ok()
-                    .and_then(|e| super::util::truncate(e, p.max_seq_len))
+                    .and_then(|e| super::truncate(e, p.max_seq_len))
             })
             .collect();
         let (mut total, mut tokens) = (0.0, 0usize);

@@ -14,10 +14,13 @@ mod average;
 mod curate;
 mod dpo;
 mod eval;
+mod generation;
+mod inputs;
 mod rm;
 mod sample;
 mod sft;
-mod util;
+mod sink;
+mod training;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +30,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-pub use util::{complete, score, store_output, GenParams, MemorySink, Sink, TrainParams};
+pub use generation::{complete, score, GenParams};
+pub use inputs::{chat_of, load_dataset, prompt_completion, save_dataset, similarity, truncate};
+pub use sink::{store_output, MemorySink, Sink};
+pub use training::{in_range, limits, save_checkpoint, train_loop, TrainParams};
 
 pub use herd_core::{ArtifactKind, JobKind};
 

@@ -11,7 +11,7 @@ use herd_engine::rng::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{chat_of, load_dataset, save_checkpoint, similarity, train_loop, TrainParams};
+use super::{chat_of, load_dataset, save_checkpoint, similarity, train_loop, TrainParams};
 use super::{JobContext, Validate};
 use crate::data::{Dataset, DatasetKind};
 

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{chat_of, complete, load_dataset, save_dataset, score, GenParams};
+use super::{chat_of, complete, load_dataset, save_dataset, score, GenParams};
 use super::{JobContext, Validate};
 use crate::data::{Dataset, DatasetKind, SftExample};
 
@@ -37,7 +37,7 @@ impl Validate for Params {
         if self.k < 2 {
             return Err("k must be at least 2 (rejection sampling picks the best of k)".into());
         }
-        super::util::in_range("k", self.k, 2, super::util::limits::MAX_SAMPLES_PER_PROMPT)?;
+        super::in_range("k", self.k, 2, super::limits::MAX_SAMPLES_PER_PROMPT)?;
         self.gen.validate()
     }
 }

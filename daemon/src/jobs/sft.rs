@@ -7,7 +7,7 @@ use herd_engine::objective;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::util::{chat_of, load_dataset, save_checkpoint, train_loop, truncate, TrainParams};
+use super::{chat_of, load_dataset, save_checkpoint, train_loop, truncate, TrainParams};
 use super::{JobContext, Validate};
 use crate::data::{Dataset, DatasetKind};
 

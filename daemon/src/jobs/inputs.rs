@@ -1,0 +1,62 @@
+//! Reading a job's inputs and writing its dataset outputs: datasets of a
+//! required kind, the chat format of a checkpoint, sequence truncation.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use herd_engine::chat::{ChatFormat, Encoded};
+
+use super::JobContext;
+use crate::data::{self, Dataset, DatasetKind};
+
+/// Load a dataset input, insisting on its kind.
+pub fn load_dataset(path: &Path, want: DatasetKind) -> Result<Dataset> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading dataset {}", path.display()))?;
+    let ds = data::parse_bytes(want, &bytes, &path.display().to_string())?;
+    Ok(ds)
+}
+
+pub fn chat_of(model_dir: &Path) -> Result<ChatFormat> {
+    Ok(herd_engine::checkpoint::load_chat(model_dir)?)
+}
+
+/// Cut a sequence to `max` tokens. None when no target token survives (the
+/// row would teach nothing; callers count and report such drops).
+pub fn truncate(mut e: Encoded, max: usize) -> Option<Encoded> {
+    if e.len() > max {
+        e.ids.truncate(max);
+        e.target_mask.truncate(max);
+        e.format_mask.truncate(max);
+    }
+    e.target_mask.iter().skip(1).any(|m| *m == 1).then_some(e)
+}
+
+/// Write a dataset into the workdir and record it as an output.
+pub fn save_dataset(ctx: &mut JobContext, name: &str, ds: &Dataset) -> Result<String> {
+    let path = ctx.workdir.join(format!("{name}.jsonl"));
+    std::fs::write(&path, ds.to_jsonl())?;
+    ctx.sink
+        .output(name, ds.kind().artifact(), &path, ds.summary())
+}
+
+/// Word-set Jaccard similarity of two texts (for the too-similar filters).
+pub fn similarity(a: &str, b: &str) -> f64 {
+    let wa: std::collections::BTreeSet<&str> = a.split_whitespace().collect();
+    let wb: std::collections::BTreeSet<&str> = b.split_whitespace().collect();
+    if wa.is_empty() && wb.is_empty() {
+        return 1.0;
+    }
+    wa.intersection(&wb).count() as f64 / wa.union(&wb).count() as f64
+}
+
+/// Prompt + completion as one encoded sequence.
+pub fn prompt_completion(
+    chat: &ChatFormat,
+    prompt: &[herd_engine::chat::Message],
+    completion: &str,
+) -> Result<Encoded> {
+    let mut e = chat.encode_prompt(prompt)?;
+    e.extend(&chat.encode_completion(completion)?);
+    Ok(e)
+}

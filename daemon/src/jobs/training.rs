@@ -1,0 +1,221 @@
+//! What the training recipes share: their hyperparameters with the bounds
+//! that keep a run sane, the step loop, and writing the checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use herd_core::ArtifactKind;
+use herd_engine::optim::Decay;
+use herd_engine::rng::Rng;
+use herd_engine::train::{TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::JobContext;
+
+/// The hyperparameters every training job shares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainParams {
+    pub lr: f64,
+    /// Optimizer steps; 0 means derive from `epochs`.
+    pub steps: u64,
+    pub epochs: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    /// Max global gradient norm; 0 disables clipping.
+    pub grad_clip: f64,
+    pub max_seq_len: usize,
+    pub decay: Decay,
+    pub min_lr_ratio: f64,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            lr: 1e-5,
+            steps: 0,
+            epochs: 1.0,
+            batch_size: 4,
+            grad_accum: 1,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            max_seq_len: 512,
+            decay: Decay::Cosine,
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+/// Upper bounds that keep a job's time and memory sane: far above any real
+/// run on one machine, far below what would run for ever or abort the
+/// worker on an allocation.
+pub mod limits {
+    pub const MAX_STEPS: u64 = 10_000_000;
+    pub const MAX_EPOCHS: f64 = 10_000.0;
+    pub const MAX_BATCH: usize = 4096;
+    pub const MAX_GRAD_ACCUM: usize = 4096;
+    pub const MAX_SEQ_LEN: usize = 131_072;
+    /// Tokens in one micro-batch (batch_size x max_seq_len).
+    pub const MAX_BATCH_TOKENS: usize = 1 << 22;
+    pub const MAX_NEW_TOKENS: usize = 32_768;
+    pub const MAX_SAMPLES_PER_PROMPT: usize = 1024;
+}
+
+/// `name` within `lo..=hi`, or an error that says both bounds.
+pub fn in_range<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<(), String> {
+    if v < lo || v > hi {
+        return Err(format!("{name} must be in [{lo}, {hi}], got {v}"));
+    }
+    Ok(())
+}
+
+impl TrainParams {
+    pub fn validate(&self) -> Result<(), String> {
+        use limits::*;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err("lr must be a positive number".into());
+        }
+        in_range("steps", self.steps, 0, MAX_STEPS)?;
+        in_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)?;
+        in_range("batch_size", self.batch_size, 1, MAX_BATCH)?;
+        in_range("grad_accum", self.grad_accum, 1, MAX_GRAD_ACCUM)?;
+        in_range("max_seq_len", self.max_seq_len, 2, MAX_SEQ_LEN)?;
+        if self.batch_size * self.max_seq_len > MAX_BATCH_TOKENS {
+            return Err(format!(
+                "batch_size x max_seq_len = {} tokens per micro-batch; the limit is {MAX_BATCH_TOKENS} (use grad_accum)",
+                self.batch_size * self.max_seq_len
+            ));
+        }
+        if self.steps == 0
+            && !(self.epochs.is_finite() && self.epochs > 0.0 && self.epochs <= MAX_EPOCHS)
+        {
+            return Err(format!("give steps > 0 or epochs in (0, {MAX_EPOCHS}]"));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
+            return Err("batch_size and grad_accum must be >= 1, max_seq_len >= 2".into());
+        }
+        if self.steps == 0 && !(self.epochs.is_finite() && self.epochs > 0.0) {
+            return Err("give steps > 0 or epochs > 0".into());
+        }
+        if self.weight_decay < 0.0
+            || self.grad_clip < 0.0
+            || !(0.0..=1.0).contains(&self.min_lr_ratio)
+        {
+            return Err("weight_decay and grad_clip must be >= 0, min_lr_ratio in [0, 1]".into());
+        }
+        Ok(())
+    }
+
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        if self.steps > 0 {
+            return self.steps;
+        }
+        let per_step = (self.batch_size * self.grad_accum) as f64;
+        ((self.epochs * examples as f64) / per_step).ceil().max(1.0) as u64
+    }
+
+    pub fn train_config(&self, examples: usize) -> TrainConfig {
+        TrainConfig {
+            lr: self.lr,
+            steps: self.total_steps(examples),
+            warmup_steps: self.warmup_steps,
+            decay: self.decay,
+            min_lr_ratio: self.min_lr_ratio,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+            grad_accum: self.grad_accum,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+/// Drive `total` optimizer steps over `n` examples in seeded shuffled order.
+/// `loss_of(batch_indices, extras)` returns one micro-batch's loss and its
+/// token count, and may push extra metrics.
+pub fn train_loop(
+    ctx: &mut JobContext,
+    params: Vec<(String, candle_core::Var)>,
+    tp: &TrainParams,
+    n: usize,
+    mut loss_of: impl FnMut(&[usize], &mut Vec<(String, f64)>) -> Result<(Tensor, usize)>,
+) -> Result<Vec<(String, f64)>> {
+    if n == 0 {
+        bail!("no training examples left");
+    }
+    let cfg = tp.train_config(n);
+    let total = cfg.steps;
+    let mut trainer = Trainer::new(params, cfg)?;
+    let mut rng = Rng::new(ctx.seed);
+    let mut order: Vec<usize> = vec![];
+    let mut cursor = 0;
+    let mut next_batch = |rng: &mut Rng| -> Vec<usize> {
+        let mut b = Vec::with_capacity(tp.batch_size);
+        while b.len() < tp.batch_size.min(n) {
+            if cursor >= order.len() {
+                order = (0..n).collect();
+                rng.shuffle(&mut order);
+                cursor = 0;
+            }
+            b.push(order[cursor]);
+            cursor += 1;
+        }
+        b
+    };
+    let mut last = vec![];
+    for step in 1..=total {
+        let batches: Vec<Vec<usize>> = (0..tp.grad_accum).map(|_| next_batch(&mut rng)).collect();
+        let mut extras: Vec<(String, f64)> = vec![];
+        let mut tokens = 0usize;
+        let stats = trainer.step(|i| {
+            let (loss, t) = loss_of(&batches[i], &mut extras)
+                .map_err(|e| herd_engine::EngineError::Input(format!("{e:#}")))?;
+            tokens += t;
+            Ok(loss)
+        })?;
+        let mut points = vec![
+            ("loss".to_string(), stats.loss),
+            ("grad_norm".to_string(), stats.grad_norm),
+            ("lr".to_string(), stats.lr),
+            ("tokens".to_string(), tokens as f64),
+        ];
+        // Average extras over micro-batches by name.
+        let mut names: Vec<String> = extras.iter().map(|e| e.0.clone()).collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let vals: Vec<f64> = extras.iter().filter(|e| e.0 == name).map(|e| e.1).collect();
+            points.push((name, vals.iter().sum::<f64>() / vals.len() as f64));
+        }
+        ctx.sink.metrics(step, &points)?;
+        ctx.sink.progress(step, total);
+        last = points;
+    }
+    Ok(last)
+}
+
+/// Save a model into the workdir and record it as output `checkpoint`.
+pub fn save_checkpoint(
+    ctx: &mut JobContext,
+    model: &herd_engine::Llama,
+    tokenizer_from: &Path,
+    summary: Value,
+) -> Result<String> {
+    let out: PathBuf = ctx.workdir.join("checkpoint");
+    herd_engine::checkpoint::save_model(
+        model,
+        &out,
+        Some(&tokenizer_from.join(herd_engine::checkpoint::TOKENIZER)),
+    )?;
+    ctx.sink
+        .output("checkpoint", ArtifactKind::Checkpoint, &out, summary)
+}
