@@ -139,7 +139,14 @@ impl Scheduler {
                 .cloned()
                 .collect();
             q.sort_by_key(|j| (-j.priority, j.submitted_seq));
-            (q, p.jobs.clone())
+            // Only the jobs the queued ones depend on, not every job ever
+            // recorded: this runs after every event that can unblock one.
+            let related: BTreeMap<Uuid, JobView> = q
+                .iter()
+                .flat_map(|j| j.depends_on.iter())
+                .filter_map(|d| p.jobs.get(d).map(|v| (*d, v.clone())))
+                .collect();
+            (q, related)
         };
         for job in queued {
             if self

@@ -49,7 +49,10 @@ impl State {
                 let seq = rec.seq;
                 follower.projection.write().await.apply(&stored(&rec));
                 follower.applied.send_replace(seq);
-                follower.wake.notify_one();
+                // Metric points never change what can be scheduled.
+                if rec.event_type != "JobMetrics" {
+                    follower.wake.notify_one();
+                }
             }
         });
         Ok(state)

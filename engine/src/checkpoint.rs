@@ -22,8 +22,9 @@ pub const INDEX: &str = "model.safetensors.index.json";
 pub const CONFIG: &str = "config.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 
-/// Read every tensor of a checkpoint directory (single file or shards).
-pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+/// The weight files of a checkpoint directory: `model.safetensors`, or the
+/// shards its index names (sorted, each once).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS);
     let index = dir.join(INDEX);
     let files: Vec<PathBuf> = if single.is_file() {
@@ -62,8 +63,13 @@ pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
             format!("neither {WEIGHTS} nor {INDEX} found"),
         ));
     };
+    Ok(files)
+}
+
+/// Read every tensor of a checkpoint directory (single file or shards).
+pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
-    for f in files {
+    for f in weight_files(dir)? {
         if !f.is_file() {
             return Err(EngineError::checkpoint(
                 &f,
@@ -205,6 +211,104 @@ pub fn save_model(model: &Llama, dir: &Path, tokenizer: Option<&Path>) -> Result
         }
     }
     Ok(())
+}
+
+/// The tensors a safetensors file declares (name -> dtype, shape), from its
+/// header alone: the 8-byte length, the JSON header, and a check that every
+/// tensor's bytes lie inside the file.
+fn safetensors_header(path: &Path) -> Result<BTreeMap<String, (String, Vec<usize>)>> {
+    use std::io::Read;
+    let bad = |reason: String| EngineError::checkpoint(path, reason);
+    let mut f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| EngineError::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("not a safetensors file: shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 * 1024 * 1024 || 8 + n > file_len {
+        return Err(bad(format!(
+            "not a safetensors file: header length {n} does not fit the file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| EngineError::io(path, e))?;
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("safetensors header is not a JSON object: {e}")))?;
+    let data_len = file_len - 8 - n;
+    let mut out = BTreeMap::new();
+    for (name, info) in v {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info["dtype"].as_str().unwrap_or("?").to_string();
+        let shape: Option<Vec<usize>> = info["shape"]
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect());
+        let end = info["data_offsets"][1].as_u64();
+        match (shape, end) {
+            (Some(shape), Some(end)) if end <= data_len => {
+                out.insert(name, (dtype, shape));
+            }
+            _ => {
+                return Err(bad(format!(
+                    "tensor `{name}`: shape or data offsets missing, or past the end of the file"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Check that a directory is a checkpoint herd can load, without loading
+/// its weights: the config parses, the tokenizer gives the chat format, and
+/// the safetensors headers declare every tensor the config implies, with
+/// its shape and a supported dtype (f32, bf16, f16). Returns `describe`'s
+/// summary. What the daemon runs on import: a 8B checkpoint is checked by
+/// reading a few kilobytes.
+pub fn inspect(dir: &Path) -> Result<serde_json::Value> {
+    let config = LlamaConfig::from_file(&dir.join(CONFIG))?;
+    load_chat(dir)?;
+    let mut declared = BTreeMap::new();
+    for f in weight_files(dir)? {
+        if !f.is_file() {
+            return Err(EngineError::checkpoint(
+                &f,
+                "shard listed in the index is missing",
+            ));
+        }
+        for (name, (dtype, shape)) in safetensors_header(&f)? {
+            if name.ends_with("rotary_emb.inv_freq") {
+                continue; // recomputed from the config
+            }
+            if !matches!(dtype.as_str(), "F32" | "BF16" | "F16") {
+                return Err(EngineError::checkpoint(
+                    &f,
+                    format!("tensor `{name}` has unsupported dtype {dtype}"),
+                ));
+            }
+            declared.insert(name, shape);
+        }
+    }
+    for (name, shape) in crate::model::param_shapes(&config) {
+        match declared.get(&name) {
+            None => {
+                return Err(EngineError::Input(format!("missing tensor `{name}`")));
+            }
+            Some(have) if *have != shape => {
+                return Err(EngineError::Input(format!(
+                    "tensor `{name}` has shape {have:?}, the config implies {shape:?}"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let params: usize = declared.values().map(|s| s.iter().product::<usize>()).sum();
+    Ok(serde_json::json!({
+        "kind": if config.num_labels == 1 { "reward_model" } else { "causal_lm" },
+        "parameters": params, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size, "dtype": config.dtype, "shapes": declared,
+    }))
 }
 
 /// A short description of a checkpoint: parameter count and shapes.

@@ -336,3 +336,42 @@ fn byte_tokenizer_round_trips_text_and_has_the_specials() {
     assert_eq!(enc.ids[0], 256);
     assert_eq!(*enc.ids.last().unwrap(), chat.special.eot);
 }
+
+/// Import checks a checkpoint from its headers alone: the same summary as
+/// loading it, and the same clear errors for what would not load.
+#[test]
+fn inspect_reads_headers_only_and_agrees_with_loading() {
+    use herd_engine::checkpoint::{describe, inspect};
+    let src = fixtures().join("ref");
+    assert_eq!(inspect(&src).unwrap(), describe(&src).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    inspect(dir.path()).unwrap();
+    // A file cut short: the header promises bytes the file does not hold.
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let err = inspect(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("past the end"), "{err}");
+    std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
+    let err = inspect(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("safetensors"), "{err}");
+    // Right weights, wrong config: the tensor and both shapes are named.
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    c["intermediate_size"] = 100.into();
+    std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+    let err = inspect(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("mlp") && err.contains("100"), "{err}");
+}

@@ -280,27 +280,32 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
     let state = ctx.state.clone();
     let (hash, summary) =
         tokio::task::spawn_blocking(move || -> Result<(String, Value), String> {
+            let files = entries.clone();
             let tree = state
                 .store
                 .blobs
                 .put_tree(entries)
                 .map_err(|e| e.to_string())?;
+            // The directory as links to the blobs: nothing is copied, and
+            // only the config, the tokenizer and the weight headers are read.
             let dir = state.data_dir.join("tmp").join(Uuid::now_v7().to_string());
-            state
-                .store
-                .blobs
-                .materialize(&tree.id, &dir)
-                .map_err(|e| e.to_string())?;
-            // Refuse what the engine cannot load, with the engine's reason.
-            let check = herd_engine::checkpoint::describe(&dir).and_then(|d| {
-                herd_engine::checkpoint::load_chat(&dir)?;
-                let cfg = herd_engine::LlamaConfig::from_file(&dir.join("config.json"))?;
-                let tensors = herd_engine::checkpoint::load_tensors(&dir)?;
-                herd_engine::Llama::from_tensors(cfg, tensors, &candle_core::Device::Cpu)?;
-                Ok(d)
+            let linked = std::fs::create_dir_all(&dir).and_then(|()| {
+                for f in &files {
+                    let blob = state
+                        .store
+                        .blobs
+                        .path_of(&f.blob)
+                        .map_err(std::io::Error::other)?;
+                    std::os::unix::fs::symlink(blob, dir.join(&f.name))?;
+                }
+                Ok(())
             });
+            // Refuse what the engine cannot load, with the engine's reason.
+            let check = linked
+                .map_err(|e| e.to_string())
+                .and_then(|()| herd_engine::checkpoint::inspect(&dir).map_err(|e| e.to_string()));
             let _ = std::fs::remove_dir_all(&dir);
-            Ok((tree.id, check.map_err(|e| e.to_string())?))
+            Ok((tree.id, check?))
         })
         .await
         .map_err(internal)?
