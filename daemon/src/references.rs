@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use herd_core::Projection;
 use uuid::Uuid;
 
-use crate::jobs::{self, ArtifactKind, JobKind, Recipe};
+use crate::jobs::{self, ArtifactKind, JobKind};
 
 pub use herd_core::InputRef;
 
@@ -65,7 +65,7 @@ fn artifact_kind_at(
             if let Some(a) = recorded.and_then(|h| p.artifacts.get(&h)) {
                 return Ok(a.artifact);
             }
-            kind.output_kind(&output, |input| {
+            jobs::output_kind(kind, &output, |input| {
                 let r = inputs.get(input)?;
                 artifact_kind_at(p, planned, r, depth + 1).ok()
             })
@@ -73,7 +73,7 @@ fn artifact_kind_at(
                 format!(
                     "{reference}: a {} job has no output `{output}` (its outputs: {})",
                     kind.as_str(),
-                    kind.outputs().join(", ")
+                    jobs::output_names(kind).join(", ")
                 )
             })
         }

@@ -9,8 +9,9 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{chat_of, complete, load_dataset, save_dataset, GenParams};
-use super::{JobContext, Validate};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind, PreferenceExample, Strength};
 use crate::task;
 
@@ -76,8 +77,30 @@ pub fn rank(a: &str, b: &str, answer: &str) -> Option<(usize, Strength)> {
     }
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `annotate` recipe.
+pub struct Annotate;
+
+impl Recipe for Annotate {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Annotate;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["policy", "prompts"],
+        optional: &["other"],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] =
+        &[("data", OutputKind::Is(ArtifactKind::Preference))];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "prompts" => &[ArtifactKind::Prompts],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let chat = chat_of(&policy_dir)?;
     let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?

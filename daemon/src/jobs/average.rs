@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{JobContext, Validate};
+use super::recipe::{InputNames, OutputKind, Recipe};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -26,8 +27,21 @@ impl Validate for Params {
     }
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `average` recipe.
+pub struct Average;
+
+impl Recipe for Average {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Average;
+    const INPUTS: InputNames = InputNames::AtLeast(2);
+    const OUTPUTS: &'static [(&'static str, OutputKind)] =
+        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let inputs: Vec<(String, std::path::PathBuf)> = ctx
         .inputs
         .iter()

@@ -11,8 +11,9 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{chat_of, save_dataset, score, similarity};
-use super::{JobContext, Validate};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{self, Dataset, DatasetKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,8 +121,29 @@ struct View {
     pair: Option<(String, String)>,
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `curate` recipe.
+pub struct Curate;
+
+impl Recipe for Curate {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Curate;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["data"],
+        optional: &["rm"],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = &[("data", OutputKind::SameAs("data"))];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "data" => &[ArtifactKind::Sft, ArtifactKind::Preference],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let path = ctx.input("data")?.to_path_buf();
     let bytes = std::fs::read(&path)?;
     let file = path.display().to_string();

@@ -8,10 +8,11 @@ use herd_engine::objective::{self, Pair};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{
     chat_of, load_dataset, prompt_completion, save_checkpoint, train_loop, truncate, TrainParams,
 };
-use super::{JobContext, Validate};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,8 +51,32 @@ impl Validate for Params {
     }
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `dpo` recipe.
+pub struct Dpo;
+
+impl Recipe for Dpo {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Dpo;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["model", "data"],
+        optional: &["reference"],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = &[
+        ("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint)),
+        ("reference_logps", OutputKind::Is(ArtifactKind::Cache)),
+    ];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "data" => &[ArtifactKind::Preference],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let model_dir = ctx.input("model")?.to_path_buf();
     let ref_dir = ctx
         .inputs

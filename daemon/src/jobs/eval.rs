@@ -7,8 +7,9 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{chat_of, complete, load_dataset, score, GenParams};
-use super::{JobContext, Validate};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,8 +40,31 @@ impl Validate for Params {
     }
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `eval` recipe.
+pub struct Eval;
+
+impl Recipe for Eval {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Eval;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["policy"],
+        optional: &["baseline", "rm", "prompts", "sft", "preference"],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = &[];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "prompts" => &[ArtifactKind::Prompts],
+            "sft" => &[ArtifactKind::Sft],
+            "preference" => &[ArtifactKind::Preference],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let g = GenParams {
         temperature: 0.0,
         top_p: 1.0,

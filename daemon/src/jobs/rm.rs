@@ -11,8 +11,9 @@ use herd_engine::rng::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{chat_of, load_dataset, save_checkpoint, similarity, train_loop, TrainParams};
-use super::{JobContext, Validate};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,8 +52,30 @@ impl Validate for Params {
     }
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `rm` recipe.
+pub struct Rm;
+
+impl Recipe for Rm {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Rm;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["model", "data"],
+        optional: &[],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] =
+        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "data" => &[ArtifactKind::Preference],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let model_dir = ctx.input("model")?.to_path_buf();
     let chat = chat_of(&model_dir)?;
     let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)?

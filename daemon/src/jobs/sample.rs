@@ -5,8 +5,9 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{chat_of, complete, load_dataset, save_dataset, score, GenParams};
-use super::{JobContext, Validate};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind, SftExample};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,8 +55,30 @@ fn stats(xs: &[f64]) -> Value {
     json!({"mean": mean, "std": std, "min": min, "max": max, "n": xs.len()})
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `sample` recipe.
+pub struct Sample;
+
+impl Recipe for Sample {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Sample;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["policy", "rm", "prompts"],
+        optional: &[],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] =
+        &[("data", OutputKind::Is(ArtifactKind::Sft))];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "prompts" => &[ArtifactKind::Prompts],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let rm_dir = ctx.input("rm")?.to_path_buf();
     let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?

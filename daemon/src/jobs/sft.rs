@@ -7,8 +7,9 @@ use herd_engine::objective;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{chat_of, load_dataset, save_checkpoint, train_loop, truncate, TrainParams};
-use super::{JobContext, Validate};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -26,8 +27,30 @@ impl Validate for Params {
     }
 }
 
-pub fn run(ctx: &mut JobContext) -> Result<Value> {
-    let p: Params = ctx.params()?;
+/// The `sft` recipe.
+pub struct Sft;
+
+impl Recipe for Sft {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Sft;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["model", "data"],
+        optional: &[],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] =
+        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "data" => &[ArtifactKind::Sft],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let model_dir = ctx.input("model")?.to_path_buf();
     let chat = chat_of(&model_dir)?;
     let Dataset::Sft(rows) = load_dataset(ctx.input("data")?, DatasetKind::Sft)? else {

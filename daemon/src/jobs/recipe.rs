@@ -1,0 +1,166 @@
+//! What a recipe is, and the one list of them.
+//!
+//! Each recipe file implements [`Recipe`]: its kind, the inputs it takes and
+//! the artifact kind each needs, what it makes, its typed hyperparameters
+//! (defaults, validation) and how it runs. [`RECIPES`] lists them; nothing
+//! else matches on the kind, so a new recipe is one new file, one line here
+//! and its name in `herd_core::JobKind`.
+//!
+//! Hyperparameters are checked once, at submit, into the recipe's typed
+//! `Params`; the worker parses the recorded effective set into the same
+//! type and hands it to `run`.
+
+use std::marker::PhantomData;
+
+use anyhow::Result;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{annotate, average, curate, dpo, eval, rm, sample, sft};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
+
+/// The input names a recipe takes.
+#[derive(Debug, Clone, Copy)]
+pub enum InputNames {
+    Named {
+        required: &'static [&'static str],
+        optional: &'static [&'static str],
+    },
+    /// Any names, at least this many (average: the checkpoints to average).
+    AtLeast(usize),
+}
+
+/// The artifact kind of an output.
+#[derive(Debug, Clone, Copy)]
+pub enum OutputKind {
+    Is(ArtifactKind),
+    /// The kind of the named input (curate keeps its data's kind).
+    SameAs(&'static str),
+}
+
+/// One recipe of the Llama 3 loop.
+pub trait Recipe: Sync + 'static {
+    /// Typed hyperparameters: `Default` gives the defaults, `Validate` the
+    /// ranges beyond types.
+    type Params: Default + Serialize + DeserializeOwned + Validate;
+    const KIND: JobKind;
+    const INPUTS: InputNames;
+    /// (output name, its kind).
+    const OUTPUTS: &'static [(&'static str, OutputKind)];
+    /// The artifact kinds input `name` accepts (default: a checkpoint).
+    fn accepts(_input: &str) -> &'static [ArtifactKind] {
+        &[ArtifactKind::Checkpoint]
+    }
+    fn run(ctx: &mut JobContext, params: Self::Params) -> Result<Value>;
+}
+
+/// A recipe behind a vtable, for the registry.
+pub trait AnyRecipe: Sync {
+    fn kind(&self) -> JobKind;
+    fn inputs(&self) -> InputNames;
+    fn outputs(&self) -> &'static [(&'static str, OutputKind)];
+    fn accepts(&self, input: &str) -> &'static [ArtifactKind];
+    fn default_hyperparameters(&self) -> Value;
+    /// Parse and validate a full hyperparameter set.
+    fn check(&self, hyperparameters: &Value) -> Result<(), String>;
+    /// Parse the (already checked) hyperparameters and run.
+    fn run(&self, ctx: &mut JobContext) -> Result<Value>;
+}
+
+struct Erased<R>(PhantomData<R>);
+
+impl<R: Recipe> AnyRecipe for Erased<R> {
+    fn kind(&self) -> JobKind {
+        R::KIND
+    }
+    fn inputs(&self) -> InputNames {
+        R::INPUTS
+    }
+    fn outputs(&self) -> &'static [(&'static str, OutputKind)] {
+        R::OUTPUTS
+    }
+    fn accepts(&self, input: &str) -> &'static [ArtifactKind] {
+        R::accepts(input)
+    }
+    fn default_hyperparameters(&self) -> Value {
+        serde_json::to_value(R::Params::default()).expect("params serialize")
+    }
+    fn check(&self, hyperparameters: &Value) -> Result<(), String> {
+        parse::<R::Params>(hyperparameters).map(drop)
+    }
+    fn run(&self, ctx: &mut JobContext) -> Result<Value> {
+        let params = parse::<R::Params>(&ctx.hyperparameters).map_err(anyhow::Error::msg)?;
+        R::run(ctx, params)
+    }
+}
+
+fn parse<P: DeserializeOwned + Validate>(v: &Value) -> Result<P, String> {
+    let p: P = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    p.validate()?;
+    Ok(p)
+}
+
+/// Every recipe herd runs.
+pub static RECIPES: [&dyn AnyRecipe; 8] = [
+    &Erased::<rm::Rm>(PhantomData),
+    &Erased::<sample::Sample>(PhantomData),
+    &Erased::<sft::Sft>(PhantomData),
+    &Erased::<dpo::Dpo>(PhantomData),
+    &Erased::<average::Average>(PhantomData),
+    &Erased::<curate::Curate>(PhantomData),
+    &Erased::<eval::Eval>(PhantomData),
+    &Erased::<annotate::Annotate>(PhantomData),
+];
+
+/// The recipe of `kind`; external runs have none (herd records them, it
+/// does not run them).
+pub fn recipe(kind: JobKind) -> Result<&'static dyn AnyRecipe, String> {
+    RECIPES
+        .iter()
+        .copied()
+        .find(|r| r.kind() == kind)
+        .ok_or_else(|| format!("{kind} jobs are recorded, not run by herd"))
+}
+
+/// The artifact kind of output `output` of a `kind` job; `input_kind` tells
+/// the kind of one of its inputs. None: no such output.
+pub fn output_kind(
+    kind: JobKind,
+    output: &str,
+    input_kind: impl Fn(&str) -> Option<ArtifactKind>,
+) -> Option<ArtifactKind> {
+    let (_, of) = recipe(kind)
+        .ok()?
+        .outputs()
+        .iter()
+        .find(|(name, _)| *name == output)?;
+    match of {
+        OutputKind::Is(a) => Some(*a),
+        OutputKind::SameAs(input) => input_kind(input),
+    }
+}
+
+/// The output names of a `kind` job.
+pub fn output_names(kind: JobKind) -> Vec<&'static str> {
+    recipe(kind)
+        .map(|r| r.outputs().iter().map(|(n, _)| *n).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recipe_kind_is_listed_once() {
+        for kind in JobKind::RECIPES {
+            assert_eq!(
+                RECIPES.iter().filter(|r| r.kind() == kind).count(),
+                1,
+                "{kind}"
+            );
+        }
+        assert!(recipe(JobKind::External).is_err());
+    }
+}
