@@ -148,6 +148,8 @@ pub struct Projection {
     pub rounds: BTreeMap<Uuid, RoundView>,
     pub jobs: BTreeMap<Uuid, JobView>,
     pub artifacts: BTreeMap<String, ArtifactView>,
+    /// job -> metric name -> (step, value) in logging order.
+    pub series: BTreeMap<Uuid, BTreeMap<String, Vec<(u64, f64)>>>,
     /// Events of types this version does not know (written by a newer herd).
     pub unknown_events: u64,
     /// Events that did not decode, with the reason (never silently dropped).
@@ -287,6 +289,7 @@ impl Projection {
                     // A new attempt starts its curves afresh: the views show
                     // the latest attempt (earlier ones stay in the log).
                     if attempt > 1 {
+                        self.series.remove(&job);
                         j.last_metrics.clear();
                         j.metric_points = 0;
                     }
@@ -313,6 +316,7 @@ impl Projection {
                     .get_mut(&job)
                     .filter(|j| attempt == 0 || attempt >= j.attempts)
                 {
+                    let series = self.series.entry(job).or_default();
                     j.metric_points += points.len() as u64;
                     for p in points {
                         // Look up before inserting: no key allocation for known names.
@@ -320,6 +324,12 @@ impl Projection {
                             Some(last) => *last = (p.step, p.value),
                             None => {
                                 j.last_metrics.insert(p.name.clone(), (p.step, p.value));
+                            }
+                        }
+                        match series.get_mut(&p.name) {
+                            Some(s) => s.push((p.step, p.value)),
+                            None => {
+                                series.insert(p.name, vec![(p.step, p.value)]);
                             }
                         }
                     }

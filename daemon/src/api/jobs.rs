@@ -233,57 +233,57 @@ struct MetricsQuery {
     attempt: Option<u32>,
 }
 
-/// A job's metric series, one attempt's (the latest unless asked), read
-/// from the job's stream in the log when asked for: the daemon keeps only
-/// the last value of each metric in memory, not every curve ever logged.
+/// A job's metric series: the latest attempt's (the live view), or an
+/// earlier attempt's, folded from the job's stream in the log.
 async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
-    let latest = {
-        let p = ctx.state.projection.read().await;
-        p.jobs
-            .get(&id)
-            .ok_or_else(|| not_found(format!("no job {id}")))?
-            .attempts
-    };
+    let p = ctx.state.projection.read().await;
+    let job = p
+        .jobs
+        .get(&id)
+        .ok_or_else(|| not_found(format!("no job {id}")))?;
+    let latest = job.attempts;
+    let wanted: Option<Vec<&str>> = q.names.as_deref().map(|n| n.split(',').collect());
+    let keep = |k: &str| wanted.as_ref().is_none_or(|w| w.contains(&k));
     let attempt = q.attempt.unwrap_or(latest);
-    if q.attempt.is_some() && (attempt == 0 || attempt > latest) {
+    if attempt == latest || latest == 0 {
+        let empty = BTreeMap::new();
+        let series = p.series.get(&id).unwrap_or(&empty);
+        let out: BTreeMap<String, Vec<(u64, f64)>> = series
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        return ok(json!(MetricSeries {
+            attempt: latest,
+            attempts: latest,
+            series: out
+        }));
+    }
+    if attempt == 0 || attempt > latest {
         return Err(bad(format!(
             "query `attempt`: job {id} has attempts 1..={latest}, not {attempt}"
         )));
     }
-    let wanted: Option<Vec<String>> = q
-        .names
-        .as_deref()
-        .map(|n| n.split(',').map(String::from).collect());
+    drop(p);
     let log = ctx.state.store.log.clone();
-    let series = tokio::task::spawn_blocking(move || -> herd_store::Result<_> {
-        let keep = |k: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|x| x == k));
-        let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
-        let mut from = 1;
-        loop {
-            let events = log.read_stream(&streams::job(id), from, 4096)?;
-            let Some(last) = events.last() else { break };
-            from = last.version + 1;
-            for rec in &events {
-                let Ok(HerdEvent::JobMetrics {
-                    attempt: a, points, ..
-                }) = HerdEvent::from_recorded(&crate::state::stored(rec))
-                else {
-                    continue;
-                };
-                // Points without an attempt (external runs, older herds)
-                // belong to the latest.
-                if a == attempt || (a == 0 && attempt == latest) {
-                    for pt in points.into_iter().filter(|pt| keep(&pt.name)) {
-                        series.entry(pt.name).or_default().push((pt.step, pt.value));
-                    }
+    let events =
+        tokio::task::spawn_blocking(move || log.read_stream(&streams::job(id), 1, usize::MAX))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+    let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    for rec in &events {
+        if let Ok(HerdEvent::JobMetrics {
+            attempt: a, points, ..
+        }) = HerdEvent::from_recorded(&crate::state::stored(rec))
+        {
+            if a == attempt {
+                for pt in points.into_iter().filter(|pt| keep(&pt.name)) {
+                    series.entry(pt.name).or_default().push((pt.step, pt.value));
                 }
             }
         }
-        Ok(series)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(internal)?;
+    }
     ok(json!(MetricSeries {
         attempt,
         attempts: latest,
