@@ -16,7 +16,7 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
         warp::path!("runs" / Uuid / "metrics")
             .and(warp::post())
             .and(c.clone())
-            .and(json_body())
+            .and(flat_json_body())
             .and_then(log_metrics)
             .boxed(),
         warp::path!("runs" / Uuid / "artifacts")
