@@ -42,20 +42,11 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
 pub use herd_core::wire::{
-    Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest, JobSubmitted,
-    MetricSeries, Progress, Reproduction, RoundDetail, RoundReproduced, RoundSubmitted,
-    Verification,
+    BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest,
+    JobSubmitted, MetricSeries, Progress, Reproduction, RoundDetail, RoundReproduced,
+    RoundSubmitted, Verification,
 };
 
-/// `POST /blobs` answer.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct BlobInfo {
-    pub id: String,
-    pub size: u64,
-    pub existed: bool,
-    #[serde(default)]
-    pub repaired: bool,
-}
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
 
 pub struct Client {
@@ -255,7 +246,7 @@ impl Client {
             if fname.starts_with('.') {
                 continue;
             }
-            let info: BlobInfo = Self::typed(self.upload_file(&p)?)?;
+            let info: BlobStored = Self::typed(self.upload_file(&p)?)?;
             files.insert(fname, Value::String(info.id));
         }
         Self::typed(self.post("/checkpoints", &json!({"name": name, "files": files}))?)

@@ -201,3 +201,14 @@ pub struct Verification {
     /// The problems in one line ("" when ok).
     pub error: String,
 }
+
+/// `201` answer to `POST /blobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlobStored {
+    pub id: String,
+    pub size: u64,
+    /// The same bytes were already stored, intact.
+    pub existed: bool,
+    /// A stored copy was corrupt and these bytes replaced it.
+    pub repaired: bool,
+}

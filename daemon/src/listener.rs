@@ -229,9 +229,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    /// One flat buffer per write, so a canned head is seen whole.
+    /// Vectored writes pass through (a canned answer is a head alone, so it
+    /// arrives as one slice and is caught here as in `poll_write`): large
+    /// bodies are not copied into one buffer to watch for a rare error.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut slices = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (slices.next(), slices.next()) {
+            if json_for_canned(only).is_some() {
+                return self.poll_write(cx, only);
+            }
+        }
+        std::task::ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
     fn is_write_vectored(&self) -> bool {
-        false
+        self.inner.is_write_vectored()
     }
 }
 

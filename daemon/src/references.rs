@@ -16,11 +16,6 @@ use crate::jobs::{self, ArtifactKind, JobKind};
 
 pub use herd_core::InputRef;
 
-/// A content hash as the blob store names blobs: lowercase only.
-pub fn is_hash(s: &str) -> bool {
-    herd_core::BlobHash::is_valid(s)
-}
-
 /// A job not yet recorded (planned in the same round): its kind and inputs.
 pub struct Planned<'a> {
     pub kind: JobKind,

@@ -99,13 +99,13 @@ pub fn expand(
                         vars.keys().cloned().collect::<Vec<_>>().join(", ")
                     )
                 })?
-            } else if references::is_hash(v) {
+            } else if herd_core::BlobHash::is_valid(v) {
                 v.clone()
             } else if let Some((job, out)) = v.split_once('.') {
                 let id = by_name.get(job).ok_or_else(|| {
                     format!("{at}.inputs.{name}: {v:?} names no earlier job of this round")
                 })?;
-                format!("job:{id}/{out}")
+                InputRef::job_output(*id, out).to_string()
             } else {
                 return Err(format!(
                     "{at}.inputs.{name}: {v:?} is not $var, job.output or a content hash"
@@ -163,5 +163,5 @@ pub fn final_policy_ref(spec: &Value, jobs: &[(Uuid, String)]) -> Option<String>
     let fp = spec.get("final_policy")?.as_str()?;
     let (job, out) = fp.split_once('.')?;
     let id = jobs.iter().find(|(_, n)| n == job)?.0;
-    Some(format!("job:{id}/{out}"))
+    Some(InputRef::job_output(id, out).to_string())
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use herd_core::model::{streams, HerdEvent, JobStatus, JobView, MetricPoint};
+use herd_core::InputRef;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -219,19 +220,17 @@ impl Scheduler {
         job.inputs
             .iter()
             .map(|(name, v)| {
-                let hash = match v.strip_prefix("job:") {
-                    None => v.clone(),
-                    Some(r) => {
-                        let (id, out) = r
-                            .split_once('/')
-                            .ok_or_else(|| anyhow!("input `{name}`: bad reference {v:?}"))?;
-                        let id: Uuid = id
-                            .parse()
-                            .with_context(|| format!("input `{name}`: bad job id in {v:?}"))?;
+                let reference: InputRef = v.parse().map_err(|e| anyhow!("input `{name}`: {e}"))?;
+                let hash = match reference {
+                    InputRef::Blob(hash) => hash.to_string(),
+                    InputRef::JobOutput {
+                        job: id,
+                        output: out,
+                    } => {
                         let src = jobs
                             .get(&id)
                             .ok_or_else(|| anyhow!("input `{name}`: job {id} does not exist"))?;
-                        src.outputs.get(out).cloned().ok_or_else(|| {
+                        src.outputs.get(&out).cloned().ok_or_else(|| {
                             anyhow!(
                                 "input `{name}`: job {id} ({}) has no output `{out}`",
                                 src.name

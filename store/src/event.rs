@@ -168,15 +168,16 @@ pub(crate) fn write_record(out: &mut Vec<u8>, r: &RecordParts) {
 /// more: whatever the log accepts, every reader must be able to read.
 pub const MAX_PAYLOAD_DEPTH: usize = 64;
 
-/// The deepest nesting of `[` and `{` in JSON text (strings skipped), in
-/// one pass without building a tree.
-pub fn json_depth(json: &[u8]) -> usize {
-    // Fast path (vectorizes): nesting can't exceed the number of openers.
+/// Whether JSON text nests `[` and `{` deeper than `limit` (strings
+/// skipped): the depth reached past the limit, or None. Counting openers
+/// (vectorized) settles most texts; only one with more openers than the
+/// limit is walked, and the walk stops once past it.
+pub fn json_deeper_than(json: &[u8], limit: usize) -> Option<usize> {
     let openers = json.iter().filter(|&&b| b == b'{' || b == b'[').count();
-    if openers <= 1 {
-        return openers;
+    if openers <= limit {
+        return None;
     }
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in json {
         if in_string {
             match b {
@@ -191,13 +192,15 @@ pub fn json_depth(json: &[u8]) -> usize {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                max = max.max(depth);
+                if depth > limit {
+                    return Some(depth);
+                }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
-    max
+    None
 }
 
 /// What the caller asserts about the stream's version before appending.

@@ -128,7 +128,12 @@ where
     B: bytes::Buf,
 {
     let info = stream_to_blob(&ctx, body).await?;
-    created(json!(info))
+    created(json!(BlobStored {
+        id: info.id,
+        size: info.size,
+        existed: info.existed,
+        repaired: info.repaired,
+    }))
 }
 
 async fn get_blob(hash: String, ctx: Ctx) -> Res {

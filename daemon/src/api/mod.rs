@@ -23,8 +23,8 @@ use crate::rounds::RoundSpec;
 use crate::scheduler::Scheduler;
 use crate::state::State;
 use herd_core::wire::{
-    Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest, MetricSeries,
-    Reproduction, RoundReproduced, RoundSubmitted, Verification,
+    BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest,
+    MetricSeries, Reproduction, RoundReproduced, RoundSubmitted, Verification,
 };
 
 mod artifacts;
@@ -122,14 +122,12 @@ fn body_of<T: serde::de::DeserializeOwned + Send>(
             Err(bad("the request body ended before its Content-Length"))
         }))
         .and_then(move |b: Bytes| async move {
-            let depth = if check_depth {
-                herd_store::event::json_depth(&b)
-            } else {
-                0
-            };
-            if depth > MAX_JSON_DEPTH {
+            let too_deep = check_depth
+                .then(|| herd_store::event::json_deeper_than(&b, MAX_JSON_DEPTH))
+                .flatten();
+            if let Some(depth) = too_deep {
                 return Err(bad(format!(
-                    "invalid JSON body: nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}"
+                    "invalid JSON body: nested at least {depth} levels deep; the limit is {MAX_JSON_DEPTH}"
                 )));
             }
             serde_json::from_slice::<T>(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))

@@ -312,17 +312,10 @@ fn validate_append(stream: &str, events: &[NewEvent]) -> Result<()> {
                 "event {i} of the append to `{stream}` has an empty type"
             )));
         }
-        // Counting openers is cheap and bounds the depth; walk only when it could be too deep.
-        let payload = e.payload.get().as_bytes();
-        let openers = payload.iter().filter(|&&b| b == b'{' || b == b'[').count();
-        let depth = if openers > crate::event::MAX_PAYLOAD_DEPTH {
-            crate::event::json_depth(payload)
-        } else {
-            0
-        };
-        if depth > crate::event::MAX_PAYLOAD_DEPTH {
+        let limit = crate::event::MAX_PAYLOAD_DEPTH;
+        if let Some(depth) = crate::event::json_deeper_than(e.payload.get().as_bytes(), limit) {
             return Err(StoreError::Invalid(format!(
-                "event {i} of the append to `{stream}` nests {depth} levels deep; the limit is {}",
+                "event {i} of the append to `{stream}` is nested at least {depth} levels deep; the limit is {}",
                 crate::event::MAX_PAYLOAD_DEPTH
             )));
         }

@@ -116,11 +116,9 @@ impl Writer {
             } else {
                 self.backend.write_records(&staged.bytes, at)
             };
-            Some(match written {
+            let outcome = match written {
                 Ok(()) => match self.backend.index(staged.write, at) {
                     Ok(log_end) => {
-                        self.buffer = std::mem::take(&mut staged.bytes);
-                        self.buffer.clear();
                         self.head = Head {
                             seq: staged.seq,
                             hash: staged.hash,
@@ -140,17 +138,11 @@ impl Writer {
                 // reached the file and keep taking writes (a full disk
                 // recovers when space returns). If even the cut fails, the
                 // file's end is unknown and only a reopen can tell.
-                Err(StoreError::NoSpace) => {
-                    self.buffer = std::mem::take(&mut staged.bytes);
-                    self.buffer.clear();
-                    Err(StoreError::NoSpace)
-                }
+                Err(StoreError::NoSpace) => Err(StoreError::NoSpace), // refused before writing
                 Err(e) => {
                     let no_space = matches!(&e, StoreError::Io { source, .. }
                         if source.raw_os_error() == Some(28) /* ENOSPC */
                             || source.kind() == std::io::ErrorKind::StorageFull);
-                    self.buffer = std::mem::take(&mut staged.bytes);
-                    self.buffer.clear();
                     match self.backend.truncate(at) {
                         Ok(()) if no_space => Err(StoreError::NoSpace),
                         Ok(()) => Err(e),
@@ -163,7 +155,11 @@ impl Writer {
                         }
                     }
                 }
-            })
+            };
+            // The staging buffer is kept for the next group, whatever happened.
+            self.buffer = std::mem::take(&mut staged.bytes);
+            self.buffer.clear();
+            Some(outcome)
         } else {
             None // every request was answered while staging
         };
