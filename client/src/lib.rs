@@ -44,7 +44,7 @@ pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, R
 pub use herd_core::wire::{
     BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest,
     JobSubmitted, MetricSeries, Progress, Reproduction, RoundDetail, RoundReproduced,
-    RoundSubmitted, Verification,
+    RoundSubmitted, Verification, MAX_JOBS_PAGE,
 };
 
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
@@ -278,10 +278,28 @@ impl Client {
                 params.push(format!("{k}={}", enc(&v)));
             }
         }
-        if let Some(l) = q.limit {
-            params.push(format!("limit={l}"));
+        // The daemon answers at most MAX_JOBS_PAGE jobs a request: page.
+        let mut out: Vec<Job> = vec![];
+        let mut offset = q.offset.unwrap_or(0);
+        loop {
+            let want = q
+                .limit
+                .map_or(usize::MAX, |l| l - out.len())
+                .min(MAX_JOBS_PAGE);
+            if want == 0 {
+                return Ok(out);
+            }
+            let page: Vec<Job> = Self::typed(self.get(&format!(
+                "/jobs?{}limit={want}&offset={offset}",
+                params.iter().map(|p| format!("{p}&")).collect::<String>()
+            ))?)?;
+            let n = page.len();
+            out.extend(page);
+            offset += n;
+            if n < want {
+                return Ok(out);
+            }
         }
-        Self::typed(self.get(&format!("/jobs?{}", params.join("&")))?)
     }
 
     /// Metric series of the job's latest attempt: name -> [(step, value)].

@@ -7,8 +7,8 @@
 //! use live here, with nothing but serde and uuid underneath.
 //!
 //! * [`model`]: the typed events (`HerdEvent`) and the views folded from
-//!   them (`Projection`: experiments, rounds, jobs, artifacts, metric series,
-//!   lineage).
+//!   them (`Projection`: experiments, rounds, jobs and their rows,
+//!   artifacts, lineage; metric points are indexed by the daemon).
 //! * [`vocab`]: job kinds, artifact kinds, blob hashes and input references,
 //!   each parsed once from its text.
 //! * [`wire`]: the request and response bodies of the HTTP API.

@@ -89,9 +89,18 @@ pub struct JobQuery {
     /// A field to sort by (`submitted`, `hp.X`, `metric.X`), `-` for descending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sort: Option<String>,
+    /// At most this many jobs (and never more than [`MAX_JOBS_PAGE`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Skip this many matching jobs first (paging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
 }
+
+/// The most jobs `GET /jobs` answers at once: what one request costs the
+/// daemon stays bounded however long the history. The answer's `Herd-Total`
+/// header counts every match; page with `offset`.
+pub const MAX_JOBS_PAGE: usize = 1000;
 
 /// How far a running job is, in its own units (steps, rows).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use herd_core::Projection;
+use crate::state::Live;
 use uuid::Uuid;
 
 use crate::jobs::{self, ArtifactKind, JobKind};
@@ -25,7 +25,7 @@ pub struct Planned<'a> {
 /// The artifact kind a reference points at, looking at recorded artifacts
 /// and jobs and at `planned` jobs of a round being submitted.
 pub fn artifact_kind(
-    p: &Projection,
+    p: &Live,
     planned: &BTreeMap<Uuid, Planned>,
     reference: &str,
 ) -> Result<ArtifactKind, String> {
@@ -33,7 +33,7 @@ pub fn artifact_kind(
 }
 
 fn artifact_kind_at(
-    p: &Projection,
+    p: &Live,
     planned: &BTreeMap<Uuid, Planned>,
     reference: &str,
     depth: usize,
@@ -52,7 +52,7 @@ fn artifact_kind_at(
         InputRef::JobOutput { job, output } => {
             let (kind, inputs, recorded) = if let Some(j) = planned.get(&job) {
                 (j.kind, j.inputs.clone(), None)
-            } else if let Some(j) = p.jobs.get(&job) {
+            } else if let Some(j) = p.job(job).map_err(|e| e.to_string())? {
                 (j.kind, j.inputs.clone(), j.outputs.get(&output).cloned())
             } else {
                 return Err(format!("{reference}: no job {job}"));
@@ -78,7 +78,7 @@ fn artifact_kind_at(
 /// Check every input of a job: the reference parses, exists and is the
 /// artifact kind the input needs. Errors name the input.
 pub fn check_inputs(
-    p: &Projection,
+    p: &Live,
     planned: &BTreeMap<Uuid, Planned>,
     kind: JobKind,
     inputs: &BTreeMap<String, String>,

@@ -66,7 +66,7 @@ pub struct PlannedJob {
 pub fn expand(
     spec: &RoundSpec,
     previous_policy: Option<String>,
-    recorded: &herd_core::Projection,
+    recorded: &crate::state::Live,
 ) -> Result<Vec<PlannedJob>, String> {
     let mut vars = spec.vars.clone();
     if !vars.contains_key("policy") {

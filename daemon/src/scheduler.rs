@@ -142,11 +142,12 @@ impl Scheduler {
             q.sort_by_key(|j| (-j.priority, j.submitted_seq));
             // Only the jobs the queued ones depend on, not every job ever
             // recorded: this runs after every event that can unblock one.
-            let related: BTreeMap<Uuid, JobView> = q
-                .iter()
-                .flat_map(|j| j.depends_on.iter())
-                .filter_map(|d| p.jobs.get(d).map(|v| (*d, v.clone())))
-                .collect();
+            let mut related: BTreeMap<Uuid, JobView> = BTreeMap::new();
+            for d in q.iter().flat_map(|j| j.depends_on.iter()) {
+                if let Some(v) = p.job(*d)? {
+                    related.insert(*d, v.into_owned());
+                }
+            }
             (q, related)
         };
         for job in queued {
@@ -503,7 +504,7 @@ impl Scheduler {
             .projection
             .read()
             .await
-            .jobs
+            .rows
             .get(&id)
             .map(|j| j.status);
         match status {

@@ -204,7 +204,10 @@ impl Daemon {
         if let Some(h) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
         }
-        // Every append was flushed before it was acknowledged; nothing is pending.
+        // Every append was flushed before it was acknowledged; the views are
+        // derived, saved here so that the next start folds nothing.
+        self.state.checkpoint().await?;
+        self.state.views.flush()?;
         Ok(())
     }
 }

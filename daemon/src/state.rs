@@ -1,26 +1,92 @@
-//! The daemon's shared state: the store, a live projection that follows the
-//! log, and in-memory progress of running jobs.
+//! The daemon's shared state: the store, the live views that follow the log
+//! (projection and metric index, checkpointed to the view store), and
+//! in-memory progress of running jobs.
 //!
 //! Every write goes through [`State::record`], which appends (durably) and
-//! then waits until the projection has folded that event in, so a client that
+//! then waits until the views have folded that event in, so a client that
 //! got an answer reads its own writes.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use herd_core::model::{HerdEvent, Stored};
+use herd_core::model::{HerdEvent, JobView, Stored};
 use herd_core::Projection;
 use herd_store::{EventLog, ExpectedVersion, NewEvent, RecordedEvent, Store};
 use tokio::sync::{watch, Notify, RwLock};
 use uuid::Uuid;
 
+use crate::metrics::{filed_attempt, MetricIndex};
+use crate::views::{Through, ViewStore, ViewsError};
+
 pub use herd_core::wire::Progress;
+
+/// Events folded between checkpoints at most (bounds what a rebuild holds).
+const CHECKPOINT_EVERY: u64 = 50_000;
+
+/// The projection and the metric index, as of event `through`, with the view
+/// store that holds what is not resident. Derefs to the projection.
+pub struct Live {
+    pub projection: Projection,
+    pub metrics: MetricIndex,
+    views: Arc<ViewStore>,
+    through: Through,
+    since_checkpoint: u64,
+}
+
+impl Live {
+    fn new(views: Arc<ViewStore>) -> Self {
+        Live {
+            projection: Projection::default(),
+            metrics: MetricIndex::default(),
+            views,
+            through: Through::default(),
+            since_checkpoint: 0,
+        }
+    }
+
+    /// A job's view: resident, or read from the view store.
+    pub fn job(&self, id: Uuid) -> Result<Option<Cow<'_, JobView>>, ViewsError> {
+        if let Some(j) = self.projection.jobs.get(&id) {
+            return Ok(Some(Cow::Borrowed(j)));
+        }
+        if !self.projection.has_job(&id) {
+            return Ok(None);
+        }
+        match self.views.job(id)? {
+            Some(j) => Ok(Some(Cow::Owned(j))),
+            None => Err(ViewsError::Corrupt {
+                key: format!("j:{id}"),
+                reason: "a job row without its view".into(),
+            }),
+        }
+    }
+
+    /// A job's metric series for one attempt (all, or the names given).
+    pub fn series(
+        &self,
+        job: Uuid,
+        attempt: u32,
+        names: Option<&[&str]>,
+    ) -> Result<BTreeMap<String, Vec<(u64, f64)>>, ViewsError> {
+        self.metrics.series(&self.views, job, attempt, names)
+    }
+}
+
+impl std::ops::Deref for Live {
+    type Target = Projection;
+    fn deref(&self) -> &Projection {
+        &self.projection
+    }
+}
 
 pub struct State {
     pub store: Store,
+    pub views: Arc<ViewStore>,
     pub data_dir: PathBuf,
-    pub projection: RwLock<Projection>,
+    pub projection: RwLock<Live>,
     applied: watch::Sender<u64>,
     pub progress: std::sync::Mutex<BTreeMap<Uuid, Progress>>,
     /// Wakes the scheduler when something it cares about changed.
@@ -30,24 +96,42 @@ pub struct State {
 impl State {
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Self>> {
         let store = Store::open(data_dir)?;
-        let projection = rebuild(&store.log)?;
-        let (applied, _) = watch::channel(projection.last_seq);
+        let views = Arc::new(ViewStore::open(&data_dir.join("views"))?);
+        let live = load_views(&store.log, views.clone())?;
+        let (applied, _) = watch::channel(live.last_seq);
         let state = Arc::new(State {
             store,
+            views,
             data_dir: data_dir.to_path_buf(),
-            projection: RwLock::new(projection),
+            projection: RwLock::new(live),
             applied,
             progress: Default::default(),
             wake: Notify::new(),
         });
-        // Follow the log: the projection is a fold of what is durable.
+        // Follow the log: the views are a fold of what is durable.
         let follower = state.clone();
         let from = follower.applied.borrow().to_owned() + 1;
         let mut sub = state.store.log.subscribe(from);
         tokio::spawn(async move {
             while let Ok(rec) = sub.next().await {
                 let seq = rec.seq;
-                follower.projection.write().await.apply(&stored(&rec));
+                let mut live = follower.projection.write().await;
+                let folded = fold(&mut live, &rec).and_then(|()| {
+                    if live.since_checkpoint >= CHECKPOINT_EVERY {
+                        checkpoint(&mut live)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = folded {
+                    // The views can no longer follow the record: stop rather
+                    // than answer from views that miss an event.
+                    let _ = follower.views.clear();
+                    eprintln!(
+                        "herdd: {e}; the views will be rebuilt from the log at the next start"
+                    );
+                    std::process::exit(70);
+                }
+                drop(live);
                 follower.applied.send_replace(seq);
                 // Metric points never change what can be scheduled.
                 if rec.event_type != "JobMetrics" {
@@ -55,7 +139,27 @@ impl State {
                 }
             }
         });
+        // Checkpoint what changed about once a second.
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(state) = weak.upgrade() else { return };
+                if let Err(e) = state.checkpoint().await {
+                    tracing::warn!("checkpointing views: {e}");
+                }
+            }
+        });
         Ok(state)
+    }
+
+    /// Save the views now (also at shutdown, then made durable).
+    pub async fn checkpoint(&self) -> Result<(), ViewsError> {
+        let mut live = self.projection.write().await;
+        if live.since_checkpoint > 0 {
+            checkpoint(&mut live)?;
+        }
+        Ok(())
     }
 
     /// Append events to a stream (durably) and wait until they are visible.
@@ -90,6 +194,96 @@ impl State {
     }
 }
 
+/// The views at the log's head: the last checkpoint if it was taken of this
+/// log by this code, else a rebuild; then the events after it.
+pub fn load_views(log: &EventLog, views: Arc<ViewStore>) -> anyhow::Result<Live> {
+    let stored = match views.through()? {
+        Some(t) if t.seq == 0 => Some(t),
+        Some(t) => match log.get(t.seq)? {
+            Some(rec) if rec.id == t.id && rec.prev_hash == t.prev_hash => Some(t),
+            _ => None,
+        },
+        None => None,
+    };
+    let mut live = Live::new(views.clone());
+    match stored {
+        Some(t) => {
+            live.projection = views.load(&t)?;
+            live.through = t;
+        }
+        None => views.clear()?,
+    }
+    loop {
+        let batch = log.read_all(live.last_seq + 1, 4096)?;
+        if batch.is_empty() {
+            break;
+        }
+        for rec in &batch {
+            fold(&mut live, rec)?;
+            if live.since_checkpoint >= CHECKPOINT_EVERY {
+                checkpoint(&mut live)?;
+            }
+        }
+    }
+    checkpoint(&mut live)?;
+    Ok(live)
+}
+
+/// Fold one record into the views: bring back the view of an evicted job it
+/// is about, file its metric points, apply it.
+pub fn fold(live: &mut Live, rec: &RecordedEvent) -> Result<(), ViewsError> {
+    let views = live.views.clone();
+    if rec.seq <= live.last_seq {
+        return Ok(());
+    }
+    let event = HerdEvent::from_recorded(&stored(rec));
+    if let Some(job) = event.as_ref().ok().and_then(HerdEvent::job) {
+        if live.projection.has_job(&job) && !live.projection.jobs.contains_key(&job) {
+            let view = views.job(job)?.ok_or_else(|| ViewsError::Corrupt {
+                key: format!("j:{job}"),
+                reason: "a job row without its view".into(),
+            })?;
+            live.projection.make_resident(view);
+        }
+    }
+    if let Ok(HerdEvent::JobMetrics {
+        job,
+        attempt,
+        points,
+    }) = &event
+    {
+        if let Some(j) = live.projection.jobs.get(job) {
+            let filed = filed_attempt(*attempt, j.attempts);
+            // The current attempt's points are all counted in metric_points.
+            let fresh = filed == j.attempts && j.metric_points == 0;
+            let points = points.iter().map(|p| (p.name.as_str(), p.step, p.value));
+            live.metrics.add(&views, *job, filed, fresh, points)?;
+        }
+    }
+    live.projection
+        .apply_decoded(rec.seq, rec.timestamp_ms, event);
+    live.through = Through {
+        seq: rec.seq,
+        id: rec.id,
+        prev_hash: rec.prev_hash.clone(),
+    };
+    live.since_checkpoint += 1;
+    Ok(())
+}
+
+fn checkpoint(live: &mut Live) -> Result<(), ViewsError> {
+    let Live {
+        projection,
+        metrics,
+        views,
+        through,
+        since_checkpoint,
+    } = live;
+    views.checkpoint(projection, metrics, through)?;
+    *since_checkpoint = 0;
+    Ok(())
+}
+
 // The glue between the generic store and herd's typed events.
 
 /// A typed event as the store appends it (a fresh UUID v7 id).
@@ -111,7 +305,8 @@ pub fn stored(rec: &RecordedEvent) -> Stored<'_> {
     }
 }
 
-/// Fold the whole log from the beginning.
+/// Fold the whole log from the beginning, in memory only (the pure fold the
+/// checkpointed views must always equal).
 pub fn rebuild(log: &EventLog) -> herd_store::Result<Projection> {
     let mut p = Projection::default();
     loop {

@@ -1,11 +1,15 @@
 //! Views are pure folds: a projection kept live while events are appended
-//! equals one rebuilt from the log afterwards, for any sequence of events.
+//! equals one rebuilt from the log afterwards, for any sequence of events;
+//! and so do the views the daemon checkpoints to disk, evicts and reloads,
+//! metric series included.
 
 use std::collections::BTreeMap;
 
 use herd_core::model::{streams, HerdEvent, MetricPoint};
 use herd_core::{ArtifactKind, JobKind, Projection};
-use herd_daemon::state::{new_event, rebuild, stored};
+use herd_daemon::metrics::filed_attempt;
+use herd_daemon::state::{load_views, new_event, rebuild, stored};
+use herd_daemon::views::ViewStore;
 use herd_store::{EventLog, ExpectedVersion, NewEvent};
 use proptest::prelude::*;
 use serde_json::json;
@@ -17,7 +21,7 @@ enum Op {
     Import(u8),
     Submit { exp: u8, input: u8 },
     Start(u8),
-    Metrics(u8, u8),
+    Metrics(u8, u16),
     Output(u8, u8),
     Finish(u8, u8),
     Future,
@@ -29,7 +33,8 @@ fn op() -> impl Strategy<Value = Op> {
         any::<u8>().prop_map(Op::Import),
         (any::<u8>(), any::<u8>()).prop_map(|(exp, input)| Op::Submit { exp, input }),
         any::<u8>().prop_map(Op::Start),
-        (any::<u8>(), 1u8..20).prop_map(|(j, n)| Op::Metrics(j, n)),
+        // Up to 1,200 points: series cross the index's 512-point blocks.
+        (any::<u8>(), 1u16..1200).prop_map(|(j, n)| Op::Metrics(j, n)),
         (any::<u8>(), any::<u8>()).prop_map(|(j, h)| Op::Output(j, h)),
         (any::<u8>(), 0u8..4).prop_map(|(j, how)| Op::Finish(j, how)),
         Just(Op::Future),
@@ -43,13 +48,19 @@ fn hash(n: u8) -> String {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
-    fn replay_equals_live(ops in proptest::collection::vec(op(), 1..60)) {
+    fn replay_equals_live(ops in proptest::collection::vec(op(), 1..60), checkpoint_at in 0usize..60) {
         let dir = tempfile::tempdir().unwrap();
+        let views_dir = tempfile::tempdir().unwrap();
         let log = EventLog::open(dir.path()).unwrap();
         let mut live = Projection::default();
         let mut sub = log.subscribe(1);
         let (mut exps, mut jobs) = (vec![], vec![]);
-        for op in ops {
+            for (i, op) in ops.into_iter().enumerate() {
+            if i == checkpoint_at {
+                // A daemon that started here: views folded, saved, evicted.
+                let views = std::sync::Arc::new(ViewStore::open(views_dir.path()).unwrap());
+                load_views(&log, views).unwrap();
+            }
             let (stream, event): (String, NewEvent) = match op {
                 Op::Experiment => {
                     let id = Uuid::now_v7();
@@ -99,6 +110,46 @@ proptest! {
         let rebuilt = rebuild(&log).unwrap();
         prop_assert_eq!(&rebuilt, &live);
         prop_assert!(rebuilt.undecodable.is_empty());
+
+        // The daemon's views: the checkpoint taken above plus what came after.
+        let views = std::sync::Arc::new(ViewStore::open(views_dir.path()).unwrap());
+        let saved = load_views(&log, views).unwrap();
+        prop_assert_eq!(saved.last_seq, live.last_seq);
+        prop_assert_eq!(&saved.experiments, &live.experiments);
+        prop_assert_eq!(&saved.rounds, &live.rounds);
+        prop_assert_eq!(&saved.artifacts, &live.artifacts);
+        prop_assert_eq!(&saved.rows, &live.rows);
+        prop_assert_eq!(saved.unknown_events, live.unknown_events);
+        for (id, view) in &live.jobs {
+            let stored_view = saved.job(*id).unwrap().map(|v| v.into_owned());
+            prop_assert_eq!(stored_view.as_ref(), Some(view));
+            // Ended jobs' views left memory.
+            prop_assert_eq!(saved.jobs.contains_key(id), !view.status.is_final());
+        }
+        // Metric series, filed per attempt as the fold counts them.
+        let mut expected: BTreeMap<(Uuid, u32), BTreeMap<String, Vec<(u64, f64)>>> = BTreeMap::new();
+        let mut attempts: BTreeMap<Uuid, u32> = BTreeMap::new();
+        for rec in log.read_all(1, usize::MAX).unwrap() {
+            match HerdEvent::from_recorded(&stored(&rec)) {
+                Ok(HerdEvent::JobSubmitted { job, .. }) => { attempts.insert(job, 0); }
+                Ok(HerdEvent::JobStarted { job, attempt, .. }) => { attempts.insert(job, attempt); }
+                Ok(HerdEvent::JobMetrics { job, attempt, points }) => {
+                    if let Some(a) = attempts.get(&job) {
+                        let s = expected.entry((job, filed_attempt(attempt, *a))).or_default();
+                        for p in points {
+                            s.entry(p.name).or_default().push((p.step, p.value));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (job, a) in &attempts {
+            for attempt in 0..=*a {
+                let want = expected.remove(&(*job, attempt)).unwrap_or_default();
+                prop_assert_eq!(saved.series(*job, attempt, None).unwrap(), want);
+            }
+        }
         drop(sub);
         drop(log);
         let reopened = EventLog::open(dir.path()).unwrap();
@@ -164,7 +215,7 @@ fn lineage_walks_back_to_imports() {
         },
     );
     let p = rebuild(&log).unwrap();
-    let tree = p.lineage(&hash(3)).unwrap();
+    let tree = p.lineage(&hash(3), &|id| p.jobs.get(&id).cloned()).unwrap();
     let j = tree.job.unwrap();
     assert_eq!(j.kind, JobKind::Sft);
     assert_eq!(j.inputs["model"].name, "base");

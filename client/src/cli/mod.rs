@@ -116,6 +116,9 @@ pub enum Command {
         sort: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
+        /// Skip this many matching jobs first (with --limit: paging)
+        #[arg(long)]
+        offset: Option<usize>,
     },
     /// Lineage of a checkpoint or dataset, back to the base model and data.
     Lineage { hash: String },
@@ -445,6 +448,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             where_,
             sort,
             limit,
+            offset,
         } => {
             let q = JobQuery {
                 experiment: *experiment,
@@ -454,6 +458,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                 where_: where_.clone(),
                 sort: sort.clone(),
                 limit: *limit,
+                offset: *offset,
             };
             let jobs = c.jobs(&q)?;
             print(js, &json!(jobs), || {

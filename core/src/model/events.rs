@@ -150,6 +150,24 @@ pub enum HerdEvent {
 }
 
 impl HerdEvent {
+    /// The job an event is about, if any.
+    pub fn job(&self) -> Option<Uuid> {
+        match self {
+            HerdEvent::JobSubmitted { job, .. }
+            | HerdEvent::JobStarted { job, .. }
+            | HerdEvent::JobMetrics { job, .. }
+            | HerdEvent::JobOutput { job, .. }
+            | HerdEvent::JobSucceeded { job, .. }
+            | HerdEvent::JobFailed { job, .. }
+            | HerdEvent::JobCancelled { job, .. }
+            | HerdEvent::JobInterrupted { job, .. } => Some(*job),
+            HerdEvent::ExperimentCreated { .. }
+            | HerdEvent::ArtifactImported { .. }
+            | HerdEvent::RoundSubmitted { .. }
+            | HerdEvent::Unknown { .. } => None,
+        }
+    }
+
     pub fn type_name(&self) -> &'static str {
         match self {
             HerdEvent::ExperimentCreated { .. } => "ExperimentCreated",

@@ -1,8 +1,15 @@
 //! The views folded from the events: experiments, rounds, jobs, artifacts,
-//! metric series, lineage. `Projection::apply` is a pure fold: folding from
-//! sequence 1 equals a projection kept live, always.
+//! lineage. `Projection::apply` is a pure fold: folding from sequence 1
+//! equals a projection kept live, always.
+//!
+//! Every job has a small `JobRow` (what history filters and sorts on); its
+//! full `JobView` is *resident* here or, once the job has ended, may be
+//! evicted to a view store the daemon keeps on disk: memory follows what is
+//! live, not history. `dirty` says what changed since the last checkpoint.
+//! Metric points are not here: the daemon indexes them on disk.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -140,43 +147,226 @@ pub struct LineageJob {
     pub inputs: BTreeMap<String, LineageNode>,
 }
 
+/// What history filters and sorts on, kept in memory for every job (a few
+/// hundred bytes; names of hyperparameters and metrics are shared).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRow {
+    pub experiment: Option<Uuid>,
+    pub round: Option<Uuid>,
+    pub kind: JobKind,
+    pub status: JobStatus,
+    pub submitted_seq: u64,
+    pub seed: u64,
+    /// Numeric hyperparameters, effective where known, else as given
+    /// (booleans as 0 and 1), sorted by name.
+    pub hp: Box<[(Arc<str>, f64)]>,
+    /// Last value of each metric, sorted by name.
+    pub metrics: Box<[(Arc<str>, f64)]>,
+}
+
+impl JobRow {
+    pub fn hp(&self, name: &str) -> Option<f64> {
+        lookup(&self.hp, name)
+    }
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        lookup(&self.metrics, name)
+    }
+}
+
+fn lookup(pairs: &[(Arc<str>, f64)], name: &str) -> Option<f64> {
+    pairs
+        .binary_search_by(|(k, _)| (**k).cmp(name))
+        .ok()
+        .map(|i| pairs[i].1)
+}
+
+/// Names of hyperparameters and metrics, stored once for all rows.
+#[derive(Debug, Clone, Default)]
+pub struct Names(BTreeSet<Arc<str>>);
+
+impl Names {
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        match self.0.get(name) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = Arc::from(name);
+                self.0.insert(n.clone());
+                n
+            }
+        }
+    }
+
+    /// A row read back from storage, its names shared with every other row.
+    pub fn intern(&mut self, mut row: JobRow) -> JobRow {
+        for (k, _) in row.hp.iter_mut().chain(row.metrics.iter_mut()) {
+            *k = self.get(k);
+        }
+        row
+    }
+
+    /// The row of a job view.
+    pub fn row(&mut self, j: &JobView) -> JobRow {
+        let mut hp: Vec<(Arc<str>, f64)> = Vec::new();
+        let empty = serde_json::Map::new();
+        let given = j.hyperparameters.as_object().unwrap_or(&empty);
+        let effective = j.effective_hyperparameters.as_object().unwrap_or(&empty);
+        // The effective value where there is one, else the given one.
+        let given = given.iter().filter(|(k, _)| !effective.contains_key(*k));
+        for (k, v) in given.chain(effective.iter()) {
+            if let Some(x) = v.as_f64().or_else(|| v.as_bool().map(|b| b as u8 as f64)) {
+                hp.push((self.get(k), x));
+            }
+        }
+        hp.sort_by(|a, b| a.0.cmp(&b.0));
+        let metrics = j
+            .last_metrics
+            .iter()
+            .map(|(k, v)| (self.get(k), v.1))
+            .collect();
+        JobRow {
+            experiment: j.experiment,
+            round: j.round,
+            kind: j.kind,
+            status: j.status,
+            submitted_seq: j.submitted_seq,
+            seed: j.seed,
+            hp: hp.into(),
+            metrics,
+        }
+    }
+}
+
+/// What changed since the last checkpoint of the daemon's view store.
+#[derive(Debug, Clone, Default)]
+pub struct Dirty {
+    pub experiments: BTreeSet<Uuid>,
+    pub rounds: BTreeSet<Uuid>,
+    pub jobs: BTreeSet<Uuid>,
+    pub artifacts: BTreeSet<String>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.experiments.is_empty()
+            && self.rounds.is_empty()
+            && self.jobs.is_empty()
+            && self.artifacts.is_empty()
+    }
+}
+
 /// All views, folded from the log.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Projection {
     pub last_seq: u64,
     pub experiments: BTreeMap<Uuid, ExperimentView>,
     pub rounds: BTreeMap<Uuid, RoundView>,
+    /// Resident job views: every job not yet ended, and ended ones until the
+    /// daemon evicts them to its view store.
     pub jobs: BTreeMap<Uuid, JobView>,
+    /// Every job's row, resident or not.
+    #[serde(skip)]
+    pub rows: BTreeMap<Uuid, JobRow>,
     pub artifacts: BTreeMap<String, ArtifactView>,
-    /// job -> metric name -> (step, value) in logging order.
-    pub series: BTreeMap<Uuid, BTreeMap<String, Vec<(u64, f64)>>>,
     /// Events of types this version does not know (written by a newer herd).
     pub unknown_events: u64,
     /// Events that did not decode, with the reason (never silently dropped).
     pub undecodable: Vec<(u64, String)>,
+    #[serde(skip)]
+    pub dirty: Dirty,
+    #[serde(skip)]
+    pub names: Names,
+}
+
+/// Two projections are equal when they record the same things (rows are
+/// derived from the views; what is dirty says only when they were saved).
+impl PartialEq for Projection {
+    fn eq(&self, other: &Self) -> bool {
+        self.last_seq == other.last_seq
+            && self.experiments == other.experiments
+            && self.rounds == other.rounds
+            && self.jobs == other.jobs
+            && self.rows == other.rows
+            && self.artifacts == other.artifacts
+            && self.unknown_events == other.unknown_events
+            && self.undecodable == other.undecodable
+    }
 }
 
 impl Projection {
     /// Fold one event. Events must come in sequence order; repeats are ignored.
     pub fn apply(&mut self, rec: &Stored) {
-        if rec.seq <= self.last_seq {
+        let event = HerdEvent::from_recorded(rec);
+        self.apply_decoded(rec.seq, rec.timestamp_ms, event);
+    }
+
+    /// Fold one event already decoded (the daemon decodes once for the
+    /// projection and its metric index). An event about a job whose view is
+    /// not resident must be preceded by [`Projection::make_resident`].
+    pub fn apply_decoded(&mut self, seq: u64, ts: u64, event: Result<HerdEvent, String>) {
+        if seq <= self.last_seq {
             return;
         }
-        self.last_seq = rec.seq;
-        let event = match HerdEvent::from_recorded(rec) {
+        self.last_seq = seq;
+        let event = match event {
             Ok(e) => e,
             Err(reason) => {
-                self.undecodable.push((rec.seq, reason));
+                self.undecodable.push((seq, reason));
                 return;
             }
         };
-        let ts = rec.timestamp_ms;
+        let job = event.job();
+        debug_assert!(
+            job.is_none_or(|j| self.jobs.contains_key(&j) || !self.rows.contains_key(&j)),
+            "event {seq} is about job {job:?}, whose view is not resident"
+        );
+        let metrics_only = matches!(event, HerdEvent::JobMetrics { .. });
+        self.fold(seq, ts, event);
+        if let Some(id) = job {
+            if let Some(view) = self.jobs.get(&id) {
+                self.dirty.jobs.insert(id);
+                match self.rows.get_mut(&id) {
+                    // Metric points change only the row's last values.
+                    Some(row) if metrics_only => {
+                        row.metrics = view
+                            .last_metrics
+                            .iter()
+                            .map(|(k, v)| (self.names.get(k), v.1))
+                            .collect()
+                    }
+                    _ => {
+                        let row = self.names.row(view);
+                        self.rows.insert(id, row);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Put an evicted job's view back (loaded from the view store).
+    pub fn make_resident(&mut self, view: JobView) {
+        self.jobs.insert(view.id, view);
+    }
+
+    /// Add a job's stored row (loading a checkpoint); its view stays in the
+    /// view store until something asks for it.
+    pub fn insert_row(&mut self, id: Uuid, row: JobRow) {
+        let row = self.names.intern(row);
+        self.rows.insert(id, row);
+    }
+
+    /// Whether the job is recorded (resident or not).
+    pub fn has_job(&self, id: &Uuid) -> bool {
+        self.rows.contains_key(id)
+    }
+
+    fn fold(&mut self, seq: u64, ts: u64, event: HerdEvent) {
         match event {
             HerdEvent::ExperimentCreated {
                 experiment,
                 name,
                 description,
             } => {
+                self.dirty.experiments.insert(experiment);
                 self.experiments
                     .entry(experiment)
                     .or_insert(ExperimentView {
@@ -194,13 +384,14 @@ impl Projection {
                 name,
                 summary,
             } => {
+                self.dirty.artifacts.insert(hash.clone());
                 self.artifacts.entry(hash.clone()).or_insert(ArtifactView {
                     hash,
                     artifact,
                     name,
                     summary,
                     produced_by: None,
-                    recorded_seq: rec.seq,
+                    recorded_seq: seq,
                 });
             }
             HerdEvent::RoundSubmitted {
@@ -212,7 +403,9 @@ impl Projection {
             } => {
                 if let Some(e) = self.experiments.get_mut(&experiment) {
                     e.rounds.push(round);
+                    self.dirty.experiments.insert(experiment);
                 }
+                self.dirty.rounds.insert(round);
                 self.rounds.insert(
                     round,
                     RoundView {
@@ -239,6 +432,7 @@ impl Projection {
             } => {
                 if let Some(e) = experiment.and_then(|x| self.experiments.get_mut(&x)) {
                     e.jobs.push(job);
+                    self.dirty.experiments.insert(e.id);
                 }
                 self.jobs.insert(
                     job,
@@ -267,7 +461,7 @@ impl Projection {
                         metric_points: 0,
                         summary: Value::Null,
                         error: None,
-                        submitted_seq: rec.seq,
+                        submitted_seq: seq,
                         submitted_ms: ts,
                         started_ms: None,
                         finished_ms: None,
@@ -289,7 +483,6 @@ impl Projection {
                     // A new attempt starts its curves afresh: the views show
                     // the latest attempt (earlier ones stay in the log).
                     if attempt > 1 {
-                        self.series.remove(&job);
                         j.last_metrics.clear();
                         j.metric_points = 0;
                     }
@@ -316,7 +509,6 @@ impl Projection {
                     .get_mut(&job)
                     .filter(|j| attempt == 0 || attempt >= j.attempts)
                 {
-                    let series = self.series.entry(job).or_default();
                     j.metric_points += points.len() as u64;
                     for p in points {
                         // Look up before inserting: no key allocation for known names.
@@ -324,12 +516,6 @@ impl Projection {
                             Some(last) => *last = (p.step, p.value),
                             None => {
                                 j.last_metrics.insert(p.name.clone(), (p.step, p.value));
-                            }
-                        }
-                        match series.get_mut(&p.name) {
-                            Some(s) => s.push((p.step, p.value)),
-                            None => {
-                                series.insert(p.name, vec![(p.step, p.value)]);
                             }
                         }
                     }
@@ -345,13 +531,14 @@ impl Projection {
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.outputs.insert(name.clone(), hash.clone());
                 }
+                self.dirty.artifacts.insert(hash.clone());
                 self.artifacts.entry(hash.clone()).or_insert(ArtifactView {
                     hash,
                     artifact,
                     name,
                     summary,
                     produced_by: Some(job),
-                    recorded_seq: rec.seq,
+                    recorded_seq: seq,
                 });
             }
             HerdEvent::JobSucceeded { job, summary } => {
@@ -361,17 +548,9 @@ impl Projection {
                     j.finished_ms = Some(ts);
                 }
             }
-            HerdEvent::JobFailed { job, reason } | HerdEvent::JobCancelled { job, reason } => {
-                let cancelled = rec.event_type == "JobCancelled";
-                if let Some(j) = self.jobs.get_mut(&job) {
-                    j.status = if cancelled {
-                        JobStatus::Cancelled
-                    } else {
-                        JobStatus::Failed
-                    };
-                    j.error = Some(reason);
-                    j.finished_ms = Some(ts);
-                }
+            HerdEvent::JobFailed { job, reason } => self.end(job, JobStatus::Failed, reason, ts),
+            HerdEvent::JobCancelled { job, reason } => {
+                self.end(job, JobStatus::Cancelled, reason, ts)
             }
             HerdEvent::JobInterrupted { job, reason } => {
                 if let Some(j) = self.jobs.get_mut(&job) {
@@ -383,12 +562,30 @@ impl Projection {
         }
     }
 
-    /// The lineage tree of an artifact, back to imported data and models.
-    pub fn lineage(&self, hash: &str) -> Option<LineageNode> {
-        self.lineage_inner(hash, &mut BTreeSet::new())
+    fn end(&mut self, job: Uuid, status: JobStatus, reason: String, ts: u64) {
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.status = status;
+            j.error = Some(reason);
+            j.finished_ms = Some(ts);
+        }
     }
 
-    fn lineage_inner(&self, hash: &str, seen: &mut BTreeSet<String>) -> Option<LineageNode> {
+    /// The lineage tree of an artifact, back to imported data and models.
+    /// `job` finds a job's view (resident or stored).
+    pub fn lineage(
+        &self,
+        hash: &str,
+        job: &dyn Fn(Uuid) -> Option<JobView>,
+    ) -> Option<LineageNode> {
+        self.lineage_inner(hash, job, &mut BTreeSet::new())
+    }
+
+    fn lineage_inner(
+        &self,
+        hash: &str,
+        load: &dyn Fn(Uuid) -> Option<JobView>,
+        seen: &mut BTreeSet<String>,
+    ) -> Option<LineageNode> {
         let a = self.artifacts.get(hash)?;
         let mut node = LineageNode {
             hash: hash.to_string(),
@@ -399,7 +596,7 @@ impl Projection {
         if !seen.insert(hash.to_string()) {
             return Some(node); // a cycle cannot happen with content hashes, but never loop
         }
-        if let Some(job) = a.produced_by.and_then(|id| self.jobs.get(&id)) {
+        if let Some(job) = a.produced_by.and_then(load) {
             let mut inputs = BTreeMap::new();
             let from = if job.resolved_inputs.is_empty() {
                 &job.inputs
@@ -407,7 +604,7 @@ impl Projection {
                 &job.resolved_inputs
             };
             for (name, h) in from {
-                let child = self.lineage_inner(h, seen).unwrap_or(LineageNode {
+                let child = self.lineage_inner(h, load, seen).unwrap_or(LineageNode {
                     hash: h.clone(),
                     artifact: None, // not recorded (an older herd, or a raw blob)
                     name: name.clone(),
@@ -425,4 +622,27 @@ impl Projection {
         seen.remove(hash);
         Some(node)
     }
+}
+
+/// Identifies this fold: views a daemon stored with other code (another
+/// herd version, a changed fold) are rebuilt from the log, never trusted.
+pub const VIEWS_VERSION: u64 = fnv1a(&[
+    include_bytes!("views.rs"),
+    include_bytes!("events.rs"),
+    include_bytes!("../vocab.rs"),
+]);
+
+const fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut p = 0;
+    while p < parts.len() {
+        let mut i = 0;
+        while i < parts[p].len() {
+            h ^= parts[p][i] as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        p += 1;
+    }
+    h
 }

@@ -80,7 +80,7 @@ async fn submit_job(ctx: Ctx, body: JobRequest) -> Res {
             }
         }
         for d in &depends_on {
-            if !p.jobs.contains_key(d) {
+            if !p.has_job(d) {
                 return Err(bad(format!("field `depends_on`: no job {d}")));
             }
         }
@@ -106,15 +106,11 @@ async fn submit_job(ctx: Ctx, body: JobRequest) -> Res {
     created(json!({"id": id, "effective_hyperparameters": hp}))
 }
 
-fn job_value(j: &JobView, key: &str) -> Option<f64> {
+/// A job's value for `where` and `sort`, from its row.
+fn job_value(j: &JobRow, key: &str) -> Option<f64> {
     let (scope, name) = key.split_once('.').unwrap_or(("", key));
-    let hp = || {
-        j.effective_hyperparameters
-            .get(name)
-            .or_else(|| j.hyperparameters.get(name))
-            .and_then(|v| v.as_f64().or_else(|| v.as_bool().map(|b| b as u8 as f64)))
-    };
-    let metric = || j.last_metrics.get(name).map(|x| x.1);
+    let hp = || j.hp(name);
+    let metric = || j.metric(name);
     match scope {
         "hp" => hp(),
         "metric" => metric(),
@@ -149,7 +145,7 @@ fn parse_where(s: &str) -> Result<Vec<Condition>, String> {
         .collect()
 }
 
-fn holds(j: &JobView, (k, op, v): &Condition) -> bool {
+fn holds(j: &JobRow, (k, op, v): &Condition) -> bool {
     let Some(x) = job_value(j, k) else {
         return false;
     };
@@ -164,6 +160,11 @@ fn holds(j: &JobView, (k, op, v): &Condition) -> bool {
 }
 
 pub(super) fn job_json(ctx: &Ctx, j: &JobView) -> Value {
+    json!(job_of(ctx, j))
+}
+
+/// A job as the API answers it: its view and, while it runs, its progress.
+pub(super) fn job_of(ctx: &Ctx, j: &JobView) -> Job {
     let progress = ctx
         .state
         .progress
@@ -171,57 +172,72 @@ pub(super) fn job_json(ctx: &Ctx, j: &JobView) -> Value {
         .expect("progress lock")
         .get(&j.id)
         .copied();
-    json!(Job {
+    Job {
         view: j.clone(),
-        progress
-    })
+        progress,
+    }
 }
 
 async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
     let conds = parse_where(q.where_.as_deref().unwrap_or("")).map_err(bad)?;
+    let limit = q.limit.unwrap_or(MAX_JOBS_PAGE);
+    if limit > MAX_JOBS_PAGE {
+        return Err(bad(format!(
+            "query `limit`: at most {MAX_JOBS_PAGE} jobs per request, not {limit}; page with `offset`"
+        )));
+    }
     let p = ctx.state.projection.read().await;
-    let mut out: Vec<&JobView> = p
-        .jobs
-        .values()
-        .filter(|j| q.experiment.is_none() || j.experiment == q.experiment)
-        .filter(|j| q.kind.is_none_or(|k| j.kind == k))
-        .filter(|j| q.status.is_none_or(|s| j.status == s))
-        .filter(|j| q.round.is_none() || j.round == q.round)
-        .filter(|j| conds.iter().all(|c| holds(j, c)))
+    // Filter and sort on the rows (in memory for every job); read full views
+    // only for the page asked for.
+    let mut out: Vec<(&Uuid, &JobRow)> = p
+        .rows
+        .iter()
+        .filter(|(_, j)| q.experiment.is_none() || j.experiment == q.experiment)
+        .filter(|(_, j)| q.kind.is_none_or(|k| j.kind == k))
+        .filter(|(_, j)| q.status.is_none_or(|s| j.status == s))
+        .filter(|(_, j)| q.round.is_none() || j.round == q.round)
+        .filter(|(_, j)| conds.iter().all(|c| holds(j, c)))
         .collect();
     if let Some(sort) = &q.sort {
         let (desc, key) = sort
             .strip_prefix('-')
             .map(|k| (true, k))
             .unwrap_or((false, sort.as_str()));
-        // A total order (a partial one makes the sort panic): jobs without
-        // the value come last either way.
-        out.sort_by(|a, b| {
-            let (x, y) = (job_value(a, key), job_value(b, key));
-            match (x.filter(|v| !v.is_nan()), y.filter(|v| !v.is_nan())) {
-                (Some(x), Some(y)) if desc => y.total_cmp(&x),
-                (Some(x), Some(y)) => x.total_cmp(&y),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
-            }
+        // Each job's key computed once. A total order (a partial one makes
+        // the sort panic): jobs without the value come last either way; ties
+        // keep submission order (the sort is stable).
+        let mut keyed: Vec<(Option<f64>, (&Uuid, &JobRow))> = out
+            .into_iter()
+            .map(|(id, j)| (job_value(j, key).filter(|v| !v.is_nan()), (id, j)))
+            .collect();
+        keyed.sort_by(|(x, _), (y, _)| match (x, y) {
+            (Some(x), Some(y)) if desc => y.total_cmp(x),
+            (Some(x), Some(y)) => x.total_cmp(y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
         });
+        out = keyed.into_iter().map(|(_, j)| j).collect();
     }
-    let out: Vec<Value> = out
-        .into_iter()
-        .take(q.limit.unwrap_or(usize::MAX))
-        .map(|j| job_json(&ctx, j))
-        .collect();
-    ok(json!(out))
+    let total = out.len();
+    let mut page = vec![];
+    for (id, _) in out.into_iter().skip(q.offset.unwrap_or(0)).take(limit) {
+        if let Some(j) = p.job(*id).map_err(internal)? {
+            page.push(job_of(&ctx, &j));
+        }
+    }
+    let mut reply = reply_json(&page)?;
+    reply.headers_mut().insert("herd-total", total.into());
+    Ok(reply)
 }
 
 async fn get_job(id: Uuid, ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
     let j = p
-        .jobs
-        .get(&id)
+        .job(id)
+        .map_err(internal)?
         .ok_or_else(|| not_found(format!("no job {id}")))?;
-    ok(job_json(&ctx, j))
+    ok(job_json(&ctx, &j))
 }
 
 #[derive(Deserialize, Default)]
@@ -233,62 +249,28 @@ struct MetricsQuery {
     attempt: Option<u32>,
 }
 
-/// A job's metric series: the latest attempt's (the live view), or an
-/// earlier attempt's, folded from the job's stream in the log.
+/// A job's metric series: the latest attempt's, or an earlier one's, from
+/// the metric index (see `metrics.rs`).
 async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
     let p = ctx.state.projection.read().await;
-    let job = p
-        .jobs
-        .get(&id)
-        .ok_or_else(|| not_found(format!("no job {id}")))?;
-    let latest = job.attempts;
-    let wanted: Option<Vec<&str>> = q.names.as_deref().map(|n| n.split(',').collect());
-    let keep = |k: &str| wanted.as_ref().is_none_or(|w| w.contains(&k));
+    let latest = p
+        .job(id)
+        .map_err(internal)?
+        .ok_or_else(|| not_found(format!("no job {id}")))?
+        .attempts;
     let attempt = q.attempt.unwrap_or(latest);
-    if attempt == latest || latest == 0 {
-        let empty = BTreeMap::new();
-        let series = p.series.get(&id).unwrap_or(&empty);
-        let out: BTreeMap<String, Vec<(u64, f64)>> = series
-            .iter()
-            .filter(|(k, _)| keep(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        return ok(json!(MetricSeries {
-            attempt: latest,
-            attempts: latest,
-            series: out
-        }));
-    }
-    if attempt == 0 || attempt > latest {
+    if attempt != latest && (attempt == 0 || attempt > latest) {
         return Err(bad(format!(
             "query `attempt`: job {id} has attempts 1..={latest}, not {attempt}"
         )));
     }
-    drop(p);
-    let log = ctx.state.store.log.clone();
-    let events =
-        tokio::task::spawn_blocking(move || log.read_stream(&streams::job(id), 1, usize::MAX))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
-    let mut series: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
-    for rec in &events {
-        if let Ok(HerdEvent::JobMetrics {
-            attempt: a, points, ..
-        }) = HerdEvent::from_recorded(&crate::state::stored(rec))
-        {
-            if a == attempt {
-                for pt in points.into_iter().filter(|pt| keep(&pt.name)) {
-                    series.entry(pt.name).or_default().push((pt.step, pt.value));
-                }
-            }
-        }
-    }
-    ok(json!(MetricSeries {
+    let wanted: Option<Vec<&str>> = q.names.as_deref().map(|n| n.split(',').collect());
+    let series = p.series(id, attempt, wanted.as_deref()).map_err(internal)?;
+    reply_json(&MetricSeries {
         attempt,
         attempts: latest,
-        series
-    }))
+        series,
+    })
 }
 
 async fn cancel_job(id: Uuid, ctx: Ctx) -> Res {
@@ -307,9 +289,9 @@ pub(super) async fn reproduce_one(ctx: &Ctx, id: Uuid) -> Result<Uuid, Rejection
         .projection
         .read()
         .await
-        .jobs
-        .get(&id)
-        .cloned()
+        .job(id)
+        .map_err(internal)?
+        .map(|j| j.into_owned())
         .ok_or_else(|| not_found(format!("no job {id}")))?;
     if j.kind == JobKind::External {
         return Err(bad(format!(

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use herd_core::model::{streams, HerdEvent, JobStatus, JobView, MetricPoint};
-use serde::Deserialize;
+use herd_core::model::{streams, HerdEvent, JobRow, JobStatus, JobView, MetricPoint};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 use warp::http::StatusCode;
@@ -24,7 +24,7 @@ use crate::scheduler::Scheduler;
 use crate::state::State;
 use herd_core::wire::{
     BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest,
-    MetricSeries, Reproduction, RoundReproduced, RoundSubmitted, Verification,
+    MetricSeries, Reproduction, RoundReproduced, RoundSubmitted, Verification, MAX_JOBS_PAGE,
 };
 
 mod artifacts;
@@ -227,6 +227,11 @@ type Res = Result<warp::reply::Response, Rejection>;
 
 fn ok(v: Value) -> Res {
     Ok(warp::reply::json(&v).into_response())
+}
+
+/// 200 with a typed body, serialized once (no JSON tree in between).
+fn reply_json<T: Serialize>(v: &T) -> Res {
+    Ok(warp::reply::json(v).into_response())
 }
 
 fn created(v: Value) -> Res {

@@ -33,7 +33,9 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
 async fn lineage(hash: String, ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
     let tree = p
-        .lineage(&hash)
+        .lineage(&hash, &|id| {
+            p.job(id).ok().flatten().map(|j| j.into_owned())
+        })
         .ok_or_else(|| not_found(format!("no recorded artifact {hash}")))?;
     ok(json!(tree))
 }
@@ -126,7 +128,7 @@ async fn verify(ctx: Ctx) -> Res {
 
 async fn status(ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
-    let count = |s: JobStatus| p.jobs.values().filter(|j| j.status == s).count();
+    let count = |s: JobStatus| p.rows.values().filter(|j| j.status == s).count();
     ok(json!({
         "devices": ctx.scheduler.devices(),
         "head_seq": p.last_seq,

@@ -46,7 +46,7 @@ async fn submit_round(ctx: Ctx, spec: Value) -> Res {
             let names: Vec<(Uuid, String)> = r
                 .jobs
                 .iter()
-                .filter_map(|j| p.jobs.get(j).map(|v| (v.id, v.name.clone())))
+                .filter_map(|j| p.job(*j).ok().flatten().map(|v| (v.id, v.name.clone())))
                 .collect();
             crate::rounds::final_policy_ref(&r.spec, &names)
         });
@@ -105,12 +105,12 @@ async fn get_round(id: Uuid, ctx: Ctx) -> Res {
         .rounds
         .get(&id)
         .ok_or_else(|| not_found(format!("no round {id}")))?;
-    let jobs: Vec<Value> = r
-        .jobs
-        .iter()
-        .filter_map(|j| p.jobs.get(j))
-        .map(|j| job_json(&ctx, j))
-        .collect();
+    let mut jobs: Vec<Value> = vec![];
+    for id in &r.jobs {
+        if let Some(j) = p.job(*id).map_err(internal)? {
+            jobs.push(job_json(&ctx, &j));
+        }
+    }
     ok(json!({"round": r, "jobs": jobs}))
 }
 

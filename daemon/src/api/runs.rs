@@ -92,7 +92,7 @@ async fn open_run(ctx: Ctx, body: NewRun) -> Res {
 async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
     let p = ctx.state.projection.read().await;
     let j = p
-        .jobs
+        .rows
         .get(&id)
         .ok_or_else(|| not_found(format!("no run {id}")))?;
     if j.kind != JobKind::External {

@@ -1,0 +1,333 @@
+//! herdd on a big history: 100k finished jobs and 10M metric points.
+//!
+//! Builds the data directory through the store (the events a real daemon
+//! records: a job's submission, start with effective hyperparameters and
+//! fingerprint, one metric event per step with five metrics, an output and
+//! success), then starts the real `herdd` binary on it and measures what the
+//! issue asks for: restart time (spawn to listening), the daemon's resident
+//! memory, a 20k-point series read and history queries over every job.
+//!
+//! Run: `cargo bench --bench scale_bench` (SCALE_JOBS, SCALE_STEPS change the
+//! size, SCALE_DIR keeps the data directory for the next run; the defaults are 100,000 jobs x 20 steps x 5 metrics, plus one job
+//! of 20,000 steps).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use herd_client::Client;
+use herd_core::model::{streams, HerdEvent, MetricPoint};
+use herd_core::wire::JobQuery;
+use herd_core::{ArtifactKind, JobKind};
+use herd_daemon::state::new_event;
+use herd_store::{ExpectedVersion, NewEvent, Store};
+use serde_json::json;
+use uuid::Uuid;
+
+const METRICS: [&str; 5] = ["loss", "lr", "grad_norm", "tokens_per_s", "reward_accuracy"];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Every event of one finished job with `steps` metric steps.
+fn job_events(job: Uuid, experiment: Uuid, i: usize, steps: usize) -> Vec<NewEvent> {
+    let kind = [JobKind::Sft, JobKind::Dpo, JobKind::Rm][i % 3];
+    let lr = [1e-5, 2e-5, 5e-5, 1e-4][i % 4];
+    let hp = json!({"lr": lr, "epochs": 1, "batch_size": 4});
+    let effective = json!({
+        "lr": lr, "epochs": 1, "batch_size": 4, "warmup_steps": 0, "weight_decay": 0.0,
+        "max_grad_norm": 1.0, "max_len": 512, "beta": 0.1, "nll_weight": 0.2,
+        "schedule": "cosine", "min_lr_ratio": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_eps": 1e-8, "seed": i,
+    });
+    let mut events = vec![
+        HerdEvent::JobSubmitted {
+            job,
+            experiment: Some(experiment),
+            round: None,
+            name: format!("{}-{i}", kind.as_str()),
+            kind,
+            inputs: [
+                ("model".to_string(), "a".repeat(64)),
+                ("data".to_string(), "b".repeat(64)),
+            ]
+            .into(),
+            hyperparameters: hp,
+            seed: i as u64,
+            depends_on: vec![],
+            priority: 0,
+            reproduces: None,
+        },
+        HerdEvent::JobStarted {
+            job,
+            attempt: 1,
+            device: "cpu".into(),
+            pid: Some(1000 + i as u32),
+            engine_version: herd_engine::ENGINE_VERSION.into(),
+            threads: 2,
+            resolved_inputs: [
+                ("model".to_string(), "a".repeat(64)),
+                ("data".to_string(), "b".repeat(64)),
+            ]
+            .into(),
+            effective_hyperparameters: effective,
+            fingerprint: herd_engine::fingerprint("cpu", 2),
+        },
+    ];
+    for step in 1..=steps {
+        let points = METRICS
+            .iter()
+            .enumerate()
+            .map(|(m, name)| MetricPoint {
+                step: step as u64,
+                name: name.to_string(),
+                value: (1.0 + m as f64) / (step as f64 + (i % 97) as f64),
+            })
+            .collect();
+        events.push(HerdEvent::JobMetrics {
+            job,
+            attempt: 1,
+            points,
+        });
+    }
+    events.push(HerdEvent::JobOutput {
+        job,
+        name: "checkpoint".into(),
+        hash: format!("{:064x}", i),
+        artifact: ArtifactKind::Checkpoint,
+        summary: json!({}),
+    });
+    events.push(HerdEvent::JobSucceeded {
+        job,
+        summary: json!({"steps": steps}),
+    });
+    events.iter().map(new_event).collect()
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn median_ms(runs: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[runs / 2], times[runs - 1])
+}
+
+fn main() {
+    let jobs = env_usize("SCALE_JOBS", 100_000);
+    let steps = env_usize("SCALE_STEPS", 20);
+    let big_steps = 20_000;
+    // SCALE_DIR keeps the data directory (and reuses it when it exists).
+    let tmp = tempfile::tempdir().unwrap();
+    let data = match std::env::var_os("SCALE_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => tmp.path().join("data"),
+    };
+    let reuse = data.join("log").join("events.jsonl").exists();
+
+    // 1. The history, written as a daemon would have recorded it.
+    let t = Instant::now();
+    let big_job_file = data.join("big_job");
+    let big_job = match std::fs::read_to_string(&big_job_file) {
+        Ok(id) if reuse => id.trim().parse().unwrap(),
+        _ => Uuid::now_v7(),
+    };
+    if !reuse {
+        let store = Store::open(&data).unwrap();
+        let log = &store.log;
+        let experiment = Uuid::now_v7();
+        let created = HerdEvent::ExperimentCreated {
+            experiment,
+            name: "scale".into(),
+            description: String::new(),
+        };
+        log.append(
+            &streams::experiment(experiment),
+            ExpectedVersion::Any,
+            vec![new_event(&created)],
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        // Many appends in flight: the writer commits them in groups.
+        let ids: Vec<Uuid> = (0..jobs).map(|_| Uuid::now_v7()).collect();
+        for chunk in ids.chunks(512).enumerate() {
+            let (c, chunk) = chunk;
+            rt.block_on(async {
+                let mut tasks = tokio::task::JoinSet::new();
+                for (k, &job) in chunk.iter().enumerate() {
+                    let i = c * 512 + k;
+                    let log = log.clone();
+                    tasks.spawn(async move {
+                        let events = job_events(job, experiment, i, steps);
+                        log.append_async(&streams::job(job), ExpectedVersion::Any, events)
+                            .await
+                            .unwrap();
+                    });
+                }
+                while let Some(r) = tasks.join_next().await {
+                    r.unwrap();
+                }
+            });
+        }
+        let events = job_events(big_job, experiment, jobs, big_steps);
+        for part in events.chunks(4096) {
+            log.append(&streams::job(big_job), ExpectedVersion::Any, part.to_vec())
+                .unwrap();
+        }
+        println!(
+            "history: {} jobs, {} metric points, {} events, written in {:.1} s",
+            jobs + 1,
+            (jobs * steps + big_steps) * METRICS.len(),
+            log.head_seq(),
+            t.elapsed().as_secs_f64()
+        );
+        std::fs::write(&big_job_file, big_job.to_string()).unwrap();
+    }
+    let log_bytes = std::fs::metadata(data.join("log").join("events.jsonl"))
+        .unwrap()
+        .len();
+    println!("log file: {:.0} MiB", log_bytes as f64 / (1 << 20) as f64);
+
+    // 2. The first start on this history folds the whole log and writes
+    // the views; a restart loads them.
+    let (mut child, _, first) = start_herdd(&data);
+    println!(
+        "first start (folds the log, writes DATA/views): {:.2} s",
+        first.as_secs_f64()
+    );
+    let (rss, hwm) = rss_kib(child.id());
+    println!(
+        "daemon memory after the first start: RSS {:.0} MiB (peak {:.0} MiB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    stop(&mut child);
+    let (mut child, addr, restart) = start_herdd(&data);
+    let token = std::fs::read_to_string(data.join("token")).unwrap();
+    let c = Client::new(&addr, token.trim());
+    println!(
+        "restart (spawn to listening): {:.2} s",
+        restart.as_secs_f64()
+    );
+    let (rss, hwm) = rss_kib(child.id());
+    println!(
+        "daemon memory after restart: RSS {:.0} MiB (peak {:.0} MiB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+
+    // 3. A 20k-point series.
+    let id = big_job.to_string();
+    let (med, max) = median_ms(20, || {
+        let s = c.metrics(&id, &["loss"]).unwrap();
+        assert_eq!(s["loss"].len(), big_steps);
+    });
+    println!("a 20k-point series: median {med:.1} ms, max {max:.1} ms");
+    let (med, max) = median_ms(20, || {
+        let s = c.metrics(&id, &[]).unwrap();
+        assert_eq!(s.len(), METRICS.len());
+    });
+    println!("all 5 series of that job (100k points): median {med:.1} ms, max {max:.1} ms");
+
+    // 4. History over every job.
+    let sorted = JobQuery {
+        sort: Some("-metric.loss".into()),
+        limit: Some(50),
+        ..Default::default()
+    };
+    let (med, max) = median_ms(20, || {
+        assert_eq!(c.jobs(&sorted).unwrap().len(), 50);
+    });
+    println!("history over {} jobs, sorted by -metric.loss, first 50: median {med:.1} ms, max {max:.1} ms", jobs + 1);
+    let filtered = JobQuery {
+        kind: Some(JobKind::Dpo),
+        where_: Some("hp.lr<5e-5,metric.loss<0.5".into()),
+        sort: Some("hp.lr".into()),
+        limit: Some(50),
+        ..Default::default()
+    };
+    let (med, max) = median_ms(20, || {
+        c.jobs(&filtered).unwrap();
+    });
+    println!("history filtered (kind, hp.lr, metric.loss) and sorted, first 50: median {med:.1} ms, max {max:.1} ms");
+    let (med, max) = median_ms(3, || {
+        assert_eq!(c.jobs(&JobQuery::default()).unwrap().len(), jobs + 1);
+    });
+    println!(
+        "history, all {} jobs in one response: median {med:.0} ms, max {max:.0} ms",
+        jobs + 1
+    );
+
+    let (rss, hwm) = rss_kib(child.id());
+    println!(
+        "daemon memory after the queries: RSS {:.0} MiB (peak {:.0} MiB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    stop(&mut child);
+}
+
+/// Spawn herdd on `data`; return it, its address and the time to listening.
+fn start_herdd(data: &std::path::Path) -> (Child, String, Duration) {
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--threads", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start herdd");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("herdd exited before listening")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("herdd listening on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let took = t.elapsed();
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr, took)
+}
+
+/// SIGTERM and wait (a clean stop saves the views).
+fn stop(child: &mut Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
