@@ -215,7 +215,7 @@ fn main() {
     // the views; a restart loads them.
     let (mut child, _, first) = start_herdd(&data);
     println!(
-        "first start (folds the log, writes DATA/views): {:.2} s",
+        "first start (builds DATA/views from the whole log): {:.2} s",
         first.as_secs_f64()
     );
     let (rss, hwm) = rss_kib(child.id());
@@ -277,7 +277,7 @@ fn main() {
         assert_eq!(c.jobs(&JobQuery::default()).unwrap().len(), jobs + 1);
     });
     println!(
-        "history, all {} jobs in one response: median {med:.0} ms, max {max:.0} ms",
+        "history, all {} jobs (the client pages, 1,000 a request): median {med:.0} ms, max {max:.0} ms",
         jobs + 1
     );
 

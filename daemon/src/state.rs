@@ -96,7 +96,7 @@ pub struct State {
 impl State {
     pub fn open(data_dir: &Path) -> anyhow::Result<Arc<Self>> {
         let store = Store::open(data_dir)?;
-        let views = Arc::new(ViewStore::open(&data_dir.join("views"))?);
+        let views = open_views(&data_dir.join("views"))?;
         let live = load_views(&store.log, views.clone())?;
         let (applied, _) = watch::channel(live.last_seq);
         let state = Arc::new(State {
@@ -194,9 +194,46 @@ impl State {
     }
 }
 
+/// Open the view store; one that does not open (damaged files) is derived
+/// data: set aside and started afresh, to be rebuilt from the log.
+pub fn open_views(dir: &Path) -> anyhow::Result<Arc<ViewStore>> {
+    match ViewStore::open(dir) {
+        Ok(v) => Ok(Arc::new(v)),
+        Err(e) => {
+            let aside = dir.with_extension(format!("damaged-{}", now_ms()));
+            eprintln!(
+                "herdd: the view store does not open ({e}); moved it to DATA/{} and rebuilding it from the log",
+                aside.file_name().unwrap_or_default().to_string_lossy()
+            );
+            std::fs::rename(dir, &aside)?;
+            Ok(Arc::new(ViewStore::open(dir)?))
+        }
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
 /// The views at the log's head: the last checkpoint if it was taken of this
-/// log by this code, else a rebuild; then the events after it.
+/// log by this code, else a rebuild; then the events after it. A checkpoint
+/// that does not read back is rebuilt too (it is derived; the log is whole).
 pub fn load_views(log: &EventLog, views: Arc<ViewStore>) -> anyhow::Result<Live> {
+    match load_checkpoint(log, views.clone()) {
+        Ok(live) => Ok(live),
+        Err(e) if e.downcast_ref::<ViewsError>().is_some() => {
+            eprintln!("herdd: {e}; rebuilding the views from the log");
+            views.clear()?;
+            load_checkpoint(log, views)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn load_checkpoint(log: &EventLog, views: Arc<ViewStore>) -> anyhow::Result<Live> {
     let stored = match views.through()? {
         Some(t) if t.seq == 0 => Some(t),
         Some(t) => match log.get(t.seq)? {
@@ -211,7 +248,15 @@ pub fn load_views(log: &EventLog, views: Arc<ViewStore>) -> anyhow::Result<Live>
             live.projection = views.load(&t)?;
             live.through = t;
         }
-        None => views.clear()?,
+        None => {
+            views.clear()?;
+            if log.head_seq() > 0 {
+                eprintln!(
+                    "herdd: building the views (DATA/views) from {} recorded events; once",
+                    log.head_seq()
+                );
+            }
+        }
     }
     loop {
         let batch = log.read_all(live.last_seq + 1, 4096)?;

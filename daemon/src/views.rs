@@ -77,7 +77,7 @@ impl ViewStore {
     pub fn open(dir: &Path) -> Result<Self, ViewsError> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(32 << 20)
+            .cache_capacity(16 << 20)
             .mode(sled::Mode::HighThroughput)
             .open()?;
         Ok(ViewStore { db })

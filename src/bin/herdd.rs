@@ -63,6 +63,7 @@ fn main() {
     if let Some(Command::Repair) = &cli.command {
         std::process::exit(repair(&data_dir));
     }
+    herd_daemon::server::few_malloc_arenas();
     if !cli.listen.ip().is_loopback() {
         if !cli.allow_remote {
             eprintln!(

@@ -197,20 +197,23 @@ fn subscription_sees_every_event_once_while_appends_continue() {
             }
         })
     };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let mut seen = Vec::new();
     while seen.len() < 1401 {
-        let e = sub
-            .next_blocking(Duration::from_secs(20))
-            .unwrap()
-            .expect("subscription stalled");
+        let e = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(20), sub.next()).await })
+            .expect("subscription stalled")
+            .unwrap();
         seen.push(e.seq);
     }
     writer.join().unwrap();
     assert_eq!(seen, (100..=1500).collect::<Vec<_>>());
-    assert!(sub
-        .next_blocking(Duration::from_millis(50))
-        .unwrap()
-        .is_none());
+    let more =
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), sub.next()).await });
+    assert!(more.is_err(), "nothing beyond the head");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, watch};
@@ -60,9 +60,7 @@ struct AppendRequest {
 struct Shared {
     backend: Arc<Backend>,
     requests: Mutex<Option<mpsc::Sender<AppendRequest>>>,
-    /// Last committed (durable) sequence, for blocking and async waiters.
-    head: Mutex<u64>,
-    head_changed: Condvar,
+    /// Last committed (durable) sequence; subscriptions wait on it.
     head_watch: watch::Sender<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// What opening did on its own (re-indexed records, a cut torn line).
@@ -98,8 +96,6 @@ impl EventLog {
         let shared = Arc::new(Shared {
             backend: backend.clone(),
             requests: Mutex::new(Some(tx)),
-            head: Mutex::new(head_seq),
-            head_changed: Condvar::new(),
             head_watch,
             writer: Mutex::new(None),
             recovery,
@@ -162,7 +158,7 @@ impl EventLog {
 
     /// Sequence number of the last durable event (0 when empty).
     pub fn head_seq(&self) -> u64 {
-        *self.shared.head.lock().expect("head lock")
+        *self.shared.head_watch.borrow()
     }
 
     pub fn stream_version(&self, stream: &str) -> Result<u64> {

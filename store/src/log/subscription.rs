@@ -1,5 +1,5 @@
 //! Following the log: a reader that sees every committed event once, in
-//! order, blocking or async, never one that is not durable.
+//! order, never one that is not durable.
 
 use super::*;
 
@@ -21,30 +21,6 @@ impl Subscription {
             self.buffer.extend(batch);
         }
         Ok(())
-    }
-
-    /// The next event, waiting (blocking the thread) for it if need be; `None`
-    /// when `timeout` passes first.
-    pub fn next_blocking(&mut self, timeout: Duration) -> Result<Option<RecordedEvent>> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            self.refill()?;
-            if let Some(e) = self.buffer.pop_front() {
-                return Ok(Some(e));
-            }
-            let shared = &self.log.shared;
-            let guard = shared.head.lock().expect("head lock");
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            if *guard < self.next {
-                let _ = shared
-                    .head_changed
-                    .wait_timeout(guard, deadline - now)
-                    .expect("head lock");
-            }
-        }
     }
 
     /// The next event, awaiting it if need be.

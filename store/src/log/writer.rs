@@ -166,8 +166,6 @@ impl Writer {
         let committed = matches!(commit, Some(Ok(())));
         if committed {
             if let Some(shared) = shared.upgrade() {
-                *shared.head.lock().expect("head lock") = self.head.seq;
-                shared.head_changed.notify_all();
                 shared.head_watch.send_replace(self.head.seq);
             }
         }
