@@ -55,7 +55,7 @@ where
 {
     let limit = max_connections();
     let slots = Arc::new(Semaphore::new(limit));
-    let service = warp::service(routes);
+    let routes = warp::service(routes);
     let mut http = hyper::server::conn::Http::new();
     http.http1_only(true)
         .http1_header_read_timeout(HEADER_TIMEOUT);
@@ -92,7 +92,7 @@ where
             });
             continue;
         };
-        let service = service.clone();
+        let routes = routes.clone();
         let http = http.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -104,11 +104,53 @@ where
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
+            // A handler that panics answers 500 with the reason, instead of
+            // the connection dropping with no answer (the client would ask
+            // "is the daemon running?"). A panicking request records nothing.
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::Body>| {
+                let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                let mut routes = routes.clone();
+                async move {
+                    use futures_util::FutureExt;
+                    use hyper::service::Service;
+                    match std::panic::AssertUnwindSafe(routes.call(req))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(answer) => answer,
+                        Err(panic) => Ok(panicked(&method, &path, panic)),
+                    }
+                }
+            });
             let _ = http
                 .serve_connection(JsonParseErrors::new(stream), service)
                 .await;
         });
     }
+}
+
+/// The 500 answer to a request whose handler panicked.
+fn panicked(
+    method: &hyper::Method,
+    path: &str,
+    panic: Box<dyn std::any::Any + Send>,
+) -> hyper::Response<hyper::Body> {
+    let reason = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    tracing::error!("{method} {path}: handler panicked: {reason}");
+    let body = serde_json::json!({
+        "error": format!("internal error answering {method} {path}: {reason} (a bug in herdd; nothing was recorded by this request)")
+    });
+    let mut r = hyper::Response::new(hyper::Body::from(body.to_string()));
+    *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Bind `addr` (port 0 picks a free one); returns the bound address too.
@@ -272,5 +314,35 @@ mod tests {
         let api = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{\"error\":1}";
         assert!(json_for_canned(api).is_none());
         assert!(json_for_canned(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
+    }
+
+    /// A handler that panics is answered 500 with the reason, and the
+    /// connection (and the daemon) live on.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500() {
+        use super::*;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let routes = warp::path("boom")
+            .map(|| -> String { panic!("the sort has no total order") })
+            .or(warp::path("fine").map(|| "fine".to_string()))
+            .unify()
+            .recover(|_| async { Ok::<_, Infallible>("no route".to_string()) })
+            .unify();
+        let (listener, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (_stop, stop_rx) = oneshot::channel();
+        tokio::spawn(serve(listener, routes, stop_rx));
+        let ask = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET /{path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let answer = ask("boom").await;
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        assert!(answer.contains("the sort has no total order"), "{answer}");
+        assert!(answer.contains("application/json"), "{answer}");
+        assert!(ask("fine").await.ends_with("fine"));
     }
 }

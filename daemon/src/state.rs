@@ -91,6 +91,8 @@ pub struct State {
     pub progress: std::sync::Mutex<BTreeMap<Uuid, Progress>>,
     /// Wakes the scheduler when something it cares about changed.
     pub wake: Notify,
+    /// Held while a unique name is checked and recorded.
+    pub naming: tokio::sync::Mutex<()>,
 }
 
 impl State {
@@ -107,6 +109,7 @@ impl State {
             applied,
             progress: Default::default(),
             wake: Notify::new(),
+            naming: tokio::sync::Mutex::new(()),
         });
         // Follow the log: the views are a fold of what is durable.
         let follower = state.clone();

@@ -1,6 +1,9 @@
-//! Experiments: create, list, show (with their rounds).
+//! Experiments: create (names unique), list, show by id or name (with
+//! their rounds).
 
 use super::*;
+use herd_core::model::ExperimentView;
+use herd_core::Projection;
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -17,7 +20,7 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             .and(c.clone())
             .and_then(list_experiments)
             .boxed(),
-        warp::path!("experiments" / Uuid)
+        warp::path!("experiments" / String)
             .and(warp::get())
             .and(c.clone())
             .and_then(get_experiment)
@@ -37,6 +40,21 @@ async fn create_experiment(ctx: Ctx, body: NewExperiment) -> Res {
     if body.name.trim().is_empty() || body.name.len() > 200 {
         return Err(bad("field `name`: 1 to 200 characters"));
     }
+    if body.name.parse::<Uuid>().is_ok() || body.name.contains('/') {
+        return Err(bad(format!(
+            "field `name`: {:?} would read as an id or a path (EXPERIMENT/JOB); choose another",
+            body.name
+        )));
+    }
+    // Names are unique: people type them instead of ids. One creation at a
+    // time, so two racing requests cannot both take a name.
+    let _one = ctx.state.naming.lock().await;
+    if let Some(e) = by_name(&ctx.state.projection.read().await.projection, &body.name).first() {
+        return Err(conflict(format!(
+            "an experiment named {:?} exists: {}",
+            body.name, e.id
+        )));
+    }
     let id = Uuid::now_v7();
     let event = HerdEvent::ExperimentCreated {
         experiment: id,
@@ -55,12 +73,40 @@ async fn list_experiments(ctx: Ctx) -> Res {
     ok(json!(p.experiments.values().collect::<Vec<_>>()))
 }
 
-async fn get_experiment(id: Uuid, ctx: Ctx) -> Res {
+fn by_name<'a>(p: &'a Projection, name: &str) -> Vec<&'a ExperimentView> {
+    p.experiments.values().filter(|e| e.name == name).collect()
+}
+
+/// An experiment by id, or by name.
+async fn get_experiment(reference: String, ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
-    let e = p
-        .experiments
-        .get(&id)
-        .ok_or_else(|| not_found(format!("no experiment {id}")))?;
+    let e = match reference.parse::<Uuid>() {
+        Ok(id) => p.experiments.get(&id).ok_or_else(|| {
+            not_found(format!(
+                "no experiment {id}; `herd experiment list` shows them"
+            ))
+        })?,
+        Err(_) => match by_name(&p.projection, &reference)[..] {
+            [e] => e,
+            [] => {
+                return Err(not_found(format!(
+                    "no experiment named {reference:?}; `herd experiment list` shows them"
+                )))
+            }
+            // Names recorded before they had to be unique.
+            ref several => {
+                return Err(conflict(format!(
+                    "{} experiments are named {reference:?}: {}; use an id",
+                    several.len(),
+                    several
+                        .iter()
+                        .map(|e| e.id.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        },
+    };
     let rounds: Vec<_> = e.rounds.iter().filter_map(|r| p.rounds.get(r)).collect();
     ok(json!(ExperimentDetail {
         experiment: e.clone(),

@@ -83,8 +83,15 @@ pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, 
         if !defaults.contains_key(k) {
             let mut known: Vec<&String> = defaults.keys().collect();
             known.sort();
+            let guess = known
+                .iter()
+                .map(|n| (strsim::damerau_levenshtein(k, n), *n))
+                .filter(|(d, n)| *d <= 2.max(n.len() / 3))
+                .min()
+                .map(|(_, n)| format!("did you mean `{n}`? "))
+                .unwrap_or_default();
             return Err(format!(
-                "unknown hyperparameter `{k}` for job kind {} (known: {})",
+                "unknown hyperparameter `{k}` for job kind {}; {guess}(known: {})",
                 kind.as_str(),
                 known
                     .iter()
