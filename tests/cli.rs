@@ -247,3 +247,223 @@ fn errors_are_one_clear_line() {
         .unwrap();
     one_line(down, "cannot reach herdd");
 }
+
+/// What a new user meets: names instead of ids, `-q` for scripts, a closed
+/// pipe, tables with the columns that matter, artifacts to look at and
+/// export, errors that say what to do.
+#[test]
+fn names_quiet_output_tables_and_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let text = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fails = |out: std::process::Output, want: &str| {
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
+    };
+
+    // -q prints just the hash or id.
+    let model = text(cli.raw(&["-q", "import", "model", f.join("ref").to_str().unwrap()]));
+    let model = model.trim().to_string();
+    assert_eq!(model.len(), 64, "{model}");
+    let sft_file = f.join("sft.jsonl");
+    let sft = text(cli.raw(&[
+        "-q",
+        "import",
+        "dataset",
+        sft_file.to_str().unwrap(),
+        "--kind",
+        "sft",
+    ]));
+    let sft = sft.trim().to_string();
+    assert_eq!(sft.len(), 64);
+    let exp = text(cli.raw(&["-q", "experiment", "create", "names-exp"]));
+    assert!(exp.trim().parse::<uuid::Uuid>().is_ok(), "{exp}");
+
+    // Experiment names are unique, and work wherever an id does.
+    fails(cli.raw(&["experiment", "create", "names-exp"]), "exists");
+    assert_eq!(
+        cli.json(&["experiment", "show", "names-exp"])["experiment"]["id"],
+        exp.trim()
+    );
+    fails(
+        cli.raw(&["experiment", "show", "nope"]),
+        "no experiment named \"nope\"",
+    );
+    let submit = |name: &str, lr: &str| {
+        let out = cli.raw(&[
+            "-q",
+            "submit",
+            "--kind",
+            "sft",
+            "--input",
+            &format!("model={model}"),
+            "--input",
+            &format!("data={sft}"),
+            "--set",
+            "steps=1",
+            "--set",
+            &format!("lr={lr}"),
+            "--experiment",
+            "names-exp",
+            "--name",
+            name,
+            "--wait",
+        ]);
+        text(out).trim().to_string()
+    };
+    let a = submit("first", "1e-4");
+    let b = submit("second", "2e-5");
+    assert_eq!(a.lines().count(), 1, "-q --wait prints the id only: {a}");
+    assert_eq!(cli.json(&["show", "names-exp/first"])["id"], a.as_str());
+    fails(cli.raw(&["cancel", "nonsense"]), "is not a job");
+    fails(
+        cli.raw(&["show", "names-exp/third"]),
+        "no job named \"third\"",
+    );
+    // A typo gets a suggestion.
+    fails(
+        cli.raw(&[
+            "submit",
+            "--kind",
+            "sft",
+            "--input",
+            &format!("model={model}"),
+            "--input",
+            &format!("data={sft}"),
+            "--set",
+            "lrr=1e-5",
+        ]),
+        "did you mean `lr`",
+    );
+
+    // History: the hyperparameter that differs is a column, names in full,
+    // start and duration shown; --columns chooses.
+    let table = text(cli.raw(&["history", "--experiment", "names-exp"]));
+    let header = table.lines().next().unwrap();
+    for col in [
+        "job",
+        "name",
+        "started",
+        "duration",
+        "hp.lr",
+        "metric.loss",
+        "outputs",
+    ] {
+        assert!(header.contains(col), "{col} missing: {table}");
+    }
+    assert!(
+        !header.contains("hp.steps"),
+        "steps is the same for both: {header}"
+    );
+    assert!(table.contains(&a) && table.contains(&b) && table.contains("second"));
+    assert!(table.contains("1e-4") && table.contains("2e-5"), "{table}");
+    let chosen = text(cli.raw(&["history", "--columns", "name,hp.lr,duration"]));
+    assert_eq!(
+        chosen
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["name", "hp.lr", "duration"]
+    );
+    fails(
+        cli.raw(&["history", "--columns", "name,bogus"]),
+        "no column \"bogus\"",
+    );
+    // History sorted by a metric, as the README says.
+    let sorted = cli.json(&[
+        "history",
+        "--experiment",
+        "names-exp",
+        "--sort",
+        "-metric.loss",
+    ]);
+    assert_eq!(sorted.as_array().unwrap().len(), 2);
+
+    // A closed pipe ends the client quietly (no panic message).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "--server",
+            &d.addr,
+            "--data-dir",
+            d.dir.to_str().unwrap(),
+            "history",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+
+    // Status for people.
+    let status = text(cli.raw(&["status"]));
+    assert!(
+        status.contains("jobs: 0 queued, 0 running, 2 succeeded"),
+        "{status}"
+    );
+
+    // Artifacts: list, look at a dataset's rows, export it.
+    let list = text(cli.raw(&["artifacts", "--kind", "sft"]));
+    assert!(
+        list.contains(&sft[..12]) && list.contains("sft.jsonl"),
+        "{list}"
+    );
+    assert!(!list.contains(&model[..12]), "--kind filters: {list}");
+    let shown = text(cli.raw(&["show", &sft, "--rows", "2"]));
+    assert!(
+        shown.contains("row 1:") && shown.contains("row 2:") && shown.contains("user:"),
+        "{shown}"
+    );
+    let out = dir.path().join("sft-out.jsonl");
+    text(cli.raw(&["export", &sft, out.to_str().unwrap()]));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&sft_file).unwrap()
+    );
+    fails(cli.raw(&["export", &sft, out.to_str().unwrap()]), "--force");
+    text(cli.raw(&["export", &sft, out.to_str().unwrap(), "--force"]));
+    // Lineage names each node once, without "checkpoint checkpoint".
+    let ckpt = cli.json(&["show", &a])["outputs"]["checkpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let lineage = text(cli.raw(&["lineage", &ckpt]));
+    assert!(!lineage.contains("checkpoint checkpoint"), "{lineage}");
+    assert!(
+        lineage.contains("output `checkpoint` of sft job \"first\""),
+        "{lineage}"
+    );
+
+    // A daemon that never started: say so, and how to start one.
+    let none = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "--data-dir",
+            dir.path().join("nothing").to_str().unwrap(),
+            "status",
+        ])
+        .env_remove("HERD_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        err.contains("is herdd running?") && err.contains("herdd"),
+        "{err}"
+    );
+}

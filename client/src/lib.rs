@@ -42,9 +42,9 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
 pub use herd_core::wire::{
-    BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest,
-    JobSubmitted, MetricSeries, Progress, Reproduction, RoundDetail, RoundReproduced,
-    RoundSubmitted, Verification, MAX_JOBS_PAGE,
+    ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery,
+    JobReproduced, JobRequest, JobSubmitted, MetricSeries, Progress, Reproduction, RoundDetail,
+    RoundReproduced, RoundSubmitted, Verification, MAX_JOBS_PAGE,
 };
 
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
@@ -108,9 +108,17 @@ impl Client {
                 let path = dir.join("token");
                 std::fs::read_to_string(&path)
                     .map_err(|e| {
+                        let why = if e.kind() == std::io::ErrorKind::NotFound {
+                            format!(
+                                "no daemon token at {}: is herdd running? start it with `herdd` \
+                                 (or `herdd --data-dir DIR` and `herd --data-dir DIR`)",
+                                path.display()
+                            )
+                        } else {
+                            format!("cannot read the daemon token at {}: {e}", path.display())
+                        };
                         ClientError::Usage(format!(
-                            "no token: {} ({e}); pass --token or set HERD_TOKEN",
-                            path.display()
+                            "{why}; for a remote daemon pass --token or set HERD_TOKEN"
                         ))
                     })?
                     .trim()
@@ -118,6 +126,11 @@ impl Client {
             }
         };
         Ok(Client::new(&server, &token))
+    }
+
+    /// The daemon's address.
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     fn url(&self, path: &str) -> String {
@@ -181,11 +194,11 @@ impl Client {
     }
 
     pub fn create_experiment(&self, name: &str, description: &str) -> Result<String> {
-        let v = self.post(
+        let v: Created = Self::typed(self.post(
             "/experiments",
             &json!({"name": name, "description": description}),
-        )?;
-        Ok(v["id"].as_str().unwrap_or_default().to_string())
+        )?)?;
+        Ok(v.id.to_string())
     }
 
     pub fn experiments(&self) -> Result<Vec<ExperimentView>> {
@@ -252,8 +265,20 @@ impl Client {
         Self::typed(self.post("/checkpoints", &json!({"name": name, "files": files}))?)
     }
 
-    pub fn artifacts(&self) -> Result<Value> {
-        self.get("/artifacts")
+    pub fn artifacts(&self, q: &ArtifactQuery) -> Result<Vec<ArtifactView>> {
+        let mut params = vec![];
+        if let Some(k) = q.kind {
+            params.push(format!("kind={k}"));
+        }
+        if let Some(p) = q.produced {
+            params.push(format!("produced={p}"));
+        }
+        Self::typed(self.get(&format!("/artifacts?{}", params.join("&")))?)
+    }
+
+    /// An artifact and, for a dataset, its first `rows` rows.
+    pub fn artifact(&self, hash: &str, rows: usize) -> Result<ArtifactDetail> {
+        Self::typed(self.get(&format!("/artifacts/{}?rows={rows}", enc(hash)))?)
     }
 
     pub fn submit(&self, req: &JobRequest) -> Result<JobSubmitted> {

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::model::{ExperimentView, JobStatus, JobView, RoundView};
-use crate::vocab::{InputRef, JobKind};
+use crate::model::{ArtifactView, ExperimentView, JobStatus, JobView, RoundView};
+use crate::vocab::{ArtifactKind, InputRef, JobKind};
 
 /// `POST /jobs`: what to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +155,25 @@ pub struct Created {
 pub struct Imported {
     pub hash: String,
     pub summary: Value,
+}
+
+/// `GET /artifacts/{hash}`: the artifact and, for a dataset, its first rows
+/// (`?rows=N`, default 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactDetail {
+    pub artifact: ArtifactView,
+    #[serde(default)]
+    pub rows: Vec<Value>,
+}
+
+/// `GET /artifacts` query: filters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ArtifactKind>,
+    /// Only imports (`false`) or only job outputs (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produced: Option<bool>,
 }
 
 /// `GET /experiments/{id}`: the experiment and its rounds.

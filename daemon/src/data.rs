@@ -6,11 +6,21 @@
 //!
 //! * preference: `{"prompt": [messages] | "text", "responses": [best, ..., worst],
 //!   "strength": "significantly_better|better|slightly_better|marginally_better"}`,
-//!   or TRL's `{"prompt", "chosen", "rejected"}` (strings or message lists) with
-//!   an optional `"edited"` (ranked above chosen).
-//! * sft: `{"messages": [...]}` (ending with the assistant's turn) or
-//!   `{"prompt", "completion"}`.
+//!   or TRL's `{"prompt", "chosen", "rejected"}` (strings or message lists;
+//!   lists that repeat the prompt, as UltraFeedback-binarized does, are cut
+//!   after it) with an optional `"edited"` (ranked above chosen), or TRL's
+//!   implicit prompt: `{"chosen": [...], "rejected": [...]}` whose shared
+//!   leading messages are the prompt (HH-RLHF's `"\n\nHuman: ...
+//!   \n\nAssistant: ..."` text is read as such a dialog). What differs must
+//!   be one final assistant turn.
+//! * sft: `{"messages": [...]}` (ending with the assistant's turn),
+//!   `{"prompt", "completion"}`, or `{"text": ...}` (plain language
+//!   modelling: no chat format, every token trained).
 //! * prompts: `{"prompt": ...}` or `{"messages": [...]}`, optional `"answer"`.
+//!
+//! Columns herd does not use (ids, scores, a copy of the dialog) are ignored
+//! and named in the import's summary (`notes`); a missing required field is
+//! still an error, so a misspelt one cannot pass unnoticed.
 
 use herd_engine::chat::{Message, ROLES};
 use serde::{Deserialize, Serialize};
@@ -98,7 +108,20 @@ pub struct PreferenceExample {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SftExample {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Message>,
+    /// Plain text to model as it is (no chat format, no prompt mask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+impl SftExample {
+    pub fn dialog(messages: Vec<Message>) -> Self {
+        SftExample {
+            messages,
+            text: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,16 +246,100 @@ fn object(v: &Value) -> FieldResult<&serde_json::Map<String, Value>> {
         .ok_or(("(line)".to_string(), "expected a JSON object".to_string()))
 }
 
-fn no_unknown(o: &serde_json::Map<String, Value>, known: &[&str]) -> FieldResult<()> {
-    match o.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => err(k, format!("unknown field (expected: {})", known.join(", "))),
-        None => Ok(()),
+/// The columns of a row that herd does not use.
+fn unused<'a>(o: &'a serde_json::Map<String, Value>, known: &[&str]) -> Vec<&'a str> {
+    o.keys()
+        .map(|k| k.as_str())
+        .filter(|k| !known.contains(k))
+        .collect()
+}
+
+/// Leading messages `a` and `b` share.
+fn shared_prefix(a: &[Message], b: &[Message]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// HH-RLHF's text dialogs (`\n\nHuman: ...\n\nAssistant: ...`) as messages.
+fn hh_dialog(s: &str) -> Option<Vec<Message>> {
+    const MARKS: [(&str, &str); 2] = [("\n\nHuman:", "user"), ("\n\nAssistant:", "assistant")];
+    if !s.contains(MARKS[0].0) || !s.contains(MARKS[1].0) {
+        return None;
+    }
+    let mut out: Vec<Message> = vec![];
+    let mut rest = s;
+    let mut role: Option<&str> = None;
+    loop {
+        let next = MARKS
+            .iter()
+            .filter_map(|(m, r)| rest.find(m).map(|at| (at, *m, *r)))
+            .min_by_key(|(at, _, _)| *at);
+        let (text, after) = match next {
+            Some((at, _, _)) => (&rest[..at], Some(next)),
+            None => (rest, None),
+        };
+        if let Some(r) = role {
+            out.push(Message::new(r, text.trim()));
+        }
+        match after.flatten() {
+            Some((at, mark, r)) => {
+                role = Some(r);
+                rest = &rest[at + mark.len()..];
+            }
+            None => return Some(out),
+        }
+    }
+}
+
+/// `chosen`/`rejected` of an implicit-prompt row: a message list, or HH text.
+fn dialog(v: Option<&Value>, field: &str) -> FieldResult<Vec<Message>> {
+    match v {
+        Some(Value::String(s)) => hh_dialog(s).ok_or((
+            field.to_string(),
+            "without `prompt`, expected a message list (or an HH-RLHF \"\\n\\nHuman: ... \\n\\nAssistant: ...\" dialog)".to_string(),
+        )),
+        Some(v @ Value::Array(_)) => messages(v, field),
+        None | Some(Value::Null) => err(field, "missing"),
+        Some(_) => err(field, "expected a message list"),
+    }
+}
+
+/// One response after `prompt`: a string, one assistant message, or a
+/// message list that repeats the prompt and then answers once.
+fn response_after(prompt: &[Message], v: Option<&Value>, field: &str) -> FieldResult<String> {
+    match v {
+        Some(list @ Value::Array(a)) if a.len() > 1 => {
+            let m = messages(list, field)?;
+            let k = shared_prefix(&m, prompt);
+            if k != prompt.len() {
+                return err(
+                    field,
+                    format!("a message list that does not start with the prompt (they differ at message {k})"),
+                );
+            }
+            final_turn(&m[k..], field, k)
+        }
+        other => response(other, field),
+    }
+}
+
+/// What follows a prompt must be one assistant message.
+fn final_turn(rest: &[Message], field: &str, at: usize) -> FieldResult<String> {
+    match rest {
+        [m] if m.role == "assistant" && !m.content.trim().is_empty() => Ok(m.content.clone()),
+        [m] if m.role == "assistant" => err(&format!("{field}[{at}]"), "empty response"),
+        [] => err(field, "no response after the prompt"),
+        _ => err(
+            &format!("{field}[{at}]"),
+            format!(
+                "{} messages after the prompt; herd ranks one final assistant turn (the shared messages before it are the prompt)",
+                rest.len()
+            ),
+        ),
     }
 }
 
 fn preference_line(v: &Value) -> FieldResult<PreferenceExample> {
     let o = object(v)?;
-    let prompt = prompt(o.get("prompt"), "prompt")?;
     let strength = match o.get("strength") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(
@@ -243,8 +350,29 @@ fn preference_line(v: &Value) -> FieldResult<PreferenceExample> {
         ),
         Some(_) => return err("strength", "expected a string"),
     };
+    if o.get("prompt").is_none() && o.get("responses").is_none() {
+        // TRL's implicit prompt: what chosen and rejected share.
+        let chosen = dialog(o.get("chosen"), "chosen")?;
+        let rejected = dialog(o.get("rejected"), "rejected")?;
+        let k = shared_prefix(&chosen, &rejected);
+        if k == 0 || chosen[..k].last().is_some_and(|m| m.role == "assistant") {
+            return err(
+                "chosen",
+                "chosen and rejected share no prompt (no leading messages ending before an assistant turn)",
+            );
+        }
+        let responses = vec![
+            final_turn(&chosen[k..], "chosen", k)?,
+            final_turn(&rejected[k..], "rejected", k)?,
+        ];
+        return Ok(PreferenceExample {
+            prompt: chosen[..k].to_vec(),
+            responses,
+            strength,
+        });
+    }
+    let prompt = prompt(o.get("prompt"), "prompt")?;
     let responses = if let Some(r) = o.get("responses") {
-        no_unknown(o, &["prompt", "responses", "strength"])?;
         let arr = r.as_array().ok_or((
             "responses".to_string(),
             "expected a list, best first".to_string(),
@@ -257,16 +385,15 @@ fn preference_line(v: &Value) -> FieldResult<PreferenceExample> {
         }
         arr.iter()
             .enumerate()
-            .map(|(i, x)| response(Some(x), &format!("responses[{i}]")))
+            .map(|(i, x)| response_after(&prompt, Some(x), &format!("responses[{i}]")))
             .collect::<FieldResult<Vec<_>>>()?
     } else {
-        no_unknown(o, &["prompt", "chosen", "rejected", "edited", "strength"])?;
         let mut out = vec![];
         if let Some(e) = o.get("edited").filter(|e| !e.is_null()) {
-            out.push(response(Some(e), "edited")?);
+            out.push(response_after(&prompt, Some(e), "edited")?);
         }
-        out.push(response(o.get("chosen"), "chosen")?);
-        out.push(response(o.get("rejected"), "rejected")?);
+        out.push(response_after(&prompt, o.get("chosen"), "chosen")?);
+        out.push(response_after(&prompt, o.get("rejected"), "rejected")?);
         out
     };
     Ok(PreferenceExample {
@@ -278,8 +405,17 @@ fn preference_line(v: &Value) -> FieldResult<PreferenceExample> {
 
 fn sft_line(v: &Value) -> FieldResult<SftExample> {
     let o = object(v)?;
+    if let Some(t) = o.get("text") {
+        return match t {
+            Value::String(s) if !s.trim().is_empty() => Ok(SftExample {
+                messages: vec![],
+                text: Some(s.clone()),
+            }),
+            Value::String(_) => err("text", "empty"),
+            _ => err("text", "expected a string"),
+        };
+    }
     if let Some(m) = o.get("messages") {
-        no_unknown(o, &["messages"])?;
         let messages = messages(m, "messages")?;
         if messages
             .last()
@@ -291,20 +427,18 @@ fn sft_line(v: &Value) -> FieldResult<SftExample> {
                 "the last message must be the assistant's (it is what SFT trains on)",
             );
         }
-        return Ok(SftExample { messages });
+        return Ok(SftExample::dialog(messages));
     }
-    no_unknown(o, &["prompt", "completion"])?;
     let mut messages = prompt(o.get("prompt"), "prompt")?;
     messages.push(Message::new(
         "assistant",
         &response(o.get("completion"), "completion")?,
     ));
-    Ok(SftExample { messages })
+    Ok(SftExample::dialog(messages))
 }
 
 fn prompts_line(v: &Value) -> FieldResult<PromptExample> {
     let o = object(v)?;
-    no_unknown(o, &["prompt", "messages", "answer"])?;
     let prompt = match (o.get("prompt"), o.get("messages")) {
         (Some(p), None) => prompt(Some(p), "prompt")?,
         (None, Some(m)) => prompt(Some(m), "messages")?,
@@ -322,6 +456,25 @@ fn prompts_line(v: &Value) -> FieldResult<PromptExample> {
 
 /// Parse a whole JSONL text. Blank lines are skipped.
 pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataError> {
+    parse_noting(kind, text, file).map(|(d, _)| d)
+}
+
+/// The columns each kind reads; others are ignored (and noted).
+fn used_columns(kind: DatasetKind) -> &'static [&'static str] {
+    match kind {
+        DatasetKind::Preference => &["prompt", "responses", "chosen", "rejected", "edited", "strength"],
+        DatasetKind::Sft => &["messages", "prompt", "completion", "text"],
+        DatasetKind::Prompts => &["prompt", "messages", "answer"],
+    }
+}
+
+/// Parse, and say what was ignored (`notes` for the import's summary).
+pub fn parse_noting(
+    kind: DatasetKind,
+    text: &str,
+    file: &str,
+) -> Result<(Dataset, Vec<String>), DataError> {
+    let mut ignored = std::collections::BTreeSet::new();
     let mut errors = vec![];
     let (mut pref, mut sft, mut prompts) = (vec![], vec![], vec![]);
     for (i, line) in text.lines().enumerate() {
@@ -343,6 +496,9 @@ pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataE
                 continue;
             }
         };
+        if let Some(o) = v.as_object() {
+            ignored.extend(unused(o, used_columns(kind)).into_iter().map(String::from));
+        }
         let r = match kind {
             DatasetKind::Preference => preference_line(&v).map(|x| pref.push(x)),
             DatasetKind::Sft => sft_line(&v).map(|x| sft.push(x)),
@@ -372,14 +528,30 @@ pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataE
             errors,
         });
     }
-    Ok(match kind {
+    let dataset = match kind {
         DatasetKind::Preference => Dataset::Preference(pref),
         DatasetKind::Sft => Dataset::Sft(sft),
         DatasetKind::Prompts => Dataset::Prompts(prompts),
-    })
+    };
+    let mut notes = vec![];
+    if !ignored.is_empty() {
+        notes.push(format!(
+            "ignored column(s) herd does not use: {}",
+            ignored.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok((dataset, notes))
 }
 
 pub fn parse_bytes(kind: DatasetKind, bytes: &[u8], file: &str) -> Result<Dataset, DataError> {
+    parse_bytes_noting(kind, bytes, file).map(|(d, _)| d)
+}
+
+pub fn parse_bytes_noting(
+    kind: DatasetKind,
+    bytes: &[u8],
+    file: &str,
+) -> Result<(Dataset, Vec<String>), DataError> {
     let text = std::str::from_utf8(bytes).map_err(|e| DataError {
         file: file.to_string(),
         errors: vec![LineError {
@@ -392,7 +564,7 @@ pub fn parse_bytes(kind: DatasetKind, bytes: &[u8], file: &str) -> Result<Datase
             reason: "not UTF-8".into(),
         }],
     })?;
-    parse(kind, text, file)
+    parse_noting(kind, text, file)
 }
 
 impl Dataset {
@@ -450,6 +622,7 @@ impl Dataset {
                     "three_response_share": three as f64 / x.len().max(1) as f64})
             }
             Dataset::Sft(x) => serde_json::json!({"kind": "sft", "rows": x.len(),
+                "text_rows": x.iter().filter(|e| e.text.is_some()).count(),
                 "turns_mean": x.iter().map(|e| e.messages.len()).sum::<usize>() as f64 / x.len().max(1) as f64}),
             Dataset::Prompts(x) => serde_json::json!({"kind": "prompts", "rows": x.len(),
                 "with_answer": x.iter().filter(|e| e.answer.is_some()).count()}),

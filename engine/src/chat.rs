@@ -167,6 +167,18 @@ impl ChatFormat {
         Ok(e)
     }
 
+    /// Plain text for language modelling: BOS, then every token a target
+    /// (and the end-of-text token, where the tokenizer has one).
+    pub fn encode_text(&self, s: &str) -> Result<Encoded> {
+        let mut e = Encoded::default();
+        e.push(&[self.special.begin_of_text], 0, 1);
+        e.push(&self.text(s)?, 1, 0);
+        if let Some(end) = self.special.end_of_text {
+            e.push(&[end], 1, 1);
+        }
+        Ok(e)
+    }
+
     /// A prompt ready for the assistant to answer: dialog + assistant header.
     pub fn encode_prompt(&self, messages: &[Message]) -> Result<Encoded> {
         let mut e = self.encode_dialog(messages)?;

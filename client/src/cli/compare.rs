@@ -135,7 +135,7 @@ pub(super) fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
             rows: rows
                 .into_iter()
                 .map(|(section, key, a, b)| DiffRow {
-                    same: a == b,
+                    same: super::render::same(&a, &b),
                     section,
                     key,
                     a,

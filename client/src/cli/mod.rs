@@ -8,17 +8,18 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use uuid::Uuid;
-
+mod artifacts;
 mod compare;
+mod jobs;
 mod render;
+mod resolve;
 
 use compare::{diff, reproduce, watch};
-use render::{job_row, print, print_lineage, print_round, short, short_val};
+use render::{job_row, print, print_round, short, short_val};
 
 use crate::{
-    Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest, JobStatus, LineageNode,
-    Result, RoundDetail,
+    ArtifactKind, ArtifactQuery, Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest,
+    JobStatus, Result, RoundDetail,
 };
 
 #[derive(Parser)]
@@ -41,6 +42,10 @@ pub struct Cli {
     /// Print JSON instead of tables
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print only the id or hash made (import, submit, experiment create,
+    /// round submit): for `X=$(herd -q ...)`
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -70,15 +75,16 @@ pub enum Command {
         sets: Vec<(String, String)>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Experiment id or name
         #[arg(long)]
-        experiment: Option<Uuid>,
+        experiment: Option<String>,
         #[arg(long)]
         name: Option<String>,
         #[arg(long, default_value_t = 0)]
         priority: i32,
-        /// Job ids this one waits for
+        /// Jobs this one waits for (id or EXPERIMENT/NAME)
         #[arg(long)]
-        after: Vec<Uuid>,
+        after: Vec<String>,
         /// Wait for the job to end
         #[arg(long)]
         wait: bool,
@@ -96,18 +102,38 @@ pub enum Command {
     },
     /// Cancel a queued or running job.
     Cancel { id: String },
-    /// Show a job: status, effective hyperparameters, inputs, outputs, last metrics.
-    Show { id: String },
+    /// Show a job (status, effective hyperparameters, inputs, outputs, last
+    /// metrics) or an artifact by hash (summary; a dataset's first rows).
+    /// Example: herd show my-exp/sft; herd show HASH --rows 5
+    Show {
+        id: String,
+        /// Dataset rows to show
+        #[arg(long, default_value_t = 3)]
+        rows: usize,
+    },
+    /// List datasets and checkpoints. Example: herd artifacts --kind preference
+    Artifacts {
+        #[arg(long)]
+        kind: Option<ArtifactKind>,
+        /// Only imported ones
+        #[arg(long)]
+        imported: bool,
+        /// Only job outputs
+        #[arg(long)]
+        produced: bool,
+    },
     /// Query run history. Example: herd history --kind dpo --where "beta<=0.1,metric.reward_accuracy>0.6" --sort -metric.reward_accuracy
     History {
+        /// Experiment id or name
         #[arg(long)]
-        experiment: Option<Uuid>,
+        experiment: Option<String>,
         #[arg(long)]
         kind: Option<JobKind>,
         #[arg(long)]
         status: Option<JobStatus>,
+        /// Round id or EXPERIMENT/INDEX
         #[arg(long)]
-        round: Option<Uuid>,
+        round: Option<String>,
         /// Conditions on hyperparameters and metrics: hp.lr<1e-4,metric.loss<2
         #[arg(long = "where")]
         where_: Option<String>,
@@ -119,6 +145,11 @@ pub enum Command {
         /// Skip this many matching jobs first (with --limit: paging)
         #[arg(long)]
         offset: Option<usize>,
+        /// Columns to show, e.g. job,name,hp.lr,metric.loss,duration
+        /// [default: identity, start, duration, the hyperparameters that
+        /// differ, key metrics, outputs]
+        #[arg(long)]
+        columns: Option<String>,
     },
     /// Lineage of a checkpoint or dataset, back to the base model and data.
     Lineage { hash: String },
@@ -142,8 +173,15 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-    /// Write a checkpoint as a Hugging Face directory. Example: herd export HASH ./model
-    Export { hash: String, dir: PathBuf },
+    /// Write a checkpoint as a Hugging Face directory, or a dataset as a
+    /// JSONL file. Example: herd export HASH ./model
+    Export {
+        hash: String,
+        to: PathBuf,
+        /// Overwrite what is there
+        #[arg(long)]
+        force: bool,
+    },
     /// Verify the store: the event hash chain and every blob.
     Verify,
     /// Daemon status: devices and job counts.
@@ -209,6 +247,13 @@ fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
 
 /// Entry point for the `herd` binary: one clear line and exit 1 on error.
 pub fn main() -> i32 {
+    // A closed pipe (`herd history | head -1`) ends the client quietly, as
+    // it does `head` or `grep`, instead of a panic on the next write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal at start.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => 0,
@@ -254,63 +299,21 @@ pub fn run(cli: &Cli) -> Result<()> {
                 });
             }
         },
-        Command::Import { what } => {
-            let v = match what {
-                ImportWhat::Dataset { file, kind, name } => {
-                    let name = name.clone().unwrap_or_else(|| {
-                        file.file_name()
-                            .and_then(|s| s.to_str())
-                            .unwrap_or("dataset")
-                            .to_string()
-                    });
-                    c.import_dataset(file, kind, &name)?
-                }
-                ImportWhat::Model { dir, name } => {
-                    let name = name.clone().unwrap_or_else(|| {
-                        dir.file_name()
-                            .and_then(|s| s.to_str())
-                            .unwrap_or("model")
-                            .to_string()
-                    });
-                    c.import_model(dir, &name)?
-                }
+        Command::Import { what } => artifacts::import(&c, what, js, cli.quiet)?,
+        Command::Artifacts {
+            kind,
+            imported,
+            produced,
+        } => {
+            let q = ArtifactQuery {
+                kind: *kind,
+                produced: match (imported, produced) {
+                    (true, false) => Some(false),
+                    (false, true) => Some(true),
+                    _ => None,
+                },
             };
-            print(js, &v, || {
-                println!("{}", v.hash);
-                let s = &v.summary;
-                if let Some(p) = s.get("parameters") {
-                    println!(
-                        "  {} parameters, {} layers, hidden {}, vocab {}, {}",
-                        p,
-                        s["layers"],
-                        s["hidden_size"],
-                        s["vocab_size"],
-                        s["dtype"].as_str().unwrap_or("unknown dtype")
-                    );
-                    for (n, shape) in s["shapes"].as_object().into_iter().flatten().take(6) {
-                        println!("    {n}: {shape}");
-                    }
-                } else {
-                    println!(
-                        "  {} rows of {}",
-                        s["rows"],
-                        s["kind"].as_str().unwrap_or("unknown kind")
-                    );
-                    if let Some(h) = s.get("strength").and_then(|h| h.as_object()) {
-                        println!(
-                            "  strength: {}",
-                            h.iter()
-                                .map(|(k, v)| format!("{k}={v}"))
-                                .collect::<Vec<_>>()
-                                .join(" ")
-                        );
-                        println!(
-                            "  3-response share: {:.2}",
-                            s["three_response_share"].as_f64().unwrap_or(0.0)
-                        );
-                    }
-                }
-            });
+            artifacts::list(&c, &q, js)?
         }
         Command::Submit {
             kind,
@@ -335,16 +338,27 @@ pub fn run(cli: &Cli) -> Result<()> {
                 inputs: inputs.iter().cloned().collect::<BTreeMap<_, _>>(),
                 hyperparameters: Value::Object(hp),
                 seed: *seed,
-                experiment: *experiment,
+                experiment: experiment
+                    .as_deref()
+                    .map(|e| resolve::experiment(&c, e))
+                    .transpose()?,
                 name: name.clone(),
                 priority: *priority,
-                depends_on: after.clone(),
+                depends_on: after
+                    .iter()
+                    .map(|a| resolve::job(&c, a))
+                    .collect::<Result<_>>()?,
             };
             let v = c.submit(&req)?;
             let id = v.id.to_string();
             if *wait {
+                if cli.quiet {
+                    println!("{id}");
+                }
                 let j = c.wait(&id, Duration::from_secs(24 * 3600))?;
-                print(js, &json!(j), || println!("{}", job_row(&j)));
+                if !cli.quiet {
+                    print(js, &json!(j), || println!("{}", job_row(&j)));
+                }
                 if j.status != JobStatus::Succeeded {
                     return Err(ClientError::Api {
                         status: 0,
@@ -362,29 +376,39 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Round { action } => match action {
             RoundAction::Submit { spec, wait } => {
                 let text = crate::read_file(spec)?;
-                let spec_v: Value = serde_json::from_str(&text).map_err(|e| {
+                let mut spec_v: Value = serde_json::from_str(&text).map_err(|e| {
                     ClientError::Usage(format!("{}: not valid JSON: {e}", spec.display()))
                 })?;
+                // The spec may name its experiment.
+                if let Some(Value::String(e)) = spec_v.get("experiment").cloned() {
+                    spec_v["experiment"] = json!(resolve::experiment(&c, &e)?);
+                }
                 let v = c.submit_round(&spec_v)?;
                 if *wait {
+                    if cli.quiet {
+                        println!("{}", v.id);
+                    }
                     for id in &v.jobs {
                         c.wait(&id.to_string(), Duration::from_secs(24 * 3600))?;
                     }
                     let r = c.round(&v.id.to_string())?;
-                    print(js, &r, || print_round(&r));
+                    if !cli.quiet {
+                        print(js, &r, || print_round(&r));
+                    }
                 } else {
                     print(js, &v, || println!("{}", v.id));
                 }
             }
             RoundAction::Show { id } => {
-                let r = c.round(id)?;
+                let r = c.round(&resolve::round(&c, id)?.to_string())?;
                 print(js, &r, || print_round(&r));
             }
         },
         Command::Wait { ids, timeout } => {
             let mut out = vec![];
             for id in ids {
-                out.push(c.wait(id, Duration::from_secs(*timeout))?);
+                let id = resolve::job(&c, id)?.to_string();
+                out.push(c.wait(&id, Duration::from_secs(*timeout))?);
             }
             print(js, &json!(out), || {
                 out.iter().for_each(|j| println!("{}", job_row(j)))
@@ -402,44 +426,13 @@ pub fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Cancel { id } => {
-            let v = c.cancel(id)?;
+            let v = c.cancel(&resolve::job(&c, id)?.to_string())?;
             print(js, &v, || println!("cancelling {id}"));
         }
-        Command::Show { id } => {
-            let j = c.job(id)?;
-            print(js, &json!(j), || {
-                println!("{} {} ({}) — {}", j.kind, j.name, j.id, j.status);
-                if let Some(e) = &j.error {
-                    println!("  error: {e}");
-                }
-                println!(
-                    "  seed {}  attempts {}  device {}",
-                    j.seed,
-                    j.attempts,
-                    j.device.clone().unwrap_or_default()
-                );
-                println!("  inputs:");
-                for (k, v) in &j.inputs {
-                    println!("    {k} = {}", j.resolved_inputs.get(k).unwrap_or(v));
-                }
-                println!(
-                    "  hyperparameters: {}",
-                    if j.effective_hyperparameters.is_null() {
-                        &j.hyperparameters
-                    } else {
-                        &j.effective_hyperparameters
-                    }
-                );
-                println!("  outputs:");
-                for (k, v) in &j.outputs {
-                    println!("    {k} = {v}");
-                }
-                println!("  last metrics:");
-                for (k, (s, v)) in &j.last_metrics {
-                    println!("    {k:<20} {v:<14.6} (step {s})");
-                }
-            });
+        Command::Show { id, rows } if crate::BlobHash::is_valid(id) => {
+            artifacts::show(&c, id, *rows, js)?
         }
+        Command::Show { id, .. } => jobs::show(&c, &resolve::job(&c, id)?.to_string(), js)?,
         Command::History {
             experiment,
             kind,
@@ -449,78 +442,51 @@ pub fn run(cli: &Cli) -> Result<()> {
             sort,
             limit,
             offset,
+            columns,
         } => {
             let q = JobQuery {
-                experiment: *experiment,
+                experiment: experiment
+                    .as_deref()
+                    .map(|e| resolve::experiment(&c, e))
+                    .transpose()?,
                 kind: *kind,
                 status: *status,
-                round: *round,
+                round: round
+                    .as_deref()
+                    .map(|r| resolve::round(&c, r))
+                    .transpose()?,
                 where_: where_.clone(),
                 sort: sort.clone(),
                 limit: *limit,
                 offset: *offset,
             };
             let jobs = c.jobs(&q)?;
-            print(js, &json!(jobs), || {
-                println!(
-                    "{:<36}  {:<9} {:<10} {:<14} metrics",
-                    "job", "kind", "status", "name"
-                );
-                jobs.iter().for_each(|j| println!("{}", job_row(j)));
-            });
-        }
-        Command::Lineage { hash } => {
-            let v = c.lineage(hash)?;
-            print(js, &v, || print_lineage(&v, 0));
-        }
-        Command::Watch { id } => watch(&c, id.as_deref(), js)?,
-        Command::Plot { id, metrics, out } => {
-            let names: Vec<&str> = metrics.iter().map(|s| s.as_str()).collect();
-            let series = c.metrics(id, &names)?;
-            if series.is_empty() {
-                return Err(ClientError::Usage(format!(
-                    "job {id} has no metrics{}",
-                    if names.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" named {}", names.join(", "))
-                    }
-                )));
+            if js {
+                print(js, &json!(jobs), || {});
+            } else {
+                jobs::history_table(&jobs, columns.as_deref())?;
             }
-            let list: Vec<(String, Vec<(u64, f64)>)> = series.into_iter().collect();
-            let path = out
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("{}.svg", short(id))));
-            std::fs::write(&path, crate::plot::svg(&format!("job {id}"), &list)).map_err(|e| {
-                ClientError::Io {
-                    path: path.display().to_string(),
-                    source: e,
-                }
-            })?;
-            print(
-                js,
-                &json!({"file": path, "series": list.iter().map(|s| &s.0).collect::<Vec<_>>()}),
-                || {
-                    for (n, pts) in &list {
-                        let vals: Vec<f64> = pts.iter().map(|p| p.1).collect();
-                        println!(
-                            "{n:<18} {} last={:.5}",
-                            crate::plot::sparkline(&vals, 60),
-                            vals.last().copied().unwrap_or(f64::NAN)
-                        );
-                    }
-                    println!("wrote {}", path.display());
-                },
-            );
         }
-        Command::Diff { a, b } => diff(&c, a, b, js)?,
-        Command::Reproduce { id, timeout } => reproduce(&c, id, *timeout, js)?,
-        Command::Export { hash, dir } => {
-            let files = c.export(hash, dir)?;
-            print(js, &json!({"dir": dir, "files": files}), || {
-                println!("wrote {} files to {}", files.len(), dir.display())
-            });
+        Command::Lineage { hash } => artifacts::lineage(&c, hash, js)?,
+        Command::Watch { id } => {
+            let id = id.as_deref().map(|i| resolve::job(&c, i)).transpose()?;
+            watch(&c, id.map(|i| i.to_string()).as_deref(), js)?
         }
+        Command::Plot { id, metrics, out } => jobs::plot(
+            &c,
+            &resolve::job(&c, id)?.to_string(),
+            metrics,
+            out.as_ref(),
+            js,
+        )?,
+        Command::Diff { a, b } => {
+            let (a, b) = (resolve::job_or_round(&c, a)?, resolve::job_or_round(&c, b)?);
+            diff(&c, &a, &b, js)?
+        }
+        Command::Reproduce { id, timeout } => {
+            reproduce(&c, &resolve::job_or_round(&c, id)?, *timeout, js)?
+        }
+        Command::Export { hash, to, force } => artifacts::export(&c, hash, to, *force, js)?,
         Command::Verify => {
             let v = c.verify()?;
             print(js, &v, || {
@@ -547,7 +513,23 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Status => {
             let v = c.status()?;
             print(js, &v, || {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                let devices: Vec<String> = v["devices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d.as_str().map(String::from))
+                    .collect();
+                println!("herdd at {} — devices: {}", c.server(), devices.join(", "));
+                let jobs = &v["jobs"];
+                println!(
+                    "jobs: {} queued, {} running, {} succeeded, {} failed, {} cancelled",
+                    jobs["queued"],
+                    jobs["running"],
+                    jobs["succeeded"],
+                    jobs["failed"],
+                    jobs["cancelled"]
+                );
+                println!("events recorded: {}", v["head_seq"]);
             });
         }
     }

@@ -49,27 +49,70 @@ pub(super) fn print_round(r: &RoundDetail) {
     }
 }
 
-pub(super) fn print_lineage(v: &LineageNode, depth: usize) {
-    let pad = "  ".repeat(depth);
-    println!(
-        "{pad}{} {} ({})",
-        v.artifact.map_or("(kind not recorded)", |a| a.as_str()),
-        v.name,
-        short(&v.hash)
-    );
-    if let Some(job) = &v.job {
-        println!("{pad}  <- {} job {} ({})", job.kind, job.name, job.id);
-        for (name, child) in &job.inputs {
-            print!("{pad}    {name}: ");
-            print_lineage(child, depth + 3);
-        }
-    }
-}
-
 pub(super) fn short_val(v: &Value) -> String {
     let s = match v {
         Value::String(s) => s.clone(),
+        Value::Number(n) => n.as_f64().map_or(n.to_string(), num),
         other => other.to_string(),
     };
     s.chars().take(26).collect()
+}
+
+/// A number as people read it: `1`, `0.1`, `1e-5`, `0.4375` (at most 4
+/// significant digits after the point), never `0.30000000000000004`.
+pub(super) fn num(x: f64) -> String {
+    if !x.is_finite() {
+        return x.to_string();
+    }
+    if x == x.trunc() && x.abs() < 1e15 {
+        return format!("{}", x as i64);
+    }
+    if x.abs() < 1e-3 || x.abs() >= 1e6 {
+        let s = format!("{x:.3e}");
+        // 1.000e-5 -> 1e-5, 2.500e-5 -> 2.5e-5
+        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let m = m.trim_end_matches('0').trim_end_matches('.');
+        return format!("{m}e{e}");
+    }
+    let s = format!("{x:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Whether two recorded values are the same: numbers by value (`1` and
+/// `1.0` are the same), everything else exactly.
+pub(super) fn same(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Epoch milliseconds as UTC `MM-DD HH:MM`.
+pub(super) fn time_of(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!(
+        "{month:02}-{day:02} {:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60
+    )
+}
+
+/// Seconds as `42s`, `3m05s`, `2h10m`.
+pub(super) fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
 }

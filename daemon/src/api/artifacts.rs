@@ -40,7 +40,14 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
         warp::path!("artifacts")
             .and(warp::get())
             .and(c.clone())
+            .and(warp::query())
             .and_then(list_artifacts)
+            .boxed(),
+        warp::path!("artifacts" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and(warp::query())
+            .and_then(get_artifact)
             .boxed(),
     ]
 }
@@ -224,8 +231,13 @@ where
     let (hash, name) = (info.id.clone(), q.name.clone());
     let parsed = tokio::task::spawn_blocking(move || -> Result<Value, String> {
         let bytes = blobs.read(&hash).map_err(|e| e.to_string())?;
-        let ds = data::parse_bytes(kind, &bytes, &name).map_err(|e| e.to_string())?;
-        Ok(ds.summary())
+        let (ds, notes) =
+            data::parse_bytes_noting(kind, &bytes, &name).map_err(|e| e.to_string())?;
+        let mut summary = ds.summary();
+        if !notes.is_empty() {
+            summary["notes"] = serde_json::json!(notes);
+        }
+        Ok(summary)
     })
     .await
     .map_err(internal)?;
@@ -328,7 +340,62 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
     created(json!(Imported { hash, summary }))
 }
 
-async fn list_artifacts(ctx: Ctx) -> Res {
+async fn list_artifacts(ctx: Ctx, q: ArtifactQuery) -> Res {
     let p = ctx.state.projection.read().await;
-    ok(json!(p.artifacts.values().collect::<Vec<_>>()))
+    let list: Vec<_> = p
+        .artifacts
+        .values()
+        .filter(|a| q.kind.is_none_or(|k| a.artifact == k))
+        .filter(|a| {
+            q.produced
+                .is_none_or(|by_job| a.produced_by.is_some() == by_job)
+        })
+        .collect();
+    reply_json(&list)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ArtifactRows {
+    rows: Option<usize>,
+}
+
+/// An artifact; a dataset's first rows come from its verified blob.
+async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
+    let artifact = ctx
+        .state
+        .projection
+        .read()
+        .await
+        .artifacts
+        .get(&hash)
+        .cloned()
+        .ok_or_else(|| {
+            not_found(format!(
+                "no recorded artifact {hash}; `herd artifacts` lists them"
+            ))
+        })?;
+    let wanted = q.rows.unwrap_or(3).min(100);
+    let mut rows = vec![];
+    if artifact.artifact != ArtifactKind::Checkpoint && wanted > 0 {
+        let blobs = ctx.state.store.blobs.clone();
+        let h = hash.clone();
+        let bytes = tokio::task::spawn_blocking(move || blobs.read(&h))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        for (i, line) in bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .take(wanted)
+            .enumerate()
+        {
+            rows.push(
+                serde_json::from_slice(line).map_err(|e| {
+                    internal(anyhow::anyhow!("dataset {hash}, line {}: {e}", i + 1))
+                })?,
+            );
+        }
+    }
+    reply_json(&ArtifactDetail { artifact, rows })
 }

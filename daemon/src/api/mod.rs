@@ -23,8 +23,9 @@ use crate::rounds::RoundSpec;
 use crate::scheduler::Scheduler;
 use crate::state::State;
 use herd_core::wire::{
-    BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery, JobReproduced, JobRequest,
-    MetricSeries, Reproduction, RoundReproduced, RoundSubmitted, Verification, MAX_JOBS_PAGE,
+    ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery,
+    JobReproduced, JobRequest, MetricSeries, Reproduction, RoundReproduced, RoundSubmitted,
+    Verification, MAX_JOBS_PAGE,
 };
 
 mod artifacts;

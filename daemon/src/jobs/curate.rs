@@ -176,6 +176,15 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         Dataset::Sft(rows) => rows
             .iter()
             .map(|r| {
+                if let Some(t) = &r.text {
+                    // Plain text: all of it is the "response".
+                    return View {
+                        text: t.clone(),
+                        response: t.clone(),
+                        prompt: vec![],
+                        pair: None,
+                    };
+                }
                 let (last, prompt) = r
                     .messages
                     .split_last()

@@ -166,7 +166,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         let seqs: Vec<_> = rows
             .iter()
             .filter_map(|r| {
-                chat.encode_dialog(&r.messages)
+                super::inputs::encode_sft(&chat, r)
                     .ok()
                     .and_then(|e| super::truncate(e, p.max_seq_len))
             })

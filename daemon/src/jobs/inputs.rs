@@ -23,6 +23,15 @@ pub fn chat_of(model_dir: &Path) -> Result<ChatFormat> {
 
 /// Cut a sequence to `max` tokens. None when no target token survives (the
 /// row would teach nothing; callers count and report such drops).
+/// An SFT row as tokens: a dialog in the chat format (the assistant's turns
+/// trained), or plain text (every token trained).
+pub fn encode_sft(chat: &ChatFormat, row: &crate::data::SftExample) -> Result<Encoded> {
+    Ok(match &row.text {
+        Some(t) => chat.encode_text(t)?,
+        None => chat.encode_dialog(&row.messages)?,
+    })
+}
+
 pub fn truncate(mut e: Encoded, max: usize) -> Option<Encoded> {
     if e.len() > max {
         e.ids.truncate(max);

@@ -143,7 +143,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         }
         let mut messages = prompt.prompt.clone();
         messages.push(herd_engine::chat::Message::new("assistant", &cands[best]));
-        rows.push(SftExample { messages });
+        rows.push(SftExample::dialog(messages));
     }
     if rows.is_empty() {
         bail!("no sample of any prompt could be kept ({empty} prompts with only empty samples, {none_correct} with no correct sample)");

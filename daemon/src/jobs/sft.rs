@@ -59,7 +59,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let mut seqs = vec![];
     let mut dropped = 0;
     for r in &rows {
-        match truncate(chat.encode_dialog(&r.messages)?, p.train.max_seq_len) {
+        match truncate(super::inputs::encode_sft(&chat, r)?, p.train.max_seq_len) {
             Some(e) => seqs.push(e),
             None => dropped += 1,
         }

@@ -1,0 +1,232 @@
+//! Commands about artifacts: import, list, show (a dataset's first rows as
+//! a dialog), export (a checkpoint as a Hugging Face directory, a dataset
+//! as JSONL), lineage.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::render::{print, short};
+use super::ImportWhat;
+use crate::{ArtifactKind, ArtifactQuery, ArtifactView, Client, ClientError, LineageNode, Result};
+
+pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Result<()> {
+    let file_name = |p: &Path, default: &str| {
+        p.file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or(default)
+            .to_string()
+    };
+    let v = match what {
+        ImportWhat::Dataset { file, kind, name } => {
+            let name = name.clone().unwrap_or_else(|| file_name(file, "dataset"));
+            c.import_dataset(file, kind, &name)?
+        }
+        ImportWhat::Model { dir, name } => {
+            let name = name.clone().unwrap_or_else(|| file_name(dir, "model"));
+            c.import_model(dir, &name)?
+        }
+    };
+    print(js, &v, || {
+        println!("{}", v.hash);
+        if !quiet {
+            print_summary(&v.summary);
+        }
+    });
+    Ok(())
+}
+
+/// A dataset's or checkpoint's summary, a few lines.
+fn print_summary(s: &Value) {
+    if let Some(p) = s.get("parameters") {
+        println!(
+            "  {} parameters, {} layers, hidden {}, vocab {}, {}",
+            p,
+            s["layers"],
+            s["hidden_size"],
+            s["vocab_size"],
+            s["dtype"].as_str().unwrap_or("unknown dtype")
+        );
+        for (n, shape) in s["shapes"].as_object().into_iter().flatten().take(6) {
+            println!("    {n}: {shape}");
+        }
+        return;
+    }
+    println!(
+        "  {} rows of {}",
+        s["rows"],
+        s["kind"].as_str().unwrap_or("unknown kind")
+    );
+    if let Some(h) = s.get("strength").and_then(|h| h.as_object()) {
+        let parts: Vec<String> = h.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  strength: {}", parts.join(" "));
+        println!(
+            "  3-response share: {:.2}",
+            s["three_response_share"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(notes) = s.get("notes").and_then(|n| n.as_array()) {
+        for n in notes {
+            println!("  note: {}", n.as_str().unwrap_or_default());
+        }
+    }
+}
+
+pub(super) fn list(c: &Client, q: &ArtifactQuery, js: bool) -> Result<()> {
+    let list = c.artifacts(q)?;
+    print(js, &json!(list), || {
+        println!(
+            "{:<12}  {:<10} {:<28} {:<10}  what",
+            "hash", "kind", "name", "made by"
+        );
+        for a in &list {
+            println!(
+                "{:<12}  {:<10} {:<28} {:<10}  {}",
+                short(&a.hash),
+                a.artifact.as_str(),
+                a.name.chars().take(28).collect::<String>(),
+                a.produced_by
+                    .map_or("import".to_string(), |j| short(&j.to_string())),
+                one_line(&a.summary)
+            );
+        }
+    });
+    Ok(())
+}
+
+fn one_line(s: &Value) -> String {
+    if let Some(p) = s.get("parameters") {
+        return format!("{p} parameters");
+    }
+    match s.get("rows") {
+        Some(r) => format!("{r} rows"),
+        None => String::new(),
+    }
+}
+
+pub(super) fn show(c: &Client, hash: &str, rows: usize, js: bool) -> Result<()> {
+    let d = c.artifact(hash, rows)?;
+    print(js, &json!(d), || {
+        let a: &ArtifactView = &d.artifact;
+        println!("{} {} ({})", a.artifact.as_str(), a.name, a.hash);
+        match a.produced_by {
+            Some(j) => println!("  made by job {j}"),
+            None => println!("  imported"),
+        }
+        print_summary(&a.summary);
+        for (i, row) in d.rows.iter().enumerate() {
+            println!("\n  row {}:", i + 1);
+            print_row(row);
+        }
+    });
+    Ok(())
+}
+
+/// One dataset row as a dialog: messages as `role: text`, other fields by name.
+fn print_row(row: &Value) {
+    let clip = |s: &str| {
+        let s = s.replace('\n', " ⏎ ");
+        if s.chars().count() > 160 {
+            format!("{}…", s.chars().take(160).collect::<String>())
+        } else {
+            s
+        }
+    };
+    for (k, v) in row.as_object().into_iter().flatten() {
+        match v {
+            Value::Array(turns) if turns.iter().all(|t| t.get("role").is_some()) => {
+                println!("    {k}:");
+                for t in turns {
+                    println!(
+                        "      {}: {}",
+                        t["role"].as_str().unwrap_or("?"),
+                        clip(t["content"].as_str().unwrap_or_default())
+                    );
+                }
+            }
+            Value::String(s) => println!("    {k}: {}", clip(s)),
+            other => println!("    {k}: {}", clip(&other.to_string())),
+        }
+    }
+}
+
+/// A checkpoint to a directory, a dataset to a JSONL file; never over
+/// something that exists unless `force`.
+pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, force: bool, js: bool) -> Result<()> {
+    let a = c.artifact(hash, 0)?.artifact;
+    let exists = |p: &Path| match std::fs::read_dir(p) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(_) => p.exists(),
+    };
+    if exists(to) && !force {
+        return Err(ClientError::Usage(format!(
+            "{} exists and is not empty; pass --force to overwrite",
+            to.display()
+        )));
+    }
+    if a.artifact == ArtifactKind::Checkpoint {
+        let files = c.export(hash, to)?;
+        print(js, &json!({"dir": to, "files": files}), || {
+            println!("wrote {} files to {}", files.len(), to.display())
+        });
+        return Ok(());
+    }
+    let io = |e| ClientError::Io {
+        path: to.display().to_string(),
+        source: e,
+    };
+    // Into a temporary name, renamed once the bytes hashed right.
+    let partial = to.with_extension("partial");
+    let mut out = std::fs::File::create(&partial).map_err(io)?;
+    let written = c
+        .download(hash, &mut out)
+        .and_then(|n| out.sync_all().map(|_| n).map_err(io))
+        .and_then(|n| std::fs::rename(&partial, to).map(|_| n).map_err(io));
+    let bytes = written.inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })?;
+    print(js, &json!({"file": to, "bytes": bytes}), || {
+        println!(
+            "wrote {} ({} dataset, {bytes} bytes) to {}",
+            a.name,
+            a.artifact.as_str(),
+            to.display()
+        )
+    });
+    Ok(())
+}
+
+pub(super) fn lineage(c: &Client, hash: &str, js: bool) -> Result<()> {
+    let v = c.lineage(hash)?;
+    print(js, &json!(v), || {
+        print_lineage(&v, 0, "", &mut BTreeSet::new())
+    });
+    Ok(())
+}
+
+/// The tree, each subtree once: an artifact met again says "(above)".
+fn print_lineage(v: &LineageNode, depth: usize, label: &str, seen: &mut BTreeSet<String>) {
+    let pad = format!("{}{label}", "  ".repeat(depth));
+    let kind = v.artifact.map_or("(kind not recorded)", |a| a.as_str());
+    let what = match &v.job {
+        Some(job) => format!(
+            "{kind} {}, output `{}` of {} job {:?}",
+            short(&v.hash),
+            v.name,
+            job.kind,
+            job.name
+        ),
+        None => format!("{kind} {:?} {}", v.name, short(&v.hash)),
+    };
+    if !seen.insert(v.hash.clone()) {
+        println!("{pad}{what} (above)");
+        return;
+    }
+    println!("{pad}{what}");
+    if let Some(job) = &v.job {
+        for (name, child) in &job.inputs {
+            print_lineage(child, depth + 1, &format!("{name} <- "), seen);
+        }
+    }
+}

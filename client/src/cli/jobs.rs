@@ -1,0 +1,235 @@
+//! Commands about jobs: show one, history as a table, plot curves.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use super::render::{duration, num, print, short, time_of};
+use crate::{Client, ClientError, Job, Result};
+
+/// The hyperparameters a job ran with (effective where recorded).
+pub(super) fn hyperparameters(j: &Job) -> &Value {
+    if j.effective_hyperparameters.is_null() {
+        &j.hyperparameters
+    } else {
+        &j.effective_hyperparameters
+    }
+}
+
+pub(super) fn show(c: &Client, id: &str, js: bool) -> Result<()> {
+    let j = c.job(id)?;
+    print(js, &json!(j), || {
+        println!("{} {} ({}) — {}", j.kind, j.name, j.id, j.status);
+        if let Some(e) = &j.error {
+            println!("  error: {e}");
+        }
+        let mut when = format!("  submitted {}", time_of(j.submitted_ms));
+        if let (Some(s), f) = (j.started_ms, j.finished_ms) {
+            when += &format!(", started {}", time_of(s));
+            if let Some(f) = f {
+                when += &format!(", took {}", duration(f.saturating_sub(s)));
+            }
+        }
+        println!("{when}");
+        println!(
+            "  seed {}  attempts {}  device {}",
+            j.seed,
+            j.attempts,
+            j.device.clone().unwrap_or_default()
+        );
+        println!("  inputs:");
+        for (k, v) in &j.inputs {
+            println!("    {k} = {}", j.resolved_inputs.get(k).unwrap_or(v));
+        }
+        println!("  hyperparameters:");
+        for (k, v) in hyperparameters(&j).as_object().into_iter().flatten() {
+            println!("    {k:<20} {}", cell(v));
+        }
+        println!("  outputs:");
+        for (k, v) in &j.outputs {
+            println!("    {k} = {v}");
+        }
+        println!("  last metrics:");
+        for (k, (s, v)) in &j.last_metrics {
+            println!("    {k:<20} {:<14} (step {s})", num(*v));
+        }
+    });
+    Ok(())
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.as_f64().map_or(n.to_string(), num),
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Metrics worth a column by default, when a job has them.
+const KEY_METRICS: [&str; 6] = [
+    "loss",
+    "accuracy",
+    "reward_accuracy",
+    "task_accuracy",
+    "win_rate",
+    "heldout_accuracy",
+];
+
+/// The default columns: identity, time, the hyperparameters that differ
+/// among these jobs, key metrics, outputs.
+fn default_columns(jobs: &[Job]) -> Vec<String> {
+    let mut cols: Vec<String> = ["job", "kind", "status", "name", "started", "duration"]
+        .map(String::from)
+        .to_vec();
+    let mut values: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for j in jobs {
+        for (k, v) in hyperparameters(j).as_object().into_iter().flatten() {
+            values.entry(k.as_str()).or_default().insert(cell(v));
+        }
+    }
+    let present = |k: &str| jobs.iter().all(|j| hyperparameters(j).get(k).is_some());
+    cols.extend(
+        values
+            .iter()
+            .filter(|(k, v)| v.len() > 1 || (jobs.len() > 1 && !present(k)))
+            .map(|(k, _)| format!("hp.{k}")),
+    );
+    cols.extend(
+        KEY_METRICS
+            .iter()
+            .filter(|m| jobs.iter().any(|j| j.last_metrics.contains_key(**m)))
+            .map(|m| format!("metric.{m}")),
+    );
+    cols.push("outputs".into());
+    cols
+}
+
+fn column(j: &Job, col: &str) -> String {
+    match col {
+        "job" | "id" => j.id.to_string(),
+        "kind" => j.kind.to_string(),
+        "status" => j.status.to_string(),
+        "name" => j.name.clone(),
+        "seed" => j.seed.to_string(),
+        "submitted" => time_of(j.submitted_ms),
+        "started" => j.started_ms.map_or("-".into(), time_of),
+        "finished" => j.finished_ms.map_or("-".into(), time_of),
+        "duration" => match (j.started_ms, j.finished_ms) {
+            (Some(s), Some(f)) => duration(f.saturating_sub(s)),
+            (Some(_), None) => "running".into(),
+            _ => "-".into(),
+        },
+        "outputs" => j.outputs.keys().cloned().collect::<Vec<_>>().join(","),
+        "experiment" => j.experiment.map_or("-".into(), |e| short(&e.to_string())),
+        "attempts" => j.attempts.to_string(),
+        other => {
+            if let Some(k) = other.strip_prefix("hp.") {
+                hyperparameters(j).get(k).map_or("-".into(), cell)
+            } else if let Some(m) = other.strip_prefix("metric.") {
+                j.last_metrics.get(m).map_or("-".into(), |v| num(v.1))
+            } else {
+                "?".into()
+            }
+        }
+    }
+}
+
+const KNOWN: &str = "job, kind, status, name, seed, submitted, started, finished, duration, outputs, experiment, attempts, hp.NAME, metric.NAME";
+
+pub(super) fn history_table(jobs: &[Job], columns: Option<&str>) -> Result<()> {
+    let cols: Vec<String> = match columns {
+        Some(list) => {
+            let cols: Vec<String> = list.split(',').map(|c| c.trim().to_string()).collect();
+            for c in &cols {
+                let plain = KNOWN.split(", ").any(|k| k == c);
+                if !(plain || c.starts_with("hp.") || c.starts_with("metric.")) {
+                    return Err(ClientError::Usage(format!(
+                        "--columns: no column {c:?} (columns: {KNOWN})"
+                    )));
+                }
+            }
+            cols
+        }
+        None => default_columns(jobs),
+    };
+    let cells: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| cols.iter().map(|c| column(j, c)).collect())
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |row: &[String]| {
+        row.iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(&cols));
+    for r in &cells {
+        println!("{}", line(r));
+    }
+    Ok(())
+}
+
+/// Plot a job's metrics to an SVG file and print sparklines.
+pub(super) fn plot(
+    c: &Client,
+    id: &str,
+    metrics: &[String],
+    out: Option<&PathBuf>,
+    js: bool,
+) -> Result<()> {
+    let names: Vec<&str> = metrics.iter().map(|s| s.as_str()).collect();
+    let series = c.metrics(id, &names)?;
+    if series.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "job {id} has no metrics{}",
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(" named {}", names.join(", "))
+            }
+        )));
+    }
+    let list: Vec<(String, Vec<(u64, f64)>)> = series.into_iter().collect();
+    let path = out
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.svg", short(id))));
+    std::fs::write(&path, crate::plot::svg(&format!("job {id}"), &list)).map_err(|e| {
+        ClientError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }
+    })?;
+    print(
+        js,
+        &json!({"file": path, "series": list.iter().map(|s| &s.0).collect::<Vec<_>>()}),
+        || {
+            for (n, pts) in &list {
+                let vals: Vec<f64> = pts.iter().map(|p| p.1).collect();
+                println!(
+                    "{n:<18} {} last={}",
+                    crate::plot::sparkline(&vals, 60),
+                    vals.last().copied().map_or("-".into(), num)
+                );
+            }
+            println!("wrote {}", path.display());
+        },
+    );
+    Ok(())
+}
