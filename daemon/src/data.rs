@@ -462,7 +462,14 @@ pub fn parse(kind: DatasetKind, text: &str, file: &str) -> Result<Dataset, DataE
 /// The columns each kind reads; others are ignored (and noted).
 fn used_columns(kind: DatasetKind) -> &'static [&'static str] {
     match kind {
-        DatasetKind::Preference => &["prompt", "responses", "chosen", "rejected", "edited", "strength"],
+        DatasetKind::Preference => &[
+            "prompt",
+            "responses",
+            "chosen",
+            "rejected",
+            "edited",
+            "strength",
+        ],
         DatasetKind::Sft => &["messages", "prompt", "completion", "text"],
         DatasetKind::Prompts => &["prompt", "messages", "answer"],
     }

@@ -1,6 +1,6 @@
 //! Malformed JSONL never panics and always says where.
 
-use herd_daemon::data::{parse, Dataset, DatasetKind};
+use herd_daemon::data::{parse, parse_noting, Dataset, DatasetKind};
 use proptest::prelude::*;
 
 #[test]
@@ -52,6 +52,71 @@ fn errors_name_file_line_and_field() {
     .unwrap_err();
     assert!(err.to_string().contains("assistant"));
     assert!(parse(DatasetKind::Prompts, "\n\n", "empty.jsonl").is_err());
+}
+
+fn prefs(text: &str) -> Vec<herd_daemon::data::PreferenceExample> {
+    match parse(DatasetKind::Preference, text, "p.jsonl") {
+        Ok(Dataset::Preference(p)) => p,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Rows shaped as published: UltraFeedback-binarized (prompt string, chosen
+/// and rejected as dialogs repeating it, ids and scores beside), HH-RLHF
+/// (text dialogs, implicit prompt), TRL's conversational implicit prompt
+/// with several turns, and a plain-text corpus for SFT.
+#[test]
+fn datasets_as_they_are_published() {
+    let uf = r#"{"prompt": "What is 2+2?", "prompt_id": "abc123", "chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}], "messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}], "score_chosen": 9.0, "score_rejected": 2.0}"#;
+    let (ds, notes) = parse_noting(DatasetKind::Preference, uf, "uf.jsonl").unwrap();
+    let Dataset::Preference(p) = ds else { panic!() };
+    assert_eq!(p[0].prompt.len(), 1);
+    assert_eq!(p[0].prompt[0].content, "What is 2+2?");
+    assert_eq!(p[0].responses, vec!["4", "5"]);
+    assert_eq!(
+        notes,
+        vec!["ignored column(s) herd does not use: messages, prompt_id, score_chosen, score_rejected"]
+    );
+
+    let hh = r#"{"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant: Why did the chicken cross the road?", "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant: No."}"#;
+    let p = prefs(hh);
+    let roles: Vec<&str> = p[0].prompt.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["user", "assistant", "user"]);
+    assert_eq!(p[0].prompt[2].content, "Tell me a joke");
+    assert_eq!(
+        p[0].responses,
+        vec!["Why did the chicken cross the road?", "No."]
+    );
+
+    let trl = r#"{"chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}], "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Lyon."}]}"#;
+    let p = prefs(trl);
+    assert_eq!(p[0].prompt.len(), 2);
+    assert_eq!(p[0].responses, vec!["Paris.", "Lyon."]);
+
+    // Responses that differ before their last turn cannot be ranked as one answer.
+    let split = r#"{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}"#;
+    let err = parse(DatasetKind::Preference, split, "split.jsonl").unwrap_err();
+    assert_eq!(err.errors[0].field, "chosen[1]", "{err}");
+    assert!(
+        err.to_string().contains("one final assistant turn"),
+        "{err}"
+    );
+    // A row with neither prompt nor dialogs still says what is missing.
+    let err = parse(
+        DatasetKind::Preference,
+        r#"{"chosen": "a", "rejected": "b"}"#,
+        "x",
+    )
+    .unwrap_err();
+    assert_eq!(err.errors[0].field, "chosen");
+
+    let corpus = "{\"text\": \"The quick brown fox.\", \"id\": 1}\n{\"text\": \"Jumps over the lazy dog.\"}\n";
+    let (ds, notes) = parse_noting(DatasetKind::Sft, corpus, "c.jsonl").unwrap();
+    let Dataset::Sft(rows) = ds else { panic!() };
+    assert_eq!(rows[0].text.as_deref(), Some("The quick brown fox."));
+    assert!(rows[0].messages.is_empty());
+    assert_eq!(notes, vec!["ignored column(s) herd does not use: id"]);
+    assert!(parse(DatasetKind::Sft, "{\"text\": \"  \"}", "e").is_err());
 }
 
 proptest! {

@@ -528,3 +528,31 @@ fn hyperparameters_are_validated_by_name() {
         .unwrap_err()
         .contains("`data`"));
 }
+
+/// SFT on a plain-text corpus: language modelling on every token (no chat
+/// format), and the loss falls.
+#[test]
+fn sft_on_plain_text_learns_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    let rows: String = (0..4)
+        .map(|i| format!("{{\"text\": \"the cat sat on the mat {i}\"}}\n"))
+        .collect();
+    std::fs::write(&corpus, rows).unwrap();
+    let r = run(
+        JobKind::Sft,
+        json!({"steps": 12, "lr": 3e-3, "batch_size": 4}),
+        0,
+        &[("model", &fixtures().join("ref")), ("data", &corpus)],
+        dir.path(),
+    );
+    r.summary.unwrap();
+    let loss = r.sink.series("loss");
+    assert!(
+        loss.last().unwrap() < &(loss[0] * 0.7),
+        "loss should fall on a repeated text: {loss:?}"
+    );
+    // Every text token is a target (24 characters a row, 4 rows a batch).
+    let tokens = r.sink.series("tokens");
+    assert!(tokens[0] >= 4.0 * 20.0, "{tokens:?}");
+}
