@@ -467,3 +467,84 @@ fn names_quiet_output_tables_and_artifacts() {
         "{err}"
     );
 }
+
+/// `examples/round.json` runs as written: a whole round (rm, rejection
+/// sampling, sft, dpo, averaging) with the experiment by name and the
+/// variables given on the command line; `herd kinds` describes each job.
+#[test]
+fn the_example_round_spec_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let hash = |args: &[&str]| {
+        let out = cli.raw(&[&["-q"], args].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let policy = hash(&["import", "model", f.join("policy").to_str().unwrap()]);
+    let prefs = hash(&[
+        "import",
+        "dataset",
+        f.join("preferences.jsonl").to_str().unwrap(),
+        "--kind",
+        "preference",
+    ]);
+    let prompts_file = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts_file,
+        "{\"prompt\": \"What is 2+3?\"}\n{\"prompt\": \"Name a colour.\"}\n",
+    )
+    .unwrap();
+    let prompts = hash(&[
+        "import",
+        "dataset",
+        prompts_file.to_str().unwrap(),
+        "--kind",
+        "prompts",
+    ]);
+    hash(&["experiment", "create", "my-experiment"]);
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/round.json");
+    let round = cli.json(&[
+        "round",
+        "submit",
+        spec.to_str().unwrap(),
+        "--var",
+        &format!("policy={policy}"),
+        "--var",
+        &format!("prefs={prefs}"),
+        "--var",
+        &format!("prompts={prompts}"),
+        "--wait",
+    ]);
+    let jobs = round["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 5, "{round}");
+    assert!(jobs.iter().all(|j| j["status"] == "succeeded"), "{round}");
+    // The round by EXPERIMENT/INDEX, a job by EXPERIMENT/ROUND/NAME.
+    assert_eq!(
+        cli.json(&["round", "show", "my-experiment/0"])["round"]["id"],
+        round["round"]["id"]
+    );
+    let dpo = cli.json(&["show", "my-experiment/0/dpo"]);
+    assert_eq!(dpo["kind"], "dpo");
+
+    let kinds = cli.json(&["kinds"]);
+    assert_eq!(kinds.as_array().unwrap().len(), 8);
+    let dpo_kind = cli.json(&["kinds", "dpo"]);
+    assert_eq!(dpo_kind[0]["hyperparameters"]["beta"], 0.1);
+    assert!(dpo_kind[0]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o["name"] == "reference_logps"));
+    let human = cli.raw(&["kinds", "sample"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("prompts (prompts)") && text.contains("data (sft)"),
+        "{text}"
+    );
+}

@@ -43,8 +43,8 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
 pub use herd_core::wire::{
     ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery,
-    JobReproduced, JobRequest, JobSubmitted, MetricSeries, Progress, Reproduction, RoundDetail,
-    RoundReproduced, RoundSubmitted, Verification, MAX_JOBS_PAGE,
+    JobReproduced, JobRequest, JobSubmitted, KindInfo, MetricSeries, Progress, Reproduction,
+    RoundDetail, RoundReproduced, RoundSubmitted, Verification, MAX_JOBS_PAGE,
 };
 
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
@@ -279,6 +279,11 @@ impl Client {
     /// An artifact and, for a dataset, its first `rows` rows.
     pub fn artifact(&self, hash: &str, rows: usize) -> Result<ArtifactDetail> {
         Self::typed(self.get(&format!("/artifacts/{}?rows={rows}", enc(hash)))?)
+    }
+
+    /// Every job kind: inputs, outputs, hyperparameters with defaults.
+    pub fn kinds(&self) -> Result<Vec<KindInfo>> {
+        Self::typed(self.get("/kinds")?)
     }
 
     pub fn submit(&self, req: &JobRequest) -> Result<JobSubmitted> {

@@ -157,6 +157,38 @@ pub struct Imported {
     pub summary: Value,
 }
 
+/// `GET /kinds`: what each job kind takes and makes, from the daemon's
+/// recipe registry (the same one that checks submissions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KindInfo {
+    pub kind: JobKind,
+    pub inputs: Vec<KindInput>,
+    /// For kinds that take any input names (average): at least this many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_least: Option<usize>,
+    pub outputs: Vec<KindOutput>,
+    /// Every hyperparameter with its default (anything else is refused).
+    pub hyperparameters: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KindInput {
+    pub name: String,
+    pub required: bool,
+    /// The artifact kinds this input accepts.
+    pub accepts: Vec<ArtifactKind>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KindOutput {
+    pub name: String,
+    /// Its artifact kind, or the input whose kind it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_as: Option<String>,
+}
+
 /// `GET /artifacts/{hash}`: the artifact and, for a dataset, its first rows
 /// (`?rows=N`, default 3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

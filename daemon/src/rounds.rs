@@ -1,15 +1,17 @@
-//! A round spec expands to a DAG of jobs.
+//! A round spec expands to a DAG of jobs. `examples/round.json` is a whole
+//! Llama 3 round (rm, rejection sampling, sft, dpo, averaging), run by a
+//! test; in short:
 //!
 //! ```json
 //! {"experiment": "<uuid>", "seed": 1,
-//!  "vars": {"prompts": "<hash>"},
-//!  "jobs": [{"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "sample.data"},
-//!            "hyperparameters": {"lr": 1e-5}}],
-//!  "final_policy": "average.checkpoint"}
+//!  "vars": {"prompts": "<hash>", "prefs": "<hash>"},
+//!  "jobs": [{"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "$prefs"}}],
+//!  "final_policy": "sft.checkpoint"}
 //! ```
 //! An input is `$var` (a round variable), `job.output` (the output of an
 //! earlier job of this round: a dependency), or a content hash. `$policy`
-//! defaults to the previous round's final policy.
+//! defaults to the previous round's final policy. (`herd round submit`
+//! also takes the experiment by name and `--var name=hash`.)
 
 use std::collections::BTreeMap;
 

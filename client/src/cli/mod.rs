@@ -182,6 +182,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// What each job kind takes, makes and its hyperparameters with
+    /// defaults. Example: herd kinds dpo
+    Kinds { kind: Option<JobKind> },
     /// Verify the store: the event hash chain and every blob.
     Verify,
     /// Daemon status: devices and job counts.
@@ -225,6 +228,12 @@ pub enum ImportWhat {
 pub enum RoundAction {
     Submit {
         spec: PathBuf,
+        /// Set a round variable: --var prefs=HASH (over the spec's `vars`)
+        #[arg(long = "var", value_parser = parse_kv)]
+        vars: Vec<(String, String)>,
+        /// The experiment (id or name), over the spec's
+        #[arg(long)]
+        experiment: Option<String>,
         #[arg(long)]
         wait: bool,
     },
@@ -374,11 +383,31 @@ pub fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Round { action } => match action {
-            RoundAction::Submit { spec, wait } => {
+            RoundAction::Submit {
+                spec,
+                vars,
+                experiment,
+                wait,
+            } => {
                 let text = crate::read_file(spec)?;
                 let mut spec_v: Value = serde_json::from_str(&text).map_err(|e| {
                     ClientError::Usage(format!("{}: not valid JSON: {e}", spec.display()))
                 })?;
+                if !spec_v.is_object() {
+                    return Err(ClientError::Usage(format!(
+                        "{}: a round spec is a JSON object (see examples/round.json)",
+                        spec.display()
+                    )));
+                }
+                if let Some(e) = experiment {
+                    spec_v["experiment"] = json!(e);
+                }
+                for (k, v) in vars {
+                    if !spec_v["vars"].is_object() {
+                        spec_v["vars"] = json!({});
+                    }
+                    spec_v["vars"][k] = json!(v);
+                }
                 // The spec may name its experiment.
                 if let Some(Value::String(e)) = spec_v.get("experiment").cloned() {
                     spec_v["experiment"] = json!(resolve::experiment(&c, &e)?);
@@ -487,6 +516,14 @@ pub fn run(cli: &Cli) -> Result<()> {
             reproduce(&c, &resolve::job_or_round(&c, id)?, *timeout, js)?
         }
         Command::Export { hash, to, force } => artifacts::export(&c, hash, to, *force, js)?,
+        Command::Kinds { kind } => {
+            let all: Vec<_> = c
+                .kinds()?
+                .into_iter()
+                .filter(|k| kind.is_none_or(|want| k.kind == want))
+                .collect();
+            print(js, &json!(all), || render::kinds(&all, kind.is_some()));
+        }
         Command::Verify => {
             let v = c.verify()?;
             print(js, &v, || {

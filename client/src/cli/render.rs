@@ -42,6 +42,58 @@ pub(super) fn job_row(j: &Job) -> String {
     )
 }
 
+/// Job kinds: one line each, or every detail of one.
+pub(super) fn kinds(all: &[crate::KindInfo], detail: bool) {
+    for k in all {
+        let inputs: Vec<String> = k
+            .inputs
+            .iter()
+            .map(|i| {
+                let accepts: Vec<&str> = i.accepts.iter().map(|a| a.as_str()).collect();
+                let opt = if i.required { "" } else { "?" };
+                format!("{}{opt} ({})", i.name, accepts.join("|"))
+            })
+            .chain(k.at_least.map(|n| format!("{n}+ named checkpoints")))
+            .collect();
+        let outputs: Vec<String> = k
+            .outputs
+            .iter()
+            .map(|o| match (&o.artifact, &o.same_as) {
+                (Some(a), _) => format!("{} ({})", o.name, a.as_str()),
+                (None, Some(i)) => format!("{} (kind of {i})", o.name),
+                _ => o.name.clone(),
+            })
+            .collect();
+        if !detail {
+            println!(
+                "{:<9} {} -> {}",
+                k.kind.as_str(),
+                inputs.join(", "),
+                if outputs.is_empty() {
+                    "metrics only".into()
+                } else {
+                    outputs.join(", ")
+                }
+            );
+            continue;
+        }
+        println!("{}", k.kind.as_str());
+        println!("  inputs:  {}", inputs.join(", "));
+        println!(
+            "  outputs: {}",
+            if outputs.is_empty() {
+                "none (metrics and a summary)".into()
+            } else {
+                outputs.join(", ")
+            }
+        );
+        println!("  hyperparameters (default):");
+        for (n, v) in k.hyperparameters.as_object().into_iter().flatten() {
+            println!("    {n:<24} {v}");
+        }
+    }
+}
+
 pub(super) fn print_round(r: &RoundDetail) {
     println!("round {} (index {})", r.round.id, r.round.index);
     for j in &r.jobs {

@@ -31,6 +31,7 @@ use herd_core::wire::{
 mod artifacts;
 mod experiments;
 mod jobs;
+mod kinds;
 mod record;
 mod rounds;
 mod runs;
@@ -179,6 +180,7 @@ pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallib
     routes.extend(rounds::routes(&ctx));
     routes.extend(runs::routes(&ctx));
     routes.extend(record::routes(&ctx));
+    routes.extend(kinds::routes(&ctx));
     // Boxed and folded one by one: warp's nested types otherwise overflow the compiler.
     let api = routes
         .into_iter()

@@ -16,7 +16,7 @@ mod dpo;
 mod eval;
 mod generation;
 mod inputs;
-mod recipe;
+pub mod recipe;
 mod rm;
 mod sample;
 mod sft;

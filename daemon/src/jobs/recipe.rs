@@ -141,6 +141,101 @@ pub fn output_kind(
     }
 }
 
+/// What a recipe takes and makes, for `GET /kinds` and `herd kinds`.
+pub fn describe(r: &dyn AnyRecipe) -> herd_core::wire::KindInfo {
+    use herd_core::wire::{KindInfo, KindInput, KindOutput};
+    let input = |name: &str, required| KindInput {
+        name: name.to_string(),
+        required,
+        accepts: r.accepts(name).to_vec(),
+    };
+    let (inputs, at_least) = match r.inputs() {
+        InputNames::Named { required, optional } => (
+            required
+                .iter()
+                .map(|n| input(n, true))
+                .chain(optional.iter().map(|n| input(n, false)))
+                .collect(),
+            None,
+        ),
+        InputNames::AtLeast(n) => (vec![], Some(n)),
+    };
+    KindInfo {
+        kind: r.kind(),
+        inputs,
+        at_least,
+        outputs: r
+            .outputs()
+            .iter()
+            .map(|(name, of)| KindOutput {
+                name: name.to_string(),
+                artifact: match of {
+                    OutputKind::Is(a) => Some(*a),
+                    OutputKind::SameAs(_) => None,
+                },
+                same_as: match of {
+                    OutputKind::SameAs(i) => Some(i.to_string()),
+                    OutputKind::Is(_) => None,
+                },
+            })
+            .collect(),
+        hyperparameters: r.default_hyperparameters(),
+    }
+}
+
+/// The job kinds as a Markdown table (API.md carries it; a test keeps it
+/// equal to the registry).
+pub fn kinds_markdown() -> String {
+    let mut out = String::from(
+        "| kind | inputs (artifact kinds accepted; ? optional) | outputs | hyperparameters (defaults) |\n|---|---|---|---|\n",
+    );
+    for r in RECIPES {
+        let k = describe(r);
+        let names = |kinds: &[ArtifactKind]| {
+            kinds
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join("\\|")
+        };
+        let mut inputs: Vec<String> = k
+            .inputs
+            .iter()
+            .map(|i| {
+                let opt = if i.required { "" } else { "?" };
+                format!("`{}`{opt} ({})", i.name, names(&i.accepts))
+            })
+            .collect();
+        if let Some(n) = k.at_least {
+            inputs.push(format!("{n} or more named checkpoints"));
+        }
+        let outputs: Vec<String> = k
+            .outputs
+            .iter()
+            .map(|o| match (&o.artifact, &o.same_as) {
+                (Some(a), _) => format!("`{}` ({})", o.name, a.as_str()),
+                (None, Some(i)) => format!("`{}` (the kind of `{i}`)", o.name),
+                (None, None) => format!("`{}`", o.name),
+            })
+            .collect();
+        let hp: Vec<String> = k
+            .hyperparameters
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        out += &format!(
+            "| `{}` | {} | {} | {} |\n",
+            k.kind.as_str(),
+            inputs.join(", "),
+            outputs.join(", "),
+            hp.join(", ")
+        );
+    }
+    out
+}
+
 /// The output names of a `kind` job.
 pub fn output_names(kind: JobKind) -> Vec<&'static str> {
     recipe(kind)
@@ -151,6 +246,27 @@ pub fn output_names(kind: JobKind) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// API.md's table of job kinds is the registry's (regenerate with
+    /// HERD_UPDATE_DOCS=1 cargo test -p herd-daemon kinds_table).
+    #[test]
+    fn api_md_kinds_table_matches_the_registry() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../API.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- kinds:begin -->\n", "<!-- kinds:end -->");
+        let a = doc.find(begin).expect("API.md has a kinds:begin marker") + begin.len();
+        let b = doc.find(end).expect("API.md has a kinds:end marker");
+        let table = kinds_markdown();
+        if std::env::var_os("HERD_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, format!("{}{table}{}", &doc[..a], &doc[b..])).unwrap();
+            return;
+        }
+        assert_eq!(
+            doc[a..b],
+            table,
+            "API.md's kinds table is stale: HERD_UPDATE_DOCS=1 cargo test -p herd-daemon api_md_kinds_table"
+        );
+    }
 
     #[test]
     fn every_recipe_kind_is_listed_once() {
