@@ -19,7 +19,7 @@ struct Cli {
     #[arg(long, env = "HERD_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Address to listen on (loopback by default).
-    #[arg(long, default_value = "127.0.0.1:7447")]
+    #[arg(long, env = "HERD_LISTEN", default_value = "127.0.0.1:7447")]
     listen: SocketAddr,
     /// Allow a non-loopback --listen address. The API is plain HTTP: put it
     /// behind TLS (an SSH tunnel or a reverse proxy) before it leaves the machine.

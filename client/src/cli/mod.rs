@@ -110,6 +110,9 @@ pub enum Command {
         /// Dataset rows to show
         #[arg(long, default_value_t = 3)]
         rows: usize,
+        /// Print only the hash of this output of the job (e.g. checkpoint)
+        #[arg(long)]
+        output: Option<String>,
     },
     /// List datasets and checkpoints. Example: herd artifacts --kind preference
     Artifacts {
@@ -458,8 +461,25 @@ pub fn run(cli: &Cli) -> Result<()> {
             let v = c.cancel(&resolve::job(&c, id)?.to_string())?;
             print(js, &v, || println!("cancelling {id}"));
         }
-        Command::Show { id, rows } if crate::BlobHash::is_valid(id) => {
+        Command::Show { id, rows, .. } if crate::BlobHash::is_valid(id) => {
             artifacts::show(&c, id, *rows, js)?
+        }
+        Command::Show {
+            id,
+            output: Some(name),
+            ..
+        } => {
+            let j = c.job(&resolve::job(&c, id)?.to_string())?;
+            let hash = j.outputs.get(name).ok_or_else(|| {
+                ClientError::Usage(format!(
+                    "job {} has no output {name:?} (it has: {})",
+                    j.id,
+                    j.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            print(js, &json!({"output": name, "hash": hash}), || {
+                println!("{hash}")
+            });
         }
         Command::Show { id, .. } => jobs::show(&c, &resolve::job(&c, id)?.to_string(), js)?,
         Command::History {
