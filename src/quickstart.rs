@@ -125,12 +125,22 @@ fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
     b
 }
 
-/// Wait for jobs, showing which one runs and its progress.
-fn wait_all(c: &Client, ids: &[String], pb: &ProgressBar) -> Result<Vec<herd_client::Job>> {
+/// Wait for jobs, showing which one runs and its progress: a bar on a
+/// terminal; `lines` (not quiet, not a terminal): a plain line per job as
+/// its state changes and every few seconds.
+fn wait_all(
+    c: &Client,
+    ids: &[String],
+    pb: &ProgressBar,
+    lines: &mut Option<herd_client::progress::Follow>,
+) -> Result<Vec<herd_client::Job>> {
     pb.set_length(ids.len() as u64);
     loop {
         let jobs: Vec<herd_client::Job> =
             ids.iter().map(|id| c.job(id)).collect::<Result<_, _>>()?;
+        if let Some(f) = lines {
+            jobs.iter().for_each(|j| f.update(j));
+        }
         let done = jobs.iter().filter(|j| j.is_final()).count();
         pb.set_position(done as u64);
         if let Some(j) = jobs.iter().find(|j| j.status == JobStatus::Running) {
@@ -289,6 +299,9 @@ fn drive(
     let heldout_h =
         hash_of(&c.import_dataset(&work.join("heldout.jsonl"), "prompts", "heldout-prompts")?)?;
 
+    // Off a terminal the bars draw nothing: print plain lines instead.
+    let mut lines = (!opts.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(herd_client::progress::Follow::plain);
     let pb = bar(opts.quiet, 2, "base model");
     let experiment: uuid::Uuid = exp.parse()?;
     let base_job = c
@@ -305,7 +318,9 @@ fn drive(
         })?
         .id
         .to_string();
-    let base = wait_all(&c, std::slice::from_ref(&base_job), &pb)?[0].outputs["checkpoint"].clone();
+    let base = wait_all(&c, std::slice::from_ref(&base_job), &pb, &mut lines)?[0].outputs
+        ["checkpoint"]
+        .clone();
     let eval_job = c
         .submit(&JobRequest {
             name: Some("base-eval".into()),
@@ -319,7 +334,7 @@ fn drive(
         })?
         .id
         .to_string();
-    let base_accuracy = wait_all(&c, &[base_job, eval_job.clone()], &pb)?[1]
+    let base_accuracy = wait_all(&c, &[base_job, eval_job.clone()], &pb, &mut lines)?[1]
         .metric("task_accuracy")
         .unwrap_or(0.0);
     pb.finish_with_message(format!("held-out accuracy {base_accuracy:.3}"));
@@ -341,7 +356,7 @@ fn drive(
         let ids: Vec<String> = sub.jobs.iter().map(|id| id.to_string()).collect();
         round_ids.push(sub.id.to_string());
         let pb = bar(opts.quiet, ids.len() as u64, &format!("round {r}"));
-        let jobs = wait_all(&c, &ids, &pb)?;
+        let jobs = wait_all(&c, &ids, &pb, &mut lines)?;
         let by = |n: &str| jobs.iter().find(|j| j.name == n);
         let eval = by("eval").context("round has no eval")?;
         let rm_summary = &by("rm").context("round has no rm")?.summary;
@@ -377,7 +392,7 @@ fn drive(
         .map(|p| (p.original.to_string(), p.reproduction.to_string()))
         .collect();
     let news: Vec<String> = pairs.iter().map(|p| p.1.clone()).collect();
-    let reproduced = wait_all(&c, &news, &pb)?;
+    let reproduced = wait_all(&c, &news, &pb, &mut lines)?;
     let mut identical = true;
     for ((orig, _), new) in pairs.iter().zip(&reproduced) {
         let o = c.job(orig)?;

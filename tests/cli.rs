@@ -325,6 +325,14 @@ fn names_quiet_output_tables_and_artifacts() {
     let b = submit("second", "2e-5");
     assert_eq!(a.lines().count(), 1, "-q --wait prints the id only: {a}");
     assert_eq!(cli.json(&["show", "names-exp/first"])["id"], a.as_str());
+    // Off a terminal, waiting prints plain progress lines on stderr.
+    let waited = cli.raw(&["wait", "names-exp/first"]);
+    let err = String::from_utf8_lossy(&waited.stderr);
+    assert!(
+        err.contains("sft first: succeeded, ") && err.contains("loss="),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&waited.stdout).contains(&a));
     fails(cli.raw(&["cancel", "nonsense"]), "is not a job");
     fails(
         cli.raw(&["show", "names-exp/third"]),

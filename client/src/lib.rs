@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod plot;
+pub mod progress;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -4,52 +4,41 @@
 
 use super::*;
 
+/// Follow one job, or every queued and running job, until they end; jobs
+/// that end stay as final lines. With `--json`, one JSON array per poll.
 pub(super) fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
-    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-    let multi = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:<24} [{bar:30}] {pos}/{len} {msg}")
-        .expect("template")
-        .progress_chars("=> ");
-    let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let mut show = crate::progress::Follow::new();
+    // Jobs seen so far: once one leaves the running list, its end is shown.
+    let mut seen: BTreeMap<String, bool> = BTreeMap::new();
     loop {
-        let jobs: Vec<Job> = match id {
+        let mut jobs: Vec<Job> = match id {
             Some(id) => vec![c.job(id)?],
-            None => c.jobs(&JobQuery {
-                status: Some(JobStatus::Running),
-                ..Default::default()
-            })?,
+            None => {
+                let mut live = vec![];
+                for status in [JobStatus::Running, JobStatus::Queued] {
+                    live.extend(c.jobs(&JobQuery {
+                        status: Some(status),
+                        ..Default::default()
+                    })?);
+                }
+                live
+            }
         };
+        for (gone, _) in seen.iter().filter(|(_, ended)| !**ended) {
+            if !jobs.iter().any(|j| j.id.to_string() == *gone) {
+                jobs.push(c.job(gone)?);
+            }
+        }
         if js {
             println!("{}", serde_json::to_string(&jobs).expect("json"));
         }
         for j in &jobs {
-            let bar = bars.entry(j.id.to_string()).or_insert_with(|| {
-                let b = multi.add(ProgressBar::new(1));
-                b.set_style(style.clone());
-                b.set_prefix(format!("{} {}", j.kind, short(&j.name)));
-                b
-            });
-            if let Some(p) = j.progress {
-                bar.set_length(p.total.max(1));
-                bar.set_position(p.done);
+            if !js {
+                show.update(j);
             }
-            let m: Vec<String> = j
-                .last_metrics
-                .iter()
-                .filter(|(k, _)| !["lr", "tokens"].contains(&k.as_str()))
-                .take(4)
-                .map(|(k, v)| format!("{k}={:.4}", v.1))
-                .collect();
-            bar.set_message(format!("{} {}", j.status, m.join(" ")));
-            if j.is_final() {
-                bar.finish();
-            }
+            seen.insert(j.id.to_string(), j.is_final());
         }
-        let done = match id {
-            Some(_) => jobs.iter().all(|j| j.is_final()),
-            None => jobs.is_empty(),
-        };
-        if done {
+        if jobs.iter().all(|j| j.is_final()) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -367,7 +367,14 @@ pub fn run(cli: &Cli) -> Result<()> {
                 if cli.quiet {
                     println!("{id}");
                 }
-                let j = c.wait(&id, Duration::from_secs(24 * 3600))?;
+                let mut show = crate::progress::Follow::new();
+                let j = crate::progress::wait_all(
+                    &c,
+                    &[id.clone()],
+                    Duration::from_secs(24 * 3600),
+                    &mut show,
+                )?
+                .remove(0);
                 if !cli.quiet {
                     print(js, &json!(j), || println!("{}", job_row(&j)));
                 }
@@ -420,9 +427,9 @@ pub fn run(cli: &Cli) -> Result<()> {
                     if cli.quiet {
                         println!("{}", v.id);
                     }
-                    for id in &v.jobs {
-                        c.wait(&id.to_string(), Duration::from_secs(24 * 3600))?;
-                    }
+                    let ids: Vec<String> = v.jobs.iter().map(|j| j.to_string()).collect();
+                    let mut show = crate::progress::Follow::new();
+                    crate::progress::wait_all(&c, &ids, Duration::from_secs(24 * 3600), &mut show)?;
                     let r = c.round(&v.id.to_string())?;
                     if !cli.quiet {
                         print(js, &r, || print_round(&r));
@@ -437,11 +444,13 @@ pub fn run(cli: &Cli) -> Result<()> {
             }
         },
         Command::Wait { ids, timeout } => {
-            let mut out = vec![];
-            for id in ids {
-                let id = resolve::job(&c, id)?.to_string();
-                out.push(c.wait(&id, Duration::from_secs(*timeout))?);
-            }
+            let ids = ids
+                .iter()
+                .map(|id| resolve::job(&c, id).map(|i| i.to_string()))
+                .collect::<Result<Vec<_>>>()?;
+            let mut show = crate::progress::Follow::new();
+            let out =
+                crate::progress::wait_all(&c, &ids, Duration::from_secs(*timeout), &mut show)?;
             print(js, &json!(out), || {
                 out.iter().for_each(|j| println!("{}", job_row(j)))
             });
