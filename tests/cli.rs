@@ -44,6 +44,11 @@ impl Cli<'_> {
     }
 }
 
+/// Whether an SVG has a text element saying exactly `t`.
+fn svg_text(svg: &str, t: &str) -> bool {
+    svg.contains(&format!(">{t}<")) || svg.contains(&format!(">\n{t}\n<"))
+}
+
 #[test]
 fn every_command_with_json_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -154,10 +159,17 @@ fn every_command_with_json_output() {
         "--out",
         svg_path.to_str().unwrap(),
     ]);
-    assert_eq!(plot["series"].as_array().unwrap().len(), 2);
+    assert_eq!(plot["metrics"].as_array().unwrap().len(), 2);
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("class=\"series\"").count(), 2);
+    assert!(
+        svg.matches("<polyline").count() >= 2,
+        "a line per metric panel"
+    );
+    assert!(
+        svg_text(&svg, "loss") && svg_text(&svg, "grad_norm"),
+        "a panel per metric"
+    );
     // Diff of two jobs: lr differs, inputs the same.
     let diff = cli.json(&["diff", id1, id2]);
     let rows = diff[0]["rows"].as_array().unwrap();
@@ -389,6 +401,45 @@ fn names_quiet_output_tables_and_artifacts() {
         cli.raw(&["history", "--columns", "name,bogus"]),
         "no column \"bogus\"",
     );
+    // Two jobs overlaid, a panel per metric, legend with their names; PNG too.
+    let svg_path = dir.path().join("both.svg");
+    text(cli.raw(&[
+        "plot",
+        "names-exp/first",
+        "names-exp/second",
+        "--metric",
+        "loss",
+        "--metric",
+        "lr",
+        "--out",
+        svg_path.to_str().unwrap(),
+    ]));
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(
+        svg_text(&svg, "first") && svg_text(&svg, "second"),
+        "legend names the jobs"
+    );
+    assert!(svg_text(&svg, "step"), "the x axis is labelled");
+    assert!(svg.matches("<polyline").count() >= 4, "2 jobs x 2 metrics");
+    let png_path = dir.path().join("both.png");
+    text(cli.raw(&[
+        "plot",
+        "names-exp/first",
+        "names-exp/second",
+        "--metric",
+        "loss",
+        "--out",
+        png_path.to_str().unwrap(),
+    ]));
+    let png = std::fs::read(&png_path).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    // Without --out, nothing is written: sparklines and a hint.
+    let spark = text(cli.raw(&["plot", "names-exp/first"]));
+    assert!(spark.contains("--out"), "{spark}");
     // History sorted by a metric, as the README says.
     let sorted = cli.json(&[
         "history",

@@ -186,50 +186,96 @@ pub(super) fn history_table(jobs: &[Job], columns: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Plot a job's metrics to an SVG file and print sparklines.
+/// Plot the metrics of one or more jobs: sparklines on the terminal, and
+/// with `out` an SVG or PNG with one panel per metric and a line per job.
 pub(super) fn plot(
     c: &Client,
-    id: &str,
+    ids: &[String],
     metrics: &[String],
     out: Option<&PathBuf>,
     js: bool,
 ) -> Result<()> {
+    use crate::plot::{Curve, Panel};
     let names: Vec<&str> = metrics.iter().map(|s| s.as_str()).collect();
-    let series = c.metrics(id, &names)?;
-    if series.is_empty() {
-        return Err(ClientError::Usage(format!(
-            "job {id} has no metrics{}",
-            if names.is_empty() {
-                String::new()
-            } else {
-                format!(" named {}", names.join(", "))
-            }
-        )));
-    }
-    let list: Vec<(String, Vec<(u64, f64)>)> = series.into_iter().collect();
-    let path = out
-        .cloned()
-        .unwrap_or_else(|| PathBuf::from(format!("{}.svg", short(id))));
-    std::fs::write(&path, crate::plot::svg(&format!("job {id}"), &list)).map_err(|e| {
-        ClientError::Io {
-            path: path.display().to_string(),
-            source: e,
+    let mut jobs = vec![];
+    for id in ids {
+        let j = c.job(id)?;
+        let series = c.metrics(id, &names)?;
+        if series.is_empty() {
+            return Err(ClientError::Usage(format!(
+                "job {} ({}) has no metrics{}",
+                j.name,
+                j.id,
+                if names.is_empty() {
+                    String::new()
+                } else {
+                    format!(" named {}", names.join(", "))
+                }
+            )));
         }
-    })?;
-    print(
-        js,
-        &json!({"file": path, "series": list.iter().map(|s| &s.0).collect::<Vec<_>>()}),
-        || {
-            for (n, pts) in &list {
-                let vals: Vec<f64> = pts.iter().map(|p| p.1).collect();
+        jobs.push((j, series));
+    }
+    // A label per job: its name, with its id's start where names repeat.
+    let label = |j: &Job| {
+        if jobs.iter().filter(|(o, _)| o.name == j.name).count() > 1 {
+            format!("{} ({})", j.name, short(&j.id.to_string()))
+        } else {
+            j.name.clone()
+        }
+    };
+    let metric_names: BTreeSet<String> = if names.is_empty() {
+        jobs.iter().flat_map(|(_, s)| s.keys().cloned()).collect()
+    } else {
+        names.iter().map(|n| n.to_string()).collect()
+    };
+    let panels: Vec<Panel> = metric_names
+        .iter()
+        .map(|m| Panel {
+            metric: m.clone(),
+            curves: jobs
+                .iter()
+                .filter_map(|(j, s)| {
+                    s.get(m).map(|pts| Curve {
+                        label: label(j),
+                        points: pts.clone(),
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    let title = format!(
+        "{}: {}",
+        metric_names.iter().cloned().collect::<Vec<_>>().join(", "),
+        jobs.iter()
+            .map(|(j, _)| label(j))
+            .collect::<Vec<_>>()
+            .join(" vs ")
+    );
+    if let Some(path) = out {
+        crate::plot::draw(path, &title, &panels).map_err(ClientError::Usage)?;
+    }
+    let summary = json!({
+        "file": out,
+        "metrics": metric_names,
+        "jobs": jobs.iter().map(|(j, _)| j.id).collect::<Vec<_>>(),
+    });
+    print(js, &summary, || {
+        for p in &panels {
+            for c in &p.curves {
+                let vals: Vec<f64> = c.points.iter().map(|p| p.1).collect();
                 println!(
-                    "{n:<18} {} last={}",
-                    crate::plot::sparkline(&vals, 60),
+                    "{:<14} {:<18} {} last={}",
+                    p.metric,
+                    c.label.chars().take(18).collect::<String>(),
+                    crate::plot::sparkline(&vals, 50),
                     vals.last().copied().map_or("-".into(), num)
                 );
             }
-            println!("wrote {}", path.display());
-        },
-    );
+        }
+        match out {
+            Some(path) => println!("wrote {}", path.display()),
+            None => println!("(--out FILE.svg or FILE.png draws one panel per metric)"),
+        }
+    });
     Ok(())
 }

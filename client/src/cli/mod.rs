@@ -158,10 +158,12 @@ pub enum Command {
     Lineage { hash: String },
     /// Live progress of running jobs (or one job) until they end.
     Watch { id: Option<String> },
-    /// Plot metrics of a job to an SVG file and print sparklines.
-    /// Example: herd plot JOB --metric loss --metric grad_norm --out loss.svg
+    /// Plot metrics of one or more jobs: sparklines here, and with --out an
+    /// SVG or PNG, one panel per metric, a line per job.
+    /// Example: herd plot my-exp/0/sft my-exp/1/sft --metric loss --out loss.png
     Plot {
-        id: String,
+        #[arg(required = true)]
+        ids: Vec<String>,
         #[arg(long = "metric")]
         metrics: Vec<String>,
         #[arg(long)]
@@ -530,13 +532,13 @@ pub fn run(cli: &Cli) -> Result<()> {
             let id = id.as_deref().map(|i| resolve::job(&c, i)).transpose()?;
             watch(&c, id.map(|i| i.to_string()).as_deref(), js)?
         }
-        Command::Plot { id, metrics, out } => jobs::plot(
-            &c,
-            &resolve::job(&c, id)?.to_string(),
-            metrics,
-            out.as_ref(),
-            js,
-        )?,
+        Command::Plot { ids, metrics, out } => {
+            let ids = ids
+                .iter()
+                .map(|id| resolve::job(&c, id).map(|i| i.to_string()))
+                .collect::<Result<Vec<_>>>()?;
+            jobs::plot(&c, &ids, metrics, out.as_ref(), js)?
+        }
         Command::Diff { a, b } => {
             let (a, b) = (resolve::job_or_round(&c, a)?, resolve::job_or_round(&c, b)?);
             diff(&c, &a, &b, js)?
