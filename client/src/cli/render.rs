@@ -168,3 +168,26 @@ pub(super) fn duration(ms: u64) -> String {
         _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_as_people_write_them() {
+        assert_eq!(num(1.0), "1");
+        assert_eq!(num(0.1), "0.1");
+        assert_eq!(num(0.1 + 0.2), "0.3");
+        assert_eq!(num(1e-5), "1e-5");
+        assert_eq!(num(2.5e-5), "2.5e-5");
+        assert_eq!(num(0.4375), "0.4375");
+        assert_eq!(num(5.83391), "5.8339");
+        assert_eq!(num(f64::NAN), "NaN");
+        assert!(same(&json!(1), &json!(1.0)));
+        assert!(!same(&json!(1), &json!(1.5)));
+        assert!(!same(&json!("1"), &json!(1)));
+        assert_eq!(duration(65_000), "1m05s");
+        assert_eq!(time_of(0), "01-01 00:00");
+        assert_eq!(time_of(1_796_000_000_000), "11-30 00:53");
+    }
+}
