@@ -23,7 +23,7 @@ done
 tmux new-session -d -s herdwatch -x 120 -y 8 \
   "HERD_SERVER=$HERD_SERVER HERD_DATA_DIR=$HERD_DATA_DIR $BIN/herd watch; sleep 60"
 sleep ${CAPTURE_AFTER:-6}
-tmux capture-pane -p -t herdwatch | sed -e 's/[[:space:]]*$//' | sed -e '/./,$!d' > docs/watch.txt
+tmux capture-pane -p -t herdwatch | sed -e "s/[[:space:]]*$//" | sed -e "/./,\$!d" -e :a -e "/^\n*$/{\$d;N;ba" -e "}" > docs/watch.txt
 "$BIN/herd" wait demo/sft-lr1e-4 demo/sft-lr3e-4 demo/dpo 2>/dev/null >/dev/null
 "$BIN/herd" plot demo/sft-lr1e-4 demo/sft-lr3e-4 --metric loss --metric grad_norm --out docs/overlay.png
 cat docs/watch.txt
