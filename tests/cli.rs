@@ -471,6 +471,33 @@ fn names_quiet_output_tables_and_artifacts() {
         "{err}"
     );
 
+    // Parquet as the hub serves it: UltraFeedback-binarized rows.
+    let uf = f.join("../parquet/ultrafeedback.parquet");
+    let imported = cli.json(&[
+        "import",
+        "dataset",
+        uf.to_str().unwrap(),
+        "--kind",
+        "preference",
+    ]);
+    assert_eq!(imported["summary"]["rows"], 3, "{imported}");
+    assert!(
+        imported["summary"]["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("prompt_id, score_chosen"),
+        "{imported}"
+    );
+    let corpus = f.join("../parquet/corpus.parquet");
+    let imported = cli.json(&[
+        "import",
+        "dataset",
+        corpus.to_str().unwrap(),
+        "--kind",
+        "sft",
+    ]);
+    assert_eq!(imported["summary"]["text_rows"], 2, "{imported}");
+
     // Status for people.
     let status = text(cli.raw(&["status"]));
     assert!(

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod cli;
+pub mod parquet;
 pub mod plot;
 pub mod progress;
 
@@ -229,12 +230,16 @@ impl Client {
         Self::json(self.handle(resp)?)
     }
 
-    /// Import a JSONL dataset of `kind` (preference, sft, prompts).
+    /// Import a dataset of `kind` (preference, sft, prompts) from a JSONL
+    /// file, or a Parquet file (read here into the same JSONL rows).
     pub fn import_dataset(&self, path: &Path, kind: &str, name: &str) -> Result<Imported> {
-        Self::typed(self.upload(
-            path,
-            &format!("/datasets?kind={}&name={}", enc(kind), enc(name)),
-        )?)
+        let route = format!("/datasets?kind={}&name={}", enc(kind), enc(name));
+        if crate::parquet::is_parquet(path) {
+            let jsonl = crate::parquet::to_jsonl(path)?;
+            let resp = self.req("POST", &route).send_bytes(&jsonl);
+            return Self::typed(Self::json(self.handle(resp)?)?);
+        }
+        Self::typed(self.upload(path, &route)?)
     }
 
     /// Import a Hugging Face model directory (every regular file in it).
