@@ -242,6 +242,14 @@ fn errors_are_one_clear_line() {
         cli.raw(&["show", "01a22000-0000-7000-8000-000000000000"]),
         "no job",
     );
+    // The user's own path in the error, not the daemon's.
+    let half = dir.path().join("half-model");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("config.json"), "{}").unwrap();
+    one_line(
+        cli.raw(&["import", "model", half.to_str().unwrap()]),
+        &format!("{}: a checkpoint needs tokenizer.json", half.display()),
+    );
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{nope").unwrap();
     one_line(

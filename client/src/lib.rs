@@ -268,7 +268,21 @@ impl Client {
             let info: BlobStored = Self::typed(self.upload_file(&p)?)?;
             files.insert(fname, Value::String(info.id));
         }
-        Self::typed(self.post("/checkpoints", &json!({"name": name, "files": files}))?)
+        // The daemon judges the files it was sent; say which directory.
+        let recorded = self
+            .post("/checkpoints", &json!({"name": name, "files": files}))
+            .map_err(|e| match e {
+                ClientError::Api { status, message } => ClientError::Api {
+                    status,
+                    message: format!(
+                        "{}: {}",
+                        dir.display(),
+                        message.trim_start_matches("field `files`: ")
+                    ),
+                },
+                other => other,
+            })?;
+        Self::typed(recorded)
     }
 
     pub fn artifacts(&self, q: &ArtifactQuery) -> Result<Vec<ArtifactView>> {
