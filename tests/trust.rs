@@ -404,15 +404,13 @@ fn bytes_are_verified_where_they_are_used() {
     );
     // A corrupt blob is never served as a success, and the client keeps no bad file.
     let ckpt_tree = c.tree(&first).unwrap();
-    let weights = ckpt_tree["files"]
-        .as_array()
-        .unwrap()
+    let weights = ckpt_tree
+        .files
         .iter()
-        .find(|f| f["name"] == "model.safetensors")
-        .unwrap()["blob"]
-        .as_str()
+        .find(|f| f.name == "model.safetensors")
         .unwrap()
-        .to_string();
+        .blob
+        .clone();
     flip_byte(&blob_path(data, &weights), 100);
     let mut sink = Vec::new();
     assert!(c.download(&weights, &mut sink).is_err());

@@ -46,7 +46,7 @@ pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, R
 pub use herd_core::wire::{
     ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery,
     JobReproduced, JobRequest, JobSubmitted, KindInfo, MetricSeries, Progress, Reproduction,
-    RoundDetail, RoundReproduced, RoundSubmitted, Verification, MAX_JOBS_PAGE,
+    RoundDetail, RoundReproduced, RoundSubmitted, TreeListing, Verification, MAX_JOBS_PAGE,
 };
 
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
@@ -410,7 +410,7 @@ impl Client {
             "/runs",
             &json!({"name": name, "experiment": experiment, "hyperparameters": hyperparameters}),
         )?;
-        Ok(v["id"].as_str().unwrap_or_default().to_string())
+        Ok(Self::typed::<Created>(v)?.id.to_string())
     }
 
     /// Log metric points `(step, name, value)` to an open run.
@@ -443,8 +443,8 @@ impl Client {
         Self::typed(self.get(&format!("/lineage/{}", enc(hash)))?)
     }
 
-    pub fn tree(&self, hash: &str) -> Result<Value> {
-        self.get(&format!("/trees/{}", enc(hash)))
+    pub fn tree(&self, hash: &str) -> Result<TreeListing> {
+        Self::typed(self.get(&format!("/trees/{}", enc(hash)))?)
     }
 
     /// Stream a blob into `out`; the daemon verifies it as it sends.
@@ -492,8 +492,8 @@ impl Client {
         };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let mut names = vec![];
-        for f in tree["files"].as_array().cloned().unwrap_or_default() {
-            let name = f["name"].as_str().unwrap_or_default().to_string();
+        for f in tree.files {
+            let name = f.name;
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
                 return Err(ClientError::Decode(format!(
                     "unsafe file name {name:?} in tree {hash}"
@@ -503,7 +503,7 @@ impl Client {
             let partial = dir.join(format!(".{name}.partial"));
             let mut out = std::fs::File::create(&partial).map_err(|e| io(&partial, e))?;
             let written = self
-                .download(f["blob"].as_str().unwrap_or_default(), &mut out)
+                .download(&f.blob, &mut out)
                 .and_then(|_| out.sync_all().map_err(|e| io(&partial, e)))
                 .and_then(|_| std::fs::rename(&partial, &path).map_err(|e| io(&path, e)));
             if let Err(e) = written {

@@ -189,6 +189,20 @@ pub struct KindOutput {
     pub same_as: Option<String>,
 }
 
+/// `GET /trees/{hash}`: a stored directory (a checkpoint's files).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeListing {
+    pub herd_tree: u32,
+    pub files: Vec<TreeFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeFile {
+    pub name: String,
+    pub blob: String,
+    pub size: u64,
+}
+
 /// `GET /artifacts/{hash}`: the artifact and, for a dataset, its first rows
 /// (`?rows=N`, default 3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 mod artifacts;
 mod compare;
+mod experiments;
 mod jobs;
 mod render;
 mod resolve;
@@ -287,32 +288,7 @@ pub fn run(cli: &Cli) -> Result<()> {
     let js = cli.json;
     match &cli.command {
         Command::Completions { .. } => unreachable!(),
-        Command::Experiment { action } => match action {
-            ExperimentAction::Create { name, description } => {
-                let id = c.create_experiment(name, description)?;
-                print(js, &json!({"id": id}), || println!("{id}"));
-            }
-            ExperimentAction::List => {
-                let v = c.experiments()?;
-                print(js, &v, || {
-                    for e in &v {
-                        println!(
-                            "{}  {:<24} rounds={} jobs={}",
-                            e.id,
-                            e.name,
-                            e.rounds.len(),
-                            e.jobs.len()
-                        );
-                    }
-                });
-            }
-            ExperimentAction::Show { id } => {
-                let v = c.experiment(id)?;
-                print(js, &v, || {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
-                });
-            }
-        },
+        Command::Experiment { action } => experiments::experiment(&c, action, js)?,
         Command::Import { what } => artifacts::import(&c, what, js, cli.quiet)?,
         Command::Artifacts {
             kind,
@@ -394,57 +370,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                 print(js, &json!(v), || println!("{id}"));
             }
         }
-        Command::Round { action } => match action {
-            RoundAction::Submit {
-                spec,
-                vars,
-                experiment,
-                wait,
-            } => {
-                let text = crate::read_file(spec)?;
-                let mut spec_v: Value = serde_json::from_str(&text).map_err(|e| {
-                    ClientError::Usage(format!("{}: not valid JSON: {e}", spec.display()))
-                })?;
-                if !spec_v.is_object() {
-                    return Err(ClientError::Usage(format!(
-                        "{}: a round spec is a JSON object (see examples/round.json)",
-                        spec.display()
-                    )));
-                }
-                if let Some(e) = experiment {
-                    spec_v["experiment"] = json!(e);
-                }
-                for (k, v) in vars {
-                    if !spec_v["vars"].is_object() {
-                        spec_v["vars"] = json!({});
-                    }
-                    spec_v["vars"][k] = json!(v);
-                }
-                // The spec may name its experiment.
-                if let Some(Value::String(e)) = spec_v.get("experiment").cloned() {
-                    spec_v["experiment"] = json!(resolve::experiment(&c, &e)?);
-                }
-                let v = c.submit_round(&spec_v)?;
-                if *wait {
-                    if cli.quiet {
-                        println!("{}", v.id);
-                    }
-                    let ids: Vec<String> = v.jobs.iter().map(|j| j.to_string()).collect();
-                    let mut show = crate::progress::Follow::new();
-                    crate::progress::wait_all(&c, &ids, Duration::from_secs(24 * 3600), &mut show)?;
-                    let r = c.round(&v.id.to_string())?;
-                    if !cli.quiet {
-                        print(js, &r, || print_round(&r));
-                    }
-                } else {
-                    print(js, &v, || println!("{}", v.id));
-                }
-            }
-            RoundAction::Show { id } => {
-                let r = c.round(&resolve::round(&c, id)?.to_string())?;
-                print(js, &r, || print_round(&r));
-            }
-        },
+        Command::Round { action } => experiments::round(&c, action, js, cli.quiet)?,
         Command::Wait { ids, timeout } => {
             let ids = ids
                 .iter()

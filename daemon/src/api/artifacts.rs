@@ -204,7 +204,18 @@ async fn get_tree(hash: String, ctx: Ctx) -> Res {
         .await
         .map_err(internal)?
         .map_err(|e| not_found(e.to_string()))?;
-    ok(json!(tree))
+    reply_json(&TreeListing {
+        herd_tree: tree.herd_tree,
+        files: tree
+            .files
+            .into_iter()
+            .map(|f| TreeFile {
+                name: f.name,
+                blob: f.blob.to_string(),
+                size: f.size,
+            })
+            .collect(),
+    })
 }
 
 #[derive(Deserialize)]

@@ -25,7 +25,7 @@ use crate::state::State;
 use herd_core::wire::{
     ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery,
     JobReproduced, JobRequest, MetricSeries, Reproduction, RoundReproduced, RoundSubmitted,
-    Verification, MAX_JOBS_PAGE,
+    TreeFile, TreeListing, Verification, MAX_JOBS_PAGE,
 };
 
 mod artifacts;
