@@ -630,6 +630,8 @@ fn the_example_round_spec_runs() {
     assert_eq!(kinds.as_array().unwrap().len(), 8);
     let dpo_kind = cli.json(&["kinds", "dpo"]);
     assert_eq!(dpo_kind[0]["hyperparameters"]["beta"], 0.1);
+    assert_eq!(dpo_kind[0]["ranges"]["beta"], "(0, ∞)");
+    assert_eq!(dpo_kind[0]["ranges"]["batch_size"], "[1, 4096]");
     assert!(dpo_kind[0]["outputs"]
         .as_array()
         .unwrap()

@@ -169,6 +169,9 @@ pub struct KindInfo {
     pub outputs: Vec<KindOutput>,
     /// Every hyperparameter with its default (anything else is refused).
     pub hyperparameters: Value,
+    /// The accepted interval of each numeric one that has one: `[1, 4096]`.
+    #[serde(default)]
+    pub ranges: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

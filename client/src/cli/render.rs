@@ -89,7 +89,8 @@ pub(super) fn kinds(all: &[crate::KindInfo], detail: bool) {
         );
         println!("  hyperparameters (default):");
         for (n, v) in k.hyperparameters.as_object().into_iter().flatten() {
-            println!("    {n:<24} {v}");
+            let range = k.ranges.get(n).map_or("", |r| r.as_str());
+            println!("    {n:<24} {:<12} {range}", v.to_string());
         }
     }
 }

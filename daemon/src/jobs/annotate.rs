@@ -41,6 +41,9 @@ impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         self.gen.validate()
     }
+    fn bounds() -> Vec<super::Bound> {
+        GenParams::bounds()
+    }
 }
 
 /// Rank two responses to a checkable prompt: (better, worse, strength), or

@@ -61,6 +61,16 @@ impl Validate for Params {
         }
         Ok(())
     }
+    fn bounds() -> Vec<super::Bound> {
+        [
+            "apology_max_share",
+            "dedup_threshold",
+            "similar_response_threshold",
+            "quality_top_fraction",
+        ]
+        .map(|n| super::Bound::closed(n, 0.0, 1.0))
+        .into()
+    }
 }
 
 const APOLOGIES: [&str; 5] = [

@@ -49,6 +49,12 @@ impl Validate for Params {
         }
         Ok(())
     }
+    fn bounds() -> Vec<super::Bound> {
+        let mut b = TrainParams::bounds();
+        b.push(super::Bound::at_least("beta", 0.0, false));
+        b.push(super::Bound::at_least("nll_weight", 0.0, true));
+        b
+    }
 }
 
 /// The `dpo` recipe.

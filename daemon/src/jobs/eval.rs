@@ -38,6 +38,14 @@ impl Validate for Params {
         in_range("max_seq_len", self.max_seq_len, 2, MAX_SEQ_LEN)?;
         Ok(())
     }
+    fn bounds() -> Vec<super::Bound> {
+        use super::{limits::*, Bound};
+        vec![
+            Bound::closed("max_new_tokens", 1.0, MAX_NEW_TOKENS as f64),
+            Bound::closed("batch_size", 1.0, MAX_BATCH as f64),
+            Bound::closed("max_seq_len", 2.0, MAX_SEQ_LEN as f64),
+        ]
+    }
 }
 
 /// The `eval` recipe.

@@ -31,6 +31,23 @@ impl Default for GenParams {
 }
 
 impl GenParams {
+    /// What `validate` enforces (see `Bound`).
+    pub fn bounds() -> Vec<super::Bound> {
+        use super::Bound;
+        vec![
+            Bound::closed("temperature", 0.0, 100.0),
+            Bound {
+                name: "top_p",
+                min: 0.0,
+                min_inclusive: false,
+                max: Some(1.0),
+                max_inclusive: true,
+            },
+            Bound::closed("max_new_tokens", 1.0, limits::MAX_NEW_TOKENS as f64),
+            Bound::closed("batch_size", 1.0, limits::MAX_BATCH as f64),
+        ]
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite())
             || !(self.top_p > 0.0 && self.top_p <= 1.0)

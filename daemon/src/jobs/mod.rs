@@ -125,6 +125,70 @@ pub fn annotator_rank(a: &str, b: &str, answer: &str) -> Option<(usize, crate::d
 /// Range checks beyond types.
 pub trait Validate {
     fn validate(&self) -> Result<(), String>;
+    /// The numeric ranges `validate` enforces, for `herd kinds` (a test
+    /// holds each against `validate` at both ends).
+    fn bounds() -> Vec<Bound>
+    where
+        Self: Sized,
+    {
+        vec![]
+    }
+}
+
+/// A hyperparameter's accepted interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bound {
+    pub name: &'static str,
+    pub min: f64,
+    /// Whether `min` itself is accepted.
+    pub min_inclusive: bool,
+    /// None: no upper bound.
+    pub max: Option<f64>,
+    pub max_inclusive: bool,
+}
+
+impl Bound {
+    /// `[min, max]`.
+    pub const fn closed(name: &'static str, min: f64, max: f64) -> Self {
+        Bound {
+            name,
+            min,
+            min_inclusive: true,
+            max: Some(max),
+            max_inclusive: true,
+        }
+    }
+    /// `[min, ∞)`, or `(min, ∞)` when not `inclusive`.
+    pub const fn at_least(name: &'static str, min: f64, inclusive: bool) -> Self {
+        Bound {
+            name,
+            min,
+            min_inclusive: inclusive,
+            max: None,
+            max_inclusive: false,
+        }
+    }
+    /// As people read intervals: `[1, 4096]`, `(0, ∞)`, `[0, 0.9)`.
+    pub fn text(&self) -> String {
+        let n = |x: f64| {
+            if x == x.trunc() && x.abs() < 1e15 {
+                format!("{}", x as i64)
+            } else {
+                format!("{x}")
+            }
+        };
+        format!(
+            "{}{}, {}{}",
+            if self.min_inclusive { "[" } else { "(" },
+            n(self.min),
+            self.max.map_or("∞".to_string(), n),
+            if self.max.is_some() && self.max_inclusive {
+                "]"
+            } else {
+                ")"
+            }
+        )
+    }
 }
 
 /// Check the input names of a job before it is queued.

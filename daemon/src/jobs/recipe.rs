@@ -62,6 +62,8 @@ pub trait AnyRecipe: Sync {
     fn outputs(&self) -> &'static [(&'static str, OutputKind)];
     fn accepts(&self, input: &str) -> &'static [ArtifactKind];
     fn default_hyperparameters(&self) -> Value;
+    /// The numeric ranges checked at submit.
+    fn bounds(&self) -> Vec<super::Bound>;
     /// Parse and validate a full hyperparameter set.
     fn check(&self, hyperparameters: &Value) -> Result<(), String>;
     /// Parse the (already checked) hyperparameters and run.
@@ -85,6 +87,9 @@ impl<R: Recipe> AnyRecipe for Erased<R> {
     }
     fn default_hyperparameters(&self) -> Value {
         serde_json::to_value(R::Params::default()).expect("params serialize")
+    }
+    fn bounds(&self) -> Vec<super::Bound> {
+        R::Params::bounds()
     }
     fn check(&self, hyperparameters: &Value) -> Result<(), String> {
         parse::<R::Params>(hyperparameters).map(drop)
@@ -180,6 +185,11 @@ pub fn describe(r: &dyn AnyRecipe) -> herd_core::wire::KindInfo {
             })
             .collect(),
         hyperparameters: r.default_hyperparameters(),
+        ranges: r
+            .bounds()
+            .iter()
+            .map(|b| (b.name.to_string(), b.text()))
+            .collect(),
     }
 }
 
@@ -187,7 +197,7 @@ pub fn describe(r: &dyn AnyRecipe) -> herd_core::wire::KindInfo {
 /// equal to the registry).
 pub fn kinds_markdown() -> String {
     let mut out = String::from(
-        "| kind | inputs (artifact kinds accepted; ? optional) | outputs | hyperparameters (defaults) |\n|---|---|---|---|\n",
+        "| kind | inputs (artifact kinds accepted; ? optional) | outputs | hyperparameters (default, accepted range) |\n|---|---|---|---|\n",
     );
     for r in RECIPES {
         let k = describe(r);
@@ -223,7 +233,10 @@ pub fn kinds_markdown() -> String {
             .as_object()
             .into_iter()
             .flatten()
-            .map(|(n, v)| format!("{n}={v}"))
+            .map(|(n, v)| match k.ranges.get(n) {
+                Some(r) => format!("{n}={v} {r}"),
+                None => format!("{n}={v}"),
+            })
             .collect();
         out += &format!(
             "| `{}` | {} | {} | {} |\n",
@@ -266,6 +279,73 @@ mod tests {
             table,
             "API.md's kinds table is stale: HERD_UPDATE_DOCS=1 cargo test -p herd-daemon api_md_kinds_table"
         );
+    }
+
+    /// Each listed range is what `check` enforces: the ends it includes are
+    /// accepted, just past each end is refused (over the defaults).
+    #[test]
+    fn listed_ranges_are_the_enforced_ones() {
+        for r in RECIPES {
+            let defaults = r.default_hyperparameters();
+            let with = |name: &str, x: f64| {
+                let mut hp = defaults.clone();
+                hp[name] = if defaults[name].is_u64() || defaults[name].is_i64() {
+                    if x < 0.0 {
+                        serde_json::json!(x as i64)
+                    } else {
+                        serde_json::json!(x as u64)
+                    }
+                } else {
+                    serde_json::json!(x)
+                };
+                r.check(&hp)
+            };
+            for b in r.bounds() {
+                let what = format!("{} {} {}", r.kind(), b.name, b.text());
+                assert!(
+                    defaults.get(b.name).is_some(),
+                    "{what}: no such hyperparameter"
+                );
+                let step = if defaults[b.name].is_u64() {
+                    1.0
+                } else {
+                    1e-9_f64.max(b.min.abs() * 1e-9)
+                };
+                if b.min_inclusive {
+                    assert!(with(b.name, b.min).is_ok(), "{what}: min refused");
+                    assert!(
+                        with(b.name, b.min - step).is_err(),
+                        "{what}: below min accepted"
+                    );
+                } else {
+                    assert!(with(b.name, b.min).is_err(), "{what}: open min accepted");
+                    assert!(
+                        with(b.name, b.min + step).is_ok(),
+                        "{what}: just above min refused"
+                    );
+                }
+                if let Some(max) = b.max {
+                    let step = if defaults[b.name].is_u64() {
+                        1.0
+                    } else {
+                        1e-9_f64.max(max.abs() * 1e-9)
+                    };
+                    if b.max_inclusive {
+                        assert!(with(b.name, max).is_ok(), "{what}: max refused");
+                    } else {
+                        assert!(with(b.name, max).is_err(), "{what}: open max accepted");
+                        assert!(
+                            with(b.name, max - step).is_ok(),
+                            "{what}: just below max refused"
+                        );
+                    }
+                    assert!(
+                        with(b.name, max + step).is_err(),
+                        "{what}: above max accepted"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -50,6 +50,18 @@ impl Validate for Params {
         }
         Ok(())
     }
+    fn bounds() -> Vec<super::Bound> {
+        let mut b = TrainParams::bounds();
+        b.push(super::Bound::closed("similarity_threshold", 0.0, 1.0));
+        b.push(super::Bound {
+            name: "heldout_fraction",
+            min: 0.0,
+            min_inclusive: true,
+            max: Some(0.9),
+            max_inclusive: false,
+        });
+        b
+    }
 }
 
 /// The `rm` recipe.

@@ -41,6 +41,15 @@ impl Validate for Params {
         super::in_range("k", self.k, 2, super::limits::MAX_SAMPLES_PER_PROMPT)?;
         self.gen.validate()
     }
+    fn bounds() -> Vec<super::Bound> {
+        let mut b = GenParams::bounds();
+        b.push(super::Bound::closed(
+            "k",
+            2.0,
+            super::limits::MAX_SAMPLES_PER_PROMPT as f64,
+        ));
+        b
+    }
 }
 
 fn stats(xs: &[f64]) -> Value {

@@ -25,6 +25,9 @@ impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         self.train.validate()
     }
+    fn bounds() -> Vec<super::Bound> {
+        TrainParams::bounds()
+    }
 }
 
 /// The `sft` recipe.

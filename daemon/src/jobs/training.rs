@@ -80,6 +80,30 @@ pub fn in_range<T: PartialOrd + std::fmt::Display>(
 }
 
 impl TrainParams {
+    /// What `validate` enforces, field by field (see `Bound`).
+    pub fn bounds() -> Vec<super::Bound> {
+        use super::Bound;
+        use limits::*;
+        vec![
+            Bound::at_least("lr", 0.0, false),
+            Bound::closed("steps", 0.0, MAX_STEPS as f64),
+            Bound::closed("warmup_steps", 0.0, MAX_STEPS as f64),
+            Bound {
+                name: "epochs",
+                min: 0.0,
+                min_inclusive: false,
+                max: Some(MAX_EPOCHS),
+                max_inclusive: true,
+            },
+            Bound::closed("batch_size", 1.0, MAX_BATCH as f64),
+            Bound::closed("grad_accum", 1.0, MAX_GRAD_ACCUM as f64),
+            Bound::closed("max_seq_len", 2.0, MAX_SEQ_LEN as f64),
+            Bound::at_least("weight_decay", 0.0, true),
+            Bound::at_least("grad_clip", 0.0, true),
+            Bound::closed("min_lr_ratio", 0.0, 1.0),
+        ]
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         use limits::*;
         if !(self.lr.is_finite() && self.lr > 0.0) {
