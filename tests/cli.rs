@@ -644,3 +644,71 @@ fn the_example_round_spec_runs() {
         "{text}"
     );
 }
+
+/// `herd watch` shows queued jobs, keeps finished ones as final lines, and
+/// catches a job that ran entirely between two of its looks.
+#[test]
+fn watch_sees_fast_and_queued_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--cpu-jobs", "2"]);
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let q = |args: &[&str]| {
+        let out = cli.raw(&[&["-q"], args].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let model = q(&["import", "model", f.join("ref").to_str().unwrap()]);
+    let sft = q(&[
+        "import",
+        "dataset",
+        f.join("sft.jsonl").to_str().unwrap(),
+        "--kind",
+        "sft",
+    ]);
+    let job = |name: &str, steps: &str| {
+        q(&[
+            "submit",
+            "--kind",
+            "sft",
+            "--name",
+            name,
+            "--input",
+            &format!("model={model}"),
+            "--input",
+            &format!("data={sft}"),
+            "--set",
+            &format!("steps={steps}"),
+        ])
+    };
+    let long = job("long", "100000");
+    // Watch while the long job runs (plain lines: stderr is not a terminal).
+    let watcher = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "--server",
+            &d.addr,
+            "--data-dir",
+            d.dir.to_str().unwrap(),
+            "watch",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let fast = job("fast", "1");
+    cli.json(&["wait", &fast]);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    q(&["cancel", &long]);
+    let out = watcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sft fast: succeeded"), "{err}");
+    assert!(
+        err.contains("sft long: running") && err.contains("sft long: cancelled"),
+        "{err}"
+    );
+}

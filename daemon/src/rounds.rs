@@ -4,8 +4,8 @@
 //!
 //! ```json
 //! {"experiment": "<uuid>", "seed": 1,
-//!  "vars": {"prompts": "<hash>", "prefs": "<hash>"},
-//!  "jobs": [{"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "$prefs"}}],
+//!  "vars": {"sft_data": "<hash of an sft dataset>"},
+//!  "jobs": [{"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "$sft_data"}}],
 //!  "final_policy": "sft.checkpoint"}
 //! ```
 //! An input is `$var` (a round variable), `job.output` (the output of an

@@ -5,9 +5,14 @@
 use super::*;
 
 /// Follow one job, or every queued and running job, until they end; jobs
-/// that end stay as final lines. With `--json`, one JSON array per poll.
+/// that end stay as final lines, and jobs submitted while watching show up
+/// even when they ran between two looks. With `--json`, one JSON array per
+/// poll.
 pub(super) fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
     let mut show = crate::progress::Follow::new();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     // Jobs seen so far: once one leaves the running list, its end is shown.
     let mut seen: BTreeMap<String, bool> = BTreeMap::new();
     loop {
@@ -20,6 +25,17 @@ pub(super) fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
                         status: Some(status),
                         ..Default::default()
                     })?);
+                }
+                // The latest submissions: a fast job may have come and gone.
+                let recent = c.jobs(&JobQuery {
+                    sort: Some("-submitted".into()),
+                    limit: Some(50),
+                    ..Default::default()
+                })?;
+                for j in recent {
+                    if j.submitted_ms >= since && !live.iter().any(|l| l.id == j.id) {
+                        live.push(j);
+                    }
                 }
                 live
             }
