@@ -1,4 +1,5 @@
-//! Parquet datasets (what the Hugging Face hub serves) read into the JSONL
+//! Parquet datasets (what the Hugging Face hub serves; snappy, gzip or zstd)
+//! read into the JSONL
 //! rows herd records: one JSON object per row, columns by name, nested
 //! lists and structs as JSON arrays and objects (a `chosen` column of
 //! `{role, content}` structs becomes a message list). The daemon only ever
@@ -115,6 +116,15 @@ mod tests {
         );
         assert_eq!(rows[2]["score_rejected"], 1.0);
         assert_eq!(rows[1]["prompt_id"], "id1");
+    }
+
+    #[test]
+    fn zstd_prompts_with_a_null() {
+        let jsonl = String::from_utf8(to_jsonl(&fixture("prompts-zstd.parquet")).unwrap()).unwrap();
+        assert_eq!(
+            jsonl,
+            "{\"answer\":\"5\",\"prompt\":\"What is 2+3?\"}\n{\"answer\":null,\"prompt\":\"Name a colour.\"}\n"
+        );
     }
 
     #[test]
