@@ -1,6 +1,5 @@
 //! Parquet datasets (what the Hugging Face hub serves; snappy, gzip or zstd)
-//! read into the JSONL
-//! rows herd records: one JSON object per row, columns by name, nested
+//! read into the JSONL rows herd records: one JSON object per row, columns by name, nested
 //! lists and structs as JSON arrays and objects (a `chosen` column of
 //! `{role, content}` structs becomes a message list). The daemon only ever
 //! sees JSONL, so the recorded dataset is the same whatever file it came
