@@ -68,7 +68,7 @@ fn cell(v: &Value) -> String {
 }
 
 /// Metrics worth a column by default, when a job has them.
-const KEY_METRICS: [&str; 6] = [
+pub(super) const KEY_METRICS: [&str; 6] = [
     "loss",
     "accuracy",
     "reward_accuracy",

@@ -19,18 +19,8 @@ pub(super) fn job_row(j: &Job) -> String {
     let metrics: Vec<String> = j
         .last_metrics
         .iter()
-        .filter(|(k, _)| {
-            [
-                "loss",
-                "accuracy",
-                "reward_accuracy",
-                "task_accuracy",
-                "win_rate",
-                "heldout_accuracy",
-            ]
-            .contains(&k.as_str())
-        })
-        .map(|(k, v)| format!("{k}={:.4}", v.1))
+        .filter(|(k, _)| super::jobs::KEY_METRICS.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k}={}", num(v.1)))
         .collect();
     format!(
         "{:<36}  {:<9} {:<10} {:<14} {}",
