@@ -20,7 +20,9 @@ pub(super) fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
             Some(id) => vec![c.job(id)?],
             None => {
                 let mut live = vec![];
-                for status in [JobStatus::Running, JobStatus::Queued] {
+                // Queued first: a job that starts between the two questions
+                // is then running when the second is asked.
+                for status in [JobStatus::Queued, JobStatus::Running] {
                     live.extend(c.jobs(&JobQuery {
                         status: Some(status),
                         ..Default::default()
