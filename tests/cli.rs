@@ -26,6 +26,16 @@ impl Cli<'_> {
             .output()
             .unwrap()
     }
+    /// `herd -q ARGS`, which must succeed: the id or hash it prints.
+    fn quiet(&self, args: &[&str]) -> String {
+        let out = self.raw(&[&["-q"], args].concat());
+        assert!(
+            out.status.success(),
+            "herd -q {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
     fn json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
         a.push("--json");
@@ -571,15 +581,7 @@ fn the_example_round_spec_runs() {
     let d = Daemon::start(dir.path());
     let cli = Cli { d: &d };
     let f = fixtures();
-    let hash = |args: &[&str]| {
-        let out = cli.raw(&[&["-q"], args].concat());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let hash = |args: &[&str]| cli.quiet(args);
     let policy = hash(&["import", "model", f.join("policy").to_str().unwrap()]);
     let prefs = hash(&[
         "import",
@@ -653,15 +655,7 @@ fn watch_sees_fast_and_queued_jobs() {
     let d = Daemon::start_with(dir.path(), &["--cpu-jobs", "2"]);
     let cli = Cli { d: &d };
     let f = fixtures();
-    let q = |args: &[&str]| {
-        let out = cli.raw(&[&["-q"], args].concat());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let q = |args: &[&str]| cli.quiet(args);
     let model = q(&["import", "model", f.join("ref").to_str().unwrap()]);
     let sft = q(&[
         "import",

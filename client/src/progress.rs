@@ -29,7 +29,8 @@ impl Default for Follow {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch (what the daemon's times are in).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -55,13 +55,7 @@ impl Live {
         if !self.projection.has_job(&id) {
             return Ok(None);
         }
-        match self.views.job(id)? {
-            Some(j) => Ok(Some(Cow::Owned(j))),
-            None => Err(ViewsError::Corrupt {
-                key: format!("j:{id}"),
-                reason: "a job row without its view".into(),
-            }),
-        }
+        Ok(Some(Cow::Owned(self.views.job(id)?)))
     }
 
     /// A job's metric series for one attempt (all, or the names given).
@@ -280,18 +274,20 @@ fn load_checkpoint(log: &EventLog, views: Arc<ViewStore>) -> anyhow::Result<Live
 /// Fold one record into the views: bring back the view of an evicted job it
 /// is about, file its metric points, apply it.
 pub fn fold(live: &mut Live, rec: &RecordedEvent) -> Result<(), ViewsError> {
-    let views = live.views.clone();
     if rec.seq <= live.last_seq {
         return Ok(());
     }
+    let Live {
+        projection,
+        metrics,
+        views,
+        through,
+        since_checkpoint,
+    } = live;
     let event = HerdEvent::from_recorded(&stored(rec));
     if let Some(job) = event.as_ref().ok().and_then(HerdEvent::job) {
-        if live.projection.has_job(&job) && !live.projection.jobs.contains_key(&job) {
-            let view = views.job(job)?.ok_or_else(|| ViewsError::Corrupt {
-                key: format!("j:{job}"),
-                reason: "a job row without its view".into(),
-            })?;
-            live.projection.make_resident(view);
+        if projection.has_job(&job) && !projection.jobs.contains_key(&job) {
+            projection.make_resident(views.job(job)?);
         }
     }
     if let Ok(HerdEvent::JobMetrics {
@@ -300,22 +296,21 @@ pub fn fold(live: &mut Live, rec: &RecordedEvent) -> Result<(), ViewsError> {
         points,
     }) = &event
     {
-        if let Some(j) = live.projection.jobs.get(job) {
+        if let Some(j) = projection.jobs.get(job) {
             let filed = filed_attempt(*attempt, j.attempts);
             // The current attempt's points are all counted in metric_points.
             let fresh = filed == j.attempts && j.metric_points == 0;
             let points = points.iter().map(|p| (p.name.as_str(), p.step, p.value));
-            live.metrics.add(&views, *job, filed, fresh, points)?;
+            metrics.add(views, *job, filed, fresh, points)?;
         }
     }
-    live.projection
-        .apply_decoded(rec.seq, rec.timestamp_ms, event);
-    live.through = Through {
+    projection.apply_decoded(rec.seq, rec.timestamp_ms, event);
+    *through = Through {
         seq: rec.seq,
         id: rec.id,
         prev_hash: rec.prev_hash.clone(),
     };
-    live.since_checkpoint += 1;
+    *since_checkpoint += 1;
     Ok(())
 }
 

@@ -144,21 +144,21 @@ impl ViewStore {
             p.insert_row(id, row);
         }
         for id in live {
-            let view = self.job(id)?.ok_or_else(|| ViewsError::Corrupt {
-                key: format!("j:{id}"),
-                reason: "a job row without its view".into(),
-            })?;
-            p.make_resident(view);
+            p.make_resident(self.job(id)?);
         }
         Ok(p)
     }
 
-    /// A job's stored view (as of the last checkpoint).
-    pub fn job(&self, id: Uuid) -> Result<Option<JobView>, ViewsError> {
+    /// The stored view of a job that has a row (as of the last checkpoint);
+    /// a row without its view is damage, reported as such.
+    pub fn job(&self, id: Uuid) -> Result<JobView, ViewsError> {
         let k = key(b"j:", id.as_bytes());
         match self.db.get(&k)? {
-            Some(v) => Ok(Some(decode(&k, &v)?)),
-            None => Ok(None),
+            Some(v) => decode(&k, &v),
+            None => Err(ViewsError::Corrupt {
+                key: format!("j:{id}"),
+                reason: "a job row without its view".into(),
+            }),
         }
     }
 

@@ -10,9 +10,7 @@ use super::*;
 /// poll.
 pub(super) fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
     let mut show = crate::progress::Follow::new();
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let since = crate::progress::now_ms();
     // Jobs seen so far: once one leaves the running list, its end is shown.
     let mut seen: BTreeMap<String, bool> = BTreeMap::new();
     loop {

@@ -69,6 +69,14 @@ impl Names {
         row
     }
 
+    /// A row's last metric values (what a metric event changes).
+    pub fn metrics(&mut self, j: &JobView) -> Box<[(Arc<str>, f64)]> {
+        j.last_metrics
+            .iter()
+            .map(|(k, v)| (self.get(k), v.1))
+            .collect()
+    }
+
     /// The row of a job view.
     pub fn row(&mut self, j: &JobView) -> JobRow {
         let mut hp: Vec<(Arc<str>, f64)> = Vec::new();
@@ -83,11 +91,7 @@ impl Names {
             }
         }
         hp.sort_by(|a, b| a.0.cmp(&b.0));
-        let metrics = j
-            .last_metrics
-            .iter()
-            .map(|(k, v)| (self.get(k), v.1))
-            .collect();
+        let metrics = self.metrics(j);
         JobRow {
             experiment: j.experiment,
             round: j.round,

@@ -219,13 +219,7 @@ impl Projection {
                 self.dirty.jobs.insert(id);
                 match self.rows.get_mut(&id) {
                     // Metric points change only the row's last values.
-                    Some(row) if metrics_only => {
-                        row.metrics = view
-                            .last_metrics
-                            .iter()
-                            .map(|(k, v)| (self.names.get(k), v.1))
-                            .collect()
-                    }
+                    Some(row) if metrics_only => row.metrics = self.names.metrics(view),
                     _ => {
                         let row = self.names.row(view);
                         self.rows.insert(id, row);
