@@ -270,9 +270,15 @@ fn drive(
     let cfg = herd_engine::LlamaConfig::from_json(&tiny_config(), "quickstart config")?;
     let model = herd_engine::Llama::init(cfg, 7, &candle_core::Device::Cpu)?;
     std::fs::create_dir_all(&init_dir)?;
-    let tok = init_dir.join("tokenizer.json");
+    let tok = init_dir.join(herd_engine::checkpoint::TOKENIZER);
     std::fs::write(&tok, herd_engine::chat::byte_tokenizer_json().to_string())?;
-    herd_engine::checkpoint::save_model(&model, &init_dir, Some(&tok))?;
+    // What transformers and serving stacks read beside the tokenizer: the
+    // chat template, special tokens, stop tokens.
+    let chat = herd_engine::chat::ChatFormat::from_file(&tok)?;
+    for (name, json) in herd_engine::chat::hf_tokenizer_files(&chat, model.config.max_position_embeddings) {
+        std::fs::write(init_dir.join(name), serde_json::to_string_pretty(&json)?)?;
+    }
+    herd_engine::checkpoint::save_model(&model, &init_dir, None)?;
     let init = hash_of(&c.import_model(&init_dir, "random-init")?)?;
     let all = numbers();
     // Disjoint slices: held-out prompts, the base corpus, the rounds' prompts.

@@ -163,7 +163,7 @@ fn small_model(dir: &Path, seed: u64) -> PathBuf {
     cfg.head_dim = 16;
     let m = herd_engine::Llama::init(cfg, seed, &candle_core::Device::Cpu).unwrap();
     let out = dir.join(format!("model-{seed}"));
-    herd_engine::checkpoint::save_model(&m, &out, Some(&fixtures().join("ref/tokenizer.json")))
+    herd_engine::checkpoint::save_model(&m, &out, Some(&fixtures().join("ref")))
         .unwrap();
     out
 }

@@ -265,3 +265,56 @@ pub fn byte_tokenizer_json() -> serde_json::Value {
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
     })
 }
+
+/// The Llama 3 chat template in Jinja, as transformers' `apply_chat_template`
+/// reads it: the same tokens as [`ChatFormat::encode_dialog`] and, with
+/// `add_generation_prompt`, [`ChatFormat::encode_prompt`] (contents trimmed).
+pub const LLAMA3_CHAT_TEMPLATE: &str = "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
+
+/// What a Hugging Face checkpoint carries beside `tokenizer.json` so that
+/// transformers and serving stacks find the chat template, the special tokens
+/// and the stop tokens: (file name, JSON). For models built from scratch
+/// (imported checkpoints bring their own, and training keeps them).
+pub fn hf_tokenizer_files(
+    chat: &ChatFormat,
+    model_max_length: usize,
+) -> Vec<(&'static str, serde_json::Value)> {
+    let s = chat.special;
+    let name = |id: u32| chat.tokenizer.id_to_token(id).unwrap_or_default();
+    let (bos, eot, pad) = (name(s.begin_of_text), name(s.eot), name(s.pad));
+    let added: serde_json::Map<String, serde_json::Value> = chat
+        .tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .map(|(id, t)| {
+            (
+                id.to_string(),
+                serde_json::json!({"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                    "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}),
+            )
+        })
+        .collect();
+    let mut stops: Vec<u32> = s.end_of_text.into_iter().collect();
+    stops.extend(chat.stop_ids());
+    vec![
+        (
+            "tokenizer_config.json",
+            serde_json::json!({
+                "added_tokens_decoder": added, "bos_token": bos, "eos_token": eot, "pad_token": pad,
+                "chat_template": LLAMA3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": false,
+                "model_input_names": ["input_ids", "attention_mask"],
+                "model_max_length": model_max_length, "tokenizer_class": "PreTrainedTokenizerFast",
+            }),
+        ),
+        (
+            "special_tokens_map.json",
+            serde_json::json!({"bos_token": bos, "eos_token": eot, "pad_token": pad}),
+        ),
+        (
+            "generation_config.json",
+            serde_json::json!({"bos_token_id": s.begin_of_text, "eos_token_id": stops, "pad_token_id": s.pad}),
+        ),
+    ]
+}

@@ -6,6 +6,13 @@
 //! weights in the config's dtype, `{"format": "pt"}` metadata so transformers
 //! opens it. The bytes written depend only on the weights (sorted names, fixed
 //! metadata), which is what makes checkpoints comparable by hash.
+//!
+//! Everything else in a directory travels with the weights: the tokenizer,
+//! `tokenizer_config.json` with its chat template, `special_tokens_map.json`,
+//! `generation_config.json` with the stop tokens serving stacks read. A
+//! trained model keeps its base's copies (only `config.json` is rewritten;
+//! a reward model has no use for a generation config and drops it), so an
+//! exported model loads in transformers with its template and stop tokens.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,6 +28,9 @@ pub const WEIGHTS: &str = "model.safetensors";
 pub const INDEX: &str = "model.safetensors.index.json";
 pub const CONFIG: &str = "config.json";
 pub const TOKENIZER: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+pub const GENERATION_CONFIG: &str = "generation_config.json";
+pub const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 
 /// The weight files of a checkpoint directory: `model.safetensors`, or the
 /// shards its index names (sorted, each once).
@@ -192,8 +202,45 @@ pub fn dtype_of(config: &LlamaConfig) -> DType {
     }
 }
 
-/// Save a model as a Hugging Face directory; `tokenizer` is copied beside it.
-pub fn save_model(model: &Llama, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
+/// Whether a file of a checkpoint directory holds weights (written anew
+/// when a model is saved) rather than something that travels with them.
+pub fn is_weight_file(name: &str) -> bool {
+    const WEIGHT_EXTENSIONS: [&str; 8] = [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".gguf",
+    ];
+    name.ends_with(".index.json") || WEIGHT_EXTENSIONS.iter().any(|e| name.ends_with(e))
+}
+
+/// The files of `dir` that travel with the weights: regular files other
+/// than weights, `config.json` and hidden files, by name.
+pub fn companion_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))? {
+        let e = e.map_err(|e| EngineError::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Symlinks count (the daemon's cache links blobs), directories not.
+        if name.starts_with('.') || name == CONFIG || is_weight_file(&name) || !e.path().is_file()
+        {
+            continue;
+        }
+        out.push(e.path());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Save a model as a Hugging Face directory: `config.json` from the model's
+/// config, the weights, and every companion file of `companions_from` (the
+/// checkpoint it was trained or built from: tokenizer, its config and chat
+/// template, generation config). A reward model drops `generation_config.json`.
+pub fn save_model(model: &Llama, dir: &Path, companions_from: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let config_path = dir.join(CONFIG);
     let text = serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
@@ -204,11 +251,19 @@ pub fn save_model(model: &Llama, dir: &Path, tokenizer: Option<&Path>) -> Result
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
     save_tensors(&tensors, dtype_of(&model.config), &dir.join(WEIGHTS))?;
-    if let Some(src) = tokenizer {
-        let dst = dir.join(TOKENIZER);
-        if src != dst {
-            std::fs::copy(src, &dst).map_err(|e| EngineError::io(src, e))?;
+    let Some(src) = companions_from else {
+        return Ok(());
+    };
+    if src == dir {
+        return Ok(());
+    }
+    for f in companion_files(src)? {
+        let name = f.file_name().expect("a listed file has a name");
+        if model.config.num_labels == 1 && name == GENERATION_CONFIG {
+            continue;
         }
+        let dst = dir.join(name);
+        std::fs::copy(&f, &dst).map_err(|e| EngineError::io(&f, e))?;
     }
     Ok(())
 }

@@ -141,7 +141,7 @@ fn tied_model_round_trips_and_shards_load() {
     save_model(
         &model,
         dir.path(),
-        Some(&fixtures().join("ref/tokenizer.json")),
+        Some(&fixtures().join("ref")),
     )
     .unwrap();
     let names: Vec<String> = load_tensors(dir.path()).unwrap().into_keys().collect();

@@ -73,7 +73,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     herd_engine::checkpoint::save_model(
         &model,
         &out,
-        Some(&first.join(herd_engine::checkpoint::TOKENIZER)),
+        Some(first),
     )?;
     let summary = json!({"models": inputs.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "weights": p.weights});
     ctx.sink.output(

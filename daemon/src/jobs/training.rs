@@ -231,14 +231,14 @@ pub fn train_loop(
 pub fn save_checkpoint(
     ctx: &mut JobContext,
     model: &herd_engine::Llama,
-    tokenizer_from: &Path,
+    trained_from: &Path,
     summary: Value,
 ) -> Result<String> {
     let out: PathBuf = ctx.workdir.join("checkpoint");
     herd_engine::checkpoint::save_model(
         model,
         &out,
-        Some(&tokenizer_from.join(herd_engine::checkpoint::TOKENIZER)),
+        Some(trained_from),
     )?;
     ctx.sink
         .output("checkpoint", ArtifactKind::Checkpoint, &out, summary)
