@@ -86,6 +86,11 @@ impl Strength {
             Strength::MarginallyBetter => "marginally_better",
         }
     }
+    /// Whether a pair marked `self` is at least as clear as `min` (the
+    /// levels are declared strongest first).
+    pub fn at_least(self, min: Strength) -> bool {
+        self <= min
+    }
     /// Llama 2's discrete margins for the optional margin term.
     pub fn margin(self) -> f32 {
         match self {

@@ -66,6 +66,8 @@ fn first_steps_match_the_fixtures() {
     for (masked, key) in [(true, "masked"), (false, "unmasked")] {
         let mut hp = one.clone();
         hp["mask_format_tokens"] = masked.into();
+        // The fixture trains on all three pairs, the slightly better one too.
+        hp["min_strength"] = "slightly_better".into();
         let r = run(
             JobKind::Dpo,
             hp,
@@ -283,6 +285,71 @@ fn dpo_raises_reward_accuracy() {
         r.sink.output_hash("reference_logps").is_some(),
         "reference log-probs recorded"
     );
+}
+
+/// Preference strength as Llama 3 uses it: the RM drops pairs marked
+/// marginally better (negligibly better / unsure) by default, DPO keeps only
+/// significantly better and better; rows without a strength are kept; a
+/// stricter setting drops more and says how many.
+#[test]
+fn strength_filters_what_rm_and_dpo_train_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_model(dir.path(), 2);
+    let levels = [
+        Some("significantly_better"),
+        Some("better"),
+        Some("slightly_better"),
+        Some("marginally_better"),
+        None,
+    ];
+    let rows: Vec<Value> = (0..20)
+        .map(|i| {
+            let (q, good, bad) = qa(i);
+            let mut row = json!({"prompt": q, "chosen": good, "rejected": bad});
+            if let Some(s) = levels[i % 5] {
+                row["strength"] = s.into();
+            }
+            row
+        })
+        .collect();
+    let data = write(dir.path(), "pref.jsonl", &rows);
+    let kept = |kind: JobKind, hp: Value| {
+        let r = run(
+            kind,
+            hp,
+            0,
+            &[("model", &model), ("data", &data)],
+            dir.path(),
+        );
+        r.summary.unwrap();
+        r.sink.notes.join("\n")
+    };
+    let one = json!({"steps": 1, "batch_size": 2, "heldout_fraction": 0.0});
+    let rm = kept(JobKind::Rm, one.clone());
+    assert!(
+        rm.contains("16 examples kept, 4 dropped as weaker than slightly_better"),
+        "{rm}"
+    );
+    let mut strict = one.clone();
+    strict["min_strength"] = "significantly_better".into();
+    let rm = kept(JobKind::Rm, strict);
+    assert!(
+        rm.contains("8 examples kept, 12 dropped as weaker than significantly_better"),
+        "{rm}"
+    );
+    let one = json!({"steps": 1, "batch_size": 2});
+    let dpo = kept(JobKind::Dpo, one.clone());
+    assert!(
+        dpo.contains("12 pairs kept, 8 dropped as weaker than better"),
+        "{dpo}"
+    );
+    let mut all = one;
+    all["min_strength"] = "marginally_better".into();
+    assert!(!kept(JobKind::Dpo, all).contains("dropped as weaker"));
+    // A level that does not exist is refused at submit, naming the field.
+    let err = jobs::effective_hyperparameters(JobKind::Dpo, &json!({"min_strength": "meh"}))
+        .unwrap_err();
+    assert!(err.contains("min_strength"), "{err}");
 }
 
 #[test]

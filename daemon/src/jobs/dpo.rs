@@ -13,7 +13,7 @@ use super::{
     chat_of, load_dataset, prompt_completion, save_checkpoint, train_loop, truncate, TrainParams,
 };
 use super::{ArtifactKind, JobContext, JobKind, Validate};
-use crate::data::{Dataset, DatasetKind};
+use crate::data::{Dataset, DatasetKind, Strength};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -23,6 +23,10 @@ pub struct Params {
     pub beta: f64,
     pub nll_weight: f64,
     pub mask_format_tokens: bool,
+    /// Pairs marked weaker than this are dropped (rows without a strength
+    /// are kept). Default: `better`, i.e. significantly better and better
+    /// only, as Llama 3 trains DPO.
+    pub min_strength: Strength,
 }
 
 impl Default for Params {
@@ -35,6 +39,7 @@ impl Default for Params {
             beta: 0.1,
             nll_weight: 0.2,
             mask_format_tokens: true,
+            min_strength: Strength::Better,
         }
     }
 }
@@ -95,8 +100,12 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         unreachable!()
     };
     let mut pairs = vec![];
-    let mut dropped = 0;
+    let (mut dropped, mut too_weak) = (0, 0);
     for r in &rows {
+        if r.strength.is_some_and(|s| !s.at_least(p.min_strength)) {
+            too_weak += 1;
+            continue;
+        }
         let chosen = truncate(
             prompt_completion(&chat, &r.prompt, &r.responses[0])?,
             p.train.max_seq_len,
@@ -114,14 +123,20 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             _ => dropped += 1,
         }
     }
-    if dropped > 0 {
+    if dropped > 0 || too_weak > 0 {
         ctx.sink.note(&format!(
-            "dropped {dropped} pair(s) truncated away by max_seq_len {}",
+            "dpo data: {} pairs kept, {too_weak} dropped as weaker than {}, {dropped} truncated away by max_seq_len {}",
+            pairs.len(),
+            p.min_strength.as_str(),
             p.train.max_seq_len
         ));
     }
     if pairs.is_empty() {
-        bail!("no preference pairs left to train on");
+        bail!(
+            "no preference pairs left to train on ({} rows: {too_weak} weaker than min_strength {}, {dropped} too long)",
+            rows.len(),
+            p.min_strength.as_str()
+        );
     }
     let pad = chat.special.pad;
     // Reference log-probs: once, in fixed chunks, recorded with the job.

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{chat_of, load_dataset, save_checkpoint, similarity, train_loop, TrainParams};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
-use crate::data::{Dataset, DatasetKind};
+use crate::data::{Dataset, DatasetKind, Strength};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -23,6 +23,10 @@ pub struct Params {
     pub train: TrainParams,
     /// Add Llama 2's margin by preference strength.
     pub margin: bool,
+    /// Pairs marked weaker than this are dropped (rows without a strength
+    /// are kept). Default: all but `marginally_better`, Llama 2/3's
+    /// "negligibly better / unsure".
+    pub min_strength: Strength,
     /// Drop examples with two responses at least this similar (word Jaccard).
     pub similarity_threshold: f64,
     /// Share of examples held out for evaluation.
@@ -34,6 +38,7 @@ impl Default for Params {
         Params {
             train: TrainParams::default(),
             margin: false,
+            min_strength: Strength::SlightlyBetter,
             similarity_threshold: 0.95,
             heldout_fraction: 0.1,
         }
@@ -95,8 +100,12 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         unreachable!()
     };
     let mut examples = vec![];
-    let (mut too_similar, mut too_long) = (0, 0);
+    let (mut too_similar, mut too_long, mut too_weak) = (0, 0, 0);
     for r in &rows {
+        if r.strength.is_some_and(|s| !s.at_least(p.min_strength)) {
+            too_weak += 1;
+            continue;
+        }
         let similar = (0..r.responses.len()).any(|i| {
             (i + 1..r.responses.len())
                 .any(|j| similarity(&r.responses[i], &r.responses[j]) >= p.similarity_threshold)
@@ -127,8 +136,9 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         });
     }
     ctx.sink.note(&format!(
-        "rm data: {} examples kept, {too_similar} dropped as too similar (>= {}), {too_long} longer than max_seq_len",
+        "rm data: {} examples kept, {too_weak} dropped as weaker than {}, {too_similar} as too similar (>= {}), {too_long} longer than max_seq_len",
         examples.len(),
+        p.min_strength.as_str(),
         p.similarity_threshold
     ));
     // Held-out split: a seeded shuffle, the tail held out.
@@ -141,7 +151,11 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     };
     let heldout: Vec<Ranked> = examples.split_off(examples.len() - held);
     if examples.is_empty() {
-        bail!("no reward-model examples left to train on");
+        bail!(
+            "no reward-model examples left to train on ({} rows: {too_weak} weaker than min_strength {}, {too_similar} too similar, {too_long} too long)",
+            rows.len(),
+            p.min_strength.as_str()
+        );
     }
     let model = herd_engine::checkpoint::load_as_reward_model(&model_dir, &ctx.device, ctx.seed)?;
     let pad = chat.special.pad;
