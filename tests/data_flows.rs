@@ -138,3 +138,104 @@ fn export_keeps_every_file_of_the_checkpoint() {
         json!(["LlamaForSequenceClassification"])
     );
 }
+
+/// Rows of a stored dataset, as JSON.
+fn rows_of(c: &herd_client::Client, hash: &str) -> Vec<Value> {
+    let mut bytes = vec![];
+    c.download(hash, &mut bytes).unwrap();
+    String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn import_rows(c: &herd_client::Client, dir: &Path, name: &str, kind: &str, rows: &[Value]) -> String {
+    let path = dir.join(format!("{name}.jsonl"));
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    c.import_dataset(&path, kind, name).unwrap().hash
+}
+
+fn sft_row(i: usize) -> Value {
+    json!({"messages": [{"role": "user", "content": format!("q{i}")}, {"role": "assistant", "content": format!("a{i}")}]})
+}
+
+/// `mix`: exact duplicates across inputs dropped first (the earlier input by
+/// name keeps them), then each input's share by weight or count, seeded;
+/// lineage to every input; one kind only, and weights must name inputs.
+#[test]
+fn mix_weights_counts_duplicates_and_lineage() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let a_rows: Vec<Value> = (0..6).map(sft_row).collect();
+    // b repeats a's first row and has one row twice.
+    let b_rows = vec![sft_row(0), sft_row(10), sft_row(11), sft_row(11)];
+    let a = import_rows(&c, dir.path(), "a", "sft", &a_rows);
+    let b = import_rows(&c, dir.path(), "b", "sft", &b_rows);
+
+    let mix = |hp: Value, seed: u64| {
+        let mut body = req("mix", &[("a", &a), ("b", &b)], hp);
+        body["seed"] = seed.into();
+        run_job(&c, body)
+    };
+    // b up-weighted: its 2 unique rows twice each; a down to 3 rows, seeded.
+    let j = mix(json!({"weights": {"b": 2.0}, "counts": {"a": 3}}), 5);
+    let out = &j.outputs["data"];
+    let rows = rows_of(&c, out);
+    assert_eq!(rows.len(), 3 + 4, "{rows:?}");
+    let (from_a, from_b) = rows.split_at(3);
+    assert!(from_a.iter().all(|r| a_rows.contains(r)));
+    let mut distinct_a = from_a.to_vec();
+    distinct_a.dedup();
+    assert_eq!(distinct_a.len(), 3, "down-sampling takes distinct rows");
+    assert_eq!(from_b, [sft_row(10), sft_row(10), sft_row(11), sft_row(11)]);
+    assert_eq!(j.summary["inputs"]["b"]["duplicates"], 2, "{}", j.summary);
+    assert_eq!(j.summary["duplicates_dropped"], 2);
+    // The same seed gives the same bytes; the output is an sft dataset.
+    assert_eq!(
+        mix(json!({"weights": {"b": 2.0}, "counts": {"a": 3}}), 5).outputs["data"],
+        *out
+    );
+    let art = c.artifact(out, 0).unwrap().artifact;
+    assert_eq!(art.artifact, herd_core::ArtifactKind::Sft);
+    // Lineage reaches both inputs.
+    let lineage = c.lineage(out).unwrap();
+    let job = lineage.job.expect("produced by the mix job");
+    let inputs: BTreeMap<String, String> = job
+        .inputs
+        .iter()
+        .map(|(n, node)| (n.clone(), node.hash.clone()))
+        .collect();
+    assert_eq!(
+        inputs,
+        BTreeMap::from([("a".to_string(), a.clone()), ("b".to_string(), b.clone())])
+    );
+    // Defaults: every unique row once.
+    let all = rows_of(&c, &mix(json!({}), 1).outputs["data"]);
+    assert_eq!(all.len(), 8);
+
+    // Refused at submit, saying why.
+    let prefs = c
+        .import_dataset(&fixtures().join("preferences.jsonl"), "preference", "p")
+        .unwrap()
+        .hash;
+    let refused = |body: Value, want: &str| {
+        let err = c.post("/jobs", &body).unwrap_err().to_string();
+        assert!(err.contains(want), "wanted {want:?} in {err}");
+    };
+    refused(
+        req("mix", &[("a", &a), ("p", &prefs)], json!({})),
+        "takes datasets of one kind: `a` is sft, `p` is preference",
+    );
+    refused(
+        req("mix", &[("a", &a)], json!({"weights": {"typo": 2.0}})),
+        "no input `typo`",
+    );
+    refused(
+        req("mix", &[("a", &a)], json!({"weights": {"a": 2.0}, "counts": {"a": 1}})),
+        "both a weight and a count",
+    );
+    refused(req("mix", &[], json!({})), "at least 1 input");
+}

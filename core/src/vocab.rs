@@ -40,12 +40,13 @@ pub enum JobKind {
     Curate,
     Eval,
     Annotate,
+    Mix,
     External,
 }
 
 impl JobKind {
     /// The kinds herd runs itself (every kind but `External`).
-    pub const RECIPES: [JobKind; 8] = [
+    pub const RECIPES: [JobKind; 9] = [
         JobKind::Rm,
         JobKind::Sample,
         JobKind::Sft,
@@ -54,6 +55,7 @@ impl JobKind {
         JobKind::Curate,
         JobKind::Eval,
         JobKind::Annotate,
+        JobKind::Mix,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +68,7 @@ impl JobKind {
             JobKind::Curate => "curate",
             JobKind::Eval => "eval",
             JobKind::Annotate => "annotate",
+            JobKind::Mix => "mix",
             JobKind::External => "external",
         }
     }

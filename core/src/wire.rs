@@ -163,9 +163,12 @@ pub struct Imported {
 pub struct KindInfo {
     pub kind: JobKind,
     pub inputs: Vec<KindInput>,
-    /// For kinds that take any input names (average): at least this many.
+    /// For kinds that take any input names (average, mix): at least this many,
+    /// each one of `at_least_accepts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_least: Option<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub at_least_accepts: Vec<ArtifactKind>,
     pub outputs: Vec<KindOutput>,
     /// Every hyperparameter with its default (anything else is refused).
     pub hyperparameters: Value,

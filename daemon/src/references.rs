@@ -60,8 +60,7 @@ fn artifact_kind_at(
             if let Some(a) = recorded.and_then(|h| p.artifacts.get(&h)) {
                 return Ok(a.artifact);
             }
-            jobs::output_kind(kind, &output, |input| {
-                let r = inputs.get(input)?;
+            jobs::output_kind(kind, &output, &inputs, |r| {
                 artifact_kind_at(p, planned, r, depth + 1).ok()
             })
             .ok_or_else(|| {
@@ -84,10 +83,25 @@ pub fn check_inputs(
     inputs: &BTreeMap<String, String>,
 ) -> Result<(), String> {
     jobs::check_inputs(kind, inputs)?;
+    let mut kinds: Vec<(&str, ArtifactKind)> = vec![];
     for (name, reference) in inputs {
         let artifact =
             artifact_kind(p, planned, reference).map_err(|e| format!("input `{name}`: {e}"))?;
         jobs::check_input_kind(kind, name, artifact)?;
+        kinds.push((name, artifact));
+    }
+    // A job whose output takes its inputs' kind needs them all of one kind.
+    let same_as_inputs = jobs::recipe(kind)?
+        .outputs()
+        .iter()
+        .any(|(_, of)| matches!(of, jobs::OutputKind::SameAsInputs));
+    if same_as_inputs {
+        if let Some((name, other)) = kinds.iter().find(|(_, a)| *a != kinds[0].1) {
+            return Err(format!(
+                "a {kind} job takes datasets of one kind: `{}` is {}, `{name}` is {other}",
+                kinds[0].0, kinds[0].1
+            ));
+        }
     }
     Ok(())
 }

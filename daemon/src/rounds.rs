@@ -12,6 +12,18 @@
 //! earlier job of this round: a dependency), or a content hash. `$policy`
 //! defaults to the previous round's final policy. (`herd round submit`
 //! also takes the experiment by name and `--var name=hash`.)
+//!
+//! `$all_preferences` stands for many datasets: the preference data every
+//! earlier round of the experiment collected (each `annotate` job's `data`).
+//! It goes to a job that takes any input names (`mix`): input `NAME` becomes
+//! `NAME_r0`, `NAME_r1`, ... by round index (`NAME_r1_2` for a round's second
+//! one), recorded as the hashes they were at submit. Llama 3 trains each
+//! round's reward model on all preference data so far:
+//!
+//! ```json
+//! {"name": "prefs", "kind": "mix", "inputs": {"earlier": "$all_preferences", "new": "annotate.data"}},
+//! {"name": "rm", "kind": "rm", "inputs": {"model": "$base", "data": "prefs.data"}}
+//! ```
 
 use std::collections::BTreeMap;
 
@@ -19,7 +31,53 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::jobs::{self, JobKind};
+use crate::jobs::{self, InputNames, JobKind};
+use crate::state::Live;
+use herd_core::model::JobStatus;
+
+/// The variable that stands for every earlier round's preference data.
+pub const ALL_PREFERENCES: &str = "all_preferences";
+
+/// `$all_preferences` of `experiment`: (input name suffix, reference) for each
+/// `annotate` job of its recorded rounds, in round order: the output's hash
+/// once recorded, `job:<id>/data` while the job may still run; a job that
+/// failed or was cancelled has none.
+pub fn all_preferences(recorded: &Live, experiment: Uuid) -> Result<Vec<(String, String)>, String> {
+    let Some(exp) = recorded.experiments.get(&experiment) else {
+        return Ok(vec![]);
+    };
+    let mut out = vec![];
+    for round_id in &exp.rounds {
+        let Some(round) = recorded.rounds.get(round_id) else {
+            continue;
+        };
+        let mut found = 0;
+        for id in &round.jobs {
+            let job = recorded
+                .job(*id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("round {} lists job {id}, which has no view", round.index))?;
+            if job.kind != JobKind::Annotate {
+                continue;
+            }
+            let reference = match (job.status, job.outputs.get("data")) {
+                (_, Some(hash)) => hash.clone(),
+                (JobStatus::Queued | JobStatus::Running, None) => {
+                    InputRef::job_output(job.id, "data").to_string()
+                }
+                _ => continue,
+            };
+            found += 1;
+            let suffix = if found == 1 {
+                format!("r{}", round.index)
+            } else {
+                format!("r{}_{found}", round.index)
+            };
+            out.push((suffix, reference));
+        }
+    }
+    Ok(out)
+}
 use crate::references::{self, InputRef};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,7 +126,7 @@ pub struct PlannedJob {
 pub fn expand(
     spec: &RoundSpec,
     previous_policy: Option<String>,
-    recorded: &crate::state::Live,
+    recorded: &Live,
 ) -> Result<Vec<PlannedJob>, String> {
     let mut vars = spec.vars.clone();
     if !vars.contains_key("policy") {
@@ -94,6 +152,26 @@ pub fn expand(
         let mut inputs = BTreeMap::new();
         let mut depends_on = vec![];
         for (name, v) in &j.inputs {
+            if v.strip_prefix('$') == Some(ALL_PREFERENCES) && !vars.contains_key(ALL_PREFERENCES) {
+                if !matches!(jobs::recipe(kind)?.inputs(), InputNames::AtLeast(_)) {
+                    return Err(format!(
+                        "{at}.inputs.{name}: ${ALL_PREFERENCES} stands for many datasets; give it to a job that takes any input names (mix) and use that job's output"
+                    ));
+                }
+                for (suffix, reference) in all_preferences(recorded, spec.experiment)? {
+                    if let Ok(InputRef::JobOutput { job, .. }) = reference.parse::<InputRef>() {
+                        if !depends_on.contains(&job) {
+                            depends_on.push(job);
+                        }
+                    }
+                    let expanded = format!("{name}_{suffix}");
+                    if j.inputs.contains_key(&expanded) {
+                        return Err(format!("{at}.inputs: ${ALL_PREFERENCES} in `{name}` expands to `{expanded}`, which is also given"));
+                    }
+                    inputs.insert(expanded, reference);
+                }
+                continue;
+            }
             let resolved = if let Some(var) = v.strip_prefix('$') {
                 vars.get(var).cloned().ok_or_else(|| {
                     format!(
@@ -138,6 +216,8 @@ pub fn expand(
             .collect();
         references::check_inputs(recorded, &earlier, kind, &inputs)
             .map_err(|e| format!("{at}.inputs: {e}"))?;
+        jobs::check_with_inputs(kind, &hyperparameters, &inputs)
+            .map_err(|e| format!("{at}.hyperparameters: {e}"))?;
         let id = Uuid::now_v7();
         by_name.insert(j.name.clone(), id);
         planned.push(PlannedJob {

@@ -43,13 +43,17 @@ pub(super) fn kinds(all: &[crate::KindInfo], detail: bool) {
                 let opt = if i.required { "" } else { "?" };
                 format!("{}{opt} ({})", i.name, accepts.join("|"))
             })
-            .chain(k.at_least.map(|n| format!("{n}+ named checkpoints")))
+            .chain(k.at_least.map(|n| {
+                let accepts: Vec<&str> = k.at_least_accepts.iter().map(|a| a.as_str()).collect();
+                format!("{n}+ any names ({})", accepts.join("|"))
+            }))
             .collect();
         let outputs: Vec<String> = k
             .outputs
             .iter()
             .map(|o| match (&o.artifact, &o.same_as) {
                 (Some(a), _) => format!("{} ({})", o.name, a.as_str()),
+                (None, Some(i)) if i == "*" => format!("{} (kind of its inputs)", o.name),
                 (None, Some(i)) => format!("{} (kind of {i})", o.name),
                 _ => o.name.clone(),
             })

@@ -64,6 +64,8 @@ async fn submit_job(ctx: Ctx, body: JobRequest) -> Res {
         }
         references::check_inputs(&p, &BTreeMap::new(), kind, &inputs)
             .map_err(|e| bad(format!("field `inputs`: {e}")))?;
+        crate::jobs::check_with_inputs(kind, &hp, &inputs)
+            .map_err(|e| bad(format!("field `hyperparameters`: {e}")))?;
         for (name, v) in &body.inputs {
             match v {
                 InputRef::JobOutput { job, .. } => {

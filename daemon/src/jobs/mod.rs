@@ -16,6 +16,7 @@ mod dpo;
 mod eval;
 mod generation;
 mod inputs;
+mod mix;
 pub mod recipe;
 mod rm;
 mod sample;
@@ -195,7 +196,10 @@ impl Bound {
 pub fn check_inputs(kind: JobKind, inputs: &BTreeMap<String, String>) -> Result<(), String> {
     let (required, optional) = match recipe(kind)?.inputs() {
         InputNames::AtLeast(n) if inputs.len() < n => {
-            return Err(format!("{kind} needs at least {n} checkpoint inputs"));
+            return Err(format!(
+                "{kind} needs at least {n} input{}",
+                if n == 1 { "" } else { "s" }
+            ));
         }
         InputNames::AtLeast(_) => return Ok(()),
         InputNames::Named { required, optional } => (required, optional),
@@ -219,6 +223,17 @@ pub fn check_inputs(kind: JobKind, inputs: &BTreeMap<String, String>) -> Result<
         }
     }
     Ok(())
+}
+
+/// Check hyperparameters that name inputs (mix's weights) against the
+/// job's inputs.
+pub fn check_with_inputs(
+    kind: JobKind,
+    hyperparameters: &Value,
+    inputs: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let names: Vec<&str> = inputs.keys().map(|k| k.as_str()).collect();
+    recipe(kind)?.check_with_inputs(hyperparameters, &names)
 }
 
 /// Everything a job needs to run.

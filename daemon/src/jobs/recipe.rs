@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{annotate, average, curate, dpo, eval, rm, sample, sft};
+use super::{annotate, average, curate, dpo, eval, mix, rm, sample, sft};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 
 /// The input names a recipe takes.
@@ -27,7 +27,8 @@ pub enum InputNames {
         required: &'static [&'static str],
         optional: &'static [&'static str],
     },
-    /// Any names, at least this many (average: the checkpoints to average).
+    /// Any names, at least this many (average: the checkpoints to average;
+    /// mix: the datasets to mix).
     AtLeast(usize),
 }
 
@@ -37,6 +38,8 @@ pub enum OutputKind {
     Is(ArtifactKind),
     /// The kind of the named input (curate keeps its data's kind).
     SameAs(&'static str),
+    /// The kind every input has (mix: checked at submit to be one kind).
+    SameAsInputs,
 }
 
 /// One recipe of the Llama 3 loop.
@@ -52,6 +55,11 @@ pub trait Recipe: Sync + 'static {
     fn accepts(_input: &str) -> &'static [ArtifactKind] {
         &[ArtifactKind::Checkpoint]
     }
+    /// Checks of the hyperparameters against the job's input names (mix:
+    /// its weights name inputs), at submit.
+    fn check_with_inputs(_params: &Self::Params, _inputs: &[&str]) -> Result<(), String> {
+        Ok(())
+    }
     fn run(ctx: &mut JobContext, params: Self::Params) -> Result<Value>;
 }
 
@@ -66,6 +74,8 @@ pub trait AnyRecipe: Sync {
     fn bounds(&self) -> Vec<super::Bound>;
     /// Parse and validate a full hyperparameter set.
     fn check(&self, hyperparameters: &Value) -> Result<(), String>;
+    /// Check (already checked) hyperparameters against the input names.
+    fn check_with_inputs(&self, hyperparameters: &Value, inputs: &[&str]) -> Result<(), String>;
     /// Parse the (already checked) hyperparameters and run.
     fn run(&self, ctx: &mut JobContext) -> Result<Value>;
 }
@@ -94,6 +104,9 @@ impl<R: Recipe> AnyRecipe for Erased<R> {
     fn check(&self, hyperparameters: &Value) -> Result<(), String> {
         parse::<R::Params>(hyperparameters).map(drop)
     }
+    fn check_with_inputs(&self, hyperparameters: &Value, inputs: &[&str]) -> Result<(), String> {
+        R::check_with_inputs(&parse::<R::Params>(hyperparameters)?, inputs)
+    }
     fn run(&self, ctx: &mut JobContext) -> Result<Value> {
         let params = parse::<R::Params>(&ctx.hyperparameters).map_err(anyhow::Error::msg)?;
         R::run(ctx, params)
@@ -107,7 +120,7 @@ fn parse<P: DeserializeOwned + Validate>(v: &Value) -> Result<P, String> {
 }
 
 /// Every recipe herd runs.
-pub static RECIPES: [&dyn AnyRecipe; 8] = [
+pub static RECIPES: [&dyn AnyRecipe; 9] = [
     &Erased::<rm::Rm>(PhantomData),
     &Erased::<sample::Sample>(PhantomData),
     &Erased::<sft::Sft>(PhantomData),
@@ -116,6 +129,7 @@ pub static RECIPES: [&dyn AnyRecipe; 8] = [
     &Erased::<curate::Curate>(PhantomData),
     &Erased::<eval::Eval>(PhantomData),
     &Erased::<annotate::Annotate>(PhantomData),
+    &Erased::<mix::Mix>(PhantomData),
 ];
 
 /// The recipe of `kind`; external runs have none (herd records them, it
@@ -128,12 +142,14 @@ pub fn recipe(kind: JobKind) -> Result<&'static dyn AnyRecipe, String> {
         .ok_or_else(|| format!("{kind} jobs are recorded, not run by herd"))
 }
 
-/// The artifact kind of output `output` of a `kind` job; `input_kind` tells
-/// the kind of one of its inputs. None: no such output.
+/// The artifact kind of output `output` of a `kind` job with `inputs` (name
+/// -> reference); `kind_of` tells the artifact kind a reference points at.
+/// None: no such output (or an input it follows is unknown).
 pub fn output_kind(
     kind: JobKind,
     output: &str,
-    input_kind: impl Fn(&str) -> Option<ArtifactKind>,
+    inputs: &std::collections::BTreeMap<String, String>,
+    kind_of: impl Fn(&str) -> Option<ArtifactKind>,
 ) -> Option<ArtifactKind> {
     let (_, of) = recipe(kind)
         .ok()?
@@ -142,7 +158,8 @@ pub fn output_kind(
         .find(|(name, _)| *name == output)?;
     match of {
         OutputKind::Is(a) => Some(*a),
-        OutputKind::SameAs(input) => input_kind(input),
+        OutputKind::SameAs(input) => kind_of(inputs.get(*input)?),
+        OutputKind::SameAsInputs => kind_of(inputs.values().next()?),
     }
 }
 
@@ -169,6 +186,10 @@ pub fn describe(r: &dyn AnyRecipe) -> herd_core::wire::KindInfo {
         kind: r.kind(),
         inputs,
         at_least,
+        at_least_accepts: match at_least {
+            Some(_) => r.accepts("*").to_vec(),
+            None => vec![],
+        },
         outputs: r
             .outputs()
             .iter()
@@ -176,10 +197,11 @@ pub fn describe(r: &dyn AnyRecipe) -> herd_core::wire::KindInfo {
                 name: name.to_string(),
                 artifact: match of {
                     OutputKind::Is(a) => Some(*a),
-                    OutputKind::SameAs(_) => None,
+                    OutputKind::SameAs(_) | OutputKind::SameAsInputs => None,
                 },
                 same_as: match of {
                     OutputKind::SameAs(i) => Some(i.to_string()),
+                    OutputKind::SameAsInputs => Some("*".to_string()),
                     OutputKind::Is(_) => None,
                 },
             })
@@ -217,13 +239,17 @@ pub fn kinds_markdown() -> String {
             })
             .collect();
         if let Some(n) = k.at_least {
-            inputs.push(format!("{n} or more named checkpoints"));
+            inputs.push(format!(
+                "{n} or more, any names ({})",
+                names(&k.at_least_accepts)
+            ));
         }
         let outputs: Vec<String> = k
             .outputs
             .iter()
             .map(|o| match (&o.artifact, &o.same_as) {
                 (Some(a), _) => format!("`{}` ({})", o.name, a.as_str()),
+                (None, Some(i)) if i == "*" => format!("`{}` (the kind of its inputs)", o.name),
                 (None, Some(i)) => format!("`{}` (the kind of `{i}`)", o.name),
                 (None, None) => format!("`{}`", o.name),
             })
