@@ -4,6 +4,11 @@
 //! Prompts are left-padded to one length; padding sees only itself and real
 //! tokens never see padding, and RoPE positions count real tokens only, so a
 //! row's output does not depend on what it was batched with.
+//!
+//! Rejection sampling draws K continuations of each prompt: [`generate_many`]
+//! runs each prompt's prefill once and copies its cached keys and values to
+//! its K rows, which then decode as one batch (transformers' `generate`
+//! with `num_return_sequences` runs the prompt K times).
 
 use candle_core::{DType, Tensor};
 
@@ -54,23 +59,40 @@ fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
         .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
-    // Nucleus: smallest set of most likely tokens whose mass reaches top_p.
-    probs.sort_by(|a, b| {
+    // Most likely first, ties by id: a total order, so the kept prefix is
+    // the same whether the whole vocabulary is sorted or only its head.
+    let order = |a: &(usize, f64), b: &(usize, f64)| {
         b.1.partial_cmp(&a.1)
             .unwrap_or(std::cmp::Ordering::Equal)
             .then(a.0.cmp(&b.0))
-    });
+    };
+    // Nucleus: smallest set of most likely tokens whose mass reaches top_p.
+    // Sort only a head of the vocabulary, growing it until it holds that
+    // mass (a 128k vocabulary sorted per row per step would dominate).
     let mut keep = probs.len();
     if cfg.top_p < 1.0 {
-        let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p.1;
-            if acc >= cfg.top_p {
+        let mut head = 64.min(probs.len());
+        loop {
+            if head < probs.len() {
+                probs.select_nth_unstable_by(head - 1, order);
+            }
+            probs[..head].sort_by(order);
+            let mut acc = 0.0;
+            let reached = probs[..head].iter().position(|p| {
+                acc += p.1;
+                acc >= cfg.top_p
+            });
+            if let Some(i) = reached {
                 keep = i + 1;
                 break;
             }
+            if head == probs.len() {
+                break;
+            }
+            head = (head * 4).min(probs.len());
         }
     }
+    // (With top_p = 1 every token is kept and the walk goes in id order.)
     let kept = &probs[..keep];
     let mass: f64 = kept.iter().map(|p| p.1).sum();
     let mut u = rng.uniform() as f64 * mass;
@@ -90,17 +112,45 @@ pub fn generate(
     cfg: &SamplingConfig,
     pad_id: u32,
 ) -> Result<Vec<Vec<u32>>> {
-    if prompts.is_empty() {
-        return Ok(vec![]);
+    let counts = vec![1; prompts.len()];
+    Ok(generate_many(model, prompts, &counts, cfg, pad_id)?
+        .into_iter()
+        .map(|mut rows| rows.pop().expect("one row per prompt"))
+        .collect())
+}
+
+/// `counts[i]` continuations of each prompt `i` (a count may be 0), its
+/// prefill run once. Rows are decoded together, prompt by prompt in order
+/// and each prompt's rows in order; sampling draws for them in that order,
+/// so a seed gives the same tokens for the same prompts and counts.
+pub fn generate_many(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    counts: &[usize],
+    cfg: &SamplingConfig,
+    pad_id: u32,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    if prompts.len() != counts.len() {
+        return Err(EngineError::Input(format!(
+            "{} prompts but {} counts",
+            prompts.len(),
+            counts.len()
+        )));
     }
-    if prompts.iter().any(|p| p.is_empty()) {
+    // Prompts with no continuation wanted take no part.
+    let live: Vec<usize> = (0..prompts.len()).filter(|i| counts[*i] > 0).collect();
+    let mut out: Vec<Vec<Vec<u32>>> = counts.iter().map(|c| vec![vec![]; *c]).collect();
+    if live.is_empty() {
+        return Ok(out);
+    }
+    if live.iter().any(|i| prompts[*i].is_empty()) {
         return Err(EngineError::Input(
             "cannot generate from an empty prompt".into(),
         ));
     }
     let dev = &model.device;
-    let b = prompts.len();
-    let p = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
+    let np = live.len();
+    let p = live.iter().map(|i| prompts[*i].len()).max().unwrap_or(0);
     let limit = model.config.max_position_embeddings;
     if p + cfg.max_new_tokens > limit {
         return Err(EngineError::Input(format!(
@@ -109,10 +159,11 @@ pub fn generate(
         )));
     }
     let mut rng = Rng::new(cfg.seed);
-    // valid[r][k]: key position k of row r is a real token.
-    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
-    let (mut ids, mut pos) = (Vec::with_capacity(b * p), Vec::with_capacity(b * p));
-    for pr in prompts {
+    // valid[r][k]: key position k of prompt r is a real token.
+    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(np);
+    let (mut ids, mut pos) = (Vec::with_capacity(np * p), Vec::with_capacity(np * p));
+    for i in &live {
+        let pr = &prompts[*i];
         let pad = p - pr.len();
         ids.extend(std::iter::repeat_n(pad_id, pad));
         ids.extend_from_slice(pr);
@@ -120,7 +171,7 @@ pub fn generate(
         pos.extend(0..pr.len() as u32);
         valid.push((0..p).map(|k| k >= pad).collect());
     }
-    let mut bias = vec![MASKED; b * p * p];
+    let mut bias = vec![MASKED; np * p * p];
     for (r, v) in valid.iter().enumerate() {
         for q in 0..p {
             for k in 0..=q {
@@ -132,14 +183,39 @@ pub fn generate(
     }
     let mut cache = KvCache::default();
     let hidden = model.forward_hidden(
-        &Tensor::from_vec(ids, (b, p), dev)?,
-        &Tensor::from_vec(pos, (b, p), dev)?,
-        &Tensor::from_vec(bias, (b, 1, p, p), dev)?,
+        &Tensor::from_vec(ids, (np, p), dev)?,
+        &Tensor::from_vec(pos, (np, p), dev)?,
+        &Tensor::from_vec(bias, (np, 1, p, p), dev)?,
         Some(&mut cache),
     )?;
-    let mut last = model.lm_logits(&hidden.narrow(1, p - 1, 1)?)?; // [B, 1, V]
-    let mut next_pos: Vec<u32> = prompts.iter().map(|x| x.len() as u32).collect();
-    let mut out: Vec<Vec<u32>> = vec![vec![]; b];
+    let last = model.lm_logits(&hidden.narrow(1, p - 1, 1)?)?; // [np, 1, V]
+    // Each prompt's cache, logits and mask copied to its rows: row -> (prompt, sample).
+    let rows: Vec<(usize, usize)> = live
+        .iter()
+        .enumerate()
+        .flat_map(|(r, i)| (0..counts[*i]).map(move |j| (r, j)))
+        .collect();
+    let b = rows.len();
+    let mut last = last;
+    if b != np {
+        let idx = Tensor::from_vec(
+            rows.iter().map(|(r, _)| *r as u32).collect::<Vec<u32>>(),
+            b,
+            dev,
+        )?;
+        for layer in cache.layers.iter_mut() {
+            if let Some((k, v)) = layer.take() {
+                *layer = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
+            }
+        }
+        last = last.index_select(&idx, 0)?;
+        valid = rows.iter().map(|(r, _)| valid[*r].clone()).collect();
+    }
+    let mut next_pos: Vec<u32> = rows
+        .iter()
+        .map(|(r, _)| prompts[live[*r]].len() as u32)
+        .collect();
+    let mut gen: Vec<Vec<u32>> = vec![vec![]; b];
     let mut done = vec![false; b];
     for step in 0..cfg.max_new_tokens {
         let logits = last.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -150,7 +226,7 @@ pub fn generate(
                 continue;
             }
             let tok = pick(&logits[r], cfg, &mut rng);
-            out[r].push(tok);
+            gen[r].push(tok);
             if cfg.stop_ids.contains(&tok) {
                 done[r] = true;
             }
@@ -178,5 +254,77 @@ pub fn generate(
         next_pos.iter_mut().for_each(|x| *x += 1);
         last = model.lm_logits(&hidden)?;
     }
+    for ((r, j), tokens) in rows.into_iter().zip(gen) {
+        out[live[r]][j] = tokens;
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nucleus as first written: the whole vocabulary sorted.
+    fn pick_full_sort(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(usize, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i, (((*v - max) as f64) / cfg.temperature).exp()))
+            .collect();
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= total);
+        probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        let mut acc = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                acc += p.1;
+                acc >= cfg.top_p
+            })
+            .map_or(probs.len(), |i| i + 1);
+        let kept = &probs[..keep];
+        let mass: f64 = kept.iter().map(|p| p.1).sum();
+        let mut u = rng.uniform() as f64 * mass;
+        for p in kept {
+            u -= p.1;
+            if u <= 0.0 {
+                return p.0 as u32;
+            }
+        }
+        kept[kept.len() - 1].0 as u32
+    }
+
+    /// Sorting only the head of the vocabulary keeps the same nucleus, in
+    /// the same order, so the same draw picks the same token: flat and
+    /// peaked distributions, ties, nuclei larger than the first head.
+    #[test]
+    fn head_sorted_nucleus_equals_the_full_sort() {
+        let mut gen = Rng::new(3);
+        for case in 0..200 {
+            let vocab = [5, 64, 300, 4096][case % 4];
+            let spread = [0.01f32, 1.0, 8.0][case % 3];
+            let mut logits: Vec<f32> = (0..vocab).map(|_| gen.normal() * spread).collect();
+            if case % 5 == 0 {
+                logits[vocab / 2] = logits[0]; // a tie
+            }
+            for top_p in [0.1, 0.5, 0.9, 0.999] {
+                let cfg = SamplingConfig {
+                    max_new_tokens: 1,
+                    temperature: 0.8,
+                    top_p,
+                    seed: 0,
+                    stop_ids: vec![],
+                };
+                let (mut a, mut b) = (Rng::new(case as u64), Rng::new(case as u64));
+                for _ in 0..5 {
+                    assert_eq!(
+                        pick(&logits, &cfg, &mut a),
+                        pick_full_sort(&logits, &cfg, &mut b),
+                        "case {case}, top_p {top_p}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //! 1. Rule-based: responses with too many emoji or exclamation marks go.
 //! 2. Over-apologetic tone: responses with "I'm sorry"/"I apologize"-style
 //!    phrases are kept to at most a set share of the result.
-//! 3. Near-duplicates: MinHash over word shingles of the whole example.
+//! 3. Near-duplicates: MinHash over word shingles of the whole example,
+//!    candidates found by LSH banding (near-linear), each confirmed on the
+//!    whole signature: the first of a group stays, as an all-pairs scan keeps.
 //! 4. Preference data: pairs whose responses are too similar go.
 //! 5. Quality (with an `rm` input): only the top fraction by RM score stays.
 
@@ -91,14 +93,14 @@ pub fn apologizes(text: &str) -> bool {
 }
 
 /// 64-permutation MinHash of 3-word shingles (whole text if shorter).
-fn minhash(text: &str) -> [u64; 64] {
+pub fn minhash(text: &str) -> [u64; SLOTS] {
     let words: Vec<String> = text.split_whitespace().map(|w| w.to_lowercase()).collect();
     let shingles: Vec<String> = if words.len() < 3 {
         vec![words.join(" ")]
     } else {
         words.windows(3).map(|w| w.join(" ")).collect()
     };
-    let mut sig = [u64::MAX; 64];
+    let mut sig = [u64::MAX; SLOTS];
     for s in shingles {
         let base = fnv(s.as_bytes());
         for (i, slot) in sig.iter_mut().enumerate() {
@@ -120,6 +122,86 @@ fn splitmix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
+}
+
+/// Signature slots of each MinHash.
+const SLOTS: usize = 64;
+
+/// Which rows are near-duplicates of an earlier kept row: the row's
+/// signature agrees with a kept one's on at least `threshold` of its slots.
+/// Rows with `skip` set are neither checked nor kept. The all-pairs scan:
+/// quadratic, the reference the banded index is tested against.
+pub fn near_duplicates_exhaustive(sigs: &[[u64; SLOTS]], skip: &[bool], threshold: f64) -> Vec<bool> {
+    let mut dup = vec![false; sigs.len()];
+    let mut kept: Vec<usize> = vec![];
+    for i in 0..sigs.len() {
+        if skip[i] {
+            continue;
+        }
+        if kept.iter().any(|j| agree(&sigs[i], &sigs[*j], threshold)) {
+            dup[i] = true;
+        } else {
+            kept.push(i);
+        }
+    }
+    dup
+}
+
+fn agree(a: &[u64; SLOTS], b: &[u64; SLOTS], threshold: f64) -> bool {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / SLOTS as f64 >= threshold
+}
+
+/// Rows per band of the LSH index for `threshold`: the most (fewest
+/// candidates) with which a pair whose true similarity is the threshold
+/// shares a band with probability >= 0.999 (1 - (1 - t^r)^(64/r)); None
+/// when even one-slot bands cannot promise that (thresholds under ~0.1).
+fn rows_per_band(threshold: f64) -> Option<usize> {
+    [16usize, 8, 4, 2, 1].into_iter().find(|r| {
+        let bands = (SLOTS / r) as i32;
+        1.0 - (1.0 - threshold.powi(*r as i32)).powi(bands) >= 0.999
+    })
+}
+
+/// [`near_duplicates_exhaustive`]'s answer from a banded index: each kept
+/// row is filed under each band's values; a row is compared in full only
+/// with the kept rows it shares a band with. The same rows are kept except
+/// where a pair at the threshold shares no band (probability < 0.001 there,
+/// falling fast above it).
+pub fn near_duplicates(sigs: &[[u64; SLOTS]], skip: &[bool], threshold: f64) -> Vec<bool> {
+    let Some(r) = rows_per_band(threshold) else {
+        return near_duplicates_exhaustive(sigs, skip, threshold);
+    };
+    let bands = SLOTS / r;
+    // (band, hash of its values) -> kept rows. Lookups only ask "any?", so
+    // the map's order never shows in the result.
+    let mut index: std::collections::HashMap<(usize, u64), Vec<usize>> =
+        std::collections::HashMap::new();
+    let key = |sig: &[u64; SLOTS], b: usize| {
+        let h = sig[b * r..(b + 1) * r]
+            .iter()
+            .fold(0x9E37_79B9_7F4A_7C15u64, |h, v| splitmix(h ^ v));
+        (b, h)
+    };
+    let mut dup = vec![false; sigs.len()];
+    for i in 0..sigs.len() {
+        if skip[i] {
+            continue;
+        }
+        let found = (0..bands).any(|b| {
+            index
+                .get(&key(&sigs[i], b))
+                .is_some_and(|rows| rows.iter().any(|j| agree(&sigs[i], &sigs[*j], threshold)))
+        });
+        if found {
+            dup[i] = true;
+            continue;
+        }
+        for b in 0..bands {
+            index.entry(key(&sigs[i], b)).or_default().push(i);
+        }
+    }
+    dup
 }
 
 /// One row's view for the rules: its full text and its (best) response.
@@ -243,26 +325,14 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     }
     count("similar_responses", dropped);
     // 3. near-duplicates: first occurrence stays
-    let sigs: Vec<[u64; 64]> = views.iter().map(|v| minhash(&v.text)).collect();
-    let mut kept_sigs: Vec<usize> = vec![];
+    let sigs: Vec<[u64; SLOTS]> = views.iter().map(|v| minhash(&v.text)).collect();
+    let skip: Vec<bool> = keep.iter().map(|k| !k).collect();
+    let dup = near_duplicates(&sigs, &skip, p.dedup_threshold);
     let mut dropped = 0;
-    for i in 0..n {
-        if !keep[i] {
-            continue;
-        }
-        let dup = kept_sigs.iter().any(|j| {
-            let same = sigs[i]
-                .iter()
-                .zip(&sigs[*j])
-                .filter(|(a, b)| a == b)
-                .count();
-            same as f64 / 64.0 >= p.dedup_threshold
-        });
-        if dup {
-            keep[i] = false;
+    for (k, d) in keep.iter_mut().zip(&dup) {
+        if *d {
+            *k = false;
             dropped += 1;
-        } else {
-            kept_sigs.push(i);
         }
     }
     count("near_duplicate", dropped);
@@ -344,4 +414,68 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     }
     save_dataset(ctx, "data", &out)?;
     Ok(json!({"rows_in": n, "rows_out": kept, "dropped": counts}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_engine::rng::Rng;
+
+    /// `n` documents of `words` random words each, and for every fifth one
+    /// a near-copy later on (one word changed: 3-shingle similarity ~0.95
+    /// for 120 words, far enough above 0.8 for a 64-slot estimate); returns the texts and the indexes of the planted copies.
+    fn planted(n: usize, words: usize, seed: u64) -> (Vec<String>, Vec<usize>) {
+        let mut rng = Rng::new(seed);
+        let mut word = || format!("w{}", rng.below(5000));
+        let mut texts: Vec<String> = (0..n)
+            .map(|_| (0..words).map(|_| word()).collect::<Vec<_>>().join(" "))
+            .collect();
+        let mut copies = vec![];
+        for i in (0..n).step_by(5) {
+            let mut w: Vec<String> = texts[i].split(' ').map(String::from).collect();
+            w[words / 2] = "changed".into();
+            copies.push(texts.len());
+            texts.push(w.join(" "));
+        }
+        (texts, copies)
+    }
+
+    #[test]
+    fn lsh_finds_the_planted_near_duplicates_and_agrees_with_all_pairs() {
+        let (texts, copies) = planted(2000, 120, 1);
+        let sigs: Vec<_> = texts.iter().map(|t| minhash(t)).collect();
+        let skip = vec![false; sigs.len()];
+        for threshold in [0.5, 0.8, 0.9] {
+            let fast = near_duplicates(&sigs, &skip, threshold);
+            let slow = near_duplicates_exhaustive(&sigs, &skip, threshold);
+            assert_eq!(fast, slow, "threshold {threshold}");
+            let found: Vec<usize> = (0..fast.len()).filter(|i| fast[*i]).collect();
+            if threshold <= 0.8 {
+                assert_eq!(found, copies, "threshold {threshold}");
+            }
+        }
+        // Skipped rows are neither checked nor kept: the originals skipped,
+        // their copies stay.
+        let mut skip = vec![false; sigs.len()];
+        for i in (0..2000).step_by(5) {
+            skip[i] = true;
+        }
+        assert!(near_duplicates(&sigs, &skip, 0.8).iter().all(|d| !d));
+    }
+
+    #[test]
+    fn banding_promises_recall_at_the_threshold() {
+        assert_eq!(rows_per_band(0.8), Some(4));
+        assert_eq!(rows_per_band(0.5), Some(2));
+        assert_eq!(rows_per_band(0.95), Some(8));
+        // Low thresholds fall back to comparing all pairs (same answer).
+        assert_eq!(rows_per_band(0.05), None);
+        let (texts, _) = planted(200, 10, 2);
+        let sigs: Vec<_> = texts.iter().map(|t| minhash(t)).collect();
+        let skip = vec![false; sigs.len()];
+        assert_eq!(
+            near_duplicates(&sigs, &skip, 0.05),
+            near_duplicates_exhaustive(&sigs, &skip, 0.05)
+        );
+    }
 }

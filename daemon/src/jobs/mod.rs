@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde_json::{Map, Value};
 
+pub use curate::{minhash, near_duplicates, near_duplicates_exhaustive};
 pub use generation::{complete, score, GenParams};
 pub use inputs::{chat_of, load_dataset, prompt_completion, save_dataset, similarity, truncate};
 pub use sink::{store_output, MemorySink, Sink};
