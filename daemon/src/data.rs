@@ -16,7 +16,9 @@
 //! * sft: `{"messages": [...]}` (ending with the assistant's turn),
 //!   `{"prompt", "completion"}`, or `{"text": ...}` (plain language
 //!   modelling: no chat format, every token trained).
-//! * prompts: `{"prompt": ...}` or `{"messages": [...]}`, optional `"answer"`.
+//! * prompts: `{"prompt": ...}` or `{"messages": [...]}`, optional `"answer"`
+//!   and `"system"`: a system prompt, or a list of them that rejection
+//!   sampling varies across a prompt's samples (Llama 3 §4.2.2).
 //!
 //! Columns herd does not use (ids, scores, a copy of the dialog) are ignored
 //! and named in the import's summary (`notes`); a missing required field is
@@ -134,6 +136,23 @@ pub struct PromptExample {
     pub prompt: Vec<Message>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
+    /// System prompts to put before the prompt: sample `i` of a prompt gets
+    /// `system[i % len]`; jobs that generate once use the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub system: Vec<String>,
+}
+
+impl PromptExample {
+    /// The dialog for sample `i`: the prompt after its `i`-th system prompt
+    /// (cycling), or the prompt alone when it has none.
+    pub fn messages(&self, i: usize) -> Vec<Message> {
+        if self.system.is_empty() {
+            return self.prompt.clone();
+        }
+        let mut m = vec![Message::new("system", &self.system[i % self.system.len()])];
+        m.extend(self.prompt.iter().cloned());
+        m
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -456,7 +475,33 @@ fn prompts_line(v: &Value) -> FieldResult<PromptExample> {
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(_) => return err("answer", "expected a string or a number"),
     };
-    Ok(PromptExample { prompt, answer })
+    let system = match o.get("system") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Value::String(s) => Ok(s.clone()),
+                _ => err(&format!("system[{i}]"), "expected a string"),
+            })
+            .collect::<FieldResult<_>>()?,
+        Some(_) => return err("system", "expected a string or a list of strings"),
+    };
+    if let Some(i) = system.iter().position(|s| s.trim().is_empty()) {
+        return err(&format!("system[{i}]"), "empty system prompt");
+    }
+    if !system.is_empty() && prompt.first().is_some_and(|m| m.role == "system") {
+        return err(
+            "system",
+            "the prompt already starts with a system message; give one or the other",
+        );
+    }
+    Ok(PromptExample {
+        prompt,
+        answer,
+        system,
+    })
 }
 
 /// Parse a whole JSONL text. Blank lines are skipped.
@@ -476,7 +521,7 @@ fn used_columns(kind: DatasetKind) -> &'static [&'static str] {
             "strength",
         ],
         DatasetKind::Sft => &["messages", "prompt", "completion", "text"],
-        DatasetKind::Prompts => &["prompt", "messages", "answer"],
+        DatasetKind::Prompts => &["prompt", "messages", "answer", "system"],
     }
 }
 

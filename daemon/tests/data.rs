@@ -21,6 +21,28 @@ fn formats_users_bring_parse() {
     assert_eq!(x[0].answer.as_deref(), Some("42"));
 }
 
+/// Prompts may carry system prompts: one, or a list rejection sampling
+/// varies; an empty one, a non-string, or one beside a system message in
+/// the prompt itself is refused by line and field.
+#[test]
+fn prompts_take_system_prompts() {
+    let text = "{\"prompt\": \"q\", \"system\": \"Be brief.\"}\n{\"prompt\": \"q\", \"system\": [\"A.\", \"B.\"]}\n";
+    let Dataset::Prompts(x) = parse(DatasetKind::Prompts, text, "q").unwrap() else {
+        panic!()
+    };
+    assert_eq!(x[0].system, ["Be brief."]);
+    assert_eq!(x[1].messages(3)[0].content, "B.");
+    assert_eq!(x[1].messages(3)[1].content, "q");
+    let bad = "{\"prompt\": \"q\", \"system\": [\"\"]}\n{\"prompt\": \"q\", \"system\": [1]}\n{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \"q\"}], \"system\": \"t\"}\n";
+    let err = parse(DatasetKind::Prompts, bad, "q.jsonl").unwrap_err();
+    let at: Vec<(usize, &str)> = err
+        .errors
+        .iter()
+        .map(|e| (e.line, e.field.as_str()))
+        .collect();
+    assert_eq!(at, [(1, "system[0]"), (2, "system[0]"), (3, "system")]);
+}
+
 #[test]
 fn errors_name_file_line_and_field() {
     let text = "{\"prompt\": \"ok\", \"responses\": [\"a\", \"b\"]}\n{\"prompt\": \"x\", \"responses\": [\"a\"]}\nnot json\n{\"prompt\": \"x\", \"responses\": [\"a\", \"b\"], \"strength\": \"meh\"}\n{\"prompt\": [{\"role\": \"robot\", \"content\": \"x\"}], \"chosen\": \"a\", \"rejected\": \"b\"}\n";

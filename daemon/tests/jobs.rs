@@ -492,6 +492,69 @@ fn sample_keeps_the_best_scored_sample() {
     }
 }
 
+/// System prompts vary across a prompt's samples: with two, the k samples
+/// alternate between them; the kept row starts with the one its best sample
+/// was drawn with, and that sample is what generating after that system
+/// prompt gives.
+#[test]
+fn sample_varies_system_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let systems = ["Answer briefly.", "Think step by step."];
+    let prompts = write(
+        dir.path(),
+        "prompts.jsonl",
+        &[json!({"prompt": "Compute 17 + 25.", "system": systems})],
+    );
+    let hp = json!({"k": 4, "max_new_tokens": 6, "temperature": 1.0});
+    let r = run(
+        JobKind::Sample,
+        hp.clone(),
+        3,
+        &[
+            ("policy", &f.join("ref")),
+            ("rm", &f.join("rm")),
+            ("prompts", &prompts),
+        ],
+        dir.path(),
+    );
+    r.summary.unwrap();
+    let out = std::fs::read_to_string(
+        r.sink
+            .blobs
+            .path_of(r.sink.output_hash("data").unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let kept: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let messages = kept["messages"].as_array().unwrap();
+    assert_eq!(messages[0]["role"], "system", "{kept}");
+    let system = messages[0]["content"].as_str().unwrap();
+    assert!(systems.contains(&system), "{system}");
+    // The same draws again: two samples after each system prompt.
+    let policy =
+        herd_engine::checkpoint::load_model(&f.join("ref"), &candle_core::Device::Cpu).unwrap();
+    let chat = herd_engine::checkpoint::load_chat(&f.join("ref")).unwrap();
+    let dialogs: Vec<Vec<herd_engine::chat::Message>> = systems
+        .iter()
+        .map(|s| {
+            vec![
+                herd_engine::chat::Message::new("system", s),
+                herd_engine::chat::Message::new("user", "Compute 17 + 25."),
+            ]
+        })
+        .collect();
+    let g: jobs::GenParams =
+        serde_json::from_value(jobs::effective_hyperparameters(JobKind::Sample, &hp).unwrap())
+            .unwrap();
+    let counted: Vec<(&[herd_engine::chat::Message], usize)> =
+        dialogs.iter().map(|d| (d.as_slice(), 2)).collect();
+    let samples = jobs::complete_counts(&policy, &chat, &counted, &g, 3, |_, _| {}).unwrap();
+    let which = systems.iter().position(|s| *s == system).unwrap();
+    let text = messages.last().unwrap()["content"].as_str().unwrap();
+    assert!(samples[which].iter().any(|x| x == text), "{samples:?} {text}");
+}
+
 #[test]
 fn annotate_ranks_by_the_checker_and_edits() {
     let dir = tempfile::tempdir().unwrap();

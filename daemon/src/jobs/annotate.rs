@@ -113,7 +113,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     if prompts.iter().any(|x| x.answer.is_none()) {
         bail!("annotate needs an `answer` on every prompt (the checker ranks by it)");
     }
-    let msgs: Vec<_> = prompts.iter().map(|x| x.prompt.clone()).collect();
+    let msgs: Vec<_> = prompts.iter().map(|x| x.messages(0)).collect();
     let policy = herd_engine::checkpoint::load_model(&policy_dir, &ctx.device)?;
     let pairs: Vec<(String, String)> = match ctx.inputs.get("other").cloned() {
         Some(other_dir) => {
@@ -154,7 +154,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             edited += 1;
         }
         rows.push(PreferenceExample {
-            prompt: x.prompt.clone(),
+            prompt: x.messages(0),
             responses,
             strength: Some(strength),
         });

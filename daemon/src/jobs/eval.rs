@@ -98,7 +98,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         let Dataset::Prompts(prompts) = load_dataset(&path, DatasetKind::Prompts)? else {
             unreachable!()
         };
-        let msgs: Vec<_> = prompts.iter().map(|x| x.prompt.clone()).collect();
+        let msgs: Vec<_> = prompts.iter().map(|x| x.messages(0)).collect();
         let ours = complete(&policy, &chat, &msgs, 1, &g, ctx.seed, |_, _| {})?;
         let accuracy = |outs: &[Vec<String>]| {
             let checkable: Vec<(usize, &String)> = prompts
@@ -124,11 +124,11 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             }
             if let Some((rm, rm_chat)) = &rm {
                 let mut wins = 0.0;
-                for (i, x) in prompts.iter().enumerate() {
+                for (i, messages) in msgs.iter().enumerate() {
                     let s = score(
                         rm,
                         rm_chat,
-                        &x.prompt,
+                        messages,
                         &[ours[i][0].clone(), theirs[i][0].clone()],
                     )?;
                     wins += if s[0] > s[1] {

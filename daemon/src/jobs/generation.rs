@@ -68,8 +68,7 @@ impl GenParams {
     }
 }
 
-/// `n` completions (text) per prompt, generated in batches; deterministic
-/// for a seed (each batch gets seed + batch index).
+/// `n` completions (text) per prompt; see [`complete_counts`].
 pub fn complete(
     model: &herd_engine::Llama,
     chat: &ChatFormat,
@@ -77,31 +76,66 @@ pub fn complete(
     n: usize,
     g: &GenParams,
     seed: u64,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<String>>> {
+    let counted: Vec<(&[herd_engine::chat::Message], usize)> =
+        prompts.iter().map(|p| (p.as_slice(), n)).collect();
+    complete_counts(model, chat, &counted, g, seed, progress)
+}
+
+/// `count` completions (text) of each prompt. Each call to the engine takes
+/// whole prompts, as many as fit `batch_size` rows (at least one), and runs
+/// each prompt's prefill once for all its rows; deterministic for a seed
+/// (call `c` gets seed + c).
+pub fn complete_counts(
+    model: &herd_engine::Llama,
+    chat: &ChatFormat,
+    prompts: &[(&[herd_engine::chat::Message], usize)],
+    g: &GenParams,
+    seed: u64,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<String>>> {
     let encoded: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| Ok(chat.encode_prompt(p)?.ids))
+        .map(|(p, _)| Ok(chat.encode_prompt(p)?.ids))
         .collect::<Result<_>>()?;
-    let rows: Vec<usize> = (0..prompts.len())
-        .flat_map(|i| std::iter::repeat_n(i, n))
-        .collect();
-    let mut out: Vec<Vec<String>> = vec![vec![]; prompts.len()];
-    let total = rows.len();
-    for (bi, chunk) in rows.chunks(g.batch_size).enumerate() {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|i| encoded[*i].clone()).collect();
+    let total: usize = prompts.iter().map(|(_, n)| n).sum();
+    let mut out: Vec<Vec<String>> = Vec::with_capacity(prompts.len());
+    let (mut first, mut done, mut call) = (0, 0, 0u64);
+    while first < prompts.len() {
+        // Whole prompts up to batch_size rows, at least one.
+        let mut last = first + 1;
+        let mut rows = prompts[first].1;
+        while last < prompts.len() && rows + prompts[last].1 <= g.batch_size {
+            rows += prompts[last].1;
+            last += 1;
+        }
         let cfg = herd_engine::generate::SamplingConfig {
             max_new_tokens: g.max_new_tokens,
             temperature: g.temperature,
             top_p: g.top_p,
-            seed: seed.wrapping_add(bi as u64),
+            seed: seed.wrapping_add(call),
             stop_ids: chat.stop_ids(),
         };
-        let gen = herd_engine::generate::generate(model, &batch, &cfg, chat.special.pad)?;
-        for (i, ids) in chunk.iter().zip(gen) {
-            out[*i].push(chat.decode(&ids)?.trim().to_string());
+        let counts: Vec<usize> = prompts[first..last].iter().map(|(_, n)| *n).collect();
+        let gen = herd_engine::generate::generate_many(
+            model,
+            &encoded[first..last],
+            &counts,
+            &cfg,
+            chat.special.pad,
+        )?;
+        for rows in gen {
+            out.push(
+                rows.iter()
+                    .map(|ids| Ok(chat.decode(ids)?.trim().to_string()))
+                    .collect::<Result<_>>()?,
+            );
         }
-        progress((bi * g.batch_size + chunk.len()).min(total), total);
+        done += rows;
+        progress(done, total);
+        first = last;
+        call += 1;
     }
     Ok(out)
 }

@@ -1,14 +1,21 @@
 //! `sample`: rejection sampling (Llama 3 §4.2.2). K samples per prompt from
 //! the policy, each scored by the reward model; the best becomes SFT data.
+//!
+//! The K samples of a prompt share its prefill (one prompt pass, K rows
+//! decoded off its cached keys and values). A prompt with system prompts
+//! varies them across its samples (sample `i` gets `system[i % len]`, one
+//! prefill per system prompt); the kept row carries the system prompt its
+//! best sample was drawn with.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, complete, load_dataset, save_dataset, score, GenParams};
+use super::{chat_of, complete_counts, load_dataset, save_dataset, score, GenParams};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind, SftExample};
+use herd_engine::chat::Message;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -96,14 +103,43 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     };
     let chat = chat_of(&policy_dir)?;
     let rm_chat = chat_of(&rm_dir)?;
-    let samples = {
+    // Each prompt's variants (one per system prompt it has, or itself
+    // alone) with how many of its k samples each draws.
+    let variants: Vec<Vec<(Vec<Message>, usize)>> = prompts
+        .iter()
+        .map(|x| {
+            let v = x.system.len().max(1);
+            (0..v.min(p.k))
+                .map(|i| (x.messages(i), p.k / v + usize::from(i < p.k % v)))
+                .collect()
+        })
+        .collect();
+    let generated = {
         let policy = herd_engine::checkpoint::load_model(&policy_dir, &ctx.device)?;
-        let msgs: Vec<_> = prompts.iter().map(|x| x.prompt.clone()).collect();
+        let flat: Vec<(&[Message], usize)> = variants
+            .iter()
+            .flatten()
+            .map(|(m, n)| (m.as_slice(), *n))
+            .collect();
         let sink = &mut *ctx.sink;
-        complete(&policy, &chat, &msgs, p.k, &p.gen, ctx.seed, |d, t| {
+        complete_counts(&policy, &chat, &flat, &p.gen, ctx.seed, |d, t| {
             sink.progress(d as u64, t as u64)
         })?
     };
+    // Per prompt: its samples, and the variant each was drawn with.
+    let mut generated = generated.into_iter();
+    let samples: Vec<(Vec<String>, Vec<usize>)> = variants
+        .iter()
+        .map(|vs| {
+            let (mut texts, mut from) = (vec![], vec![]);
+            for (v, _) in vs.iter().enumerate() {
+                let g = generated.next().expect("one entry per variant");
+                from.extend(std::iter::repeat_n(v, g.len()));
+                texts.extend(g);
+            }
+            (texts, from)
+        })
+        .collect();
     let rm = herd_engine::checkpoint::load_model(&rm_dir, &ctx.device)?;
     if rm.score.is_none() {
         bail!(
@@ -113,8 +149,16 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let (mut all, mut best_scores, mut rows) = (vec![], vec![], vec![]);
     let (mut empty, mut correct_best, mut correct_any, mut checkable, mut none_correct) =
         (0, 0, 0.0, 0, 0);
-    for (prompt, cands) in prompts.iter().zip(&samples) {
-        let scores = score(&rm, &rm_chat, &prompt.prompt, cands)?;
+    for ((prompt, (cands, from)), vs) in prompts.iter().zip(&samples).zip(&variants) {
+        // Each sample scored after the dialog it was drawn from.
+        let mut scores = vec![0.0; cands.len()];
+        for (v, (messages, _)) in vs.iter().enumerate() {
+            let idx: Vec<usize> = (0..cands.len()).filter(|i| from[*i] == v).collect();
+            let texts: Vec<String> = idx.iter().map(|i| cands[*i].clone()).collect();
+            for (i, s) in idx.iter().zip(score(&rm, &rm_chat, messages, &texts)?) {
+                scores[*i] = s;
+            }
+        }
         all.extend(scores.iter().map(|s| *s as f64));
         // Best non-empty sample (first on ties).
         let eligible = |i: &usize| {
@@ -150,8 +194,8 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                 .count() as f64
                 / cands.len() as f64;
         }
-        let mut messages = prompt.prompt.clone();
-        messages.push(herd_engine::chat::Message::new("assistant", &cands[best]));
+        let mut messages = vs[from[best]].0.clone();
+        messages.push(Message::new("assistant", &cands[best]));
         rows.push(SftExample::dialog(messages));
     }
     if rows.is_empty() {
