@@ -275,7 +275,9 @@ fn drive(
     // What transformers and serving stacks read beside the tokenizer: the
     // chat template, special tokens, stop tokens.
     let chat = herd_engine::chat::ChatFormat::from_file(&tok)?;
-    for (name, json) in herd_engine::chat::hf_tokenizer_files(&chat, model.config.max_position_embeddings) {
+    for (name, json) in
+        herd_engine::chat::hf_tokenizer_files(&chat, model.config.max_position_embeddings)
+    {
         std::fs::write(init_dir.join(name), serde_json::to_string_pretty(&json)?)?;
     }
     herd_engine::checkpoint::save_model(&model, &init_dir, None)?;

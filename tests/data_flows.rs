@@ -150,7 +150,13 @@ fn rows_of(c: &herd_client::Client, hash: &str) -> Vec<Value> {
         .collect()
 }
 
-fn import_rows(c: &herd_client::Client, dir: &Path, name: &str, kind: &str, rows: &[Value]) -> String {
+fn import_rows(
+    c: &herd_client::Client,
+    dir: &Path,
+    name: &str,
+    kind: &str,
+    rows: &[Value],
+) -> String {
     let path = dir.join(format!("{name}.jsonl"));
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(&path, text).unwrap();
@@ -234,7 +240,11 @@ fn mix_weights_counts_duplicates_and_lineage() {
         "no input `typo`",
     );
     refused(
-        req("mix", &[("a", &a)], json!({"weights": {"a": 2.0}, "counts": {"a": 1}})),
+        req(
+            "mix",
+            &[("a", &a)],
+            json!({"weights": {"a": 2.0}, "counts": {"a": 1}}),
+        ),
         "both a weight and a count",
     );
     refused(req("mix", &[], json!({})), "at least 1 input");

@@ -56,7 +56,9 @@ pub fn all_preferences(recorded: &Live, experiment: Uuid) -> Result<Vec<(String,
             let job = recorded
                 .job(*id)
                 .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("round {} lists job {id}, which has no view", round.index))?;
+                .ok_or_else(|| {
+                    format!("round {} lists job {id}, which has no view", round.index)
+                })?;
             if job.kind != JobKind::Annotate {
                 continue;
             }

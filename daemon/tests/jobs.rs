@@ -165,8 +165,7 @@ fn small_model(dir: &Path, seed: u64) -> PathBuf {
     cfg.head_dim = 16;
     let m = herd_engine::Llama::init(cfg, seed, &candle_core::Device::Cpu).unwrap();
     let out = dir.join(format!("model-{seed}"));
-    herd_engine::checkpoint::save_model(&m, &out, Some(&fixtures().join("ref")))
-        .unwrap();
+    herd_engine::checkpoint::save_model(&m, &out, Some(&fixtures().join("ref"))).unwrap();
     out
 }
 
@@ -347,8 +346,8 @@ fn strength_filters_what_rm_and_dpo_train_on() {
     all["min_strength"] = "marginally_better".into();
     assert!(!kept(JobKind::Dpo, all).contains("dropped as weaker"));
     // A level that does not exist is refused at submit, naming the field.
-    let err = jobs::effective_hyperparameters(JobKind::Dpo, &json!({"min_strength": "meh"}))
-        .unwrap_err();
+    let err =
+        jobs::effective_hyperparameters(JobKind::Dpo, &json!({"min_strength": "meh"})).unwrap_err();
     assert!(err.contains("min_strength"), "{err}");
 }
 
@@ -552,7 +551,10 @@ fn sample_varies_system_prompts() {
     let samples = jobs::complete_counts(&policy, &chat, &counted, &g, 3, |_, _| {}).unwrap();
     let which = systems.iter().position(|s| *s == system).unwrap();
     let text = messages.last().unwrap()["content"].as_str().unwrap();
-    assert!(samples[which].iter().any(|x| x == text), "{samples:?} {text}");
+    assert!(
+        samples[which].iter().any(|x| x == text),
+        "{samples:?} {text}"
+    );
 }
 
 #[test]

@@ -1,7 +1,11 @@
 //! Engine throughput on the shared bench shape (engine/benches/llama-bench.json):
 //! SFT step tokens/s, DPO step pair-tokens/s (reference log-probs cached,
 //! prompt shared by chosen and rejected), greedy generation new tokens/s at
-//! batch 4, and peak RSS. Median of 5 timed repetitions after one warm-up.
+//! batch 4, rejection sampling's generation (K = 10 samples of each of two
+//! 128-token prompts, 128 new tokens, temperature 0.8, top-p 0.95, through
+//! `sample_many` as the `sample` job calls it: one prompt's samples per call)
+//! new tokens/s, and peak RSS. Median of 5 timed repetitions after one
+//! warm-up (3 for generation).
 //!
 //! Run: `cargo bench -p herd-engine --bench engine_bench` (2 threads unless
 //! RAYON_NUM_THREADS is set).
@@ -11,7 +15,7 @@ use std::time::Instant;
 use candle_core::Device;
 use herd_engine::chat::Encoded;
 use herd_engine::config::LlamaConfig;
-use herd_engine::generate::{generate, SamplingConfig};
+use herd_engine::generate::{generate, sample_many, SamplingConfig};
 use herd_engine::objective::{self, Pair};
 use herd_engine::rng::Rng;
 use herd_engine::train::{TrainConfig, Trainer};
@@ -200,6 +204,29 @@ fn main() {
         println!(
             "generate (batch 4, 32 prompt + 128 new, greedy): {:.0} new tokens/s",
             (4 * 128) as f64 / secs
+        );
+    }
+    if run("sample") {
+        let prompts: Vec<Vec<u32>> = (0..2).map(|_| rand_ids(128)).collect();
+        let (k, new) = (10, 128);
+        let cfg = SamplingConfig {
+            max_new_tokens: new,
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: 1,
+            stop_ids: vec![],
+        };
+        let secs = median(
+            || {
+                // As the sample job calls it (batch_size 16: one prompt's
+                // 10 samples per call).
+                sample_many(&model, &prompts, &[k, k], &cfg, 0, 16, &|_| {}).unwrap();
+            },
+            3,
+        );
+        println!(
+            "sample (K=10 of 2 prompts, 128 prompt + 128 new, temperature 0.8, top-p 0.95): {:.0} new tokens/s",
+            (2 * k * new) as f64 / secs
         );
     }
     println!("peak_rss: {:.0} MiB", peak_rss_mib());

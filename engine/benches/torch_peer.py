@@ -7,7 +7,10 @@ Needs torch and transformers (a venv: pip install torch transformers). Prints
 one JSON line: SFT tokens/s (forward, backward, AdamW), DPO pair-tokens/s
 (policy forward+backward on chosen and rejected, reference forward without
 grad each step, as TRL does without precomputed reference log-probs) and
-greedy generation new tokens/s (batch 4, 32-token prompts, 128 new tokens).
+greedy generation new tokens/s (batch 4, 32-token prompts, 128 new tokens),
+and rejection sampling's generation new tokens/s (generate with
+num_return_sequences=10 on each of two 128-token prompts, 128 new tokens,
+temperature 0.8, top-p 0.95).
 Median of 5 timed repetitions after one warm-up, as the Rust bench does."""
 import json, sys, time
 
@@ -66,9 +69,25 @@ def generate():
         reference.generate(prompts, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
 
 
+sample_prompts = torch.randint(0, config.vocab_size, (2, 128))
+
+
+def sample():
+    with torch.no_grad():
+        for p in sample_prompts:
+            reference.generate(p[None], do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=10,
+                               max_new_tokens=128, min_new_tokens=128, pad_token_id=0)
+
+
+only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
+if only == ["sample"]:
+    print(json.dumps({"threads": torch.get_num_threads(),
+                      "sample_new_tokens_per_s": round(median_rate(sample, 2 * 10 * 128, reps=3))}))
+    sys.exit(0)
 print(json.dumps({
     "threads": torch.get_num_threads(),
     "sft_tokens_per_s": round(median_rate(sft, batch * seq)),
     "dpo_pair_tokens_per_s": round(median_rate(dpo, 2 * batch * seq)),
     "generate_new_tokens_per_s": round(median_rate(generate, 4 * 128, reps=3)),
+    "sample_new_tokens_per_s": round(median_rate(sample, 2 * 10 * 128, reps=3)),
 }))

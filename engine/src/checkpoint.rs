@@ -226,8 +226,7 @@ pub fn companion_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let e = e.map_err(|e| EngineError::io(dir, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
         // Symlinks count (the daemon's cache links blobs), directories not.
-        if name.starts_with('.') || name == CONFIG || is_weight_file(&name) || !e.path().is_file()
-        {
+        if name.starts_with('.') || name == CONFIG || is_weight_file(&name) || !e.path().is_file() {
             continue;
         }
         out.push(e.path());

@@ -40,6 +40,57 @@ impl SamplingConfig {
     }
 }
 
+/// Most likely first, ties by id: the total order the nucleus is cut from.
+fn likelier(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
+    b.1.partial_cmp(&a.1)
+        .unwrap_or(std::cmp::Ordering::Equal)
+        .then(a.0.cmp(&b.0))
+}
+
+/// The nucleus (top-p): the most likely tokens, in [`likelier`] order,
+/// whose mass first reaches `top_p`, as a mask over the vocabulary.
+///
+/// Found by repeated selection instead of sorting (a 128k vocabulary sorted
+/// per row per step dominated sampling): split the undecided tokens at
+/// their middle one; if the likelier half (with it) brings the mass to
+/// `top_p` the cut is in there, else all of it is kept and the rest is
+/// searched. Linear in the vocabulary; the same cut as sorting everything
+/// and summing in order, but for sums that land within rounding of `top_p`.
+fn nucleus(probs: &[f64], top_p: f64) -> Vec<bool> {
+    let mut order: Vec<(u32, f64)> = probs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u32, *p))
+        .collect();
+    // order[..lo] is kept; the cut lies in order[lo..hi].
+    let (mut lo, mut hi, mut kept_mass) = (0, order.len(), 0.0);
+    while hi - lo > 32 {
+        let mid = (hi - lo) / 2;
+        order[lo..hi].select_nth_unstable_by(mid, likelier);
+        let front: f64 = order[lo..=lo + mid].iter().map(|p| p.1).sum();
+        if kept_mass + front >= top_p {
+            hi = lo + mid + 1;
+        } else {
+            kept_mass += front;
+            lo += mid + 1;
+        }
+    }
+    order[lo..hi].sort_unstable_by(likelier);
+    let mut cut = hi;
+    for (i, p) in order[lo..hi].iter().enumerate() {
+        kept_mass += p.1;
+        if kept_mass >= top_p {
+            cut = lo + i + 1;
+            break;
+        }
+    }
+    let mut mask = vec![false; probs.len()];
+    for (id, _) in &order[..cut] {
+        mask[*id as usize] = true;
+    }
+    mask
+}
+
 fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
     if cfg.temperature <= 0.0 {
         // First maximum, as torch.argmax.
@@ -52,57 +103,35 @@ fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
         return best as u32;
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> = logits
+    let mut probs: Vec<f64> = logits
         .iter()
-        .enumerate()
-        .map(|(i, v)| (i, (((*v - max) as f64) / cfg.temperature).exp()))
+        .map(|v| (((*v - max) as f64) / cfg.temperature).exp())
         .collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    probs.iter_mut().for_each(|p| p.1 /= total);
-    // Most likely first, ties by id: a total order, so the kept prefix is
-    // the same whether the whole vocabulary is sorted or only its head.
-    let order = |a: &(usize, f64), b: &(usize, f64)| {
-        b.1.partial_cmp(&a.1)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.0.cmp(&b.0))
-    };
-    // Nucleus: smallest set of most likely tokens whose mass reaches top_p.
-    // Sort only a head of the vocabulary, growing it until it holds that
-    // mass (a 128k vocabulary sorted per row per step would dominate).
-    let mut keep = probs.len();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
     if cfg.top_p < 1.0 {
-        let mut head = 64.min(probs.len());
-        loop {
-            if head < probs.len() {
-                probs.select_nth_unstable_by(head - 1, order);
+        // Outside the nucleus a token has no chance.
+        let mask = nucleus(&probs, cfg.top_p);
+        for (p, keep) in probs.iter_mut().zip(mask) {
+            if !keep {
+                *p = 0.0;
             }
-            probs[..head].sort_by(order);
-            let mut acc = 0.0;
-            let reached = probs[..head].iter().position(|p| {
-                acc += p.1;
-                acc >= cfg.top_p
-            });
-            if let Some(i) = reached {
-                keep = i + 1;
-                break;
-            }
-            if head == probs.len() {
-                break;
-            }
-            head = (head * 4).min(probs.len());
         }
     }
-    // (With top_p = 1 every token is kept and the walk goes in id order.)
-    let kept = &probs[..keep];
-    let mass: f64 = kept.iter().map(|p| p.1).sum();
+    // Inverse CDF over the kept tokens, in id order.
+    let mass: f64 = probs.iter().sum();
     let mut u = rng.uniform() as f64 * mass;
-    for p in kept {
-        u -= p.1;
-        if u <= 0.0 {
-            return p.0 as u32;
+    let mut last = 0;
+    for (i, p) in probs.iter().enumerate() {
+        if *p > 0.0 {
+            u -= p;
+            last = i;
+            if u <= 0.0 {
+                return i as u32;
+            }
         }
     }
-    kept[kept.len() - 1].0 as u32
+    last as u32
 }
 
 /// New tokens for each prompt (stop token included when one was hit).
@@ -181,7 +210,7 @@ pub fn generate_many(
             }
         }
     }
-    let mut cache = KvCache::default();
+    let mut cache = KvCache::with_capacity(p + cfg.max_new_tokens);
     let hidden = model.forward_hidden(
         &Tensor::from_vec(ids, (np, p), dev)?,
         &Tensor::from_vec(pos, (np, p), dev)?,
@@ -189,7 +218,7 @@ pub fn generate_many(
         Some(&mut cache),
     )?;
     let last = model.lm_logits(&hidden.narrow(1, p - 1, 1)?)?; // [np, 1, V]
-    // Each prompt's cache, logits and mask copied to its rows: row -> (prompt, sample).
+                                                               // Each prompt's cache, logits and mask copied to its rows: row -> (prompt, sample).
     let rows: Vec<(usize, usize)> = live
         .iter()
         .enumerate()
@@ -203,11 +232,7 @@ pub fn generate_many(
             b,
             dev,
         )?;
-        for layer in cache.layers.iter_mut() {
-            if let Some((k, v)) = layer.take() {
-                *layer = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
-            }
-        }
+        cache.select_rows(&idx)?;
         last = last.index_select(&idx, 0)?;
         valid = rows.iter().map(|(r, _)| valid[*r].clone()).collect();
     }
@@ -260,71 +285,139 @@ pub fn generate_many(
     Ok(out)
 }
 
+/// Continuations of many prompts, as rejection sampling draws them:
+/// `counts[i]` of prompt `i`. Whole prompts go to calls of at most
+/// `rows_per_call` rows (at least one prompt each), each call running every
+/// prompt's prefill once ([`generate_many`]) with seed `cfg.seed + c` for
+/// call `c`. Calls run side by side on the thread pool: decoding a few rows
+/// of a small model is too little work to spread one call's matrix products
+/// over cores, and the calls are independent. The result does not depend on
+/// how many run at once.
+pub fn sample_many(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    counts: &[usize],
+    cfg: &SamplingConfig,
+    pad_id: u32,
+    rows_per_call: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    use rayon::prelude::*;
+    if prompts.len() != counts.len() {
+        return Err(EngineError::Input(format!(
+            "{} prompts but {} counts",
+            prompts.len(),
+            counts.len()
+        )));
+    }
+    // Calls: ranges of whole prompts.
+    let mut calls: Vec<std::ops::Range<usize>> = vec![];
+    let mut first = 0;
+    while first < prompts.len() {
+        let (mut last, mut rows) = (first + 1, counts[first]);
+        while last < prompts.len() && rows + counts[last] <= rows_per_call {
+            rows += counts[last];
+            last += 1;
+        }
+        calls.push(first..last);
+        first = last;
+    }
+    let done: Vec<Vec<Vec<Vec<u32>>>> = calls
+        .par_iter()
+        .enumerate()
+        .map(|(c, range)| {
+            let cfg = SamplingConfig {
+                seed: cfg.seed.wrapping_add(c as u64),
+                ..cfg.clone()
+            };
+            let out = generate_many(
+                model,
+                &prompts[range.clone()],
+                &counts[range.clone()],
+                &cfg,
+                pad_id,
+            )?;
+            progress(counts[range.clone()].iter().sum());
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    Ok(done.into_iter().flatten().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The nucleus as first written: the whole vocabulary sorted.
-    fn pick_full_sort(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(usize, f64)> = logits
+    /// The nucleus as first written: the whole vocabulary sorted, summed
+    /// in order.
+    fn nucleus_by_sorting(probs: &[f64], top_p: f64) -> Vec<bool> {
+        let mut order: Vec<(u32, f64)> = probs
             .iter()
             .enumerate()
-            .map(|(i, v)| (i, (((*v - max) as f64) / cfg.temperature).exp()))
+            .map(|(i, p)| (i as u32, *p))
             .collect();
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        probs.iter_mut().for_each(|p| p.1 /= total);
-        probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        order.sort_by(likelier);
         let mut acc = 0.0;
-        let keep = probs
+        let keep = order
             .iter()
             .position(|p| {
                 acc += p.1;
-                acc >= cfg.top_p
+                acc >= top_p
             })
-            .map_or(probs.len(), |i| i + 1);
-        let kept = &probs[..keep];
-        let mass: f64 = kept.iter().map(|p| p.1).sum();
-        let mut u = rng.uniform() as f64 * mass;
-        for p in kept {
-            u -= p.1;
-            if u <= 0.0 {
-                return p.0 as u32;
-            }
+            .map_or(order.len(), |i| i + 1);
+        let mut mask = vec![false; probs.len()];
+        for (id, _) in &order[..keep] {
+            mask[*id as usize] = true;
         }
-        kept[kept.len() - 1].0 as u32
+        mask
     }
 
-    /// Sorting only the head of the vocabulary keeps the same nucleus, in
-    /// the same order, so the same draw picks the same token: flat and
-    /// peaked distributions, ties, nuclei larger than the first head.
+    /// Selection finds the nucleus sorting finds: flat and peaked
+    /// distributions, ties, small and large vocabularies and nuclei.
     #[test]
-    fn head_sorted_nucleus_equals_the_full_sort() {
+    fn selected_nucleus_equals_the_sorted_one() {
         let mut gen = Rng::new(3);
-        for case in 0..200 {
-            let vocab = [5, 64, 300, 4096][case % 4];
+        for case in 0..300 {
+            let vocab = [5, 33, 300, 4096][case % 4];
             let spread = [0.01f32, 1.0, 8.0][case % 3];
-            let mut logits: Vec<f32> = (0..vocab).map(|_| gen.normal() * spread).collect();
+            let mut logits: Vec<f64> = (0..vocab).map(|_| (gen.normal() * spread) as f64).collect();
             if case % 5 == 0 {
                 logits[vocab / 2] = logits[0]; // a tie
             }
-            for top_p in [0.1, 0.5, 0.9, 0.999] {
-                let cfg = SamplingConfig {
-                    max_new_tokens: 1,
-                    temperature: 0.8,
-                    top_p,
-                    seed: 0,
-                    stop_ids: vec![],
-                };
-                let (mut a, mut b) = (Rng::new(case as u64), Rng::new(case as u64));
-                for _ in 0..5 {
-                    assert_eq!(
-                        pick(&logits, &cfg, &mut a),
-                        pick_full_sort(&logits, &cfg, &mut b),
-                        "case {case}, top_p {top_p}"
-                    );
-                }
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+            let total: f64 = e.iter().sum();
+            let probs: Vec<f64> = e.iter().map(|x| x / total).collect();
+            for top_p in [0.1, 0.5, 0.9, 0.95, 0.999] {
+                assert_eq!(
+                    nucleus(&probs, top_p),
+                    nucleus_by_sorting(&probs, top_p),
+                    "case {case}, top_p {top_p}"
+                );
             }
         }
+    }
+
+    /// Sampling keeps to the nucleus and follows the probabilities.
+    #[test]
+    fn samples_come_from_the_nucleus_in_proportion() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0, -8.0];
+        let cfg = SamplingConfig {
+            max_new_tokens: 1,
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 0,
+            stop_ids: vec![],
+        };
+        let mut rng = Rng::new(1);
+        let mut counts = [0usize; 5];
+        for _ in 0..20_000 {
+            counts[pick(&logits, &cfg, &mut rng) as usize] += 1;
+        }
+        // Probabilities 0.643, 0.237, 0.087, 0.032, 0.0: the first two hold
+        // 0.88 < 0.9, so the nucleus is {0, 1, 2}.
+        assert_eq!(counts[3] + counts[4], 0, "{counts:?}");
+        let share0 = counts[0] as f64 / 20_000.0;
+        assert!((share0 - 0.643 / 0.967).abs() < 0.02, "{counts:?}");
     }
 }

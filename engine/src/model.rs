@@ -54,10 +54,76 @@ impl std::fmt::Debug for Llama {
 }
 
 /// Per-layer cached keys and values for incremental decoding.
+///
+/// Two ways to grow: by concatenation (the default; what training's shared
+/// prompts use, gradients flowing through), or, with a capacity, by writing
+/// each step's keys and values in place into buffers sized once (decoding:
+/// concatenating copied the whole cache every step, and the fresh pages
+/// cost as much again).
 #[derive(Default)]
 pub struct KvCache {
-    /// (k, v) per layer, each [B, nkv, Tc, hd].
+    /// (k, v) per layer, each [B, nkv, Tc, hd]; with a capacity, the whole
+    /// buffers [B, nkv, capacity, hd], of which `len` positions are filled.
     pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// 0: grow by concatenation.
+    pub capacity: usize,
+    /// Positions filled.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// A cache that holds at most `capacity` positions, written in place
+    /// (inference only: no gradient flows through an in-place write).
+    pub fn with_capacity(capacity: usize) -> Self {
+        KvCache {
+            layers: vec![],
+            capacity,
+            len: 0,
+        }
+    }
+
+    /// Add layer `l`'s keys and values of `t` new positions ([B, nkv, t, hd]);
+    /// returns all of that layer's keys and values so far.
+    fn append(&mut self, l: usize, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.capacity == 0 {
+            let (k, v) = match self.layers[l].take() {
+                None => (k, v),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            };
+            self.layers[l] = Some((k.clone(), v.clone()));
+            return Ok((k, v));
+        }
+        let (b, nkv, t, hd) = k.dims4()?;
+        if self.len + t > self.capacity {
+            candle_core::bail!(
+                "KV cache of {} positions is full ({} filled, {t} more)",
+                self.capacity,
+                self.len
+            );
+        }
+        if self.layers[l].is_none() {
+            let buffer = || Tensor::zeros((b, nkv, self.capacity, hd), k.dtype(), k.device());
+            self.layers[l] = Some((buffer()?, buffer()?));
+        }
+        let (kb, vb) = self.layers[l].as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((
+            kb.narrow(2, 0, self.len + t)?,
+            vb.narrow(2, 0, self.len + t)?,
+        ))
+    }
+
+    /// Keep rows `idx` of the batch (in that order, repeats allowed): each
+    /// prompt's keys and values copied to the rows that continue it.
+    pub fn select_rows(&mut self, idx: &Tensor) -> candle_core::Result<()> {
+        for layer in self.layers.iter_mut() {
+            if let Some((k, v)) = layer.take() {
+                *layer = Some((k.index_select(idx, 0)?, v.index_select(idx, 0)?));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// x @ w^T over the last dim: [.., in] -> [.., out].
@@ -335,38 +401,37 @@ impl Llama {
             let k = apply_rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
                 None => (k, v),
-                Some(c) => {
-                    let (k, v) = match c.layers[l].take() {
-                        None => (k, v),
-                        Some((pk, pv)) => {
-                            (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
-                        }
-                    };
-                    c.layers[l] = Some((k.clone(), v.clone()));
-                    (k, v)
-                }
+                Some(c) => c.append(l, k, v)?,
             };
             let tk = k.dim(2)?;
             // Group query heads by their shared KV head instead of repeating K/V:
             // head h uses KV head h / rep, as transformers' repeat_kv does.
             let q = q.reshape((b, nkv, rep * t, hd))?;
-            let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, Tk]
-            let probs = if crate::fused::usable(&scores) {
-                // One parallel pass: scale, mask, softmax (own backward).
-                crate::fused::masked_softmax(
-                    &scores.reshape((b, nkv * rep, t, tk))?,
-                    bias5.as_ref().expect("bias"),
-                    scale,
-                )?
+            let decoding = cache.as_deref().is_some_and(|c| c.capacity > 0);
+            let att = if let (true, true, Some(bias5)) =
+                (decoding, crate::fused::usable(&k), bias5.as_ref())
+            {
+                // Generation: straight over the cache's buffers.
+                crate::fused::decode_attention(&q, &k, &v, bias5, scale)?
             } else {
-                let scores = (scores * scale)?
-                    .reshape((b, nkv, rep, t, tk))?
-                    .broadcast_add(&bias)?;
-                softmax(&scores)?
-            }
-            .reshape((b, nkv, rep * t, tk))?;
-            let att = probs
-                .matmul(&v)?
+                let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, Tk]
+                let probs = if crate::fused::usable(&scores) {
+                    // One parallel pass: scale, mask, softmax (own backward).
+                    crate::fused::masked_softmax(
+                        &scores.reshape((b, nkv * rep, t, tk))?,
+                        bias5.as_ref().expect("bias"),
+                        scale,
+                    )?
+                } else {
+                    let scores = (scores * scale)?
+                        .reshape((b, nkv, rep, t, tk))?
+                        .broadcast_add(&bias)?;
+                    softmax(&scores)?
+                }
+                .reshape((b, nkv, rep * t, tk))?;
+                probs.matmul(&v)?
+            };
+            let att = att
                 .reshape((b, nh, t, hd))?
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;
@@ -380,6 +445,9 @@ impl Llama {
                 (gate.silu()? * up)?
             };
             x = (x + linear(&gated, &blk.down_proj)?)?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
         }
         Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
     }

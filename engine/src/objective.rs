@@ -413,6 +413,7 @@ fn dpo_logps_shared_prompt(
                     .transpose()
             })
             .collect::<candle_core::Result<_>>()?,
+        ..KvCache::default()
     };
     let hc = model.forward_hidden(&ids, &pos, &bias, Some(&mut branch_cache))?; // [2N, C, H]
                                                                                 // Targets over [prompt hidden rows | completion hidden rows].

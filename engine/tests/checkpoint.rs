@@ -138,12 +138,7 @@ fn missing_files_and_wrong_shapes_are_clear_errors() {
 fn tied_model_round_trips_and_shards_load() {
     let dir = tempfile::tempdir().unwrap();
     let model = Llama::init(tiny_config(true), 7, &Device::Cpu).unwrap();
-    save_model(
-        &model,
-        dir.path(),
-        Some(&fixtures().join("ref")),
-    )
-    .unwrap();
+    save_model(&model, dir.path(), Some(&fixtures().join("ref"))).unwrap();
     let names: Vec<String> = load_tensors(dir.path()).unwrap().into_keys().collect();
     assert!(
         !names.contains(&"lm_head.weight".to_string()),

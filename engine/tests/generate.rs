@@ -12,10 +12,9 @@ fn fixtures() -> PathBuf {
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    let e: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+            .unwrap();
     let p: Vec<u32> = e["generate"]["prompt_ids"]
         .as_array()
         .unwrap()

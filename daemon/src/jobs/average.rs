@@ -70,11 +70,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let avg: BTreeMap<_, _> = herd_engine::average::average(&models, &p.weights)?;
     let model = herd_engine::Llama::from_tensors(config, avg, &ctx.device)?;
     let out = ctx.workdir.join("checkpoint");
-    herd_engine::checkpoint::save_model(
-        &model,
-        &out,
-        Some(first),
-    )?;
+    herd_engine::checkpoint::save_model(&model, &out, Some(first))?;
     let summary = json!({"models": inputs.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "weights": p.weights});
     ctx.sink.output(
         "checkpoint",

@@ -131,7 +131,11 @@ const SLOTS: usize = 64;
 /// signature agrees with a kept one's on at least `threshold` of its slots.
 /// Rows with `skip` set are neither checked nor kept. The all-pairs scan:
 /// quadratic, the reference the banded index is tested against.
-pub fn near_duplicates_exhaustive(sigs: &[[u64; SLOTS]], skip: &[bool], threshold: f64) -> Vec<bool> {
+pub fn near_duplicates_exhaustive(
+    sigs: &[[u64; SLOTS]],
+    skip: &[bool],
+    threshold: f64,
+) -> Vec<bool> {
     let mut dup = vec![false; sigs.len()];
     let mut kept: Vec<usize> = vec![];
     for i in 0..sigs.len() {

@@ -85,8 +85,9 @@ pub fn complete(
 
 /// `count` completions (text) of each prompt. Each call to the engine takes
 /// whole prompts, as many as fit `batch_size` rows (at least one), and runs
-/// each prompt's prefill once for all its rows; deterministic for a seed
-/// (call `c` gets seed + c).
+/// each prompt's prefill once for all its rows; calls run side by side on
+/// the worker's threads; deterministic for a seed (call `c` gets seed + c),
+/// whatever the thread count.
 pub fn complete_counts(
     model: &herd_engine::Llama,
     chat: &ChatFormat,
@@ -99,45 +100,51 @@ pub fn complete_counts(
         .iter()
         .map(|(p, _)| Ok(chat.encode_prompt(p)?.ids))
         .collect::<Result<_>>()?;
-    let total: usize = prompts.iter().map(|(_, n)| n).sum();
-    let mut out: Vec<Vec<String>> = Vec::with_capacity(prompts.len());
-    let (mut first, mut done, mut call) = (0, 0, 0u64);
-    while first < prompts.len() {
-        // Whole prompts up to batch_size rows, at least one.
-        let mut last = first + 1;
-        let mut rows = prompts[first].1;
-        while last < prompts.len() && rows + prompts[last].1 <= g.batch_size {
-            rows += prompts[last].1;
-            last += 1;
+    let counts: Vec<usize> = prompts.iter().map(|(_, n)| *n).collect();
+    let total: usize = counts.iter().sum();
+    let cfg = herd_engine::generate::SamplingConfig {
+        max_new_tokens: g.max_new_tokens,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        seed,
+        stop_ids: chat.stop_ids(),
+    };
+    // Calls finish on pool threads: generation runs on a scoped thread and
+    // this one reports (the sink stays on the thread that owns it).
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let generated = std::thread::scope(|scope| {
+        let encoded = &encoded;
+        let counts = &counts;
+        let cfg = &cfg;
+        let worker = scope.spawn(move || {
+            let tx = std::sync::Mutex::new(tx);
+            herd_engine::generate::sample_many(
+                model,
+                encoded,
+                counts,
+                cfg,
+                chat.special.pad,
+                g.batch_size,
+                &|n| {
+                    let _ = tx.lock().expect("progress channel").send(n);
+                },
+            )
+        });
+        let mut done = 0;
+        for n in rx {
+            done += n;
+            progress(done, total);
         }
-        let cfg = herd_engine::generate::SamplingConfig {
-            max_new_tokens: g.max_new_tokens,
-            temperature: g.temperature,
-            top_p: g.top_p,
-            seed: seed.wrapping_add(call),
-            stop_ids: chat.stop_ids(),
-        };
-        let counts: Vec<usize> = prompts[first..last].iter().map(|(_, n)| *n).collect();
-        let gen = herd_engine::generate::generate_many(
-            model,
-            &encoded[first..last],
-            &counts,
-            &cfg,
-            chat.special.pad,
-        )?;
-        for rows in gen {
-            out.push(
-                rows.iter()
-                    .map(|ids| Ok(chat.decode(ids)?.trim().to_string()))
-                    .collect::<Result<_>>()?,
-            );
-        }
-        done += rows;
-        progress(done, total);
-        first = last;
-        call += 1;
-    }
-    Ok(out)
+        worker.join().expect("generation thread panicked")
+    })?;
+    generated
+        .into_iter()
+        .map(|rows| {
+            rows.iter()
+                .map(|ids| Ok(chat.decode(ids)?.trim().to_string()))
+                .collect()
+        })
+        .collect()
 }
 
 /// RM scores of completions: one packed row per prompt (prompt once).

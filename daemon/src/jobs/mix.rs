@@ -217,5 +217,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         ],
     )?;
     save_dataset(ctx, "data", &out)?;
-    Ok(json!({"kind": kind.as_str(), "rows": out.len(), "duplicates_dropped": duplicates, "inputs": per_input}))
+    Ok(
+        json!({"kind": kind.as_str(), "rows": out.len(), "duplicates_dropped": duplicates, "inputs": per_input}),
+    )
 }

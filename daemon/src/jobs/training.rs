@@ -235,11 +235,7 @@ pub fn save_checkpoint(
     summary: Value,
 ) -> Result<String> {
     let out: PathBuf = ctx.workdir.join("checkpoint");
-    herd_engine::checkpoint::save_model(
-        model,
-        &out,
-        Some(trained_from),
-    )?;
+    herd_engine::checkpoint::save_model(model, &out, Some(trained_from))?;
     ctx.sink
         .output("checkpoint", ArtifactKind::Checkpoint, &out, summary)
 }

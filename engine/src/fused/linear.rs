@@ -6,7 +6,7 @@ use super::*;
 /// Most rows for which [`linear_few_rows`] beats gemm: decoding a batch of
 /// a few sequences multiplies a handful of rows by every weight matrix, and
 /// gemm then spends its time packing the weights and waking threads.
-pub const FEW_ROWS: usize = 8;
+pub const FEW_ROWS: usize = 16;
 
 /// Below this many weights the few-row kernel stays on the calling thread.
 const FEW_ROWS_PARALLEL_MIN_WEIGHTS: usize = 1 << 21;

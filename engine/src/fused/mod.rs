@@ -2,7 +2,8 @@
 //! attention softmax (`softmax`), target-token log-probabilities (`logprob`),
 //! RMSNorm (`rms_norm`), RoPE (`rope`), the few-row linear layer for decoding
 //! (`linear`) and SwiGLU (`swiglu`), with the vectorized exp they share
-//! (`fast_exp`). This file holds what they share: buffer and layout checks,
+//! (`fast_exp`); and one without a backward, for generation only: attention
+//! over the KV cache in place (`decode_attention`). This file holds what they share: buffer and layout checks,
 //! the kernel-path detection, row parallelism.
 //!
 //! candle runs elementwise ops on one thread and materializes every
@@ -126,6 +127,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+mod decode_attention;
 mod fast_exp;
 mod linear;
 mod logprob;
@@ -134,6 +136,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
+pub use decode_attention::decode_attention;
 pub use linear::{linear_few_rows, FEW_ROWS};
 pub use logprob::target_logprob;
 pub use rms_norm::rms_norm;
