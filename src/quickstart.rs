@@ -39,7 +39,15 @@ pub struct RoundRow {
     pub rm_accuracy: f64,
     pub task_accuracy: f64,
     pub previous_accuracy: f64,
+    /// Win rate of the new policy over the previous one, judged by the RM.
     pub win_rate: f64,
+    /// The same, judged by the task's checker (ties count half).
+    pub checker_win_rate: f64,
+    /// The preference datasets this round's RM trained on (the `mix` job's
+    /// inputs: every earlier round's annotations and this round's).
+    pub rm_data_inputs: BTreeMap<String, String>,
+    /// This round's annotations (`annotate`'s output hash).
+    pub annotations: String,
     pub seconds: f64,
     pub jobs: usize,
     pub succeeded: usize,
@@ -193,10 +201,14 @@ pub fn round_spec(
             {"name": "annotate", "kind": "annotate", "inputs": {"policy": "$policy", "prompts": "$prompts"},
              "hyperparameters": {"temperature": 1.0, "max_new_tokens": 24, "batch_size": 64}},
             {"name": "curate", "kind": "curate", "inputs": {"data": "annotate.data"}},
-            {"name": "rm", "kind": "rm", "inputs": {"model": "$policy", "data": "curate.data"},
-             "hyperparameters": {"lr": 1e-3, "epochs": (epochs * 0.5).max(2.0), "batch_size": 16, "max_seq_len": 160, "heldout_fraction": 0.2}},
+            // The reward model trains on every round's preferences so far,
+            // from the pre-trained (here: base) checkpoint, as Llama 3 does.
+            {"name": "preferences", "kind": "mix", "inputs": {"earlier": "$all_preferences", "new": "annotate.data"}},
+            {"name": "curate_all", "kind": "curate", "inputs": {"data": "preferences.data"}},
+            {"name": "rm", "kind": "rm", "inputs": {"model": "$base", "data": "curate_all.data"},
+             "hyperparameters": {"lr": 1e-3, "epochs": epochs * 3.0, "batch_size": 8, "max_seq_len": 160, "warmup_steps": 20, "heldout_fraction": 0.2}},
             {"name": "sample", "kind": "sample", "inputs": {"policy": "$policy", "rm": "rm.checkpoint", "prompts": "$prompts"},
-             "hyperparameters": {"k": 4, "temperature": 1.0, "max_new_tokens": 24, "batch_size": 64, "require_correct": true}},
+             "hyperparameters": {"k": 8, "temperature": 1.0, "max_new_tokens": 24, "batch_size": 64, "require_correct": true}},
             {"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "sample.data"},
              "hyperparameters": {"lr": 1e-3, "epochs": epochs, "batch_size": 16, "max_seq_len": 160, "warmup_steps": 10}},
             {"name": "dpo_a", "kind": "dpo", "inputs": {"model": "sft.checkpoint", "data": "curate.data"},
@@ -355,6 +367,7 @@ fn drive(
         let mut vars = BTreeMap::from([
             ("prompts".to_string(), prompts_h.clone()),
             ("heldout".to_string(), heldout_h.clone()),
+            ("base".to_string(), base.clone()),
         ]);
         if r == 1 {
             vars.insert("policy".into(), base.clone());
@@ -379,6 +392,19 @@ fn drive(
             task_accuracy: eval.metric("task_accuracy").unwrap_or(0.0),
             previous_accuracy: eval.metric("baseline_task_accuracy").unwrap_or(0.0),
             win_rate: eval.metric("win_rate").unwrap_or(0.0),
+            checker_win_rate: eval.metric("checker_win_rate").unwrap_or(0.0),
+            rm_data_inputs: by("preferences")
+                .context("round has no preferences mix")?
+                .inputs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            annotations: by("annotate")
+                .context("round has no annotate")?
+                .outputs
+                .get("data")
+                .cloned()
+                .unwrap_or_default(),
             seconds: t.elapsed().as_secs_f64(),
             jobs: jobs.len(),
             succeeded: jobs
@@ -432,20 +458,23 @@ fn drive(
 /// The table the README shows.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
-    s.push_str("| round | RM held-out accuracy | policy task accuracy (held-out) | previous policy | win rate vs previous | wall time |\n");
-    s.push_str("|---|---|---|---|---|---|\n");
+    s.push_str("| round | RM trained on | RM held-out accuracy | policy task accuracy (held-out) | previous policy | win rate vs previous: RM | checker | wall time |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|\n");
     s.push_str(&format!(
-        "| base | – | {:.3} | – | – | – |\n",
+        "| base | – | – | {:.3} | – | – | – | – |\n",
         r.base_accuracy
     ));
     for row in &r.rounds {
+        let n = row.rm_data_inputs.len();
         s.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} s |\n",
+            "| {} | {n} round{} of preferences | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} s |\n",
             row.round,
+            if n == 1 { "" } else { "s" },
             row.rm_accuracy,
             row.task_accuracy,
             row.previous_accuracy,
             row.win_rate,
+            row.checker_win_rate,
             row.seconds
         ));
     }

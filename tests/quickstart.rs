@@ -16,12 +16,24 @@ fn quickstart_smoke_runs_rounds_reproduces_and_verifies() {
     assert_eq!(report.rounds.len(), 2);
     for r in &report.rounds {
         assert_eq!(
-            r.jobs, 9,
-            "annotate, curate, rm, sample, sft, dpo x2, average, eval"
+            r.jobs, 11,
+            "annotate, curate, mix, curate, rm, sample, sft, dpo x2, average, eval"
         );
         assert_eq!(r.succeeded, r.jobs);
         assert!((0.0..=1.0).contains(&r.task_accuracy) && (0.0..=1.0).contains(&r.win_rate));
     }
+    // Each round's reward model trains on every round's preferences so far:
+    // $all_preferences expanded to round 1's annotations (by hash), beside
+    // round 2's own.
+    let (r1, r2) = (&report.rounds[0], &report.rounds[1]);
+    assert_eq!(r1.rm_data_inputs.keys().collect::<Vec<_>>(), ["new"]);
+    assert_eq!(
+        r2.rm_data_inputs.keys().collect::<Vec<_>>(),
+        ["earlier_r0", "new"]
+    );
+    assert_eq!(r2.rm_data_inputs["earlier_r0"], r1.annotations);
+    assert!(r2.rm_data_inputs["new"].starts_with("job:"));
+    assert_ne!(r1.annotations, r2.annotations);
     // Round 2 started from round 1's final policy: its baseline is round 1's result.
     assert_eq!(
         report.rounds[1].previous_accuracy,

@@ -3,7 +3,9 @@
 //! 1. Rule-based: responses with too many emoji or exclamation marks go.
 //! 2. Over-apologetic tone: responses with "I'm sorry"/"I apologize"-style
 //!    phrases are kept to at most a set share of the result.
-//! 3. Near-duplicates: MinHash over word shingles of the whole example,
+//! 3. Near-duplicates: MinHash over word shingles of the whole example (a
+//!    preference row: its prompt and every response, since the same prompt
+//!    and best answer against another rejected one is another comparison),
 //!    candidates found by LSH banding (near-linear), each confirmed on the
 //!    whole signature: the first of a group stays, as an all-pairs scan keeps.
 //! 4. Preference data: pairs whose responses are too similar go.
@@ -252,15 +254,13 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         Dataset::Preference(rows) => rows
             .iter()
             .map(|r| View {
-                text: format!(
-                    "{} {}",
-                    r.prompt
-                        .iter()
-                        .map(|m| m.content.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    r.responses[0]
-                ),
+                text: r
+                    .prompt
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .chain(r.responses.iter().map(|s| s.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 response: r.responses[0].clone(),
                 prompt: r.prompt.clone(),
                 pair: Some((

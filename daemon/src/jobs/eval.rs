@@ -122,6 +122,28 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             if let Some(a) = accuracy(&theirs) {
                 m.insert("baseline_task_accuracy".into(), a.into());
             }
+            // The checker as judge (the annotators' rule): which answer is
+            // right, or closer; a tie counts half.
+            let judged: Vec<f64> = prompts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, x)| {
+                    let answer = x.answer.as_ref()?;
+                    Some(
+                        match super::annotator_rank(&ours[i][0], &theirs[i][0], answer) {
+                            Some((0, _)) => 1.0,
+                            Some(_) => 0.0,
+                            None => 0.5,
+                        },
+                    )
+                })
+                .collect();
+            if !judged.is_empty() {
+                m.insert(
+                    "checker_win_rate".into(),
+                    (judged.iter().sum::<f64>() / judged.len() as f64).into(),
+                );
+            }
             if let Some((rm, rm_chat)) = &rm {
                 let mut wins = 0.0;
                 for (i, messages) in msgs.iter().enumerate() {
