@@ -21,6 +21,24 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    // Anything else is a mistake worth saying (a misspelt flag would
+    // otherwise run the full job with defaults).
+    let mut rest = args.iter().skip(1);
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "--smoke" => {}
+            "--data-dir" | "--rounds" => {
+                rest.next();
+            }
+            other => {
+                eprintln!(
+                    "quickstart: unknown argument {other:?} (expected --smoke, --data-dir DIR, --rounds N)"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    let smoke = args.iter().any(|a| a == "--smoke");
     let exe = std::env::current_exe()
         .expect("current exe")
         .display()
@@ -29,7 +47,7 @@ fn main() {
         data_dir: flag("--data-dir").map(Into::into),
         rounds: flag("--rounds")
             .map(|r| r.parse().expect("--rounds N"))
-            .unwrap_or(3),
+            .unwrap_or(if smoke { 2 } else { 3 }),
         worker_command: vec![exe, "worker".into()],
         quiet: false,
     };

@@ -355,6 +355,17 @@ fn names_quiet_output_tables_and_artifacts() {
     let b = submit("second", "2e-5");
     assert_eq!(a.lines().count(), 1, "-q --wait prints the id only: {a}");
     assert_eq!(cli.json(&["show", "names-exp/first"])["id"], a.as_str());
+    // -q history lists ids only, one per line.
+    assert_eq!(
+        cli.quiet(&[
+            "history",
+            "--experiment",
+            "names-exp",
+            "--sort",
+            "submitted"
+        ]),
+        format!("{a}\n{b}")
+    );
     // Off a terminal, waiting prints plain progress lines on stderr.
     let waited = cli.raw(&["wait", "names-exp/first"]);
     let err = String::from_utf8_lossy(&waited.stderr);

@@ -44,7 +44,7 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
     /// Print only the id or hash made (import, submit, experiment create,
-    /// round submit): for `X=$(herd -q ...)`
+    /// round submit), or the ids listed (history): for `X=$(herd -q ...)`
     #[arg(short, long, global = true)]
     pub quiet: bool,
     #[command(subcommand)]
@@ -449,6 +449,9 @@ pub fn run(cli: &Cli) -> Result<()> {
             let jobs = c.jobs(&q)?;
             if js {
                 print(js, &json!(jobs), || {});
+            } else if cli.quiet {
+                // One id per line, for `for j in $(herd -q history ...)`.
+                jobs.iter().for_each(|j| println!("{}", j.id));
             } else {
                 jobs::history_table(&jobs, columns.as_deref())?;
             }
