@@ -640,7 +640,13 @@ fn the_example_round_spec_runs() {
     assert_eq!(dpo["kind"], "dpo");
 
     let kinds = cli.json(&["kinds"]);
-    assert_eq!(kinds.as_array().unwrap().len(), 8);
+    assert_eq!(kinds.as_array().unwrap().len(), 9);
+    let mix = cli.json(&["kinds", "mix"]);
+    assert_eq!(mix[0]["at_least"], 1);
+    assert_eq!(
+        mix[0]["at_least_accepts"],
+        json!(["sft", "preference", "prompts"])
+    );
     let dpo_kind = cli.json(&["kinds", "dpo"]);
     assert_eq!(dpo_kind[0]["hyperparameters"]["beta"], 0.1);
     assert_eq!(dpo_kind[0]["ranges"]["beta"], "(0, ∞)");

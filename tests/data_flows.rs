@@ -248,4 +248,16 @@ fn mix_weights_counts_duplicates_and_lineage() {
         "both a weight and a count",
     );
     refused(req("mix", &[], json!({})), "at least 1 input");
+
+    // $all_preferences stands for many datasets: only a job that takes any
+    // input names may have it.
+    let exp = c.create_experiment("flows", "").unwrap();
+    let spec = json!({"experiment": exp, "jobs": [
+        {"name": "rm", "kind": "rm", "inputs": {"model": "$policy", "data": "$all_preferences"}}],
+        "vars": {"policy": a}});
+    let err = c.submit_round(&spec).unwrap_err().to_string();
+    assert!(
+        err.contains("$all_preferences stands for many datasets"),
+        "{err}"
+    );
 }

@@ -53,6 +53,12 @@ fn run(kind: JobKind, hp: Value, seed: u64, inputs: &[(&str, &Path)], scratch: &
     Run { sink, summary }
 }
 
+/// The bytes of a job's output `name`, as text.
+fn output_text(sink: &MemorySink, name: &str) -> String {
+    let hash = sink.output_hash(name).expect("the job made that output");
+    std::fs::read_to_string(sink.blobs.path_of(hash).unwrap()).unwrap()
+}
+
 fn first(sink: &MemorySink, name: &str) -> f64 {
     sink.series(name)[0]
 }
@@ -412,13 +418,7 @@ fn curate_removes_exactly_the_planted_rows() {
     assert_eq!(s["dropped"]["near_duplicate"], 1, "{s}");
     assert_eq!(s["dropped"]["apology_excess"], 1, "{s}");
     assert_eq!(s["rows_out"], 22, "{s}");
-    let out = std::fs::read_to_string(
-        r.sink
-            .blobs
-            .path_of(r.sink.output_hash("data").unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let out = output_text(&r.sink, "data");
     assert!(!out.contains("!!!!") && !out.contains("\u{1F389}") && !out.contains("I am sorry"));
 }
 
@@ -464,13 +464,7 @@ fn sample_keeps_the_best_scored_sample() {
         serde_json::from_value(jobs::effective_hyperparameters(JobKind::Sample, &hp).unwrap())
             .unwrap();
     let samples = jobs::complete(&policy, &chat, &msgs, 4, &g, 9, |_, _| {}).unwrap();
-    let out = std::fs::read_to_string(
-        r.sink
-            .blobs
-            .path_of(r.sink.output_hash("data").unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let out = output_text(&r.sink, "data");
     for (i, line) in out.lines().enumerate() {
         let kept: Value = serde_json::from_str(line).unwrap();
         let text = kept["messages"].as_array().unwrap().last().unwrap()["content"]
@@ -518,13 +512,7 @@ fn sample_varies_system_prompts() {
         dir.path(),
     );
     r.summary.unwrap();
-    let out = std::fs::read_to_string(
-        r.sink
-            .blobs
-            .path_of(r.sink.output_hash("data").unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let out = output_text(&r.sink, "data");
     let kept: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     let messages = kept["messages"].as_array().unwrap();
     assert_eq!(messages[0]["role"], "system", "{kept}");
@@ -577,13 +565,7 @@ fn annotate_ranks_by_the_checker_and_edits() {
     );
     match r.summary {
         Ok(s) => {
-            let out = std::fs::read_to_string(
-                r.sink
-                    .blobs
-                    .path_of(r.sink.output_hash("data").unwrap())
-                    .unwrap(),
-            )
-            .unwrap();
+            let out = output_text(&r.sink, "data");
             for line in out.lines() {
                 let v: Value = serde_json::from_str(line).unwrap();
                 let resp = v["responses"].as_array().unwrap();
