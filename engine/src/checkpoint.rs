@@ -377,3 +377,44 @@ pub fn describe(dir: &Path) -> Result<serde_json::Value> {
         "vocab_size": config.vocab_size, "dtype": config.dtype, "shapes": shapes,
     }))
 }
+
+/// Attach the PEFT adapter in `dir` (adapter_config.json,
+/// adapter_model.safetensors) to `model`, checking every tensor's name and
+/// shape against the model.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<()> {
+    let config = crate::lora::LoraConfig::from_file(&dir.join(crate::lora::ADAPTER_CONFIG))?;
+    let tensors = crate::lora::load_tensors(dir)?;
+    let lora = crate::lora::Lora::from_tensors(
+        config,
+        model.config.num_hidden_layers,
+        tensors,
+        |l, p| model.projection_shape(l, p),
+        &model.device,
+    )
+    .map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
+    model.lora = Some(lora);
+    Ok(())
+}
+
+/// Write `model`'s adapter as a PEFT adapter directory (`base` names the
+/// base model in its config), tensors in f32 under PEFT's names.
+pub fn save_adapter(model: &Llama, dir: &Path, base: &str) -> Result<()> {
+    let lora = model
+        .lora
+        .as_ref()
+        .ok_or_else(|| EngineError::Input("the model has no adapter to save".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    let path = dir.join(crate::lora::ADAPTER_CONFIG);
+    let text = serde_json::to_string_pretty(&lora.config.to_peft_json(base)).expect("serializes");
+    std::fs::write(&path, text).map_err(|e| EngineError::io(&path, e))?;
+    let tensors: BTreeMap<String, Tensor> = lora
+        .params()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    save_tensors(
+        &tensors,
+        DType::F32,
+        &dir.join(crate::lora::ADAPTER_WEIGHTS),
+    )
+}

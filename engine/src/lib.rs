@@ -21,6 +21,7 @@ pub mod device;
 pub mod error;
 pub mod fused;
 pub mod generate;
+pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod objective;

@@ -40,6 +40,8 @@ pub struct Llama {
     pub lm_head: Option<Var>,
     /// [1, H] for a reward model.
     pub score: Option<Var>,
+    /// A LoRA adapter on the blocks' projections (`crate::lora`).
+    pub lora: Option<crate::lora::Lora>,
     pub device: Device,
     inv_freq: Tensor, // [hd/2]
 }
@@ -274,6 +276,7 @@ impl Llama {
             norm,
             lm_head,
             score,
+            lora: None,
             device: device.clone(),
             inv_freq,
         })
@@ -335,6 +338,64 @@ impl Llama {
         out
     }
 
+    /// Block `l`'s projection `proj` of x: x Wᵀ, plus the adapter's
+    /// scale · (x Aᵀ) Bᵀ where one is attached, targets it and is on.
+    fn project(
+        &self,
+        l: usize,
+        proj: &'static str,
+        x: &Tensor,
+        w: &Var,
+    ) -> candle_core::Result<Tensor> {
+        let y = linear(x, w)?;
+        let Some(lora) = self.lora.as_ref().filter(|a| a.enabled()) else {
+            return Ok(y);
+        };
+        match lora.adapters.get(&(l, proj)) {
+            None => Ok(y),
+            Some((a, b)) => y + (linear(&linear(x, a)?, b)? * lora.config.scale())?,
+        }
+    }
+
+    /// [out, in] of block `l`'s projection `proj`.
+    pub fn projection_shape(&self, l: usize, proj: &str) -> (usize, usize) {
+        let b = &self.layers[l];
+        let w = match proj {
+            "q_proj" => &b.q_proj,
+            "k_proj" => &b.k_proj,
+            "v_proj" => &b.v_proj,
+            "o_proj" => &b.o_proj,
+            "gate_proj" => &b.gate_proj,
+            "up_proj" => &b.up_proj,
+            "down_proj" => &b.down_proj,
+            other => panic!("no projection {other}"),
+        };
+        let d = w.dims();
+        (d[0], d[1])
+    }
+
+    /// The weights with the adapter merged in (W + scale · B A for every
+    /// targeted projection): a plain checkpoint that computes what the
+    /// model with its adapter computes.
+    pub fn merged_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = self.tensors();
+        if let Some(lora) = &self.lora {
+            for (l, proj) in lora.adapters.keys() {
+                let module = crate::lora::PROJECTIONS
+                    .iter()
+                    .find(|p| p.0 == *proj)
+                    .map(|p| p.1)
+                    .expect("a known projection");
+                let name = format!("model.layers.{l}.{module}.{proj}.weight");
+                let delta = lora.delta(*l, proj)?.expect("listed adapter");
+                let w = &out[&name];
+                let merged = (w + delta.to_dtype(w.dtype())?)?;
+                out.insert(name, merged);
+            }
+        }
+        Ok(out)
+    }
+
     /// cos, sin for RoPE at the given positions: [B, T] -> each [B, 1, T, hd].
     fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
@@ -387,13 +448,16 @@ impl Llama {
         for (l, blk) in self.layers.iter().enumerate() {
             // Attention.
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
-            let q = linear(&h, &blk.q_proj)?
+            let q = self
+                .project(l, "q_proj", &h, &blk.q_proj)?
                 .reshape((b, t, nh, hd))?
                 .transpose(1, 2)?; // [B, nh, T, hd]
-            let k = linear(&h, &blk.k_proj)?
+            let k = self
+                .project(l, "k_proj", &h, &blk.k_proj)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?; // [B, nkv, T, hd]
-            let v = linear(&h, &blk.v_proj)?
+            let v = self
+                .project(l, "v_proj", &h, &blk.v_proj)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
@@ -435,16 +499,19 @@ impl Llama {
                 .reshape((b, nh, t, hd))?
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;
-            x = (x + linear(&att, &blk.o_proj)?)?;
+            x = (x + self.project(l, "o_proj", &att, &blk.o_proj)?)?;
             // SwiGLU MLP.
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let (gate, up) = (linear(&h, &blk.gate_proj)?, linear(&h, &blk.up_proj)?);
+            let (gate, up) = (
+                self.project(l, "gate_proj", &h, &blk.gate_proj)?,
+                self.project(l, "up_proj", &h, &blk.up_proj)?,
+            );
             let gated = if crate::fused::usable(&gate) {
                 crate::fused::swiglu(&gate, &up)?
             } else {
                 (gate.silu()? * up)?
             };
-            x = (x + linear(&gated, &blk.down_proj)?)?;
+            x = (x + self.project(l, "down_proj", &gated, &blk.down_proj)?)?;
         }
         if let Some(c) = cache {
             c.len += t;

@@ -1,0 +1,274 @@
+//! LoRA against PEFT: `tests/fixtures/llama-tiny/lora` holds a PEFT adapter
+//! on the `ref` model and what PyTorch + PEFT computed with it (see
+//! `tests/fixtures/README.md`): logits, SFT loss and the gradients of A and
+//! B, DPO with the adapter switched off as the reference, one AdamW step on
+//! the adapter only, and the merged weights.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use herd_engine::chat::Encoded;
+use herd_engine::checkpoint::{load_adapter, load_model, save_adapter};
+use herd_engine::objective::{self, Pair};
+use herd_engine::optim::{global_norm, gradients, AdamW, AdamWConfig};
+use herd_engine::Llama;
+use serde_json::Value;
+
+fn lora_expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("lora/expected.json")).unwrap())
+        .unwrap()
+}
+
+fn seq(v: &Value) -> Encoded {
+    Encoded {
+        ids: ids(&v["ids"]),
+        target_mask: mask(&v["completion_mask"]),
+        format_mask: mask(&v["format_mask"]),
+    }
+}
+
+fn with_adapter() -> Llama {
+    let mut m = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    load_adapter(&mut m, &fixtures().join("lora/adapter")).unwrap();
+    m
+}
+
+fn logits(m: &Llama, ids: &[u32]) -> Vec<f32> {
+    let ids = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn check_grads(grads: &BTreeMap<String, Tensor>, want: &Value, what: &str) {
+    for (name, w) in want.as_object().unwrap() {
+        let got: Vec<f32> = grads[name].flatten_all().unwrap().to_vec1().unwrap();
+        close_all(&got, &flat(w), &format!("{what} grad {name}"));
+    }
+}
+
+fn sft_sequences() -> Vec<Encoded> {
+    expected()["sft"]["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(seq)
+        .collect()
+}
+
+#[test]
+fn lora_forward_sft_step_and_merge_match_peft() {
+    let e = lora_expected();
+    let m = with_adapter();
+    let lora = m.lora.as_ref().unwrap();
+    assert_eq!(lora.config.rank, e["rank"].as_u64().unwrap() as usize);
+    assert_eq!(lora.config.scale(), e["scale"].as_f64().unwrap());
+    let trainable: usize = lora.params().iter().map(|(_, v)| v.elem_count()).sum();
+    assert_eq!(
+        trainable as u64,
+        e["sft"]["trainable_parameters"].as_u64().unwrap()
+    );
+
+    // Logits with the adapter on; off, they are the base's.
+    let fwd = ids(&e["forward"]["ids"]);
+    close_all(
+        &logits(&m, &fwd),
+        &flat(&e["forward"]["logits"]),
+        "logits with adapter",
+    );
+    lora.set_enabled(false);
+    let base = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    assert_eq!(
+        logits(&m, &fwd),
+        logits(&base, &fwd),
+        "adapter off = the base"
+    );
+    lora.set_enabled(true);
+
+    // SFT loss and the gradients of A and B.
+    let seqs = sft_sequences();
+    let (loss, _) = objective::sft_loss(&m, &seqs, 319).unwrap();
+    close(
+        loss.to_scalar::<f32>().unwrap() as f64,
+        e["sft"]["loss"].as_f64().unwrap(),
+        "sft loss",
+    );
+    let params = lora.params();
+    let grads = gradients(&loss, &params).unwrap();
+    close(
+        global_norm(&grads).unwrap(),
+        e["sft"]["grad_norm"].as_f64().unwrap(),
+        "sft grad norm",
+    );
+    let by_name: BTreeMap<String, Tensor> = params
+        .iter()
+        .map(|(n, _)| n.clone())
+        .zip(grads.clone())
+        .collect();
+    check_grads(&by_name, &e["sft"]["grads"], "sft");
+
+    // One AdamW step on the adapter only; the base does not move.
+    let s = &e["step"];
+    let betas = flat(&s["betas"]);
+    let cfg = AdamWConfig {
+        lr: s["lr"].as_f64().unwrap(),
+        beta1: betas[0],
+        beta2: betas[1],
+        eps: s["eps"].as_f64().unwrap(),
+        weight_decay: s["weight_decay"].as_f64().unwrap(),
+    };
+    let base_q: Vec<f32> = m.layers[0].q_proj.flatten_all().unwrap().to_vec1().unwrap();
+    let mut opt = AdamW::new(params, cfg.clone()).unwrap();
+    opt.step(&grads, cfg.lr).unwrap();
+    let (after, _) = objective::sft_loss(&m, &seqs, 319).unwrap();
+    close(
+        after.to_scalar::<f32>().unwrap() as f64,
+        s["sft_loss_after"].as_f64().unwrap(),
+        "sft loss after one step",
+    );
+    assert_eq!(
+        m.layers[0]
+            .q_proj
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        base_q
+    );
+
+    // Merged after the step: W + scale·B·A, and the merged model computes
+    // what the adapter model computes.
+    let merged = m.merged_tensors().unwrap();
+    let name = e["merged"]["tensor"].as_str().unwrap();
+    let w: Vec<f32> = merged[name].flatten_all().unwrap().to_vec1().unwrap();
+    close_all(&w, &flat(&e["merged"]["weight"]), "merged weight");
+    let plain = Llama::from_tensors(m.config.clone(), merged, &Device::Cpu).unwrap();
+    let want = flat(&e["merged"]["logits_after_step"]);
+    close_all(&logits(&m, &fwd), &want, "adapter logits after the step");
+    close_all(&logits(&plain, &fwd), &want, "merged logits");
+}
+
+#[test]
+fn lora_dpo_with_the_adapter_off_as_reference_matches_peft() {
+    let e = lora_expected();
+    let d = &e["dpo"];
+    let m = with_adapter();
+    let lora = m.lora.as_ref().unwrap();
+    let pairs: Vec<Pair> = expected()["dpo"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Pair {
+            chosen: seq(&r["chosen"]),
+            rejected: seq(&r["rejected"]),
+        })
+        .collect();
+    let mask_format = d["mask_format_tokens"].as_bool().unwrap();
+    for share in [false, true] {
+        // The reference: the same weights with the adapter switched off.
+        lora.set_enabled(false);
+        let (rc, rr) = objective::reference_logps(&m, &pairs, mask_format, share, 319).unwrap();
+        lora.set_enabled(true);
+        for (i, ex) in d["per_example"].as_array().unwrap().iter().enumerate() {
+            close(
+                rc[i] as f64,
+                ex["ref_chosen"].as_f64().unwrap(),
+                "ref_chosen",
+            );
+            close(
+                rr[i] as f64,
+                ex["ref_rejected"].as_f64().unwrap(),
+                "ref_rejected",
+            );
+        }
+        let out = objective::dpo_loss(
+            &m,
+            &pairs,
+            &rc,
+            &rr,
+            d["beta"].as_f64().unwrap(),
+            d["alpha"].as_f64().unwrap(),
+            mask_format,
+            319,
+        )
+        .unwrap();
+        close(out.dpo_loss, d["dpo_loss"].as_f64().unwrap(), "dpo term");
+        close(out.nll, d["nll"].as_f64().unwrap(), "nll");
+        close(
+            out.loss.to_scalar::<f32>().unwrap() as f64,
+            d["loss"].as_f64().unwrap(),
+            "loss",
+        );
+        let params = lora.params();
+        let grads = gradients(&out.loss, &params).unwrap();
+        close(
+            global_norm(&grads).unwrap(),
+            d["grad_norm"].as_f64().unwrap(),
+            "dpo grad norm",
+        );
+        let by_name: BTreeMap<String, Tensor> =
+            params.iter().map(|(n, _)| n.clone()).zip(grads).collect();
+        check_grads(
+            &by_name,
+            &d["grads"],
+            &format!("dpo (share_prompt={share})"),
+        );
+    }
+}
+
+/// The adapter directory round-trips: PEFT's names and shapes out, the
+/// same numbers back in; adapters PEFT could write but herd does not
+/// compute are refused by field.
+#[test]
+fn adapter_directories_round_trip_and_unsupported_ones_are_refused() {
+    let m = with_adapter();
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&m, dir.path(), "ref").unwrap();
+    let names = |d: &std::path::Path| -> BTreeMap<String, Vec<usize>> {
+        herd_engine::lora::load_tensors(d)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect()
+    };
+    assert_eq!(names(dir.path()), names(&fixtures().join("lora/adapter")));
+    let mut back = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    load_adapter(&mut back, dir.path()).unwrap();
+    let fwd = ids(&lora_expected()["forward"]["ids"]);
+    assert_eq!(logits(&back, &fwd), logits(&m, &fwd));
+
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lora/adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for (field, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("bias", serde_json::json!("all")),
+        ("target_modules", serde_json::json!(["lm_head"])),
+        ("modules_to_save", serde_json::json!(["score"])),
+    ] {
+        let bad = tempfile::tempdir().unwrap();
+        let mut c = config.clone();
+        c[field] = value;
+        std::fs::write(bad.path().join("adapter_config.json"), c.to_string()).unwrap();
+        std::fs::copy(
+            fixtures().join("lora/adapter/adapter_model.safetensors"),
+            bad.path().join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+        let err = load_adapter(&mut model, bad.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
