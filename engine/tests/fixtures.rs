@@ -3,24 +3,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use common::*;
 use herd_engine::chat::{Encoded, Message};
 use herd_engine::checkpoint::{load_chat, load_model, load_tensors};
 use herd_engine::generate::{generate, SamplingConfig};
-use herd_engine::objective::{self, Pair, Ranked};
-use herd_engine::optim::{global_norm, gradients, AdamW, AdamWConfig};
-use serde_json::Value;
-
-fn seq(v: &Value) -> Encoded {
-    Encoded {
-        ids: ids(&v["ids"]),
-        target_mask: mask(&v["completion_mask"]),
-        format_mask: mask(&v["format_mask"]),
-    }
-}
+use herd_engine::objective::{self, Ranked};
+use herd_engine::optim::{AdamW, AdamWConfig};
 
 #[test]
 fn chat_format_ids_and_masks() {
@@ -117,83 +107,21 @@ fn dpo_case(key: &str, mask_format: bool) {
     let d = &e["dpo"];
     let policy = load_model(&fixtures().join("policy"), &Device::Cpu).unwrap();
     let reference = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
-    let pairs: Vec<Pair> = d["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| Pair {
-            chosen: seq(&r["chosen"]),
-            rejected: seq(&r["rejected"]),
-        })
-        .collect();
-    let x = &d[key];
+    let pairs = dpo_pairs();
     for share in [false, true] {
         let (rc, rr) =
             objective::reference_logps(&reference, &pairs, mask_format, share, 319).unwrap();
-        let l = objective::dpo_logps(&policy, &pairs, mask_format, share, 319).unwrap();
-        let pc: Vec<f32> = l.chosen.to_vec1().unwrap();
-        let pr: Vec<f32> = l.rejected.to_vec1().unwrap();
-        for (i, ex) in x["per_example"].as_array().unwrap().iter().enumerate() {
-            close(
-                pc[i] as f64,
-                ex["policy_chosen"].as_f64().unwrap(),
-                "policy_chosen",
-            );
-            close(
-                pr[i] as f64,
-                ex["policy_rejected"].as_f64().unwrap(),
-                "policy_rejected",
-            );
-            close(
-                rc[i] as f64,
-                ex["ref_chosen"].as_f64().unwrap(),
-                "ref_chosen",
-            );
-            close(
-                rr[i] as f64,
-                ex["ref_rejected"].as_f64().unwrap(),
-                "ref_rejected",
-            );
-        }
-        let out = objective::dpo_loss(
+        check_dpo_step(
             &policy,
             &pairs,
-            &rc,
-            &rr,
-            d["beta"].as_f64().unwrap(),
-            d["alpha"].as_f64().unwrap(),
+            (&rc, &rr),
+            (d["beta"].as_f64().unwrap(), d["alpha"].as_f64().unwrap()),
             mask_format,
-            319,
-        )
-        .unwrap();
-        close(out.dpo_loss, x["dpo_loss"].as_f64().unwrap(), "dpo term");
-        close(out.nll, x["nll"].as_f64().unwrap(), "nll");
-        close(
-            out.loss.to_scalar::<f32>().unwrap() as f64,
-            x["loss"].as_f64().unwrap(),
-            "loss",
+            share,
+            &policy.params(),
+            &d[key],
+            &format!("({key}, share_prompt={share})"),
         );
-        close(
-            out.reward_accuracy(),
-            x["reward_accuracy"].as_f64().unwrap(),
-            "reward accuracy",
-        );
-        let params = policy.params();
-        let grads = gradients(&out.loss, &params).unwrap();
-        close(
-            global_norm(&grads).unwrap(),
-            x["grad_norm"].as_f64().unwrap(),
-            "grad norm",
-        );
-        let by_name: BTreeMap<_, _> = params.iter().map(|(n, _)| n.clone()).zip(grads).collect();
-        for (name, want) in x["grads"].as_object().unwrap() {
-            let got: Vec<f32> = by_name[name].flatten_all().unwrap().to_vec1().unwrap();
-            close_all(
-                &got,
-                &flat(want),
-                &format!("grad {name} ({key}, share_prompt={share})"),
-            );
-        }
     }
 }
 

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use herd_engine::chat::Encoded;
 use herd_engine::checkpoint::{load_adapter, load_model, save_adapter};
-use herd_engine::objective::{self, Pair};
+use herd_engine::objective;
 use herd_engine::optim::{global_norm, gradients, AdamW, AdamWConfig};
 use herd_engine::Llama;
 use serde_json::Value;
@@ -20,14 +20,6 @@ use serde_json::Value;
 fn lora_expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("lora/expected.json")).unwrap())
         .unwrap()
-}
-
-fn seq(v: &Value) -> Encoded {
-    Encoded {
-        ids: ids(&v["ids"]),
-        target_mask: mask(&v["completion_mask"]),
-        format_mask: mask(&v["format_mask"]),
-    }
 }
 
 fn with_adapter() -> Llama {
@@ -163,64 +155,23 @@ fn lora_dpo_with_the_adapter_off_as_reference_matches_peft() {
     let d = &e["dpo"];
     let m = with_adapter();
     let lora = m.lora.as_ref().unwrap();
-    let pairs: Vec<Pair> = expected()["dpo"]["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| Pair {
-            chosen: seq(&r["chosen"]),
-            rejected: seq(&r["rejected"]),
-        })
-        .collect();
+    let pairs = dpo_pairs();
     let mask_format = d["mask_format_tokens"].as_bool().unwrap();
     for share in [false, true] {
         // The reference: the same weights with the adapter switched off.
         lora.set_enabled(false);
         let (rc, rr) = objective::reference_logps(&m, &pairs, mask_format, share, 319).unwrap();
         lora.set_enabled(true);
-        for (i, ex) in d["per_example"].as_array().unwrap().iter().enumerate() {
-            close(
-                rc[i] as f64,
-                ex["ref_chosen"].as_f64().unwrap(),
-                "ref_chosen",
-            );
-            close(
-                rr[i] as f64,
-                ex["ref_rejected"].as_f64().unwrap(),
-                "ref_rejected",
-            );
-        }
-        let out = objective::dpo_loss(
+        check_dpo_step(
             &m,
             &pairs,
-            &rc,
-            &rr,
-            d["beta"].as_f64().unwrap(),
-            d["alpha"].as_f64().unwrap(),
+            (&rc, &rr),
+            (d["beta"].as_f64().unwrap(), d["alpha"].as_f64().unwrap()),
             mask_format,
-            319,
-        )
-        .unwrap();
-        close(out.dpo_loss, d["dpo_loss"].as_f64().unwrap(), "dpo term");
-        close(out.nll, d["nll"].as_f64().unwrap(), "nll");
-        close(
-            out.loss.to_scalar::<f32>().unwrap() as f64,
-            d["loss"].as_f64().unwrap(),
-            "loss",
-        );
-        let params = lora.params();
-        let grads = gradients(&out.loss, &params).unwrap();
-        close(
-            global_norm(&grads).unwrap(),
-            d["grad_norm"].as_f64().unwrap(),
-            "dpo grad norm",
-        );
-        let by_name: BTreeMap<String, Tensor> =
-            params.iter().map(|(n, _)| n.clone()).zip(grads).collect();
-        check_grads(
-            &by_name,
-            &d["grads"],
-            &format!("dpo (share_prompt={share})"),
+            share,
+            &lora.params(),
+            d,
+            &format!("lora dpo (share_prompt={share})"),
         );
     }
 }

@@ -1,4 +1,5 @@
-//! Shared test helpers: where the fixtures are, and tolerant comparison.
+//! Shared test helpers: where the fixtures are, tolerant comparison, and
+//! the fixtures' rows as engine inputs.
 
 #![allow(dead_code)]
 
@@ -67,4 +68,96 @@ pub fn mask(v: &serde_json::Value) -> Vec<u8> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u8)
         .collect()
+}
+
+/// A fixture sequence: ids with its completion and format masks.
+pub fn seq(v: &serde_json::Value) -> herd_engine::chat::Encoded {
+    herd_engine::chat::Encoded {
+        ids: ids(&v["ids"]),
+        target_mask: mask(&v["completion_mask"]),
+        format_mask: mask(&v["format_mask"]),
+    }
+}
+
+/// expected.json's `dpo.rows` as chosen/rejected pairs.
+pub fn dpo_pairs() -> Vec<herd_engine::objective::Pair> {
+    expected()["dpo"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| herd_engine::objective::Pair {
+            chosen: seq(&r["chosen"]),
+            rejected: seq(&r["rejected"]),
+        })
+        .collect()
+}
+
+/// One DPO + NLL step of `policy` against cached reference log-probs
+/// (rc, rr), checked against `want` (per-example log-probs, the loss and
+/// its terms, the gradient norm over `params` and the listed gradients).
+#[allow(clippy::too_many_arguments)]
+pub fn check_dpo_step(
+    policy: &herd_engine::Llama,
+    pairs: &[herd_engine::objective::Pair],
+    (rc, rr): (&[f32], &[f32]),
+    (beta, alpha): (f64, f64),
+    mask_format: bool,
+    share: bool,
+    params: &[(String, candle_core::Var)],
+    want: &serde_json::Value,
+    what: &str,
+) {
+    use herd_engine::objective;
+    let l = objective::dpo_logps(policy, pairs, mask_format, share, 319).unwrap();
+    let pc: Vec<f32> = l.chosen.to_vec1().unwrap();
+    let pr: Vec<f32> = l.rejected.to_vec1().unwrap();
+    for (i, ex) in want["per_example"].as_array().unwrap().iter().enumerate() {
+        for (got, key) in [
+            (pc[i], "policy_chosen"),
+            (pr[i], "policy_rejected"),
+            (rc[i], "ref_chosen"),
+            (rr[i], "ref_rejected"),
+        ] {
+            close(
+                got as f64,
+                ex[key].as_f64().unwrap(),
+                &format!("{what} {key}"),
+            );
+        }
+    }
+    let out = objective::dpo_loss(policy, pairs, rc, rr, beta, alpha, mask_format, 319).unwrap();
+    close(
+        out.dpo_loss,
+        want["dpo_loss"].as_f64().unwrap(),
+        &format!("{what} dpo term"),
+    );
+    close(
+        out.nll,
+        want["nll"].as_f64().unwrap(),
+        &format!("{what} nll"),
+    );
+    close(
+        out.loss.to_scalar::<f32>().unwrap() as f64,
+        want["loss"].as_f64().unwrap(),
+        &format!("{what} loss"),
+    );
+    if let Some(acc) = want["reward_accuracy"].as_f64() {
+        close(
+            out.reward_accuracy(),
+            acc,
+            &format!("{what} reward accuracy"),
+        );
+    }
+    let grads = herd_engine::optim::gradients(&out.loss, params).unwrap();
+    close(
+        herd_engine::optim::global_norm(&grads).unwrap(),
+        want["grad_norm"].as_f64().unwrap(),
+        &format!("{what} grad norm"),
+    );
+    let by_name: std::collections::BTreeMap<&String, &candle_core::Tensor> =
+        params.iter().map(|(n, _)| n).zip(&grads).collect();
+    for (name, w) in want["grads"].as_object().unwrap() {
+        let got: Vec<f32> = by_name[name].flatten_all().unwrap().to_vec1().unwrap();
+        close_all(&got, &flat(w), &format!("{what} grad {name}"));
+    }
 }
