@@ -261,3 +261,71 @@ fn mix_weights_counts_duplicates_and_lineage() {
         "{err}"
     );
 }
+
+/// `$all_preferences` takes each earlier round's annotations as they stand
+/// at submit: a recorded output by hash, an annotate job that may still run
+/// as `job:<id>/data` (the mix then waits for it), a failed one not at all.
+#[test]
+fn all_preferences_follows_earlier_rounds_annotations() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let f = fixtures();
+    let model = c.import_model(&f.join("ref"), "ref").unwrap().hash;
+    let prefs = c
+        .import_dataset(&f.join("preferences.jsonl"), "preference", "p")
+        .unwrap()
+        .hash;
+    let sft = c
+        .import_dataset(&f.join("sft.jsonl"), "sft", "sft")
+        .unwrap()
+        .hash;
+    // Prompts without answers: annotate fails (the checker needs them).
+    let unanswerable = import_rows(&c, dir.path(), "q", "prompts", &[json!({"prompt": "Hi"})]);
+    let answerable = import_rows(
+        &c,
+        dir.path(),
+        "a",
+        "prompts",
+        &[json!({"prompt": "Compute 17 + 25.", "answer": 42})],
+    );
+    let exp = c.create_experiment("prefs", "").unwrap();
+
+    // Round 0: its annotate fails.
+    let r0 = c
+        .submit_round(&json!({"experiment": exp, "vars": {"policy": model, "prompts": unanswerable},
+            "jobs": [{"name": "annotate", "kind": "annotate", "inputs": {"policy": "$policy", "prompts": "$prompts"}}]}))
+        .unwrap();
+    let failed = c
+        .wait(&r0.jobs[0].to_string(), Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(failed.status, herd_client::JobStatus::Failed);
+
+    // Round 1: its annotate waits behind a long SFT, so it is still queued.
+    let r1 = c
+        .submit_round(&json!({"experiment": exp, "vars": {"policy": model, "prompts": answerable, "sft": sft},
+            "jobs": [
+                {"name": "long", "kind": "sft", "inputs": {"model": "$policy", "data": "$sft"}, "hyperparameters": {"steps": 1000000}},
+                {"name": "annotate", "kind": "annotate", "inputs": {"policy": "long.checkpoint", "prompts": "$prompts"}}]}))
+        .unwrap();
+    let pending = r1.jobs[1];
+
+    // Round 2: the mix gets round 1's annotations by job reference and
+    // depends on that job; round 0's failed one is not there.
+    let r2 = c
+        .submit_round(&json!({"experiment": exp, "vars": {"policy": model, "prefs": prefs},
+            "jobs": [{"name": "all", "kind": "mix", "inputs": {"earlier": "$all_preferences", "new": "$prefs"}}]}))
+        .unwrap();
+    let mix = c.job(&r2.jobs[0].to_string()).unwrap();
+    assert_eq!(
+        mix.inputs,
+        BTreeMap::from([
+            ("earlier_r1".to_string(), format!("job:{pending}/data")),
+            ("new".to_string(), prefs.clone()),
+        ])
+    );
+    assert!(mix.depends_on.contains(&pending), "{:?}", mix.depends_on);
+    for id in [r1.jobs[0], r1.jobs[1], r2.jobs[0]] {
+        let _ = c.cancel(&id.to_string());
+    }
+}

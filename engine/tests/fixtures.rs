@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use candle_core::{Device, Tensor};
 use common::*;
 use herd_engine::chat::{Encoded, Message};
