@@ -68,3 +68,32 @@ fn seeded_sampling_is_bit_reproducible() {
     // The K samples of one prompt differ from each other.
     assert!(a[0].iter().any(|r| r != &a[0][0]), "{:?}", a[0]);
 }
+
+/// Calls run side by side on the pool, each with its own seed: one thread or
+/// two, the same tokens.
+#[test]
+fn sampling_does_not_depend_on_the_thread_count() {
+    use herd_engine::generate::sample_many;
+    let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let prompts = prompts();
+    let cfg = SamplingConfig {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 3,
+        stop_ids: vec![],
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| sample_many(&model, &prompts, &[3, 2, 3], &cfg, 319, 4, &|_| {}).unwrap())
+    };
+    let one = run(1);
+    assert_eq!(one, run(2));
+    assert_eq!(one.iter().map(|r| r.len()).collect::<Vec<_>>(), [3, 2, 3]);
+    // rows_per_call 4 makes three calls: the first prompt's 3 rows alone.
+    let alone = generate_many(&model, &prompts[..1], &[3], &cfg, 319).unwrap();
+    assert_eq!(one[0], alone[0]);
+}
