@@ -42,6 +42,10 @@ pub struct Llama {
     pub score: Option<Var>,
     /// A LoRA adapter on the blocks' projections (`crate::lora`).
     pub lora: Option<crate::lora::Lora>,
+    /// The base weights take no gradient (LoRA trains only its adapter and,
+    /// for a reward model, the score head): backward then computes no dW
+    /// for them and keeps none.
+    base_frozen: bool,
     pub device: Device,
     inv_freq: Tensor, // [hd/2]
 }
@@ -277,6 +281,7 @@ impl Llama {
             lm_head,
             score,
             lora: None,
+            base_frozen: false,
             device: device.clone(),
             inv_freq,
         })
@@ -338,6 +343,43 @@ impl Llama {
         out
     }
 
+    /// Freeze (or unfreeze) the base weights: they stay the same tensors,
+    /// but the graph no longer tracks them, so no gradient is computed for
+    /// them. The score head of a reward model stays trainable.
+    pub fn freeze_base(&mut self, frozen: bool) {
+        self.base_frozen = frozen;
+    }
+
+    /// What an optimizer should update: the adapter (and a reward model's
+    /// score head) when the base is frozen, else every weight (and the
+    /// adapter, when one is attached).
+    pub fn trainable_params(&self) -> Vec<(String, Var)> {
+        let adapter = self.lora.iter().flat_map(|l| l.params());
+        if self.base_frozen {
+            let score = self
+                .score
+                .iter()
+                .map(|s| ("score.weight".to_string(), s.clone()));
+            let mut out: Vec<(String, Var)> = adapter.chain(score).collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            return out;
+        }
+        let mut out = self.params();
+        out.extend(adapter);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// A base weight as the forward pass uses it: detached from the graph
+    /// when the base is frozen (same storage, no copy).
+    fn weight(&self, v: &Var) -> Tensor {
+        if self.base_frozen {
+            v.as_tensor().detach()
+        } else {
+            v.as_tensor().clone()
+        }
+    }
+
     /// Block `l`'s projection `proj` of x: x Wᵀ, plus the adapter's
     /// scale · (x Aᵀ) Bᵀ where one is attached, targets it and is on.
     fn project(
@@ -347,7 +389,7 @@ impl Llama {
         x: &Tensor,
         w: &Var,
     ) -> candle_core::Result<Tensor> {
-        let y = linear(x, w)?;
+        let y = linear(x, &self.weight(w))?;
         let Some(lora) = self.lora.as_ref().filter(|a| a.enabled()) else {
             return Ok(y);
         };
@@ -438,8 +480,7 @@ impl Llama {
         }; // [B, 1, T, Tk]
         let bias = bias.unsqueeze(2)?; // [B, 1, 1, T, Tk]
         let mut x = self
-            .embed_tokens
-            .as_tensor()
+            .weight(&self.embed_tokens)
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?;
         if let Some(c) = cache.as_deref_mut() {
@@ -447,7 +488,7 @@ impl Llama {
         }
         for (l, blk) in self.layers.iter().enumerate() {
             // Attention.
-            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+            let h = rms_norm(&x, &self.weight(&blk.input_layernorm), cfg.rms_norm_eps)?;
             let q = self
                 .project(l, "q_proj", &h, &blk.q_proj)?
                 .reshape((b, t, nh, hd))?
@@ -501,7 +542,11 @@ impl Llama {
                 .reshape((b, t, nh * hd))?;
             x = (x + self.project(l, "o_proj", &att, &blk.o_proj)?)?;
             // SwiGLU MLP.
-            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
+            let h = rms_norm(
+                &x,
+                &self.weight(&blk.post_attention_layernorm),
+                cfg.rms_norm_eps,
+            )?;
             let (gate, up) = (
                 self.project(l, "gate_proj", &h, &blk.gate_proj)?,
                 self.project(l, "up_proj", &h, &blk.up_proj)?,
@@ -516,17 +561,17 @@ impl Llama {
         if let Some(c) = cache {
             c.len += t;
         }
-        Ok(rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+        Ok(rms_norm(&x, &self.weight(&self.norm), cfg.rms_norm_eps)?)
     }
 
     /// Next-token logits [B, T, V] from hidden states.
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = match (&self.lm_head, self.config.num_labels) {
             (_, 1) => return Err(EngineError::Input("a reward model has no LM head".into())),
-            (Some(h), _) => h.as_tensor(),
-            (None, _) => self.embed_tokens.as_tensor(),
+            (Some(h), _) => self.weight(h),
+            (None, _) => self.weight(&self.embed_tokens),
         };
-        Ok(linear(hidden, w)?)
+        Ok(linear(hidden, &w)?)
     }
 
     /// Rewards at chosen tokens: hidden [B, T, H], flat indices (row * T +

@@ -223,3 +223,56 @@ fn adapter_directories_round_trip_and_unsupported_ones_are_refused() {
         assert!(err.contains(field), "{field}: {err}");
     }
 }
+
+/// With the base frozen, backward computes gradients for the adapter only
+/// (the same ones: the fixture's), and none for the base weights; a reward
+/// model's score head stays trainable beside its adapter.
+#[test]
+fn a_frozen_base_takes_no_gradient() {
+    let e = lora_expected();
+    let mut m = with_adapter();
+    m.freeze_base(true);
+    let trainable = m.trainable_params();
+    let lora_names: Vec<String> = m
+        .lora
+        .as_ref()
+        .unwrap()
+        .params()
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(
+        trainable.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
+        lora_names
+    );
+    let (loss, _) = objective::sft_loss(&m, &sft_sequences(), 319).unwrap();
+    close(
+        loss.to_scalar::<f32>().unwrap() as f64,
+        e["sft"]["loss"].as_f64().unwrap(),
+        "frozen sft loss",
+    );
+    let store = loss.backward().unwrap();
+    for (name, v) in m.params() {
+        assert!(store.get(v.as_tensor()).is_none(), "{name} took a gradient");
+    }
+    let grads: BTreeMap<String, Tensor> = trainable
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                store.get(v.as_tensor()).expect("adapter gradient").clone(),
+            )
+        })
+        .collect();
+    check_grads(&grads, &e["sft"]["grads"], "frozen sft");
+
+    let mut rm =
+        herd_engine::checkpoint::load_as_reward_model(&fixtures().join("ref"), &Device::Cpu, 0)
+            .unwrap();
+    load_adapter(&mut rm, &fixtures().join("lora/adapter")).unwrap();
+    rm.freeze_base(true);
+    assert!(rm
+        .trainable_params()
+        .iter()
+        .any(|(n, _)| n == "score.weight"));
+}
