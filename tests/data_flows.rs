@@ -270,16 +270,7 @@ fn all_preferences_follows_earlier_rounds_annotations() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());
     let c = d.client();
-    let f = fixtures();
-    let model = c.import_model(&f.join("ref"), "ref").unwrap().hash;
-    let prefs = c
-        .import_dataset(&f.join("preferences.jsonl"), "preference", "p")
-        .unwrap()
-        .hash;
-    let sft = c
-        .import_dataset(&f.join("sft.jsonl"), "sft", "sft")
-        .unwrap()
-        .hash;
+    let (model, _, _, prefs, sft) = import_fixtures(&c);
     // Prompts without answers: annotate fails (the checker needs them).
     let unanswerable = import_rows(&c, dir.path(), "q", "prompts", &[json!({"prompt": "Hi"})]);
     let answerable = import_rows(

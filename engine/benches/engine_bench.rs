@@ -34,22 +34,6 @@ fn median(mut f: impl FnMut(), reps: usize) -> f64 {
     ts[ts.len() / 2]
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<f64>()
-                    .unwrap_or(0.0)
-            })
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 fn main() {
     herd_engine::device::tune_allocator();
     if std::env::var("RAYON_NUM_THREADS").is_err() {
@@ -229,5 +213,5 @@ fn main() {
             (2 * k * new) as f64 / secs
         );
     }
-    println!("peak_rss: {:.0} MiB", peak_rss_mib());
+    println!("peak_rss: {:.0} MiB", herd_engine::device::peak_rss_mib());
 }

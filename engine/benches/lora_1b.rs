@@ -30,18 +30,6 @@ pub fn shape() -> serde_json::Value {
     })
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 fn main() {
     herd_engine::device::tune_allocator();
     if std::env::var("RAYON_NUM_THREADS").is_err() {
@@ -66,13 +54,17 @@ fn main() {
     .unwrap();
     model.lora = Some(adapter);
     model.freeze_base(true);
-    let trainable: usize = model.trainable_params().iter().map(|(_, v)| v.elem_count()).sum();
+    let trainable: usize = model
+        .trainable_params()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
     println!(
         "threads={} params={} trainable={trainable} init {:.1} s, RSS after init {:.0} MiB",
         herd_engine::device::cpu_threads(),
         model.num_params(),
         t0.elapsed().as_secs_f64(),
-        peak_rss_mib()
+        herd_engine::device::peak_rss_mib()
     );
     let mut rng = Rng::new(0);
     let seq = Encoded {
@@ -106,6 +98,6 @@ fn main() {
         "lora_1b f32 (batch 1 x 512, r16 all-linear, base frozen): {:.2} s/step median, {:.0} tokens/s, peak RSS {:.0} MiB",
         times[1],
         512.0 / times[1],
-        peak_rss_mib()
+        herd_engine::device::peak_rss_mib()
     );
 }

@@ -86,3 +86,17 @@ pub fn cuda_version() -> Option<String> {
         .next()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
 }
+
+/// This process's peak resident set (VmHWM) in MiB, for benches; 0 where
+/// /proc is not there.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
