@@ -113,6 +113,13 @@ pub struct PreferenceExample {
     pub strength: Option<Strength>,
 }
 
+impl PreferenceExample {
+    /// Marked weaker than `min` (a row without a strength is not).
+    pub fn weaker_than(&self, min: Strength) -> bool {
+        self.strength.is_some_and(|s| !s.at_least(min))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SftExample {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -598,6 +605,21 @@ pub fn parse_noting(
         ));
     }
     Ok((dataset, notes))
+}
+
+/// A dataset file of one of `kinds`, whichever parses first (for jobs that
+/// take more than one kind: list the stricter kinds first, since a
+/// preference row would also read as a prompt, and an SFT dialog as one
+/// too). The error is the last kind's.
+pub fn parse_any(kinds: &[DatasetKind], bytes: &[u8], file: &str) -> Result<Dataset, DataError> {
+    let mut last = None;
+    for kind in kinds {
+        match parse_bytes(*kind, bytes, file) {
+            Ok(d) => return Ok(d),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one kind"))
 }
 
 pub fn parse_bytes(kind: DatasetKind, bytes: &[u8], file: &str) -> Result<Dataset, DataError> {

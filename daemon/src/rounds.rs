@@ -53,15 +53,21 @@ pub fn all_preferences(recorded: &Live, experiment: Uuid) -> Result<Vec<(String,
         };
         let mut found = 0;
         for id in &round.jobs {
+            // The row says the kind: only annotate jobs' views are read (an
+            // ended job's view is on disk).
+            if recorded
+                .rows
+                .get(id)
+                .is_none_or(|r| r.kind != JobKind::Annotate)
+            {
+                continue;
+            }
             let job = recorded
                 .job(*id)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| {
                     format!("round {} lists job {id}, which has no view", round.index)
                 })?;
-            if job.kind != JobKind::Annotate {
-                continue;
-            }
             let reference = match (job.status, job.outputs.get("data")) {
                 (_, Some(hash)) => hash.clone(),
                 (JobStatus::Queued | JobStatus::Running, None) => {

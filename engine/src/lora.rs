@@ -150,13 +150,18 @@ impl LoraConfig {
     }
 }
 
-/// PEFT's tensor name for layer `l`'s projection `proj`, matrix "A" or "B".
-pub fn tensor_name(l: usize, proj: &str, matrix: &str) -> String {
-    let module = PROJECTIONS
+/// The module a projection sits in (`self_attn` or `mlp`).
+pub fn module_of(proj: &str) -> &'static str {
+    PROJECTIONS
         .iter()
         .find(|p| p.0 == proj)
         .map(|p| p.1)
-        .expect("a known projection");
+        .expect("a known projection")
+}
+
+/// PEFT's tensor name for layer `l`'s projection `proj`, matrix "A" or "B".
+pub fn tensor_name(l: usize, proj: &str, matrix: &str) -> String {
+    let module = module_of(proj);
     format!("base_model.model.model.layers.{l}.{module}.{proj}.lora_{matrix}.weight")
 }
 
@@ -272,12 +277,8 @@ impl Lora {
     }
 
     /// `scale · B A` for one projection: what merging adds to its weight.
-    pub fn delta(&self, l: usize, proj: &str) -> Result<Option<Tensor>> {
-        let Some((_, (a, b))) = self
-            .adapters
-            .iter()
-            .find(|((ll, p), _)| *ll == l && *p == proj)
-        else {
+    pub fn delta(&self, l: usize, proj: &'static str) -> Result<Option<Tensor>> {
+        let Some((a, b)) = self.adapters.get(&(l, proj)) else {
             return Ok(None);
         };
         Ok(Some(

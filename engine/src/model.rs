@@ -423,11 +423,7 @@ impl Llama {
         let mut out = self.tensors();
         if let Some(lora) = &self.lora {
             for (l, proj) in lora.adapters.keys() {
-                let module = crate::lora::PROJECTIONS
-                    .iter()
-                    .find(|p| p.0 == *proj)
-                    .map(|p| p.1)
-                    .expect("a known projection");
+                let module = crate::lora::module_of(proj);
                 let name = format!("model.layers.{l}.{module}.{proj}.weight");
                 let delta = lora.delta(*l, proj)?.expect("listed adapter");
                 let w = &out[&name];

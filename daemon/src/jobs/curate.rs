@@ -245,11 +245,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let path = ctx.input("data")?.to_path_buf();
     let bytes = std::fs::read(&path)?;
     let file = path.display().to_string();
-    // Preference or SFT data: whichever parses.
-    let ds = match data::parse_bytes(DatasetKind::Preference, &bytes, &file) {
-        Ok(d) => d,
-        Err(_) => data::parse_bytes(DatasetKind::Sft, &bytes, &file)?,
-    };
+    let ds = data::parse_any(&[DatasetKind::Preference, DatasetKind::Sft], &bytes, &file)?;
     let views: Vec<View> = match &ds {
         Dataset::Preference(rows) => rows
             .iter()

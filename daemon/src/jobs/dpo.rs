@@ -102,7 +102,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let mut pairs = vec![];
     let (mut dropped, mut too_weak) = (0, 0);
     for r in &rows {
-        if r.strength.is_some_and(|s| !s.at_least(p.min_strength)) {
+        if r.weaker_than(p.min_strength) {
             too_weak += 1;
             continue;
         }

@@ -94,21 +94,16 @@ impl Recipe for Mix {
 /// submit that every input is a dataset of one kind).
 fn read(path: &std::path::Path) -> Result<Dataset> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = path.display().to_string();
-    // Preference rows would also read as prompts, sft dialogs too: try the
-    // stricter kinds first.
-    let mut last = None;
-    for kind in [
+    let kinds = [
         DatasetKind::Preference,
         DatasetKind::Sft,
         DatasetKind::Prompts,
-    ] {
-        match data::parse_bytes(kind, &bytes, &file) {
-            Ok(d) => return Ok(d),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.expect("three kinds tried").into())
+    ];
+    Ok(data::parse_any(
+        &kinds,
+        &bytes,
+        &path.display().to_string(),
+    )?)
 }
 
 /// How many rows of each input, and which: whole copies, then a seeded
