@@ -233,7 +233,7 @@ fn mix_weights_counts_duplicates_and_lineage() {
     };
     refused(
         req("mix", &[("a", &a), ("p", &prefs)], json!({})),
-        "takes datasets of one kind: `a` is sft, `p` is preference",
+        "takes inputs of one kind: `a` is sft, `p` is preference",
     );
     refused(
         req("mix", &[("a", &a)], json!({"weights": {"typo": 2.0}})),

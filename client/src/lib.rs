@@ -244,6 +244,16 @@ impl Client {
 
     /// Import a Hugging Face model directory (every regular file in it).
     pub fn import_model(&self, dir: &Path, name: &str) -> Result<Imported> {
+        self.import_directory(dir, name, None)
+    }
+
+    /// Import a PEFT LoRA adapter directory as an adapter of the recorded
+    /// checkpoint `base`.
+    pub fn import_adapter(&self, dir: &Path, name: &str, base: &str) -> Result<Imported> {
+        self.import_directory(dir, name, Some(base))
+    }
+
+    fn import_directory(&self, dir: &Path, name: &str, base: Option<&str>) -> Result<Imported> {
         let io = |e| ClientError::Io {
             path: dir.display().to_string(),
             source: e,
@@ -270,7 +280,10 @@ impl Client {
         }
         // The daemon judges the files it was sent; say which directory.
         let recorded = self
-            .post("/checkpoints", &json!({"name": name, "files": files}))
+            .post(
+                "/checkpoints",
+                &json!({"name": name, "files": files, "base": base}),
+            )
             .map_err(|e| match e {
                 ClientError::Api { status, message } => ClientError::Api {
                     status,

@@ -41,12 +41,14 @@ pub enum JobKind {
     Eval,
     Annotate,
     Mix,
+    /// A LoRA adapter merged into its base: a plain checkpoint.
+    Merge,
     External,
 }
 
 impl JobKind {
     /// The kinds herd runs itself (every kind but `External`).
-    pub const RECIPES: [JobKind; 9] = [
+    pub const RECIPES: [JobKind; 10] = [
         JobKind::Rm,
         JobKind::Sample,
         JobKind::Sft,
@@ -56,6 +58,7 @@ impl JobKind {
         JobKind::Eval,
         JobKind::Annotate,
         JobKind::Mix,
+        JobKind::Merge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +72,7 @@ impl JobKind {
             JobKind::Eval => "eval",
             JobKind::Annotate => "annotate",
             JobKind::Mix => "mix",
+            JobKind::Merge => "merge",
             JobKind::External => "external",
         }
     }
@@ -102,7 +106,8 @@ impl fmt::Display for JobKind {
 }
 string_serde!(JobKind);
 
-/// What an artifact is: a checkpoint, one of the dataset kinds, or a cache.
+/// What an artifact is: a checkpoint, a LoRA adapter of one, one of the
+/// dataset kinds, or a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ArtifactKind {
     Checkpoint,
@@ -110,15 +115,19 @@ pub enum ArtifactKind {
     Sft,
     Prompts,
     Cache,
+    /// A PEFT LoRA adapter directory; its summary's `base` names the
+    /// checkpoint it adapts.
+    Adapter,
 }
 
 impl ArtifactKind {
-    pub const ALL: [ArtifactKind; 5] = [
+    pub const ALL: [ArtifactKind; 6] = [
         ArtifactKind::Checkpoint,
         ArtifactKind::Preference,
         ArtifactKind::Sft,
         ArtifactKind::Prompts,
         ArtifactKind::Cache,
+        ArtifactKind::Adapter,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -128,7 +137,13 @@ impl ArtifactKind {
             ArtifactKind::Sft => "sft",
             ArtifactKind::Prompts => "prompts",
             ArtifactKind::Cache => "cache",
+            ArtifactKind::Adapter => "adapter",
         }
+    }
+
+    /// A directory of files (a tree in the blob store), not one file.
+    pub fn is_directory(self) -> bool {
+        matches!(self, ArtifactKind::Checkpoint | ArtifactKind::Adapter)
     }
 
     pub fn is_dataset(self) -> bool {

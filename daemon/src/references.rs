@@ -16,10 +16,12 @@ use crate::jobs::{self, ArtifactKind, JobKind};
 
 pub use herd_core::InputRef;
 
-/// A job not yet recorded (planned in the same round): its kind and inputs.
+/// A job not yet recorded (planned in the same round): its kind, inputs and
+/// hyperparameters.
 pub struct Planned<'a> {
     pub kind: JobKind,
     pub inputs: &'a BTreeMap<String, String>,
+    pub hyperparameters: &'a serde_json::Value,
 }
 
 /// The artifact kind a reference points at, looking at recorded artifacts
@@ -50,24 +52,27 @@ fn artifact_kind_at(
             )),
         },
         InputRef::JobOutput { job, output } => {
-            let (kind, inputs, recorded) = if let Some(j) = planned.get(&job) {
-                (j.kind, j.inputs.clone(), None)
+            let (kind, inputs, hyperparameters, recorded) = if let Some(j) = planned.get(&job) {
+                (j.kind, j.inputs.clone(), j.hyperparameters.clone(), None)
             } else if let Some(j) = p.job(job).map_err(|e| e.to_string())? {
-                (j.kind, j.inputs.clone(), j.outputs.get(&output).cloned())
+                (
+                    j.kind,
+                    j.inputs.clone(),
+                    j.hyperparameters.clone(),
+                    j.outputs.get(&output).cloned(),
+                )
             } else {
                 return Err(format!("{reference}: no job {job}"));
             };
             if let Some(a) = recorded.and_then(|h| p.artifacts.get(&h)) {
                 return Ok(a.artifact);
             }
-            jobs::output_kind(kind, &output, &inputs, |r| {
-                artifact_kind_at(p, planned, r, depth + 1).ok()
-            })
-            .ok_or_else(|| {
+            let kind_of = |r: &str| artifact_kind_at(p, planned, r, depth + 1).ok();
+            jobs::output_kind(kind, &output, &inputs, &hyperparameters, kind_of).ok_or_else(|| {
                 format!(
-                    "{reference}: a {} job has no output `{output}` (its outputs: {})",
+                    "{reference}: this {} job makes no output `{output}` (it makes: {})",
                     kind.as_str(),
-                    jobs::output_names(kind).join(", ")
+                    jobs::outputs_made(kind, &inputs, &hyperparameters, kind_of).join(", ")
                 )
             })
         }
@@ -90,18 +95,59 @@ pub fn check_inputs(
         jobs::check_input_kind(kind, name, artifact)?;
         kinds.push((name, artifact));
     }
+    adapter_base(p, inputs)?;
     // A job whose output takes its inputs' kind needs them all of one kind.
-    let same_as_inputs = jobs::recipe(kind)?
-        .outputs()
-        .iter()
-        .any(|(_, of)| matches!(of, jobs::OutputKind::SameAsInputs));
+    let same_as_inputs = jobs::recipe(kind)?.outputs().iter().any(|(_, of)| {
+        matches!(
+            of,
+            jobs::OutputKind::SameAsInputs | jobs::OutputKind::WhenInputsAre(_)
+        )
+    });
     if same_as_inputs {
         if let Some((name, other)) = kinds.iter().find(|(_, a)| *a != kinds[0].1) {
             return Err(format!(
-                "a {kind} job takes datasets of one kind: `{}` is {}, `{name}` is {other}",
+                "a {kind} job takes inputs of one kind: `{}` is {}, `{name}` is {other}",
                 kinds[0].0, kinds[0].1
             ));
         }
     }
     Ok(())
+}
+
+/// The checkpoint a job's adapters adapt, checked: each adapter input's
+/// recorded `base` must be the job's `model` input, or, in a job without
+/// one (average), the same for every adapter. Returns `model` when the job
+/// has one, else the adapters' common base (what an adapter the job makes
+/// adapts). Inputs not resolved yet (job references) are skipped here and
+/// checked when the job starts.
+pub fn adapter_base(p: &Live, inputs: &BTreeMap<String, String>) -> Result<Option<String>, String> {
+    let mut base: Option<(String, String)> = inputs
+        .get("model")
+        .filter(|m| herd_core::BlobHash::is_valid(m))
+        .map(|m| ("model".to_string(), m.clone()));
+    for (name, reference) in inputs {
+        let Some(a) = p.artifacts.get(reference) else {
+            continue;
+        };
+        if a.artifact != ArtifactKind::Adapter {
+            continue;
+        }
+        let Some(adapts) = a.summary.get("base").and_then(|b| b.as_str()) else {
+            return Err(format!(
+                "input `{name}`: adapter {reference} has no recorded base"
+            ));
+        };
+        match &base {
+            None => base = Some((name.clone(), adapts.to_string())),
+            Some((from, hash)) if hash != adapts => {
+                return Err(if from == "model" {
+                    format!("input `{name}` is an adapter of checkpoint {adapts}, but `model` is {hash}: give the checkpoint it adapts")
+                } else {
+                    format!("input `{name}` is an adapter of checkpoint {adapts}, but `{from}` adapts {hash}: only adapters of one base average")
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(base.map(|b| b.1))
 }

@@ -218,6 +218,7 @@ pub fn expand(
                     references::Planned {
                         kind: p.kind,
                         inputs: &p.inputs,
+                        hyperparameters: &p.hyperparameters,
                     },
                 )
             })

@@ -283,6 +283,11 @@ impl Scheduler {
     ) -> Result<()> {
         let kind = job.kind;
         let resolved = Self::resolve(job, jobs)?;
+        // Adapters must adapt the model they are given with; what an adapter
+        // output adapts is recorded with it.
+        let adapter_base =
+            crate::references::adapter_base(&*self.state.projection.read().await, &resolved)
+                .map_err(|e| anyhow!(e))?;
         let effective =
             jobs::effective_hyperparameters(kind, &job.hyperparameters).map_err(|e| anyhow!(e))?;
         let state = self.state.clone();
@@ -370,7 +375,7 @@ impl Scheduler {
         let id = job.id;
         tokio::spawn(async move {
             let outcome = me
-                .monitor(id, attempt, child, stdout, stderr, kill_rx)
+                .monitor(id, attempt, adapter_base, child, stdout, stderr, kill_rx)
                 .await;
             if let Err(e) = outcome {
                 tracing::error!("job {id}: monitor: {e:#}");
@@ -387,6 +392,7 @@ impl Scheduler {
         &self,
         id: Uuid,
         attempt: u32,
+        adapter_base: Option<String>,
         mut child: tokio::process::Child,
         stdout: tokio::process::ChildStdout,
         mut stderr: tokio::process::ChildStderr,
@@ -424,7 +430,12 @@ impl Scheduler {
                         WorkerMessage::Progress { done, total } => {
                             self.state.progress.lock().expect("progress lock").insert(id, Progress { done, total });
                         }
-                        WorkerMessage::Output { name, artifact, hash, summary } => {
+                        WorkerMessage::Output { name, artifact, hash, mut summary } => {
+                            if artifact == herd_core::ArtifactKind::Adapter {
+                                if let (Some(base), Some(m)) = (&adapter_base, summary.as_object_mut()) {
+                                    m.insert("base".into(), base.clone().into());
+                                }
+                            }
                             self.state.record_one(&stream, HerdEvent::JobOutput { job: id, name, hash, artifact, summary }).await?;
                         }
                         WorkerMessage::Note { message } => notes.push(message),

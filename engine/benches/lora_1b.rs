@@ -43,6 +43,8 @@ fn main() {
         alpha: 32.0,
         targets: PROJECTIONS.iter().map(|p| p.0).collect(),
         rslora: false,
+        dropout: 0.0,
+        score: false,
     };
     let adapter = Lora::init(
         lora,

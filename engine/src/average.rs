@@ -16,27 +16,7 @@ pub fn average(
     if models.is_empty() {
         return Err(EngineError::Input("nothing to average".into()));
     }
-    let weights: Vec<f64> = if weights.is_empty() {
-        vec![1.0 / models.len() as f64; models.len()]
-    } else {
-        if weights.len() != models.len() {
-            return Err(EngineError::Input(format!(
-                "{} weights for {} models",
-                weights.len(),
-                models.len()
-            )));
-        }
-        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
-            return Err(EngineError::Input(format!(
-                "weights must be finite and non-negative, got {weights:?}"
-            )));
-        }
-        let total: f64 = weights.iter().sum();
-        if total <= 0.0 {
-            return Err(EngineError::Input("weights sum to zero".into()));
-        }
-        weights.iter().map(|w| w / total).collect()
-    };
+    let weights = normalized(weights, models.len())?;
     let first = &models[0];
     for (i, m) in models.iter().enumerate().skip(1) {
         for (name, t) in first {
@@ -66,4 +46,114 @@ pub fn average(
         out.insert(name.clone(), acc);
     }
     Ok(out)
+}
+
+/// `weights` made to sum to 1 (empty: uniform over `n`), after checking
+/// there is one per model and each is finite and non-negative.
+fn normalized(weights: &[f64], n: usize) -> Result<Vec<f64>> {
+    if weights.is_empty() {
+        return Ok(vec![1.0 / n as f64; n]);
+    }
+    if weights.len() != n {
+        return Err(EngineError::Input(format!(
+            "{} weights for {n} models",
+            weights.len()
+        )));
+    }
+    if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+        return Err(EngineError::Input(format!(
+            "weights must be finite and non-negative, got {weights:?}"
+        )));
+    }
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 {
+        return Err(EngineError::Input("weights sum to zero".into()));
+    }
+    Ok(weights.iter().map(|w| w / total).collect())
+}
+
+/// The weighted average of LoRA adapters of one base, exactly: an adapter
+/// whose merged model is the weighted average of the adapters' merged
+/// models. Its rank is the sum of theirs: A stacks the A's, B puts the
+/// B's side by side, each scaled by its weight and its adapter's scale, and
+/// the result has scale 1 (PEFT's "cat"). Averaging A and B separately
+/// (PEFT's "linear") would not average the models: mean(B)·mean(A) is not
+/// mean(B·A). A reward model's score head is averaged as a weight.
+pub fn adapters(
+    adapters: &[(crate::lora::LoraConfig, BTreeMap<String, Tensor>)],
+    weights: &[f64],
+) -> Result<(crate::lora::LoraConfig, BTreeMap<String, Tensor>)> {
+    use crate::lora::{tensor_name, SCORE_TENSOR};
+    if adapters.is_empty() {
+        return Err(EngineError::Input("nothing to average".into()));
+    }
+    let weights = normalized(weights, adapters.len())?;
+    let first = &adapters[0].0;
+    for (i, (c, _)) in adapters.iter().enumerate().skip(1) {
+        if c.targets != first.targets || c.score != first.score {
+            return Err(EngineError::Input(format!(
+                "adapter {i} adapts {:?}{} but adapter 0 adapts {:?}{}: only adapters of the same projections average",
+                c.targets,
+                if c.score { " and a score head" } else { "" },
+                first.targets,
+                if first.score { " and a score head" } else { "" },
+            )));
+        }
+    }
+    let mut out = BTreeMap::new();
+    let layers: std::collections::BTreeSet<usize> = adapters[0]
+        .1
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("base_model.model.model.layers.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    for l in layers {
+        for proj in &first.targets {
+            let (an, bn) = (tensor_name(l, proj, "A"), tensor_name(l, proj, "B"));
+            let mut a_parts = vec![];
+            let mut b_parts = vec![];
+            for (i, ((c, t), w)) in adapters.iter().zip(&weights).enumerate() {
+                let get = |n: &str| {
+                    t.get(n)
+                        .map(|x| x.to_dtype(DType::F32))
+                        .transpose()?
+                        .ok_or_else(|| {
+                            EngineError::Input(format!("adapter {i} has no tensor `{n}`"))
+                        })
+                };
+                a_parts.push(get(&an)?);
+                b_parts.push((get(&bn)? * (w * c.scale()))?);
+            }
+            out.insert(an, Tensor::cat(&a_parts, 0)?);
+            out.insert(bn, Tensor::cat(&b_parts, 1)?);
+        }
+    }
+    if first.score {
+        let heads: Vec<BTreeMap<String, Tensor>> = adapters
+            .iter()
+            .map(|(_, t)| {
+                t.get(SCORE_TENSOR)
+                    .map(|h| BTreeMap::from([(SCORE_TENSOR.to_string(), h.clone())]))
+                    .ok_or_else(|| {
+                        EngineError::Input(format!("an adapter has no `{SCORE_TENSOR}`"))
+                    })
+            })
+            .collect::<Result<_>>()?;
+        out.extend(average(&heads, &weights)?);
+    }
+    let rank: usize = adapters.iter().map(|(c, _)| c.rank).sum();
+    let config = crate::lora::LoraConfig {
+        rank,
+        alpha: rank as f64,
+        targets: first.targets.clone(),
+        rslora: false,
+        dropout: first.dropout,
+        score: first.score,
+    };
+    Ok((config, out))
 }

@@ -380,10 +380,44 @@ pub fn describe(dir: &Path) -> Result<serde_json::Value> {
 
 /// Attach the PEFT adapter in `dir` (adapter_config.json,
 /// adapter_model.safetensors) to `model`, checking every tensor's name and
-/// shape against the model.
+/// shape against the model. A reward model's adapter brings its score head.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<()> {
     let config = crate::lora::LoraConfig::from_file(&dir.join(crate::lora::ADAPTER_CONFIG))?;
-    let tensors = crate::lora::load_tensors(dir)?;
+    let mut tensors = crate::lora::load_tensors(dir)?;
+    let bad = |why: String| EngineError::checkpoint(dir, why);
+    let score = tensors.remove(crate::lora::SCORE_TENSOR);
+    match (config.score, score, &model.score) {
+        (false, None, _) => {}
+        (true, Some(t), Some(head)) => {
+            if t.dims() != head.dims() {
+                return Err(bad(format!(
+                    "`{}` has shape {:?}, the reward model's head is {:?}",
+                    crate::lora::SCORE_TENSOR,
+                    t.dims(),
+                    head.dims()
+                )));
+            }
+            head.set(&t.to_dtype(head.dtype())?.to_device(&model.device)?)?;
+        }
+        (true, Some(_), None) => {
+            return Err(bad(
+                "a reward model's adapter (it saves a score head); load its base as a reward model"
+                    .into(),
+            ))
+        }
+        (true, None, _) => {
+            return Err(bad(format!(
+                "modules_to_save names the score head but `{}` is missing",
+                crate::lora::SCORE_TENSOR
+            )))
+        }
+        (false, Some(_), _) => {
+            return Err(bad(format!(
+                "unexpected tensor `{}` (modules_to_save does not name the score head)",
+                crate::lora::SCORE_TENSOR
+            )))
+        }
+    }
     let lora = crate::lora::Lora::from_tensors(
         config,
         model.config.num_hidden_layers,
@@ -391,30 +425,121 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<()> {
         |l, p| model.projection_shape(l, p),
         &model.device,
     )
-    .map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
+    .map_err(|e| bad(e.to_string()))?;
+    model.lora = Some(lora);
+    Ok(())
+}
+
+/// Attach a fresh adapter (A seeded, B zero: the model is unchanged until it
+/// trains). A reward model's adapter carries its score head.
+pub fn attach_new_adapter(
+    model: &mut Llama,
+    mut config: crate::lora::LoraConfig,
+    seed: u64,
+) -> Result<()> {
+    config.score = model.score.is_some();
+    let lora = crate::lora::Lora::init(
+        config,
+        model.config.num_hidden_layers,
+        |l, p| model.projection_shape(l, p),
+        seed,
+        &model.device,
+    )?;
     model.lora = Some(lora);
     Ok(())
 }
 
 /// Write `model`'s adapter as a PEFT adapter directory (`base` names the
-/// base model in its config), tensors in f32 under PEFT's names.
+/// base model in its config), tensors in f32 under PEFT's names; a reward
+/// model's score head goes with it.
 pub fn save_adapter(model: &Llama, dir: &Path, base: &str) -> Result<()> {
     let lora = model
         .lora
         .as_ref()
         .ok_or_else(|| EngineError::Input("the model has no adapter to save".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-    let path = dir.join(crate::lora::ADAPTER_CONFIG);
-    let text = serde_json::to_string_pretty(&lora.config.to_peft_json(base)).expect("serializes");
-    std::fs::write(&path, text).map_err(|e| EngineError::io(&path, e))?;
-    let tensors: BTreeMap<String, Tensor> = lora
+    let mut config = lora.config.clone();
+    config.score = model.score.is_some();
+    let mut tensors: BTreeMap<String, Tensor> = lora
         .params()
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
-    save_tensors(
-        &tensors,
-        DType::F32,
-        &dir.join(crate::lora::ADAPTER_WEIGHTS),
+    if let Some(head) = &model.score {
+        tensors.insert(
+            crate::lora::SCORE_TENSOR.to_string(),
+            head.as_tensor().clone(),
+        );
+    }
+    write_adapter(&config, &tensors, dir, base)
+}
+
+/// Write an adapter directory as PEFT does: `adapter_config.json` and the
+/// tensors, f32, under PEFT's names.
+pub fn write_adapter(
+    config: &crate::lora::LoraConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    dir: &Path,
+    base: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    let path = dir.join(crate::lora::ADAPTER_CONFIG);
+    let text = serde_json::to_string_pretty(&config.to_peft_json(base)).expect("serializes");
+    std::fs::write(&path, text).map_err(|e| EngineError::io(&path, e))?;
+    save_tensors(tensors, DType::F32, &dir.join(crate::lora::ADAPTER_WEIGHTS))
+}
+
+/// What an adapter directory is, checked against the config of the base it
+/// adapts: every tensor's name and shape (no base weights are read). For
+/// import.
+pub fn inspect_adapter(dir: &Path, base_config: &Path) -> Result<serde_json::Value> {
+    let config = crate::lora::LoraConfig::from_file(&dir.join(crate::lora::ADAPTER_CONFIG))?;
+    let base = LlamaConfig::from_file(base_config)?;
+    let shapes = crate::model::param_shapes(&base);
+    let mut tensors = crate::lora::load_tensors(dir)?;
+    let bad = |why: String| EngineError::checkpoint(dir, why);
+    match (config.score, tensors.remove(crate::lora::SCORE_TENSOR)) {
+        (true, Some(t)) if t.dims() != [1, base.hidden_size] => {
+            return Err(bad(format!(
+                "`{}` has shape {:?}, the base implies [1, {}]",
+                crate::lora::SCORE_TENSOR,
+                t.dims(),
+                base.hidden_size
+            )))
+        }
+        (true, None) => {
+            return Err(bad(format!(
+                "modules_to_save names the score head but `{}` is missing",
+                crate::lora::SCORE_TENSOR
+            )))
+        }
+        (false, Some(_)) => {
+            return Err(bad(format!(
+                "unexpected tensor `{}` (modules_to_save does not name the score head)",
+                crate::lora::SCORE_TENSOR
+            )))
+        }
+        _ => {}
+    }
+    let lora = crate::lora::Lora::from_tensors(
+        config.clone(),
+        base.num_hidden_layers,
+        tensors,
+        |l, p| {
+            let name = format!("model.layers.{l}.{}.{p}.weight", crate::lora::module_of(p));
+            let d = &shapes[&name];
+            (d[0], d[1])
+        },
+        &Device::Cpu,
     )
+    .map_err(|e| bad(e.to_string()))?;
+    let parameters: usize = lora.params().iter().map(|(_, v)| v.elem_count()).sum();
+    Ok(serde_json::json!({
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "targets": config.targets,
+        "dropout": config.dropout,
+        "rslora": config.rslora,
+        "reward_model": config.score,
+        "parameters": parameters,
+    }))
 }

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -41,7 +42,16 @@ pub struct LoraConfig {
     pub targets: Vec<&'static str>,
     /// rsLoRA: scale alpha / √rank instead of alpha / rank.
     pub rslora: bool,
+    /// Dropout on the adapter's input while training (PEFT's
+    /// `lora_dropout`); the base path never drops.
+    pub dropout: f64,
+    /// The adapter carries a reward model's score head too (PEFT's
+    /// `modules_to_save: ["score"]`, a SEQ_CLS adapter).
+    pub score: bool,
 }
+
+/// PEFT's name for a saved score head (`modules_to_save`).
+pub const SCORE_TENSOR: &str = "base_model.model.score.weight";
 
 impl LoraConfig {
     pub fn scale(&self) -> f64 {
@@ -84,7 +94,10 @@ impl LoraConfig {
                 v["fan_in_fan_out"].as_bool() == Some(true),
             ),
             ("bias", v["bias"].as_str().is_some_and(|b| b != "none")),
-            ("modules_to_save", !v["modules_to_save"].is_null()),
+            (
+                "modules_to_save",
+                !v["modules_to_save"].is_null() && !saves_only_score(&v["modules_to_save"]),
+            ),
             ("layers_to_transform", !v["layers_to_transform"].is_null()),
             (
                 "rank_pattern",
@@ -130,24 +143,50 @@ impl LoraConfig {
         if targets.is_empty() {
             return Err(bad("target_modules", "no projection targeted".into()));
         }
+        let dropout = match &v["lora_dropout"] {
+            Value::Null => 0.0,
+            d => d
+                .as_f64()
+                .filter(|d| (0.0..1.0).contains(d))
+                .ok_or_else(|| {
+                    bad(
+                        "lora_dropout",
+                        format!("expected a number in [0, 1), got {d}"),
+                    )
+                })?,
+        };
         Ok(LoraConfig {
             rank,
             alpha,
             targets,
             rslora: v["use_rslora"].as_bool() == Some(true),
+            dropout,
+            score: saves_only_score(&v["modules_to_save"]),
         })
     }
 
     /// PEFT's `adapter_config.json` for this adapter on `base` (a name).
     pub fn to_peft_json(&self, base: &str) -> Value {
+        let (task, saves) = if self.score {
+            ("SEQ_CLS", json!(["score"]))
+        } else {
+            ("CAUSAL_LM", Value::Null)
+        };
         json!({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-            "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": 0.0, "bias": "none",
+            "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base,
+            "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "bias": "none",
             "target_modules": self.targets, "use_rslora": self.rslora, "use_dora": false,
-            "fan_in_fan_out": false, "modules_to_save": null, "layers_to_transform": null,
+            "fan_in_fan_out": false, "modules_to_save": saves, "layers_to_transform": null,
             "inference_mode": true, "init_lora_weights": true,
         })
     }
+}
+
+/// `modules_to_save` is exactly the score head (what PEFT saves beside a
+/// reward model's adapter).
+fn saves_only_score(v: &Value) -> bool {
+    v.as_array()
+        .is_some_and(|a| !a.is_empty() && a.iter().all(|m| m.as_str() == Some("score")))
 }
 
 /// The module a projection sits in (`self_attn` or `mlp`).
@@ -170,6 +209,11 @@ pub struct Lora {
     pub config: LoraConfig,
     pub adapters: BTreeMap<(usize, &'static str), (Var, Var)>,
     enabled: AtomicBool,
+    /// Dropout masks are drawn only while training, from a seeded stream:
+    /// the forward passes of a step run in a fixed order, so a run's masks
+    /// are the same on every machine and thread count.
+    training: AtomicBool,
+    dropout_rng: Mutex<crate::rng::Rng>,
 }
 
 impl Lora {
@@ -216,6 +260,8 @@ impl Lora {
             config,
             adapters,
             enabled: AtomicBool::new(true),
+            training: AtomicBool::new(false),
+            dropout_rng: Mutex::new(crate::rng::Rng::new(0)),
         })
     }
 
@@ -258,6 +304,35 @@ impl Lora {
     /// Switch the adapter off (the model is its base) or on.
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed)
+    }
+
+    /// Training mode (dropout on, masks from `seed`) or not.
+    pub fn set_training(&self, on: bool, seed: u64) {
+        self.training.store(on, Ordering::Relaxed);
+        *self.dropout_rng.lock().expect("dropout rng") = crate::rng::Rng::new(seed);
+    }
+
+    /// The adapter's input: x, or x with inverted dropout while training.
+    pub fn dropped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = self.config.dropout;
+        if p == 0.0 || !self.training.load(Ordering::Relaxed) {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - p as f32;
+        let mask: Vec<f32> = {
+            let mut rng = self.dropout_rng.lock().expect("dropout rng");
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.uniform() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
     }
 
     /// The trainable parameters, by PEFT name, sorted.

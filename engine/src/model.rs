@@ -395,7 +395,7 @@ impl Llama {
         };
         match lora.adapters.get(&(l, proj)) {
             None => Ok(y),
-            Some((a, b)) => y + (linear(&linear(x, a)?, b)? * lora.config.scale())?,
+            Some((a, b)) => y + (linear(&linear(&lora.dropped(x)?, a)?, b)? * lora.config.scale())?,
         }
     }
 

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::render::{print, short};
 use super::ImportWhat;
-use crate::{ArtifactKind, ArtifactQuery, ArtifactView, Client, ClientError, LineageNode, Result};
+use crate::{ArtifactQuery, ArtifactView, Client, ClientError, LineageNode, Result};
 
 pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Result<()> {
     let file_name = |p: &Path, default: &str| {
@@ -23,9 +23,12 @@ pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Re
             let name = name.clone().unwrap_or_else(|| file_name(file, "dataset"));
             c.import_dataset(file, kind, &name)?
         }
-        ImportWhat::Model { dir, name } => {
+        ImportWhat::Model { dir, name, base } => {
             let name = name.clone().unwrap_or_else(|| file_name(dir, "model"));
-            c.import_model(dir, &name)?
+            match base {
+                Some(base) => c.import_adapter(dir, &name, base)?,
+                None => c.import_model(dir, &name)?,
+            }
         }
     };
     print(js, &v, || {
@@ -39,6 +42,13 @@ pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Re
 
 /// A dataset's or checkpoint's summary, a few lines.
 fn print_summary(s: &Value) {
+    if let Some(base) = s.get("base").and_then(|b| b.as_str()) {
+        println!(
+            "  LoRA adapter of {base}: rank {}, alpha {}, {} parameters, targets {}",
+            s["rank"], s["alpha"], s["parameters"], s["targets"]
+        );
+        return;
+    }
     if let Some(p) = s.get("parameters") {
         println!(
             "  {} parameters, {} layers, hidden {}, vocab {}, {}",
@@ -165,7 +175,7 @@ pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, force: bool, js: bool
             to.display()
         )));
     }
-    if a.artifact == ArtifactKind::Checkpoint {
+    if a.artifact.is_directory() {
         let files = c.export(hash, to)?;
         print(js, &json!({"dir": to, "files": files}), || {
             println!("wrote {} files to {}", files.len(), to.display())

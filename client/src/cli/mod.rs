@@ -222,11 +222,16 @@ pub enum ImportWhat {
         #[arg(long)]
         name: Option<String>,
     },
-    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json)
+    /// A Hugging Face model directory (config.json, model.safetensors,
+    /// tokenizer.json), or a PEFT LoRA adapter directory
+    /// (adapter_config.json, adapter_model.safetensors) with --base
     Model {
         dir: PathBuf,
         #[arg(long)]
         name: Option<String>,
+        /// For an adapter: the recorded checkpoint (hash) it adapts
+        #[arg(long)]
+        base: Option<String>,
     },
 }
 

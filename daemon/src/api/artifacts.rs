@@ -276,6 +276,10 @@ struct NewCheckpoint {
     name: String,
     /// file name -> blob hash (upload each file to /blobs first)
     files: BTreeMap<String, String>,
+    /// For a PEFT adapter (adapter_config.json among the files): the
+    /// recorded checkpoint it adapts.
+    #[serde(default)]
+    base: Option<String>,
 }
 
 async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
@@ -300,9 +304,60 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
             size,
         });
     }
-    for need in ["config.json", "tokenizer.json"] {
-        if !body.files.contains_key(need) {
-            return Err(bad(format!("field `files`: a checkpoint needs {need}")));
+    let is_adapter = body.files.contains_key(herd_engine::lora::ADAPTER_CONFIG);
+    // An adapter is checked against its base's config (shapes only).
+    let base_config = match (&body.base, is_adapter) {
+        (None, true) => {
+            return Err(bad(
+                "field `files`: a PEFT adapter (adapter_config.json): give the checkpoint it adapts (`herd import model DIR --base HASH`)".to_string(),
+            ))
+        }
+        (Some(_), false) => {
+            return Err(bad(
+                "field `base`: only a PEFT adapter (a directory with adapter_config.json) has a base".to_string(),
+            ))
+        }
+        (Some(base), true) => {
+            let p = ctx.state.projection.read().await;
+            match p.artifacts.get(base) {
+                Some(a) if a.artifact == ArtifactKind::Checkpoint => {}
+                Some(a) => {
+                    return Err(bad(format!(
+                        "field `base`: {base} is a {}, not a checkpoint",
+                        a.artifact
+                    )))
+                }
+                None => {
+                    return Err(bad(format!(
+                        "field `base`: no recorded checkpoint {base} (import the base model first)"
+                    )))
+                }
+            }
+            let tree = ctx.state.store.blobs.tree(base).map_err(internal)?;
+            let config = tree
+                .files
+                .iter()
+                .find(|e| e.name == herd_engine::checkpoint::CONFIG)
+                .ok_or_else(|| bad(format!("field `base`: checkpoint {base} has no config.json")))?;
+            Some(ctx.state.store.blobs.path_of(&config.blob).map_err(internal)?)
+        }
+        (None, false) => None,
+    };
+    let needs: &[&str] = if is_adapter {
+        &[herd_engine::lora::ADAPTER_WEIGHTS]
+    } else {
+        &["config.json", "tokenizer.json"]
+    };
+    for need in needs {
+        if !body.files.contains_key(*need) {
+            return Err(bad(format!(
+                "field `files`: {} needs {need}",
+                if is_adapter {
+                    "an adapter"
+                } else {
+                    "a checkpoint"
+                }
+            )));
         }
     }
     let state = ctx.state.clone();
@@ -329,18 +384,36 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
                 Ok(())
             });
             // Refuse what the engine cannot load, with the engine's reason.
-            let check = linked
+            let check = linked.map_err(|e| e.to_string()).and_then(|()| {
+                match &base_config {
+                    Some(config) => herd_engine::checkpoint::inspect_adapter(&dir, config),
+                    None => herd_engine::checkpoint::inspect(&dir),
+                }
                 .map_err(|e| e.to_string())
-                .and_then(|()| herd_engine::checkpoint::inspect(&dir).map_err(|e| e.to_string()));
+            });
             let _ = std::fs::remove_dir_all(&dir);
             Ok((tree.id, check?))
         })
         .await
         .map_err(internal)?
-        .map_err(|e| bad(format!("not a loadable Llama checkpoint: {e}")))?;
+        .map_err(|e| {
+            bad(if is_adapter {
+                format!("not a LoRA adapter of that base: {e}")
+            } else {
+                format!("not a loadable Llama checkpoint: {e}")
+            })
+        })?;
+    let (artifact, summary) = match &body.base {
+        Some(base) => {
+            let mut summary = summary;
+            summary["base"] = base.clone().into();
+            (ArtifactKind::Adapter, summary)
+        }
+        None => (ArtifactKind::Checkpoint, summary),
+    };
     let event = HerdEvent::ArtifactImported {
         hash: hash.clone(),
-        artifact: ArtifactKind::Checkpoint,
+        artifact,
         name: body.name,
         summary: summary.clone(),
     };
@@ -388,7 +461,7 @@ async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
         })?;
     let wanted = q.rows.unwrap_or(3).min(100);
     let mut rows = vec![];
-    if artifact.artifact != ArtifactKind::Checkpoint && wanted > 0 {
+    if !artifact.artifact.is_directory() && wanted > 0 {
         let blobs = ctx.state.store.blobs.clone();
         let h = hash.clone();
         let bytes = tokio::task::spawn_blocking(move || blobs.read(&h))

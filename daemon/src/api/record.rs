@@ -87,7 +87,7 @@ async fn verify(ctx: Ctx) -> Res {
                 problems.push(format!("{artifact} {hash} ({name:?}) is recorded but its blob is missing"));
                 continue;
             }
-            let tree = (*artifact == ArtifactKind::Checkpoint).then(|| store.blobs.tree(hash).ok()).flatten();
+            let tree = artifact.is_directory().then(|| store.blobs.tree(hash).ok()).flatten();
             if let Some(tree) = tree {
                 for f in tree.files.iter().filter(|f| !store.blobs.contains(&f.blob)) {
                     problems.push(format!(

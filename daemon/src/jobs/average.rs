@@ -1,6 +1,8 @@
 //! `average`: a weighted mean of checkpoints of the same shape (Llama 3
-//! averages models from runs with different data or hyperparameters).
-//! Inputs are taken in name order; `weights` follow that order.
+//! averages models from runs with different data or hyperparameters), or of
+//! LoRA adapters of one base (exactly: the merged result is the mean of the
+//! merged models; see `herd_engine::average::adapters`). Inputs are taken
+//! in name order; `weights` follow that order.
 
 use std::collections::BTreeMap;
 
@@ -34,8 +36,16 @@ impl Recipe for Average {
     type Params = Params;
     const KIND: JobKind = JobKind::Average;
     const INPUTS: InputNames = InputNames::AtLeast(2);
-    const OUTPUTS: &'static [(&'static str, OutputKind)] =
-        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = &[
+        (
+            "checkpoint",
+            OutputKind::WhenInputsAre(ArtifactKind::Checkpoint),
+        ),
+        ("adapter", OutputKind::WhenInputsAre(ArtifactKind::Adapter)),
+    ];
+    fn accepts(_input: &str) -> &'static [ArtifactKind] {
+        &[ArtifactKind::Checkpoint, ArtifactKind::Adapter]
+    }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }
@@ -47,6 +57,13 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let is_adapter = |dir: &std::path::Path| dir.join(herd_engine::lora::ADAPTER_CONFIG).exists();
+    if is_adapter(&inputs[0].1) {
+        return average_adapters(ctx, &inputs, &p);
+    }
+    if let Some((name, _)) = inputs.iter().find(|(_, d)| is_adapter(d)) {
+        anyhow::bail!("input `{name}` is an adapter but `{}` is a checkpoint: average takes inputs of one kind", inputs[0].0);
+    }
     let mut models = vec![];
     for (name, dir) in &inputs {
         models.push(
@@ -78,6 +95,35 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         &out,
         summary.clone(),
     )?;
+    Ok(summary)
+}
+
+fn average_adapters(
+    ctx: &mut JobContext,
+    inputs: &[(String, std::path::PathBuf)],
+    p: &Params,
+) -> Result<Value> {
+    let mut adapters = vec![];
+    for (name, dir) in inputs {
+        let read = || -> Result<_> {
+            let config = herd_engine::lora::LoraConfig::from_file(
+                &dir.join(herd_engine::lora::ADAPTER_CONFIG),
+            )?;
+            Ok((config, herd_engine::lora::load_tensors(dir)?))
+        };
+        adapters.push(read().with_context(|| format!("input `{name}`"))?);
+    }
+    let (config, tensors) = herd_engine::average::adapters(&adapters, &p.weights)?;
+    // The base the adapters share (the daemon checked they share one).
+    let base: Value = serde_json::from_str::<Value>(&std::fs::read_to_string(
+        inputs[0].1.join(herd_engine::lora::ADAPTER_CONFIG),
+    )?)?["base_model_name_or_path"]
+        .clone();
+    let out = ctx.workdir.join("adapter");
+    herd_engine::checkpoint::write_adapter(&config, &tensors, &out, base.as_str().unwrap_or(""))?;
+    let summary = json!({"adapters": inputs.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "weights": p.weights, "rank": config.rank});
+    ctx.sink
+        .output("adapter", ArtifactKind::Adapter, &out, summary.clone())?;
     Ok(summary)
 }
 

@@ -3,14 +3,15 @@
 //! response; format tokens masked out of the DPO term (Llama 3 §4.1.4).
 //! Chosen is the best-ranked response, rejected the worst.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use herd_engine::objective::{self, Pair};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{
-    chat_of, load_dataset, prompt_completion, save_checkpoint, train_loop, truncate, TrainParams,
+    chat_of, load_dataset, prompt_completion, save_trained, train_loop, truncate, LoraParams,
+    TrainParams,
 };
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind, Strength};
@@ -20,6 +21,8 @@ use crate::data::{Dataset, DatasetKind, Strength};
 pub struct Params {
     #[serde(flatten)]
     pub train: TrainParams,
+    #[serde(flatten)]
+    pub lora: LoraParams,
     pub beta: f64,
     pub nll_weight: f64,
     pub mask_format_tokens: bool,
@@ -36,6 +39,7 @@ impl Default for Params {
                 batch_size: 2,
                 ..TrainParams::default()
             },
+            lora: LoraParams::default(),
             beta: 0.1,
             nll_weight: 0.2,
             mask_format_tokens: true,
@@ -47,6 +51,7 @@ impl Default for Params {
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
+        self.lora.validate()?;
         if !(self.beta.is_finite() && self.beta > 0.0)
             || !(self.nll_weight.is_finite() && self.nll_weight >= 0.0)
         {
@@ -56,6 +61,7 @@ impl Validate for Params {
     }
     fn bounds() -> Vec<super::Bound> {
         let mut b = TrainParams::bounds();
+        b.extend(LoraParams::bounds());
         b.push(super::Bound::at_least("beta", 0.0, false));
         b.push(super::Bound::at_least("nll_weight", 0.0, true));
         b
@@ -70,17 +76,22 @@ impl Recipe for Dpo {
     const KIND: JobKind = JobKind::Dpo;
     const INPUTS: InputNames = InputNames::Named {
         required: &["model", "data"],
-        optional: &["reference"],
+        optional: &["reference", "adapter"],
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] = &[
         ("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint)),
+        ("adapter", OutputKind::Is(ArtifactKind::Adapter)),
         ("reference_logps", OutputKind::Is(ArtifactKind::Cache)),
     ];
     fn accepts(input: &str) -> &'static [ArtifactKind] {
         match input {
             "data" => &[ArtifactKind::Preference],
+            "adapter" => &[ArtifactKind::Adapter],
             _ => &[ArtifactKind::Checkpoint],
         }
+    }
+    fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
+        p.lora.makes(inputs, output)
     }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
@@ -140,16 +151,39 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     }
     let pad = chat.special.pad;
     // Reference log-probs: once, in fixed chunks, recorded with the job.
+    // With LoRA the reference is the base, i.e. the policy with its adapter
+    // switched off: no second model in memory.
     let (mut ref_c, mut ref_r) = (vec![], vec![]);
-    {
-        let reference = herd_engine::checkpoint::load_model(&ref_dir, &ctx.device)?;
+    let reference_logps = |reference: &herd_engine::Llama,
+                           ref_c: &mut Vec<f32>,
+                           ref_r: &mut Vec<f32>|
+     -> Result<()> {
         for chunk in pairs.chunks(p.train.batch_size.max(1)) {
             let (c, r) =
-                objective::reference_logps(&reference, chunk, p.mask_format_tokens, true, pad)?;
+                objective::reference_logps(reference, chunk, p.mask_format_tokens, true, pad)?;
             ref_c.extend(c);
             ref_r.extend(r);
         }
-    }
+        Ok(())
+    };
+    let model = if p.lora.active(ctx) {
+        if ref_dir != model_dir {
+            bail!("with LoRA the reference is the base model with the adapter switched off: leave out input `reference` (or give the `model` itself)");
+        }
+        let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
+        p.lora.attach(ctx, &mut model)?;
+        let lora = model.lora.as_ref().expect("attached");
+        lora.set_enabled(false);
+        reference_logps(&model, &mut ref_c, &mut ref_r).context("reference log-probs")?;
+        lora.set_enabled(true);
+        model
+    } else {
+        {
+            let reference = herd_engine::checkpoint::load_model(&ref_dir, &ctx.device)?;
+            reference_logps(&reference, &mut ref_c, &mut ref_r)?;
+        }
+        herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?
+    };
     let cache_path = ctx.workdir.join("reference_logps.json");
     std::fs::write(
         &cache_path,
@@ -164,9 +198,8 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         json!({"pairs": pairs.len()}),
     )?;
 
-    let model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
     let n = pairs.len();
-    let last = train_loop(ctx, model.params(), &p.train, n, |idx, extras| {
+    let last = train_loop(ctx, model.trainable_params(), &p.train, n, |idx, extras| {
         let batch: Vec<Pair> = idx.iter().map(|i| pairs[*i].clone()).collect();
         let rc: Vec<f32> = idx.iter().map(|i| ref_c[*i]).collect();
         let rr: Vec<f32> = idx.iter().map(|i| ref_r[*i]).collect();
@@ -194,6 +227,6 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         Ok((out.loss, tokens))
     })?;
     let summary = json!({"pairs": n, "dropped_truncated": dropped, "final": last.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()});
-    save_checkpoint(ctx, &model, &model_dir, summary.clone())?;
+    save_trained(ctx, &model, &model_dir, summary.clone())?;
     Ok(summary)
 }

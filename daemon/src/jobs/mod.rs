@@ -16,6 +16,7 @@ mod dpo;
 mod eval;
 mod generation;
 mod inputs;
+mod merge;
 mod mix;
 pub mod recipe;
 mod rm;
@@ -34,11 +35,12 @@ pub use curate::{minhash, near_duplicates, near_duplicates_exhaustive};
 pub use generation::{complete, complete_counts, score, GenParams};
 pub use inputs::{chat_of, load_dataset, prompt_completion, save_dataset, similarity, truncate};
 pub use sink::{store_output, MemorySink, Sink};
-pub use training::{in_range, limits, save_checkpoint, train_loop, TrainParams};
+pub use training::{in_range, limits, save_trained, train_loop, LoraParams, TrainParams};
 
 pub use herd_core::{ArtifactKind, JobKind};
 pub use recipe::{
-    output_kind, output_names, recipe, AnyRecipe, InputNames, OutputKind, Recipe, RECIPES,
+    output_kind, output_names, outputs_made, recipe, AnyRecipe, InputNames, OutputKind, Recipe,
+    RECIPES,
 };
 
 /// Input `name` of a `kind` job may be an artifact of kind `artifact`.

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{annotate, average, curate, dpo, eval, mix, rm, sample, sft};
+use super::{annotate, average, curate, dpo, eval, merge, mix, rm, sample, sft};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 
 /// The input names a recipe takes.
@@ -40,6 +40,9 @@ pub enum OutputKind {
     SameAs(&'static str),
     /// The kind every input has (mix: checked at submit to be one kind).
     SameAsInputs,
+    /// Made, with this kind, only when the inputs are of this kind (average:
+    /// `checkpoint` from checkpoints, `adapter` from adapters).
+    WhenInputsAre(ArtifactKind),
 }
 
 /// One recipe of the Llama 3 loop.
@@ -60,6 +63,11 @@ pub trait Recipe: Sync + 'static {
     fn check_with_inputs(_params: &Self::Params, _inputs: &[&str]) -> Result<(), String> {
         Ok(())
     }
+    /// Whether a job with these hyperparameters and input names makes
+    /// output `output` (training: `adapter` with LoRA, else `checkpoint`).
+    fn makes(_params: &Self::Params, _inputs: &[&str], _output: &str) -> bool {
+        true
+    }
     fn run(ctx: &mut JobContext, params: Self::Params) -> Result<Value>;
 }
 
@@ -76,6 +84,8 @@ pub trait AnyRecipe: Sync {
     fn check(&self, hyperparameters: &Value) -> Result<(), String>;
     /// Check (already checked) hyperparameters against the input names.
     fn check_with_inputs(&self, hyperparameters: &Value, inputs: &[&str]) -> Result<(), String>;
+    /// Whether such a job makes output `output` (see [`Recipe::makes`]).
+    fn makes(&self, hyperparameters: &Value, inputs: &[&str], output: &str) -> bool;
     /// Parse the (already checked) hyperparameters and run.
     fn run(&self, ctx: &mut JobContext) -> Result<Value>;
 }
@@ -107,6 +117,13 @@ impl<R: Recipe> AnyRecipe for Erased<R> {
     fn check_with_inputs(&self, hyperparameters: &Value, inputs: &[&str]) -> Result<(), String> {
         R::check_with_inputs(&parse::<R::Params>(hyperparameters)?, inputs)
     }
+    fn makes(&self, hyperparameters: &Value, inputs: &[&str], output: &str) -> bool {
+        // Defaults fill what a caller left out; unparsable: assume it does.
+        let params = crate::jobs::effective_hyperparameters(R::KIND, hyperparameters)
+            .ok()
+            .and_then(|hp| parse::<R::Params>(&hp).ok());
+        params.is_none_or(|p| R::makes(&p, inputs, output))
+    }
     fn run(&self, ctx: &mut JobContext) -> Result<Value> {
         let params = parse::<R::Params>(&ctx.hyperparameters).map_err(anyhow::Error::msg)?;
         R::run(ctx, params)
@@ -120,7 +137,7 @@ fn parse<P: DeserializeOwned + Validate>(v: &Value) -> Result<P, String> {
 }
 
 /// Every recipe herd runs.
-pub static RECIPES: [&dyn AnyRecipe; 9] = [
+pub static RECIPES: [&dyn AnyRecipe; 10] = [
     &Erased::<rm::Rm>(PhantomData),
     &Erased::<sample::Sample>(PhantomData),
     &Erased::<sft::Sft>(PhantomData),
@@ -130,6 +147,7 @@ pub static RECIPES: [&dyn AnyRecipe; 9] = [
     &Erased::<eval::Eval>(PhantomData),
     &Erased::<annotate::Annotate>(PhantomData),
     &Erased::<mix::Mix>(PhantomData),
+    &Erased::<merge::Merge>(PhantomData),
 ];
 
 /// The recipe of `kind`; external runs have none (herd records them, it
@@ -143,24 +161,41 @@ pub fn recipe(kind: JobKind) -> Result<&'static dyn AnyRecipe, String> {
 }
 
 /// The artifact kind of output `output` of a `kind` job with `inputs` (name
-/// -> reference); `kind_of` tells the artifact kind a reference points at.
-/// None: no such output (or an input it follows is unknown).
+/// -> reference) and `hyperparameters`; `kind_of` tells the artifact kind a
+/// reference points at. None: the job makes no such output (or an input it
+/// follows is unknown).
 pub fn output_kind(
     kind: JobKind,
     output: &str,
     inputs: &std::collections::BTreeMap<String, String>,
+    hyperparameters: &Value,
     kind_of: impl Fn(&str) -> Option<ArtifactKind>,
 ) -> Option<ArtifactKind> {
-    let (_, of) = recipe(kind)
-        .ok()?
-        .outputs()
-        .iter()
-        .find(|(name, _)| *name == output)?;
+    let r = recipe(kind).ok()?;
+    let (_, of) = r.outputs().iter().find(|(name, _)| *name == output)?;
+    let names: Vec<&str> = inputs.keys().map(|k| k.as_str()).collect();
+    if !r.makes(hyperparameters, &names, output) {
+        return None;
+    }
     match of {
         OutputKind::Is(a) => Some(*a),
         OutputKind::SameAs(input) => kind_of(inputs.get(*input)?),
         OutputKind::SameAsInputs => kind_of(inputs.values().next()?),
+        OutputKind::WhenInputsAre(a) => (kind_of(inputs.values().next()?)? == *a).then_some(*a),
     }
+}
+
+/// The outputs such a job makes (see [`output_kind`]).
+pub fn outputs_made(
+    kind: JobKind,
+    inputs: &std::collections::BTreeMap<String, String>,
+    hyperparameters: &Value,
+    kind_of: impl Fn(&str) -> Option<ArtifactKind>,
+) -> Vec<&'static str> {
+    output_names(kind)
+        .into_iter()
+        .filter(|o| output_kind(kind, o, inputs, hyperparameters, &kind_of).is_some())
+        .collect()
 }
 
 /// What a recipe takes and makes, for `GET /kinds` and `herd kinds`.
@@ -196,13 +231,13 @@ pub fn describe(r: &dyn AnyRecipe) -> herd_core::wire::KindInfo {
             .map(|(name, of)| KindOutput {
                 name: name.to_string(),
                 artifact: match of {
-                    OutputKind::Is(a) => Some(*a),
+                    OutputKind::Is(a) | OutputKind::WhenInputsAre(a) => Some(*a),
                     OutputKind::SameAs(_) | OutputKind::SameAsInputs => None,
                 },
                 same_as: match of {
                     OutputKind::SameAs(i) => Some(i.to_string()),
                     OutputKind::SameAsInputs => Some("*".to_string()),
-                    OutputKind::Is(_) => None,
+                    OutputKind::Is(_) | OutputKind::WhenInputsAre(_) => None,
                 },
             })
             .collect(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, load_dataset, save_checkpoint, similarity, train_loop, TrainParams};
+use super::{chat_of, load_dataset, save_trained, similarity, train_loop, LoraParams, TrainParams};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind, Strength};
 
@@ -21,6 +21,8 @@ use crate::data::{Dataset, DatasetKind, Strength};
 pub struct Params {
     #[serde(flatten)]
     pub train: TrainParams,
+    #[serde(flatten)]
+    pub lora: LoraParams,
     /// Add Llama 2's margin by preference strength.
     pub margin: bool,
     /// Pairs marked weaker than this are dropped (rows without a strength
@@ -37,6 +39,7 @@ impl Default for Params {
     fn default() -> Self {
         Params {
             train: TrainParams::default(),
+            lora: LoraParams::default(),
             margin: false,
             min_strength: Strength::SlightlyBetter,
             similarity_threshold: 0.95,
@@ -48,6 +51,7 @@ impl Default for Params {
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
+        self.lora.validate()?;
         if !(0.0..=1.0).contains(&self.similarity_threshold)
             || !(0.0..0.9).contains(&self.heldout_fraction)
         {
@@ -57,6 +61,7 @@ impl Validate for Params {
     }
     fn bounds() -> Vec<super::Bound> {
         let mut b = TrainParams::bounds();
+        b.extend(LoraParams::bounds());
         b.push(super::Bound::closed("similarity_threshold", 0.0, 1.0));
         b.push(super::Bound {
             name: "heldout_fraction",
@@ -77,15 +82,18 @@ impl Recipe for Rm {
     const KIND: JobKind = JobKind::Rm;
     const INPUTS: InputNames = InputNames::Named {
         required: &["model", "data"],
-        optional: &[],
+        optional: &["adapter"],
     };
-    const OUTPUTS: &'static [(&'static str, OutputKind)] =
-        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = super::training::TRAINED;
     fn accepts(input: &str) -> &'static [ArtifactKind] {
         match input {
             "data" => &[ArtifactKind::Preference],
+            "adapter" => &[ArtifactKind::Adapter],
             _ => &[ArtifactKind::Checkpoint],
         }
+    }
+    fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
+        p.lora.makes(inputs, output)
     }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
@@ -157,12 +165,14 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             p.min_strength.as_str()
         );
     }
-    let model = herd_engine::checkpoint::load_as_reward_model(&model_dir, &ctx.device, ctx.seed)?;
+    let mut model =
+        herd_engine::checkpoint::load_as_reward_model(&model_dir, &ctx.device, ctx.seed)?;
+    p.lora.attach(ctx, &mut model)?;
     let pad = chat.special.pad;
     let mut order_rng = Rng::new(ctx.seed ^ 0x0dd);
     let last = train_loop(
         ctx,
-        model.params(),
+        model.trainable_params(),
         &p.train,
         examples.len(),
         |idx, extras| {
@@ -186,6 +196,9 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     )?;
     let mut summary = json!({"examples": examples.len(), "heldout": heldout.len(), "dropped_similar": too_similar,
         "dropped_too_long": too_long, "final": last.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()});
+    if let Some(lora) = &model.lora {
+        lora.set_training(false, 0);
+    }
     if !heldout.is_empty() {
         let (loss, acc) = evaluate(&model, &heldout, pad)?;
         let step = p.train.total_steps(examples.len());
@@ -199,7 +212,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         summary["heldout_loss"] = loss.into();
         summary["heldout_accuracy"] = acc.into();
     }
-    save_checkpoint(ctx, &model, &model_dir, summary.clone())?;
+    save_trained(ctx, &model, &model_dir, summary.clone())?;
     Ok(summary)
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, load_dataset, save_checkpoint, train_loop, truncate, TrainParams};
+use super::{chat_of, load_dataset, save_trained, train_loop, truncate, LoraParams, TrainParams};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 use crate::data::{Dataset, DatasetKind};
 
@@ -17,16 +17,21 @@ use crate::data::{Dataset, DatasetKind};
 pub struct Params {
     #[serde(flatten)]
     pub train: TrainParams,
+    #[serde(flatten)]
+    pub lora: LoraParams,
     /// Pack several examples per row up to max_seq_len.
     pub packing: bool,
 }
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
-        self.train.validate()
+        self.train.validate()?;
+        self.lora.validate()
     }
     fn bounds() -> Vec<super::Bound> {
-        TrainParams::bounds()
+        let mut b = TrainParams::bounds();
+        b.extend(LoraParams::bounds());
+        b
     }
 }
 
@@ -38,15 +43,18 @@ impl Recipe for Sft {
     const KIND: JobKind = JobKind::Sft;
     const INPUTS: InputNames = InputNames::Named {
         required: &["model", "data"],
-        optional: &[],
+        optional: &["adapter"],
     };
-    const OUTPUTS: &'static [(&'static str, OutputKind)] =
-        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = super::training::TRAINED;
     fn accepts(input: &str) -> &'static [ArtifactKind] {
         match input {
             "data" => &[ArtifactKind::Sft],
+            "adapter" => &[ArtifactKind::Adapter],
             _ => &[ArtifactKind::Checkpoint],
         }
+    }
+    fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
+        p.lora.makes(inputs, output)
     }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
@@ -73,10 +81,11 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             p.train.max_seq_len
         ));
     }
-    let model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
+    let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
+    p.lora.attach(ctx, &mut model)?;
     let pad = chat.special.pad;
     let n = seqs.len();
-    let last = train_loop(ctx, model.params(), &p.train, n, |idx, _| {
+    let last = train_loop(ctx, model.trainable_params(), &p.train, n, |idx, _| {
         let batch: Vec<_> = idx.iter().map(|i| seqs[*i].clone()).collect();
         let (loss, tokens) = if p.packing {
             objective::sft_loss_packed(&model, &batch, pad, p.train.max_seq_len)?
@@ -86,6 +95,6 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         Ok((loss, tokens))
     })?;
     let summary = json!({"examples": n, "dropped_truncated": dropped, "final": last.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()});
-    save_checkpoint(ctx, &model, &model_dir, summary.clone())?;
+    save_trained(ctx, &model, &model_dir, summary.clone())?;
     Ok(summary)
 }

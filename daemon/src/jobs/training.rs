@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use herd_core::ArtifactKind;
 use herd_engine::optim::Decay;
@@ -51,6 +51,156 @@ impl Default for TrainParams {
     }
 }
 
+/// LoRA, shared by sft, dpo and rm: `lora_rank` 0 (the default) trains
+/// every weight; above 0 a fresh adapter of that rank trains on a frozen
+/// base. An `adapter` input continues that adapter instead (its own rank,
+/// alpha and targets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraParams {
+    pub lora_rank: usize,
+    /// Scale = lora_alpha / lora_rank.
+    pub lora_alpha: f64,
+    /// Projections to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj).
+    pub lora_targets: Vec<String>,
+    /// Dropout on the adapter's input while training.
+    pub lora_dropout: f64,
+}
+
+impl Default for LoraParams {
+    fn default() -> Self {
+        LoraParams {
+            lora_rank: 0,
+            lora_alpha: 16.0,
+            lora_targets: herd_engine::lora::PROJECTIONS
+                .iter()
+                .map(|p| p.0.to_string())
+                .collect(),
+            lora_dropout: 0.0,
+        }
+    }
+}
+
+impl LoraParams {
+    pub fn bounds() -> Vec<super::Bound> {
+        use super::Bound;
+        vec![
+            Bound::closed("lora_rank", 0.0, limits::MAX_LORA_RANK as f64),
+            Bound::at_least("lora_alpha", 0.0, false),
+            Bound {
+                name: "lora_dropout",
+                min: 0.0,
+                min_inclusive: true,
+                max: Some(1.0),
+                max_inclusive: false,
+            },
+        ]
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        in_range("lora_rank", self.lora_rank, 0, limits::MAX_LORA_RANK)?;
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err("lora_alpha must be a positive number".into());
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.lora_dropout
+            ));
+        }
+        if self.lora_targets.is_empty() {
+            return Err("lora_targets names no projection".into());
+        }
+        for (i, t) in self.lora_targets.iter().enumerate() {
+            if !herd_engine::lora::PROJECTIONS.iter().any(|p| p.0 == t) {
+                return Err(format!(
+                    "lora_targets: {t:?} is not a projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                ));
+            }
+            if self.lora_targets[..i].contains(t) {
+                return Err(format!("lora_targets: {t:?} is listed twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the job trains an adapter rather than every weight.
+    pub fn active(&self, ctx: &JobContext) -> bool {
+        self.trains_adapter(&ctx.inputs.keys().map(|k| k.as_str()).collect::<Vec<_>>())
+    }
+
+    fn trains_adapter(&self, inputs: &[&str]) -> bool {
+        self.lora_rank > 0 || inputs.contains(&"adapter")
+    }
+
+    /// Which of [`TRAINED`] the job makes: `adapter` with LoRA, else
+    /// `checkpoint` (other outputs: always).
+    pub fn makes(&self, inputs: &[&str], output: &str) -> bool {
+        match output {
+            "checkpoint" => !self.trains_adapter(inputs),
+            "adapter" => self.trains_adapter(inputs),
+            _ => true,
+        }
+    }
+
+    /// Attach what the job trains to `model` (loaded from input `model`):
+    /// the `adapter` input, or a fresh adapter of `lora_rank`; then freeze
+    /// the base. With neither, every weight trains and nothing changes.
+    pub fn attach(&self, ctx: &JobContext, model: &mut herd_engine::Llama) -> Result<()> {
+        if let Some(dir) = ctx.inputs.get("adapter") {
+            herd_engine::checkpoint::load_adapter(model, dir).context("input `adapter`")?;
+            let lora = model.lora.as_mut().expect("just attached");
+            if lora.config.score != model.score.is_some() {
+                bail!(
+                    "input `adapter` is {}, but this job trains {}",
+                    if lora.config.score {
+                        "a reward model's adapter"
+                    } else {
+                        "a language model's adapter"
+                    },
+                    if model.score.is_some() {
+                        "a reward model"
+                    } else {
+                        "a language model"
+                    },
+                );
+            }
+            if self.lora_rank != 0 && self.lora_rank != lora.config.rank {
+                bail!(
+                    "lora_rank {} differs from input `adapter`'s rank {}: leave lora_rank at 0 to continue the adapter as it is",
+                    self.lora_rank,
+                    lora.config.rank
+                );
+            }
+            lora.config.dropout = self.lora_dropout;
+        } else if self.lora_rank > 0 {
+            let config = herd_engine::lora::LoraConfig {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha,
+                targets: herd_engine::lora::PROJECTIONS
+                    .iter()
+                    .map(|p| p.0)
+                    .filter(|p| self.lora_targets.iter().any(|t| t == p))
+                    .collect(),
+                rslora: false,
+                dropout: self.lora_dropout,
+                score: false,
+            };
+            herd_engine::checkpoint::attach_new_adapter(model, config, ctx.seed ^ 0x10_4a)?;
+        } else {
+            return Ok(());
+        }
+        model.freeze_base(true);
+        model
+            .lora
+            .as_ref()
+            .expect("attached")
+            .set_training(true, ctx.seed ^ 0xd0_d0);
+        Ok(())
+    }
+}
+
 /// Upper bounds that keep a job's time and memory sane: far above any real
 /// run on one machine, far below what would run for ever or abort the
 /// worker on an allocation.
@@ -64,6 +214,7 @@ pub mod limits {
     pub const MAX_BATCH_TOKENS: usize = 1 << 22;
     pub const MAX_NEW_TOKENS: usize = 32_768;
     pub const MAX_SAMPLES_PER_PROMPT: usize = 1024;
+    pub const MAX_LORA_RANK: usize = 4096;
 }
 
 /// `name` within `lo..=hi`, or an error that says both bounds.
@@ -227,13 +378,41 @@ pub fn train_loop(
     Ok(last)
 }
 
-/// Save a model into the workdir and record it as output `checkpoint`.
-pub fn save_checkpoint(
+/// What a training recipe makes: a whole checkpoint, or (LoRA) an adapter
+/// of its `model` input; one of the two.
+pub const TRAINED: &[(&str, super::recipe::OutputKind)] = &[
+    (
+        "checkpoint",
+        super::recipe::OutputKind::Is(ArtifactKind::Checkpoint),
+    ),
+    (
+        "adapter",
+        super::recipe::OutputKind::Is(ArtifactKind::Adapter),
+    ),
+];
+
+/// Record what a training job made: the adapter (output `adapter`) when it
+/// trained one, else the whole model (output `checkpoint`).
+pub fn save_trained(
     ctx: &mut JobContext,
     model: &herd_engine::Llama,
     trained_from: &Path,
     summary: Value,
 ) -> Result<String> {
+    if let Some(lora) = &model.lora {
+        lora.set_training(false, 0);
+        let out: PathBuf = ctx.workdir.join("adapter");
+        // PEFT's base_model_name_or_path: the base's directory name (its
+        // content hash when the daemon materialized it).
+        let base = trained_from
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        herd_engine::checkpoint::save_adapter(model, &out, &base)?;
+        return ctx
+            .sink
+            .output("adapter", ArtifactKind::Adapter, &out, summary);
+    }
     let out: PathBuf = ctx.workdir.join("checkpoint");
     herd_engine::checkpoint::save_model(model, &out, Some(trained_from))?;
     ctx.sink
