@@ -683,3 +683,172 @@ fn sft_on_plain_text_learns_the_text() {
         .sum();
     assert_eq!(r.sink.series("tokens")[0], targets as f64);
 }
+
+/// The directory of a job's output `name` (a tree in the sink's store).
+fn output_dir(r: &Run, scratch: &Path, name: &str) -> PathBuf {
+    let hash = r.sink.output_hash(name).expect("the job made that output");
+    let dir = scratch.join(format!("out-{hash}"));
+    if !dir.exists() {
+        r.sink.blobs.materialize(hash, &dir).unwrap();
+    }
+    dir
+}
+
+/// LoRA as jobs: sft and rm train adapters of a frozen base (rm's carries
+/// its score head), the same seed gives the same adapter with dropout on,
+/// averaging two adapters gives exactly the average of the two merged
+/// models, and merge turns an adapter into a plain checkpoint.
+#[test]
+fn lora_jobs_train_average_and_merge_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path();
+    let model = small_model(s, 3);
+    let rows: Vec<Value> = (0..6)
+        .map(|i| {
+            let (q, a, _) = qa(i);
+            json!({"prompt": q, "completion": a})
+        })
+        .collect();
+    let data = write(s, "sft.jsonl", &rows);
+    let sft = |seed: u64, dropout: f64| {
+        let hp = json!({"lr": 1e-2, "steps": 3, "batch_size": 2, "lora_rank": 4, "lora_alpha": 8.0,
+                        "lora_dropout": dropout, "lora_targets": ["q_proj", "v_proj", "down_proj"]});
+        let r = run(
+            JobKind::Sft,
+            hp,
+            seed,
+            &[("model", &model), ("data", &data)],
+            s,
+        );
+        r.summary.as_ref().unwrap();
+        assert!(r.sink.output_hash("checkpoint").is_none());
+        r
+    };
+    let (a, b) = (sft(1, 0.0), sft(2, 0.0));
+    // Dropout draws from the job's seed: the same run twice is the same.
+    let (d1, d2) = (sft(1, 0.3), sft(1, 0.3));
+    assert_eq!(
+        d1.sink.output_hash("adapter"),
+        d2.sink.output_hash("adapter")
+    );
+    assert_ne!(
+        d1.sink.output_hash("adapter"),
+        a.sink.output_hash("adapter")
+    );
+    assert!(a.sink.series("loss").last() < a.sink.series("loss").first());
+
+    let merged_of = |adapters: &[&Path]| {
+        let mut m = herd_engine::checkpoint::load_model(&model, &candle_core::Device::Cpu).unwrap();
+        let mut sum: Option<BTreeMap<String, candle_core::Tensor>> = None;
+        for dir in adapters {
+            herd_engine::checkpoint::load_adapter(&mut m, dir).unwrap();
+            let t = m.merged_tensors().unwrap();
+            sum = Some(match sum {
+                None => t,
+                Some(acc) => acc
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let x = (&v + &t[&k]).unwrap();
+                        (k, x)
+                    })
+                    .collect(),
+            });
+        }
+        let n = adapters.len() as f64;
+        sum.unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, (v / n).unwrap()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (da, db) = (output_dir(&a, s, "adapter"), output_dir(&b, s, "adapter"));
+    let avg = run(JobKind::Average, json!({}), 0, &[("a", &da), ("b", &db)], s);
+    avg.summary.as_ref().unwrap();
+    assert!(avg.sink.output_hash("checkpoint").is_none());
+    let davg = output_dir(&avg, s, "adapter");
+    let config =
+        herd_engine::lora::LoraConfig::from_file(&davg.join("adapter_config.json")).unwrap();
+    assert_eq!(config.rank, 8, "ranks add up");
+    let (want, got) = (merged_of(&[&da, &db]), merged_of(&[&davg]));
+    for (name, w) in &want {
+        let diff: f32 = (w - &got[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            diff < 1e-6,
+            "{name}: the averaged adapter's merge is off by {diff}"
+        );
+    }
+    // An adapter and a checkpoint do not average.
+    let mixed = run(
+        JobKind::Average,
+        json!({}),
+        0,
+        &[("a", &da), ("b", &model)],
+        s,
+    );
+    assert!(format!("{:#}", mixed.summary.unwrap_err()).contains("one kind"));
+
+    // merge: the same weights as the engine's merge, as a plain checkpoint.
+    let merge = run(
+        JobKind::Merge,
+        json!({}),
+        0,
+        &[("model", &model), ("adapter", &davg)],
+        s,
+    );
+    merge.summary.as_ref().unwrap();
+    let plain =
+        herd_engine::checkpoint::load_tensors(&output_dir(&merge, s, "checkpoint")).unwrap();
+    for (name, w) in &got {
+        let diff: f32 = (w - &plain[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-6, "{name}: {diff}");
+    }
+
+    // rm with LoRA: the adapter carries the score head; merged, a reward model.
+    let prefs: Vec<Value> = (0..6)
+        .map(|i| {
+            let (q, good, bad) = qa(i);
+            json!({"prompt": q, "chosen": good, "rejected": bad})
+        })
+        .collect();
+    let prefs = write(s, "prefs.jsonl", &prefs);
+    let rm = run(
+        JobKind::Rm,
+        json!({"steps": 2, "batch_size": 2, "lora_rank": 2, "heldout_fraction": 0.0}),
+        0,
+        &[("model", &model), ("data", &prefs)],
+        s,
+    );
+    rm.summary.as_ref().unwrap();
+    let drm = output_dir(&rm, s, "adapter");
+    let names = herd_engine::lora::load_tensors(&drm).unwrap();
+    assert!(names.contains_key(herd_engine::lora::SCORE_TENSOR));
+    let merged_rm = run(
+        JobKind::Merge,
+        json!({}),
+        0,
+        &[("model", &model), ("adapter", &drm)],
+        s,
+    );
+    merged_rm.summary.as_ref().unwrap();
+    let cfg = herd_engine::LlamaConfig::from_file(
+        &output_dir(&merged_rm, s, "checkpoint").join("config.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.num_labels, 1,
+        "a reward model's adapter merges into a reward model"
+    );
+}

@@ -58,11 +58,27 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let is_adapter = |dir: &std::path::Path| dir.join(herd_engine::lora::ADAPTER_CONFIG).exists();
-    if is_adapter(&inputs[0].1) {
-        return average_adapters(ctx, &inputs, &p);
+    let first_is_adapter = is_adapter(&inputs[0].1);
+    if let Some((name, _)) = inputs
+        .iter()
+        .find(|(_, d)| is_adapter(d) != first_is_adapter)
+    {
+        let kind = |adapter: bool| {
+            if adapter {
+                "an adapter"
+            } else {
+                "a checkpoint"
+            }
+        };
+        anyhow::bail!(
+            "input `{name}` is {} but `{}` is {}: average takes inputs of one kind",
+            kind(!first_is_adapter),
+            inputs[0].0,
+            kind(first_is_adapter)
+        );
     }
-    if let Some((name, _)) = inputs.iter().find(|(_, d)| is_adapter(d)) {
-        anyhow::bail!("input `{name}` is an adapter but `{}` is a checkpoint: average takes inputs of one kind", inputs[0].0);
+    if first_is_adapter {
+        return average_adapters(ctx, &inputs, &p);
     }
     let mut models = vec![];
     for (name, dir) in &inputs {
