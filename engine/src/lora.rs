@@ -312,6 +312,16 @@ impl Lora {
         *self.dropout_rng.lock().expect("dropout rng") = crate::rng::Rng::new(seed);
     }
 
+    /// Where the dropout stream is (activation checkpointing replays a
+    /// block's masks from here).
+    pub fn dropout_state(&self) -> crate::rng::Rng {
+        self.dropout_rng.lock().expect("dropout rng").clone()
+    }
+
+    pub fn set_dropout_state(&self, state: crate::rng::Rng) {
+        *self.dropout_rng.lock().expect("dropout rng") = state;
+    }
+
     /// The adapter's input: x, or x with inverted dropout while training.
     pub fn dropped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = self.config.dropout;

@@ -11,6 +11,8 @@
 //! key/value heads, hd head dim, rep = nh / nkv.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -46,8 +48,40 @@ pub struct Llama {
     /// for a reward model, the score head): backward then computes no dW
     /// for them and keeps none.
     base_frozen: bool,
+    /// Activation checkpointing (see [`Llama::set_checkpointing`]).
+    checkpointing: AtomicBool,
+    /// Forward passes run under checkpointing whose backward is not done.
+    pending: Mutex<Vec<Checkpointed>>,
     pub device: Device,
     inv_freq: Tensor, // [hd/2]
+}
+
+/// What one block needs besides its input: shapes, RoPE tables, the mask.
+#[derive(Clone)]
+struct BlockInputs {
+    b: usize,
+    t: usize,
+    cos: Tensor, // [B, 1, T, hd]
+    sin: Tensor,
+    /// [B, 1, 1, T, Tk] additive bias for the unfused softmax.
+    bias: Tensor,
+    /// [B, 1, T, Tk] contiguous, for the fused kernels.
+    bias5: Option<Tensor>,
+}
+
+/// A forward pass run with activation checkpointing: only each block's
+/// input is kept; the blocks are recomputed, one at a time, in backward.
+struct Checkpointed {
+    ids: Tensor,
+    inputs: BlockInputs,
+    /// Block l's input [B, T, H], detached.
+    block_inputs: Vec<Tensor>,
+    /// The adapter's dropout stream before block l, so the recomputation
+    /// draws the same masks.
+    dropout_states: Vec<Option<crate::rng::Rng>>,
+    /// The last block's output as a leaf: its gradient starts the
+    /// recomputation.
+    leaf: Var,
 }
 
 impl std::fmt::Debug for Llama {
@@ -282,6 +316,8 @@ impl Llama {
             score,
             lora: None,
             base_frozen: false,
+            checkpointing: AtomicBool::new(false),
+            pending: Mutex::new(vec![]),
             device: device.clone(),
             inv_freq,
         })
@@ -460,13 +496,6 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t) = ids.dims2()?;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let rep = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
         let (cos, sin) = self.rope_tables(positions)?;
         let bias = bias.to_dtype(self.embed_tokens.dtype())?;
         let bias5 = if crate::fused::usable(&bias) {
@@ -474,90 +503,220 @@ impl Llama {
         } else {
             None
         }; // [B, 1, T, Tk]
-        let bias = bias.unsqueeze(2)?; // [B, 1, 1, T, Tk]
-        let mut x = self
-            .weight(&self.embed_tokens)
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?;
+        let inputs = BlockInputs {
+            b,
+            t,
+            cos,
+            sin,
+            bias: bias.unsqueeze(2)?, // [B, 1, 1, T, Tk]
+            bias5,
+        };
+        let mut x = self.embed(ids)?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(cfg.num_hidden_layers, || None);
         }
-        for (l, blk) in self.layers.iter().enumerate() {
-            // Attention.
-            let h = rms_norm(&x, &self.weight(&blk.input_layernorm), cfg.rms_norm_eps)?;
-            let q = self
-                .project(l, "q_proj", &h, &blk.q_proj)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?; // [B, nh, T, hd]
-            let k = self
-                .project(l, "k_proj", &h, &blk.k_proj)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?; // [B, nkv, T, hd]
-            let v = self
-                .project(l, "v_proj", &h, &blk.v_proj)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let k = apply_rope(&k, &cos, &sin)?;
-            let (k, v) = match cache.as_deref_mut() {
-                None => (k, v),
-                Some(c) => c.append(l, k, v)?,
-            };
-            let tk = k.dim(2)?;
-            // Group query heads by their shared KV head instead of repeating K/V:
-            // head h uses KV head h / rep, as transformers' repeat_kv does.
-            let q = q.reshape((b, nkv, rep * t, hd))?;
-            let decoding = cache.as_deref().is_some_and(|c| c.capacity > 0);
-            let att = if let (true, true, Some(bias5)) =
-                (decoding, crate::fused::usable(&k), bias5.as_ref())
-            {
-                // Generation: straight over the cache's buffers.
-                crate::fused::decode_attention(&q, &k, &v, bias5, scale)?
-            } else {
-                let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, Tk]
-                let probs = if crate::fused::usable(&scores) {
-                    // One parallel pass: scale, mask, softmax (own backward).
-                    crate::fused::masked_softmax(
-                        &scores.reshape((b, nkv * rep, t, tk))?,
-                        bias5.as_ref().expect("bias"),
-                        scale,
-                    )?
-                } else {
-                    let scores = (scores * scale)?
-                        .reshape((b, nkv, rep, t, tk))?
-                        .broadcast_add(&bias)?;
-                    softmax(&scores)?
-                }
-                .reshape((b, nkv, rep * t, tk))?;
-                probs.matmul(&v)?
-            };
-            let att = att
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
-            x = (x + self.project(l, "o_proj", &att, &blk.o_proj)?)?;
-            // SwiGLU MLP.
-            let h = rms_norm(
-                &x,
-                &self.weight(&blk.post_attention_layernorm),
-                cfg.rms_norm_eps,
-            )?;
-            let (gate, up) = (
-                self.project(l, "gate_proj", &h, &blk.gate_proj)?,
-                self.project(l, "up_proj", &h, &blk.up_proj)?,
-            );
-            let gated = if crate::fused::usable(&gate) {
-                crate::fused::swiglu(&gate, &up)?
-            } else {
-                (gate.silu()? * up)?
-            };
-            x = (x + self.project(l, "down_proj", &gated, &blk.down_proj)?)?;
+        if self.checkpointing.load(Ordering::Relaxed) && cache.is_none() {
+            // Keep each block's input only; the graph of each block is
+            // dropped as soon as its output is detached.
+            let mut block_inputs = Vec::with_capacity(self.layers.len());
+            let mut dropout_states = Vec::with_capacity(self.layers.len());
+            x = x.detach();
+            for l in 0..self.layers.len() {
+                block_inputs.push(x.clone());
+                dropout_states.push(self.lora.as_ref().map(|a| a.dropout_state()));
+                x = self.block(l, &x, &inputs, None)?.detach();
+            }
+            let leaf = Var::from_tensor(&x)?;
+            x = leaf.as_tensor().clone();
+            self.pending
+                .lock()
+                .expect("pending lock")
+                .push(Checkpointed {
+                    ids: ids.clone(),
+                    inputs,
+                    block_inputs,
+                    dropout_states,
+                    leaf,
+                });
+        } else {
+            for l in 0..self.layers.len() {
+                x = self.block(l, &x, &inputs, cache.as_deref_mut())?;
+            }
         }
         if let Some(c) = cache {
             c.len += t;
         }
         Ok(rms_norm(&x, &self.weight(&self.norm), cfg.rms_norm_eps)?)
+    }
+
+    /// Token embeddings [B, T, H] of ids [B, T].
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .weight(&self.embed_tokens)
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Block `l` on x [B, T, H]: attention then the SwiGLU MLP, each with
+    /// its residual.
+    fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        inputs: &BlockInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let blk = &self.layers[l];
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let BlockInputs {
+            b,
+            t,
+            cos,
+            sin,
+            bias,
+            bias5,
+        } = inputs;
+        let (b, t) = (*b, *t);
+        // Attention.
+        let h = rms_norm(&x, &self.weight(&blk.input_layernorm), cfg.rms_norm_eps)?;
+        let q = self
+            .project(l, "q_proj", &h, &blk.q_proj)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?; // [B, nh, T, hd]
+        let k = self
+            .project(l, "k_proj", &h, &blk.k_proj)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // [B, nkv, T, hd]
+        let v = self
+            .project(l, "v_proj", &h, &blk.v_proj)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = apply_rope(&q, &cos, &sin)?;
+        let k = apply_rope(&k, &cos, &sin)?;
+        let (k, v) = match cache.as_deref_mut() {
+            None => (k, v),
+            Some(c) => c.append(l, k, v)?,
+        };
+        let tk = k.dim(2)?;
+        // Group query heads by their shared KV head instead of repeating K/V:
+        // head h uses KV head h / rep, as transformers' repeat_kv does.
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let decoding = cache.as_deref().is_some_and(|c| c.capacity > 0);
+        let att = if let (true, true, Some(bias5)) =
+            (decoding, crate::fused::usable(&k), bias5.as_ref())
+        {
+            // Generation: straight over the cache's buffers.
+            crate::fused::decode_attention(&q, &k, &v, bias5, scale)?
+        } else {
+            let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, Tk]
+            let probs = if crate::fused::usable(&scores) {
+                // One parallel pass: scale, mask, softmax (own backward).
+                crate::fused::masked_softmax(
+                    &scores.reshape((b, nkv * rep, t, tk))?,
+                    bias5.as_ref().expect("bias"),
+                    scale,
+                )?
+            } else {
+                let scores = (scores * scale)?
+                    .reshape((b, nkv, rep, t, tk))?
+                    .broadcast_add(&bias)?;
+                softmax(&scores)?
+            }
+            .reshape((b, nkv, rep * t, tk))?;
+            probs.matmul(&v)?
+        };
+        let att = att
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let x = (x + self.project(l, "o_proj", &att, &blk.o_proj)?)?;
+        // SwiGLU MLP.
+        let h = rms_norm(
+            &x,
+            &self.weight(&blk.post_attention_layernorm),
+            cfg.rms_norm_eps,
+        )?;
+        let (gate, up) = (
+            self.project(l, "gate_proj", &h, &blk.gate_proj)?,
+            self.project(l, "up_proj", &h, &blk.up_proj)?,
+        );
+        let gated = if crate::fused::usable(&gate) {
+            crate::fused::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        Ok((x + self.project(l, "down_proj", &gated, &blk.down_proj)?)?)
+    }
+
+    /// Activation checkpointing on or off: forward passes then keep only
+    /// each block's input, and [`Llama::finish_backward`] recomputes the
+    /// blocks one at a time. Memory for activations drops from all blocks'
+    /// to one block's plus the inputs, for about one more forward pass.
+    pub fn set_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
+        self.pending.lock().expect("pending lock").clear();
+    }
+
+    /// Complete `store` (from `loss.backward()`) through the blocks of
+    /// every forward pass run under checkpointing since the last call: the
+    /// gradient at each pass's last block is carried back block by block,
+    /// recomputing each, and every trainable weight's share is added.
+    pub fn finish_backward(&self, store: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let params = self.trainable_params();
+        let after = self.lora.as_ref().map(|a| a.dropout_state());
+        for call in pending.into_iter().rev() {
+            let Some(mut g) = store.remove(call.leaf.as_tensor()) else {
+                continue; // not part of the loss
+            };
+            let add = |store: &mut candle_core::backprop::GradStore,
+                       part: &candle_core::backprop::GradStore|
+             -> Result<()> {
+                for (_, v) in &params {
+                    if let Some(new) = part.get(v.as_tensor()) {
+                        let sum = match store.get(v.as_tensor()) {
+                            Some(old) => (old + new)?,
+                            None => new.clone(),
+                        };
+                        store.insert(v.as_tensor(), sum);
+                    }
+                }
+                Ok(())
+            };
+            for l in (0..self.layers.len()).rev() {
+                if let (Some(lora), Some(state)) = (&self.lora, &call.dropout_states[l]) {
+                    lora.set_dropout_state(state.clone());
+                }
+                let input = Var::from_tensor(&call.block_inputs[l])?;
+                let out = self.block(l, input.as_tensor(), &call.inputs, None)?;
+                let part = (out * &g)?.sum_all()?.backward()?;
+                add(store, &part)?;
+                g = part
+                    .get(input.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| EngineError::NoGradient(format!("input of block {l}")))?;
+            }
+            if !self.base_frozen {
+                let part = (self.embed(&call.ids)? * &g)?.sum_all()?.backward()?;
+                add(store, &part)?;
+            }
+        }
+        if let (Some(lora), Some(state)) = (&self.lora, after) {
+            lora.set_dropout_state(state);
+        }
+        Ok(())
     }
 
     /// Next-token logits [B, T, V] from hidden states.

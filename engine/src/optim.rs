@@ -247,7 +247,15 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 /// parameter that gets none means the graph is cut (a fused op without
 /// backward, a detach too many): that is an error, never silently zero.
 pub fn gradients(loss: &Tensor, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
-    let store = loss.backward()?;
+    gradients_of(&loss.backward()?, params)
+}
+
+/// Each parameter's gradient from a finished backward pass, in order (see
+/// [`gradients`]).
+pub fn gradients_of(
+    store: &candle_core::backprop::GradStore,
+    params: &[(String, Var)],
+) -> Result<Vec<Tensor>> {
     params
         .iter()
         .map(|(name, p)| {

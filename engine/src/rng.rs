@@ -4,6 +4,7 @@
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+#[derive(Clone)]
 pub struct Rng(ChaCha8Rng);
 
 impl Rng {

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use crate::error::{EngineError, Result};
-use crate::optim::{clip_grad_norm, gradients, AdamW, AdamWConfig, Decay, LrSchedule};
+use crate::optim::{clip_grad_norm, gradients_of, AdamW, AdamWConfig, Decay, LrSchedule};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
@@ -95,7 +95,17 @@ impl Trainer {
 
     /// One update. `micro(i)` returns the loss of micro-batch i (of
     /// `grad_accum`); gradients are averaged over micro-batches.
-    pub fn step(&mut self, mut micro: impl FnMut(usize) -> Result<Tensor>) -> Result<StepStats> {
+    pub fn step(&mut self, micro: impl FnMut(usize) -> Result<Tensor>) -> Result<StepStats> {
+        self.step_with(micro, |_| Ok(()))
+    }
+
+    /// One update whose backward passes `finish` completes (activation
+    /// checkpointing: [`crate::Llama::finish_backward`]).
+    pub fn step_with(
+        &mut self,
+        mut micro: impl FnMut(usize) -> Result<Tensor>,
+        mut finish: impl FnMut(&mut candle_core::backprop::GradStore) -> Result<()>,
+    ) -> Result<StepStats> {
         let n = self.config.grad_accum;
         let step_no = self.step + 1;
         let mut total: Option<Vec<Tensor>> = None;
@@ -111,7 +121,9 @@ impl Trainer {
             }
             loss_sum += value;
             let scaled = if n > 1 { (loss / n as f64)? } else { loss };
-            let grads = gradients(&scaled, self.opt.params())?;
+            let mut store = scaled.backward()?;
+            finish(&mut store)?;
+            let grads = gradients_of(&store, self.opt.params())?;
             total = Some(match total {
                 None => grads,
                 Some(acc) => acc

@@ -199,7 +199,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     )?;
 
     let n = pairs.len();
-    let last = train_loop(ctx, model.trainable_params(), &p.train, n, |idx, extras| {
+    let last = train_loop(ctx, &model, &p.train, n, |idx, extras| {
         let batch: Vec<Pair> = idx.iter().map(|i| pairs[*i].clone()).collect();
         let rc: Vec<f32> = idx.iter().map(|i| ref_c[*i]).collect();
         let rr: Vec<f32> = idx.iter().map(|i| ref_r[*i]).collect();

@@ -170,30 +170,24 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     p.lora.attach(ctx, &mut model)?;
     let pad = chat.special.pad;
     let mut order_rng = Rng::new(ctx.seed ^ 0x0dd);
-    let last = train_loop(
-        ctx,
-        model.trainable_params(),
-        &p.train,
-        examples.len(),
-        |idx, extras| {
-            let batch: Vec<Ranked> = idx.iter().map(|i| examples[*i].clone()).collect();
-            let orders: Vec<Vec<usize>> = batch
-                .iter()
-                .map(|e| {
-                    let mut o: Vec<usize> = (0..e.responses.len()).collect();
-                    order_rng.shuffle(&mut o);
-                    o
-                })
-                .collect();
-            let (out, _) = objective::rm_loss(&model, &batch, true, Some(&orders), pad)?;
-            extras.push(("accuracy".into(), out.correct as f64 / out.pairs as f64));
-            let tokens = batch
-                .iter()
-                .map(|e| e.prompt.len() + e.responses.iter().map(|r| r.len()).sum::<usize>())
-                .sum();
-            Ok((out.loss, tokens))
-        },
-    )?;
+    let last = train_loop(ctx, &model, &p.train, examples.len(), |idx, extras| {
+        let batch: Vec<Ranked> = idx.iter().map(|i| examples[*i].clone()).collect();
+        let orders: Vec<Vec<usize>> = batch
+            .iter()
+            .map(|e| {
+                let mut o: Vec<usize> = (0..e.responses.len()).collect();
+                order_rng.shuffle(&mut o);
+                o
+            })
+            .collect();
+        let (out, _) = objective::rm_loss(&model, &batch, true, Some(&orders), pad)?;
+        extras.push(("accuracy".into(), out.correct as f64 / out.pairs as f64));
+        let tokens = batch
+            .iter()
+            .map(|e| e.prompt.len() + e.responses.iter().map(|r| r.len()).sum::<usize>())
+            .sum();
+        Ok((out.loss, tokens))
+    })?;
     let mut summary = json!({"examples": examples.len(), "heldout": heldout.len(), "dropped_similar": too_similar,
         "dropped_too_long": too_long, "final": last.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()});
     if let Some(lora) = &model.lora {

@@ -85,7 +85,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     p.lora.attach(ctx, &mut model)?;
     let pad = chat.special.pad;
     let n = seqs.len();
-    let last = train_loop(ctx, model.trainable_params(), &p.train, n, |idx, _| {
+    let last = train_loop(ctx, &model, &p.train, n, |idx, _| {
         let batch: Vec<_> = idx.iter().map(|i| seqs[*i].clone()).collect();
         let (loss, tokens) = if p.packing {
             objective::sft_loss_packed(&model, &batch, pad, p.train.max_seq_len)?

@@ -31,6 +31,9 @@ pub struct TrainParams {
     pub max_seq_len: usize,
     pub decay: Decay,
     pub min_lr_ratio: f64,
+    /// Recompute each block in backward instead of keeping its activations:
+    /// less memory, about one more forward pass of time. Same gradients.
+    pub activation_checkpointing: bool,
 }
 
 impl Default for TrainParams {
@@ -47,6 +50,7 @@ impl Default for TrainParams {
             max_seq_len: 512,
             decay: Decay::Cosine,
             min_lr_ratio: 0.0,
+            activation_checkpointing: false,
         }
     }
 }
@@ -314,12 +318,13 @@ impl TrainParams {
     }
 }
 
-/// Drive `total` optimizer steps over `n` examples in seeded shuffled order.
-/// `loss_of(batch_indices, extras)` returns one micro-batch's loss and its
-/// token count, and may push extra metrics.
+/// Drive `total` optimizer steps of `model`'s trainable parameters over `n`
+/// examples in seeded shuffled order. `loss_of(batch_indices, extras)`
+/// returns one micro-batch's loss and its token count, and may push extra
+/// metrics.
 pub fn train_loop(
     ctx: &mut JobContext,
-    params: Vec<(String, candle_core::Var)>,
+    model: &herd_engine::Llama,
     tp: &TrainParams,
     n: usize,
     mut loss_of: impl FnMut(&[usize], &mut Vec<(String, f64)>) -> Result<(Tensor, usize)>,
@@ -329,7 +334,8 @@ pub fn train_loop(
     }
     let cfg = tp.train_config(n);
     let total = cfg.steps;
-    let mut trainer = Trainer::new(params, cfg)?;
+    let mut trainer = Trainer::new(model.trainable_params(), cfg)?;
+    model.set_checkpointing(tp.activation_checkpointing);
     let mut rng = Rng::new(ctx.seed);
     let mut order: Vec<usize> = vec![];
     let mut cursor = 0;
@@ -351,12 +357,15 @@ pub fn train_loop(
         let batches: Vec<Vec<usize>> = (0..tp.grad_accum).map(|_| next_batch(&mut rng)).collect();
         let mut extras: Vec<(String, f64)> = vec![];
         let mut tokens = 0usize;
-        let stats = trainer.step(|i| {
-            let (loss, t) = loss_of(&batches[i], &mut extras)
-                .map_err(|e| herd_engine::EngineError::Input(format!("{e:#}")))?;
-            tokens += t;
-            Ok(loss)
-        })?;
+        let stats = trainer.step_with(
+            |i| {
+                let (loss, t) = loss_of(&batches[i], &mut extras)
+                    .map_err(|e| herd_engine::EngineError::Input(format!("{e:#}")))?;
+                tokens += t;
+                Ok(loss)
+            },
+            |store| model.finish_backward(store),
+        )?;
         let mut points = vec![
             ("loss".to_string(), stats.loss),
             ("grad_norm".to_string(), stats.grad_norm),
@@ -375,6 +384,7 @@ pub fn train_loop(
         ctx.sink.progress(step, total);
         last = points;
     }
+    model.set_checkpointing(false);
     Ok(last)
 }
 
