@@ -896,3 +896,43 @@ fn activation_checkpointing_keeps_the_numbers() {
         }
     }
 }
+
+/// `dtype=bf16` jobs: the fixture's first losses within 1% of f32's, for
+/// full fine-tuning (written back as f32 weights) and LoRA (an f32 adapter).
+#[test]
+fn bf16_jobs_stay_near_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let e = expected();
+    let inputs = [("model", f.join("ref")), ("data", f.join("sft.jsonl"))];
+    let inputs: Vec<(&str, &Path)> = inputs.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    for lora_rank in [0, 4] {
+        let hp = json!({"steps": 2, "batch_size": 3, "dtype": "bf16", "lora_rank": lora_rank});
+        let r = run(JobKind::Sft, hp, 0, &inputs, dir.path());
+        r.summary.as_ref().unwrap();
+        let (got, want) = (first(&r.sink, "loss"), e["sft"]["loss"].as_f64().unwrap());
+        assert!(
+            (got - want).abs() <= 0.01 * want,
+            "bf16 lora_rank={lora_rank}: {got} vs {want}"
+        );
+        let out = if lora_rank > 0 {
+            "adapter"
+        } else {
+            "checkpoint"
+        };
+        let dir = output_dir(&r, dir.path(), out);
+        let file = if lora_rank > 0 {
+            "adapter_model.safetensors"
+        } else {
+            "model.safetensors"
+        };
+        let tensors =
+            candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu).unwrap();
+        assert!(
+            tensors
+                .values()
+                .all(|t| t.dtype() == candle_core::DType::F32),
+            "{out} saved in f32"
+        );
+    }
+}

@@ -48,6 +48,9 @@ pub struct Llama {
     /// for a reward model, the score head): backward then computes no dW
     /// for them and keeps none.
     base_frozen: bool,
+    /// The dtype activations are computed in: the weights' own, or bf16
+    /// over f32 master weights (see [`Llama::compute_in_bf16`]).
+    compute: DType,
     /// Activation checkpointing (see [`Llama::set_checkpointing`]).
     checkpointing: AtomicBool,
     /// Forward passes run under checkpointing whose backward is not done.
@@ -316,6 +319,7 @@ impl Llama {
             score,
             lora: None,
             base_frozen: false,
+            compute: dtype,
             checkpointing: AtomicBool::new(false),
             pending: Mutex::new(vec![]),
             device: device.clone(),
@@ -409,11 +413,60 @@ impl Llama {
     /// A base weight as the forward pass uses it: detached from the graph
     /// when the base is frozen (same storage, no copy).
     fn weight(&self, v: &Var) -> Tensor {
-        if self.base_frozen {
+        let w = if self.base_frozen {
             v.as_tensor().detach()
         } else {
             v.as_tensor().clone()
+        };
+        if w.dtype() == self.compute {
+            return w;
         }
+        // An f32 master weight used in bf16: the cast's backward brings its
+        // gradient back in f32.
+        w.to_dtype(self.compute).expect("a float dtype cast")
+    }
+
+    /// The dtype activations are computed in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// Compute in bf16 from here on. A frozen base is stored in bf16 (half
+    /// its memory); weights that train (every weight in full fine-tuning, a
+    /// reward model's score head) stay f32 master weights, cast to bf16
+    /// where they are used, so their gradients and AdamW's moments and
+    /// updates stay f32 and small updates are not rounded away. An adapter
+    /// always computes and trains in f32. Call after `freeze_base`.
+    pub fn compute_in_bf16(&mut self) -> Result<()> {
+        self.compute = DType::BF16;
+        if !self.base_frozen {
+            return Ok(());
+        }
+        let to_bf16 = |v: &mut Var| -> Result<()> {
+            *v = Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16)?)?;
+            Ok(())
+        };
+        to_bf16(&mut self.embed_tokens)?;
+        to_bf16(&mut self.norm)?;
+        if let Some(h) = self.lm_head.as_mut() {
+            to_bf16(h)?;
+        }
+        for blk in &mut self.layers {
+            for v in [
+                &mut blk.input_layernorm,
+                &mut blk.q_proj,
+                &mut blk.k_proj,
+                &mut blk.v_proj,
+                &mut blk.o_proj,
+                &mut blk.post_attention_layernorm,
+                &mut blk.gate_proj,
+                &mut blk.up_proj,
+                &mut blk.down_proj,
+            ] {
+                to_bf16(v)?;
+            }
+        }
+        Ok(())
     }
 
     /// Block `l`'s projection `proj` of x: x Wᵀ, plus the adapter's
@@ -431,7 +484,13 @@ impl Llama {
         };
         match lora.adapters.get(&(l, proj)) {
             None => Ok(y),
-            Some((a, b)) => y + (linear(&linear(&lora.dropped(x)?, a)?, b)? * lora.config.scale())?,
+            Some((a, b)) => {
+                // The adapter computes in its own dtype (f32), as PEFT does.
+                let x = lora.dropped(x)?.to_dtype(a.dtype())?;
+                let delta = (linear(&linear(&x, a)?, b)? * lora.config.scale())?;
+                let dtype = y.dtype();
+                y + delta.to_dtype(dtype)?
+            }
         }
     }
 
@@ -476,7 +535,7 @@ impl Llama {
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?; // [B, T, hd/2]
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?; // [B, 1, T, hd]
-        let dtype = self.embed_tokens.dtype();
+        let dtype = self.compute;
         Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
     }
 
@@ -497,7 +556,7 @@ impl Llama {
         let cfg = &self.config;
         let (b, t) = ids.dims2()?;
         let (cos, sin) = self.rope_tables(positions)?;
-        let bias = bias.to_dtype(self.embed_tokens.dtype())?;
+        let bias = bias.to_dtype(self.compute)?;
         let bias5 = if crate::fused::usable(&bias) {
             Some(bias.contiguous()?)
         } else {
@@ -626,10 +685,18 @@ impl Llama {
                     scale,
                 )?
             } else {
-                let scores = (scores * scale)?
+                // Softmax in f32 whatever the compute dtype (as
+                // transformers' eager attention does).
+                let dtype = scores.dtype();
+                let up = if dtype == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                let scores = (scores.to_dtype(up)? * scale)?
                     .reshape((b, nkv, rep, t, tk))?
-                    .broadcast_add(&bias)?;
-                softmax(&scores)?
+                    .broadcast_add(&bias.to_dtype(up)?)?;
+                softmax(&scores)?.to_dtype(dtype)?
             }
             .reshape((b, nkv, rep * t, tk))?;
             probs.matmul(&v)?
@@ -726,7 +793,12 @@ impl Llama {
             (Some(h), _) => self.weight(h),
             (None, _) => self.weight(&self.embed_tokens),
         };
-        Ok(linear(hidden, &w)?)
+        let logits = linear(hidden, &w)?;
+        // Log-softmax wants f32 (transformers upcasts logits for the loss).
+        Ok(match logits.dtype() {
+            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+            _ => logits,
+        })
     }
 
     /// Rewards at chosen tokens: hidden [B, T, H], flat indices (row * T +
@@ -738,7 +810,10 @@ impl Llama {
             .ok_or_else(|| EngineError::Input("not a reward model (no score head)".into()))?;
         let (b, t, h) = hidden.dims3()?;
         let idx = Tensor::new(flat_index, hidden.device())?;
-        let picked = hidden.reshape((b * t, h))?.index_select(&idx, 0)?; // [R, H]
+        let picked = hidden
+            .reshape((b * t, h))?
+            .index_select(&idx, 0)?
+            .to_dtype(score.dtype())?; // [R, H]
         Ok(linear(&picked, score.as_tensor())?.squeeze(D::Minus1)?)
     }
 
@@ -760,12 +835,7 @@ impl Llama {
             .into_iter()
             .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
             .collect::<Result<_>>()?;
-        Self::from_tensors_dtype(
-            self.config.clone(),
-            tensors,
-            &self.device,
-            self.embed_tokens.dtype(),
-        )
+        Self::from_tensors_dtype(self.config.clone(), tensors, &self.device, self.compute)
     }
 
     /// Weights as plain tensors by name (shares storage; copy before mutating).

@@ -171,7 +171,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             bail!("with LoRA the reference is the base model with the adapter switched off: leave out input `reference` (or give the `model` itself)");
         }
         let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
-        p.lora.attach(ctx, &mut model)?;
+        super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
         let lora = model.lora.as_ref().expect("attached");
         lora.set_enabled(false);
         reference_logps(&model, &mut ref_c, &mut ref_r).context("reference log-probs")?;
@@ -179,10 +179,16 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         model
     } else {
         {
-            let reference = herd_engine::checkpoint::load_model(&ref_dir, &ctx.device)?;
+            let mut reference = herd_engine::checkpoint::load_model(&ref_dir, &ctx.device)?;
+            if p.train.dtype == super::training::Precision::Bf16 {
+                reference.freeze_base(true);
+                reference.compute_in_bf16()?;
+            }
             reference_logps(&reference, &mut ref_c, &mut ref_r)?;
         }
-        herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?
+        let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
+        super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
+        model
     };
     let cache_path = ctx.workdir.join("reference_logps.json");
     std::fs::write(

@@ -167,7 +167,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     }
     let mut model =
         herd_engine::checkpoint::load_as_reward_model(&model_dir, &ctx.device, ctx.seed)?;
-    p.lora.attach(ctx, &mut model)?;
+    super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
     let pad = chat.special.pad;
     let mut order_rng = Rng::new(ctx.seed ^ 0x0dd);
     let last = train_loop(ctx, &model, &p.train, examples.len(), |idx, extras| {

@@ -82,7 +82,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         ));
     }
     let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
-    p.lora.attach(ctx, &mut model)?;
+    super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
     let pad = chat.special.pad;
     let n = seqs.len();
     let last = train_loop(ctx, &model, &p.train, n, |idx, _| {

@@ -14,6 +14,29 @@ use serde_json::Value;
 
 use super::JobContext;
 
+/// The dtype a training job computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+/// The model a training job trains, made ready: its adapter attached (see
+/// [`LoraParams::attach`]) and its compute dtype set.
+pub fn prepare(
+    ctx: &JobContext,
+    model: &mut herd_engine::Llama,
+    train: &TrainParams,
+    lora: &LoraParams,
+) -> Result<()> {
+    lora.attach(ctx, model)?;
+    if train.dtype == Precision::Bf16 {
+        model.compute_in_bf16()?;
+    }
+    Ok(())
+}
+
 /// The hyperparameters every training job shares.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -31,6 +54,9 @@ pub struct TrainParams {
     pub max_seq_len: usize,
     pub decay: Decay,
     pub min_lr_ratio: f64,
+    /// `bf16`: compute in bf16 (a frozen base stored in bf16; what trains
+    /// kept as f32 master weights). `f32` is the reference.
+    pub dtype: Precision,
     /// Recompute each block in backward instead of keeping its activations:
     /// less memory, about one more forward pass of time. Same gradients.
     pub activation_checkpointing: bool,
@@ -50,6 +76,7 @@ impl Default for TrainParams {
             max_seq_len: 512,
             decay: Decay::Cosine,
             min_lr_ratio: 0.0,
+            dtype: Precision::F32,
             activation_checkpointing: false,
         }
     }
