@@ -108,7 +108,11 @@ fn bring_your_own_runs_as_written() {
     link(&f.join("policy"), &cwd.join("Llama-3.2-1B-Instruct"));
     link(&f.join("preferences.jsonl"), &cwd.join("prefs.jsonl"));
     link(&f.join("sft.jsonl"), &cwd.join("sft.jsonl"));
-    let out = run_block(&sh_block("examples/bring_your_own.md", None), cwd);
+    link(&f.join("lora/adapter"), &cwd.join("my-peft-adapter"));
+    // The LoRA block goes on from the first one's daemon and variables.
+    let doc = "examples/bring_your_own.md";
+    let blocks = sh_block(doc, None) + &sh_block(doc, Some("**LoRA and bf16.**"));
+    let out = run_block(&blocks, cwd);
     assert!(
         out.contains("parameters"),
         "the import prints shapes: {out}"
@@ -117,4 +121,5 @@ fn bring_your_own_runs_as_written() {
         cwd.join("my-dpo-model/model.safetensors").exists()
             || cwd.join("my-dpo-model/config.json").exists()
     );
+    assert!(cwd.join("merged-model/model.safetensors").exists());
 }

@@ -12,7 +12,6 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use herd_engine::chat::Encoded;
 use herd_engine::config::LlamaConfig;
 use herd_engine::generate::{generate, sample_many, SamplingConfig};
@@ -50,7 +49,7 @@ fn main() {
     obj.remove("bench_seq");
     let cfg = LlamaConfig::from_json(&v, "llama-bench.json").unwrap();
     let vocab = cfg.vocab_size as usize;
-    let dev = Device::Cpu;
+    let dev = herd_engine::device::bench_device();
     let model = Llama::init(cfg.clone(), 0, &dev).unwrap();
     let mut rng = Rng::new(0);
     let mut rand_ids = |n: usize| (0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>();

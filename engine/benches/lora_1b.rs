@@ -2,19 +2,24 @@
 //! 2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, tied
 //! embeddings), random init in memory (no download), batch 1 × 512, LoRA
 //! rank 16, alpha 32 on all seven projections, base frozen, AdamW on the
-//! adapter: step time (median of 3 after a warm-up) and peak RSS.
+//! adapter: step time (median of 3 after a warm-up) and peak RSS, of the
+//! whole process and of the training steps alone.
 //!
-//!     cargo bench -p herd-engine --bench lora_1b
-//!     python engine/benches/lora_1b_peer.py 2     # PyTorch + PEFT, same shape and threads
+//!     cargo bench -p herd-engine --bench lora_1b -- [f32|bf16] [ckpt] [full]
+//!     python engine/benches/lora_1b_peer.py 2 [f32|bf16] [ckpt]   # PyTorch + PEFT, same shape and threads
 //!
-//! f32 only so far (bf16 and activation checkpointing are not built yet).
+//! `bf16`: the frozen base stored and computed in bf16, the adapter f32;
+//! `ckpt`: activation checkpointing per block; `full`: full fine-tuning
+//! instead of LoRA (every weight trains: ~20 GB of f32 weights, gradients
+//! and moments before activations; for a GPU). `HERD_BENCH_DEVICE=cuda:0`
+//! runs it on a GPU; `HERD_PEAK_TFLOPS` (the device's peak for the dtype)
+//! adds model FLOPs utilization to the report.
 
 use std::time::Instant;
 
-use candle_core::Device;
 use herd_engine::chat::Encoded;
 use herd_engine::config::LlamaConfig;
-use herd_engine::lora::{Lora, LoraConfig, PROJECTIONS};
+use herd_engine::lora::{LoraConfig, PROJECTIONS};
 use herd_engine::objective;
 use herd_engine::rng::Rng;
 use herd_engine::train::{TrainConfig, Trainer};
@@ -35,9 +40,31 @@ fn main() {
     if std::env::var("RAYON_NUM_THREADS").is_err() {
         herd_engine::device::set_cpu_threads(2);
     }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let bf16 = args.iter().any(|a| a == "bf16");
+    let ckpt = args.iter().any(|a| a == "ckpt");
+    let full = args.iter().any(|a| a == "full");
+    let device = herd_engine::device::bench_device();
     let cfg = LlamaConfig::from_json(&shape(), "Llama-3.2-1B shape").unwrap();
     let t0 = Instant::now();
-    let mut model = Llama::init(cfg.clone(), 0, &Device::Cpu).unwrap();
+    // On the CPU the seeded init (as herd builds models); on a GPU random
+    // weights drawn there (the seeded init takes ~50 s on one core).
+    let mut model = if device.is_cpu() {
+        Llama::init(cfg.clone(), 0, &device).unwrap()
+    } else {
+        let tensors = herd_engine::model::param_shapes(&cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = if name.ends_with("norm.weight") {
+                    candle_core::Tensor::ones(shape, candle_core::DType::F32, &device)
+                } else {
+                    candle_core::Tensor::randn(0f32, 0.02, shape, &device)
+                };
+                (name, t.unwrap())
+            })
+            .collect();
+        Llama::from_tensors(cfg.clone(), tensors, &device).unwrap()
+    };
     let lora = LoraConfig {
         rank: 16,
         alpha: 32.0,
@@ -46,23 +73,23 @@ fn main() {
         dropout: 0.0,
         score: false,
     };
-    let adapter = Lora::init(
-        lora,
-        cfg.num_hidden_layers,
-        |l, p| model.projection_shape(l, p),
-        1,
-        &Device::Cpu,
-    )
-    .unwrap();
-    model.lora = Some(adapter);
-    model.freeze_base(true);
+    if !full {
+        herd_engine::checkpoint::attach_new_adapter(&mut model, lora, 1).unwrap();
+        model.freeze_base(true);
+    }
+    if bf16 {
+        model.compute_in_bf16().unwrap();
+    }
+    model.set_checkpointing(ckpt);
     let trainable: usize = model
         .trainable_params()
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
+    let init_peak = herd_engine::device::peak_rss_mib();
+    herd_engine::device::reset_peak_rss();
     println!(
-        "threads={} params={} trainable={trainable} init {:.1} s, RSS after init {:.0} MiB",
+        "threads={} params={} trainable={trainable} init {:.1} s, peak RSS during init {init_peak:.0} MiB, RSS after {:.0} MiB",
         herd_engine::device::cpu_threads(),
         model.num_params(),
         t0.elapsed().as_secs_f64(),
@@ -87,7 +114,10 @@ fn main() {
     for i in 0..4 {
         let t = Instant::now();
         trainer
-            .step(|_| Ok(objective::sft_loss(&model, std::slice::from_ref(&seq), 0)?.0))
+            .step_with(
+                |_| Ok(objective::sft_loss(&model, std::slice::from_ref(&seq), 0)?.0),
+                |store| model.finish_backward(store),
+            )
             .unwrap();
         let s = t.elapsed().as_secs_f64();
         println!("step {i}: {s:.2} s");
@@ -96,10 +126,34 @@ fn main() {
         }
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let steps_peak = herd_engine::device::peak_rss_mib();
+    // Model FLOPs per token (nanoGPT's estimate): 6N + 12·L·H·Q·T for full
+    // fine-tuning; a frozen base needs no weight gradients, 4N + the same
+    // attention term. Recomputation is not counted (it is not model work).
+    let n = model.num_params() as f64;
+    let (l, h, q, t) = (
+        cfg.num_hidden_layers as f64,
+        cfg.num_attention_heads as f64,
+        cfg.head_dim as f64,
+        512.0,
+    );
+    let per_token = if full { 6.0 } else { 4.0 } * n + 12.0 * l * h * q * t;
+    let tflops = per_token * 512.0 / times[1] / 1e12;
+    let mfu = std::env::var("HERD_PEAK_TFLOPS")
+        .ok()
+        .and_then(|p| p.parse::<f64>().ok())
+        .map(|peak| format!(", MFU {:.1}% of {peak} TFLOP/s", 100.0 * tflops / peak))
+        .unwrap_or_default();
     println!(
-        "lora_1b f32 (batch 1 x 512, r16 all-linear, base frozen): {:.2} s/step median, {:.0} tokens/s, peak RSS {:.0} MiB",
+        "lora_1b {}{}{} on {} (batch 1 x 512{}): {:.2} s/step median, {:.0} tokens/s, {tflops:.3} model TFLOP/s{mfu}, peak RSS {:.0} MiB (steps), {:.0} MiB (process)",
+        if full { "full " } else { "" },
+        if bf16 { "bf16" } else { "f32" },
+        if ckpt { " checkpointed" } else { "" },
+        std::env::var("HERD_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+        if full { ", every weight trains" } else { ", r16 all-linear, base frozen" },
         times[1],
         512.0 / times[1],
-        herd_engine::device::peak_rss_mib()
+        steps_peak,
+        steps_peak.max(init_peak)
     );
 }

@@ -24,6 +24,13 @@ pub fn select(spec: &str) -> Result<Device> {
     )))
 }
 
+/// The device a bench runs on: `HERD_BENCH_DEVICE` (`cpu`, the default, or
+/// `cuda:N`), as scripts/gpu-check.sh sets it.
+pub fn bench_device() -> Device {
+    let spec = std::env::var("HERD_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    select(&spec).unwrap_or_else(|e| panic!("HERD_BENCH_DEVICE={spec}: {e}"))
+}
+
 #[cfg(feature = "cuda")]
 fn cuda(n: usize) -> Result<Device> {
     Ok(Device::new_cuda(n)?)
@@ -85,6 +92,12 @@ pub fn cuda_version() -> Option<String> {
     text.lines()
         .next()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// Start this process's peak resident set (VmHWM) over from the current
+/// one (Linux: `clear_refs` 5), so a bench can report the peak of one phase.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// This process's peak resident set (VmHWM) in MiB, for benches; 0 where

@@ -486,8 +486,11 @@ impl Llama {
             None => Ok(y),
             Some((a, b)) => {
                 // The adapter computes in its own dtype (f32), as PEFT does.
+                // scale folded into B ([out, r], small) rather than applied
+                // to the [tokens, out] delta: one full-size intermediate
+                // fewer kept for backward per projection.
                 let x = lora.dropped(x)?.to_dtype(a.dtype())?;
-                let delta = (linear(&linear(&x, a)?, b)? * lora.config.scale())?;
+                let delta = linear(&linear(&x, a)?, &(b.as_tensor() * lora.config.scale())?)?;
                 let dtype = y.dtype();
                 y + delta.to_dtype(dtype)?
             }

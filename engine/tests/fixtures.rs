@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use common::*;
 use herd_engine::chat::{Encoded, Message};
 use herd_engine::checkpoint::{load_chat, load_model, load_tensors};
@@ -37,11 +37,11 @@ fn chat_format_ids_and_masks() {
 #[test]
 fn forward_logits() {
     let e = expected();
-    let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let model = load_model(&fixtures().join("ref"), &device()).unwrap();
     let input = ids(&e["forward"]["ids"]);
     let logits = model
         .forward(
-            &Tensor::new(input.as_slice(), &Device::Cpu)
+            &Tensor::new(input.as_slice(), &device())
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap(),
@@ -54,7 +54,7 @@ fn forward_logits() {
 #[test]
 fn greedy_generation() {
     let e = expected();
-    let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let model = load_model(&fixtures().join("ref"), &device()).unwrap();
     let prompt = ids(&e["generate"]["prompt_ids"]);
     let out = generate(
         &model,
@@ -78,7 +78,7 @@ fn greedy_generation() {
 #[test]
 fn sft_loss() {
     let e = expected();
-    let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let model = load_model(&fixtures().join("ref"), &device()).unwrap();
     let seqs: Vec<Encoded> = e["sft"]["sequences"]
         .as_array()
         .unwrap()
@@ -104,8 +104,8 @@ fn sft_loss() {
 fn dpo_case(key: &str, mask_format: bool) {
     let e = expected();
     let d = &e["dpo"];
-    let policy = load_model(&fixtures().join("policy"), &Device::Cpu).unwrap();
-    let reference = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let policy = load_model(&fixtures().join("policy"), &device()).unwrap();
+    let reference = load_model(&fixtures().join("ref"), &device()).unwrap();
     let pairs = dpo_pairs();
     for share in [false, true] {
         let (rc, rr) =
@@ -137,7 +137,7 @@ fn dpo_masked() {
 #[test]
 fn reward_model_rewards_loss_accuracy_packed_and_not() {
     let e = expected();
-    let rm = load_model(&fixtures().join("rm"), &Device::Cpu).unwrap();
+    let rm = load_model(&fixtures().join("rm"), &device()).unwrap();
     let x = &e["rm"];
     let examples: Vec<Ranked> = x["rows"]
         .as_array()
@@ -196,7 +196,7 @@ fn adamw_three_steps() {
     let w0 = Tensor::from_vec(
         flat(&a["w0"]).iter().map(|x| *x as f32).collect::<Vec<_>>(),
         shape,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap();
     let var = candle_core::Var::from_tensor(&w0).unwrap();
@@ -213,7 +213,7 @@ fn adamw_three_steps() {
         let g = Tensor::from_vec(
             flat(g).iter().map(|x| *x as f32).collect::<Vec<_>>(),
             shape,
-            &Device::Cpu,
+            &device(),
         )
         .unwrap();
         opt.step(&[g], cfg.lr).unwrap();
@@ -251,7 +251,7 @@ fn averaging_uniform_and_weighted() {
     let mut bad = models[1].clone();
     bad.insert(
         name.to_string(),
-        Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((2, 2), candle_core::DType::F32, &device()).unwrap(),
     );
     let err = herd_engine::average::average(&[models[0].clone(), bad], &[]).unwrap_err();
     assert!(err.to_string().contains(name), "{err}");

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use common::*;
 use herd_engine::chat::Encoded;
 use herd_engine::checkpoint::{load_adapter, load_model, save_adapter};
@@ -23,16 +23,13 @@ fn lora_expected() -> Value {
 }
 
 fn with_adapter() -> Llama {
-    let mut m = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let mut m = load_model(&fixtures().join("ref"), &device()).unwrap();
     load_adapter(&mut m, &fixtures().join("lora/adapter")).unwrap();
     m
 }
 
 fn logits(m: &Llama, ids: &[u32]) -> Vec<f32> {
-    let ids = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = Tensor::new(ids, &device()).unwrap().unsqueeze(0).unwrap();
     m.forward(&ids)
         .unwrap()
         .flatten_all()
@@ -78,7 +75,7 @@ fn lora_forward_sft_step_and_merge_match_peft() {
         "logits with adapter",
     );
     lora.set_enabled(false);
-    let base = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let base = load_model(&fixtures().join("ref"), &device()).unwrap();
     assert_eq!(
         logits(&m, &fwd),
         logits(&base, &fwd),
@@ -143,7 +140,7 @@ fn lora_forward_sft_step_and_merge_match_peft() {
     let name = e["merged"]["tensor"].as_str().unwrap();
     let w: Vec<f32> = merged[name].flatten_all().unwrap().to_vec1().unwrap();
     close_all(&w, &flat(&e["merged"]["weight"]), "merged weight");
-    let plain = Llama::from_tensors(m.config.clone(), merged, &Device::Cpu).unwrap();
+    let plain = Llama::from_tensors(m.config.clone(), merged, &device()).unwrap();
     let want = flat(&e["merged"]["logits_after_step"]);
     close_all(&logits(&m, &fwd), &want, "adapter logits after the step");
     close_all(&logits(&plain, &fwd), &want, "merged logits");
@@ -192,7 +189,7 @@ fn adapter_directories_round_trip_and_unsupported_ones_are_refused() {
             .collect()
     };
     assert_eq!(names(dir.path()), names(&fixtures().join("lora/adapter")));
-    let mut back = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let mut back = load_model(&fixtures().join("ref"), &device()).unwrap();
     load_adapter(&mut back, dir.path()).unwrap();
     let fwd = ids(&lora_expected()["forward"]["ids"]);
     assert_eq!(logits(&back, &fwd), logits(&m, &fwd));
@@ -216,7 +213,7 @@ fn adapter_directories_round_trip_and_unsupported_ones_are_refused() {
             bad.path().join("adapter_model.safetensors"),
         )
         .unwrap();
-        let mut model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+        let mut model = load_model(&fixtures().join("ref"), &device()).unwrap();
         let err = load_adapter(&mut model, bad.path())
             .unwrap_err()
             .to_string();
@@ -267,7 +264,7 @@ fn a_frozen_base_takes_no_gradient() {
     check_grads(&grads, &e["sft"]["grads"], "frozen sft");
 
     let mut rm =
-        herd_engine::checkpoint::load_as_reward_model(&fixtures().join("ref"), &Device::Cpu, 0)
+        herd_engine::checkpoint::load_as_reward_model(&fixtures().join("ref"), &device(), 0)
             .unwrap();
     load_adapter(&mut rm, &fixtures().join("lora/adapter")).unwrap();
     rm.freeze_base(true);
@@ -348,9 +345,9 @@ fn bf16_stays_within_tolerance_and_keeps_small_updates() {
     );
 
     // Full fine-tuning in bf16: f32 masters, cast where used.
-    let f32_model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let f32_model = load_model(&fixtures().join("ref"), &device()).unwrap();
     let (want, _) = objective::sft_loss(&f32_model, &seqs, 319).unwrap();
-    let mut full = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let mut full = load_model(&fixtures().join("ref"), &device()).unwrap();
     full.compute_in_bf16().unwrap();
     assert_eq!(
         full.embed_tokens.dtype(),
@@ -389,7 +386,7 @@ fn bf16_stays_within_tolerance_and_keeps_small_updates() {
         before.len()
     );
     let bf = |v: &[f32]| -> Vec<f32> {
-        Tensor::new(v, &Device::Cpu)
+        Tensor::new(v, &device())
             .unwrap()
             .to_dtype(candle_core::DType::BF16)
             .unwrap()

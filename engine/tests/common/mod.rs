@@ -161,3 +161,10 @@ pub fn check_dpo_step(
         close_all(&got, &flat(w), &format!("{what} grad {name}"));
     }
 }
+
+/// The device the fixture tests run on: `HERD_TEST_DEVICE` (`cpu`, the
+/// default, or `cuda:N` in a `--features cuda` build; scripts/gpu-check.sh).
+pub fn device() -> candle_core::Device {
+    let spec = std::env::var("HERD_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    herd_engine::device::select(&spec).unwrap_or_else(|e| panic!("HERD_TEST_DEVICE={spec}: {e}"))
+}
