@@ -8,7 +8,8 @@
 //!     cargo bench -p herd-engine --bench lora_1b -- [f32|bf16] [ckpt] [full]
 //!     python engine/benches/lora_1b_peer.py 2 [f32|bf16] [ckpt]   # PyTorch + PEFT, same shape and threads
 //!
-//! `bf16`: the frozen base stored and computed in bf16, the adapter f32;
+//! `bf16`: the frozen base stored in bf16 (computed in bf16 on a GPU, in
+//! f32 on the CPU), the adapter f32;
 //! `ckpt`: activation checkpointing per block; `full`: full fine-tuning
 //! instead of LoRA (every weight trains: ~20 GB of f32 weights, gradients
 //! and moments before activations; for a GPU). `HERD_BENCH_DEVICE=cuda:0`
@@ -78,7 +79,15 @@ fn main() {
         model.freeze_base(true);
     }
     if bf16 {
-        model.compute_in_bf16().unwrap();
+        // As a `dtype=bf16` job does: a GPU computes in bf16; the CPU has no
+        // bf16 arithmetic, so there the frozen base is stored in bf16 and
+        // the products widen it (full fine-tuning: bf16 compute over f32
+        // masters, for the GPU).
+        if device.is_cpu() && !full {
+            model.store_frozen_base_in_bf16().unwrap();
+        } else {
+            model.compute_in_bf16().unwrap();
+        }
     }
     model.set_checkpointing(ckpt);
     let trainable: usize = model

@@ -177,6 +177,19 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         dims[dims.len() - 1],
     );
     let x = x.reshape((rows, inp))?;
+    // A weight stored in another dtype than the activations: a frozen bf16
+    // base under f32 compute on the CPU (no f32 copy kept), or an f32
+    // master weight used in bf16 (cast: its gradient flows back in f32).
+    let w = &if w.dtype() == x.dtype() {
+        w.clone()
+    } else if w.dtype() == DType::BF16 && x.dtype() == DType::F32 && x.device().is_cpu() {
+        let out = crate::fused::frozen_linear(&x, w)?;
+        let mut shape = dims;
+        *shape.last_mut().expect("at least one dim") = out.dim(1)?;
+        return out.reshape(shape);
+    } else {
+        w.to_dtype(x.dtype())?
+    };
     let out = if rows <= crate::fused::FEW_ROWS
         && crate::fused::usable(&x)
         && crate::fused::usable(w)
@@ -390,6 +403,10 @@ impl Llama {
         self.base_frozen = frozen;
     }
 
+    pub fn is_base_frozen(&self) -> bool {
+        self.base_frozen
+    }
+
     /// What an optimizer should update: the adapter (and a reward model's
     /// score head) when the base is frozen, else every weight (and the
     /// adapter, when one is attached).
@@ -413,17 +430,23 @@ impl Llama {
     /// A base weight as the forward pass uses it: detached from the graph
     /// when the base is frozen (same storage, no copy).
     fn weight(&self, v: &Var) -> Tensor {
-        let w = if self.base_frozen {
-            v.as_tensor().detach()
-        } else {
-            v.as_tensor().clone()
-        };
+        let w = self.stored_weight(v);
         if w.dtype() == self.compute {
             return w;
         }
         // An f32 master weight used in bf16: the cast's backward brings its
         // gradient back in f32.
         w.to_dtype(self.compute).expect("a float dtype cast")
+    }
+
+    /// A base weight as stored (see [`Llama::weight`]), for the matmuls:
+    /// `linear` computes with a frozen bf16 weight without an f32 copy.
+    fn stored_weight(&self, v: &Var) -> Tensor {
+        if self.base_frozen {
+            v.as_tensor().detach()
+        } else {
+            v.as_tensor().clone()
+        }
     }
 
     /// The dtype activations are computed in.
@@ -441,6 +464,20 @@ impl Llama {
         self.compute = DType::BF16;
         if !self.base_frozen {
             return Ok(());
+        }
+        self.store_frozen_base_in_bf16()
+    }
+
+    /// Store the frozen base in bf16 (half its memory) and go on computing
+    /// in the current dtype: what `dtype=bf16` does on the CPU, whose
+    /// backend has no bf16 arithmetic (its matmul widens to f32). The
+    /// projections then widen their weight inside the product
+    /// (`fused::frozen_linear`), never keeping an f32 copy.
+    pub fn store_frozen_base_in_bf16(&mut self) -> Result<()> {
+        if !self.base_frozen {
+            return Err(EngineError::Input(
+                "only a frozen base (LoRA) is stored in bf16; full fine-tuning keeps f32 master weights".into(),
+            ));
         }
         let to_bf16 = |v: &mut Var| -> Result<()> {
             *v = Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16)?)?;
@@ -478,7 +515,7 @@ impl Llama {
         x: &Tensor,
         w: &Var,
     ) -> candle_core::Result<Tensor> {
-        let y = linear(x, &self.weight(w))?;
+        let y = linear(x, &self.stored_weight(w))?;
         let Some(lora) = self.lora.as_ref().filter(|a| a.enabled()) else {
             return Ok(y);
         };
@@ -615,9 +652,10 @@ impl Llama {
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         Ok(self
-            .weight(&self.embed_tokens)
+            .stored_weight(&self.embed_tokens)
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+            .reshape((b, t, self.config.hidden_size))?
+            .to_dtype(self.compute)?)
     }
 
     /// Block `l` on x [B, T, H]: attention then the SwiGLU MLP, each with
@@ -793,8 +831,8 @@ impl Llama {
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = match (&self.lm_head, self.config.num_labels) {
             (_, 1) => return Err(EngineError::Input("a reward model has no LM head".into())),
-            (Some(h), _) => self.weight(h),
-            (None, _) => self.weight(&self.embed_tokens),
+            (Some(h), _) => self.stored_weight(h),
+            (None, _) => self.stored_weight(&self.embed_tokens),
         };
         let logits = linear(hidden, &w)?;
         // Log-softmax wants f32 (transformers upcasts logits for the loss).

@@ -406,3 +406,59 @@ fn bf16_stays_within_tolerance_and_keeps_small_updates() {
         before.len()
     );
 }
+
+/// `dtype=bf16` on the CPU: the frozen base stored in bf16, arithmetic in
+/// f32 (the projections widen their weight inside the product). That is
+/// exactly an f32 model whose weights were rounded to bf16: same loss, same
+/// adapter gradients; and the base takes half the memory.
+#[test]
+fn a_bf16_stored_base_computes_as_its_rounded_f32_weights() {
+    let seqs = sft_sequences();
+    let mut stored = with_adapter();
+    stored.freeze_base(true);
+    let before: usize = stored
+        .params()
+        .iter()
+        .map(|(_, v)| v.elem_count() * 4)
+        .sum();
+    stored.store_frozen_base_in_bf16().unwrap();
+    let after: usize = stored
+        .params()
+        .iter()
+        .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+        .sum();
+    assert_eq!(after * 2, before, "the base takes half the bytes");
+    assert_eq!(stored.compute_dtype(), candle_core::DType::F32);
+
+    let rounded: BTreeMap<String, Tensor> = stored
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_dtype(candle_core::DType::F32).unwrap()))
+        .collect();
+    let mut plain = Llama::from_tensors(stored.config.clone(), rounded, &device()).unwrap();
+    load_adapter(&mut plain, &fixtures().join("lora/adapter")).unwrap();
+    plain.freeze_base(true);
+
+    let run = |m: &Llama| {
+        let (loss, _) = objective::sft_loss(m, &seqs, 319).unwrap();
+        let grads = gradients(&loss, &m.trainable_params()).unwrap();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let ((l1, g1), (l2, g2)) = (run(&stored), run(&plain));
+    assert!((l1 - l2).abs() <= 1e-5 * l2.abs(), "loss {l1} vs {l2}");
+    for (a, b) in g1.iter().zip(&g2) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f64> = b
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as f64)
+            .collect();
+        close_all(&a, &b, "adapter gradient over a bf16-stored base");
+    }
+    // Full fine-tuning keeps f32 masters: storing its base in bf16 is refused.
+    let full = load_model(&fixtures().join("ref"), &device());
+    assert!(full.unwrap().store_frozen_base_in_bf16().is_err());
+}

@@ -182,7 +182,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             let mut reference = herd_engine::checkpoint::load_model(&ref_dir, &ctx.device)?;
             if p.train.dtype == super::training::Precision::Bf16 {
                 reference.freeze_base(true);
-                reference.compute_in_bf16()?;
+                super::training::bf16(&mut reference)?;
             }
             reference_logps(&reference, &mut ref_c, &mut ref_r)?;
         }

@@ -32,7 +32,20 @@ pub fn prepare(
 ) -> Result<()> {
     lora.attach(ctx, model)?;
     if train.dtype == Precision::Bf16 {
+        bf16(model)?;
+    }
+    Ok(())
+}
+
+/// `dtype=bf16` on this model's device: a GPU computes in bf16; the CPU
+/// backend has no bf16 arithmetic (its matmul widens to f32), so there a
+/// frozen base is stored in bf16 and the arithmetic stays f32, and full
+/// fine-tuning (f32 master weights either way) is unchanged.
+pub fn bf16(model: &mut herd_engine::Llama) -> Result<()> {
+    if !model.device.is_cpu() {
         model.compute_in_bf16()?;
+    } else if model.is_base_frozen() {
+        model.store_frozen_base_in_bf16()?;
     }
     Ok(())
 }
@@ -54,8 +67,9 @@ pub struct TrainParams {
     pub max_seq_len: usize,
     pub decay: Decay,
     pub min_lr_ratio: f64,
-    /// `bf16`: compute in bf16 (a frozen base stored in bf16; what trains
-    /// kept as f32 master weights). `f32` is the reference.
+    /// `bf16`: on a GPU compute in bf16 (a frozen base stored in bf16; what
+    /// trains kept as f32 master weights); on the CPU store a frozen base in
+    /// bf16 and compute in f32 (see [`bf16`]). `f32` is the reference.
     pub dtype: Precision,
     /// Recompute each block in backward instead of keeping its activations:
     /// less memory, about one more forward pass of time. Same gradients.

@@ -2,7 +2,8 @@
 //! attention softmax (`softmax`), target-token log-probabilities (`logprob`),
 //! RMSNorm (`rms_norm`), RoPE (`rope`), the few-row linear layer for decoding
 //! (`linear`) and SwiGLU (`swiglu`), with the vectorized exp they share
-//! (`fast_exp`); and one without a backward, for generation only: attention
+//! (`fast_exp`), a linear layer over a frozen bf16 weight (`frozen_linear`);
+//! and one without a backward, for generation only: attention
 //! over the KV cache in place (`decode_attention`). This file holds what they share: buffer and layout checks,
 //! the kernel-path detection, row parallelism.
 //!
@@ -129,6 +130,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 mod decode_attention;
 mod fast_exp;
+mod frozen_linear;
 mod linear;
 mod logprob;
 mod rms_norm;
@@ -137,6 +139,7 @@ mod softmax;
 mod swiglu;
 
 pub use decode_attention::decode_attention;
+pub use frozen_linear::frozen_linear;
 pub use linear::{linear_few_rows, FEW_ROWS};
 pub use logprob::target_logprob;
 pub use rms_norm::rms_norm;
