@@ -640,7 +640,11 @@ fn the_example_round_spec_runs() {
     assert_eq!(dpo["kind"], "dpo");
 
     let kinds = cli.json(&["kinds"]);
-    assert_eq!(kinds.as_array().unwrap().len(), 9);
+    assert_eq!(
+        kinds.as_array().unwrap().len(),
+        10,
+        "one per recipe, merge included"
+    );
     let mix = cli.json(&["kinds", "mix"]);
     assert_eq!(mix[0]["at_least"], 1);
     assert_eq!(
@@ -834,6 +838,12 @@ fn lora_adapter_through_the_cli() {
         std::fs::read(adapter_dir.join("adapter_model.safetensors")).unwrap(),
         "the imported adapter comes back byte for byte"
     );
+    // An adapter herd wrote names its base by hash: it imports without --base.
+    let again = q(format!(
+        "import model {}",
+        dir.path().join("trained").to_str().unwrap()
+    ));
+    assert_eq!(again, trained);
 
     // A job reference to a LoRA job's checkpoint is refused at submit, and
     // so is an adapter given with a model it does not adapt.

@@ -684,6 +684,18 @@ fn sft_on_plain_text_learns_the_text() {
     assert_eq!(r.sink.series("tokens")[0], targets as f64);
 }
 
+/// max |a - b| over two tensors of one shape.
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// The directory of a job's output `name` (a tree in the sink's store).
 fn output_dir(r: &Run, scratch: &Path, name: &str) -> PathBuf {
     let hash = r.sink.output_hash(name).expect("the job made that output");
@@ -770,14 +782,7 @@ fn lora_jobs_train_average_and_merge_adapters() {
     assert_eq!(config.rank, 8, "ranks add up");
     let (want, got) = (merged_of(&[&da, &db]), merged_of(&[&davg]));
     for (name, w) in &want {
-        let diff: f32 = (w - &got[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_diff(w, &got[name]);
         assert!(
             diff < 1e-6,
             "{name}: the averaged adapter's merge is off by {diff}"
@@ -805,14 +810,7 @@ fn lora_jobs_train_average_and_merge_adapters() {
     let plain =
         herd_engine::checkpoint::load_tensors(&output_dir(&merge, s, "checkpoint")).unwrap();
     for (name, w) in &got {
-        let diff: f32 = (w - &plain[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_diff(w, &plain[name]);
         assert!(diff < 1e-6, "{name}: {diff}");
     }
 

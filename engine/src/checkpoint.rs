@@ -385,37 +385,18 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<()> {
     let config = crate::lora::LoraConfig::from_file(&dir.join(crate::lora::ADAPTER_CONFIG))?;
     let mut tensors = crate::lora::load_tensors(dir)?;
     let bad = |why: String| EngineError::checkpoint(dir, why);
-    let score = tensors.remove(crate::lora::SCORE_TENSOR);
-    match (config.score, score, &model.score) {
-        (false, None, _) => {}
-        (true, Some(t), Some(head)) => {
-            if t.dims() != head.dims() {
-                return Err(bad(format!(
-                    "`{}` has shape {:?}, the reward model's head is {:?}",
-                    crate::lora::SCORE_TENSOR,
-                    t.dims(),
-                    head.dims()
-                )));
-            }
-            head.set(&t.to_dtype(head.dtype())?.to_device(&model.device)?)?;
-        }
-        (true, Some(_), None) => {
+    let hidden = model.config.hidden_size;
+    match (
+        crate::lora::take_score(&config, &mut tensors, hidden).map_err(bad)?,
+        &model.score,
+    ) {
+        (None, _) => {}
+        (Some(t), Some(head)) => head.set(&t.to_dtype(head.dtype())?.to_device(&model.device)?)?,
+        (Some(_), None) => {
             return Err(bad(
                 "a reward model's adapter (it saves a score head); load its base as a reward model"
                     .into(),
             ))
-        }
-        (true, None, _) => {
-            return Err(bad(format!(
-                "modules_to_save names the score head but `{}` is missing",
-                crate::lora::SCORE_TENSOR
-            )))
-        }
-        (false, Some(_), _) => {
-            return Err(bad(format!(
-                "unexpected tensor `{}` (modules_to_save does not name the score head)",
-                crate::lora::SCORE_TENSOR
-            )))
         }
     }
     let lora = crate::lora::Lora::from_tensors(
@@ -497,29 +478,7 @@ pub fn inspect_adapter(dir: &Path, base_config: &Path) -> Result<serde_json::Val
     let shapes = crate::model::param_shapes(&base);
     let mut tensors = crate::lora::load_tensors(dir)?;
     let bad = |why: String| EngineError::checkpoint(dir, why);
-    match (config.score, tensors.remove(crate::lora::SCORE_TENSOR)) {
-        (true, Some(t)) if t.dims() != [1, base.hidden_size] => {
-            return Err(bad(format!(
-                "`{}` has shape {:?}, the base implies [1, {}]",
-                crate::lora::SCORE_TENSOR,
-                t.dims(),
-                base.hidden_size
-            )))
-        }
-        (true, None) => {
-            return Err(bad(format!(
-                "modules_to_save names the score head but `{}` is missing",
-                crate::lora::SCORE_TENSOR
-            )))
-        }
-        (false, Some(_)) => {
-            return Err(bad(format!(
-                "unexpected tensor `{}` (modules_to_save does not name the score head)",
-                crate::lora::SCORE_TENSOR
-            )))
-        }
-        _ => {}
-    }
+    crate::lora::take_score(&config, &mut tensors, base.hidden_size).map_err(bad)?;
     let lora = crate::lora::Lora::from_tensors(
         config.clone(),
         base.num_hidden_layers,

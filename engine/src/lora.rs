@@ -372,6 +372,30 @@ impl Lora {
     }
 }
 
+/// Take a reward model's score head out of an adapter's tensors, checking
+/// it is there exactly when the config says (`modules_to_save`) and is
+/// [1, hidden]. Errors say what is wrong, for the caller to place.
+pub fn take_score(
+    config: &LoraConfig,
+    tensors: &mut BTreeMap<String, Tensor>,
+    hidden: usize,
+) -> std::result::Result<Option<Tensor>, String> {
+    match (config.score, tensors.remove(SCORE_TENSOR)) {
+        (false, None) => Ok(None),
+        (true, Some(t)) if t.dims() == [1, hidden] => Ok(Some(t)),
+        (true, Some(t)) => Err(format!(
+            "`{SCORE_TENSOR}` has shape {:?}, the base implies [1, {hidden}]",
+            t.dims()
+        )),
+        (true, None) => Err(format!(
+            "modules_to_save names the score head but `{SCORE_TENSOR}` is missing"
+        )),
+        (false, Some(_)) => Err(format!(
+            "unexpected tensor `{SCORE_TENSOR}` (modules_to_save does not name the score head)"
+        )),
+    }
+}
+
 /// Read an adapter's tensors (PEFT's safetensors file).
 pub fn load_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let path = dir.join(ADAPTER_WEIGHTS);

@@ -305,6 +305,12 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
         });
     }
     let is_adapter = body.files.contains_key(herd_engine::lora::ADAPTER_CONFIG);
+    let mut body = body;
+    if is_adapter && body.base.is_none() {
+        // An adapter herd wrote names its base by hash: take it when it is
+        // a recorded checkpoint.
+        body.base = named_base(&ctx, &body.files[herd_engine::lora::ADAPTER_CONFIG]).await;
+    }
     // An adapter is checked against its base's config (shapes only).
     let base_config = match (&body.base, is_adapter) {
         (None, true) => {
@@ -422,6 +428,20 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
         .await
         .map_err(internal)?;
     created(json!(Imported { hash, summary }))
+}
+
+/// The recorded checkpoint an adapter's config names as its base
+/// (`base_model_name_or_path`, which herd sets to the base's hash), if any.
+async fn named_base(ctx: &Ctx, config_blob: &str) -> Option<String> {
+    let path = ctx.state.store.blobs.path_of(config_blob).ok()?;
+    let text = tokio::fs::read_to_string(path).await.ok()?;
+    let config: Value = serde_json::from_str(&text).ok()?;
+    let named = config["base_model_name_or_path"].as_str()?;
+    let p = ctx.state.projection.read().await;
+    p.artifacts
+        .get(named)
+        .filter(|a| a.artifact == ArtifactKind::Checkpoint)
+        .map(|a| a.hash.clone())
 }
 
 async fn list_artifacts(ctx: Ctx, q: ArtifactQuery) -> Res {
