@@ -89,6 +89,7 @@ else
 fi
 for cfg in "${configs[@]}"; do
     case $cfg in *bf16*) peak=$peak_bf16 ;; *) peak=$peak_f32 ;; esac
+    [ "$DEVICE" = cpu ] && peak=""   # the peaks are a GPU's
     line=$(HERD_BENCH_DEVICE=$DEVICE HERD_PEAK_TFLOPS=$peak gpu_peak \
         cargo bench $features -p herd-engine --bench lora_1b -- $cfg 2> "$OUT/lora_1b-${cfg// /-}.err" \
         | tee "$OUT/lora_1b-${cfg// /-}.log" | grep -E "^lora_1b|^peak GPU") || failed=1
