@@ -833,6 +833,20 @@ fn lora_jobs_train_average_and_merge_adapters() {
     let drm = output_dir(&rm, s, "adapter");
     let names = herd_engine::lora::load_tensors(&drm).unwrap();
     assert!(names.contains_key(herd_engine::lora::SCORE_TENSOR));
+    // rm may go on from a language model's adapter: A and B carry over, the
+    // score head starts fresh and is saved with them.
+    let rm_from_sft = run(
+        JobKind::Rm,
+        json!({"steps": 1, "batch_size": 2, "heldout_fraction": 0.0}),
+        0,
+        &[("model", &model), ("data", &prefs), ("adapter", &da)],
+        s,
+    );
+    rm_from_sft.summary.as_ref().unwrap();
+    let continued = output_dir(&rm_from_sft, s, "adapter");
+    let config =
+        herd_engine::lora::LoraConfig::from_file(&continued.join("adapter_config.json")).unwrap();
+    assert!(config.score && config.rank == 4);
     let merged_rm = run(
         JobKind::Merge,
         json!({}),

@@ -196,21 +196,10 @@ impl LoraParams {
         if let Some(dir) = ctx.inputs.get("adapter") {
             herd_engine::checkpoint::load_adapter(model, dir).context("input `adapter`")?;
             let lora = model.lora.as_mut().expect("just attached");
-            if lora.config.score != model.score.is_some() {
-                bail!(
-                    "input `adapter` is {}, but this job trains {}",
-                    if lora.config.score {
-                        "a reward model's adapter"
-                    } else {
-                        "a language model's adapter"
-                    },
-                    if model.score.is_some() {
-                        "a reward model"
-                    } else {
-                        "a language model"
-                    },
-                );
-            }
+            // A reward model may continue a language model's adapter: its
+            // score head starts fresh, as for any rm, and is saved with it.
+            // (A reward model's adapter on a language model is refused by
+            // load_adapter.)
             if self.lora_rank != 0 && self.lora_rank != lora.config.rank {
                 bail!(
                     "lora_rank {} differs from input `adapter`'s rank {}: leave lora_rank at 0 to continue the adapter as it is",
