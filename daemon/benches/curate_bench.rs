@@ -22,7 +22,7 @@ fn main() {
         .unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(7);
-    let mut word = |rng: &mut Rng| format!("w{}", rng.below(20_000));
+    let word = |rng: &mut Rng| format!("w{}", rng.below(20_000));
     let mut texts: Vec<(String, String)> = Vec::with_capacity(n);
     let mut planted = 0;
     for i in 0..n {

@@ -378,35 +378,38 @@ pub fn describe(dir: &Path) -> Result<serde_json::Value> {
     }))
 }
 
+/// An adapter directory read against the config of the base it adapts:
+/// every tensor's name and shape checked; a reward model's adapter also
+/// gives its score head.
+fn read_adapter(
+    dir: &Path,
+    base: &LlamaConfig,
+    device: &Device,
+) -> Result<(crate::lora::Lora, Option<Tensor>)> {
+    let config = crate::lora::LoraConfig::from_file(&dir.join(crate::lora::ADAPTER_CONFIG))?;
+    let mut tensors = crate::lora::load_tensors(dir)?;
+    let bad = |why: String| EngineError::checkpoint(dir, why);
+    let score = crate::lora::take_score(&config, &mut tensors, base.hidden_size).map_err(bad)?;
+    let lora = crate::lora::Lora::from_tensors(config, base, tensors, device)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((lora, score))
+}
+
 /// Attach the PEFT adapter in `dir` (adapter_config.json,
 /// adapter_model.safetensors) to `model`, checking every tensor's name and
 /// shape against the model. A reward model's adapter brings its score head.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<()> {
-    let config = crate::lora::LoraConfig::from_file(&dir.join(crate::lora::ADAPTER_CONFIG))?;
-    let mut tensors = crate::lora::load_tensors(dir)?;
-    let bad = |why: String| EngineError::checkpoint(dir, why);
-    let hidden = model.config.hidden_size;
-    match (
-        crate::lora::take_score(&config, &mut tensors, hidden).map_err(bad)?,
-        &model.score,
-    ) {
+    let (lora, score) = read_adapter(dir, &model.config, &model.device)?;
+    match (score, &model.score) {
         (None, _) => {}
         (Some(t), Some(head)) => head.set(&t.to_dtype(head.dtype())?.to_device(&model.device)?)?,
         (Some(_), None) => {
-            return Err(bad(
-                "a reward model's adapter (it saves a score head); load its base as a reward model"
-                    .into(),
+            return Err(EngineError::checkpoint(
+                dir,
+                "a reward model's adapter (it saves a score head); load its base as a reward model",
             ))
         }
     }
-    let lora = crate::lora::Lora::from_tensors(
-        config,
-        model.config.num_hidden_layers,
-        tensors,
-        |l, p| model.projection_shape(l, p),
-        &model.device,
-    )
-    .map_err(|e| bad(e.to_string()))?;
     model.lora = Some(lora);
     Ok(())
 }
@@ -419,13 +422,7 @@ pub fn attach_new_adapter(
     seed: u64,
 ) -> Result<()> {
     config.score = model.score.is_some();
-    let lora = crate::lora::Lora::init(
-        config,
-        model.config.num_hidden_layers,
-        |l, p| model.projection_shape(l, p),
-        seed,
-        &model.device,
-    )?;
+    let lora = crate::lora::Lora::init(config, &model.config, seed, &model.device)?;
     model.lora = Some(lora);
     Ok(())
 }
@@ -473,24 +470,9 @@ pub fn write_adapter(
 /// adapts: every tensor's name and shape (no base weights are read). For
 /// import.
 pub fn inspect_adapter(dir: &Path, base_config: &Path) -> Result<serde_json::Value> {
-    let config = crate::lora::LoraConfig::from_file(&dir.join(crate::lora::ADAPTER_CONFIG))?;
     let base = LlamaConfig::from_file(base_config)?;
-    let shapes = crate::model::param_shapes(&base);
-    let mut tensors = crate::lora::load_tensors(dir)?;
-    let bad = |why: String| EngineError::checkpoint(dir, why);
-    crate::lora::take_score(&config, &mut tensors, base.hidden_size).map_err(bad)?;
-    let lora = crate::lora::Lora::from_tensors(
-        config.clone(),
-        base.num_hidden_layers,
-        tensors,
-        |l, p| {
-            let name = format!("model.layers.{l}.{}.{p}.weight", crate::lora::module_of(p));
-            let d = &shapes[&name];
-            (d[0], d[1])
-        },
-        &Device::Cpu,
-    )
-    .map_err(|e| bad(e.to_string()))?;
+    let (lora, _) = read_adapter(dir, &base, &Device::Cpu)?;
+    let config = &lora.config;
     let parameters: usize = lora.params().iter().map(|(_, v)| v.elem_count()).sum();
     Ok(serde_json::json!({
         "rank": config.rank,

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
+use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
 
 /// The projections of a block LoRA can target, with their module paths.
@@ -218,18 +219,17 @@ pub struct Lora {
 
 impl Lora {
     /// From named tensors (PEFT names), checking every expected one is
-    /// there with its shape: `shapes(l, proj)` gives the base's [out, in].
+    /// there with the shape the base (`base`, its config) implies.
     pub fn from_tensors(
         config: LoraConfig,
-        layers: usize,
+        base: &LlamaConfig,
         mut tensors: BTreeMap<String, Tensor>,
-        shapes: impl Fn(usize, &str) -> (usize, usize),
         device: &Device,
     ) -> Result<Self> {
         let mut adapters = BTreeMap::new();
-        for l in 0..layers {
+        for l in 0..base.num_hidden_layers {
             for proj in &config.targets {
-                let (out, inp) = shapes(l, proj);
+                let (out, inp) = crate::model::projection_shape(base, proj);
                 let mut take = |matrix: &str, want: [usize; 2]| -> Result<Var> {
                     let name = tensor_name(l, proj, matrix);
                     let t = tensors.remove(&name).ok_or_else(|| {
@@ -269,16 +269,15 @@ impl Lora {
     /// B zero, so the model starts exactly at its base.
     pub fn init(
         config: LoraConfig,
-        layers: usize,
-        shapes: impl Fn(usize, &str) -> (usize, usize),
+        base: &LlamaConfig,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
         let mut rng = crate::rng::Rng::new(seed);
         let mut tensors = BTreeMap::new();
-        for l in 0..layers {
+        for l in 0..base.num_hidden_layers {
             for proj in &config.targets {
-                let (out, inp) = shapes(l, proj);
+                let (out, inp) = crate::model::projection_shape(base, proj);
                 // kaiming_uniform_(a=√5): bound = 1/√in.
                 let bound = 1.0 / (inp as f32).sqrt();
                 let a: Vec<f32> = (0..config.rank * inp)
@@ -294,7 +293,7 @@ impl Lora {
                 );
             }
         }
-        Self::from_tensors(config, layers, tensors, shapes, device)
+        Self::from_tensors(config, base, tensors, device)
     }
 
     pub fn enabled(&self) -> bool {

@@ -228,13 +228,26 @@ fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     inv.into_iter().map(|f| f as f32).collect()
 }
 
-/// Expected shape of every parameter, by Hugging Face name, sorted.
-pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+/// [out, in] of a block's projection `proj` (q_proj, ..., down_proj).
+pub fn projection_shape(cfg: &LlamaConfig, proj: &str) -> (usize, usize) {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (q, kv) = (
         cfg.num_attention_heads * cfg.head_dim,
         cfg.num_key_value_heads * cfg.head_dim,
     );
+    match proj {
+        "q_proj" => (q, h),
+        "k_proj" | "v_proj" => (kv, h),
+        "o_proj" => (h, q),
+        "gate_proj" | "up_proj" => (i, h),
+        "down_proj" => (h, i),
+        other => panic!("no projection {other}"),
+    }
+}
+
+/// Expected shape of every parameter, by Hugging Face name, sorted.
+pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut m = BTreeMap::new();
     m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
     m.insert("model.norm.weight".to_string(), vec![h]);
@@ -242,13 +255,10 @@ pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
         let p = format!("model.layers.{l}.");
         m.insert(format!("{p}input_layernorm.weight"), vec![h]);
         m.insert(format!("{p}post_attention_layernorm.weight"), vec![h]);
-        m.insert(format!("{p}self_attn.q_proj.weight"), vec![q, h]);
-        m.insert(format!("{p}self_attn.k_proj.weight"), vec![kv, h]);
-        m.insert(format!("{p}self_attn.v_proj.weight"), vec![kv, h]);
-        m.insert(format!("{p}self_attn.o_proj.weight"), vec![h, q]);
-        m.insert(format!("{p}mlp.gate_proj.weight"), vec![i, h]);
-        m.insert(format!("{p}mlp.up_proj.weight"), vec![i, h]);
-        m.insert(format!("{p}mlp.down_proj.weight"), vec![h, i]);
+        for (proj, module) in crate::lora::PROJECTIONS {
+            let (out, inp) = projection_shape(cfg, proj);
+            m.insert(format!("{p}{module}.{proj}.weight"), vec![out, inp]);
+        }
     }
     if cfg.num_labels == 1 {
         m.insert("score.weight".to_string(), vec![1, h]);
@@ -532,23 +542,6 @@ impl Llama {
                 y + delta.to_dtype(dtype)?
             }
         }
-    }
-
-    /// [out, in] of block `l`'s projection `proj`.
-    pub fn projection_shape(&self, l: usize, proj: &str) -> (usize, usize) {
-        let b = &self.layers[l];
-        let w = match proj {
-            "q_proj" => &b.q_proj,
-            "k_proj" => &b.k_proj,
-            "v_proj" => &b.v_proj,
-            "o_proj" => &b.o_proj,
-            "gate_proj" => &b.gate_proj,
-            "up_proj" => &b.up_proj,
-            "down_proj" => &b.down_proj,
-            other => panic!("no projection {other}"),
-        };
-        let d = w.dims();
-        (d[0], d[1])
     }
 
     /// The weights with the adapter merged in (W + scale · B A for every
