@@ -26,6 +26,7 @@ fn main() {
             devices: vec!["cpu".into()],
             cpu_threads: 1,
             max_attempts: 1,
+            executor: herd_daemon::scheduler::Executor::Local,
         },
     };
     let daemon = rt.block_on(Daemon::start(config)).unwrap();

@@ -61,12 +61,14 @@ fn job_events(job: Uuid, experiment: Uuid, i: usize, steps: usize) -> Vec<NewEve
             depends_on: vec![],
             priority: 0,
             reproduces: None,
+            resources: Default::default(),
         },
         HerdEvent::JobStarted {
             job,
             attempt: 1,
             device: "cpu".into(),
             pid: Some(1000 + i as u32),
+            slurm_job: None,
             engine_version: herd_engine::ENGINE_VERSION.into(),
             threads: 2,
             resolved_inputs: [

@@ -13,7 +13,7 @@ fn main() {
             .position(|a| a == "--job-file")
             .and_then(|i| args.get(i + 1))
             .expect("--job-file");
-        std::process::exit(herd_daemon::worker::main(std::path::Path::new(file)));
+        std::process::exit(herd_daemon::worker::main(std::path::Path::new(file), None));
     }
     let flag = |name: &str| {
         args.iter()

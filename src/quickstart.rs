@@ -243,6 +243,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             devices: vec!["cpu".into(), "cpu".into()],
             cpu_threads: 1,
             max_attempts: 3,
+            executor: herd_daemon::scheduler::Executor::Local,
         },
     };
     let daemon = rt.block_on(Daemon::start(config))?;

@@ -18,4 +18,4 @@ pub mod vocab;
 pub mod wire;
 
 pub use model::{HerdEvent, JobStatus, Projection};
-pub use vocab::{ArtifactKind, BlobHash, InputRef, JobKind};
+pub use vocab::{ArtifactKind, BlobHash, InputRef, JobKind, Resources};

@@ -267,6 +267,140 @@ impl fmt::Display for InputRef {
 }
 string_serde!(InputRef);
 
+/// What a job asks of a cluster executor (Slurm): CPUs, GPUs, memory and a
+/// time limit. Every field is optional: a job's request overrides the
+/// daemon's defaults for its kind field by field. Written as text
+/// `cpus=4,gpus=1,mem=16G,time=2:00:00` (mem in M/G, time as Slurm writes
+/// it: minutes, `H:MM:SS` or `D-HH:MM:SS`); a local executor ignores it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Resources {
+    pub cpus: Option<u32>,
+    pub gpus: Option<u32>,
+    pub mem_mb: Option<u64>,
+    pub time_min: Option<u32>,
+}
+
+impl Resources {
+    /// `self` where set, else `defaults`.
+    pub fn over(self, defaults: Resources) -> Resources {
+        Resources {
+            cpus: self.cpus.or(defaults.cpus),
+            gpus: self.gpus.or(defaults.gpus),
+            mem_mb: self.mem_mb.or(defaults.mem_mb),
+            time_min: self.time_min.or(defaults.time_min),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// Minutes from Slurm's time formats: `M`, `M:SS`, `H:MM:SS`, `D-H`,
+/// `D-H:MM`, `D-H:MM:SS` (seconds round up to a minute).
+fn parse_minutes(s: &str) -> Option<u32> {
+    let (days, rest) = match s.split_once('-') {
+        Some((d, r)) => (d.parse::<u32>().ok()?, Some(r)),
+        None => (0, None),
+    };
+    let nums = |t: &str| -> Option<Vec<u32>> { t.split(':').map(|x| x.parse().ok()).collect() };
+    let secs: u64 = match rest {
+        Some(r) => match nums(r)?.as_slice() {
+            [h] => *h as u64 * 3600,
+            [h, m] => *h as u64 * 3600 + *m as u64 * 60,
+            [h, m, sec] => *h as u64 * 3600 + *m as u64 * 60 + *sec as u64,
+            _ => return None,
+        },
+        None => match nums(s)?.as_slice() {
+            [m] => *m as u64 * 60,
+            [m, sec] => *m as u64 * 60 + *sec as u64,
+            [h, m, sec] => *h as u64 * 3600 + *m as u64 * 60 + *sec as u64,
+            _ => return None,
+        },
+    } + days as u64 * 86400;
+    u32::try_from(secs.div_ceil(60)).ok()
+}
+
+impl FromStr for Resources {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut r = Resources::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not key=value (keys: cpus, gpus, mem, time)"))?;
+            let number = |what: &str| -> Result<u64, String> {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("{key}={value:?}: {what}"))
+            };
+            match key {
+                "cpus" => {
+                    let n = number("a number of CPUs")?;
+                    if n == 0 || n > 4096 {
+                        return Err(format!("cpus={n}: between 1 and 4096"));
+                    }
+                    r.cpus = Some(n as u32)
+                }
+                "gpus" => {
+                    let n = number("a number of GPUs")?;
+                    if n > 64 {
+                        return Err(format!("gpus={n}: at most 64"));
+                    }
+                    r.gpus = Some(n as u32)
+                }
+                "mem" => {
+                    let (digits, unit) = match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+                        Some((i, _)) => value.split_at(i),
+                        None => (value, "M"),
+                    };
+                    let n: u64 = digits
+                        .parse()
+                        .map_err(|_| format!("mem={value:?}: a size like 512M or 16G"))?;
+                    let mb = match unit {
+                        "M" | "m" | "MB" => n,
+                        "G" | "g" | "GB" => n.saturating_mul(1024),
+                        "T" | "t" | "TB" => n.saturating_mul(1024 * 1024),
+                        _ => return Err(format!("mem={value:?}: a size like 512M or 16G")),
+                    };
+                    if mb == 0 {
+                        return Err("mem=0: at least 1M".into());
+                    }
+                    r.mem_mb = Some(mb)
+                }
+                "time" => {
+                    let m = parse_minutes(value).filter(|m| *m > 0).ok_or_else(|| {
+                        format!("time={value:?}: minutes, H:MM:SS or D-HH:MM:SS, at least a minute")
+                    })?;
+                    r.time_min = Some(m)
+                }
+                _ => return Err(format!("unknown resource `{key}` (cpus, gpus, mem, time)")),
+            }
+        }
+        Ok(r)
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = vec![];
+        if let Some(c) = self.cpus {
+            parts.push(format!("cpus={c}"));
+        }
+        if let Some(g) = self.gpus {
+            parts.push(format!("gpus={g}"));
+        }
+        if let Some(m) = self.mem_mb {
+            parts.push(if m % 1024 == 0 { format!("mem={}G", m / 1024) } else { format!("mem={m}M") });
+        }
+        if let Some(t) = self.time_min {
+            parts.push(format!("time={}:{:02}:00", t / 60, t % 60));
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+string_serde!(Resources);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +413,17 @@ mod tests {
         }
         for a in ArtifactKind::ALL {
             assert_eq!(a.to_string().parse::<ArtifactKind>(), Ok(a));
+        }
+        for text in ["cpus=4,gpus=1,mem=16G,time=2:00:00", "mem=1536M,time=0:01:00", ""] {
+            let r: Resources = text.parse().unwrap();
+            assert_eq!(r.to_string(), text);
+        }
+        let r: Resources = "time=1-00:30,mem=2g".parse().unwrap();
+        assert_eq!((r.time_min, r.mem_mb), (Some(24 * 60 + 30), Some(2048)));
+        assert_eq!("time=90".parse::<Resources>().unwrap().time_min, Some(90));
+        assert_eq!("time=1:30".parse::<Resources>().unwrap().time_min, Some(2));
+        for bad in ["cpus=0", "mem=12X", "time=abc", "disk=1", "cpus"] {
+            assert!(bad.parse::<Resources>().is_err(), "{bad}");
         }
         let h = "ab".repeat(32);
         let job = Uuid::now_v7();

@@ -32,6 +32,10 @@ pub struct JobRequest {
     pub priority: i32,
     #[serde(default)]
     pub depends_on: Vec<Uuid>,
+    /// What the job asks of a cluster executor, over the daemon's defaults
+    /// for its kind (ignored by the local executor).
+    #[serde(default, skip_serializing_if = "crate::Resources::is_empty")]
+    pub resources: crate::Resources,
 }
 
 impl JobRequest {
@@ -46,6 +50,7 @@ impl JobRequest {
             name: None,
             priority: 0,
             depends_on: vec![],
+            resources: Default::default(),
         }
     }
 }

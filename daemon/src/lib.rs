@@ -23,6 +23,7 @@ pub mod references;
 pub mod rounds;
 pub mod scheduler;
 pub mod server;
+pub mod slurm;
 pub mod state;
 pub mod task;
 pub mod views;

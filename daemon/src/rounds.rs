@@ -114,6 +114,9 @@ pub struct RoundJob {
     pub seed: Option<u64>,
     #[serde(default)]
     pub priority: i32,
+    /// What the job asks of a cluster executor (`cpus=4,gpus=1,mem=16G,time=1:00:00`).
+    #[serde(default)]
+    pub resources: herd_core::Resources,
 }
 
 /// One job of an expanded round, ready to record.
@@ -127,6 +130,7 @@ pub struct PlannedJob {
     pub seed: u64,
     pub depends_on: Vec<Uuid>,
     pub priority: i32,
+    pub resources: herd_core::Resources,
 }
 
 /// Expand a spec. `previous_policy` is the `job:<id>/<output>` reference (or
@@ -238,6 +242,7 @@ pub fn expand(
             seed: j.seed.unwrap_or(spec.seed.wrapping_add(i as u64)),
             depends_on,
             priority: j.priority,
+            resources: j.resources,
         });
     }
     if let Some(fp) = &spec.final_policy {

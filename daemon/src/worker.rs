@@ -1,8 +1,12 @@
 //! Jobs run in their own process, so a crash, OOM or cancel never takes the
 //! daemon down. The daemon writes a job file, starts `herdd worker --job-file
-//! F`, and reads one JSON message per line from the worker's stdout. Outputs
-//! go straight into the blob store (safe for concurrent writers); the daemon
-//! alone writes the event log.
+//! F`, and reads one JSON message per line: from the worker's stdout when
+//! the worker is its child (local executor), or, with `--messages FILE`,
+//! from a file the worker appends to and the daemon follows (Slurm: the
+//! worker runs on another node and outlives a daemon restart; each line is
+//! synced before the next, so what the daemon read is never taken back).
+//! Outputs go straight into the blob store (safe for concurrent writers);
+//! the daemon alone writes the event log.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -57,25 +61,44 @@ pub enum WorkerMessage {
     },
 }
 
-struct StdoutSink {
-    blobs: Option<herd_store::BlobStore>,
-    out: std::io::Stdout,
+/// Where a worker's messages go.
+enum Channel {
+    /// The daemon's pipe: a closed pipe means the daemon is gone.
+    Stdout(std::io::Stdout),
+    /// A file the daemon follows by offset.
+    File(std::fs::File),
 }
 
-impl StdoutSink {
+struct MessageSink {
+    blobs: Option<herd_store::BlobStore>,
+    channel: Channel,
+}
+
+impl MessageSink {
     fn send(&mut self, m: &WorkerMessage) -> Result<()> {
         let mut line = serde_json::to_string(m)?;
         line.push('\n');
-        let mut lock = self.out.lock();
-        // A closed pipe means the daemon is gone: stop the job.
-        lock.write_all(line.as_bytes())
-            .context("daemon went away (stdout closed)")?;
-        lock.flush().context("daemon went away (stdout closed)")?;
+        match &mut self.channel {
+            Channel::Stdout(out) => {
+                let mut lock = out.lock();
+                // A closed pipe means the daemon is gone: stop the job.
+                lock.write_all(line.as_bytes())
+                    .context("daemon went away (stdout closed)")?;
+                lock.flush().context("daemon went away (stdout closed)")?;
+            }
+            Channel::File(f) => {
+                // One write per line (O_APPEND), synced: a reader on another
+                // node sees whole lines, and a line it read stays.
+                f.write_all(line.as_bytes())
+                    .context("writing the messages file")?;
+                f.sync_data().context("syncing the messages file")?;
+            }
+        }
         Ok(())
     }
 }
 
-impl Sink for StdoutSink {
+impl Sink for MessageSink {
     fn metrics(&mut self, step: u64, points: &[(String, f64)]) -> Result<()> {
         self.send(&WorkerMessage::Metrics {
             step,
@@ -109,12 +132,27 @@ impl Sink for StdoutSink {
     }
 }
 
-/// `herdd worker --job-file PATH`: run one job, report on stdout, exit 0 on success.
-pub fn main(job_file: &Path) -> i32 {
+/// `herdd worker --job-file PATH [--messages FILE]`: run one job, report on
+/// stdout (or append to FILE), exit 0 on success.
+pub fn main(job_file: &Path, messages: Option<&Path>) -> i32 {
     herd_engine::device::tune_allocator();
-    let mut sink = StdoutSink {
+    let channel = match messages {
+        None => Channel::Stdout(std::io::stdout()),
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => Channel::File(f),
+            Err(e) => {
+                eprintln!("herdd worker: opening {}: {e}", path.display());
+                return 1;
+            }
+        },
+    };
+    let mut sink = MessageSink {
         blobs: None,
-        out: std::io::stdout(),
+        channel,
     };
     let result = (|| -> Result<Value> {
         let text = std::fs::read_to_string(job_file)

@@ -72,11 +72,11 @@ proptest! {
                     jobs.push(id);
                     let experiment = if exps.is_empty() { None } else { Some(exps[exp as usize % exps.len()]) };
                     let inputs = BTreeMap::from([("data".to_string(), hash(input))]);
-                    (streams::job(id), new_event(&HerdEvent::JobSubmitted { job: id, experiment, round: None, name: "j".into(), kind: JobKind::Sft, inputs, hyperparameters: json!({"lr": 1e-5}), seed: 1, depends_on: vec![], priority: 0, reproduces: None }))
+                    (streams::job(id), new_event(&HerdEvent::JobSubmitted { job: id, experiment, round: None, name: "j".into(), kind: JobKind::Sft, inputs, hyperparameters: json!({"lr": 1e-5}), seed: 1, depends_on: vec![], priority: 0, reproduces: None, resources: Default::default() }))
                 }
                 Op::Start(j) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
-                    (streams::job(job), new_event(&HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, engine_version: "t".into(), fingerprint: Default::default(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }))
+                    (streams::job(job), new_event(&HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, slurm_job: None, engine_version: "t".into(), fingerprint: Default::default(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }))
                 }
                 Op::Metrics(j, n) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
@@ -200,6 +200,7 @@ fn lineage_walks_back_to_imports() {
             depends_on: vec![],
             priority: 0,
             reproduces: None,
+                resources: Default::default(),
         },
     );
     put(
@@ -238,6 +239,7 @@ fn small_log(dir: &std::path::Path, jobs: usize) -> EventLog {
                 depends_on: vec![],
                 priority: 0,
                 reproduces: None,
+                resources: Default::default(),
             },
             HerdEvent::JobMetrics {
                 job,

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use herd_core::{JobKind, Resources};
 use herd_daemon::scheduler::SchedulerConfig;
+use herd_daemon::slurm::SlurmConfig;
 use herd_daemon::server::{serve, DaemonConfig};
 
 #[derive(Parser)]
@@ -34,6 +36,50 @@ struct Cli {
     /// CPU threads per job (default: cores / cpu-jobs).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where jobs run: `local` (child processes on this machine) or `slurm`
+    /// (sbatch; the data directory must be on a filesystem the nodes share,
+    /// at the same path, and the worker command must run there).
+    #[arg(long, default_value = "local", value_parser = ["local", "slurm"])]
+    executor: String,
+    /// Slurm partition (sbatch --partition).
+    #[arg(long)]
+    slurm_partition: Option<String>,
+    /// Slurm account (sbatch --account).
+    #[arg(long)]
+    slurm_account: Option<String>,
+    /// Slurm QOS (sbatch --qos).
+    #[arg(long)]
+    slurm_qos: Option<String>,
+    /// Time limit of every job unless its kind or the job says otherwise
+    /// (minutes, H:MM:SS or D-HH:MM:SS).
+    #[arg(long)]
+    slurm_time: Option<String>,
+    /// The GRES a job asks for per GPU: `gpu` gives --gres=gpu:N, `gpu:a100`
+    /// gives --gres=gpu:a100:N.
+    #[arg(long, default_value = "gpu")]
+    slurm_gres: String,
+    /// Resources of jobs: `cpus=4,gpus=1,mem=16G,time=2:00:00` for every
+    /// kind, or `KIND:cpus=...` for one kind; repeatable; a job's own
+    /// `--resources` overrides them field by field.
+    #[arg(long)]
+    slurm_resources: Vec<String>,
+    /// One more sbatch argument for every job, as is; repeatable.
+    #[arg(long, allow_hyphen_values = true)]
+    slurm_arg: Vec<String>,
+    /// Slurm jobs pending or running at once, at most.
+    #[arg(long, default_value_t = 64)]
+    slurm_max_jobs: usize,
+    /// What Slurm failures start a new attempt: on-node-failure (node and
+    /// boot failures, preemption) or never.
+    #[arg(long, default_value = "on-node-failure")]
+    slurm_requeue: String,
+    /// How long the start-up probe job may take, queueing included (seconds).
+    #[arg(long, default_value_t = 300)]
+    slurm_probe_timeout: u64,
+    /// The worker command on the nodes, if not this herdd's path (e.g.
+    /// "/shared/bin/herdd worker").
+    #[arg(long)]
+    slurm_worker_command: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -42,8 +88,14 @@ struct Cli {
 enum Command {
     /// Run one job (the daemon starts these; not for direct use).
     Worker {
+        #[arg(long, required_unless_present = "probe")]
+        job_file: Option<PathBuf>,
+        /// Append messages to this file instead of stdout (Slurm workers).
         #[arg(long)]
-        job_file: PathBuf,
+        messages: Option<PathBuf>,
+        /// Answer the Slurm start-up probe written at this path.
+        #[arg(long, conflicts_with = "job_file")]
+        probe: Option<PathBuf>,
     },
     /// With herdd stopped: move a damaged event log's bad suffix aside into
     /// DATA/log/quarantine (nothing is deleted), rebuild the index, and
@@ -53,8 +105,17 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(Command::Worker { job_file }) = &cli.command {
-        std::process::exit(herd_daemon::worker::main(job_file));
+    if let Some(Command::Worker {
+        job_file,
+        messages,
+        probe,
+    }) = &cli.command
+    {
+        if let Some(p) = probe {
+            std::process::exit(herd_daemon::slurm::answer_probe(p));
+        }
+        let job_file = job_file.as_deref().expect("clap requires --job-file");
+        std::process::exit(herd_daemon::worker::main(job_file, messages.as_deref()));
     }
     let data_dir = cli
         .data_dir
@@ -83,8 +144,25 @@ fn main() {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "herdd".into());
-    let mut sched = SchedulerConfig::discover(vec![exe, "worker".into()], cli.cpu_jobs);
-    if !cli.devices.is_empty() {
+    let worker = vec![exe, "worker".into()];
+    let mut sched = if cli.executor == "slurm" {
+        match slurm_config(&cli) {
+            Ok(slurm) => {
+                let worker = match &cli.slurm_worker_command {
+                    Some(w) => w.split_whitespace().map(str::to_string).collect(),
+                    None => worker,
+                };
+                SchedulerConfig::slurm(worker, slurm)
+            }
+            Err(e) => {
+                eprintln!("herdd: {e}");
+                std::process::exit(2);
+            }
+        }
+    } else {
+        SchedulerConfig::discover(worker, cli.cpu_jobs)
+    };
+    if !cli.devices.is_empty() && cli.executor == "local" {
         for d in &cli.devices {
             if let Err(e) = herd_engine::device::select(d) {
                 eprintln!("herdd: --devices: {e}");
@@ -109,6 +187,49 @@ fn main() {
         eprintln!("herdd: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `--executor slurm`'s options, each checked with the flag it came from.
+fn slurm_config(cli: &Cli) -> Result<SlurmConfig, String> {
+    let mut c = SlurmConfig {
+        partition: cli.slurm_partition.clone(),
+        account: cli.slurm_account.clone(),
+        qos: cli.slurm_qos.clone(),
+        gres: cli.slurm_gres.clone(),
+        extra_args: cli.slurm_arg.clone(),
+        max_in_flight: cli.slurm_max_jobs.max(1),
+        requeue: cli
+            .slurm_requeue
+            .parse()
+            .map_err(|e| format!("--slurm-requeue: {e}"))?,
+        probe_timeout: std::time::Duration::from_secs(cli.slurm_probe_timeout),
+        ..SlurmConfig::default()
+    };
+    if let Some(t) = &cli.slurm_time {
+        let r: Resources = format!("time={t}")
+            .parse()
+            .map_err(|e| format!("--slurm-time: {e}"))?;
+        c.defaults.time_min = r.time_min;
+    }
+    for spec in &cli.slurm_resources {
+        let (kind, text) = match spec.split_once(':') {
+            Some((k, rest)) if !k.contains('=') => (Some(k), rest),
+            _ => (None, spec.as_str()),
+        };
+        let r: Resources = text
+            .parse()
+            .map_err(|e| format!("--slurm-resources {spec:?}: {e}"))?;
+        match kind {
+            None => c.defaults = r.over(c.defaults),
+            Some(k) => {
+                let kind: JobKind = k
+                    .parse()
+                    .map_err(|e| format!("--slurm-resources {spec:?}: {e}"))?;
+                c.per_kind.push((kind, r));
+            }
+        }
+    }
+    Ok(c)
 }
 
 /// `herdd repair`: set a damaged log's suffix aside and re-index the rest.

@@ -78,26 +78,32 @@ pub(super) fn round(c: &Client, action: &RoundAction, js: bool, quiet: bool) -> 
             if let Some(Value::String(e)) = spec_v.get("experiment").cloned() {
                 spec_v["experiment"] = json!(resolve::experiment(c, &e)?);
             }
-            let v = c.submit_round(&spec_v)?;
-            if *wait {
-                if quiet {
-                    println!("{}", v.id);
-                }
-                let ids: Vec<String> = v.jobs.iter().map(|j| j.to_string()).collect();
-                let mut show = crate::progress::Follow::new();
-                crate::progress::wait_all(c, &ids, Duration::from_secs(24 * 3600), &mut show)?;
-                let r = c.round(&v.id.to_string())?;
-                if !quiet {
-                    print(js, &r, || print_round(&r));
-                }
-            } else {
-                print(js, &v, || println!("{}", v.id));
-            }
+            submit_round(c, &spec_v, *wait, js, quiet)?;
         }
         RoundAction::Show { id } => {
             let r = c.round(&resolve::round(c, id)?.to_string())?;
             print(js, &r, || print_round(&r));
         }
+    }
+    Ok(())
+}
+
+/// Submit a round spec; with `wait`, follow its jobs and show the round.
+pub(super) fn submit_round(c: &Client, spec: &Value, wait: bool, js: bool, quiet: bool) -> Result<()> {
+    let v = c.submit_round(spec)?;
+    if wait {
+        if quiet {
+            println!("{}", v.id);
+        }
+        let ids: Vec<String> = v.jobs.iter().map(|j| j.to_string()).collect();
+        let mut show = crate::progress::Follow::new();
+        crate::progress::wait_all(c, &ids, Duration::from_secs(24 * 3600), &mut show)?;
+        let r = c.round(&v.id.to_string())?;
+        if !quiet {
+            print(js, &r, || print_round(&r));
+        }
+    } else {
+        print(js, &v, || println!("{}", v.id));
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod experiments;
 mod jobs;
 mod render;
 mod resolve;
+mod sweep;
 
 use compare::{diff, reproduce, watch};
 use render::{job_row, print, print_round, short, short_val};
@@ -86,7 +87,49 @@ pub enum Command {
         /// Jobs this one waits for (id or EXPERIMENT/NAME)
         #[arg(long)]
         after: Vec<String>,
+        /// What the job asks of a cluster executor, over the daemon's
+        /// defaults: cpus=4,gpus=1,mem=16G,time=2:00:00 (Slurm only)
+        #[arg(long)]
+        resources: Option<herd_core::Resources>,
         /// Wait for the job to end
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Submit a grid of one kind of job as one round, optionally averaging
+    /// the best K outputs. Example: herd sweep --experiment E --kind sft
+    /// --input model=H1 --input data=H2 --grid lr=1e-5,2e-5 --grid epochs=1,2
+    /// --average-top 2 --by metric.loss
+    Sweep {
+        #[arg(long)]
+        kind: JobKind,
+        /// Experiment id or name (the sweep is one of its rounds)
+        #[arg(long)]
+        experiment: String,
+        /// name=HASH (or name=job:ID/output), the same for every point
+        #[arg(long = "input", value_parser = parse_input)]
+        inputs: Vec<(String, InputRef)>,
+        /// key=value, the same for every point
+        #[arg(long = "set", value_parser = parse_kv)]
+        sets: Vec<(String, String)>,
+        /// key=v1,v2,...: one axis of the grid (repeat for more axes)
+        #[arg(long = "grid", value_parser = parse_kv)]
+        grid: Vec<(String, String)>,
+        /// Every point's seed
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Average the best K outputs (an `average` job in the round)
+        #[arg(long)]
+        average_top: Option<usize>,
+        /// metric.NAME that ranks the points (its last value)
+        #[arg(long)]
+        by: Option<String>,
+        /// min or max [default: min for losses and perplexities, else max]
+        #[arg(long)]
+        order: Option<String>,
+        /// What each job asks of a cluster executor (see submit)
+        #[arg(long)]
+        resources: Option<herd_core::Resources>,
+        /// Wait for the round to end
         #[arg(long)]
         wait: bool,
     },
@@ -319,6 +362,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             name,
             priority,
             after,
+            resources,
             wait,
         } => {
             let mut hp = serde_json::Map::new();
@@ -343,6 +387,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                     .iter()
                     .map(|a| resolve::job(&c, a))
                     .collect::<Result<_>>()?,
+                resources: resources.unwrap_or_default(),
             };
             let v = c.submit(&req)?;
             let id = v.id.to_string();
@@ -376,6 +421,38 @@ pub fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Round { action } => experiments::round(&c, action, js, cli.quiet)?,
+        Command::Sweep {
+            kind,
+            experiment,
+            inputs,
+            sets,
+            grid,
+            seed,
+            average_top,
+            by,
+            order,
+            resources,
+            wait,
+        } => {
+            let (spec, said) = sweep::plan(&sweep::SweepArgs {
+                kind: *kind,
+                inputs,
+                sets,
+                grid,
+                seed: *seed,
+                experiment: resolve::experiment(&c, experiment)?,
+                average_top: *average_top,
+                by: by.as_deref(),
+                order: order.as_deref(),
+                resources: resources.unwrap_or_default(),
+            })?;
+            if !cli.quiet && !js {
+                for line in &said {
+                    eprintln!("  {line}");
+                }
+            }
+            experiments::submit_round(&c, &spec, *wait, js, cli.quiet)?;
+        }
         Command::Wait { ids, timeout } => {
             let ids = ids
                 .iter()

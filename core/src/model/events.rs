@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use serde_json::value::RawValue;
 
-use crate::vocab::{ArtifactKind, JobKind};
+use crate::vocab::{ArtifactKind, JobKind, Resources};
 
 /// A stored record as the fold reads it: the store's envelope fields and the
 /// payload's JSON text. The store is a generic log; this is all of it that
@@ -88,6 +88,10 @@ pub enum HerdEvent {
         /// The job this one re-runs, when it is a reproduction.
         #[serde(default)]
         reproduces: Option<Uuid>,
+        /// What the job asks of a cluster executor, over the daemon's
+        /// defaults for its kind (none: the defaults).
+        #[serde(default, skip_serializing_if = "Resources::is_empty")]
+        resources: Resources,
     },
     JobStarted {
         job: Uuid,
@@ -95,6 +99,9 @@ pub enum HerdEvent {
         device: String,
         #[serde(default)]
         pid: Option<u32>,
+        /// The Slurm job id, when the attempt runs through `sbatch`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slurm_job: Option<u64>,
         engine_version: String,
         threads: u32,
         /// Inputs with every `job:` reference replaced by a hash.

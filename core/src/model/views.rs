@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::events::{HerdEvent, Stored};
 use super::rows::{Dirty, JobRow, Names};
-use crate::vocab::{ArtifactKind, JobKind};
+use crate::vocab::{ArtifactKind, JobKind, Resources};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -106,6 +106,12 @@ pub struct JobView {
     /// The build and machine the latest attempt ran on (see JobStarted).
     #[serde(default)]
     pub fingerprint: BTreeMap<String, String>,
+    /// What the job asked of a cluster executor (over the kind's defaults).
+    #[serde(default)]
+    pub resources: Resources,
+    /// The Slurm job id of the latest attempt, when it ran through Slurm.
+    #[serde(default)]
+    pub slurm_job: Option<u64>,
     pub outputs: BTreeMap<String, String>,
     /// Last value and step of each metric.
     pub last_metrics: BTreeMap<String, (u64, f64)>,
@@ -316,6 +322,7 @@ impl Projection {
                 depends_on,
                 priority,
                 reproduces,
+                resources,
             } => {
                 if let Some(e) = experiment.and_then(|x| self.experiments.get_mut(&x)) {
                     e.jobs.push(job);
@@ -343,6 +350,8 @@ impl Projection {
                         engine_version: None,
                         threads: None,
                         fingerprint: BTreeMap::new(),
+                        resources,
+                        slurm_job: None,
                         outputs: BTreeMap::new(),
                         last_metrics: BTreeMap::new(),
                         metric_points: 0,
@@ -364,6 +373,7 @@ impl Projection {
                 resolved_inputs,
                 effective_hyperparameters,
                 fingerprint,
+                slurm_job,
                 ..
             } => {
                 if let Some(j) = self.jobs.get_mut(&job) {
@@ -381,6 +391,7 @@ impl Projection {
                     j.resolved_inputs = resolved_inputs;
                     j.effective_hyperparameters = effective_hyperparameters;
                     j.fingerprint = fingerprint;
+                    j.slurm_job = slurm_job;
                     j.started_ms = Some(ts);
                     j.error = None;
                 }

@@ -100,6 +100,7 @@ async fn submit_job(ctx: Ctx, body: JobRequest) -> Res {
         depends_on,
         priority: body.priority,
         reproduces: None,
+        resources: body.resources,
     };
     ctx.state
         .record_one(&streams::job(id), event)
@@ -322,6 +323,7 @@ pub(super) async fn reproduce_one(ctx: &Ctx, id: Uuid) -> Result<Uuid, Rejection
         depends_on: vec![],
         priority: j.priority,
         reproduces: Some(id),
+        resources: j.resources,
     };
     ctx.state
         .record_one(&streams::job(new), event)

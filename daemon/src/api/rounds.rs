@@ -86,6 +86,7 @@ async fn submit_round(ctx: Ctx, spec: Value) -> Res {
             depends_on: j.depends_on,
             priority: j.priority,
             reproduces: None,
+            resources: j.resources,
         };
         ctx.state
             .record_one(&streams::job(j.id), event)

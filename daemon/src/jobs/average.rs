@@ -18,12 +18,52 @@ use super::{ArtifactKind, JobContext, JobKind, Validate};
 pub struct Params {
     /// One per input in name order; empty = uniform.
     pub weights: Vec<f64>,
+    /// Average only the best `top_k` inputs (0: all). The scheduler ranks
+    /// the jobs whose outputs they are by their last value of `by` when the
+    /// job starts, and records the chosen ones as the job's resolved inputs
+    /// (a sweep's "average the top K"); with no more than `top_k` inputs
+    /// all are taken, which is how a reproduction re-runs the choice.
+    pub top_k: usize,
+    /// `metric.NAME`: what ranks the inputs when `top_k` > 0.
+    pub by: String,
+    /// `min` (lowest first: losses) or `max` (highest first: rewards).
+    pub order: String,
+}
+
+impl Params {
+    /// The metric name and whether lower is better, when ranking.
+    pub fn ranking(&self) -> Option<(&str, bool)> {
+        if self.top_k == 0 {
+            return None;
+        }
+        let name = self.by.strip_prefix("metric.")?;
+        Some((name, self.order == "min"))
+    }
 }
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         if self.weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
             return Err("weights must be finite and non-negative".into());
+        }
+        if self.top_k > 0 {
+            if self.by.strip_prefix("metric.").is_none_or(str::is_empty) {
+                return Err(format!(
+                    "by: {:?}: top_k needs `metric.NAME`, the metric that ranks the inputs",
+                    self.by
+                ));
+            }
+            if !matches!(self.order.as_str(), "min" | "max") {
+                return Err(format!(
+                    "order: {:?}: top_k needs `min` (lowest first, e.g. a loss) or `max` (highest first)",
+                    self.order
+                ));
+            }
+            if !self.weights.is_empty() {
+                return Err("weights: not with top_k (which inputs are kept is decided when the job starts)".into());
+            }
+        } else if !self.by.is_empty() || !self.order.is_empty() {
+            return Err("by/order: only with top_k > 0".into());
         }
         Ok(())
     }

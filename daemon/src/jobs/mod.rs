@@ -10,7 +10,7 @@
 //! filled in) is what gets recorded.
 
 mod annotate;
-mod average;
+pub mod average;
 mod curate;
 mod dpo;
 mod eval;
