@@ -326,9 +326,9 @@ impl FromStr for Resources {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut r = Resources::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not key=value (keys: cpus, gpus, mem, time)"))?;
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("{part:?} is not key=value (keys: cpus, gpus, mem, time)")
+            })?;
             let number = |what: &str| -> Result<u64, String> {
                 value
                     .parse::<u64>()
@@ -350,10 +350,11 @@ impl FromStr for Resources {
                     r.gpus = Some(n as u32)
                 }
                 "mem" => {
-                    let (digits, unit) = match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-                        Some((i, _)) => value.split_at(i),
-                        None => (value, "M"),
-                    };
+                    let (digits, unit) =
+                        match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+                            Some((i, _)) => value.split_at(i),
+                            None => (value, "M"),
+                        };
                     let n: u64 = digits
                         .parse()
                         .map_err(|_| format!("mem={value:?}: a size like 512M or 16G"))?;
@@ -391,7 +392,11 @@ impl fmt::Display for Resources {
             parts.push(format!("gpus={g}"));
         }
         if let Some(m) = self.mem_mb {
-            parts.push(if m % 1024 == 0 { format!("mem={}G", m / 1024) } else { format!("mem={m}M") });
+            parts.push(if m % 1024 == 0 {
+                format!("mem={}G", m / 1024)
+            } else {
+                format!("mem={m}M")
+            });
         }
         if let Some(t) = self.time_min {
             parts.push(format!("time={}:{:02}:00", t / 60, t % 60));
@@ -414,7 +419,11 @@ mod tests {
         for a in ArtifactKind::ALL {
             assert_eq!(a.to_string().parse::<ArtifactKind>(), Ok(a));
         }
-        for text in ["cpus=4,gpus=1,mem=16G,time=2:00:00", "mem=1536M,time=0:01:00", ""] {
+        for text in [
+            "cpus=4,gpus=1,mem=16G,time=2:00:00",
+            "mem=1536M,time=0:01:00",
+            "",
+        ] {
             let r: Resources = text.parse().unwrap();
             assert_eq!(r.to_string(), text);
         }

@@ -132,7 +132,10 @@ enum Ending {
     /// Requeued: the daemon shut down, or a node failed.
     Interrupted(String),
     /// The worker ended; `how` says how when it reported no failure itself.
-    Ended { ok: bool, how: String },
+    Ended {
+        ok: bool,
+        how: String,
+    },
     /// Ended by the cluster for its own reason (time limit, memory).
     EndedBy(String),
 }
@@ -171,7 +174,14 @@ impl Attempt {
                 if !points.is_empty() {
                     let attempt = self.attempt;
                     state
-                        .record_one(&stream, HerdEvent::JobMetrics { job: id, attempt, points })
+                        .record_one(
+                            &stream,
+                            HerdEvent::JobMetrics {
+                                job: id,
+                                attempt,
+                                points,
+                            },
+                        )
                         .await?;
                 }
             }
@@ -299,7 +309,9 @@ impl Scheduler {
                     let cancelled = tokio::task::spawn_blocking(move || slurm::scancel(slurm_job))
                         .await?
                         .map(|()| format!("cancelled Slurm job {slurm_job}"))
-                        .unwrap_or_else(|e| format!("could not cancel Slurm job {slurm_job}: {e:#}"));
+                        .unwrap_or_else(|e| {
+                            format!("could not cancel Slurm job {slurm_job}: {e:#}")
+                        });
                     HerdEvent::JobInterrupted {
                         job: j.id,
                         reason: format!(
@@ -326,7 +338,12 @@ impl Scheduler {
 
     /// Follow a Slurm job a previous daemon started: its messages file from
     /// the start, recording only what the log does not hold yet.
-    async fn reattach(self: &Arc<Self>, job: &JobView, slurm_job: u64, config: SlurmConfig) -> Result<()> {
+    async fn reattach(
+        self: &Arc<Self>,
+        job: &JobView,
+        slurm_job: u64,
+        config: SlurmConfig,
+    ) -> Result<()> {
         let adapter_base = crate::references::adapter_base(
             &*self.state.projection.read().await,
             &job.resolved_inputs,
@@ -592,11 +609,19 @@ impl Scheduler {
                     "input `{name}`: job {} ({}) recorded no metric `{metric}` (it has: {})",
                     source.id,
                     source.name,
-                    source.last_metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+                    source
+                        .last_metrics
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             })?;
             if !value.is_finite() {
-                bail!("input `{name}`: job {} ended with {metric} = {value}", source.id);
+                bail!(
+                    "input `{name}`: job {} ended with {metric} = {value}",
+                    source.id
+                );
             }
             ranked.push((*value, name.clone()));
         }
@@ -613,7 +638,11 @@ impl Scheduler {
         let said: Vec<String> = ranked
             .iter()
             .map(|(v, n)| {
-                let mark = if resolved.contains_key(n) { "kept" } else { "left" };
+                let mark = if resolved.contains_key(n) {
+                    "kept"
+                } else {
+                    "left"
+                };
                 format!("{n} {v} ({mark})")
             })
             .collect();
@@ -621,12 +650,22 @@ impl Scheduler {
             "top {} of {} by metric.{metric} ({}): {}",
             params.top_k,
             ranked.len(),
-            if lowest_first { "lowest first" } else { "highest first" },
+            if lowest_first {
+                "lowest first"
+            } else {
+                "highest first"
+            },
             said.join(", ")
         )))
     }
 
-    fn write_job_file(job: &JobView, p: &Prepared, device: &str, threads: usize, blobs_dir: PathBuf) -> Result<PathBuf> {
+    fn write_job_file(
+        job: &JobView,
+        p: &Prepared,
+        device: &str,
+        threads: usize,
+        blobs_dir: PathBuf,
+    ) -> Result<PathBuf> {
         let jf = JobFile {
             job: job.id,
             kind: job.kind,
@@ -743,7 +782,11 @@ impl Scheduler {
             self.slots.lock().expect("slots lock")[slot] = None;
         }
         self.running.lock().expect("running lock").remove(&id);
-        self.state.progress.lock().expect("progress lock").remove(&id);
+        self.state
+            .progress
+            .lock()
+            .expect("progress lock")
+            .remove(&id);
         self.state.wake.notify_one();
     }
 
@@ -764,8 +807,12 @@ impl Scheduler {
         };
         let job_file =
             Self::write_job_file(job, &p, &device, threads, self.state.data_dir.join("blobs"))?;
-        let mut command: Vec<String> =
-            self.config.worker_command.iter().map(|a| slurm::sh_quote(a)).collect();
+        let mut command: Vec<String> = self
+            .config
+            .worker_command
+            .iter()
+            .map(|a| slurm::sh_quote(a))
+            .collect();
         command.push("--job-file".into());
         command.push(slurm::sh_quote(&job_file.display().to_string()));
         command.push("--messages".into());

@@ -177,8 +177,9 @@ impl Daemon {
                 config.scheduler.worker_command.clone(),
                 config.data_dir.clone(),
             );
-            let node = tokio::task::spawn_blocking(move || crate::slurm::probe(&slurm, &worker, &data))
-                .await??;
+            let node =
+                tokio::task::spawn_blocking(move || crate::slurm::probe(&slurm, &worker, &data))
+                    .await??;
             eprintln!("herdd: Slurm executor: the start-up probe ran on {node} and saw the data directory");
         }
         let scheduler = Scheduler::new(state.clone(), config.scheduler.clone());

@@ -336,7 +336,9 @@ pub fn tail(path: &Path, max: usize) -> String {
 /// cluster that cannot run it, or nodes that do not share the directory,
 /// give a clear error before any real job is submitted.
 pub fn probe(config: &SlurmConfig, worker_command: &[String], data_dir: &Path) -> Result<String> {
-    let dir = data_dir.join("work").join(format!("probe-{}", Uuid::now_v7()));
+    let dir = data_dir
+        .join("work")
+        .join(format!("probe-{}", Uuid::now_v7()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let nonce = Uuid::now_v7().to_string();
     let file = dir.join("probe");
@@ -380,7 +382,9 @@ pub fn probe(config: &SlurmConfig, worker_command: &[String], data_dir: &Path) -
         Some((n, node)) if n == nonce => Ok(node.trim().to_string()),
         _ => {
             let said = tail(&output_file(&dir, id), 1000);
-            let how = info.map(|i| i.describe(id)).unwrap_or_else(|| format!("Slurm job {id} ended"));
+            let how = info
+                .map(|i| i.describe(id))
+                .unwrap_or_else(|| format!("Slurm job {id} ended"));
             Err(anyhow!(
                 "the start-up probe ({how}) could not read and write {}: the data directory must be on a filesystem every Slurm node mounts at the same path, and the worker command ({}) must run there{}",
                 dir.display(),
@@ -434,7 +438,9 @@ mod tests {
         assert!(parse_job("slurm_load_jobs error").is_none());
         let nf = parse_job("JobState=NODE_FAIL Reason=NodeDown NodeList=n2").unwrap();
         assert!(nf.is_node_failure() && !nf.is_active());
-        assert!(parse_job("JobState=PENDING Reason=Resources").unwrap().is_active());
+        assert!(parse_job("JobState=PENDING Reason=Resources")
+            .unwrap()
+            .is_active());
     }
 
     #[test]

@@ -200,7 +200,7 @@ fn lineage_walks_back_to_imports() {
             depends_on: vec![],
             priority: 0,
             reproduces: None,
-                resources: Default::default(),
+            resources: Default::default(),
         },
     );
     put(

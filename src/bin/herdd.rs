@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use herd_core::{JobKind, Resources};
 use herd_daemon::scheduler::SchedulerConfig;
-use herd_daemon::slurm::SlurmConfig;
 use herd_daemon::server::{serve, DaemonConfig};
+use herd_daemon::slurm::SlurmConfig;
 
 #[derive(Parser)]
 #[command(

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use herd_client::Client;
 
+pub mod slurm;
+
 pub fn fixtures() -> PathBuf {
     std::env::var("HERD_FIXTURES")
         .map(PathBuf::from)
@@ -29,6 +31,11 @@ impl Daemon {
     }
 
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_env(dir, extra, &[])
+    }
+
+    /// With more environment (`SLURM_CONF` for a test cluster).
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let threads: &[&str] = if extra.contains(&"--threads") {
             &[]
         } else {
@@ -43,6 +50,7 @@ impl Daemon {
             ])
             .args(threads)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -89,7 +89,13 @@ pub(super) fn round(c: &Client, action: &RoundAction, js: bool, quiet: bool) -> 
 }
 
 /// Submit a round spec; with `wait`, follow its jobs and show the round.
-pub(super) fn submit_round(c: &Client, spec: &Value, wait: bool, js: bool, quiet: bool) -> Result<()> {
+pub(super) fn submit_round(
+    c: &Client,
+    spec: &Value,
+    wait: bool,
+    js: bool,
+    quiet: bool,
+) -> Result<()> {
     let v = c.submit_round(spec)?;
     if wait {
         if quiet {

@@ -38,9 +38,21 @@ pub(super) fn show(c: &Client, id: &str, js: bool) -> Result<()> {
             j.attempts,
             j.device.clone().unwrap_or_default()
         );
+        if let Some(s) = j.slurm_job {
+            println!("  slurm job {s}");
+        }
+        if !j.resources.is_empty() {
+            println!("  resources {}", j.resources);
+        }
         println!("  inputs:");
+        let started = !j.resolved_inputs.is_empty();
         for (k, v) in &j.inputs {
-            println!("    {k} = {}", j.resolved_inputs.get(k).unwrap_or(v));
+            match j.resolved_inputs.get(k) {
+                Some(h) => println!("    {k} = {h}"),
+                // An average with top_k leaves the rest out when it starts.
+                None if started => println!("    {k} = {v} (not kept)"),
+                None => println!("    {k} = {v}"),
+            }
         }
         println!("  hyperparameters:");
         for (k, v) in hyperparameters(&j).as_object().into_iter().flatten() {

@@ -74,9 +74,7 @@ pub(super) fn plan(a: &SweepArgs) -> Result<(Value, Vec<String>)> {
     let mut fixed = serde_json::Map::new();
     for (k, v) in a.sets {
         if a.grid.iter().any(|(g, _)| g == k) {
-            return Err(ClientError::Usage(format!(
-                "{k} is both --set and --grid"
-            )));
+            return Err(ClientError::Usage(format!("{k} is both --set and --grid")));
         }
         fixed.insert(k.clone(), value(v));
     }
@@ -149,7 +147,13 @@ pub(super) fn plan(a: &SweepArgs) -> Result<(Value, Vec<String>)> {
             let lora = |hp: &Value| hp.get("lora_rank").and_then(Value::as_u64).unwrap_or(0) > 0;
             let outputs: std::collections::BTreeSet<&str> = jobs
                 .iter()
-                .map(|j| if lora(&j["hyperparameters"]) { "adapter" } else { "checkpoint" })
+                .map(|j| {
+                    if lora(&j["hyperparameters"]) {
+                        "adapter"
+                    } else {
+                        "checkpoint"
+                    }
+                })
                 .collect();
             if outputs.len() > 1 {
                 return Err(ClientError::Usage(
@@ -164,11 +168,17 @@ pub(super) fn plan(a: &SweepArgs) -> Result<(Value, Vec<String>)> {
                     (n.clone(), format!("{n}.{output}"))
                 })
                 .collect();
-            jobs.push(json!({"name": "average", "kind": "average", "inputs": avg_inputs,
-                             "hyperparameters": {"top_k": k, "by": by, "order": order}}));
+            jobs.push(
+                json!({"name": "average", "kind": "average", "inputs": avg_inputs,
+                             "hyperparameters": {"top_k": k, "by": by, "order": order}}),
+            );
             said.push(format!(
                 "average: the top {k} by {by} ({}) when they have ended",
-                if order == "min" { "lowest first" } else { "highest first" }
+                if order == "min" {
+                    "lowest first"
+                } else {
+                    "highest first"
+                }
             ));
             spec["final_policy"] = json!(format!("average.{output}"));
         }
@@ -205,22 +215,43 @@ mod tests {
         let (spec, said) = plan(&a).unwrap();
         let jobs = spec["jobs"].as_array().unwrap();
         assert_eq!(jobs.len(), 5);
-        assert_eq!(jobs[1]["hyperparameters"], json!({"steps": 3, "lr": 1e-5, "beta": 0.2}));
+        assert_eq!(
+            jobs[1]["hyperparameters"],
+            json!({"steps": 3, "lr": 1e-5, "beta": 0.2})
+        );
         assert_eq!(jobs[2]["hyperparameters"]["lr"], json!(2e-5));
         assert_eq!(jobs[0]["inputs"]["model"], "$in_model");
         assert_eq!(spec["vars"]["in_model"], json!(h));
         assert_eq!(jobs[3]["resources"], "cpus=1");
-        assert_eq!(jobs[4]["hyperparameters"], json!({"top_k": 2, "by": "metric.loss", "order": "min"}));
+        assert_eq!(
+            jobs[4]["hyperparameters"],
+            json!({"top_k": 2, "by": "metric.loss", "order": "min"})
+        );
         assert_eq!(jobs[4]["inputs"]["dpo_3"], "dpo_3.checkpoint");
         assert_eq!(spec["final_policy"], "average.checkpoint");
         assert_eq!(said.len(), 5);
-        let reward = SweepArgs { by: Some("metric.reward"), ..a };
-        assert_eq!(plan(&reward).unwrap().0["jobs"][4]["hyperparameters"]["order"], "max");
+        let reward = SweepArgs {
+            by: Some("metric.reward"),
+            ..a
+        };
+        assert_eq!(
+            plan(&reward).unwrap().0["jobs"][4]["hyperparameters"]["order"],
+            "max"
+        );
         for bad in [
-            SweepArgs { average_top: Some(5), ..reward },
+            SweepArgs {
+                average_top: Some(5),
+                ..reward
+            },
             SweepArgs { by: None, ..reward },
-            SweepArgs { kind: JobKind::Sample, ..reward },
-            SweepArgs { grid: &[], ..reward },
+            SweepArgs {
+                kind: JobKind::Sample,
+                ..reward
+            },
+            SweepArgs {
+                grid: &[],
+                ..reward
+            },
         ] {
             assert!(plan(&bad).is_err());
         }

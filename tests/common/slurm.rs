@@ -1,0 +1,275 @@
+//! A one-node Slurm cluster for tests: munged, slurmctld and slurmd started
+//! by hand in a temp directory (no systemd), on free loopback ports, with
+//! the node's name from `hostname` and more CPUs than the machine has
+//! (`config_overrides`) so tests can run jobs side by side. Stopped when
+//! dropped: every job cancelled first (else slurmd retries for seconds),
+//! then `scontrol shutdown`, then whatever is left is killed.
+//!
+//! Needs root and Debian's slurmctld, slurmd, slurm-client and munge
+//! (`.ci/run` installs them). Without them `Cluster::start` says why and
+//! the test is skipped loudly; with `HERD_REQUIRE_SLURM=1` (set by `.ci/run`
+//! once it installed them) a missing cluster fails the test instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+    children: Vec<Child>,
+    munged_pid: Option<u32>,
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(program).is_file()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sbin(program: &str) -> PathBuf {
+    let p = Path::new("/usr/sbin").join(program);
+    if p.is_file() {
+        p
+    } else {
+        PathBuf::from(program)
+    }
+}
+
+/// Start a cluster, or say why this test cannot have one: a skip printed
+/// loudly (and appended to `$HERD_SKIP_LOG` for `.ci/run`'s summary), or
+/// a panic when `HERD_REQUIRE_SLURM=1`.
+pub fn cluster_or_skip(test: &str) -> Option<Cluster> {
+    match Cluster::start() {
+        Ok(c) => Some(c),
+        Err(why) => {
+            if std::env::var("HERD_REQUIRE_SLURM").as_deref() == Ok("1") {
+                panic!("{test}: HERD_REQUIRE_SLURM=1 but no Slurm cluster: {why}");
+            }
+            let line = format!("SKIPPED {test}: no local Slurm cluster: {why}");
+            eprintln!("\n{}\n{line}\n{}\n", "!".repeat(72), "!".repeat(72));
+            if let Ok(log) = std::env::var("HERD_SKIP_LOG") {
+                use std::io::Write;
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+            None
+        }
+    }
+}
+
+impl Cluster {
+    pub fn start() -> Result<Cluster, String> {
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        if uid != "0" {
+            return Err(format!("not root (uid {uid}): slurmd must run as root"));
+        }
+        for p in [
+            "munged",
+            "slurmctld",
+            "slurmd",
+            "sbatch",
+            "scontrol",
+            "scancel",
+        ] {
+            if !which(p) {
+                return Err(format!(
+                    "{p} is not installed (Debian: apt-get install slurmctld slurmd slurm-client munge; .ci/run does it)"
+                ));
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("herd-slurm-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let d = dir.path();
+        for sub in ["munge", "state", "spool"] {
+            std::fs::create_dir_all(d.join(sub)).map_err(|e| e.to_string())?;
+        }
+        let sh = |script: &str| -> Result<(), String> {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{script}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let p = d.display();
+        // munged wants its socket's directory world-readable and its key private.
+        sh(&format!(
+            "chmod 755 {p} {p}/munge && head -c 1024 /dev/urandom > {p}/munge.key && chmod 400 {p}/munge.key"
+        ))?;
+        let status = Command::new(sbin("munged"))
+            .args([
+                &format!("--key-file={p}/munge.key"),
+                &format!("--socket={p}/munge/munge.socket"),
+                &format!("--pid-file={p}/munged.pid"),
+                &format!("--log-file={p}/munged.log"),
+                &format!("--seed-file={p}/munge.seed"),
+            ])
+            .status()
+            .map_err(|e| format!("munged: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "munged did not start: {}",
+                std::fs::read_to_string(d.join("munged.log")).unwrap_or_default()
+            ));
+        }
+        let munged_pid = std::fs::read_to_string(d.join("munged.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let host = Command::new("hostname")
+            .arg("-s")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .map_err(|e| format!("hostname: {e}"))?;
+        let conf = d.join("slurm.conf");
+        let (ctld_port, d_port) = (free_port(), free_port());
+        std::fs::write(
+            &conf,
+            format!(
+                "ClusterName=herdtest\n\
+                 SlurmctldHost={host}(127.0.0.1)\n\
+                 AuthType=auth/munge\n\
+                 AuthInfo=socket={p}/munge/munge.socket\n\
+                 CryptoType=crypto/munge\n\
+                 MpiDefault=none\n\
+                 ProctrackType=proctrack/linuxproc\n\
+                 TaskPlugin=task/none\n\
+                 SelectType=select/cons_tres\n\
+                 SelectTypeParameters=CR_Core_Memory\n\
+                 DefMemPerCPU=256\n\
+                 AccountingStorageType=accounting_storage/none\n\
+                 JobAcctGatherType=jobacct_gather/none\n\
+                 JobCompType=jobcomp/none\n\
+                 SlurmUser=root\n\
+                 SlurmdUser=root\n\
+                 StateSaveLocation={p}/state\n\
+                 SlurmdSpoolDir={p}/spool\n\
+                 SlurmctldPidFile={p}/slurmctld.pid\n\
+                 SlurmdPidFile={p}/slurmd.pid\n\
+                 SlurmctldPort={ctld_port}\n\
+                 SlurmdPort={d_port}\n\
+                 SlurmctldLogFile={p}/slurmctld.log\n\
+                 SlurmdLogFile={p}/slurmd.log\n\
+                 MinJobAge=3600\n\
+                 KillWait=2\n\
+                 ReturnToService=2\n\
+                 SchedulerType=sched/builtin\n\
+                 SlurmdParameters=config_overrides\n\
+                 NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=16000 State=UNKNOWN\n\
+                 PartitionName=herd Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut cluster = Cluster {
+            conf: conf.clone(),
+            dir,
+            children: vec![],
+            munged_pid,
+        };
+        let conf_s = conf.display().to_string();
+        for (prog, args) in [
+            ("slurmctld", vec!["-D", "-c", "-f", &conf_s]),
+            ("slurmd", vec!["-D", "-f", &conf_s, "-N", &host]),
+        ] {
+            let child = Command::new(sbin(prog))
+                .args(&args)
+                .env("SLURM_CONF", &conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{prog}: {e}"))?;
+            cluster.children.push(child);
+        }
+        // Up when the node is idle.
+        let started = Instant::now();
+        loop {
+            let out = cluster.command("sinfo").args(["-h", "-o", "%T"]).output();
+            if let Ok(o) = out {
+                if String::from_utf8_lossy(&o.stdout).trim() == "idle" {
+                    return Ok(cluster);
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "the node did not come up in 30 s; slurmctld.log: {}",
+                    std::fs::read_to_string(cluster.dir.path().join("slurmctld.log"))
+                        .unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A Slurm command talking to this cluster.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+
+    /// `scontrol show job -o ID`'s `Key` value.
+    pub fn job_field(&self, id: u64, key: &str) -> Option<String> {
+        let out = self
+            .command("scontrol")
+            .args(["show", "job", "-o", &id.to_string()])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.command("scancel").arg("--user=root").status();
+        let _ = self
+            .command("scontrol")
+            .arg("shutdown")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(pid) = self.munged_pid {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+}

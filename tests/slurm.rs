@@ -1,0 +1,407 @@
+//! herdd on a real Slurm: each test starts a one-node cluster
+//! (`common::slurm`), a daemon with `--executor slurm` against it, and
+//! drives it through the `herd` CLI and the API. Without root or the Slurm
+//! packages the tests say loudly that they were skipped and why (and fail
+//! under `HERD_REQUIRE_SLURM=1`, which `.ci/run` sets once it installed
+//! them).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::slurm::{cluster_or_skip, Cluster};
+use common::*;
+use herd_client::{Client, JobStatus};
+use serde_json::{json, Value};
+
+/// `herdd --executor slurm` against `cluster`, one CPU and 1 GiB per job.
+fn slurm_daemon(cluster: &Cluster, dir: &std::path::Path) -> Daemon {
+    Daemon::start_env(
+        dir,
+        &[
+            "--executor",
+            "slurm",
+            "--slurm-resources",
+            "cpus=1,mem=1G,time=30",
+            "--slurm-max-jobs",
+            "8",
+        ],
+        &[("SLURM_CONF", &cluster.conf)],
+    )
+}
+
+fn herd(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["--server", &d.addr, "--data-dir", d.dir.to_str().unwrap()])
+        .args(args)
+        .env_remove("HERD_TOKEN")
+        .env_remove("HERD_SERVER")
+        .output()
+        .unwrap()
+}
+
+fn herd_ok(d: &Daemon, args: &[&str]) -> String {
+    let out = herd(d, args);
+    assert!(
+        out.status.success(),
+        "herd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn submit(
+    c: &Client,
+    kind: &str,
+    inputs: &[(&str, &str)],
+    hp: Value,
+    resources: Option<&str>,
+) -> String {
+    let mut body = req(kind, inputs, hp);
+    if let Some(r) = resources {
+        body["resources"] = json!(r);
+    }
+    c.post("/jobs", &body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Wait until `f` holds, or panic saying what did not happen.
+fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A job's `JobStarted` events in the log (one per attempt).
+fn attempts_started(dir: &std::path::Path, job: &str) -> usize {
+    std::fs::read_to_string(dir.join("log/events.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("JobStarted") && l.contains(job))
+        .count()
+}
+
+/// Every step 1..=n of a series exactly once.
+fn assert_every_step_once(series: &[(u64, f64)], n: u64, what: &str) {
+    let steps: Vec<u64> = series.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, (1..=n).collect::<Vec<_>>(), "{what}: steps recorded");
+}
+
+#[test]
+fn a_job_runs_through_slurm_end_to_end() {
+    let Some(cluster) = cluster_or_skip("a_job_runs_through_slurm_end_to_end") else {
+        return;
+    };
+    // A worker the nodes cannot run fails the start-up probe, clearly.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herdd"))
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--executor",
+            "slurm",
+            "--slurm-worker-command",
+            "/nonexistent/herdd worker",
+        ])
+        .env("SLURM_CONF", &cluster.conf)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("start-up probe") && said.contains("filesystem every Slurm node mounts"),
+        "{said}"
+    );
+
+    let d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let hp = json!({"steps": 3, "batch_size": 2, "lr": 1e-4});
+    let id = submit(
+        &c,
+        "sft",
+        &[("model", &r), ("data", &sft)],
+        hp.clone(),
+        Some("mem=768M"),
+    );
+    let j = c.wait(&id, Duration::from_secs(180)).unwrap();
+    assert_eq!(j.status, JobStatus::Succeeded, "{:?}", j.error);
+    let slurm_job = j.slurm_job.expect("the Slurm job id is recorded");
+    assert_eq!(j.device.as_deref(), Some("cpu"));
+    assert_eq!(j.threads, Some(1));
+    assert!(j.outputs.contains_key("checkpoint"));
+    let m = c.metrics(&id, &["loss"]).unwrap();
+    assert_every_step_once(&m["loss"], 3, "loss");
+    // Slurm ran it, with the resources asked: the job's mem over the
+    // daemon's cpus.
+    assert_eq!(
+        cluster.job_field(slurm_job, "JobState").as_deref(),
+        Some("COMPLETED")
+    );
+    assert_eq!(
+        cluster.job_field(slurm_job, "JobName"),
+        Some(format!("herd-{id}"))
+    );
+    let tres = cluster.job_field(slurm_job, "TRES").unwrap();
+    assert!(
+        tres.contains("cpu=1") && tres.contains("mem=768M"),
+        "{tres}"
+    );
+    let shown = herd_ok(&d, &["show", &id]);
+    assert!(shown.contains(&format!("slurm job {slurm_job}")), "{shown}");
+    assert!(shown.contains("resources mem=768M"), "{shown}");
+
+    // The same job run locally (one thread) makes the same checkpoint.
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = Daemon::start(local_dir.path());
+    let lc = local.client();
+    let (lr, _, _, _, lsft) = import_fixtures(&lc);
+    assert_eq!((lr.as_str(), lsft.as_str()), (r.as_str(), sft.as_str()));
+    let lid = submit(&lc, "sft", &[("model", &r), ("data", &sft)], hp, None);
+    let lj = lc.wait(&lid, Duration::from_secs(180)).unwrap();
+    assert_eq!(lj.status, JobStatus::Succeeded, "{:?}", lj.error);
+    assert_eq!(lj.outputs["checkpoint"], j.outputs["checkpoint"]);
+    assert!(lj.slurm_job.is_none());
+}
+
+#[test]
+fn cancel_reaches_slurm() {
+    let Some(cluster) = cluster_or_skip("cancel_reaches_slurm") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let id = submit(
+        &c,
+        "sft",
+        &[("model", &r), ("data", &sft)],
+        json!({"steps": 1_000_000, "batch_size": 2}),
+        None,
+    );
+    until(
+        "the first metric from Slurm",
+        Duration::from_secs(120),
+        || c.job(&id).unwrap().metric_points > 0,
+    );
+    let slurm_job = c.job(&id).unwrap().slurm_job.unwrap();
+    assert_eq!(
+        cluster.job_field(slurm_job, "JobState").as_deref(),
+        Some("RUNNING")
+    );
+    herd_ok(&d, &["cancel", &id]);
+    let j = c.wait(&id, Duration::from_secs(60)).unwrap();
+    assert_eq!(j.status, JobStatus::Cancelled, "{:?}", j.error);
+    assert_eq!(
+        cluster.job_field(slurm_job, "JobState").as_deref(),
+        Some("CANCELLED")
+    );
+}
+
+#[test]
+fn a_slurm_time_limit_fails_the_job_with_slurms_reason() {
+    let Some(cluster) = cluster_or_skip("a_slurm_time_limit_fails_the_job_with_slurms_reason")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    // Slurm's smallest limit is a minute; it enforces limits about every 30 s.
+    let out = herd_ok(
+        &d,
+        &[
+            "-q",
+            "submit",
+            "--kind",
+            "sft",
+            "--input",
+            &format!("model={r}"),
+            "--input",
+            &format!("data={sft}"),
+            "--set",
+            "steps=1000000",
+            "--set",
+            "batch_size=2",
+            "--resources",
+            "time=1",
+        ],
+    );
+    let id = out.trim().to_string();
+    let j = c.wait(&id, Duration::from_secs(240)).unwrap();
+    assert_eq!(j.status, JobStatus::Failed);
+    let error = j.error.clone().unwrap();
+    assert!(
+        error.contains("TIMEOUT") && error.contains("time limit (00:01:00)"),
+        "{error}"
+    );
+    assert!(
+        j.metric_points > 0,
+        "it ran and reported before Slurm stopped it"
+    );
+    // A time limit is the job's own: not requeued.
+    assert_eq!(j.attempts, 1);
+}
+
+#[test]
+fn a_killed_daemon_reattaches_to_its_slurm_jobs() {
+    let Some(cluster) = cluster_or_skip("a_killed_daemon_reattaches_to_its_slurm_jobs") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let inputs = [("model", r.as_str()), ("data", sft.as_str())];
+    // One that finishes while the daemon is down, one still running at restart.
+    let short = submit(
+        &c,
+        "sft",
+        &inputs,
+        json!({"steps": 5, "batch_size": 2}),
+        None,
+    );
+    let long = submit(
+        &c,
+        "sft",
+        &inputs,
+        json!({"steps": 400, "batch_size": 2}),
+        None,
+    );
+    until(
+        "both jobs reporting from Slurm",
+        Duration::from_secs(120),
+        || c.job(&short).unwrap().metric_points > 0 && c.job(&long).unwrap().metric_points > 0,
+    );
+    let short_slurm = c.job(&short).unwrap().slurm_job.unwrap();
+    let long_slurm = c.job(&long).unwrap().slurm_job.unwrap();
+    d.kill9();
+    until(
+        "the short job to end in Slurm",
+        Duration::from_secs(120),
+        || cluster.job_field(short_slurm, "JobState").as_deref() == Some("COMPLETED"),
+    );
+    assert_eq!(
+        cluster.job_field(long_slurm, "JobState").as_deref(),
+        Some("RUNNING")
+    );
+
+    let d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    for (id, steps) in [(&short, 5), (&long, 400)] {
+        let j = c.wait(id, Duration::from_secs(300)).unwrap();
+        assert_eq!(j.status, JobStatus::Succeeded, "{:?}", j.error);
+        assert_eq!(j.attempts, 1, "re-attached, not run again");
+        assert_eq!(attempts_started(dir.path(), id), 1);
+        assert!(j.outputs.contains_key("checkpoint"));
+        let m = c.metrics(id, &["loss"]).unwrap();
+        assert_every_step_once(&m["loss"], steps, id);
+    }
+    assert_eq!(c.job(&long).unwrap().slurm_job, Some(long_slurm));
+    let v = c.verify().unwrap();
+    assert!(v.ok, "{}", v.error);
+}
+
+#[test]
+fn a_sweep_of_four_averages_the_best_two() {
+    let Some(cluster) = cluster_or_skip("a_sweep_of_four_averages_the_best_two") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    herd_ok(&d, &["experiment", "create", "sweep"]);
+    let out = herd(
+        &d,
+        &[
+            "--json",
+            "sweep",
+            "--experiment",
+            "sweep",
+            "--kind",
+            "sft",
+            "--input",
+            &format!("model={r}"),
+            "--input",
+            &format!("data={sft}"),
+            "--set",
+            "batch_size=2",
+            "--grid",
+            "lr=1e-5,1e-3",
+            "--grid",
+            "steps=2,4",
+            "--average-top",
+            "2",
+            "--by",
+            "metric.loss",
+            "--wait",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let round: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("sft_3: lr=0.001 steps=4"), "{said}");
+    let jobs = round["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 5);
+    let mut points = vec![];
+    let mut average = None;
+    for j in jobs {
+        let id = j["id"].as_str().unwrap();
+        let job = c.job(id).unwrap();
+        assert_eq!(
+            job.status,
+            JobStatus::Succeeded,
+            "{}: {:?}",
+            job.name,
+            job.error
+        );
+        assert!(job.slurm_job.is_some(), "{} ran through Slurm", job.name);
+        if job.name == "average" {
+            average = Some(job);
+        } else {
+            points.push((
+                job.last_metrics["loss"].1,
+                job.name.clone(),
+                job.outputs["checkpoint"].clone(),
+            ));
+        }
+    }
+    let average = average.unwrap();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let best: std::collections::BTreeMap<String, String> = points[..2]
+        .iter()
+        .map(|(_, n, h)| (n.clone(), h.clone()))
+        .collect();
+    assert_eq!(average.resolved_inputs, best, "the two lowest final losses");
+    assert_eq!(average.effective_hyperparameters["top_k"], 2);
+    let shown = herd_ok(&d, &["show", &average.id.to_string()]);
+    assert_eq!(shown.matches("(not kept)").count(), 2, "{shown}");
+    // The round's final policy is the average.
+    let rd = c.round(round["round"]["id"].as_str().unwrap()).unwrap();
+    assert_eq!(rd.round.spec["final_policy"], "average.checkpoint");
+
+    // Reproducing the average re-runs exactly the kept two.
+    let rep = c.reproduce_job(&average.id.to_string()).unwrap();
+    let again = c
+        .wait(&rep.id.to_string(), Duration::from_secs(180))
+        .unwrap();
+    assert_eq!(again.status, JobStatus::Succeeded, "{:?}", again.error);
+    assert_eq!(again.outputs["checkpoint"], average.outputs["checkpoint"]);
+}
