@@ -446,7 +446,8 @@ pub fn run(cli: &Cli) -> Result<()> {
                 order: order.as_deref(),
                 resources: resources.unwrap_or_default(),
             })?;
-            if !cli.quiet && !js {
+            // On stderr: stdout stays the round (or its id, or JSON).
+            if !cli.quiet {
                 for line in &said {
                     eprintln!("  {line}");
                 }

@@ -46,24 +46,31 @@ impl Validate for Params {
         if self.weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
             return Err("weights must be finite and non-negative".into());
         }
+        if !self.by.is_empty() && self.by.strip_prefix("metric.").is_none_or(str::is_empty) {
+            return Err("by: `metric.NAME`, the metric that ranks the inputs".into());
+        }
+        if !matches!(self.order.as_str(), "" | "min" | "max") {
+            return Err("order: `min` (lowest first, e.g. a loss) or `max` (highest first)".into());
+        }
+        Ok(())
+    }
+}
+
+impl Params {
+    /// top_k, by and order go together (checked on the whole set).
+    fn check_ranking(&self) -> Result<(), String> {
         if self.top_k > 0 {
-            if self.by.strip_prefix("metric.").is_none_or(str::is_empty) {
-                return Err(format!(
-                    "by: {:?}: top_k needs `metric.NAME`, the metric that ranks the inputs",
-                    self.by
-                ));
+            if self.by.is_empty() {
+                return Err("top_k needs by = `metric.NAME`, the metric that ranks the inputs".into());
             }
-            if !matches!(self.order.as_str(), "min" | "max") {
-                return Err(format!(
-                    "order: {:?}: top_k needs `min` (lowest first, e.g. a loss) or `max` (highest first)",
-                    self.order
-                ));
+            if self.order.is_empty() {
+                return Err("top_k needs order = `min` (lowest first, e.g. a loss) or `max` (highest first)".into());
             }
             if !self.weights.is_empty() {
                 return Err("weights: not with top_k (which inputs are kept is decided when the job starts)".into());
             }
         } else if !self.by.is_empty() || !self.order.is_empty() {
-            return Err("by/order: only with top_k > 0".into());
+            return Err("by and order: only with top_k > 0".into());
         }
         Ok(())
     }
@@ -85,6 +92,9 @@ impl Recipe for Average {
     ];
     fn accepts(_input: &str) -> &'static [ArtifactKind] {
         &[ArtifactKind::Checkpoint, ArtifactKind::Adapter]
+    }
+    fn check_with_inputs(p: &Params, _inputs: &[&str]) -> Result<(), String> {
+        p.check_ranking()
     }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
