@@ -5,10 +5,12 @@
 //! dropped: every job cancelled first (else slurmd retries for seconds),
 //! then `scontrol shutdown`, then whatever is left is killed.
 //!
-//! Needs root and Debian's slurmctld, slurmd, slurm-client and munge
-//! (`.ci/run` installs them). Without them `Cluster::start` says why and
-//! the test is skipped loudly; with `HERD_REQUIRE_SLURM=1` (set by `.ci/run`
-//! once it installed them) a missing cluster fails the test instead.
+//! Needs root and Debian's slurmctld, slurmd, slurm-client and munge. When
+//! they are missing and this runs as root with apt-get, the first test
+//! installs them (once per test binary; `.ci/run` does it up front too).
+//! Without them `cluster_or_skip` says why and the test is skipped loudly;
+//! with `HERD_REQUIRE_SLURM=1` (set by `.ci/run` once it installed them) a
+//! missing cluster fails the test instead.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +28,43 @@ fn which(program: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false)
         || Path::new("/usr/sbin").join(program).is_file()
+}
+
+const PACKAGES: [&str; 4] = ["slurmctld", "slurmd", "slurm-client", "munge"];
+
+/// Install the packages with apt-get where we can (root), once.
+fn install_once() -> Result<(), String> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        if !which("apt-get") {
+            return Err("no apt-get to install them with".into());
+        }
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(PACKAGES)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .output()
+        };
+        eprintln!("installing {} with apt-get for the Slurm tests", PACKAGES.join(" "));
+        let mut out = install().map_err(|e| format!("apt-get: {e}"))?;
+        if !out.status.success() {
+            // A fresh machine may have no package lists yet.
+            let _ = Command::new("apt-get").args(["update", "-q"]).output();
+            out = install().map_err(|e| format!("apt-get: {e}"))?;
+        }
+        if out.status.success() {
+            Ok(())
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            Err(format!(
+                "apt-get install {} failed: {}",
+                PACKAGES.join(" "),
+                err.trim().lines().last().unwrap_or("")
+            ))
+        }
+    })
+    .clone()
 }
 
 fn free_port() -> u16 {
@@ -56,9 +95,12 @@ pub fn cluster_or_skip(test: &str) -> Option<Cluster> {
                 panic!("{test}: HERD_REQUIRE_SLURM=1 but no Slurm cluster: {why}");
             }
             let line = format!("SKIPPED {test}: no local Slurm cluster: {why}");
-            eprintln!("\n{}\n{line}\n{}\n", "!".repeat(72), "!".repeat(72));
+            // Straight to fd 2: the test harness captures eprintln! and
+            // shows it only for failures; a skip must be seen.
+            use std::io::Write;
+            let bang = "!".repeat(72);
+            let _ = writeln!(std::io::stderr(), "\n{bang}\n{line}\n{bang}");
             if let Ok(log) = std::env::var("HERD_SKIP_LOG") {
-                use std::io::Write;
                 if let Ok(mut f) = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
