@@ -890,3 +890,99 @@ fn lora_adapter_through_the_cli() {
         );
     }
 }
+
+#[test]
+fn a_sweep_is_a_round_on_the_local_executor_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--cpu-jobs", "2"]);
+    let cli = Cli { d: &d };
+    let c = d.client();
+    let (r, _, _, _, sft) = common::import_fixtures(&c);
+    cli.quiet(&["experiment", "create", "grid"]);
+    let (model, data) = (format!("model={r}"), format!("data={sft}"));
+    let base = [
+        "sweep",
+        "--experiment",
+        "grid",
+        "--kind",
+        "sft",
+        "--input",
+        &model,
+        "--input",
+        &data,
+        "--set",
+        "batch_size=2",
+        "--set",
+        "steps=2",
+    ];
+    // What is wrong is said before anything is recorded.
+    for (extra, says) in [
+        (vec![], "at least one --grid"),
+        (
+            vec!["--grid", "lr=1e-5,1e-3", "--average-top", "1"],
+            "--by metric.NAME go together",
+        ),
+        (
+            vec![
+                "--grid",
+                "lr=1e-5,1e-3",
+                "--average-top",
+                "3",
+                "--by",
+                "metric.loss",
+            ],
+            "between 1 and the 2 points",
+        ),
+        (
+            vec!["--grid", "steps=1,2"],
+            "steps is both --set and --grid",
+        ),
+    ] {
+        let out = cli.raw(&[&base[..], &extra[..]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
+    assert!(c.jobs(&Default::default()).unwrap().is_empty());
+    let round = cli.json(
+        &[
+            &base[..],
+            &[
+                "--grid",
+                "lr=1e-5,1e-3",
+                "--average-top",
+                "1",
+                "--by",
+                "metric.loss",
+                "--wait",
+            ],
+        ]
+        .concat(),
+    );
+    let jobs = round["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3);
+    let loss = |j: &Value| j["last_metrics"]["loss"][1].as_f64().unwrap();
+    let best = if loss(&jobs[0]) <= loss(&jobs[1]) {
+        &jobs[0]
+    } else {
+        &jobs[1]
+    };
+    let avg = &jobs[2];
+    assert_eq!(avg["status"], "succeeded", "{avg}");
+    assert_eq!(
+        avg["resolved_inputs"],
+        json!({best["name"].as_str().unwrap(): best["outputs"]["checkpoint"]})
+    );
+    assert!(
+        avg["summary"]["notes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("top 1 of 2 by metric.loss (lowest first)"),
+        "{avg}"
+    );
+    // Each point's hyperparameters are recorded as given; the seed is shared.
+    assert_eq!(jobs[1]["hyperparameters"]["lr"], json!(1e-3));
+    assert_eq!(jobs[0]["seed"], jobs[1]["seed"]);
+}

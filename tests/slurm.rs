@@ -405,3 +405,55 @@ fn a_sweep_of_four_averages_the_best_two() {
     assert_eq!(again.status, JobStatus::Succeeded, "{:?}", again.error);
     assert_eq!(again.outputs["checkpoint"], average.outputs["checkpoint"]);
 }
+
+#[test]
+fn a_node_failure_requeues_the_job() {
+    let Some(cluster) = cluster_or_skip("a_node_failure_requeues_the_job") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let id = submit(
+        &c,
+        "sft",
+        &[("model", &r), ("data", &sft)],
+        json!({"steps": 300, "batch_size": 2}),
+        None,
+    );
+    until(
+        "the first metric from Slurm",
+        Duration::from_secs(120),
+        || c.job(&id).unwrap().metric_points > 0,
+    );
+    let first = c.job(&id).unwrap().slurm_job.unwrap();
+    // The node goes down under the job: Slurm ends it NODE_FAIL, herd
+    // records why and submits attempt 2, which waits for the node.
+    cluster.set_node("down");
+    until("attempt 2 submitted", Duration::from_secs(60), || {
+        let j = c.job(&id).unwrap();
+        j.attempts == 2 && j.slurm_job.is_some_and(|s| s != first)
+    });
+    assert_eq!(
+        cluster.job_field(first, "JobState").as_deref(),
+        Some("NODE_FAIL")
+    );
+    cluster.set_node("resume");
+    let j = c.wait(&id, Duration::from_secs(300)).unwrap();
+    assert_eq!(j.status, JobStatus::Succeeded, "{:?}", j.error);
+    assert_eq!(j.attempts, 2);
+    let log = std::fs::read_to_string(dir.path().join("log/events.jsonl")).unwrap();
+    let interrupted = log
+        .lines()
+        .find(|l| l.contains("JobInterrupted") && l.contains(&id))
+        .expect("the node failure is recorded");
+    assert!(
+        interrupted.contains(&format!("Slurm job {first} ended NODE_FAIL"))
+            && interrupted.contains("requeued (attempt 1 of 3)"),
+        "{interrupted}"
+    );
+    // The view shows the attempt that finished, its curve whole.
+    let m = c.metrics(&id, &["loss"]).unwrap();
+    assert_every_step_once(&m["loss"], 300, "attempt 2's loss");
+}

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub conf: PathBuf,
+    /// The node's name.
+    pub host: String,
     children: Vec<Child>,
     munged_pid: Option<u32>,
 }
@@ -46,7 +48,10 @@ fn install_once() -> Result<(), String> {
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .output()
         };
-        eprintln!("installing {} with apt-get for the Slurm tests", PACKAGES.join(" "));
+        eprintln!(
+            "installing {} with apt-get for the Slurm tests",
+            PACKAGES.join(" ")
+        );
         let mut out = install().map_err(|e| format!("apt-get: {e}"))?;
         if !out.status.success() {
             // A fresh machine may have no package lists yet.
@@ -231,6 +236,7 @@ impl Cluster {
         .map_err(|e| e.to_string())?;
         let mut cluster = Cluster {
             conf: conf.clone(),
+            host: host.clone(),
             dir,
             children: vec![],
             munged_pid,
@@ -275,6 +281,37 @@ impl Cluster {
         let mut c = Command::new(program);
         c.env("SLURM_CONF", &self.conf);
         c
+    }
+
+    /// `scontrol update nodename=NODE state=STATE [reason=...]`.
+    pub fn set_node(&self, state: &str) {
+        let mut args = vec![
+            "update".to_string(),
+            format!("nodename={}", self.host),
+            format!("state={state}"),
+        ];
+        if state == "down" {
+            args.push("reason=herd-test".into());
+        }
+        let out = self.command("scontrol").args(&args).output().unwrap();
+        let node = self
+            .command("sinfo")
+            .args(["-h", "-N", "-o", "%T %E"])
+            .output()
+            .unwrap();
+        let node_state = String::from_utf8_lossy(&node.stdout).to_string();
+        // ReturnToService=2 may have brought the node back already.
+        let already_up = state == "resume"
+            && ["idle", "mixed", "allocated"]
+                .iter()
+                .any(|s| node_state.starts_with(s));
+        assert!(
+            out.status.success() || already_up,
+            "scontrol {}: {} (node: {})",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&node.stdout).trim()
+        );
     }
 
     /// `scontrol show job -o ID`'s `Key` value.

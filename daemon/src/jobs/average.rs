@@ -61,7 +61,9 @@ impl Params {
     fn check_ranking(&self) -> Result<(), String> {
         if self.top_k > 0 {
             if self.by.is_empty() {
-                return Err("top_k needs by = `metric.NAME`, the metric that ranks the inputs".into());
+                return Err(
+                    "top_k needs by = `metric.NAME`, the metric that ranks the inputs".into(),
+                );
             }
             if self.order.is_empty() {
                 return Err("top_k needs order = `min` (lowest first, e.g. a loss) or `max` (highest first)".into());
