@@ -121,6 +121,12 @@ pub fn cluster_or_skip(test: &str) -> Option<Cluster> {
 
 impl Cluster {
     pub fn start() -> Result<Cluster, String> {
+        Self::start_with_cpus(8)
+    }
+
+    /// A node that says it has `cpus` CPUs (8 for tests: more jobs side by
+    /// side than the machine's cores; benches give the real count).
+    pub fn start_with_cpus(cpus: usize) -> Result<Cluster, String> {
         let uid = Command::new("id")
             .arg("-u")
             .output()
@@ -229,7 +235,7 @@ impl Cluster {
                  ReturnToService=2\n\
                  SchedulerType=sched/builtin\n\
                  SlurmdParameters=config_overrides\n\
-                 NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=16000 State=UNKNOWN\n\
+                 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=16000 State=UNKNOWN\n\
                  PartitionName=herd Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
             ),
         )

@@ -1,0 +1,189 @@
+//! The executor seam's cost: a tiny job's overhead from submit to its first
+//! metric and to its end, and the wall time of 50 tiny jobs submitted at
+//! once, on the local executor and on Slurm (a one-node cluster started
+//! here, as the tests do, with the machine's real CPU count so both run
+//! the same number of jobs side by side).
+//!
+//! Run: `cargo bench --bench executor_bench` (Slurm part: root and Debian's
+//! slurmctld, slurmd, slurm-client, munge; skipped with the reason
+//! otherwise).
+
+#[path = "../tests/common/slurm.rs"]
+#[allow(dead_code)]
+mod slurm;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use herd_client::{Client, JobStatus};
+use serde_json::json;
+
+const SINGLE_RUNS: usize = 10;
+const MANY: usize = 50;
+
+struct Herdd {
+    child: Child,
+    client: Client,
+}
+
+impl Drop for Herdd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, args: &[&str], env: &[(&str, PathBuf)]) -> Herdd {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("herdd exited before listening")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("herdd listening on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let token = std::fs::read_to_string(dir.join("token")).unwrap();
+    Herdd {
+        child,
+        client: Client::new(&addr, token.trim()),
+    }
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-tiny")
+}
+
+/// (model, data) hashes of the fixture model and SFT rows.
+fn import(c: &Client) -> (String, String) {
+    let f = fixtures();
+    let m = c.import_model(&f.join("ref"), "ref").unwrap().hash;
+    let d = c
+        .import_dataset(&f.join("sft.jsonl"), "sft", "sft")
+        .unwrap()
+        .hash;
+    (m, d)
+}
+
+/// One SFT step: the tiniest job that trains and reports a metric.
+fn submit_tiny(c: &Client, model: &str, data: &str) -> String {
+    let body = json!({"kind": "sft", "inputs": {"model": model, "data": data},
+                      "hyperparameters": {"steps": 1, "batch_size": 2}});
+    c.post("/jobs", &body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+struct Figures {
+    first_metric_ms: f64,
+    done_ms: f64,
+    many_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn measure(c: &Client) -> Figures {
+    let (model, data) = import(c);
+    // Warm the tree cache and the page cache once.
+    let warm = submit_tiny(c, &model, &data);
+    assert_eq!(
+        c.wait(&warm, Duration::from_secs(300)).unwrap().status,
+        JobStatus::Succeeded
+    );
+    let (mut first, mut done) = (vec![], vec![]);
+    for _ in 0..SINGLE_RUNS {
+        let t = Instant::now();
+        let id = submit_tiny(c, &model, &data);
+        loop {
+            let j = c.job(&id).unwrap();
+            if j.metric_points > 0 && first.len() < done.len() + 1 {
+                first.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            if j.status.is_final() {
+                assert_eq!(j.status, JobStatus::Succeeded, "{:?}", j.error);
+                done.push(t.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let t = Instant::now();
+    let ids: Vec<String> = (0..MANY).map(|_| submit_tiny(c, &model, &data)).collect();
+    for id in &ids {
+        let j = c.wait(id, Duration::from_secs(1800)).unwrap();
+        assert_eq!(j.status, JobStatus::Succeeded, "{:?}", j.error);
+    }
+    Figures {
+        first_metric_ms: median(first),
+        done_ms: median(done),
+        many_s: t.elapsed().as_secs_f64(),
+    }
+}
+
+fn main() {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    println!("executor_bench: {SINGLE_RUNS} tiny jobs one at a time (median), then {MANY} at once; {cores} cores, 1 thread per job");
+    let dir = tempfile::tempdir().unwrap();
+    let local = start(
+        dir.path(),
+        &["--cpu-jobs", &cores.to_string(), "--threads", "1"],
+        &[],
+    );
+    let l = measure(&local.client);
+    drop(local);
+    println!("| executor | submit → first metric | submit → succeeded | {MANY} tiny jobs |");
+    println!("|---|---|---|---|");
+    println!(
+        "| local ({cores} slots) | {:.0} ms | {:.0} ms | {:.1} s |",
+        l.first_metric_ms, l.done_ms, l.many_s
+    );
+    match slurm::Cluster::start_with_cpus(cores) {
+        Err(why) => println!("| slurm | skipped: {why} | | |"),
+        Ok(cluster) => {
+            let dir = tempfile::tempdir().unwrap();
+            let herdd = start(
+                dir.path(),
+                &[
+                    "--executor",
+                    "slurm",
+                    "--slurm-resources",
+                    "cpus=1,mem=1G",
+                    "--slurm-max-jobs",
+                    &MANY.to_string(),
+                ],
+                &[("SLURM_CONF", cluster.conf.clone())],
+            );
+            let s = measure(&herdd.client);
+            drop(herdd);
+            println!(
+                "| slurm (1 node, {cores} CPUs) | {:.0} ms | {:.0} ms | {:.1} s |",
+                s.first_metric_ms, s.done_ms, s.many_s
+            );
+        }
+    }
+}
