@@ -143,6 +143,33 @@ fn measure(c: &Client) -> Figures {
     }
 }
 
+/// Slurm alone: `sbatch --wrap true` until `scontrol` says COMPLETED, the
+/// floor under any executor built on it (median of `SINGLE_RUNS`).
+fn slurm_round_trip_ms(cluster: &slurm::Cluster) -> f64 {
+    let mut times = vec![];
+    for _ in 0..SINGLE_RUNS {
+        let t = Instant::now();
+        let out = cluster
+            .command("sbatch")
+            .args([
+                "--parsable",
+                "--cpus-per-task=1",
+                "--mem=256M",
+                "--output=/dev/null",
+                "--wrap",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        while cluster.job_field(id, "JobState").as_deref() != Some("COMPLETED") {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    median(times)
+}
+
 fn main() {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -183,6 +210,10 @@ fn main() {
             println!(
                 "| slurm (1 node, {cores} CPUs) | {:.0} ms | {:.0} ms | {:.1} s |",
                 s.first_metric_ms, s.done_ms, s.many_s
+            );
+            println!(
+                "| Slurm alone: `sbatch --wrap true` to COMPLETED | | {:.0} ms | |",
+                slurm_round_trip_ms(&cluster)
             );
         }
     }

@@ -901,7 +901,14 @@ impl Scheduler {
                 // The job runs on; the next daemon re-attaches.
                 return Ok(());
             }
-            if asked.is_none_or(|t| t.elapsed() >= config.poll) {
+            // Once the worker has said how it ended, its Slurm job is about
+            // to end too: ask more often.
+            let poll = if attempt.done.is_some() || attempt.failed.is_some() {
+                Duration::from_millis(100).min(config.poll)
+            } else {
+                config.poll
+            };
+            if asked.is_none_or(|t| t.elapsed() >= poll) {
                 asked = Some(tokio::time::Instant::now());
                 match tokio::task::spawn_blocking(move || slurm::show_job(slurm_job)).await? {
                     Ok(Observed::Known(info)) if info.is_active() => {}
