@@ -86,6 +86,16 @@ fn attempts_started(dir: &std::path::Path, job: &str) -> usize {
         .count()
 }
 
+/// How many `loss` points of a job the log holds.
+fn metric_points_logged(dir: &std::path::Path, job: &str) -> usize {
+    std::fs::read_to_string(dir.join("log/events.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("JobMetrics") && l.contains(job))
+        .map(|l| l.matches("\"loss\"").count())
+        .sum()
+}
+
 /// Every step 1..=n of a series exactly once.
 fn assert_every_step_once(series: &[(u64, f64)], n: u64, what: &str) {
     let steps: Vec<u64> = series.iter().map(|(s, _)| *s).collect();
@@ -160,6 +170,27 @@ fn a_job_runs_through_slurm_end_to_end() {
     let shown = herd_ok(&d, &["show", &id]);
     assert!(shown.contains(&format!("slurm job {slurm_job}")), "{shown}");
     assert!(shown.contains("resources mem=768M"), "{shown}");
+
+    // What Slurm refuses fails the job with Slurm's words; a malformed
+    // request is refused before anything is recorded.
+    let gpu = submit(
+        &c,
+        "sft",
+        &[("model", &r), ("data", &sft)],
+        json!({"steps": 1}),
+        Some("gpus=1"),
+    );
+    let g = c.wait(&gpu, Duration::from_secs(60)).unwrap();
+    assert_eq!(g.status, JobStatus::Failed);
+    let e = g.error.clone().unwrap();
+    assert!(
+        e.contains("could not start: sbatch refused the job") && e.to_lowercase().contains("gres"),
+        "{e}"
+    );
+    let mut body = req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 1}));
+    body["resources"] = json!("cpus=0");
+    let refused = c.post("/jobs", &body).unwrap_err().to_string();
+    assert!(refused.contains("cpus=0: between 1 and 4096"), "{refused}");
 
     // The same job run locally (one thread) makes the same checkpoint.
     let local_dir = tempfile::tempdir().unwrap();
@@ -270,14 +301,14 @@ fn a_killed_daemon_reattaches_to_its_slurm_jobs() {
         &c,
         "sft",
         &inputs,
-        json!({"steps": 5, "batch_size": 2}),
+        json!({"steps": 60, "batch_size": 2}),
         None,
     );
     let long = submit(
         &c,
         "sft",
         &inputs,
-        json!({"steps": 400, "batch_size": 2}),
+        json!({"steps": 1500, "batch_size": 2}),
         None,
     );
     until(
@@ -288,6 +319,7 @@ fn a_killed_daemon_reattaches_to_its_slurm_jobs() {
     let short_slurm = c.job(&short).unwrap().slurm_job.unwrap();
     let long_slurm = c.job(&long).unwrap().slurm_job.unwrap();
     d.kill9();
+    let recorded_before = metric_points_logged(dir.path(), &short);
     until(
         "the short job to end in Slurm",
         Duration::from_secs(120),
@@ -300,7 +332,7 @@ fn a_killed_daemon_reattaches_to_its_slurm_jobs() {
 
     let d = slurm_daemon(&cluster, dir.path());
     let c = d.client();
-    for (id, steps) in [(&short, 5), (&long, 400)] {
+    for (id, steps) in [(&short, 60), (&long, 1500)] {
         let j = c.wait(id, Duration::from_secs(300)).unwrap();
         assert_eq!(j.status, JobStatus::Succeeded, "{:?}", j.error);
         assert_eq!(j.attempts, 1, "re-attached, not run again");
@@ -310,6 +342,10 @@ fn a_killed_daemon_reattaches_to_its_slurm_jobs() {
         assert_every_step_once(&m["loss"], steps, id);
     }
     assert_eq!(c.job(&long).unwrap().slurm_job, Some(long_slurm));
+    // The short job's last steps were recorded after the restart, from its
+    // messages file (unless it had ended before the kill).
+    assert!(recorded_before > 0);
+    assert_eq!(metric_points_logged(dir.path(), &short), 60);
     let v = c.verify().unwrap();
     assert!(v.ok, "{}", v.error);
 }
