@@ -8,80 +8,23 @@
 //! slurmctld, slurmd, slurm-client, munge; skipped with the reason
 //! otherwise).
 
-#[path = "../tests/common/slurm.rs"]
+#[path = "../tests/common/mod.rs"]
 #[allow(dead_code)]
-mod slurm;
+mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{slurm, Daemon};
 use herd_client::{Client, JobStatus};
 use serde_json::json;
 
 const SINGLE_RUNS: usize = 10;
 const MANY: usize = 50;
 
-struct Herdd {
-    child: Child,
-    client: Client,
-}
-
-impl Drop for Herdd {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, args: &[&str], env: &[(&str, PathBuf)]) -> Herdd {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
-        .args([
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("herdd exited before listening")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("herdd listening on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let token = std::fs::read_to_string(dir.join("token")).unwrap();
-    Herdd {
-        child,
-        client: Client::new(&addr, token.trim()),
-    }
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-tiny")
-}
-
 /// (model, data) hashes of the fixture model and SFT rows.
 fn import(c: &Client) -> (String, String) {
-    let f = fixtures();
-    let m = c.import_model(&f.join("ref"), "ref").unwrap().hash;
-    let d = c
-        .import_dataset(&f.join("sft.jsonl"), "sft", "sft")
-        .unwrap()
-        .hash;
-    (m, d)
+    let (model, _, _, _, data) = common::import_fixtures(c);
+    (model, data)
 }
 
 /// One SFT step: the tiniest job that trains and reports a metric.
@@ -176,12 +119,11 @@ fn main() {
         .unwrap_or(2);
     println!("executor_bench: {SINGLE_RUNS} tiny jobs one at a time (median), then {MANY} at once; {cores} cores, 1 thread per job");
     let dir = tempfile::tempdir().unwrap();
-    let local = start(
+    let local = Daemon::start_with(
         dir.path(),
         &["--cpu-jobs", &cores.to_string(), "--threads", "1"],
-        &[],
     );
-    let l = measure(&local.client);
+    let l = measure(&local.client());
     drop(local);
     println!("| executor | submit → first metric | submit → succeeded | {MANY} tiny jobs |");
     println!("|---|---|---|---|");
@@ -193,7 +135,7 @@ fn main() {
         Err(why) => println!("| slurm | skipped: {why} | | |"),
         Ok(cluster) => {
             let dir = tempfile::tempdir().unwrap();
-            let herdd = start(
+            let herdd = Daemon::start_env(
                 dir.path(),
                 &[
                     "--executor",
@@ -203,9 +145,9 @@ fn main() {
                     "--slurm-max-jobs",
                     &MANY.to_string(),
                 ],
-                &[("SLURM_CONF", cluster.conf.clone())],
+                &[("SLURM_CONF", &cluster.conf)],
             );
-            let s = measure(&herdd.client);
+            let s = measure(&herdd.client());
             drop(herdd);
             println!(
                 "| slurm (1 node, {cores} CPUs) | {:.0} ms | {:.0} ms | {:.1} s |",

@@ -13,18 +13,7 @@ struct Cli<'a> {
 
 impl Cli<'_> {
     fn raw(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_herd"))
-            .args([
-                "--server",
-                &self.d.addr,
-                "--data-dir",
-                self.d.dir.to_str().unwrap(),
-            ])
-            .args(args)
-            .env_remove("HERD_TOKEN")
-            .env_remove("HERD_SERVER")
-            .output()
-            .unwrap()
+        self.d.herd(args)
     }
     /// `herd -q ARGS`, which must succeed: the id or hash it prints.
     fn quiet(&self, args: &[&str]) -> String {

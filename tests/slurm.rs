@@ -31,18 +31,8 @@ fn slurm_daemon(cluster: &Cluster, dir: &std::path::Path) -> Daemon {
     )
 }
 
-fn herd(d: &Daemon, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["--server", &d.addr, "--data-dir", d.dir.to_str().unwrap()])
-        .args(args)
-        .env_remove("HERD_TOKEN")
-        .env_remove("HERD_SERVER")
-        .output()
-        .unwrap()
-}
-
 fn herd_ok(d: &Daemon, args: &[&str]) -> String {
-    let out = herd(d, args);
+    let out = d.herd(args);
     assert!(
         out.status.success(),
         "herd {args:?}: {}",
@@ -66,6 +56,32 @@ fn submit(
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// A daemon on `cluster` with an SFT of `steps` steps submitted and
+/// reporting from its node: (daemon, client, job id, Slurm job id).
+fn running_sft(
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    steps: u64,
+) -> (Daemon, Client, String, u64) {
+    let d = slurm_daemon(cluster, dir);
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let id = submit(
+        &c,
+        "sft",
+        &[("model", &r), ("data", &sft)],
+        json!({"steps": steps, "batch_size": 2}),
+        None,
+    );
+    until(
+        "the first metric from Slurm",
+        Duration::from_secs(120),
+        || c.job(&id).unwrap().metric_points > 0,
+    );
+    let slurm_job = c.job(&id).unwrap().slurm_job.unwrap();
+    (d, c, id, slurm_job)
 }
 
 /// Wait until `f` holds, or panic saying what did not happen.
@@ -211,22 +227,7 @@ fn cancel_reaches_slurm() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let d = slurm_daemon(&cluster, dir.path());
-    let c = d.client();
-    let (r, _, _, _, sft) = import_fixtures(&c);
-    let id = submit(
-        &c,
-        "sft",
-        &[("model", &r), ("data", &sft)],
-        json!({"steps": 1_000_000, "batch_size": 2}),
-        None,
-    );
-    until(
-        "the first metric from Slurm",
-        Duration::from_secs(120),
-        || c.job(&id).unwrap().metric_points > 0,
-    );
-    let slurm_job = c.job(&id).unwrap().slurm_job.unwrap();
+    let (d, c, id, slurm_job) = running_sft(&cluster, dir.path(), 1_000_000);
     assert_eq!(
         cluster.job_field(slurm_job, "JobState").as_deref(),
         Some("RUNNING")
@@ -360,32 +361,29 @@ fn a_sweep_of_four_averages_the_best_two() {
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
     herd_ok(&d, &["experiment", "create", "sweep"]);
-    let out = herd(
-        &d,
-        &[
-            "--json",
-            "sweep",
-            "--experiment",
-            "sweep",
-            "--kind",
-            "sft",
-            "--input",
-            &format!("model={r}"),
-            "--input",
-            &format!("data={sft}"),
-            "--set",
-            "batch_size=2",
-            "--grid",
-            "lr=1e-5,1e-3",
-            "--grid",
-            "steps=2,4",
-            "--average-top",
-            "2",
-            "--by",
-            "metric.loss",
-            "--wait",
-        ],
-    );
+    let out = d.herd(&[
+        "--json",
+        "sweep",
+        "--experiment",
+        "sweep",
+        "--kind",
+        "sft",
+        "--input",
+        &format!("model={r}"),
+        "--input",
+        &format!("data={sft}"),
+        "--set",
+        "batch_size=2",
+        "--grid",
+        "lr=1e-5,1e-3",
+        "--grid",
+        "steps=2,4",
+        "--average-top",
+        "2",
+        "--by",
+        "metric.loss",
+        "--wait",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -448,22 +446,7 @@ fn a_node_failure_requeues_the_job() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let d = slurm_daemon(&cluster, dir.path());
-    let c = d.client();
-    let (r, _, _, _, sft) = import_fixtures(&c);
-    let id = submit(
-        &c,
-        "sft",
-        &[("model", &r), ("data", &sft)],
-        json!({"steps": 300, "batch_size": 2}),
-        None,
-    );
-    until(
-        "the first metric from Slurm",
-        Duration::from_secs(120),
-        || c.job(&id).unwrap().metric_points > 0,
-    );
-    let first = c.job(&id).unwrap().slurm_job.unwrap();
+    let (_d, c, id, first) = running_sft(&cluster, dir.path(), 300);
     // The node goes down under the job: Slurm ends it NODE_FAIL, herd
     // records why and submits attempt 2, which waits for the node.
     cluster.set_node("down");

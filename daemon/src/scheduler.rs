@@ -357,14 +357,7 @@ impl Scheduler {
             .map(|(name, (step, _))| (name.clone(), *step))
             .collect();
         attempt.recorded_outputs = job.outputs.clone();
-        let slot = {
-            let mut slots = self.slots.lock().expect("slots lock");
-            let free = slots.iter().position(|s| s.is_none());
-            if let Some(i) = free {
-                slots[i] = Some(job.id);
-            }
-            free
-        };
+        let slot = self.claim_slot(job.id);
         tracing::info!("job {}: re-attached to Slurm job {slurm_job}", job.id);
         self.follow_slurm(job.id, slot, attempt, slurm_job, config);
         Ok(())
@@ -443,15 +436,9 @@ impl Scheduler {
             if waiting {
                 continue;
             }
-            let slot = {
-                let mut slots = self.slots.lock().expect("slots lock");
-                let free = slots.iter().position(|s| s.is_none());
-                if let Some(i) = free {
-                    slots[i] = Some(job.id);
-                }
-                free
+            let Some(slot) = self.claim_slot(job.id) else {
+                return Ok(());
             };
-            let Some(slot) = slot else { return Ok(()) };
             if let Err(e) = self.clone().start(&job, slot, &jobs).await {
                 self.slots.lock().expect("slots lock")[slot] = None;
                 self.running.lock().expect("running lock").remove(&job.id);
@@ -774,6 +761,16 @@ impl Scheduler {
             me.release(id, Some(slot));
         });
         Ok(())
+    }
+
+    /// A free slot, now `job`'s.
+    fn claim_slot(&self, job: Uuid) -> Option<usize> {
+        let mut slots = self.slots.lock().expect("slots lock");
+        let free = slots.iter().position(|s| s.is_none());
+        if let Some(i) = free {
+            slots[i] = Some(job);
+        }
+        free
     }
 
     /// A job's slot and running entry are free again.

@@ -75,6 +75,22 @@ impl Daemon {
         }
     }
 
+    /// `herd ARGS` against this daemon (token from its data directory).
+    pub fn herd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args([
+                "--server",
+                &self.addr,
+                "--data-dir",
+                self.dir.to_str().unwrap(),
+            ])
+            .args(args)
+            .env_remove("HERD_TOKEN")
+            .env_remove("HERD_SERVER")
+            .output()
+            .unwrap()
+    }
+
     pub fn client(&self) -> Client {
         let token = std::fs::read_to_string(self.dir.join("token")).unwrap();
         Client::new(&self.addr, token.trim())
