@@ -28,6 +28,7 @@ fn main() {
             max_attempts: 1,
             executor: herd_daemon::scheduler::Executor::Local,
         },
+        dashboard: None,
     };
     let daemon = rt.block_on(Daemon::start(config)).unwrap();
     let server = format!("http://{}", daemon.addr);

@@ -245,6 +245,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             max_attempts: 3,
             executor: herd_daemon::scheduler::Executor::Local,
         },
+        dashboard: None,
     };
     let daemon = rt.block_on(Daemon::start(config))?;
     let result = drive(opts, &daemon, &data_dir, &work, started);

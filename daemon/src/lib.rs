@@ -15,6 +15,7 @@
 //! * [`server`]: start, token, shutdown.
 
 pub mod api;
+pub mod dashboard;
 pub mod data;
 pub mod jobs;
 pub mod listener;

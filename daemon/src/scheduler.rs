@@ -282,6 +282,14 @@ impl Scheduler {
         })
     }
 
+    /// `local` or `slurm`.
+    pub fn executor_name(&self) -> &'static str {
+        match self.config.executor {
+            Executor::Local => "local",
+            Executor::Slurm(_) => "slurm",
+        }
+    }
+
     pub fn devices(&self) -> Vec<String> {
         self.config.devices.clone()
     }

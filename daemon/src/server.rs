@@ -19,6 +19,8 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub scheduler: SchedulerConfig,
+    /// Where to serve the web dashboard (None: not served).
+    pub dashboard: Option<SocketAddr>,
 }
 
 pub const TOKEN_FILE: &str = "token";
@@ -151,10 +153,12 @@ pub struct Daemon {
     pub token: String,
     pub state: Arc<State>,
     pub scheduler: Arc<Scheduler>,
+    /// Where the dashboard is served, when it is.
+    pub dashboard: Option<SocketAddr>,
     /// The data directory's lock, released when the daemon is dropped.
     _lock: std::fs::File,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    stop: Vec<oneshot::Sender<()>>,
+    server: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -185,34 +189,68 @@ impl Daemon {
         let scheduler = Scheduler::new(state.clone(), config.scheduler.clone());
         scheduler.recover().await?;
         tokio::spawn(scheduler.clone().run());
+        // The dashboard's port is bound first: the API's context says where it is.
+        let dashboard = match config.dashboard {
+            Some(addr) => match crate::listener::bind(addr).await {
+                Ok(bound) => Some(bound),
+                Err(e) => {
+                    // The API matters more than the dashboard: serve it anyway.
+                    eprintln!(
+                        "herdd: WARNING: the dashboard is not served: listening on {addr}: {e}"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let ctx = Ctx {
             state: state.clone(),
             scheduler: scheduler.clone(),
             token: Arc::new(token.clone()),
+            sessions: Arc::new(crate::dashboard::Sessions::default()),
+            dashboard_url: dashboard
+                .as_ref()
+                .map(|(_, addr)| Arc::new(format!("http://{addr}"))),
         };
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (listener, addr) = crate::listener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
-        let server = tokio::spawn(crate::listener::serve(listener, api::routes(ctx), stop_rx));
+        let mut stops = vec![stop];
+        let mut servers = vec![tokio::spawn(crate::listener::serve(
+            listener,
+            api::routes(ctx.clone()),
+            stop_rx,
+        ))];
+        let dashboard_addr = dashboard.as_ref().map(|(_, a)| *a);
+        if let Some((listener, _)) = dashboard {
+            let (stop, stop_rx) = oneshot::channel::<()>();
+            stops.push(stop);
+            servers.push(tokio::spawn(crate::listener::serve(
+                listener,
+                crate::dashboard::routes(ctx),
+                stop_rx,
+            )));
+        }
         Ok(Daemon {
             addr,
             token,
             state,
             scheduler,
+            dashboard: dashboard_addr,
             _lock: lock,
-            stop: Some(stop),
-            server: Some(server),
+            stop: stops,
+            server: servers,
         })
     }
 
     /// Stop accepting, stop workers (their jobs requeue at next start), flush, return.
     pub async fn shutdown(mut self) -> Result<()> {
-        if let Some(s) = self.stop.take() {
+        for s in self.stop.drain(..) {
             let _ = s.send(());
         }
         self.scheduler.shutdown(Duration::from_secs(10)).await;
-        if let Some(h) = self.server.take() {
+        for h in self.server.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
         }
         // Every append was flushed before it was acknowledged; the views are
@@ -239,6 +277,9 @@ pub fn few_malloc_arenas() {
 /// `herdd`: run until SIGTERM or SIGINT.
 pub async fn serve(config: DaemonConfig) -> Result<()> {
     let daemon = Daemon::start(config.clone()).await?;
+    if let Some(d) = daemon.dashboard {
+        eprintln!("herdd dashboard on http://{d} (log in with `herd dashboard`)");
+    }
     eprintln!(
         "herdd listening on http://{} (data dir {}, devices {:?}; token in {})",
         daemon.addr,

@@ -23,6 +23,10 @@ struct Cli {
     /// Address to listen on (loopback by default).
     #[arg(long, env = "HERD_LISTEN", default_value = "127.0.0.1:7447")]
     listen: SocketAddr,
+    /// Where the web dashboard is served ("off": not at all). A busy port
+    /// leaves the API running without it.
+    #[arg(long, env = "HERD_DASHBOARD_LISTEN", default_value = "127.0.0.1:7448")]
+    dashboard_listen: String,
     /// Allow a non-loopback --listen address. The API is plain HTTP: put it
     /// behind TLS (an SSH tunnel or a reverse proxy) before it leaves the machine.
     #[arg(long)]
@@ -174,10 +178,28 @@ fn main() {
     if let Some(t) = cli.threads {
         sched.cpu_threads = t.max(1);
     }
+    let dashboard = match cli.dashboard_listen.as_str() {
+        "off" => None,
+        addr => match addr.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() || cli.allow_remote => Some(a),
+            Ok(a) => {
+                eprintln!(
+                    "herdd: --dashboard-listen {a} is not a loopback address; like the API it is plain HTTP. \
+                     Pass --allow-remote (behind TLS) or keep it on loopback"
+                );
+                std::process::exit(2);
+            }
+            Err(e) => {
+                eprintln!("herdd: --dashboard-listen {addr:?}: {e} (ADDR:PORT or off)");
+                std::process::exit(2);
+            }
+        },
+    };
     let config = DaemonConfig {
         data_dir,
         listen: cli.listen,
         scheduler: sched,
+        dashboard,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

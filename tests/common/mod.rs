@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use herd_client::Client;
 
+pub mod browser;
 pub mod slurm;
+pub mod system;
 
 pub fn fixtures() -> PathBuf {
     std::env::var("HERD_FIXTURES")

@@ -27,60 +27,9 @@ pub struct Cluster {
     munged_pid: Option<u32>,
 }
 
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
-        || Path::new("/usr/sbin").join(program).is_file()
-}
+use super::system::{apt_install_once, free_port, skip, which};
 
-const PACKAGES: [&str; 4] = ["slurmctld", "slurmd", "slurm-client", "munge"];
-
-/// Install the packages with apt-get where we can (root), once.
-fn install_once() -> Result<(), String> {
-    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| {
-        if !which("apt-get") {
-            return Err("no apt-get to install them with".into());
-        }
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q"])
-                .args(PACKAGES)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .output()
-        };
-        eprintln!(
-            "installing {} with apt-get for the Slurm tests",
-            PACKAGES.join(" ")
-        );
-        let mut out = install().map_err(|e| format!("apt-get: {e}"))?;
-        if !out.status.success() {
-            // A fresh machine may have no package lists yet.
-            let _ = Command::new("apt-get").args(["update", "-q"]).output();
-            out = install().map_err(|e| format!("apt-get: {e}"))?;
-        }
-        if out.status.success() {
-            Ok(())
-        } else {
-            let err = String::from_utf8_lossy(&out.stderr);
-            Err(format!(
-                "apt-get install {} failed: {}",
-                PACKAGES.join(" "),
-                err.trim().lines().last().unwrap_or("")
-            ))
-        }
-    })
-    .clone()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const PACKAGES: &[&str] = &["slurmctld", "slurmd", "slurm-client", "munge"];
 
 fn sbin(program: &str) -> PathBuf {
     let p = Path::new("/usr/sbin").join(program);
@@ -98,24 +47,11 @@ pub fn cluster_or_skip(test: &str) -> Option<Cluster> {
     match Cluster::start() {
         Ok(c) => Some(c),
         Err(why) => {
-            if std::env::var("HERD_REQUIRE_SLURM").as_deref() == Ok("1") {
-                panic!("{test}: HERD_REQUIRE_SLURM=1 but no Slurm cluster: {why}");
-            }
-            let line = format!("SKIPPED {test}: no local Slurm cluster: {why}");
-            // Straight to fd 2: the test harness captures eprintln! and
-            // shows it only for failures; a skip must be seen.
-            use std::io::Write;
-            let bang = "!".repeat(72);
-            let _ = writeln!(std::io::stderr(), "\n{bang}\n{line}\n{bang}");
-            if let Ok(log) = std::env::var("HERD_SKIP_LOG") {
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                {
-                    let _ = writeln!(f, "{line}");
-                }
-            }
+            skip(
+                test,
+                &format!("no local Slurm cluster: {why}"),
+                "HERD_REQUIRE_SLURM",
+            );
             None
         }
     }
@@ -137,19 +73,21 @@ impl Cluster {
         if uid != "0" {
             return Err(format!("not root (uid {uid}): slurmd must run as root"));
         }
-        for p in [
+        let programs = [
             "munged",
             "slurmctld",
             "slurmd",
             "sbatch",
             "scontrol",
             "scancel",
-        ] {
-            if !which(p) {
-                return Err(format!(
-                    "{p} is not installed (Debian: apt-get install slurmctld slurmd slurm-client munge; .ci/run does it)"
-                ));
-            }
+        ];
+        if programs.iter().any(|p| !which(p)) {
+            apt_install_once(PACKAGES).map_err(|e| {
+                format!("Slurm is not installed and could not be: {e} (Debian: apt-get install slurmctld slurmd slurm-client munge)")
+            })?;
+        }
+        if let Some(p) = programs.iter().find(|p| !which(p)) {
+            return Err(format!("{p} is not installed"));
         }
         let dir = tempfile::Builder::new()
             .prefix("herd-slurm-")

@@ -95,6 +95,13 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// A one-time login link for the web dashboard (two minutes, one use),
+    /// opened in a browser where one is available.
+    Dashboard {
+        /// Only print the link
+        #[arg(long)]
+        no_open: bool,
+    },
     /// Submit a grid of one kind of job as one round, optionally averaging
     /// the best K outputs. Example: herd sweep --experiment E --kind sft
     /// --input model=H1 --input data=H2 --grid lr=1e-5,2e-5 --grid epochs=1,2
@@ -421,6 +428,24 @@ pub fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Round { action } => experiments::round(&c, action, js, cli.quiet)?,
+        Command::Dashboard { no_open } => {
+            let v = c.post("/dashboard/codes", &json!({}))?;
+            let url = v["url"].as_str().unwrap_or_default().to_string();
+            print(js, &v, || println!("{url}"));
+            // $BROWSER, else xdg-open where there is a display; never fatal.
+            let opener = std::env::var("BROWSER").ok().or_else(|| {
+                (std::env::var_os("DISPLAY").is_some()
+                    || std::env::var_os("WAYLAND_DISPLAY").is_some())
+                .then(|| "xdg-open".to_string())
+            });
+            if let (false, Some(o)) = (*no_open, opener) {
+                let _ = std::process::Command::new(o)
+                    .arg(&url)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
+            }
+        }
         Command::Sweep {
             kind,
             experiment,

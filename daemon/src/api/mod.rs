@@ -95,6 +95,10 @@ pub struct Ctx {
     pub state: Arc<State>,
     pub scheduler: Arc<Scheduler>,
     pub token: Arc<String>,
+    /// The dashboard's login codes and browser sessions.
+    pub sessions: Arc<crate::dashboard::Sessions>,
+    /// Where the dashboard is served (`http://ADDR`), when it is.
+    pub dashboard_url: Option<Arc<String>>,
 }
 
 fn with<T: Clone + Send>(x: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
@@ -168,24 +172,30 @@ fn auth(token: Arc<String>) -> impl Filter<Extract = (), Error = Rejection> + Cl
 /// One route of the API, boxed: warp's nested types otherwise overflow the compiler.
 type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 
+/// Every route of the API behind its auth (the bearer token here; the
+/// dashboard's session cookie on its port).
+pub(crate) fn api(ctx: &Ctx) -> Route {
+    let mut routes: Vec<Route> = vec![];
+    routes.extend(experiments::routes(ctx));
+    routes.extend(artifacts::routes(ctx));
+    routes.extend(jobs::routes(ctx));
+    routes.extend(rounds::routes(ctx));
+    routes.extend(runs::routes(ctx));
+    routes.extend(record::routes(ctx));
+    routes.extend(kinds::routes(ctx));
+    // Boxed and folded one by one: warp's nested types otherwise overflow the compiler.
+    routes
+        .into_iter()
+        .reduce(|a, b| a.or(b).unify().boxed())
+        .expect("routes")
+}
+
 pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let health = warp::path!("health").and(warp::get()).map(|| {
         warp::reply::json(&json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
             .into_response()
     });
-    let mut routes: Vec<Route> = vec![];
-    routes.extend(experiments::routes(&ctx));
-    routes.extend(artifacts::routes(&ctx));
-    routes.extend(jobs::routes(&ctx));
-    routes.extend(rounds::routes(&ctx));
-    routes.extend(runs::routes(&ctx));
-    routes.extend(record::routes(&ctx));
-    routes.extend(kinds::routes(&ctx));
-    // Boxed and folded one by one: warp's nested types otherwise overflow the compiler.
-    let api = routes
-        .into_iter()
-        .reduce(|a, b| a.or(b).unify().boxed())
-        .expect("routes");
+    let api = api(&ctx);
     let state = ctx.state.clone();
     health
         .or(auth(ctx.token.clone()).and(api))
@@ -195,7 +205,7 @@ pub fn routes(ctx: Ctx) -> impl Filter<Extract = (impl Reply,), Error = Infallib
 
 /// Every rejection as `{"error": ...}`. Server paths become `DATA/...`:
 /// a client has no business knowing where the data directory lives.
-async fn recover(err: Rejection, state: Arc<State>) -> Result<impl Reply, Infallible> {
+pub(crate) async fn recover(err: Rejection, state: Arc<State>) -> Result<impl Reply, Infallible> {
     let (status, message) = if let Some(e) = err.find::<ApiError>() {
         (e.status, e.message.clone())
     } else if err.is_not_found() {

@@ -27,6 +27,11 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             .and(c.clone())
             .and_then(status)
             .boxed(),
+        warp::path!("dashboard" / "codes")
+            .and(warp::post())
+            .and(c.clone())
+            .and_then(login_code)
+            .boxed(),
     ]
 }
 
@@ -134,5 +139,18 @@ async fn status(ctx: Ctx) -> Res {
         "head_seq": p.last_seq,
         "jobs": {"queued": count(JobStatus::Queued), "running": count(JobStatus::Running), "succeeded": count(JobStatus::Succeeded),
                   "failed": count(JobStatus::Failed), "cancelled": count(JobStatus::Cancelled)},
+        "executor": ctx.scheduler.executor_name(),
+        "dashboard": ctx.dashboard_url.as_deref(),
     }))
+}
+
+/// A one-time login link for the dashboard (two minutes, one use).
+async fn login_code(ctx: Ctx) -> Res {
+    let Some(url) = ctx.dashboard_url.as_deref() else {
+        return Err(conflict(
+            "this herdd serves no dashboard (start it with --dashboard-listen ADDR)",
+        ));
+    };
+    let code = ctx.sessions.new_code();
+    created(json!({"code": code, "url": format!("{url}/login?code={code}")}))
 }

@@ -1,0 +1,379 @@
+// herd's dashboard: one ES module, no build step. Every page reads the
+// daemon's typed API under /api (session cookie; changes also send the
+// session's CSRF token); charts are uPlot's; live curves follow /api/events.
+import uPlot from "/static/vendor/uPlot.esm.js";
+
+const root = document.getElementById("main");
+// Each navigation renders into a container of its own: a page still loading
+// when the user moves on writes into a container no longer shown, and finds
+// only its own elements (byId), never the next page's.
+const byId = (el, id) => el.querySelector("#" + CSS.escape(id));
+let csrf = null;
+// What the current page must stop when the hash changes (event streams).
+let cleanup = [];
+
+// ---- the API ---------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(path, opts = {}) {
+  const headers = { "Accept": "application/json" };
+  if (opts.method && opts.method !== "GET") headers["X-Herd-CSRF"] = csrf;
+  const r = await fetch("/api" + path, { credentials: "same-origin", ...opts, headers });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new ApiError(r.status, body.error || r.statusText);
+  return { body, total: Number(r.headers.get("Herd-Total") || 0) };
+}
+const get = async (path) => (await api(path)).body;
+const post = async (path) => (await api(path, { method: "POST" })).body;
+
+// ---- small helpers ---------------------------------------------------------
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const short = (h) => (h && h.length > 16 ? h.slice(0, 12) : h);
+const badge = (s) => `<span class="badge st-${esc(s)}" data-status="${esc(s)}">${esc(s)}</span>`;
+const time = (ms) => (ms ? new Date(ms).toLocaleString() : "");
+function num(v) {
+  if (typeof v !== "number") return esc(JSON.stringify(v));
+  if (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e6)) return v.toExponential(3);
+  return String(Math.round(v * 1e4) / 1e4);
+}
+function duration(ms) {
+  if (ms == null) return "";
+  const s = Math.round(ms / 1000);
+  return s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m${s % 60}s` : `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`;
+}
+function inputLink(v) {
+  const m = /^job:([0-9a-f-]+)\/(\w+)$/.exec(v);
+  if (m) return `<a href="#/job/${m[1]}">job ${short(m[1])}</a>/${esc(m[2])}`;
+  return `<a class="mono" href="#/artifact/${esc(v)}">${esc(short(v))}</a>`;
+}
+function kvTable(obj, id = "") {
+  const rows = Object.entries(obj || {}).map(([k, v]) => `<tr><td>${esc(k)}</td><td class="mono">${num(v)}</td></tr>`).join("");
+  return `<table class="kv" ${id ? `id="${id}"` : ""}>${rows || '<tr><td class="muted">none</td></tr>'}</table>`;
+}
+const PALETTE = ["#2f5bea", "#e5484d", "#27ae60", "#b08800", "#8e44ad", "#16a2b8", "#d35400", "#34495e"];
+
+// A uPlot line chart of one metric: series = [{label, points: [[step, value]]}].
+function chart(el, title, series) {
+  const steps = [...new Set(series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
+  const index = new Map(steps.map((s, i) => [s, i]));
+  const data = [steps];
+  for (const s of series) {
+    const ys = new Array(steps.length).fill(null);
+    for (const [x, y] of s.points) ys[index.get(x)] = y;
+    data.push(ys);
+  }
+  const opts = {
+    title, width: Math.max(360, el.clientWidth || 560), height: 220,
+    scales: { x: { time: false } },
+    series: [{ label: "step" }, ...series.map((s, i) => ({ label: s.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true }))],
+    axes: [{ label: "step" }, {}],
+  };
+  el.innerHTML = "";
+  const plot = new uPlot(opts, data, el);
+  el.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
+  return plot;
+}
+
+// ---- pages -----------------------------------------------------------------
+
+async function experimentsPage(main) {
+  const exps = await get("/experiments");
+  const rows = exps.map((e) => `<tr><td><a href="#/experiment/${e.id}">${esc(e.name)}</a></td><td class="num">${e.rounds.length}</td><td class="num">${e.jobs.length}</td><td>${esc(e.description)}</td></tr>`).join("");
+  main.innerHTML = `<h1>Experiments</h1>
+    <table id="experiments"><thead><tr><th>name</th><th>rounds</th><th>jobs</th><th>description</th></tr></thead>
+    <tbody>${rows || '<tr><td colspan="4" class="muted">No experiments yet: herd experiment create NAME</td></tr>'}</tbody></table>`;
+}
+
+async function experimentPage(main, id) {
+  const d = await get(`/experiments/${id}`);
+  const e = d.experiment;
+  const rounds = d.rounds.map((r) => `<tr><td><a href="#/round/${r.id}">round ${r.index}</a></td><td class="num">${r.jobs.length}</td></tr>`).join("");
+  main.innerHTML = `<h1>${esc(e.name)}</h1><p class="muted">${esc(e.description)}</p>
+    <p><a href="#/history?experiment=${e.id}">all ${e.jobs.length} jobs in the history</a></p>
+    <h2>Rounds</h2><table id="rounds"><thead><tr><th>round</th><th>jobs</th></tr></thead><tbody>${rounds || '<tr><td colspan="2" class="muted">none</td></tr>'}</tbody></table>`;
+}
+
+// A round's jobs as a graph: a job's column is the longest chain of
+// dependencies below it; colours say the status.
+async function roundPage(main, id) {
+  const d = await get(`/rounds/${id}`);
+  const jobs = d.jobs;
+  const byId = new Map(jobs.map((j) => [j.id, j]));
+  const depth = new Map();
+  const depthOf = (j) => {
+    if (depth.has(j.id)) return depth.get(j.id);
+    depth.set(j.id, 0);
+    const deps = (j.depends_on || []).filter((x) => byId.has(x));
+    const v = deps.length ? 1 + Math.max(...deps.map((x) => depthOf(byId.get(x)))) : 0;
+    depth.set(j.id, v);
+    return v;
+  };
+  jobs.forEach(depthOf);
+  const columns = [];
+  for (const j of jobs) (columns[depth.get(j.id)] ||= []).push(j);
+  const W = 170, H = 44, GX = 60, GY = 18;
+  const pos = new Map();
+  columns.forEach((col, c) => col.forEach((j, r) => pos.set(j.id, { x: 20 + c * (W + GX), y: 20 + r * (H + GY) })));
+  const width = 40 + columns.length * (W + GX);
+  const height = 40 + Math.max(...columns.map((c) => c.length)) * (H + GY);
+  const colour = { queued: "#98a2b3", running: "#2f80ed", succeeded: "#27ae60", failed: "#e5484d", cancelled: "#b08800" };
+  const edges = jobs.flatMap((j) => (j.depends_on || []).filter((x) => pos.has(x)).map((x) => {
+    const a = pos.get(x), b = pos.get(j.id);
+    return `<path class="edge" d="M${a.x + W},${a.y + H / 2} C${a.x + W + GX / 2},${a.y + H / 2} ${b.x - GX / 2},${b.y + H / 2} ${b.x},${b.y + H / 2}"/>`;
+  })).join("");
+  const nodes = jobs.map((j) => {
+    const p = pos.get(j.id);
+    return `<a href="#/job/${j.id}"><g class="node" data-job="${j.id}" data-status="${j.status}"><rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" fill="${colour[j.status] || "#667085"}"/>
+      <text x="${p.x + 10}" y="${p.y + 18}">${esc(j.name)}</text><text x="${p.x + 10}" y="${p.y + 34}" opacity=".85">${esc(j.kind)} · ${esc(j.status)}</text></g></a>`;
+  }).join("");
+  main.innerHTML = `<h1>Round ${d.round.index}</h1>
+    <p class="muted">final policy: ${esc(d.round.spec.final_policy || "none")}</p>
+    <svg id="round-graph" width="${width}" height="${height}"><defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#98a2b3"/></marker></defs>${edges}${nodes}</svg>`;
+}
+
+async function jobPage(main, id) {
+  const status = await get("/status");
+  let j = await get(`/jobs/${id}`);
+  const m = await get(`/jobs/${id}/metrics`);
+  const series = new Map(Object.entries(m.series));
+  const names = [...series.keys()].sort();
+  const active = j.status === "queued" || j.status === "running";
+  const notes = (j.summary && j.summary.notes) || [];
+  main.innerHTML = `<h1>${esc(j.name)} <span class="muted">${esc(j.kind)}</span> ${badge(j.status)}</h1>
+    <p id="progress"></p>
+    ${j.error ? `<p class="error" id="failure">${esc(j.error)}</p>` : ""}
+    <p>
+      <button id="cancel" class="danger" ${active ? "" : "disabled"}>Cancel</button>
+      <button id="reproduce" ${active ? "disabled" : ""}>Reproduce</button>
+      <a href="#/compare?ids=${j.id}">compare…</a>
+    </p>
+    <div class="grid">
+      <div class="card"><h2>Job</h2>${kvTable({ id: j.id, seed: j.seed, attempts: j.attempts, device: j.device || "", threads: j.threads || "", slurm_job: j.slurm_job ?? "", submitted: time(j.submitted_ms), started: time(j.started_ms), took: j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : "" })}</div>
+      <div class="card"><h2>Hyperparameters</h2>${kvTable(j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters, "hyperparameters")}</div>
+      <div class="card"><h2>Inputs</h2><table class="kv">${Object.entries(j.inputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${j.resolved_inputs[k] ? inputLink(j.resolved_inputs[k]) : inputLink(v) + (Object.keys(j.resolved_inputs).length ? ' <span class="muted">(not kept)</span>' : "")}</td></tr>`).join("")}</table></div>
+      <div class="card"><h2>Outputs</h2><table class="kv" id="outputs">${Object.entries(j.outputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${inputLink(v)} · <a href="#/lineage/${v}">lineage</a></td></tr>`).join("") || '<tr><td class="muted">none yet</td></tr>'}</table></div>
+      ${notes.length ? `<div class="card"><h2>Notes</h2><ul>${notes.map((n) => `<li>${esc(n)}</li>`).join("")}</ul></div>` : ""}
+    </div>
+    <h2>Metrics</h2><div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>`;
+  const plots = new Map();
+  const draw = (name) => {
+    const el = byId(main, `chart-${name}`);
+    const pts = series.get(name);
+    if (!plots.has(name)) plots.set(name, chart(el, name, [{ label: name, points: pts }]));
+    else { plots.get(name).setData([pts.map((p) => p[0]), pts.map((p) => p[1])]); el.dataset.points = String(pts.length); }
+  };
+  names.forEach(draw);
+  const showProgress = (p) => {
+    const el = byId(main, "progress");
+    if (el && p && p.total) el.innerHTML = `<span class="progress"><div style="width:${(100 * p.done) / p.total}%"></div></span> ${p.done}/${p.total}`;
+  };
+  showProgress(j.progress);
+  byId(main, "cancel").onclick = async () => { await post(`/jobs/${id}/cancel`); if (main.isConnected) route(); };
+  byId(main, "reproduce").onclick = async () => { const r = await post(`/jobs/${id}/reproduce`); location.hash = `#/job/${r.id}`; };
+  if (!active || !main.isConnected) return;
+  // Live: new points from the event stream; the status from the job itself.
+  const events = new EventSource(`/api/events?from=${status.head_seq + 1}`);
+  cleanup.push(() => events.close());
+  events.addEventListener("JobMetrics", (e) => {
+    const rec = JSON.parse(e.data);
+    if (rec.payload.job !== id || (rec.payload.attempt && rec.payload.attempt !== m.attempt && m.attempt)) return;
+    const touched = new Set();
+    for (const p of rec.payload.points) {
+      if (!series.has(p.name)) {
+        series.set(p.name, []);
+        byId(main, "no-metrics")?.remove();
+        byId(main, "charts").insertAdjacentHTML("beforeend", `<div class="card chart" id="chart-${esc(p.name)}"></div>`);
+      }
+      const s = series.get(p.name);
+      if (!s.length || p.step > s[s.length - 1][0]) { s.push([p.step, p.value]); touched.add(p.name); }
+    }
+    touched.forEach(draw);
+  });
+  const refresh = async () => { j = await get(`/jobs/${id}`); showProgress(j.progress); if (j.status !== "queued" && j.status !== "running" && main.isConnected) route(); };
+  for (const t of ["JobStarted", "JobOutput", "JobSucceeded", "JobFailed", "JobCancelled", "JobInterrupted"]) {
+    events.addEventListener(t, (e) => { if (JSON.parse(e.data).payload.job === id) refresh(); });
+  }
+  const timer = setInterval(refresh, 2000);
+  cleanup.push(() => clearInterval(timer));
+}
+
+const HISTORY_PAGE = 50;
+
+async function historyPage(main, params) {
+  const q = new URLSearchParams();
+  for (const k of ["experiment", "kind", "status", "round", "where", "sort"]) if (params.get(k)) q.set(k, params.get(k));
+  const offset = Number(params.get("offset") || 0);
+  q.set("limit", HISTORY_PAGE);
+  q.set("offset", offset);
+  const { body: jobs, total } = await api(`/jobs?${q}`);
+  const metricNames = [...new Set(jobs.flatMap((j) => Object.keys(j.last_metrics || {})))].sort().slice(0, 4);
+  const hpNames = ["lr"];
+  const sort = params.get("sort") || "";
+  const th = (key, label) => {
+    const on = sort.replace(/^-/, "") === key;
+    return `<th class="sortable ${on ? "sorted" : ""} ${on && sort.startsWith("-") ? "desc" : ""}" data-sort="${esc(key)}">${esc(label)}</th>`;
+  };
+  const rows = jobs.map((j) => `<tr data-job="${j.id}"><td><input type="checkbox" class="pick" value="${j.id}"></td>
+      <td><a href="#/job/${j.id}">${esc(j.name)}</a></td><td>${esc(j.kind)}</td><td>${badge(j.status)}</td>
+      <td>${time(j.submitted_ms)}</td><td class="num">${j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : ""}</td>
+      ${hpNames.map((h) => `<td class="num">${j.effective_hyperparameters?.[h] != null ? num(j.effective_hyperparameters[h]) : ""}</td>`).join("")}
+      ${metricNames.map((n) => `<td class="num">${j.last_metrics?.[n] ? num(j.last_metrics[n][1]) : ""}</td>`).join("")}</tr>`).join("");
+  main.innerHTML = `<h1>History</h1>
+    <form class="filters" id="filters">
+      <input name="where" placeholder="where: hp.lr<1e-4,metric.loss<2" size="34" value="${esc(params.get("where") || "")}">
+      <input name="sort" placeholder="sort: -metric.loss" size="18" value="${esc(sort)}">
+      <input name="kind" placeholder="kind" size="8" value="${esc(params.get("kind") || "")}">
+      <input name="status" placeholder="status" size="9" value="${esc(params.get("status") || "")}">
+      <button class="primary" type="submit">Apply</button>
+      <button type="button" id="compare">Compare selected</button>
+    </form>
+    <p class="muted" id="total">${total} jobs</p>
+    <table id="history"><thead><tr><th></th>${th("name", "name")}${th("kind", "kind")}${th("status", "status")}${th("submitted", "submitted")}<th>took</th>
+      ${hpNames.map((h) => th("hp." + h, h)).join("")}${metricNames.map((n) => th("metric." + n, n)).join("")}</tr></thead><tbody>${rows}</tbody></table>
+    <div class="pager"><button id="prev" ${offset ? "" : "disabled"}>‹ previous</button>
+      <span>${total ? offset + 1 : 0}–${offset + jobs.length} of ${total}</span>
+      <button id="next" ${offset + jobs.length < total ? "" : "disabled"}>next ›</button></div>`;
+  const go = (changes) => {
+    const p = new URLSearchParams(params);
+    for (const [k, v] of Object.entries(changes)) (v === "" || v == null ? p.delete(k) : p.set(k, v));
+    location.hash = `#/history?${p}`;
+  };
+  byId(main, "filters").onsubmit = (e) => {
+    e.preventDefault();
+    const f = new FormData(e.target);
+    go({ where: f.get("where"), sort: f.get("sort"), kind: f.get("kind"), status: f.get("status"), offset: "" });
+  };
+  for (const h of main.querySelectorAll("th.sortable")) {
+    h.onclick = () => {
+      const key = h.dataset.sort;
+      if (!["submitted"].includes(key) && !key.includes(".")) return; // the API sorts by submitted, hp.X, metric.X
+      go({ sort: sort === key ? `-${key}` : key, offset: "" });
+    };
+  }
+  byId(main, "prev").onclick = () => go({ offset: Math.max(0, offset - HISTORY_PAGE) });
+  byId(main, "next").onclick = () => go({ offset: offset + HISTORY_PAGE });
+  byId(main, "compare").onclick = () => {
+    const ids = [...main.querySelectorAll("input.pick:checked")].map((c) => c.value);
+    if (ids.length >= 2) location.hash = `#/compare?ids=${ids.join(",")}`;
+  };
+}
+
+async function comparePage(main, params) {
+  const ids = (params.get("ids") || "").split(",").filter(Boolean);
+  const jobs = await Promise.all(ids.map((id) => get(`/jobs/${id}`)));
+  const metrics = await Promise.all(ids.map((id) => get(`/jobs/${id}/metrics`)));
+  const names = [...new Set(metrics.flatMap((m) => Object.keys(m.series)))].sort();
+  const hps = jobs.map((j) => (j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters) || {});
+  const keys = [...new Set(hps.flatMap((h) => Object.keys(h)))].sort();
+  const differs = (k) => new Set(hps.map((h) => JSON.stringify(h[k]))).size > 1;
+  const head = `<tr><th></th>${jobs.map((j, i) => `<th style="color:${PALETTE[i % PALETTE.length]}"><a href="#/job/${j.id}">${esc(j.name)}</a></th>`).join("")}</tr>`;
+  main.innerHTML = `<h1>Compare ${jobs.length} jobs</h1>
+    <div class="grid" id="compare-charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("")}</div>
+    <h2>Hyperparameters <span class="muted">(differences highlighted first)</span></h2>
+    <table id="compare-hp">${head}${[...keys.filter(differs), ...keys.filter((k) => !differs(k))].map((k) => `<tr class="${differs(k) ? "diff" : ""}" data-key="${esc(k)}"><td>${esc(k)}</td>${hps.map((h) => `<td class="mono">${h[k] === undefined ? "" : num(h[k])}</td>`).join("")}</tr>`).join("")}</table>
+    <h2>Final metrics</h2>
+    <table id="compare-metrics">${head}${names.map((n) => `<tr><td>${esc(n)}</td>${jobs.map((j) => `<td class="num">${j.last_metrics?.[n] ? num(j.last_metrics[n][1]) : ""}</td>`).join("")}</tr>`).join("")}</table>`;
+  for (const n of names) {
+    chart(byId(main, `chart-${n}`), n, jobs.map((j, i) => ({ label: j.name, points: metrics[i].series[n] || [] })));
+  }
+}
+
+function lineageTree(node) {
+  const a = node.artifact ? `${esc(node.name || "")} <span class="muted">${esc(node.artifact)}</span>` : esc(node.name || "");
+  let job = "";
+  if (node.job) {
+    const j = node.job;
+    job = `<a class="job-node st-${esc(j.status || "succeeded")}" href="#/job/${j.id}">← ${esc(j.kind)} ${esc(j.name)}</a>
+      <ul>${Object.entries(j.inputs || {}).map(([k, v]) => `<li><span class="muted">${esc(k)}:</span> ${lineageTree(v)}</li>`).join("")}</ul>`;
+  }
+  return `<span class="lineage-node" data-hash="${esc(node.hash)}"><a class="mono" href="#/artifact/${esc(node.hash)}">${esc(short(node.hash))}</a> ${a}</span>${job}`;
+}
+
+async function lineagePage(main, hash) {
+  const tree = await get(`/lineage/${hash}`);
+  main.innerHTML = `<h1>Lineage of <span class="mono">${esc(short(hash))}</span></h1><div class="tree" id="lineage"><ul><li>${lineageTree(tree)}</li></ul></div>`;
+}
+
+async function artifactsPage(main) {
+  const list = await get("/artifacts");
+  main.innerHTML = `<h1>Artifacts</h1><table id="artifacts"><thead><tr><th>hash</th><th>name</th><th>kind</th><th>made by</th></tr></thead><tbody>
+    ${list.map((a) => `<tr><td><a class="mono" href="#/artifact/${a.hash}">${esc(short(a.hash))}</a></td><td>${esc(a.name)}</td><td>${esc(a.artifact)}</td>
+      <td>${a.produced_by ? `<a href="#/job/${a.produced_by}">job ${esc(short(a.produced_by))}</a>` : '<span class="muted">import</span>'}</td></tr>`).join("")}</tbody></table>`;
+}
+
+async function artifactPage(main, hash) {
+  const d = await get(`/artifacts/${hash}?rows=5`);
+  const a = d.artifact;
+  main.innerHTML = `<h1>${esc(a.name)} <span class="muted">${esc(a.artifact)}</span></h1>
+    <p class="mono">${esc(a.hash)} · <a href="#/lineage/${a.hash}">lineage</a>${a.produced_by ? ` · made by <a href="#/job/${a.produced_by}">job ${esc(short(a.produced_by))}</a>` : ""}</p>
+    <h2>Summary</h2><pre class="card mono" id="summary">${esc(JSON.stringify(a.summary, null, 2))}</pre>
+    ${d.rows && d.rows.length ? `<h2>First rows</h2><pre class="card mono" id="rows">${esc(d.rows.map((r) => JSON.stringify(r, null, 1)).join("\n\n"))}</pre>` : ""}`;
+}
+
+async function queuePage(main) {
+  const s = await get("/status");
+  const running = await get("/jobs?status=running&limit=200");
+  const queued = await get("/jobs?status=queued&limit=200");
+  const rows = (js) => js.map((j) => `<tr><td><a href="#/job/${j.id}">${esc(j.name)}</a></td><td>${esc(j.kind)}</td><td>${badge(j.status)}</td><td>${esc(j.device || "")}${j.slurm_job ? ` (slurm ${j.slurm_job})` : ""}</td><td class="num">${j.priority}</td></tr>`).join("");
+  main.innerHTML = `<h1>Queue &amp; devices</h1>
+    <p>executor <b id="executor">${esc(s.executor)}</b>; slots: <span class="mono">${esc(s.devices.join(", "))}</span></p>
+    ${kvTable(s.jobs, "counts")}
+    <h2>Running</h2><table id="running"><tr><th>job</th><th>kind</th><th>status</th><th>device</th><th>priority</th></tr>${rows(running)}</table>
+    <h2>Queued</h2><table id="queued"><tr><th>job</th><th>kind</th><th>status</th><th>device</th><th>priority</th></tr>${rows(queued)}</table>`;
+}
+
+async function storePage(main) {
+  main.innerHTML = `<h1>Store</h1><p>Re-hashes every event and blob and checks every recorded artifact (may take a while on a big store).</p>
+    <p><button id="verify" class="primary">Verify now</button></p><div id="verification"></div>`;
+  byId(main, "verify").onclick = async (e) => {
+    e.target.disabled = true;
+    const v = await post("/verify");
+    byId(main, "verification").innerHTML = `<p>${v.ok ? badge("succeeded").replace(">succeeded<", ">intact<") : badge("failed").replace(">failed<", ">damaged<")}</p>
+      ${kvTable(v.report)}${v.problems.length ? `<ul class="error">${v.problems.map((p) => `<li>${esc(p)}</li>`).join("")}</ul>` : ""}`;
+    e.target.disabled = false;
+  };
+}
+
+// ---- routing ---------------------------------------------------------------
+
+async function route() {
+  cleanup.forEach((f) => f());
+  cleanup = [];
+  const main = document.createElement("div");
+  root.replaceChildren(main);
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean);
+  try {
+    if (!csrf) csrf = (await get("/session")).csrf;
+    document.getElementById("conn").textContent = "signed in";
+    switch (parts[0]) {
+      case undefined: await experimentsPage(main); break;
+      case "experiment": await experimentPage(main, parts[1]); break;
+      case "round": await roundPage(main, parts[1]); break;
+      case "job": await jobPage(main, parts[1]); break;
+      case "history": await historyPage(main, params); break;
+      case "compare": await comparePage(main, params); break;
+      case "lineage": await lineagePage(main, parts[1]); break;
+      case "artifacts": await artifactsPage(main); break;
+      case "artifact": await artifactPage(main, parts[1]); break;
+      case "queue": await queuePage(main); break;
+      case "store": await storePage(main); break;
+      default: main.innerHTML = `<p>No page ${esc(path)}.</p>`;
+    }
+    if (main.isConnected) document.body.dataset.page = parts[0] || "experiments";
+  } catch (e) {
+    if (e.status === 401) {
+      main.innerHTML = `<h1>Log in</h1><p id="login-needed">This browser has no herd session. Run <code>herd dashboard</code> for a one-time login link.</p>`;
+    } else {
+      main.innerHTML = `<p class="error" id="page-error">${esc(e.message)}</p>`;
+    }
+  }
+}
+
+window.addEventListener("hashchange", route);
+route();

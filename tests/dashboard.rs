@@ -1,0 +1,343 @@
+//! The web dashboard in a real headless Chromium (`common::browser`):
+//! logging in with a one-time code, a live curve, the history's filters and
+//! sort, comparing jobs, a round's graph, lineage, cancel from the page, and
+//! the cookie and CSRF rules. Screenshots of the main pages go to
+//! `target/dashboard-screenshots/`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::browser::browser_or_skip;
+use common::*;
+use herd_client::{JobQuery, JobStatus};
+use serde_json::{json, Value};
+
+fn screenshots() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshots")
+}
+
+/// A daemon serving its dashboard on a free port: (daemon, dashboard URL).
+fn daemon_with_dashboard(dir: &std::path::Path) -> (Daemon, String) {
+    let d = Daemon::start_with(
+        dir,
+        &["--dashboard-listen", "127.0.0.1:0", "--cpu-jobs", "2"],
+    );
+    let url = d.client().status().unwrap()["dashboard"]
+        .as_str()
+        .expect("the dashboard is served")
+        .to_string();
+    (d, url)
+}
+
+/// `herd dashboard --no-open`: the one-time login link it prints.
+fn login_link(d: &Daemon) -> String {
+    let out = d.herd(&["dashboard", "--no-open"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn cookies_codes_and_csrf_guard_the_dashboard_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, url) = daemon_with_dashboard(dir.path());
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let status = |r: Result<ureq::Response, ureq::Error>| match r {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    // No cookie: 401 on every API route; the bearer token does not work here.
+    assert_eq!(status(agent.get(&format!("{url}/api/jobs")).call()), 401);
+    let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    assert_eq!(
+        status(
+            agent
+                .get(&format!("{url}/api/jobs"))
+                .set("Authorization", &bearer)
+                .call()
+        ),
+        401
+    );
+    // The page itself carries no data and loads without a session.
+    assert_eq!(status(agent.get(&format!("{url}/")).call()), 200);
+    // A code works once.
+    let link = login_link(&d);
+    assert!(link.starts_with(&format!("{url}/login?code=")), "{link}");
+    assert!(
+        !link.contains(token.trim()),
+        "the bearer token never appears in a URL"
+    );
+    let r = agent.get(&link).call().unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.header("set-cookie").unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    assert_eq!(status(agent.get(&link).call()), 401, "a used code");
+    assert_eq!(
+        status(agent.get(&format!("{url}/login?code=nope")).call()),
+        401
+    );
+    // With the cookie: reads work; a change needs the CSRF token too.
+    let with = |req: ureq::Request| req.set("Cookie", &session);
+    assert_eq!(
+        status(with(agent.get(&format!("{url}/api/status"))).call()),
+        200
+    );
+    let csrf: Value = with(agent.get(&format!("{url}/api/session")))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let csrf = csrf["csrf"].as_str().unwrap();
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let id = c
+        .post(
+            "/jobs",
+            &req(
+                "sft",
+                &[("model", &r), ("data", &sft)],
+                json!({"steps": 1_000_000}),
+            ),
+        )
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancel = format!("{url}/api/jobs/{id}/cancel");
+    assert_eq!(
+        status(with(agent.post(&cancel)).call()),
+        403,
+        "no CSRF token"
+    );
+    assert_eq!(
+        status(with(agent.post(&cancel)).set("X-Herd-CSRF", "0000").call()),
+        403
+    );
+    assert_eq!(
+        status(
+            with(agent.post(&cancel))
+                .set("X-Herd-CSRF", csrf)
+                .set("Origin", "http://evil.example")
+                .call()
+        ),
+        403,
+        "a cross-origin change"
+    );
+    assert_eq!(c.job(&id).unwrap().status.is_final(), false);
+    assert_eq!(
+        status(with(agent.post(&cancel)).set("X-Herd-CSRF", csrf).call()),
+        200
+    );
+    let j = c.wait(&id, Duration::from_secs(60)).unwrap();
+    assert_eq!(j.status, JobStatus::Cancelled);
+}
+
+#[test]
+fn the_dashboard_in_a_real_browser() {
+    let Some(b) = browser_or_skip("the_dashboard_in_a_real_browser") else {
+        return;
+    };
+    let shots = screenshots();
+    let dir = tempfile::tempdir().unwrap();
+    let (d, url) = daemon_with_dashboard(dir.path());
+    let c = d.client();
+
+    // Without a session the page says how to get one.
+    b.goto(&format!("{url}/"));
+    b.wait_for("#login-needed");
+
+    // Some history: a sweep round (two SFTs and their average), a long
+    // SFT to cancel, and an external run whose curve grows.
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let exp = c.create_experiment("dash", "the dashboard's test").unwrap();
+    let out = d.herd(&[
+        "-q",
+        "sweep",
+        "--experiment",
+        "dash",
+        "--kind",
+        "sft",
+        "--input",
+        &format!("model={r}"),
+        "--input",
+        &format!("data={sft}"),
+        "--set",
+        "batch_size=2",
+        "--set",
+        "steps=3",
+        "--grid",
+        "lr=1e-5,1e-3",
+        "--average-top",
+        "2",
+        "--by",
+        "metric.loss",
+        "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let round = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let jobs = c.round(&round).unwrap().jobs;
+    let (a, bj) = (jobs[0].id.to_string(), jobs[1].id.to_string());
+    let average = jobs.iter().find(|j| j.name == "average").unwrap();
+    let averaged = average.outputs["checkpoint"].clone();
+    let long = c
+        .post(
+            "/jobs",
+            &req(
+                "sft",
+                &[("model", &r), ("data", &sft)],
+                json!({"steps": 1_000_000}),
+            ),
+        )
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let run = c
+        .open_run("live", Some(&exp), &json!({"lr": 3e-4}))
+        .unwrap();
+
+    // Log in with the one-time code: the cookie is set, the code is spent.
+    b.goto(&login_link(&d));
+    b.wait_for("#experiments");
+    assert!(b.text("#experiments").contains("dash"));
+    assert_eq!(
+        b.js("return document.cookie"),
+        json!(""),
+        "HttpOnly: scripts cannot read it"
+    );
+    b.screenshot(&shots.join("experiments.png"));
+
+    // A running job's curve grows as points are recorded.
+    b.goto(&format!("{url}/#/job/{run}"));
+    b.wait_for("#cancel");
+    let points = |n: u64| {
+        (1..=n)
+            .map(|s| (s, "loss", 1.0 / s as f64))
+            .collect::<Vec<_>>()
+    };
+    c.log_metrics(&run, &points(5)).unwrap();
+    b.until(
+        "5 points on the live curve",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return !!c && c.dataset.points === '5'",
+    );
+    c.log_metrics(&run, &points(40)[5..]).unwrap();
+    b.until(
+        "the curve to grow to 40",
+        Duration::from_secs(20),
+        "return document.getElementById('chart-loss').dataset.points === '40'",
+    );
+    b.wait_for("#chart-loss canvas");
+    b.screenshot(&shots.join("job-live.png"));
+    c.close_run(&run, true, "").unwrap();
+
+    // History: the page shows the server's filter and sort.
+    b.goto(&format!("{url}/#/history"));
+    b.wait_for("#history");
+    b.type_into("#filters input[name=where]", "hp.lr>=1e-5");
+    b.type_into("#filters input[name=sort]", "-hp.lr");
+    b.click("#filters button[type=submit]");
+    b.until("the filtered history", Duration::from_secs(20),
+        "return location.hash.includes('sort=-hp.lr') && !!document.querySelector('#history tbody tr')");
+    let shown: Vec<String> = serde_json::from_value(
+        b.js("return [...document.querySelectorAll('#history tbody tr')].map(r => r.dataset.job)"),
+    )
+    .unwrap();
+    let expected: Vec<String> = c
+        .jobs(&JobQuery {
+            where_: Some("hp.lr>=1e-5".into()),
+            sort: Some("-hp.lr".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .iter()
+        .map(|j| j.id.to_string())
+        .collect();
+    assert_eq!(shown, expected);
+    assert!(shown.len() >= 4);
+    // Clicking a sortable header sorts by it.
+    b.click("th[data-sort='submitted']");
+    b.until(
+        "sorted by submission",
+        Duration::from_secs(20),
+        "return location.hash.includes('sort=submitted')",
+    );
+    b.screenshot(&shots.join("history.png"));
+
+    // Compare the sweep's two points: overlaid curves, the lr differs.
+    b.goto(&format!("{url}/#/history?experiment={exp}"));
+    b.click(&format!("input.pick[value='{a}']"));
+    b.click(&format!("input.pick[value='{bj}']"));
+    b.click("#compare");
+    b.wait_for("#compare-hp tr.diff[data-key='lr']");
+    b.wait_for("#chart-loss canvas");
+    assert_eq!(
+        b.js("return document.getElementById('chart-loss').dataset.points"),
+        json!("6")
+    );
+    b.screenshot(&shots.join("compare.png"));
+
+    // The round as a graph: the average depends on both points.
+    b.goto(&format!("{url}/#/round/{round}"));
+    b.wait_for("#round-graph");
+    assert_eq!(
+        b.js("return document.querySelectorAll('#round-graph .node').length"),
+        json!(3)
+    );
+    assert_eq!(
+        b.js("return document.querySelectorAll('#round-graph .edge').length"),
+        json!(2)
+    );
+    assert_eq!(
+        b.js("return [...document.querySelectorAll('#round-graph .node')].every(n => n.dataset.status === 'succeeded')"),
+        json!(true)
+    );
+    b.screenshot(&shots.join("round.png"));
+
+    // Lineage of the average: back through both SFTs to the base and data.
+    b.goto(&format!("{url}/#/lineage/{averaged}"));
+    b.wait_for("#lineage");
+    let hashes: Vec<String> = serde_json::from_value(b.js(
+        "return [...document.querySelectorAll('#lineage .lineage-node')].map(n => n.dataset.hash)",
+    ))
+    .unwrap();
+    for h in [&averaged, &r, &sft] {
+        assert!(hashes.contains(h), "{h} in the lineage {hashes:?}");
+    }
+    b.screenshot(&shots.join("lineage.png"));
+
+    // Cancel from the job's page (the page sends the CSRF token).
+    b.goto(&format!("{url}/#/job/{long}"));
+    b.click("#cancel");
+    let j = c.wait(&long, Duration::from_secs(60)).unwrap();
+    assert_eq!(j.status, JobStatus::Cancelled);
+    b.until(
+        "the page to show it cancelled",
+        Duration::from_secs(20),
+        "return !!document.querySelector('h1 [data-status=cancelled]')",
+    );
+
+    // Queue, artifacts and the store's verification.
+    b.goto(&format!("{url}/#/queue"));
+    assert_eq!(b.text("#executor"), "local");
+    b.goto(&format!("{url}/#/artifact/{sft}"));
+    b.wait_for("#rows");
+    b.goto(&format!("{url}/#/store"));
+    b.click("#verify");
+    b.wait_for("#verification [data-status=succeeded]");
+}
