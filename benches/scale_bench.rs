@@ -11,6 +11,10 @@
 //! size, SCALE_DIR keeps the data directory for the next run; the defaults are 100,000 jobs x 20 steps x 5 metrics, plus one job
 //! of 20,000 steps).
 
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -289,6 +293,58 @@ fn main() {
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
+
+    // 5. The dashboard on this history, in headless Chromium: from the
+    // hash change to the page drawn (the app records it per navigation).
+    match common::browser::Browser::start() {
+        Err(why) => println!("dashboard: skipped (no headless Chromium: {why})"),
+        Ok(b) => {
+            let link = c.post("/dashboard/codes", &json!({})).unwrap()["url"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            b.goto(&link);
+            b.wait_for("#experiments");
+            let time_page = |what: &str, hash: &str, drawn: &str| {
+                let mut times = vec![];
+                for _ in 0..5 {
+                    b.js("location.hash = '#/queue'");
+                    b.until(
+                        "the queue page",
+                        Duration::from_secs(60),
+                        "return document.body.dataset.page === 'queue'",
+                    );
+                    b.js(&format!("location.hash = '{hash}'"));
+                    b.until(what, Duration::from_secs(60), drawn);
+                    let ms: f64 = b
+                        .js("return Number(document.body.dataset.renderedMs)")
+                        .as_f64()
+                        .unwrap();
+                    times.push(ms);
+                }
+                times.sort_by(f64::total_cmp);
+                println!(
+                    "dashboard: {what}: median {:.0} ms, max {:.0} ms of 5",
+                    times[2], times[4]
+                );
+            };
+            time_page(
+                "a 20k-point curve (the job page, all 5 series: 100k points)",
+                &format!("#/job/{id}"),
+                "const c = document.querySelector('#chart-loss'); return document.body.dataset.page === 'job' && !!c && c.dataset.points === '20000' && !!c.querySelector('canvas')",
+            );
+            time_page(
+                &format!("the history page over {} jobs, first 50", jobs + 1),
+                "#/history",
+                "return document.body.dataset.page === 'history' && document.querySelectorAll('#history tbody tr').length === 50",
+            );
+            time_page(
+                "the history page sorted by -metric.loss",
+                "#/history?sort=-metric.loss",
+                "return document.body.dataset.page === 'history' && document.querySelectorAll('#history tbody tr').length === 50",
+            );
+        }
+    }
     stop(&mut child);
 }
 
@@ -302,7 +358,7 @@ fn start_herdd(data: &std::path::Path) -> (Child, String, Duration) {
             "--listen",
             "127.0.0.1:0",
         ])
-        .args(["--threads", "2"])
+        .args(["--threads", "2", "--dashboard-listen", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

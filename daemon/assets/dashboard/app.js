@@ -36,6 +36,7 @@ const short = (h) => (h && h.length > 16 ? h.slice(0, 12) : h);
 const badge = (s) => `<span class="badge st-${esc(s)}" data-status="${esc(s)}">${esc(s)}</span>`;
 const time = (ms) => (ms ? new Date(ms).toLocaleString() : "");
 function num(v) {
+  if (typeof v === "string") return esc(v);
   if (typeof v !== "number") return esc(JSON.stringify(v));
   if (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e6)) return v.toExponential(3);
   return String(Math.round(v * 1e4) / 1e4);
@@ -51,7 +52,7 @@ function inputLink(v) {
   return `<a class="mono" href="#/artifact/${esc(v)}">${esc(short(v))}</a>`;
 }
 function kvTable(obj, id = "") {
-  const rows = Object.entries(obj || {}).map(([k, v]) => `<tr><td>${esc(k)}</td><td class="mono">${num(v)}</td></tr>`).join("");
+  const rows = Object.entries(obj || {}).filter(([, v]) => v !== "" && v != null).map(([k, v]) => `<tr><td>${esc(k)}</td><td class="mono">${num(v)}</td></tr>`).join("");
   return `<table class="kv" ${id ? `id="${id}"` : ""}>${rows || '<tr><td class="muted">none</td></tr>'}</table>`;
 }
 const PALETTE = ["#2f5bea", "#e5484d", "#27ae60", "#b08800", "#8e44ad", "#16a2b8", "#d35400", "#34495e"];
@@ -70,7 +71,7 @@ function chart(el, title, series) {
     title, width: Math.max(360, el.clientWidth || 560), height: 220,
     scales: { x: { time: false } },
     series: [{ label: "step" }, ...series.map((s, i) => ({ label: s.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true }))],
-    axes: [{ label: "step" }, {}],
+    axes: [{ label: "step" }, { size: 64, values: (u, vals) => vals.map((v) => (v == null ? "" : num(v))) }],
   };
   el.innerHTML = "";
   const plot = new uPlot(opts, data, el);
@@ -151,14 +152,14 @@ async function jobPage(main, id) {
       <button id="reproduce" ${active ? "disabled" : ""}>Reproduce</button>
       <a href="#/compare?ids=${j.id}">compare…</a>
     </p>
+    <h2>Metrics</h2><div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>
     <div class="grid">
       <div class="card"><h2>Job</h2>${kvTable({ id: j.id, seed: j.seed, attempts: j.attempts, device: j.device || "", threads: j.threads || "", slurm_job: j.slurm_job ?? "", submitted: time(j.submitted_ms), started: time(j.started_ms), took: j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : "" })}</div>
       <div class="card"><h2>Hyperparameters</h2>${kvTable(j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters, "hyperparameters")}</div>
       <div class="card"><h2>Inputs</h2><table class="kv">${Object.entries(j.inputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${j.resolved_inputs[k] ? inputLink(j.resolved_inputs[k]) : inputLink(v) + (Object.keys(j.resolved_inputs).length ? ' <span class="muted">(not kept)</span>' : "")}</td></tr>`).join("")}</table></div>
       <div class="card"><h2>Outputs</h2><table class="kv" id="outputs">${Object.entries(j.outputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${inputLink(v)} · <a href="#/lineage/${v}">lineage</a></td></tr>`).join("") || '<tr><td class="muted">none yet</td></tr>'}</table></div>
       ${notes.length ? `<div class="card"><h2>Notes</h2><ul>${notes.map((n) => `<li>${esc(n)}</li>`).join("")}</ul></div>` : ""}
-    </div>
-    <h2>Metrics</h2><div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>`;
+    </div>`;
   const plots = new Map();
   const draw = (name) => {
     const el = byId(main, `chart-${name}`);
@@ -233,7 +234,7 @@ async function historyPage(main, params) {
     </form>
     <p class="muted" id="total">${total} jobs</p>
     <table id="history"><thead><tr><th></th>${th("name", "name")}${th("kind", "kind")}${th("status", "status")}${th("submitted", "submitted")}<th>took</th>
-      ${hpNames.map((h) => th("hp." + h, h)).join("")}${metricNames.map((n) => th("metric." + n, n)).join("")}</tr></thead><tbody>${rows}</tbody></table>
+      ${hpNames.map((h) => th("hp." + h, h + " (hp)")).join("")}${metricNames.map((n) => th("metric." + n, n)).join("")}</tr></thead><tbody>${rows}</tbody></table>
     <div class="pager"><button id="prev" ${offset ? "" : "disabled"}>‹ previous</button>
       <span>${total ? offset + 1 : 0}–${offset + jobs.length} of ${total}</span>
       <button id="next" ${offset + jobs.length < total ? "" : "disabled"}>next ›</button></div>`;
@@ -341,10 +342,12 @@ async function storePage(main) {
 // ---- routing ---------------------------------------------------------------
 
 async function route() {
+  const started = performance.now();
   cleanup.forEach((f) => f());
   cleanup = [];
   const main = document.createElement("div");
   root.replaceChildren(main);
+  document.body.dataset.page = "loading";
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean);
@@ -365,7 +368,11 @@ async function route() {
       case "store": await storePage(main); break;
       default: main.innerHTML = `<p>No page ${esc(path)}.</p>`;
     }
-    if (main.isConnected) document.body.dataset.page = parts[0] || "experiments";
+    if (main.isConnected) {
+      // What a navigation took, hash change to page drawn (the benches read it).
+      document.body.dataset.renderedMs = String(Math.round(performance.now() - started));
+      document.body.dataset.page = parts[0] || "experiments";
+    }
   } catch (e) {
     if (e.status === 401) {
       main.innerHTML = `<h1>Log in</h1><p id="login-needed">This browser has no herd session. Run <code>herd dashboard</code> for a one-time login link.</p>`;
