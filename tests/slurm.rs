@@ -41,7 +41,8 @@ fn herd_ok(d: &Daemon, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn submit(
+/// Submit with `resources` (what the job asks of Slurm), if any.
+fn submit_with(
     c: &Client,
     kind: &str,
     inputs: &[(&str, &str)],
@@ -52,10 +53,7 @@ fn submit(
     if let Some(r) = resources {
         body["resources"] = json!(r);
     }
-    c.post("/jobs", &body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    submit(c, &body)
 }
 
 /// A daemon on `cluster` with an SFT of `steps` steps submitted and
@@ -68,7 +66,7 @@ fn running_sft(
     let d = slurm_daemon(cluster, dir);
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
-    let id = submit(
+    let id = submit_with(
         &c,
         "sft",
         &[("model", &r), ("data", &sft)],
@@ -153,7 +151,7 @@ fn a_job_runs_through_slurm_end_to_end() {
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
     let hp = json!({"steps": 3, "batch_size": 2, "lr": 1e-4});
-    let id = submit(
+    let id = submit_with(
         &c,
         "sft",
         &[("model", &r), ("data", &sft)],
@@ -189,7 +187,7 @@ fn a_job_runs_through_slurm_end_to_end() {
 
     // What Slurm refuses fails the job with Slurm's words; a malformed
     // request is refused before anything is recorded.
-    let gpu = submit(
+    let gpu = submit_with(
         &c,
         "sft",
         &[("model", &r), ("data", &sft)],
@@ -214,7 +212,7 @@ fn a_job_runs_through_slurm_end_to_end() {
     let lc = local.client();
     let (lr, _, _, _, lsft) = import_fixtures(&lc);
     assert_eq!((lr.as_str(), lsft.as_str()), (r.as_str(), sft.as_str()));
-    let lid = submit(&lc, "sft", &[("model", &r), ("data", &sft)], hp, None);
+    let lid = submit_with(&lc, "sft", &[("model", &r), ("data", &sft)], hp, None);
     let lj = lc.wait(&lid, Duration::from_secs(180)).unwrap();
     assert_eq!(lj.status, JobStatus::Succeeded, "{:?}", lj.error);
     assert_eq!(lj.outputs["checkpoint"], j.outputs["checkpoint"]);
@@ -298,14 +296,14 @@ fn a_killed_daemon_reattaches_to_its_slurm_jobs() {
     let (r, _, _, _, sft) = import_fixtures(&c);
     let inputs = [("model", r.as_str()), ("data", sft.as_str())];
     // One that finishes while the daemon is down, one still running at restart.
-    let short = submit(
+    let short = submit_with(
         &c,
         "sft",
         &inputs,
         json!({"steps": 60, "batch_size": 2}),
         None,
     );
-    let long = submit(
+    let long = submit_with(
         &c,
         "sft",
         &inputs,

@@ -175,6 +175,14 @@ pub fn req(kind: &str, inputs: &[(&str, &str)], hp: serde_json::Value) -> serde_
     serde_json::json!({"kind": kind, "inputs": inputs, "hyperparameters": hp})
 }
 
+/// `POST /jobs` with this body; the new job's id.
+pub fn submit(c: &Client, body: &serde_json::Value) -> String {
+    c.post("/jobs", body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Submit a two-step SFT of `model` on `data`, wait for it, expect success.
 pub fn run_short_sft(c: &Client, model: &str, data: &str) -> herd_client::Job {
     let id = c

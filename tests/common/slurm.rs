@@ -27,7 +27,7 @@ pub struct Cluster {
     munged_pid: Option<u32>,
 }
 
-use super::system::{apt_install_once, free_port, skip, which};
+use super::system::{apt_install_once, free_port, skip, uid, which};
 
 const PACKAGES: &[&str] = &["slurmctld", "slurmd", "slurm-client", "munge"];
 
@@ -65,11 +65,7 @@ impl Cluster {
     /// A node that says it has `cpus` CPUs (8 for tests: more jobs side by
     /// side than the machine's cores; benches give the real count).
     pub fn start_with_cpus(cpus: usize) -> Result<Cluster, String> {
-        let uid = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
+        let uid = uid();
         if uid != "0" {
             return Err(format!("not root (uid {uid}): slurmd must run as root"));
         }

@@ -14,6 +14,15 @@ pub fn which(program: &str) -> bool {
         || Path::new("/usr/bin").join(program).is_file()
 }
 
+/// This process's user id, as `id -u` says it.
+pub fn uid() -> String {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -32,11 +41,7 @@ pub fn apt_install_once(packages: &[&str]) -> Result<(), String> {
         return r.clone();
     }
     let result = (|| {
-        let uid = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
+        let uid = uid();
         if uid != "0" {
             return Err(format!(
                 "not root (uid {uid}), so they cannot be installed here"
