@@ -327,6 +327,8 @@ fn the_dashboard_in_a_real_browser() {
     assert_eq!(b.text("#executor"), "local");
     b.goto(&format!("{url}/#/artifact/{sft}"));
     b.wait_for("#rows");
+    b.goto(&format!("{url}/#/artifact/{r}"));
+    assert!(b.text("#config").contains("\"hidden_size\""));
     b.goto(&format!("{url}/#/store"));
     b.click("#verify");
     b.wait_for("#verification [data-status=succeeded]");

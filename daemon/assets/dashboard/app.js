@@ -309,9 +309,17 @@ async function artifactsPage(main) {
 async function artifactPage(main, hash) {
   const d = await get(`/artifacts/${hash}?rows=5`);
   const a = d.artifact;
+  // A checkpoint's or adapter's own config file, from its verified blob.
+  let config = null;
+  if (a.artifact === "checkpoint" || a.artifact === "adapter") {
+    const tree = await get(`/trees/${hash}`);
+    const file = tree.files.find((f) => f.name === "config.json" || f.name === "adapter_config.json");
+    if (file) config = { name: file.name, body: await get(`/blobs/${file.blob}`) };
+  }
   main.innerHTML = `<h1>${esc(a.name)} <span class="muted">${esc(a.artifact)}</span></h1>
     <p class="mono">${esc(a.hash)} · <a href="#/lineage/${a.hash}">lineage</a>${a.produced_by ? ` · made by <a href="#/job/${a.produced_by}">job ${esc(short(a.produced_by))}</a>` : ""}</p>
     <h2>Summary</h2><pre class="card mono" id="summary">${esc(JSON.stringify(a.summary, null, 2))}</pre>
+    ${config ? `<h2>${esc(config.name)}</h2><pre class="card mono" id="config">${esc(JSON.stringify(config.body, null, 2))}</pre>` : ""}
     ${d.rows && d.rows.length ? `<h2>First rows</h2><pre class="card mono" id="rows">${esc(d.rows.map((r) => JSON.stringify(r, null, 1)).join("\n\n"))}</pre>` : ""}`;
 }
 
