@@ -233,6 +233,42 @@ fn cancel_and_a_killed_worker_fail_only_their_job() {
     ));
 }
 
+/// A cancel can land at any moment of a job's start: queued, claimed, its
+/// inputs being laid out, its worker spawning. Whenever it lands the job
+/// ends cancelled, and no worker runs on for a job recorded cancelled.
+#[test]
+fn a_cancel_at_any_moment_of_the_start_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--cpu-jobs", "2"]);
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    for delay_ms in [0u64, 0, 1, 2, 5, 10, 20, 40, 80, 160] {
+        let id = submit(
+            &c,
+            &req(
+                "sft",
+                &[("model", &r), ("data", &sft)],
+                json!({"steps": 1_000_000}),
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        c.cancel(&id).unwrap();
+        let j = c.wait(&id, Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            j.status,
+            herd_client::JobStatus::Cancelled,
+            "cancelled {delay_ms} ms after submit"
+        );
+    }
+    // Both slots are free again: a short job runs.
+    let id = submit(
+        &c,
+        &req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 1})),
+    );
+    let j = c.wait(&id, Duration::from_secs(60)).unwrap();
+    assert_eq!(j.status, herd_client::JobStatus::Succeeded, "{:?}", j.error);
+}
+
 #[test]
 fn sigkilled_daemon_requeues_and_completes_the_job() {
     let dir = tempfile::tempdir().unwrap();

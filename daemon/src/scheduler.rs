@@ -93,6 +93,15 @@ impl SchedulerConfig {
     }
 }
 
+/// What claiming a slot for a job found.
+enum Claim {
+    Slot(usize),
+    /// No free slot.
+    Full,
+    /// The job has a running entry already (started, or being cancelled).
+    Taken,
+}
+
 struct Running {
     kill: Option<oneshot::Sender<()>>,
     cancelled: bool,
@@ -365,7 +374,10 @@ impl Scheduler {
             .map(|(name, (step, _))| (name.clone(), *step))
             .collect();
         attempt.recorded_outputs = job.outputs.clone();
-        let slot = self.claim_slot(job.id);
+        let slot = match self.claim_slot(job.id) {
+            Claim::Slot(slot) => Some(slot),
+            Claim::Full | Claim::Taken => None,
+        };
         tracing::info!("job {}: re-attached to Slurm job {slurm_job}", job.id);
         self.follow_slurm(job.id, slot, attempt, slurm_job, config);
         Ok(())
@@ -444,23 +456,42 @@ impl Scheduler {
             if waiting {
                 continue;
             }
-            let Some(slot) = self.claim_slot(job.id) else {
-                return Ok(());
+            let slot = match self.claim_slot(job.id) {
+                Claim::Slot(slot) => slot,
+                Claim::Taken => continue,
+                Claim::Full => return Ok(()),
             };
+            // Cancelled since this pass read the queue (the cancel recorded
+            // it before letting go of the job): not started.
+            let still_queued = self
+                .state
+                .projection
+                .read()
+                .await
+                .rows
+                .get(&job.id)
+                .is_some_and(|j| j.status == JobStatus::Queued);
+            if !still_queued {
+                self.release(job.id, Some(slot));
+                continue;
+            }
             if let Err(e) = self.clone().start(&job, slot, &jobs).await {
-                self.slots.lock().expect("slots lock")[slot] = None;
-                self.running.lock().expect("running lock").remove(&job.id);
-                self.state
-                    .record_one(
-                        &streams::job(job.id),
-                        HerdEvent::JobFailed {
-                            job: job.id,
-                            reason: self
-                                .state
-                                .without_server_paths(&format!("could not start: {e:#}")),
-                        },
-                    )
-                    .await?;
+                let cancelled = self.was_cancelled(job.id);
+                self.release(job.id, Some(slot));
+                let event = if cancelled {
+                    HerdEvent::JobCancelled {
+                        job: job.id,
+                        reason: "cancelled by request while starting".into(),
+                    }
+                } else {
+                    HerdEvent::JobFailed {
+                        job: job.id,
+                        reason: self
+                            .state
+                            .without_server_paths(&format!("could not start: {e:#}")),
+                    }
+                };
+                self.state.record_one(&streams::job(job.id), event).await?;
             }
         }
         Ok(())
@@ -742,15 +773,7 @@ impl Scheduler {
             .with_context(|| format!("starting worker {prog}"))?;
         let pid = child.id();
         let (kill_tx, kill_rx) = oneshot::channel();
-        self.running.lock().expect("running lock").insert(
-            job.id,
-            Running {
-                kill: Some(kill_tx),
-                cancelled: false,
-                pid,
-                slurm_job: None,
-            },
-        );
+        self.arm(job.id, kill_tx, pid, None);
         let started = Self::started_event(job, &p, &device, threads, pid, None);
         if let Err(e) = self.state.record_one(&streams::job(job.id), started).await {
             let _ = child.start_kill();
@@ -771,14 +794,62 @@ impl Scheduler {
         Ok(())
     }
 
-    /// A free slot, now `job`'s.
-    fn claim_slot(&self, job: Uuid) -> Option<usize> {
-        let mut slots = self.slots.lock().expect("slots lock");
-        let free = slots.iter().position(|s| s.is_none());
-        if let Some(i) = free {
-            slots[i] = Some(job);
+    /// A free slot, now `job`'s, and its running entry (not yet armed: a
+    /// cancel that comes while the job starts marks it, and `arm` acts on
+    /// it). A job with an entry already (running, or being cancelled) is
+    /// not claimed again.
+    fn claim_slot(&self, job: Uuid) -> Claim {
+        let mut running = self.running.lock().expect("running lock");
+        if running.contains_key(&job) {
+            return Claim::Taken;
         }
-        free
+        let mut slots = self.slots.lock().expect("slots lock");
+        let Some(free) = slots.iter().position(|s| s.is_none()) else {
+            return Claim::Full;
+        };
+        slots[free] = Some(job);
+        running.insert(
+            job,
+            Running {
+                kill: None,
+                cancelled: false,
+                pid: None,
+                slurm_job: None,
+            },
+        );
+        Claim::Slot(free)
+    }
+
+    /// A started worker's kill switch, given to its running entry; pulled at
+    /// once when the job was cancelled (or the daemon began shutting down)
+    /// while it started.
+    fn arm(&self, id: Uuid, kill: oneshot::Sender<()>, pid: Option<u32>, slurm_job: Option<u64>) {
+        let mut running = self.running.lock().expect("running lock");
+        let entry = running.entry(id).or_insert(Running {
+            kill: None,
+            cancelled: false,
+            pid: None,
+            slurm_job: None,
+        });
+        entry.pid = pid;
+        entry.slurm_job = slurm_job;
+        // A local worker started as the daemon shuts down stops too (Slurm
+        // jobs run on without the daemon).
+        let shutting_down = self.shutting_down.load(Ordering::SeqCst) && slurm_job.is_none();
+        if entry.cancelled || shutting_down {
+            let _ = kill.send(());
+        } else {
+            entry.kill = Some(kill);
+        }
+    }
+
+    /// Whether `herd cancel` asked for this running job to end.
+    fn was_cancelled(&self, id: Uuid) -> bool {
+        self.running
+            .lock()
+            .expect("running lock")
+            .get(&id)
+            .is_some_and(|r| r.cancelled)
     }
 
     /// A job's slot and running entry are free again.
@@ -868,15 +939,7 @@ impl Scheduler {
         config: SlurmConfig,
     ) {
         let (kill_tx, kill_rx) = oneshot::channel();
-        self.running.lock().expect("running lock").insert(
-            id,
-            Running {
-                kill: Some(kill_tx),
-                cancelled: false,
-                pid: None,
-                slurm_job: Some(slurm_job),
-            },
-        );
+        self.arm(id, kill_tx, None, Some(slurm_job));
         let me = self.clone();
         tokio::spawn(async move {
             if let Err(e) = me.follow(attempt, slurm_job, config, kill_rx).await {
@@ -937,12 +1000,7 @@ impl Scheduler {
         for line in messages.read_lines()? {
             attempt.apply(&self.state, &line).await?;
         }
-        let cancelled = self
-            .running
-            .lock()
-            .expect("running lock")
-            .get(&id)
-            .is_some_and(|r| r.cancelled);
+        let cancelled = self.was_cancelled(id);
         let output = || slurm::tail(&slurm::output_file(&workdir, slurm_job), 2000);
         let with_output = |how: String| {
             let said = output();
@@ -1032,12 +1090,7 @@ impl Scheduler {
         }
         let status = child.wait().await?;
         let stderr_tail = err_task.await.unwrap_or_default();
-        let cancelled = self
-            .running
-            .lock()
-            .expect("running lock")
-            .get(&id)
-            .is_some_and(|r| r.cancelled);
+        let cancelled = self.was_cancelled(id);
         let ending = if cancelled {
             Ending::Cancelled
         } else if self.shutting_down.load(Ordering::SeqCst) {
@@ -1080,12 +1133,30 @@ impl Scheduler {
             None => bail!("no job {id}"),
             Some(s) if s.is_final() => Ok(false),
             Some(_) => {
+                // Under the lock: a job with a running entry is stopped by
+                // its worker's end (or by `arm`, while it starts); one
+                // without gets an entry that keeps the scheduler from
+                // claiming it until its cancel is recorded.
                 let killer = {
                     let mut running = self.running.lock().expect("running lock");
-                    running.get_mut(&id).map(|r| {
-                        r.cancelled = true;
-                        r.kill.take()
-                    })
+                    match running.get_mut(&id) {
+                        Some(r) => {
+                            r.cancelled = true;
+                            Some(r.kill.take())
+                        }
+                        None => {
+                            running.insert(
+                                id,
+                                Running {
+                                    kill: None,
+                                    cancelled: true,
+                                    pid: None,
+                                    slurm_job: None,
+                                },
+                            );
+                            None
+                        }
+                    }
                 };
                 match killer {
                     Some(Some(tx)) => {
@@ -1093,7 +1164,8 @@ impl Scheduler {
                     }
                     Some(None) => {}
                     None => {
-                        self.state
+                        let recorded = self
+                            .state
                             .record_one(
                                 &streams::job(id),
                                 HerdEvent::JobCancelled {
@@ -1101,7 +1173,9 @@ impl Scheduler {
                                     reason: "cancelled by request".into(),
                                 },
                             )
-                            .await?;
+                            .await;
+                        self.running.lock().expect("running lock").remove(&id);
+                        recorded?;
                     }
                 }
                 Ok(true)

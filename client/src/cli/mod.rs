@@ -67,6 +67,7 @@ pub enum Command {
     },
     /// Submit a job. Example: herd submit --kind dpo --input model=H1 --input data=H2 --set beta=0.1
     Submit {
+        /// The job's kind (`herd kinds` lists them with their inputs)
         #[arg(long)]
         kind: JobKind,
         /// name=HASH (or name=job:ID/output)
@@ -107,6 +108,7 @@ pub enum Command {
     /// --input model=H1 --input data=H2 --grid lr=1e-5,2e-5 --grid epochs=1,2
     /// --average-top 2 --by metric.loss
     Sweep {
+        /// The kind of every point (`herd kinds` lists them)
         #[arg(long)]
         kind: JobKind,
         /// Experiment id or name (the sweep is one of its rounds)

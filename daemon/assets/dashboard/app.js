@@ -157,7 +157,7 @@ async function jobPage(main, id) {
       <div class="card"><h2>Job</h2>${kvTable({ id: j.id, seed: j.seed, attempts: j.attempts, device: j.device || "", threads: j.threads || "", slurm_job: j.slurm_job ?? "", submitted: time(j.submitted_ms), started: time(j.started_ms), took: j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : "" })}</div>
       <div class="card"><h2>Hyperparameters</h2>${kvTable(j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters, "hyperparameters")}</div>
       <div class="card"><h2>Inputs</h2><table class="kv">${Object.entries(j.inputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${j.resolved_inputs[k] ? inputLink(j.resolved_inputs[k]) : inputLink(v) + (Object.keys(j.resolved_inputs).length ? ' <span class="muted">(not kept)</span>' : "")}</td></tr>`).join("")}</table></div>
-      <div class="card"><h2>Outputs</h2><table class="kv" id="outputs">${Object.entries(j.outputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${inputLink(v)} · <a href="#/lineage/${v}">lineage</a></td></tr>`).join("") || '<tr><td class="muted">none yet</td></tr>'}</table></div>
+      <div class="card"><h2>Outputs</h2><table class="kv" id="outputs">${Object.entries(j.outputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${inputLink(v)} · <a href="#/lineage/${esc(v)}">lineage</a></td></tr>`).join("") || '<tr><td class="muted">none yet</td></tr>'}</table></div>
       ${notes.length ? `<div class="card"><h2>Notes</h2><ul>${notes.map((n) => `<li>${esc(n)}</li>`).join("")}</ul></div>` : ""}
     </div>`;
   const plots = new Map();
@@ -212,8 +212,13 @@ async function historyPage(main, params) {
   q.set("offset", offset);
   const { body: jobs, total } = await api(`/jobs?${q}`);
   const metricNames = [...new Set(jobs.flatMap((j) => Object.keys(j.last_metrics || {})))].sort().slice(0, 4);
-  const hpNames = ["lr"];
   const sort = params.get("sort") || "";
+  // Hyperparameter columns: the one sorted or filtered by, then those whose
+  // values differ across this page (lr first), three at most.
+  const hpValues = (k) => new Set(jobs.map((j) => JSON.stringify(j.effective_hyperparameters?.[k])));
+  const hpKeys = [...new Set(jobs.flatMap((j) => Object.keys(j.effective_hyperparameters || {})))].sort((a, b) => (b === "lr") - (a === "lr") || a.localeCompare(b));
+  const named = [...`${sort},${params.get("where") || ""}`.matchAll(/hp\.(\w+)/g)].map((m) => m[1]);
+  const hpNames = [...new Set([...named, ...hpKeys.filter((k) => k !== "seed" && hpValues(k).size > 1)])].slice(0, 3);
   const th = (key, label) => {
     const on = sort.replace(/^-/, "") === key;
     return `<th class="sortable ${on ? "sorted" : ""} ${on && sort.startsWith("-") ? "desc" : ""}" data-sort="${esc(key)}">${esc(label)}</th>`;
@@ -302,7 +307,7 @@ async function lineagePage(main, hash) {
 async function artifactsPage(main) {
   const list = await get("/artifacts");
   main.innerHTML = `<h1>Artifacts</h1><table id="artifacts"><thead><tr><th>hash</th><th>name</th><th>kind</th><th>made by</th></tr></thead><tbody>
-    ${list.map((a) => `<tr><td><a class="mono" href="#/artifact/${a.hash}">${esc(short(a.hash))}</a></td><td>${esc(a.name)}</td><td>${esc(a.artifact)}</td>
+    ${list.map((a) => `<tr><td><a class="mono" href="#/artifact/${esc(a.hash)}">${esc(short(a.hash))}</a></td><td>${esc(a.name)}</td><td>${esc(a.artifact)}</td>
       <td>${a.produced_by ? `<a href="#/job/${a.produced_by}">job ${esc(short(a.produced_by))}</a>` : '<span class="muted">import</span>'}</td></tr>`).join("")}</tbody></table>`;
 }
 
