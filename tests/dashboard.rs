@@ -264,7 +264,10 @@ fn the_dashboard_in_a_real_browser() {
     // across the page, never more than three).
     b.wait_for("th[data-sort='hp.lr']");
     let hp_columns = b.js("return document.querySelectorAll(\"th[data-sort^='hp.']\").length");
-    assert!(hp_columns.as_u64().is_some_and(|n| (1..=3).contains(&n)), "{hp_columns}");
+    assert!(
+        hp_columns.as_u64().is_some_and(|n| (1..=3).contains(&n)),
+        "{hp_columns}"
+    );
     // Clicking a sortable header sorts by it.
     b.click("th[data-sort='submitted']");
     b.until(
