@@ -243,14 +243,7 @@ fn a_cancel_at_any_moment_of_the_start_holds() {
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
     for delay_ms in [0u64, 0, 1, 2, 5, 10, 20, 40, 80, 160] {
-        let id = submit(
-            &c,
-            &req(
-                "sft",
-                &[("model", &r), ("data", &sft)],
-                json!({"steps": 1_000_000}),
-            ),
-        );
+        let id = submit_endless_sft(&c, &r, &sft);
         std::thread::sleep(Duration::from_millis(delay_ms));
         c.cancel(&id).unwrap();
         let j = c.wait(&id, Duration::from_secs(30)).unwrap();

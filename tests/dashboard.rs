@@ -101,14 +101,7 @@ fn cookies_codes_and_csrf_guard_the_dashboard_api() {
     let csrf = csrf["csrf"].as_str().unwrap();
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
-    let id = submit(
-        &c,
-        &req(
-            "sft",
-            &[("model", &r), ("data", &sft)],
-            json!({"steps": 1_000_000}),
-        ),
-    );
+    let id = submit_endless_sft(&c, &r, &sft);
     let cancel = format!("{url}/api/jobs/{id}/cancel");
     assert_eq!(
         status(with(agent.post(&cancel)).call()),
@@ -189,14 +182,7 @@ fn the_dashboard_in_a_real_browser() {
     let (a, bj) = (jobs[0].id.to_string(), jobs[1].id.to_string());
     let average = jobs.iter().find(|j| j.name == "average").unwrap();
     let averaged = average.outputs["checkpoint"].clone();
-    let long = submit(
-        &c,
-        &req(
-            "sft",
-            &[("model", &r), ("data", &sft)],
-            json!({"steps": 1_000_000}),
-        ),
-    );
+    let long = submit_endless_sft(&c, &r, &sft);
     let run = c
         .open_run("live", Some(&exp), &json!({"lr": 3e-4}))
         .unwrap();

@@ -109,6 +109,19 @@ struct Running {
     slurm_job: Option<u64>,
 }
 
+impl Running {
+    /// Held for a job with no worker to stop yet (starting, or having its
+    /// cancel recorded).
+    fn unarmed() -> Self {
+        Running {
+            kill: None,
+            cancelled: false,
+            pid: None,
+            slurm_job: None,
+        }
+    }
+}
+
 /// What starting a job needs, whichever executor runs it.
 struct Prepared {
     resolved: BTreeMap<String, String>,
@@ -808,15 +821,7 @@ impl Scheduler {
             return Claim::Full;
         };
         slots[free] = Some(job);
-        running.insert(
-            job,
-            Running {
-                kill: None,
-                cancelled: false,
-                pid: None,
-                slurm_job: None,
-            },
-        );
+        running.insert(job, Running::unarmed());
         Claim::Slot(free)
     }
 
@@ -825,12 +830,7 @@ impl Scheduler {
     /// while it started.
     fn arm(&self, id: Uuid, kill: oneshot::Sender<()>, pid: Option<u32>, slurm_job: Option<u64>) {
         let mut running = self.running.lock().expect("running lock");
-        let entry = running.entry(id).or_insert(Running {
-            kill: None,
-            cancelled: false,
-            pid: None,
-            slurm_job: None,
-        });
+        let entry = running.entry(id).or_insert_with(Running::unarmed);
         entry.pid = pid;
         entry.slurm_job = slurm_job;
         // A local worker started as the daemon shuts down stops too (Slurm
@@ -1139,24 +1139,10 @@ impl Scheduler {
                 // claiming it until its cancel is recorded.
                 let killer = {
                     let mut running = self.running.lock().expect("running lock");
-                    match running.get_mut(&id) {
-                        Some(r) => {
-                            r.cancelled = true;
-                            Some(r.kill.take())
-                        }
-                        None => {
-                            running.insert(
-                                id,
-                                Running {
-                                    kill: None,
-                                    cancelled: true,
-                                    pid: None,
-                                    slurm_job: None,
-                                },
-                            );
-                            None
-                        }
-                    }
+                    let held = running.contains_key(&id);
+                    let r = running.entry(id).or_insert_with(Running::unarmed);
+                    r.cancelled = true;
+                    held.then(|| r.kill.take())
                 };
                 match killer {
                     Some(Some(tx)) => {

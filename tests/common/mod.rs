@@ -183,6 +183,19 @@ pub fn submit(c: &Client, body: &serde_json::Value) -> String {
         .to_string()
 }
 
+/// Submit an SFT of `model` on `data` that runs until it is cancelled
+/// (a million steps); its id.
+pub fn submit_endless_sft(c: &Client, model: &str, data: &str) -> String {
+    submit(
+        c,
+        &req(
+            "sft",
+            &[("model", model), ("data", data)],
+            serde_json::json!({"steps": 1_000_000}),
+        ),
+    )
+}
+
 /// Submit a two-step SFT of `model` on `data`, wait for it, expect success.
 pub fn run_short_sft(c: &Client, model: &str, data: &str) -> herd_client::Job {
     let id = c
