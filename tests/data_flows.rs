@@ -100,7 +100,7 @@ fn export_keeps_every_file_of_the_checkpoint() {
     assert!(generation["eos_token_id"]
         .as_array()
         .unwrap()
-        .contains(&json!(chat.special.eot)));
+        .contains(&json!(chat.special.eos.unwrap())));
     // The exported tokenizer loads and encodes a dialog as the base's did.
     let back = herd_engine::chat::ChatFormat::from_file(&out.join("tokenizer.json")).unwrap();
     let dialog = [herd_engine::chat::Message::new("user", "2+2?")];

@@ -142,8 +142,9 @@ pub fn load_as_reward_model(dir: &Path, device: &Device, seed: u64) -> Result<Ll
         .map_err(|e| EngineError::checkpoint(dir, e.to_string()))
 }
 
+/// A checkpoint's chat format (its tokenizer, template, special tokens).
 pub fn load_chat(dir: &Path) -> Result<ChatFormat> {
-    ChatFormat::from_file(&dir.join(TOKENIZER))
+    ChatFormat::load(dir, None)
 }
 
 fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {

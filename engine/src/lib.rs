@@ -28,6 +28,7 @@ pub mod objective;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod template;
 pub mod train;
 
 pub use config::LlamaConfig;

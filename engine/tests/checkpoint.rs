@@ -329,7 +329,7 @@ fn byte_tokenizer_round_trips_text_and_has_the_specials() {
         .encode_dialog(&[Message::new("user", "hi"), Message::new("assistant", "yo")])
         .unwrap();
     assert_eq!(enc.ids[0], 256);
-    assert_eq!(*enc.ids.last().unwrap(), chat.special.eot);
+    assert_eq!(*enc.ids.last().unwrap(), chat.special.eos.unwrap());
 }
 
 /// Import checks a checkpoint from its headers alone: the same summary as

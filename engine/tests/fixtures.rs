@@ -30,8 +30,10 @@ fn chat_format_ids_and_masks() {
         );
     }
     // Decoding drops specials and returns the text.
-    let answer = chat.encode_completion("The answer is 42.").unwrap();
-    assert_eq!(chat.decode(&answer.ids).unwrap(), "The answer is 42.");
+    let (_, answer) = chat
+        .encode_exchange(&dialog[..2], &["The answer is 42."])
+        .unwrap();
+    assert_eq!(chat.decode(&answer[0].ids).unwrap(), "The answer is 42.");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::recipe::{InputNames, OutputKind, Recipe};
 use super::{
-    chat_of, load_dataset, prompt_completion, save_trained, train_loop, truncate, LoraParams,
+    chat_of, load_dataset, prompt_completions, save_trained, train_loop, truncate, LoraParams,
     TrainParams,
 };
 use super::{ArtifactKind, JobContext, JobKind, Validate};
@@ -117,14 +117,13 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             too_weak += 1;
             continue;
         }
-        let chosen = truncate(
-            prompt_completion(&chat, &r.prompt, &r.responses[0])?,
-            p.train.max_seq_len,
-        );
-        let rejected = truncate(
-            prompt_completion(&chat, &r.prompt, r.responses.last().expect("2+ responses"))?,
-            p.train.max_seq_len,
-        );
+        let worst = r.responses.last().expect("2+ responses");
+        let [chosen, rejected]: [_; 2] =
+            prompt_completions(&chat, &r.prompt, &[&r.responses[0], worst])?
+                .try_into()
+                .expect("two completions");
+        let chosen = truncate(chosen, p.train.max_seq_len);
+        let rejected = truncate(rejected, p.train.max_seq_len);
         match (chosen, rejected) {
             (Some(chosen), Some(rejected))
                 if objective::prompt_len(&chosen) == objective::prompt_len(&rejected) =>

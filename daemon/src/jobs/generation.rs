@@ -154,11 +154,10 @@ pub fn score(
     prompt: &[herd_engine::chat::Message],
     completions: &[String],
 ) -> Result<Vec<f32>> {
-    let p = chat.encode_prompt(prompt)?.ids;
-    let responses: Vec<Vec<u32>> = completions
-        .iter()
-        .map(|c| Ok(chat.encode_completion(c)?.ids))
-        .collect::<Result<_>>()?;
+    let texts: Vec<&str> = completions.iter().map(String::as_str).collect();
+    let (p, responses) = chat.encode_exchange(prompt, &texts)?;
+    let p = p.ids;
+    let responses: Vec<Vec<u32>> = responses.into_iter().map(|x| x.ids).collect();
     let mut out = vec![];
     // rm_rewards wants >= 2 responses per row; score in rows of up to 16.
     for chunk in responses.chunks(16) {

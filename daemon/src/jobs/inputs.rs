@@ -59,13 +59,20 @@ pub fn similarity(a: &str, b: &str) -> f64 {
     wa.intersection(&wb).count() as f64 / wa.union(&wb).count() as f64
 }
 
-/// Prompt + completion as one encoded sequence.
-pub fn prompt_completion(
+/// Prompt + each completion as whole sequences; the prompt's tokens are the
+/// same in every one (`ChatFormat::encode_exchange`).
+pub fn prompt_completions(
     chat: &ChatFormat,
     prompt: &[herd_engine::chat::Message],
-    completion: &str,
-) -> Result<Encoded> {
-    let mut e = chat.encode_prompt(prompt)?;
-    e.extend(&chat.encode_completion(completion)?);
-    Ok(e)
+    completions: &[&str],
+) -> Result<Vec<Encoded>> {
+    let (p, sides) = chat.encode_exchange(prompt, completions)?;
+    Ok(sides
+        .iter()
+        .map(|c| {
+            let mut e = p.clone();
+            e.extend(c);
+            e
+        })
+        .collect())
 }

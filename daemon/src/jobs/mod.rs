@@ -33,7 +33,7 @@ use serde_json::{Map, Value};
 
 pub use curate::{minhash, near_duplicates, near_duplicates_exhaustive};
 pub use generation::{complete, complete_counts, score, GenParams};
-pub use inputs::{chat_of, load_dataset, prompt_completion, save_dataset, similarity, truncate};
+pub use inputs::{chat_of, load_dataset, prompt_completions, save_dataset, similarity, truncate};
 pub use sink::{store_output, MemorySink, Sink};
 pub use training::{in_range, limits, save_trained, train_loop, LoraParams, TrainParams};
 

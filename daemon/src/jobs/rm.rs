@@ -122,12 +122,10 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             too_similar += 1;
             continue;
         }
-        let prompt = chat.encode_prompt(&r.prompt)?.ids;
-        let responses: Vec<Vec<u32>> = r
-            .responses
-            .iter()
-            .map(|x| Ok(chat.encode_completion(x)?.ids))
-            .collect::<Result<_>>()?;
+        let texts: Vec<&str> = r.responses.iter().map(String::as_str).collect();
+        let (prompt, responses) = chat.encode_exchange(&r.prompt, &texts)?;
+        let prompt = prompt.ids;
+        let responses: Vec<Vec<u32>> = responses.into_iter().map(|x| x.ids).collect();
         if prompt.len() + responses.iter().map(|x| x.len()).sum::<usize>() > p.train.max_seq_len {
             too_long += 1;
             continue;
