@@ -107,8 +107,36 @@ pub fn check_dpo_step(
     want: &serde_json::Value,
     what: &str,
 ) {
+    check_dpo_step_padded(
+        policy,
+        pairs,
+        (rc, rr),
+        (beta, alpha),
+        mask_format,
+        share,
+        params,
+        want,
+        what,
+        319,
+    )
+}
+
+/// `check_dpo_step` for a model whose pad token is `pad`.
+#[allow(clippy::too_many_arguments)]
+pub fn check_dpo_step_padded(
+    policy: &herd_engine::Llama,
+    pairs: &[herd_engine::objective::Pair],
+    (rc, rr): (&[f32], &[f32]),
+    (beta, alpha): (f64, f64),
+    mask_format: bool,
+    share: bool,
+    params: &[(String, candle_core::Var)],
+    want: &serde_json::Value,
+    what: &str,
+    pad: u32,
+) {
     use herd_engine::objective;
-    let l = objective::dpo_logps(policy, pairs, mask_format, share, 319).unwrap();
+    let l = objective::dpo_logps(policy, pairs, mask_format, share, pad).unwrap();
     let pc: Vec<f32> = l.chosen.to_vec1().unwrap();
     let pr: Vec<f32> = l.rejected.to_vec1().unwrap();
     for (i, ex) in want["per_example"].as_array().unwrap().iter().enumerate() {
@@ -125,7 +153,7 @@ pub fn check_dpo_step(
             );
         }
     }
-    let out = objective::dpo_loss(policy, pairs, rc, rr, beta, alpha, mask_format, 319).unwrap();
+    let out = objective::dpo_loss(policy, pairs, rc, rr, beta, alpha, mask_format, pad).unwrap();
     close(
         out.dpo_loss,
         want["dpo_loss"].as_f64().unwrap(),
