@@ -31,6 +31,9 @@ pub struct Block {
     pub gate_proj: Var,                // [I, H]
     pub up_proj: Var,                  // [I, H]
     pub down_proj: Var,                // [H, I]
+    /// Biases by projection name ([out] each), where the config has them
+    /// (`attention_bias`, `mlp_bias`, Qwen2's q/k/v).
+    pub biases: BTreeMap<&'static str, Var>,
 }
 
 pub struct Llama {
@@ -57,6 +60,8 @@ pub struct Llama {
     pending: Mutex<Vec<Checkpointed>>,
     pub device: Device,
     inv_freq: Tensor, // [hd/2]
+    /// YaRN's attention factor: cos and sin are scaled by it (1 otherwise).
+    rope_scale: f64,
 }
 
 /// What one block needs besides its input: shapes, RoPE tables, the mask.
@@ -204,28 +209,83 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     out.reshape(shape)
 }
 
-/// RoPE inverse frequencies, with the Llama 3 long-context scaling when configured.
-fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
+/// RoPE inverse frequencies and the cos/sin scale, as transformers'
+/// `ROPE_INIT_FUNCTIONS` compute them for each `rope_type`.
+fn rope_inv_freq(cfg: &LlamaConfig) -> (Vec<f32>, f64) {
+    use crate::config::RopeScaling;
     let hd = cfg.head_dim;
-    let mut inv: Vec<f64> = (0..hd / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64))
-        .collect();
-    if let Some(s) = &cfg.rope_scaling {
-        let old = s.original_max_position_embeddings as f64;
-        let low_wavelen = old / s.low_freq_factor;
-        let high_wavelen = old / s.high_freq_factor;
-        for f in inv.iter_mut() {
-            let wavelen = 2.0 * std::f64::consts::PI / *f;
-            if wavelen > low_wavelen {
-                *f /= s.factor;
-            } else if wavelen >= high_wavelen {
-                let smooth =
-                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+    let base = cfg.rope_theta;
+    let default = |base: f64| -> Vec<f64> {
+        (0..hd / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / hd as f64))
+            .collect()
+    };
+    let mut inv = default(base);
+    let mut scale = 1.0;
+    match &cfg.rope_scaling {
+        None | Some(RopeScaling::Dynamic { .. }) => {} // dynamic: the default up to max_position_embeddings
+        Some(RopeScaling::Linear { factor }) => inv.iter_mut().for_each(|f| *f /= factor),
+        Some(RopeScaling::Llama3(s)) => {
+            let old = s.original_max_position_embeddings as f64;
+            let low_wavelen = old / s.low_freq_factor;
+            let high_wavelen = old / s.high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            attention_factor,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        }) => {
+            let get_mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            scale = match (attention_factor, mscale, mscale_all_dim) {
+                (Some(a), _, _) => *a,
+                (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
+                    get_mscale(*factor, *m) / get_mscale(*factor, *ma)
+                }
+                _ => get_mscale(*factor, 1.0),
+            };
+            let dim = hd as f64;
+            let max_pos = *original_max_position_embeddings as f64;
+            let correction = |rotations: f64| {
+                dim * (max_pos / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+            };
+            let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
+            if *truncate {
+                low = low.floor();
+                high = high.ceil();
+            }
+            let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            for (i, f) in inv.iter_mut().enumerate() {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let extrapolation = 1.0 - ramp;
+                *f = (*f / factor) * (1.0 - extrapolation) + *f * extrapolation;
             }
         }
     }
-    inv.into_iter().map(|f| f as f32).collect()
+    (inv.into_iter().map(|f| f as f32).collect(), scale)
 }
 
 /// [out, in] of a block's projection `proj` (q_proj, ..., down_proj).
@@ -258,6 +318,9 @@ pub fn param_shapes(cfg: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
         for (proj, module) in crate::lora::PROJECTIONS {
             let (out, inp) = projection_shape(cfg, proj);
             m.insert(format!("{p}{module}.{proj}.weight"), vec![out, inp]);
+            if cfg.has_bias(proj) {
+                m.insert(format!("{p}{module}.{proj}.bias"), vec![out]);
+            }
         }
     }
     if cfg.num_labels == 1 {
@@ -319,6 +382,11 @@ impl Llama {
                 gate_proj: take(&format!("{p}mlp.gate_proj.weight"))?,
                 up_proj: take(&format!("{p}mlp.up_proj.weight"))?,
                 down_proj: take(&format!("{p}mlp.down_proj.weight"))?,
+                biases: crate::lora::PROJECTIONS
+                    .into_iter()
+                    .filter(|(proj, _)| config.has_bias(proj))
+                    .map(|(proj, module)| Ok((proj, take(&format!("{p}{module}.{proj}.bias"))?)))
+                    .collect::<Result<_>>()?,
             });
         }
         let score = if config.num_labels == 1 {
@@ -331,7 +399,7 @@ impl Llama {
         } else {
             None
         };
-        let inv = rope_inv_freq(&config);
+        let (inv, rope_scale) = rope_inv_freq(&config);
         let inv_freq = Tensor::from_vec(inv.clone(), inv.len(), device)?;
         Ok(Llama {
             config,
@@ -347,6 +415,7 @@ impl Llama {
             pending: Mutex::new(vec![]),
             device: device.clone(),
             inv_freq,
+            rope_scale,
         })
     }
 
@@ -395,6 +464,10 @@ impl Llama {
             out.push((format!("{p}mlp.gate_proj.weight"), b.gate_proj.clone()));
             out.push((format!("{p}mlp.up_proj.weight"), b.up_proj.clone()));
             out.push((format!("{p}mlp.down_proj.weight"), b.down_proj.clone()));
+            for (proj, v) in &b.biases {
+                let module = crate::lora::module_of(proj);
+                out.push((format!("{p}{module}.{proj}.bias"), v.clone()));
+            }
         }
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), h.clone()));
@@ -512,6 +585,9 @@ impl Llama {
             ] {
                 to_bf16(v)?;
             }
+            for v in blk.biases.values_mut() {
+                to_bf16(v)?;
+            }
         }
         Ok(())
     }
@@ -525,7 +601,10 @@ impl Llama {
         x: &Tensor,
         w: &Var,
     ) -> candle_core::Result<Tensor> {
-        let y = linear(x, &self.stored_weight(w))?;
+        let mut y = linear(x, &self.stored_weight(w))?;
+        if let Some(bias) = self.layers[l].biases.get(proj) {
+            y = y.broadcast_add(&self.weight(bias).to_dtype(y.dtype())?)?;
+        }
         let Some(lora) = self.lora.as_ref().filter(|a| a.enabled()) else {
             return Ok(y);
         };
@@ -569,7 +648,37 @@ impl Llama {
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?; // [B, T, hd/2]
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?; // [B, 1, T, hd]
         let dtype = self.compute;
-        Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
+        let (cos, sin) = (emb.cos()?, emb.sin()?);
+        let (cos, sin) = if self.rope_scale == 1.0 {
+            (cos, sin)
+        } else {
+            ((cos * self.rope_scale)?, (sin * self.rope_scale)?)
+        };
+        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
+    }
+
+    /// Refuse what herd would compute differently from the model's own
+    /// code: attention over more keys than a sliding window holds (herd
+    /// attends to all of them), or, with dynamic NTK RoPE, past
+    /// `max_position_embeddings` (where transformers rescales per call).
+    fn check_span(&self, keys: usize) -> Result<()> {
+        let cfg = &self.config;
+        if let Some(w) = cfg.sliding_window.filter(|w| keys > *w) {
+            return Err(EngineError::Input(format!(
+                "a sequence of {keys} tokens is longer than the model's sliding window ({w}); herd computes full attention, so keep sequences within the window (max_seq_len, max_new_tokens)"
+            )));
+        }
+        if matches!(
+            cfg.rope_scaling,
+            Some(crate::config::RopeScaling::Dynamic { .. })
+        ) && keys > cfg.max_position_embeddings
+        {
+            return Err(EngineError::Input(format!(
+                "a sequence of {keys} tokens is past max_position_embeddings ({}), where dynamic NTK RoPE rescales per call; herd computes it up to that length",
+                cfg.max_position_embeddings
+            )));
+        }
+        Ok(())
     }
 
     /// Final hidden states [B, T, H].
@@ -588,6 +697,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t) = ids.dims2()?;
+        self.check_span(bias.dim(D::Minus1)?)?;
         let (cos, sin) = self.rope_tables(positions)?;
         let bias = bias.to_dtype(self.compute)?;
         let bias5 = if crate::fused::usable(&bias) {
@@ -642,11 +752,24 @@ impl Llama {
     }
 
     /// Token embeddings [B, T, H] of ids [B, T].
+    /// Token embeddings [B, T, H]. As transformers' `nn.Embedding(...,
+    /// padding_idx=pad_token_id)`, the pad token's row takes no gradient
+    /// from the lookup (it may still train through a tied LM head).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self
+        let flat = ids.flatten_all()?;
+        let rows = self
             .stored_weight(&self.embed_tokens)
-            .index_select(&ids.flatten_all()?, 0)?
+            .index_select(&flat, 0)?;
+        let rows = match self.config.pad_token_id {
+            Some(pad) if !self.base_frozen && flat.to_vec1::<u32>()?.contains(&pad) => {
+                let is_pad = flat.eq(pad)?.to_dtype(rows.dtype())?.unsqueeze(1)?; // [B*T, 1]
+                                                                                  // Same values; the pad positions' share of the gradient is cut.
+                (rows.broadcast_mul(&(1.0 - &is_pad)?)? + rows.detach().broadcast_mul(&is_pad)?)?
+            }
+            _ => rows,
+        };
+        Ok(rows
             .reshape((b, t, self.config.hidden_size))?
             .to_dtype(self.compute)?)
     }

@@ -15,6 +15,20 @@ pub fn prompt_len(seq: &Encoded) -> usize {
     seq.target_mask.iter().take_while(|m| **m == 0).count()
 }
 
+/// How many leading tokens a pair's two sequences share before either
+/// has a target: what runs once for both. A template may put a format
+/// token (Llama 2's space) before a completion, so the two sides' first
+/// targets need not be at the same position.
+pub fn shared_prompt_len(a: &Encoded, b: &Encoded) -> usize {
+    let cap = prompt_len(a).min(prompt_len(b));
+    a.ids
+        .iter()
+        .zip(&b.ids)
+        .take(cap)
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
 /// log p(target) for each target: the LM head runs only on the hidden
 /// states that predict a target (prompt positions of SFT and DPO rows need
 /// no logits), and no [B*T, V] logits tensor is gathered from.
@@ -340,8 +354,8 @@ fn dpo_logps_shared_prompt(
     }
     let mut prompts = Vec::with_capacity(n);
     for (i, p) in pairs.iter().enumerate() {
-        let (pc, pr) = (prompt_len(&p.chosen), prompt_len(&p.rejected));
-        if pc != pr || p.chosen.ids[..pc] != p.rejected.ids[..pr] || pc == 0 {
+        let pc = shared_prompt_len(&p.chosen, &p.rejected);
+        if pc == 0 {
             return Err(EngineError::Input(format!(
                 "pair {i}: chosen and rejected do not share a prompt"
             )));

@@ -48,7 +48,7 @@ fn old_and_new_config_keys_agree() {
     let mut s = v.clone();
     s["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
     let a = LlamaConfig::from_json(&s, "s").unwrap();
-    assert_eq!(a.rope_scaling.as_ref().unwrap().factor, 8.0);
+    assert_eq!(a.rope_scaling.as_ref().unwrap().factor(), 8.0);
     let round = LlamaConfig::from_json(&a.to_hf_json(), "round").unwrap();
     assert_eq!(round, a);
 }
@@ -68,9 +68,20 @@ fn bad_configs_name_the_field() {
         ("model_type", serde_json::json!("gpt2"), "model_type"),
         (
             "rope_scaling",
-            serde_json::json!({"rope_type": "yarn", "factor": 2.0}),
+            serde_json::json!({"rope_type": "longrope", "factor": 2.0}),
             "rope_type",
         ),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 2.0}),
+            "original_max_position_embeddings",
+        ),
+        (
+            "architectures",
+            serde_json::json!(["GemmaForCausalLM"]),
+            "architectures",
+        ),
+        ("model_type", serde_json::json!("mixtral"), "model_type"),
         ("hidden_act", serde_json::json!("gelu"), "hidden_act"),
         ("dtype", serde_json::json!("int8"), "dtype"),
     ];

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use herd_engine::chat::Encoded;
-use herd_engine::config::{Llama3RopeScaling, LlamaConfig};
+use herd_engine::config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
 use herd_engine::objective::{self, Pair, Ranked};
 use herd_engine::optim::gradients;
 use herd_engine::Llama;
@@ -23,12 +23,12 @@ fn config(tie: bool, labels: usize, scaling: bool) -> LlamaConfig {
         head_dim: 4,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
-        rope_scaling: scaling.then_some(Llama3RopeScaling {
+        rope_scaling: scaling.then_some(RopeScaling::Llama3(Llama3RopeScaling {
             factor: 8.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8,
-        }),
+        })),
         max_position_embeddings: 64,
         tie_word_embeddings: tie,
         bos_token_id: Some(0),
@@ -36,6 +36,10 @@ fn config(tie: bool, labels: usize, scaling: bool) -> LlamaConfig {
         pad_token_id: Some(2),
         dtype: "float32".into(),
         num_labels: labels,
+        arch: Default::default(),
+        attention_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
     }
 }
 

@@ -126,7 +126,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         let rejected = truncate(rejected, p.train.max_seq_len);
         match (chosen, rejected) {
             (Some(chosen), Some(rejected))
-                if objective::prompt_len(&chosen) == objective::prompt_len(&rejected) =>
+                if objective::shared_prompt_len(&chosen, &rejected) > 0 =>
             {
                 pairs.push(Pair { chosen, rejected })
             }
