@@ -43,12 +43,14 @@ pub enum JobKind {
     Mix,
     /// A LoRA adapter merged into its base: a plain checkpoint.
     Merge,
+    /// A model's completions of prompts (no reward model).
+    Generate,
     External,
 }
 
 impl JobKind {
     /// The kinds herd runs itself (every kind but `External`).
-    pub const RECIPES: [JobKind; 10] = [
+    pub const RECIPES: [JobKind; 11] = [
         JobKind::Rm,
         JobKind::Sample,
         JobKind::Sft,
@@ -59,6 +61,7 @@ impl JobKind {
         JobKind::Annotate,
         JobKind::Mix,
         JobKind::Merge,
+        JobKind::Generate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +76,7 @@ impl JobKind {
             JobKind::Annotate => "annotate",
             JobKind::Mix => "mix",
             JobKind::Merge => "merge",
+            JobKind::Generate => "generate",
             JobKind::External => "external",
         }
     }

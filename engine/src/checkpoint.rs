@@ -323,7 +323,7 @@ fn safetensors_header(path: &Path) -> Result<BTreeMap<String, (String, Vec<usize
 /// reading a few kilobytes.
 pub fn inspect(dir: &Path) -> Result<serde_json::Value> {
     let config = LlamaConfig::from_file(&dir.join(CONFIG))?;
-    load_chat(dir)?;
+    let chat = check_chat(dir, &config)?;
     let mut declared = BTreeMap::new();
     for f in weight_files(dir)? {
         if !f.is_file() {
@@ -361,8 +361,68 @@ pub fn inspect(dir: &Path) -> Result<serde_json::Value> {
     let params: usize = declared.values().map(|s| s.iter().product::<usize>()).sum();
     Ok(serde_json::json!({
         "kind": if config.num_labels == 1 { "reward_model" } else { "causal_lm" },
+        "architecture": format!("{}{}", config.arch.class(),
+            if config.num_labels == 1 { "ForSequenceClassification" } else { "ForCausalLM" }),
         "parameters": params, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size, "dtype": config.dtype, "shapes": declared,
+        "chat": chat,
+    }))
+}
+
+/// The chat format a checkpoint will be trained and sampled with, checked
+/// the way jobs will use it: the template compiles, renders a conversation
+/// and a generation prompt (a template that raises says so here, with its
+/// own words and line), its assistant turn is found in the tokens, and every
+/// special token id fits the model's vocabulary. A model that ships no
+/// template (a base model) is accepted: `chat` is then null, plain-text
+/// rows train it, and `chat_format` gives it a template.
+fn check_chat(dir: &Path, config: &LlamaConfig) -> Result<serde_json::Value> {
+    let chat = match ChatFormat::load(dir, Some((2024, 1, 1))) {
+        Ok(c) => c,
+        Err(EngineError::Config { field, .. })
+            if field == "chat_template" && crate::template::find_in_dir(dir)?.is_none() =>
+        {
+            // No template at all: only the tokenizer must load.
+            let path = dir.join(TOKENIZER);
+            tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+            return Ok(serde_json::Value::Null);
+        }
+        Err(e) => return Err(e),
+    };
+    for (field, id) in chat.special_id_list() {
+        if id as usize >= config.vocab_size {
+            let token = chat.tokenizer.id_to_token(id).unwrap_or_default();
+            return Err(EngineError::config(
+                &dir.join(TOKENIZER_CONFIG).display().to_string(),
+                field,
+                format!(
+                    "token {token:?} has id {id}, past the model's vocab_size {} (config.json): its embedding row does not exist",
+                    config.vocab_size
+                ),
+            ));
+        }
+    }
+    let probe = [
+        crate::chat::Message::new("user", "Hello, who are you?"),
+        crate::chat::Message::new("assistant", "I am a helpful assistant."),
+    ];
+    let dialog = chat.encode_dialog(&probe)?;
+    if !dialog.target_mask.contains(&1) {
+        return Err(EngineError::config(
+            &chat.template.origin,
+            "chat_template",
+            "an assistant turn renders to no trainable tokens",
+        ));
+    }
+    chat.encode_prompt(&probe[..1])?;
+    let name = |id: u32| chat.tokenizer.id_to_token(id);
+    Ok(serde_json::json!({
+        "template": chat.template.origin.rsplit('/').next().unwrap_or_default(),
+        "bos": chat.special.bos.and_then(name),
+        "eos": chat.special.eos.and_then(name),
+        "pad": name(chat.special.pad),
+        "stops": chat.stop_ids().into_iter().filter_map(name).collect::<Vec<_>>(),
     }))
 }
 

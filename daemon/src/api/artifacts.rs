@@ -390,12 +390,14 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
                 Ok(())
             });
             // Refuse what the engine cannot load, with the engine's reason.
+            // Errors name the files as the user knows them (no temp path).
+            let ours = format!("{}/", dir.display());
             let check = linked.map_err(|e| e.to_string()).and_then(|()| {
                 match &base_config {
                     Some(config) => herd_engine::checkpoint::inspect_adapter(&dir, config),
                     None => herd_engine::checkpoint::inspect(&dir),
                 }
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string().replace(&ours, ""))
             });
             let _ = std::fs::remove_dir_all(&dir);
             Ok((tree.id, check?))

@@ -14,6 +14,7 @@ pub mod average;
 mod curate;
 mod dpo;
 mod eval;
+mod generate;
 mod generation;
 mod inputs;
 mod merge;

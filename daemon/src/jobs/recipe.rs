@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{annotate, average, curate, dpo, eval, merge, mix, rm, sample, sft};
+use super::{annotate, average, curate, dpo, eval, generate, merge, mix, rm, sample, sft};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 
 /// The input names a recipe takes.
@@ -135,7 +135,7 @@ fn parse<P: DeserializeOwned + Validate>(v: &Value) -> Result<P, String> {
 }
 
 /// Every recipe herd runs.
-pub static RECIPES: [&dyn AnyRecipe; 10] = [
+pub static RECIPES: [&dyn AnyRecipe; 11] = [
     &Erased::<rm::Rm>(PhantomData),
     &Erased::<sample::Sample>(PhantomData),
     &Erased::<sft::Sft>(PhantomData),
@@ -146,6 +146,7 @@ pub static RECIPES: [&dyn AnyRecipe; 10] = [
     &Erased::<annotate::Annotate>(PhantomData),
     &Erased::<mix::Mix>(PhantomData),
     &Erased::<merge::Merge>(PhantomData),
+    &Erased::<generate::Generate>(PhantomData),
 ];
 
 /// The recipe of `kind`; external runs have none (herd records them, it

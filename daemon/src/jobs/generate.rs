@@ -1,0 +1,150 @@
+//! `generate`: a model's answers to prompts, as an SFT dataset (each row the
+//! prompt and one completion). What a user runs to see what a checkpoint
+//! says, to hand completions to outside annotators, or to check a model
+//! after export; no reward model involved (that is `sample`).
+//!
+//! Temperature 0 is greedy; `k` completions per prompt share the prompt's
+//! prefill; generation stops at the model's own stop tokens
+//! (`generation_config.json`'s `eos_token_id`, the tokenizer's EOS).
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::recipe::{InputNames, OutputKind, Recipe};
+use super::{chat_of, complete_counts, load_dataset, save_dataset, GenParams};
+use super::{ArtifactKind, JobContext, JobKind, Validate};
+use crate::data::{Dataset, DatasetKind, SftExample};
+use herd_engine::chat::Message;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Params {
+    /// Completions per prompt.
+    pub k: usize,
+    #[serde(flatten)]
+    pub gen: GenParams,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            k: 1,
+            gen: GenParams {
+                temperature: 0.0,
+                ..GenParams::default()
+            },
+        }
+    }
+}
+
+impl Validate for Params {
+    fn validate(&self) -> Result<(), String> {
+        super::in_range("k", self.k, 1, super::limits::MAX_SAMPLES_PER_PROMPT)?;
+        if self.k > 1 && self.gen.temperature == 0.0 {
+            return Err(
+                "k > 1 with temperature 0 (greedy) gives k identical completions; set temperature > 0"
+                    .into(),
+            );
+        }
+        self.gen.validate()
+    }
+    fn bounds() -> Vec<super::Bound> {
+        let mut b = GenParams::bounds();
+        b.push(super::Bound::closed(
+            "k",
+            1.0,
+            super::limits::MAX_SAMPLES_PER_PROMPT as f64,
+        ));
+        b
+    }
+}
+
+/// The `generate` recipe.
+pub struct Generate;
+
+impl Recipe for Generate {
+    type Params = Params;
+    const KIND: JobKind = JobKind::Generate;
+    const INPUTS: InputNames = InputNames::Named {
+        required: &["model", "prompts"],
+        optional: &["adapter"],
+    };
+    const OUTPUTS: &'static [(&'static str, OutputKind)] =
+        &[("data", OutputKind::Is(ArtifactKind::Sft))];
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        match input {
+            "prompts" => &[ArtifactKind::Prompts],
+            "adapter" => &[ArtifactKind::Adapter],
+            _ => &[ArtifactKind::Checkpoint],
+        }
+    }
+    fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+        run(ctx, p)
+    }
+}
+
+fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
+    let model_dir = ctx.input("model")?.to_path_buf();
+    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?
+    else {
+        unreachable!()
+    };
+    let chat = chat_of(&model_dir)?;
+    let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
+    if model.score.is_some() {
+        bail!(
+            "input `model` is a reward model (it scores, it does not generate); give a causal LM"
+        );
+    }
+    if let Some(adapter) = ctx.inputs.get("adapter").cloned() {
+        herd_engine::checkpoint::load_adapter(&mut model, &adapter)?;
+    }
+    // A prompt with several system prompts: its k completions cycle through them.
+    let variants: Vec<Vec<(Vec<Message>, usize)>> = prompts
+        .iter()
+        .map(|x| {
+            let v = x.system.len().max(1).min(p.k);
+            (0..v)
+                .map(|i| (x.messages(i), p.k / v + usize::from(i < p.k % v)))
+                .collect()
+        })
+        .collect();
+    let flat: Vec<(&[Message], usize)> = variants
+        .iter()
+        .flatten()
+        .map(|(m, n)| (m.as_slice(), *n))
+        .collect();
+    let generated = {
+        let sink = &mut *ctx.sink;
+        complete_counts(&model, &chat, &flat, &p.gen, ctx.seed, |d, t| {
+            sink.progress(d as u64, t as u64)
+        })?
+    };
+    let mut rows = vec![];
+    let (mut empty, mut chars) = (0usize, 0usize);
+    for ((messages, _), texts) in variants.iter().flatten().zip(generated) {
+        for text in texts {
+            empty += usize::from(text.is_empty());
+            chars += text.chars().count();
+            let mut m = messages.clone();
+            m.push(Message::new("assistant", &text));
+            rows.push(SftExample::dialog(m));
+        }
+    }
+    let n = rows.len();
+    ctx.sink.metrics(
+        0,
+        &[
+            ("completions".into(), n as f64),
+            ("mean_chars".into(), chars as f64 / n.max(1) as f64),
+            ("empty".into(), empty as f64),
+        ],
+    )?;
+    save_dataset(ctx, "data", &Dataset::Sft(rows))?;
+    Ok(json!({
+        "prompts": prompts.len(), "completions": n, "empty": empty,
+        "mean_chars": chars as f64 / n.max(1) as f64,
+        "stop_tokens": chat.stop_ids(),
+    }))
+}
