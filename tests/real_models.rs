@@ -228,3 +228,105 @@ fn bad_model_directories_name_the_file_and_field_and_record_nothing() {
 
     assert_eq!(count(&c), before, "a refused import recorded something");
 }
+
+/// `herd import model DIR --chat-template chatml --add-special-tokens` on a
+/// base model with no template: the import, then a `chat_format` checkpoint
+/// whose lineage names the import and what was added, which trains on
+/// dialogs and exports with its new template and tokens.
+#[test]
+fn a_base_model_gets_a_chat_template_and_its_tokens_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let base = copy_of("llama2", dir.path());
+    std::fs::remove_file(base.join("chat_template.jinja")).unwrap();
+    // A base model imports without a template; dialogs need one.
+    let plain = c.import_model(&base, "base").unwrap();
+    assert!(plain.summary["chat"].is_null(), "{}", plain.summary);
+
+    let out = d.herd(&[
+        "import",
+        "model",
+        base.to_str().unwrap(),
+        "--chat-template",
+        "chatml",
+        "--add-special-tokens",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], plain.hash, "{stdout}");
+    let hash = lines
+        .iter()
+        .skip(1)
+        .find(|l| l.len() == 64 && l.chars().all(|ch| ch.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no new hash in {stdout}"));
+    let node = c.lineage(hash).unwrap();
+    let job = node.job.expect("made by a job");
+    assert_eq!(job.kind.as_str(), "chat_format");
+    assert_eq!(job.inputs["model"].hash, plain.hash);
+    let made = c.job(&job.id.to_string()).unwrap();
+    assert_eq!(
+        made.summary["added_tokens"],
+        json!(["<|im_start|>", "<|im_end|>"])
+    );
+    assert_eq!(made.summary["vocab_size"], json!(565));
+
+    let data = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &data,
+        json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let sft = c.import_dataset(&data, "sft", "d").unwrap().hash;
+    let trained = run_job(
+        &c,
+        req(
+            "sft",
+            &[("model", hash), ("data", &sft)],
+            json!({"steps": 1, "batch_size": 1}),
+        ),
+    );
+    let exported = dir.path().join("exported");
+    c.export(&trained.outputs["checkpoint"], &exported).unwrap();
+    let template = std::fs::read_to_string(exported.join("chat_template.jinja")).unwrap();
+    assert!(template.contains("<|im_start|>"));
+    let tc: Value = serde_json::from_str(
+        &std::fs::read_to_string(exported.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tc["eos_token"], json!("<|im_end|>"));
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(exported.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(g["eos_token_id"][0], json!(564));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["vocab_size"], json!(565));
+
+    // Unknown names and tokens a Jinja template can't add are refused.
+    let bad = d.herd(&[
+        "import",
+        "model",
+        base.to_str().unwrap(),
+        "--chat-template",
+        "vicuna",
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("vicuna"), "{err}");
+    if std::env::var_os("HERD_KEEP_EXPORT").is_some() {
+        let keep = std::path::PathBuf::from(std::env::var_os("HERD_KEEP_EXPORT").unwrap());
+        let _ = std::fs::create_dir_all(&keep);
+        for f in std::fs::read_dir(&exported).unwrap().flatten() {
+            std::fs::copy(f.path(), keep.join(f.file_name())).unwrap();
+        }
+    }
+}

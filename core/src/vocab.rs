@@ -45,12 +45,14 @@ pub enum JobKind {
     Merge,
     /// A model's completions of prompts (no reward model).
     Generate,
+    /// A checkpoint given a chat template (and its special tokens).
+    ChatFormat,
     External,
 }
 
 impl JobKind {
     /// The kinds herd runs itself (every kind but `External`).
-    pub const RECIPES: [JobKind; 11] = [
+    pub const RECIPES: [JobKind; 12] = [
         JobKind::Rm,
         JobKind::Sample,
         JobKind::Sft,
@@ -62,6 +64,7 @@ impl JobKind {
         JobKind::Mix,
         JobKind::Merge,
         JobKind::Generate,
+        JobKind::ChatFormat,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +80,7 @@ impl JobKind {
             JobKind::Mix => "mix",
             JobKind::Merge => "merge",
             JobKind::Generate => "generate",
+            JobKind::ChatFormat => "chat_format",
             JobKind::External => "external",
         }
     }

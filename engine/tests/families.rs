@@ -288,3 +288,96 @@ fn greedy_generation_with_the_models_stop_tokens_matches_transformers() {
         assert_eq!(out[0], want, "{family}");
     }
 }
+
+/// A base model given ChatML with its tokens added: the vocabulary and the
+/// new rows as transformers' `resize_token_embeddings(len(tokenizer),
+/// mean_resizing=True)` makes them (same distribution: the old rows' mean,
+/// 1e-9 times their covariance), old rows untouched; the result loads and
+/// speaks ChatML.
+#[test]
+fn chat_format_with_added_tokens_resizes_as_transformers_does() {
+    use herd_engine::chat_setup::{setup_chat_format, TemplateChoice};
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("setup_chat_format.json")).unwrap())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for e in std::fs::read_dir(dir("llama2")).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_file() && n != "chat_template.jinja" && n != "expected.json" {
+            std::fs::copy(e.path(), base.join(&n)).unwrap();
+        }
+    }
+    // Without the template's tokens, it refuses unless asked to add them.
+    let out = tmp.path().join("out");
+    let chatml = TemplateChoice::Builtin(herd_engine::chat::CHATML);
+    let err = setup_chat_format(&base, &out, &chatml, false, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("<|im_start|>") && err.contains("add_special_tokens"),
+        "{err}"
+    );
+    let summary = setup_chat_format(&base, &out, &chatml, true, 0).unwrap();
+    assert_eq!(summary["vocab_size"], want["vocab_size"]);
+    let chat = load_chat(&out).unwrap();
+    for (t, id) in want["added"].as_object().unwrap() {
+        assert_eq!(
+            chat.tokenizer.token_to_id(t),
+            Some(id.as_u64().unwrap() as u32),
+            "{t}"
+        );
+    }
+    let before = herd_engine::checkpoint::load_tensors(&base).unwrap();
+    let after = herd_engine::checkpoint::load_tensors(&out).unwrap();
+    for (name, key) in [
+        ("model.embed_tokens.weight", "embed"),
+        ("lm_head.weight", "lm_head"),
+    ] {
+        let (old, new) = (&before[name], &after[name]);
+        let v = old.dim(0).unwrap();
+        let kept = new.narrow(0, 0, v).unwrap();
+        assert_eq!(
+            kept.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            old.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}: old rows changed"
+        );
+        let added = new.narrow(0, v, new.dim(0).unwrap() - v).unwrap();
+        let got: Vec<f32> = added.flatten_all().unwrap().to_vec1().unwrap();
+        // transformers' own draw, and the mean both draws are centred on.
+        close_all(
+            &got,
+            &flat(&want[format!("{key}_new_rows")]),
+            &format!("{name} new rows"),
+        );
+        let mean = flat(&want[format!("{key}_mean")]);
+        let h = mean.len();
+        for (i, x) in got.iter().enumerate() {
+            assert!(
+                (*x as f64 - mean[i % h]).abs() < 1e-4,
+                "{name} row not at the mean"
+            );
+        }
+    }
+    // It speaks ChatML and stops at <|im_end|>.
+    let im_end = chat.tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert!(chat.stop_ids().contains(&im_end));
+    let enc = chat
+        .encode_dialog(&[
+            Message::new("user", "hi"),
+            Message::new("assistant", "hello"),
+        ])
+        .unwrap();
+    assert!(enc.ids.contains(&im_end));
+    assert_eq!(
+        *enc.target_mask.iter().rev().find(|_| true).unwrap(),
+        0,
+        "the newline after <|im_end|> is not a target"
+    );
+    let model = load_model(&out, &device()).unwrap();
+    assert_eq!(
+        model.config.vocab_size,
+        want["vocab_size"].as_u64().unwrap() as usize
+    );
+}

@@ -23,11 +23,26 @@ pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Re
             let name = name.clone().unwrap_or_else(|| file_name(file, "dataset"));
             c.import_dataset(file, kind, &name)?
         }
-        ImportWhat::Model { dir, name, base } => {
+        ImportWhat::Model {
+            dir,
+            name,
+            base,
+            chat_template,
+            add_special_tokens,
+        } => {
             let name = name.clone().unwrap_or_else(|| file_name(dir, "model"));
-            match base {
+            let imported = match base {
                 Some(base) => c.import_adapter(dir, &name, base)?,
                 None => c.import_model(dir, &name)?,
+            };
+            match chat_template {
+                None => imported,
+                Some(t) => {
+                    if !quiet && !js {
+                        println!("{}", imported.hash);
+                    }
+                    with_chat_format(c, &imported.hash, &name, t, *add_special_tokens)?
+                }
             }
         }
     };
@@ -38,6 +53,54 @@ pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Re
         }
     });
     Ok(())
+}
+
+/// Run a `chat_format` job on an imported checkpoint and wait: the new
+/// checkpoint, recorded with the import as its parent.
+fn with_chat_format(
+    c: &Client,
+    hash: &str,
+    name: &str,
+    template: &str,
+    add_special_tokens: bool,
+) -> Result<crate::Imported> {
+    let path = Path::new(template);
+    let text = if is_builtin_template(template) {
+        template.to_string()
+    } else {
+        std::fs::read_to_string(path).map_err(|e| ClientError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?
+    };
+    let mut req = herd_core::wire::JobRequest::new(herd_core::JobKind::ChatFormat);
+    req.inputs
+        .insert("model".into(), hash.parse().map_err(ClientError::Decode)?);
+    req.hyperparameters = json!({"template": text, "add_special_tokens": add_special_tokens});
+    req.name = Some(format!("{name}-chat-format"));
+    let id = c.submit(&req)?.id;
+    let job = c.wait(&id.to_string(), std::time::Duration::from_secs(24 * 3600))?;
+    let out = match (&job.status, job.outputs.get("checkpoint")) {
+        (crate::JobStatus::Succeeded, Some(h)) => h.clone(),
+        _ => {
+            return Err(ClientError::Api {
+                status: 422,
+                message: format!(
+                    "chat_format job {id} did not succeed: {}",
+                    job.error.as_deref().unwrap_or("no checkpoint")
+                ),
+            })
+        }
+    };
+    Ok(crate::Imported {
+        hash: out.to_string(),
+        summary: job.summary.clone(),
+    })
+}
+
+/// Whether `t` names a template herd carries (the daemon checks again).
+fn is_builtin_template(t: &str) -> bool {
+    matches!(t, "llama3" | "chatml")
 }
 
 /// A dataset's or checkpoint's summary, a few lines.

@@ -284,6 +284,15 @@ pub enum ImportWhat {
         /// For an adapter: the recorded checkpoint (hash) it adapts
         #[arg(long)]
         base: Option<String>,
+        /// Give a model that ships no chat template one: llama3, chatml or
+        /// a FILE.jinja (a `chat_format` job; the new checkpoint's hash is
+        /// printed last)
+        #[arg(long)]
+        chat_template: Option<String>,
+        /// With --chat-template: add the template's special tokens the
+        /// vocabulary lacks, growing the embeddings (mean-resized)
+        #[arg(long, requires = "chat_template")]
+        add_special_tokens: bool,
     },
 }
 

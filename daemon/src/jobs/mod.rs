@@ -11,6 +11,7 @@
 
 mod annotate;
 pub mod average;
+mod chat_format;
 mod curate;
 mod dpo;
 mod eval;

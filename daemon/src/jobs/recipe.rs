@@ -17,7 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{annotate, average, curate, dpo, eval, generate, merge, mix, rm, sample, sft};
+use super::{
+    annotate, average, chat_format, curate, dpo, eval, generate, merge, mix, rm, sample, sft,
+};
 use super::{ArtifactKind, JobContext, JobKind, Validate};
 
 /// The input names a recipe takes.
@@ -135,7 +137,7 @@ fn parse<P: DeserializeOwned + Validate>(v: &Value) -> Result<P, String> {
 }
 
 /// Every recipe herd runs.
-pub static RECIPES: [&dyn AnyRecipe; 11] = [
+pub static RECIPES: [&dyn AnyRecipe; 12] = [
     &Erased::<rm::Rm>(PhantomData),
     &Erased::<sample::Sample>(PhantomData),
     &Erased::<sft::Sft>(PhantomData),
@@ -147,6 +149,7 @@ pub static RECIPES: [&dyn AnyRecipe; 11] = [
     &Erased::<mix::Mix>(PhantomData),
     &Erased::<merge::Merge>(PhantomData),
     &Erased::<generate::Generate>(PhantomData),
+    &Erased::<chat_format::ChatFormat>(PhantomData),
 ];
 
 /// The recipe of `kind`; external runs have none (herd records them, it
