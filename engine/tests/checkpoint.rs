@@ -381,3 +381,44 @@ fn inspect_reads_headers_only_and_agrees_with_loading() {
     let err = inspect(dir.path()).unwrap_err().to_string();
     assert!(err.contains("mlp") && err.contains("100"), "{err}");
 }
+
+/// Dynamic NTK RoPE is the default up to max_position_embeddings (where
+/// transformers computes it so, statelessly) and refused past it; a
+/// sliding window (Mistral) refuses sequences longer than the window.
+#[test]
+fn dynamic_rope_and_sliding_windows_hold_where_herd_computes_them_exactly() {
+    let mut plain = tiny_config(false);
+    plain.max_position_embeddings = 12;
+    let mut dynamic = plain.clone();
+    dynamic.rope_scaling = Some(herd_engine::config::RopeScaling::Dynamic { factor: 2.0 });
+    let dev = candle_core::Device::Cpu;
+    let a = Llama::init(plain.clone(), 3, &dev).unwrap();
+    let b = Llama::from_tensors(dynamic, a.tensors(), &dev).unwrap();
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2, 7, 3, 3, 8, 1, 4, 6, 2]], &dev).unwrap();
+    let la: Vec<f32> = a
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lb: Vec<f32> = b
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(la, lb);
+    let longer = candle_core::Tensor::new(&[[1u32; 13]], &dev).unwrap();
+    let err = b.forward(&longer).unwrap_err().to_string();
+    assert!(err.contains("max_position_embeddings"), "{err}");
+
+    let mut windowed = plain;
+    windowed.arch = herd_engine::config::Arch::Mistral;
+    windowed.sliding_window = Some(8);
+    let w = Llama::from_tensors(windowed, a.tensors(), &dev).unwrap();
+    let err = w.forward(&ids).unwrap_err().to_string();
+    assert!(err.contains("sliding window (8)"), "{err}");
+    w.forward(&ids.narrow(1, 0, 8).unwrap()).unwrap();
+}

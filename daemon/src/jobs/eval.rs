@@ -196,7 +196,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         let seqs: Vec<_> = rows
             .iter()
             .filter_map(|r| {
-                super::inputs::encode_sft(&chat, r)
+                super::inputs::encode_sft(&chat, r, false)
                     .ok()
                     .and_then(|e| super::truncate(e, p.max_seq_len))
             })

@@ -17,21 +17,31 @@ pub fn load_dataset(path: &Path, want: DatasetKind) -> Result<Dataset> {
     Ok(ds)
 }
 
+/// The date a template's `strftime_now` prints in every job: Llama 3.1's
+/// own default `date_string`, so a job's tokens never depend on the day it
+/// runs (a reproduction months later tokenizes the same).
+pub const TEMPLATE_DATE: (i32, u32, u32) = (2024, 7, 26);
+
+/// A checkpoint's chat format as jobs use it (`TEMPLATE_DATE` fixed).
 pub fn chat_of(model_dir: &Path) -> Result<ChatFormat> {
-    Ok(herd_engine::checkpoint::load_chat(model_dir)?)
+    Ok(ChatFormat::load(model_dir, Some(TEMPLATE_DATE))?)
+}
+
+/// An SFT row as tokens: a dialog in the chat format (every assistant turn
+/// trained, or the last alone), or plain text (every token trained).
+pub fn encode_sft(
+    chat: &ChatFormat,
+    row: &crate::data::SftExample,
+    last_turn_only: bool,
+) -> Result<Encoded> {
+    Ok(match &row.text {
+        Some(t) => chat.encode_text(t)?,
+        None => chat.encode_dialog_turns(&row.messages, last_turn_only)?,
+    })
 }
 
 /// Cut a sequence to `max` tokens. None when no target token survives (the
 /// row would teach nothing; callers count and report such drops).
-/// An SFT row as tokens: a dialog in the chat format (the assistant's turns
-/// trained), or plain text (every token trained).
-pub fn encode_sft(chat: &ChatFormat, row: &crate::data::SftExample) -> Result<Encoded> {
-    Ok(match &row.text {
-        Some(t) => chat.encode_text(t)?,
-        None => chat.encode_dialog(&row.messages)?,
-    })
-}
-
 pub fn truncate(mut e: Encoded, max: usize) -> Option<Encoded> {
     if e.len() > max {
         e.ids.truncate(max);

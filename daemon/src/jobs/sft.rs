@@ -21,6 +21,9 @@ pub struct Params {
     pub lora: LoraParams,
     /// Pack several examples per row up to max_seq_len.
     pub packing: bool,
+    /// In a multi-turn dialog, train only the last assistant turn (by
+    /// default every assistant turn is trained, as TRL's assistant_only_loss).
+    pub last_turn_only: bool,
 }
 
 impl Validate for Params {
@@ -70,7 +73,10 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let mut seqs = vec![];
     let mut dropped = 0;
     for r in &rows {
-        match truncate(super::inputs::encode_sft(&chat, r)?, p.train.max_seq_len) {
+        match truncate(
+            super::inputs::encode_sft(&chat, r, p.last_turn_only)?,
+            p.train.max_seq_len,
+        ) {
             Some(e) => seqs.push(e),
             None => dropped += 1,
         }
