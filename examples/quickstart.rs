@@ -1,8 +1,9 @@
-//! The main job: `cargo run --release --example quickstart [-- --smoke] [--data-dir DIR] [--rounds N]`.
+//! The main job: `cargo run --release --example quickstart [-- --smoke] [--data-dir DIR] [--rounds N] [--model DIR [--lora-rank N]]`.
 //!
 //! Starts an embedded herd daemon (sled in a local data directory, CPU),
-//! builds a tiny Llama from scratch, runs rounds of the Llama 3 loop through
-//! the HTTP API, reproduces a round, and prints a table per round.
+//! builds a tiny Llama from scratch (or takes a Hugging Face model directory
+//! with `--model`), runs rounds of the Llama 3 loop through the HTTP API,
+//! reproduces a round, and prints a table per round.
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -27,12 +28,12 @@ fn main() {
     while let Some(a) = rest.next() {
         match a.as_str() {
             "--smoke" => {}
-            "--data-dir" | "--rounds" => {
+            "--data-dir" | "--rounds" | "--model" | "--lora-rank" => {
                 rest.next();
             }
             other => {
                 eprintln!(
-                    "quickstart: unknown argument {other:?} (expected --smoke, --data-dir DIR, --rounds N)"
+                    "quickstart: unknown argument {other:?} (expected --smoke, --data-dir DIR, --rounds N, --model DIR, --lora-rank N)"
                 );
                 std::process::exit(2);
             }
@@ -50,6 +51,8 @@ fn main() {
             .unwrap_or(if smoke { 2 } else { 3 }),
         worker_command: vec![exe, "worker".into()],
         quiet: false,
+        model: flag("--model").map(Into::into),
+        lora_rank: flag("--lora-rank").map(|r| r.parse().expect("--lora-rank N")),
     };
     match herd::quickstart::run(&opts) {
         Ok(report) => {

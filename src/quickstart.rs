@@ -10,6 +10,12 @@
 //!
 //! Everything goes through the daemon's HTTP API with the client library,
 //! exactly as a user's scripts would.
+//!
+//! With `--model DIR` the same rounds run on a user's Hugging Face model (its
+//! own template and tokens) instead of the tiny one, at a smaller scale and
+//! with learning rates for a pretrained model; models over ~50M parameters
+//! train LoRA adapters (merged after each training job, so every round's
+//! policy is a plain checkpoint).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +36,54 @@ pub struct Options {
     /// How to start a worker process: program and leading args.
     pub worker_command: Vec<String>,
     pub quiet: bool,
+    /// A Hugging Face model directory to run the rounds on (None: build
+    /// the tiny model from scratch).
+    pub model: Option<PathBuf>,
+    /// LoRA rank for `--model` (None: 16 over ~50M parameters, else full
+    /// fine-tuning; 0 forces full fine-tuning).
+    pub lora_rank: Option<usize>,
+}
+
+/// How the rounds train: the tiny model from scratch, or a user's model.
+#[derive(Debug, Clone, Copy)]
+pub struct Training {
+    pub sft_lr: f64,
+    pub rm_lr: f64,
+    /// 0: full fine-tuning; else LoRA adapters of this rank, merged.
+    pub lora_rank: usize,
+    /// Samples per prompt in rejection sampling.
+    pub k: usize,
+    pub batch: usize,
+    /// Rejection sampling keeps only samples the task's checker accepts
+    /// (else the reward model alone picks, as in Llama 3's general data).
+    pub require_correct: bool,
+}
+
+impl Training {
+    /// The tiny model from random init: high learning rates, full FT.
+    pub const TINY: Training = Training {
+        sft_lr: 1e-3,
+        rm_lr: 1e-3,
+        lora_rank: 0,
+        k: 8,
+        batch: 64,
+        require_correct: true,
+    };
+
+    /// A pretrained model: learning rates of the usual recipes (LoRA's ten
+    /// times full fine-tuning's), fewer samples, the reward model alone
+    /// choosing among them (a model new to the task may get none right).
+    pub fn pretrained(lora_rank: usize) -> Training {
+        let lr = if lora_rank > 0 { 2e-4 } else { 2e-5 };
+        Training {
+            sft_lr: lr,
+            rm_lr: lr,
+            lora_rank,
+            k: 4,
+            batch: 8,
+            require_correct: false,
+        }
+    }
 }
 
 /// One row of the results table.
@@ -73,8 +127,18 @@ struct Sizes {
 }
 
 /// The smoke run (`--smoke`, the end-to-end test) is the same work with
-/// fewer rounds, so its numbers are the quickstart's numbers.
-fn sizes() -> Sizes {
+/// fewer rounds, so its numbers are the quickstart's numbers. A user's
+/// model runs a smaller set (each of its steps costs far more).
+fn sizes(user_model: bool) -> Sizes {
+    if user_model {
+        return Sizes {
+            base_steps: 40,
+            corpus: 120,
+            train_prompts: 64,
+            heldout_prompts: 32,
+            epochs: 1.0,
+        };
+    }
     Sizes {
         base_steps: 290,
         corpus: 300,
@@ -185,6 +249,27 @@ fn hash_of(v: &herd_client::Imported) -> Result<String> {
     Ok(v.hash.clone())
 }
 
+/// The tiny model from random init, with its byte-level tokenizer and the
+/// files transformers reads beside it; imported, its hash.
+fn build_tiny(c: &Client, work: &Path) -> Result<String> {
+    let init_dir = work.join("init");
+    let cfg = herd_engine::LlamaConfig::from_json(&tiny_config(), "quickstart config")?;
+    let model = herd_engine::Llama::init(cfg, 7, &candle_core::Device::Cpu)?;
+    std::fs::create_dir_all(&init_dir)?;
+    let tok = init_dir.join(herd_engine::checkpoint::TOKENIZER);
+    std::fs::write(&tok, herd_engine::chat::byte_tokenizer_json().to_string())?;
+    // What transformers and serving stacks read beside the tokenizer: the
+    // chat template, special tokens, stop tokens.
+    let chat = herd_engine::chat::ChatFormat::from_file(&tok)?;
+    for (name, json) in
+        herd_engine::chat::hf_tokenizer_files(&chat, model.config.max_position_embeddings)
+    {
+        std::fs::write(init_dir.join(name), serde_json::to_string_pretty(&json)?)?;
+    }
+    herd_engine::checkpoint::save_model(&model, &init_dir, None)?;
+    hash_of(&c.import_model(&init_dir, "random-init")?)
+}
+
 /// The round spec: the Llama 3 loop at demo scale.
 pub fn round_spec(
     experiment: &str,
@@ -192,33 +277,81 @@ pub fn round_spec(
     seed: u64,
     epochs: f64,
 ) -> Value {
+    round_spec_with(experiment, vars, seed, epochs, Training::TINY)
+}
+
+/// The round spec with the given training settings. With LoRA, each
+/// training job makes an adapter and a `merge` job makes it a checkpoint
+/// (the reward model's too), so sampling, DPO's reference and the next
+/// round all take plain checkpoints; the two DPO adapters are averaged
+/// exactly (concatenated ranks) before their merge.
+pub fn round_spec_with(
+    experiment: &str,
+    vars: BTreeMap<String, String>,
+    seed: u64,
+    epochs: f64,
+    t: Training,
+) -> Value {
+    let lora = t.lora_rank > 0;
+    let with_lora = |mut hp: Value| {
+        if lora {
+            hp["lora_rank"] = json!(t.lora_rank);
+            hp["lora_alpha"] = json!(2 * t.lora_rank);
+        }
+        hp
+    };
+    let trained = |job: &str| {
+        if lora {
+            format!("{job}_merged.checkpoint")
+        } else {
+            format!("{job}.checkpoint")
+        }
+    };
+    let (gen_batch, train_batch) = (t.batch, (t.batch / 4).max(2));
+    let mut jobs = vec![
+        json!({"name": "annotate", "kind": "annotate", "inputs": {"policy": "$policy", "prompts": "$prompts"},
+         "hyperparameters": {"temperature": 1.0, "max_new_tokens": 24, "batch_size": gen_batch}}),
+        json!({"name": "curate", "kind": "curate", "inputs": {"data": "annotate.data"}}),
+        // The reward model trains on every round's preferences so far,
+        // from the pre-trained (here: base) checkpoint, as Llama 3 does.
+        json!({"name": "preferences", "kind": "mix", "inputs": {"earlier": "$all_preferences", "new": "annotate.data"}}),
+        json!({"name": "curate_all", "kind": "curate", "inputs": {"data": "preferences.data"}}),
+    ];
+    // With LoRA, a training job's adapter merged into the model it adapts.
+    let merge = |jobs: &mut Vec<Value>, job: &str, model: &str| {
+        if lora {
+            jobs.push(json!({"name": format!("{job}_merged"), "kind": "merge",
+                "inputs": {"model": model, "adapter": format!("{job}.adapter")}}));
+        }
+    };
+    jobs.push(json!({"name": "rm", "kind": "rm", "inputs": {"model": "$base", "data": "curate_all.data"},
+        "hyperparameters": with_lora(json!({"lr": t.rm_lr, "epochs": epochs * 3.0, "batch_size": 8, "max_seq_len": 160, "warmup_steps": 20, "heldout_fraction": 0.2}))}));
+    merge(&mut jobs, "rm", "$base");
+    jobs.push(json!({"name": "sample", "kind": "sample", "inputs": {"policy": "$policy", "rm": trained("rm"), "prompts": "$prompts"},
+        "hyperparameters": {"k": t.k, "temperature": 1.0, "max_new_tokens": 24, "batch_size": gen_batch, "require_correct": t.require_correct}}));
+    jobs.push(json!({"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "sample.data"},
+        "hyperparameters": with_lora(json!({"lr": t.sft_lr, "epochs": epochs, "batch_size": train_batch * 2, "max_seq_len": 160, "warmup_steps": 10}))}));
+    merge(&mut jobs, "sft", "$policy");
+    for (name, beta) in [("dpo_a", 0.1), ("dpo_b", 0.2)] {
+        jobs.push(json!({"name": name, "kind": "dpo", "inputs": {"model": trained("sft"), "data": "curate.data"},
+            "hyperparameters": with_lora(json!({"lr": 1e-5, "epochs": (epochs * 0.25).max(1.0), "batch_size": train_batch, "max_seq_len": 160, "warmup_steps": 5, "beta": beta, "nll_weight": 0.2}))}));
+    }
+    let (a, b) = if lora {
+        ("dpo_a.adapter", "dpo_b.adapter")
+    } else {
+        ("dpo_a.checkpoint", "dpo_b.checkpoint")
+    };
+    jobs.push(json!({"name": "average", "kind": "average", "inputs": {"a": a, "b": b}}));
+    merge(&mut jobs, "average", &trained("sft"));
+    let policy = trained("average");
+    jobs.push(json!({"name": "eval", "kind": "eval", "inputs": {"policy": policy, "baseline": "$policy", "rm": trained("rm"), "prompts": "$heldout"},
+        "hyperparameters": {"max_new_tokens": 24, "batch_size": gen_batch}}));
     json!({
         "experiment": experiment,
         "seed": seed,
         "vars": vars,
-        "final_policy": "average.checkpoint",
-        "jobs": [
-            {"name": "annotate", "kind": "annotate", "inputs": {"policy": "$policy", "prompts": "$prompts"},
-             "hyperparameters": {"temperature": 1.0, "max_new_tokens": 24, "batch_size": 64}},
-            {"name": "curate", "kind": "curate", "inputs": {"data": "annotate.data"}},
-            // The reward model trains on every round's preferences so far,
-            // from the pre-trained (here: base) checkpoint, as Llama 3 does.
-            {"name": "preferences", "kind": "mix", "inputs": {"earlier": "$all_preferences", "new": "annotate.data"}},
-            {"name": "curate_all", "kind": "curate", "inputs": {"data": "preferences.data"}},
-            {"name": "rm", "kind": "rm", "inputs": {"model": "$base", "data": "curate_all.data"},
-             "hyperparameters": {"lr": 1e-3, "epochs": epochs * 3.0, "batch_size": 8, "max_seq_len": 160, "warmup_steps": 20, "heldout_fraction": 0.2}},
-            {"name": "sample", "kind": "sample", "inputs": {"policy": "$policy", "rm": "rm.checkpoint", "prompts": "$prompts"},
-             "hyperparameters": {"k": 8, "temperature": 1.0, "max_new_tokens": 24, "batch_size": 64, "require_correct": true}},
-            {"name": "sft", "kind": "sft", "inputs": {"model": "$policy", "data": "sample.data"},
-             "hyperparameters": {"lr": 1e-3, "epochs": epochs, "batch_size": 16, "max_seq_len": 160, "warmup_steps": 10}},
-            {"name": "dpo_a", "kind": "dpo", "inputs": {"model": "sft.checkpoint", "data": "curate.data"},
-             "hyperparameters": {"lr": 1e-5, "epochs": (epochs * 0.25).max(1.0), "batch_size": 8, "max_seq_len": 160, "warmup_steps": 5, "beta": 0.1, "nll_weight": 0.2}},
-            {"name": "dpo_b", "kind": "dpo", "inputs": {"model": "sft.checkpoint", "data": "curate.data"},
-             "hyperparameters": {"lr": 1e-5, "epochs": (epochs * 0.25).max(1.0), "batch_size": 8, "max_seq_len": 160, "warmup_steps": 5, "beta": 0.2, "nll_weight": 0.2}},
-            {"name": "average", "kind": "average", "inputs": {"a": "dpo_a.checkpoint", "b": "dpo_b.checkpoint"}},
-            {"name": "eval", "kind": "eval", "inputs": {"policy": "average.checkpoint", "baseline": "$policy", "rm": "rm.checkpoint", "prompts": "$heldout"},
-             "hyperparameters": {"max_new_tokens": 24, "batch_size": 64}}
-        ]
+        "final_policy": policy,
+        "jobs": jobs,
     })
 }
 
@@ -271,7 +404,7 @@ fn drive(
         }
     };
     let c = Client::new(&format!("http://{}", daemon.addr), &daemon.token);
-    let z = sizes();
+    let z = sizes(opts.model.is_some());
     say(format!(
         "herd quickstart: daemon at http://{} with data in {}",
         daemon.addr,
@@ -279,23 +412,40 @@ fn drive(
     ));
     let exp = c.create_experiment("quickstart", "Llama 3 post-training loop on digit reversal")?;
 
-    // 1. A tiny model from random init, and the task's data.
-    let init_dir = work.join("init");
-    let cfg = herd_engine::LlamaConfig::from_json(&tiny_config(), "quickstart config")?;
-    let model = herd_engine::Llama::init(cfg, 7, &candle_core::Device::Cpu)?;
-    std::fs::create_dir_all(&init_dir)?;
-    let tok = init_dir.join(herd_engine::checkpoint::TOKENIZER);
-    std::fs::write(&tok, herd_engine::chat::byte_tokenizer_json().to_string())?;
-    // What transformers and serving stacks read beside the tokenizer: the
-    // chat template, special tokens, stop tokens.
-    let chat = herd_engine::chat::ChatFormat::from_file(&tok)?;
-    for (name, json) in
-        herd_engine::chat::hf_tokenizer_files(&chat, model.config.max_position_embeddings)
-    {
-        std::fs::write(init_dir.join(name), serde_json::to_string_pretty(&json)?)?;
-    }
-    herd_engine::checkpoint::save_model(&model, &init_dir, None)?;
-    let init = hash_of(&c.import_model(&init_dir, "random-init")?)?;
+    // 1. A tiny model from random init (or the user's), and the task's data.
+    let (init, training) = match &opts.model {
+        Some(dir) => {
+            let name = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("model")
+                .to_string();
+            let imported = c
+                .import_model(dir, &name)
+                .with_context(|| format!("importing {}", dir.display()))?;
+            if imported.summary["chat"].is_null() {
+                bail!(
+                    "{} ships no chat template; give it one first: herd import model {} --chat-template chatml --add-special-tokens",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            let params = imported.summary["parameters"].as_u64().unwrap_or(0);
+            let rank = opts
+                .lora_rank
+                .unwrap_or(if params > 50_000_000 { 16 } else { 0 });
+            say(format!(
+                "model {name}: {params} parameters, {}",
+                if rank > 0 {
+                    format!("LoRA rank {rank}")
+                } else {
+                    "full fine-tuning".into()
+                }
+            ));
+            (imported.hash, Training::pretrained(rank))
+        }
+        None => (build_tiny(&c, work)?, Training::TINY),
+    };
     let all = numbers();
     // Disjoint slices: held-out prompts, the base corpus, the rounds' prompts.
     let heldout: Vec<u32> = all[..z.heldout_prompts].to_vec();
@@ -334,15 +484,35 @@ fn drive(
                 ("model".into(), input(&init)?),
                 ("data".into(), input(&corpus_h)?),
             ]),
-            hyperparameters: json!({"lr": 3e-3, "steps": z.base_steps, "batch_size": 32, "warmup_steps": 10, "max_seq_len": 160}),
+            hyperparameters: if opts.model.is_none() {
+                json!({"lr": 3e-3, "steps": z.base_steps, "batch_size": 32, "warmup_steps": 10, "max_seq_len": 160})
+            } else {
+                json!({"lr": training.sft_lr, "steps": z.base_steps, "batch_size": 8, "warmup_steps": 5, "max_seq_len": 160,
+                       "lora_rank": training.lora_rank, "lora_alpha": 2 * training.lora_rank})
+            },
             seed: 1,
             ..JobRequest::new(JobKind::Sft)
         })?
         .id
         .to_string();
-    let base = wait_all(&c, std::slice::from_ref(&base_job), &pb, &mut lines)?[0].outputs
-        ["checkpoint"]
-        .clone();
+    let base_sft = wait_all(&c, std::slice::from_ref(&base_job), &pb, &mut lines)?.remove(0);
+    let base = if training.lora_rank > 0 {
+        let merge = c
+            .submit(&JobRequest {
+                name: Some("base-merge".into()),
+                experiment: Some(experiment),
+                inputs: BTreeMap::from([
+                    ("model".into(), input(&init)?),
+                    ("adapter".into(), input(&base_sft.outputs["adapter"])?),
+                ]),
+                ..JobRequest::new(JobKind::Merge)
+            })?
+            .id
+            .to_string();
+        wait_all(&c, &[merge], &pb, &mut lines)?[0].outputs["checkpoint"].clone()
+    } else {
+        base_sft.outputs["checkpoint"].clone()
+    };
     let eval_job = c
         .submit(&JobRequest {
             name: Some("base-eval".into()),
@@ -351,7 +521,7 @@ fn drive(
                 ("policy".into(), input(&base)?),
                 ("prompts".into(), input(&heldout_h)?),
             ]),
-            hyperparameters: json!({"max_new_tokens": 24, "batch_size": 64}),
+            hyperparameters: json!({"max_new_tokens": 24, "batch_size": training.batch}),
             ..JobRequest::new(JobKind::Eval)
         })?
         .id
@@ -374,7 +544,7 @@ fn drive(
         if r == 1 {
             vars.insert("policy".into(), base.clone());
         }
-        let spec = round_spec(&exp, vars, 100 * r as u64, z.epochs);
+        let spec = round_spec_with(&exp, vars, 100 * r as u64, z.epochs, training);
         let sub = c.submit_round(&spec)?;
         let ids: Vec<String> = sub.jobs.iter().map(|id| id.to_string()).collect();
         round_ids.push(sub.id.to_string());

@@ -10,6 +10,8 @@ fn quickstart_smoke_runs_rounds_reproduces_and_verifies() {
         rounds: 2,
         worker_command: vec![env!("CARGO_BIN_EXE_herdd").to_string(), "worker".into()],
         quiet: true,
+        model: None,
+        lora_rank: None,
     };
     let report = run(&opts).unwrap();
     eprintln!("{}", table(&report));
@@ -44,4 +46,32 @@ fn quickstart_smoke_runs_rounds_reproduces_and_verifies() {
         "reproduced round has identical output hashes"
     );
     assert!(report.store_verified);
+}
+
+/// `--model DIR`: the same loop on a Hugging Face directory herd did not
+/// build (the Qwen2 fixture: its own ChatML template, tokens and class),
+/// with LoRA adapters merged after each training job.
+#[test]
+fn quickstart_runs_on_a_users_model_with_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        data_dir: Some(dir.path().join("data")),
+        rounds: 1,
+        worker_command: vec![env!("CARGO_BIN_EXE_herdd").to_string(), "worker".into()],
+        quiet: true,
+        model: Some(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/families/qwen2"),
+        ),
+        lora_rank: Some(4),
+    };
+    let report = run(&opts).unwrap();
+    eprintln!("{}", table(&report));
+    let r = &report.rounds[0];
+    assert_eq!(
+        r.jobs, 14,
+        "annotate, curate, mix, curate, rm, sample, sft, dpo x2, merges of rm and sft, average, its merge, eval"
+    );
+    assert_eq!(r.succeeded, r.jobs);
+    assert!(report.reproduced_identical && report.store_verified);
 }
