@@ -943,6 +943,22 @@ impl Llama {
         Ok(())
     }
 
+    /// The LM head's weight [V, H] when it takes no gradient (a frozen
+    /// base) and the fused CPU path applies: log-probabilities can then go
+    /// straight from hidden states without keeping the logits
+    /// (`fused::head_logprob`).
+    pub fn frozen_f32_head(&self) -> Option<Tensor> {
+        if !self.base_frozen || self.config.num_labels == 1 || self.compute != DType::F32 {
+            return None;
+        }
+        let w = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .as_tensor();
+        (w.dtype() == DType::F32 && w.device().is_cpu()).then(|| w.detach())
+    }
+
     /// Next-token logits [B, T, V] from hidden states.
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = match (&self.lm_head, self.config.num_labels) {

@@ -39,6 +39,13 @@ fn target_logprobs(model: &Llama, hidden: &Tensor, targets: &Targets) -> Result<
     let (b, t, h) = hidden.dims3()?;
     let preds = Tensor::new(targets.preds.as_slice(), hidden.device())?;
     let rows = hidden.reshape((b * t, h))?.index_select(&preds, 0)?; // [M, H]
+    if let Some(head) = model
+        .frozen_f32_head()
+        .filter(|_| crate::fused::usable(&rows))
+    {
+        let ids = Tensor::new(targets.ids.as_slice(), rows.device())?;
+        return Ok(crate::fused::head_logprob(&rows, &head, &ids)?);
+    }
     loss::row_logprobs(&model.lm_logits(&rows)?, &targets.ids)
 }
 

@@ -121,6 +121,38 @@ fn print_summary(s: &Value) {
             s["vocab_size"],
             s["dtype"].as_str().unwrap_or("unknown dtype")
         );
+        if let Some(a) = s["architecture"].as_str() {
+            println!("  {a}");
+        }
+        match s.get("chat") {
+            Some(Value::Object(c)) => {
+                let text = |k: &str| {
+                    c.get(k)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("none")
+                        .to_string()
+                };
+                let stops: Vec<String> = c
+                    .get("stops")
+                    .and_then(|v| v.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect();
+                println!(
+                    "  chat template {}; bos {}, eos {}, pad {}; stops at {}",
+                    text("template"),
+                    text("bos"),
+                    text("eos"),
+                    text("pad"),
+                    stops.join(" ")
+                );
+            }
+            Some(Value::Null) => println!(
+                "  no chat template (plain-text rows only; give it one with --chat-template)"
+            ),
+            _ => {}
+        }
         for (n, shape) in s["shapes"].as_object().into_iter().flatten().take(6) {
             println!("    {n}: {shape}");
         }

@@ -43,12 +43,7 @@ impl CustomOp2 for TargetLogprob {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.contiguous()?.apply_op3_no_bwd(
-            targets,
-            &grad.contiguous()?,
-            &TargetLogprobBwd,
-        )?;
-        Ok((Some(g), None))
+        Ok((Some(target_logprob_grad(logits, targets, grad)?), None))
     }
 }
 
@@ -84,6 +79,17 @@ impl CustomOp3 for TargetLogprobBwd {
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// d logits = g (onehot(target) - softmax(logits)), rows in parallel.
+pub(super) fn target_logprob_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op3_no_bwd(targets, &grad.contiguous()?, &TargetLogprobBwd)
 }
 
 /// log p(target) per row: logits [M, V] f32, targets [M] u32 -> [M].

@@ -2,7 +2,9 @@
 //! attention softmax (`softmax`), target-token log-probabilities (`logprob`),
 //! RMSNorm (`rms_norm`), RoPE (`rope`), the few-row linear layer for decoding
 //! (`linear`) and SwiGLU (`swiglu`), with the vectorized exp they share
-//! (`fast_exp`), a linear layer over a frozen bf16 weight (`frozen_linear`);
+//! (`fast_exp`), a linear layer over a frozen bf16 weight (`frozen_linear`),
+//! target log-probabilities straight through a frozen LM head, logits
+//! recomputed in backward rather than kept (`head_logprob`);
 //! and one without a backward, for generation only: attention
 //! over the KV cache in place (`decode_attention`). This file holds what they share: buffer and layout checks,
 //! the kernel-path detection, row parallelism.
@@ -131,6 +133,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod decode_attention;
 mod fast_exp;
 mod frozen_linear;
+mod head_logprob;
 mod linear;
 mod logprob;
 mod rms_norm;
@@ -140,6 +143,7 @@ mod swiglu;
 
 pub use decode_attention::decode_attention;
 pub use frozen_linear::frozen_linear;
+pub use head_logprob::head_logprob;
 pub use linear::{linear_few_rows, FEW_ROWS};
 pub use logprob::target_logprob;
 pub use rms_norm::rms_norm;
