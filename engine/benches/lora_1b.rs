@@ -18,13 +18,11 @@
 
 use std::time::Instant;
 
-use herd_engine::chat::Encoded;
 use herd_engine::config::LlamaConfig;
 use herd_engine::lora::{LoraConfig, PROJECTIONS};
-use herd_engine::objective;
-use herd_engine::rng::Rng;
-use herd_engine::train::{TrainConfig, Trainer};
 use herd_engine::Llama;
+
+mod common;
 
 /// Llama 3.2 1B's shape.
 pub fn shape() -> serde_json::Value {
@@ -104,37 +102,8 @@ fn main() {
         t0.elapsed().as_secs_f64(),
         herd_engine::device::peak_rss_mib()
     );
-    let mut rng = Rng::new(0);
-    let seq = Encoded {
-        ids: (0..512).map(|_| rng.below(cfg.vocab_size) as u32).collect(),
-        target_mask: vec![1; 512],
-        format_mask: vec![0; 512],
-    };
-    let mut trainer = Trainer::new(
-        model.trainable_params(),
-        TrainConfig {
-            lr: 1e-4,
-            steps: 100,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut times = vec![];
-    for i in 0..4 {
-        let t = Instant::now();
-        trainer
-            .step_with(
-                |_| Ok(objective::sft_loss(&model, std::slice::from_ref(&seq), 0)?.0),
-                |store| model.finish_backward(store),
-            )
-            .unwrap();
-        let s = t.elapsed().as_secs_f64();
-        println!("step {i}: {s:.2} s");
-        if i > 0 {
-            times.push(s);
-        }
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let seqs = common::random_rows(1, 512, cfg.vocab_size);
+    let step = common::median_step(&model, &seqs);
     let steps_peak = herd_engine::device::peak_rss_mib();
     // Model FLOPs per token (nanoGPT's estimate): 6N + 12·L·H·Q·T for full
     // fine-tuning; a frozen base needs no weight gradients, 4N + the same
@@ -147,7 +116,7 @@ fn main() {
         512.0,
     );
     let per_token = if full { 6.0 } else { 4.0 } * n + 12.0 * l * h * q * t;
-    let tflops = per_token * 512.0 / times[1] / 1e12;
+    let tflops = per_token * 512.0 / step / 1e12;
     let mfu = std::env::var("HERD_PEAK_TFLOPS")
         .ok()
         .and_then(|p| p.parse::<f64>().ok())
@@ -160,8 +129,8 @@ fn main() {
         if ckpt { " checkpointed" } else { "" },
         std::env::var("HERD_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
         if full { ", every weight trains" } else { ", r16 all-linear, base frozen" },
-        times[1],
-        512.0 / times[1],
+        step,
+        512.0 / step,
         steps_peak,
         steps_peak.max(init_peak)
     );

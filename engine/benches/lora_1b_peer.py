@@ -1,10 +1,11 @@
-"""The PyTorch + PEFT column for engine/benches/lora_1b.rs: the same
-Llama-3.2-1B shape, random init, batch 1 x 512, LoRA r 16 / alpha 32 on all
+"""The PyTorch + PEFT column for engine/benches/lora_1b.rs (and, with
+`smollm`, for engine/benches/lora_smollm.rs: SmolLM-135M's shape, batch
+8 x 256): the same Llama-3.2-1B shape, random init, batch 1 x 512, LoRA r 16 / alpha 32 on all
 seven projections (PEFT's "all-linear"), base frozen, AdamW on the adapter,
 same threads: median step time of 3 after a warm-up, peak RSS of the steps
 (VmHWM reset after init) and of the whole process.
 
-    python engine/benches/lora_1b_peer.py [THREADS] [f32|bf16] [ckpt]
+    python engine/benches/lora_1b_peer.py [THREADS] [f32|bf16] [ckpt] [smollm]
 
 bf16: the model in bf16 with the adapter in f32 (PEFT's autocast_adapter_dtype);
 ckpt: transformers' gradient checkpointing (non-reentrant).
@@ -29,9 +30,16 @@ threads = int(args[0]) if args and args[0].isdigit() else 2
 bf16, ckpt = "bf16" in args, "ckpt" in args
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
-                     max_position_embeddings=2048, tie_word_embeddings=True)
+if "smollm" in args:
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
+    batch, seq = 8, 256
+else:
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
+    batch, seq = 1, 512
 start = time.perf_counter()
 model = LlamaForCausalLM(config)
 if bf16:
@@ -45,7 +53,7 @@ init_s = time.perf_counter() - start
 init_peak = vm("VmHWM")
 open("/proc/self/clear_refs", "w").write("5")
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-ids = torch.randint(0, config.vocab_size, (1, 512))
+ids = torch.randint(0, config.vocab_size, (batch, seq))
 
 
 def step():
@@ -65,5 +73,5 @@ steps_peak = vm("VmHWM")
 print(json.dumps({"threads": torch.get_num_threads(), "dtype": "bf16" if bf16 else "f32", "ckpt": ckpt,
                   "init_s": round(init_s, 1),
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  "s_per_step": round(median, 2), "tokens_per_s": round(512 / median),
+                  "s_per_step": round(median, 2), "tokens_per_s": round(batch * seq / median),
                   "peak_rss_mib_steps": round(steps_peak), "peak_rss_mib_process": round(max(init_peak, steps_peak))}))

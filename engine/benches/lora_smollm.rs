@@ -9,17 +9,16 @@
 //! fixture's template and tokenizer), and masking them.
 //!
 //!     cargo bench -p herd-engine --bench lora_smollm
-//!     python engine/benches/lora_smollm_peer.py 2    # PyTorch + PEFT, same shape and threads
+//!     python engine/benches/lora_1b_peer.py 2 smollm    # PyTorch + PEFT, same shape and threads
 
 use std::time::Instant;
 
-use herd_engine::chat::{Encoded, Message};
+use herd_engine::chat::Message;
 use herd_engine::config::LlamaConfig;
 use herd_engine::lora::{LoraConfig, PROJECTIONS};
-use herd_engine::objective;
-use herd_engine::rng::Rng;
-use herd_engine::train::{TrainConfig, Trainer};
 use herd_engine::Llama;
+
+mod common;
 
 const BATCH: usize = 8;
 const SEQ: usize = 256;
@@ -65,40 +64,8 @@ fn main() {
         t0.elapsed().as_secs_f64()
     );
     herd_engine::device::reset_peak_rss();
-    let mut rng = Rng::new(0);
-    let seqs: Vec<Encoded> = (0..BATCH)
-        .map(|_| Encoded {
-            ids: (0..SEQ).map(|_| rng.below(cfg.vocab_size) as u32).collect(),
-            target_mask: vec![1; SEQ],
-            format_mask: vec![0; SEQ],
-        })
-        .collect();
-    let mut trainer = Trainer::new(
-        model.trainable_params(),
-        TrainConfig {
-            lr: 1e-4,
-            steps: 100,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut times = vec![];
-    for i in 0..4 {
-        let t = Instant::now();
-        trainer
-            .step_with(
-                |_| Ok(objective::sft_loss(&model, &seqs, 0)?.0),
-                |store| model.finish_backward(store),
-            )
-            .unwrap();
-        let s = t.elapsed().as_secs_f64();
-        println!("step {i}: {s:.2} s");
-        if i > 0 {
-            times.push(s);
-        }
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let step = times[1];
+    let seqs = common::random_rows(BATCH, SEQ, cfg.vocab_size);
+    let step = common::median_step(&model, &seqs);
     let peak = herd_engine::device::peak_rss_mib();
 
     // The chat layer's share: 8 multi-turn ChatML dialogs of ~256 tokens.
