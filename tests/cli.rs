@@ -631,8 +631,8 @@ fn the_example_round_spec_runs() {
     let kinds = cli.json(&["kinds"]);
     assert_eq!(
         kinds.as_array().unwrap().len(),
-        10,
-        "one per recipe, merge included"
+        12,
+        "one per recipe, merge, generate and chat_format included"
     );
     let mix = cli.json(&["kinds", "mix"]);
     assert_eq!(mix[0]["at_least"], 1);

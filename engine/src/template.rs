@@ -565,6 +565,29 @@ mod tests {
     }
 
     #[test]
+    fn templates_are_found_where_transformers_looks() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(find_in_dir(d).unwrap().is_none());
+        let named = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        std::fs::write(d.join("tokenizer_config.json"), named.to_string()).unwrap();
+        let (text, origin) = find_in_dir(d).unwrap().unwrap();
+        assert_eq!(text, "D");
+        assert!(origin.contains("tokenizer_config.json") && origin.contains("default"));
+        std::fs::write(d.join("chat_template.json"), r#"{"chat_template": "J"}"#).unwrap();
+        assert_eq!(find_in_dir(d).unwrap().unwrap().0, "J");
+        std::fs::write(d.join("chat_template.jinja"), "F").unwrap();
+        assert_eq!(find_in_dir(d).unwrap().unwrap().0, "F");
+        // A list without `default` is refused, naming the templates.
+        let d2 = tempfile::tempdir().unwrap();
+        let only = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}]});
+        std::fs::write(d2.path().join("tokenizer_config.json"), only.to_string()).unwrap();
+        let e = find_in_dir(d2.path()).unwrap_err().to_string();
+        assert!(e.contains("chat_template") && e.contains("tool_use"), "{e}");
+    }
+
+    #[test]
     fn dates_format_as_c_strftime() {
         assert_eq!(strftime("%d %b %Y", 2024, 7, 26, 0).unwrap(), "26 Jul 2024");
         assert_eq!(
