@@ -3,8 +3,8 @@
 //! says, to hand completions to outside annotators, or to check a model
 //! after export; no reward model involved (that is `sample`).
 //!
-//! Temperature 0 is greedy; `k` completions per prompt share the prompt's
-//! prefill; generation stops at the model's own stop tokens
+//! Temperature 0 (the default) is greedy; `k` completions per prompt share
+//! the prompt's prefill (with temperature 0 they are the same: the job says so); generation stops at the model's own stop tokens
 //! (`generation_config.json`'s `eos_token_id`, the tokenizer's EOS).
 
 use anyhow::{bail, Result};
@@ -41,12 +41,6 @@ impl Default for Params {
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         super::in_range("k", self.k, 1, super::limits::MAX_SAMPLES_PER_PROMPT)?;
-        if self.k > 1 && self.gen.temperature == 0.0 {
-            return Err(
-                "k > 1 with temperature 0 (greedy) gives k identical completions; set temperature > 0"
-                    .into(),
-            );
-        }
         self.gen.validate()
     }
     fn bounds() -> Vec<super::Bound> {
@@ -91,6 +85,12 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         unreachable!()
     };
     let chat = chat_of(&model_dir)?;
+    if p.k > 1 && p.gen.temperature == 0.0 {
+        ctx.sink.note(&format!(
+            "temperature 0 is greedy: the {} completions of each prompt are the same (set temperature > 0 to sample)",
+            p.k
+        ));
+    }
     let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
     if model.score.is_some() {
         bail!(
