@@ -361,12 +361,21 @@ pub fn inspect(dir: &Path) -> Result<serde_json::Value> {
     let params: usize = declared.values().map(|s| s.iter().product::<usize>()).sum();
     Ok(serde_json::json!({
         "kind": if config.num_labels == 1 { "reward_model" } else { "causal_lm" },
-        "architecture": format!("{}{}", config.arch.class(),
-            if config.num_labels == 1 { "ForSequenceClassification" } else { "ForCausalLM" }),
+        "architecture": architecture(&config),
         "parameters": params, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size, "dtype": config.dtype, "shapes": declared,
         "chat": chat,
     }))
+}
+
+/// The transformers class a config names (`LlamaForCausalLM`, ...).
+fn architecture(config: &LlamaConfig) -> String {
+    let head = if config.num_labels == 1 {
+        "ForSequenceClassification"
+    } else {
+        "ForCausalLM"
+    };
+    format!("{}{head}", config.arch.class())
 }
 
 /// The chat format a checkpoint will be trained and sampled with, checked
@@ -434,8 +443,10 @@ pub fn describe(dir: &Path) -> Result<serde_json::Value> {
     let shapes: BTreeMap<&String, &[usize]> = tensors.iter().map(|(n, t)| (n, t.dims())).collect();
     Ok(serde_json::json!({
         "kind": if config.num_labels == 1 { "reward_model" } else { "causal_lm" },
+        "architecture": architecture(&config),
         "parameters": params, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size, "dtype": config.dtype, "shapes": shapes,
+        "chat": check_chat(dir, &config)?,
     }))
 }
 
