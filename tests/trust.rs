@@ -653,3 +653,40 @@ fn a_damaged_log_stops_herdd_and_repair_sets_the_damage_aside() {
     );
     assert_eq!(c.verify().unwrap().ok, true);
 }
+
+/// Jobs that could only record unusable outputs are refused at submit,
+/// naming the field: a learning rate past 1 (`lr=1e308` used to train
+/// every weight to infinity and succeed), average weights whose sum
+/// overflows (`[1e308, 1e308]` used to give all-zero weights) or that do
+/// not match the inputs (`[1]` for two used to fail only at start).
+#[test]
+fn jobs_that_would_record_unusable_outputs_are_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let (r, p, _, _, sft) = import_fixtures(&c);
+    let refused = |body: Value, want: &[&str]| {
+        let (status, message) = api_error(c.post("/jobs", &body));
+        assert_eq!(status, 400, "{message}");
+        for w in want {
+            assert!(message.contains(w), "expected {w:?} in {message}");
+        }
+    };
+    refused(
+        req("sft", &[("model", &r), ("data", &sft)], json!({"lr": 1e308, "steps": 1})),
+        &["lr", "(0, 1]"],
+    );
+    refused(
+        req("average", &[("a", &r), ("b", &p)], json!({"weights": [1e308, 1e308]})),
+        &["weights", "finite and positive"],
+    );
+    refused(
+        req("average", &[("a", &r), ("b", &p)], json!({"weights": [1.0]})),
+        &["weights", "1 weight(s) for 2 inputs"],
+    );
+    // At the top of the range a job still runs.
+    run_short_sft(&c, &r, &sft);
+    let ok = submit(&c, &req("average", &[("a", &r), ("b", &p)], json!({"weights": [1.0, 3.0]})));
+    let j = c.wait(&ok, Duration::from_secs(60)).unwrap();
+    assert_eq!(j.status, herd_client::JobStatus::Succeeded, "{:?}", j.error);
+}

@@ -66,8 +66,10 @@ fn normalized(weights: &[f64], n: usize) -> Result<Vec<f64>> {
         )));
     }
     let total: f64 = weights.iter().sum();
-    if total <= 0.0 {
-        return Err(EngineError::Input("weights sum to zero".into()));
+    if !(total.is_finite() && total > 0.0) {
+        return Err(EngineError::Input(format!(
+            "weights must sum to a finite positive number, got {total}"
+        )));
     }
     Ok(weights.iter().map(|w| w / total).collect())
 }

@@ -217,6 +217,26 @@ impl LrSchedule {
     }
 }
 
+/// The name of the first parameter holding a NaN or an infinity, if any
+/// (one pass over the weights; what a job checks before saving them).
+pub fn first_non_finite(params: &[(String, candle_core::Var)]) -> Result<Option<String>> {
+    for (name, v) in params {
+        let t = v.as_tensor();
+        let t = if t.dtype() == candle_core::DType::F32 {
+            t.clone()
+        } else {
+            t.to_dtype(candle_core::DType::F32)?
+        };
+        // NaN and ±inf turn the sum of |x| non-finite (so can huge finite
+        // values, overflowing it: then the elements themselves decide).
+        let sum = t.abs()?.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() && t.flatten_all()?.to_vec1::<f32>()?.iter().any(|x| !x.is_finite()) {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// Global L2 norm of all gradients (accumulated in f64).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;

@@ -393,3 +393,22 @@ fn activation_checkpointing_gives_the_same_gradients() {
     let without = grads_with(&lm, &|m| objective::sft_loss(m, &seqs, 2).unwrap().0, false);
     assert_ne!(with_dropout, without);
 }
+
+/// What a training job checks before saving: the first parameter holding a
+/// NaN or an infinity is named; huge but finite weights are not flagged.
+#[test]
+fn the_first_non_finite_parameter_is_named() {
+    use candle_core::{Tensor, Var};
+    let dev = candle_core::Device::Cpu;
+    let var = |v: Vec<f32>| Var::from_tensor(&Tensor::new(v.as_slice(), &dev).unwrap()).unwrap();
+    let fine = vec![
+        ("a".to_string(), var(vec![1.0, -2.0])),
+        ("b".to_string(), var(vec![3e38, 3e38, 3e38])),
+    ];
+    assert_eq!(herd_engine::optim::first_non_finite(&fine).unwrap(), None);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut params = fine.clone();
+        params.push(("c".to_string(), var(vec![0.0, bad])));
+        assert_eq!(herd_engine::optim::first_non_finite(&params).unwrap(), Some("c".into()));
+    }
+}

@@ -95,8 +95,26 @@ impl Recipe for Average {
     fn accepts(_input: &str) -> &'static [ArtifactKind] {
         &[ArtifactKind::Checkpoint, ArtifactKind::Adapter]
     }
-    fn check_with_inputs(p: &Params, _inputs: &[&str]) -> Result<(), String> {
-        p.check_ranking()
+    fn check_with_inputs(p: &Params, inputs: &[&str]) -> Result<(), String> {
+        p.check_ranking()?;
+        if p.weights.is_empty() {
+            return Ok(());
+        }
+        if p.weights.len() != inputs.len() {
+            return Err(format!(
+                "weights: {} weight(s) for {} inputs ({}; in that order)",
+                p.weights.len(),
+                inputs.len(),
+                inputs.join(", ")
+            ));
+        }
+        let total: f64 = p.weights.iter().sum();
+        if !(total.is_finite() && total > 0.0) {
+            return Err(format!(
+                "weights: they sum to {total}; the sum must be finite and positive (each is divided by it)"
+            ));
+        }
+        Ok(())
     }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)

@@ -239,6 +239,9 @@ impl LoraParams {
 /// run on one machine, far below what would run for ever or abort the
 /// worker on an allocation.
 pub mod limits {
+    /// A learning rate past 1 moves AdamW's weights by more than their scale
+    /// each step: it only diverges.
+    pub const MAX_LR: f64 = 1.0;
     pub const MAX_STEPS: u64 = 10_000_000;
     pub const MAX_EPOCHS: f64 = 10_000.0;
     pub const MAX_BATCH: usize = 4096;
@@ -270,7 +273,13 @@ impl TrainParams {
         use super::Bound;
         use limits::*;
         vec![
-            Bound::at_least("lr", 0.0, false),
+            Bound {
+                name: "lr",
+                min: 0.0,
+                min_inclusive: false,
+                max: Some(MAX_LR),
+                max_inclusive: true,
+            },
             Bound::closed("steps", 0.0, MAX_STEPS as f64),
             Bound::closed("warmup_steps", 0.0, MAX_STEPS as f64),
             Bound {
@@ -291,8 +300,10 @@ impl TrainParams {
 
     pub fn validate(&self) -> Result<(), String> {
         use limits::*;
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err("lr must be a positive number".into());
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= MAX_LR) {
+            return Err(format!(
+                "lr must be in (0, {MAX_LR}] (a step of more than the weights themselves only diverges)"
+            ));
         }
         in_range("steps", self.steps, 0, MAX_STEPS)?;
         in_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)?;
@@ -439,6 +450,13 @@ pub fn save_trained(
     trained_from: &Path,
     summary: Value,
 ) -> Result<String> {
+    // Never record weights that can't be used: a diverged last update
+    // (after its loss was checked) leaves non-finite values.
+    if let Some(name) = herd_engine::optim::first_non_finite(&model.trainable_params())? {
+        anyhow::bail!(
+            "training diverged: after the last step `{name}` holds non-finite values, so nothing was saved (lower lr, or set grad_clip)"
+        );
+    }
     if let Some(lora) = &model.lora {
         lora.set_training(false, 0);
         let out: PathBuf = ctx.workdir.join("adapter");
