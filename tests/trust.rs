@@ -673,20 +673,52 @@ fn jobs_that_would_record_unusable_outputs_are_refused_at_submit() {
         }
     };
     refused(
-        req("sft", &[("model", &r), ("data", &sft)], json!({"lr": 1e308, "steps": 1})),
+        req(
+            "sft",
+            &[("model", &r), ("data", &sft)],
+            json!({"lr": 1e308, "steps": 1}),
+        ),
         &["lr", "(0, 1]"],
     );
     refused(
-        req("average", &[("a", &r), ("b", &p)], json!({"weights": [1e308, 1e308]})),
+        req(
+            "average",
+            &[("a", &r), ("b", &p)],
+            json!({"weights": [1e308, 1e308]}),
+        ),
         &["weights", "finite and positive"],
     );
     refused(
-        req("average", &[("a", &r), ("b", &p)], json!({"weights": [1.0]})),
+        req(
+            "average",
+            &[("a", &r), ("b", &p)],
+            json!({"weights": [1.0]}),
+        ),
         &["weights", "1 weight(s) for 2 inputs"],
     );
     // At the top of the range a job still runs.
     run_short_sft(&c, &r, &sft);
-    let ok = submit(&c, &req("average", &[("a", &r), ("b", &p)], json!({"weights": [1.0, 3.0]})));
+    let ok = submit(
+        &c,
+        &req(
+            "average",
+            &[("a", &r), ("b", &p)],
+            json!({"weights": [1.0, 3.0]}),
+        ),
+    );
     let j = c.wait(&ok, Duration::from_secs(60)).unwrap();
     assert_eq!(j.status, herd_client::JobStatus::Succeeded, "{:?}", j.error);
+}
+
+/// `herdd --data-dir rel/rd`: the directory is made absolute at start, so
+/// the links an import makes to blobs resolve and a model imports (it used
+/// to fail with "I/O error on DATA/tmp/…/config.json").
+#[test]
+fn a_relative_data_dir_imports_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_relative(dir.path(), "rel/rd");
+    let c = d.client();
+    let imported = c.import_model(&fixtures().join("ref"), "ref").unwrap();
+    assert!(imported.summary["parameters"].as_u64().unwrap() > 0);
+    assert!(dir.path().join("rel/rd/log/events.jsonl").is_file());
 }

@@ -162,7 +162,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub async fn start(config: DaemonConfig) -> Result<Daemon> {
+    pub async fn start(mut config: DaemonConfig) -> Result<Daemon> {
+        // Absolute from here on: the blob links import makes and the job
+        // files workers read must not depend on the working directory.
+        config.data_dir = std::path::absolute(&config.data_dir)
+            .with_context(|| format!("data directory {}", config.data_dir.display()))?;
         secure_data_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
         let token = ensure_token(&config.data_dir)?;

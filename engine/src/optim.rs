@@ -230,7 +230,12 @@ pub fn first_non_finite(params: &[(String, candle_core::Var)]) -> Result<Option<
         // NaN and ±inf turn the sum of |x| non-finite (so can huge finite
         // values, overflowing it: then the elements themselves decide).
         let sum = t.abs()?.sum_all()?.to_scalar::<f32>()?;
-        if !sum.is_finite() && t.flatten_all()?.to_vec1::<f32>()?.iter().any(|x| !x.is_finite()) {
+        if !sum.is_finite()
+            && t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .any(|x| !x.is_finite())
+        {
             return Ok(Some(name.clone()));
         }
     }

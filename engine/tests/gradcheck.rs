@@ -409,6 +409,9 @@ fn the_first_non_finite_parameter_is_named() {
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let mut params = fine.clone();
         params.push(("c".to_string(), var(vec![0.0, bad])));
-        assert_eq!(herd_engine::optim::first_non_finite(&params).unwrap(), Some("c".into()));
+        assert_eq!(
+            herd_engine::optim::first_non_finite(&params).unwrap(),
+            Some("c".into())
+        );
     }
 }

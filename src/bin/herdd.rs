@@ -125,6 +125,8 @@ fn main() {
         .data_dir
         .clone()
         .unwrap_or_else(herd_client::default_data_dir);
+    // Absolute, whatever the working directory (links and job files name it).
+    let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
     if let Some(Command::Repair) = &cli.command {
         std::process::exit(repair(&data_dir));
     }

@@ -38,18 +38,32 @@ impl Daemon {
 
     /// With more environment (`SLURM_CONF` for a test cluster).
     pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        Self::spawn(dir.to_str().unwrap(), None, dir, extra, env)
+    }
+
+    /// `herdd --data-dir REL` started in `cwd`: a relative data directory.
+    pub fn start_relative(cwd: &Path, rel: &str) -> Daemon {
+        Self::spawn(rel, Some(cwd), &cwd.join(rel), &[], &[])
+    }
+
+    fn spawn(
+        data_dir_arg: &str,
+        cwd: Option<&Path>,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Daemon {
         let threads: &[&str] = if extra.contains(&"--threads") {
             &[]
         } else {
             &["--threads", "1"]
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
-            .args([
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herdd"));
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd
+            .args(["--data-dir", data_dir_arg, "--listen", "127.0.0.1:0"])
             .args(threads)
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v)))
