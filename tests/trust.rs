@@ -420,6 +420,18 @@ fn bytes_are_verified_where_they_are_used() {
         !out.join("model.safetensors").exists(),
         "export left a corrupt file behind"
     );
+    // Nothing at all: no half-written directory, no staging directory.
+    assert!(
+        !out.exists(),
+        "a failed export left {} behind",
+        out.display()
+    );
+    let strays: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial"))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
     let v = c.verify().unwrap();
     assert!(!v.ok);
     // Error messages name no server path.
@@ -721,4 +733,65 @@ fn a_relative_data_dir_imports_models() {
     let imported = c.import_model(&fixtures().join("ref"), "ref").unwrap();
     assert!(imported.summary["parameters"].as_u64().unwrap() > 0);
     assert!(dir.path().join("rel/rd/log/events.jsonl").is_file());
+}
+
+/// Queries and runs that used to be answered 200 with a wrong or empty
+/// result: an unknown sort or where key, too many rows, a run's
+/// hyperparameters as a list, a run output whose blob is not what it claims.
+#[test]
+fn unknown_keys_oversized_rows_and_mislabelled_run_outputs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    run_short_sft(&c, &r, &sft);
+    let refused = |res: Result<Value, ClientError>, want: &str| {
+        let (status, message) = api_error(res);
+        assert_eq!(status, 400, "{message}");
+        assert!(message.contains(want), "expected {want:?} in {message}");
+    };
+    refused(c.get("/jobs?sort=bogus"), "no job has `bogus`");
+    refused(c.get("/jobs?sort=-metric.reward_acc"), "metric.reward_acc");
+    refused(c.get("/jobs?where=metric.los%3C2"), "metric.los");
+    assert!(c.get("/jobs?sort=-metric.loss").is_ok());
+    refused(
+        c.get(&format!("/artifacts/{sft}?rows=101")),
+        "at most 100 rows",
+    );
+    assert!(c.get(&format!("/artifacts/{sft}?rows=100")).is_ok());
+
+    refused(
+        c.post("/runs", &json!({"name": "r", "hyperparameters": [1, 2]})),
+        "hyperparameters",
+    );
+    let run = c
+        .post(
+            "/runs",
+            &json!({"name": "r", "hyperparameters": {"lr": 1e-5}}),
+        )
+        .unwrap();
+    let id = run["id"].as_str().unwrap().to_string();
+    let blob = c.upload_file(&fixtures().join("sft.jsonl")).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    refused(
+        c.post(
+            &format!("/runs/{id}/artifacts"),
+            &json!({"name": "checkpoint", "hash": blob, "artifact": "checkpoint"}),
+        ),
+        "not a checkpoint",
+    );
+    refused(
+        c.post(
+            &format!("/runs/{id}/artifacts"),
+            &json!({"name": "prefs", "hash": blob, "artifact": "preference"}),
+        ),
+        "not a preference dataset",
+    );
+    c.post(
+        &format!("/runs/{id}/artifacts"),
+        &json!({"name": "data", "hash": blob, "artifact": "sft"}),
+    )
+    .unwrap();
 }

@@ -494,36 +494,60 @@ impl Client {
         Ok(size)
     }
 
-    /// Write a checkpoint (tree) as a Hugging Face directory. Each file goes
-    /// to a temporary name and is renamed into place only once its bytes
-    /// hash right: a failed export leaves no corrupt file behind.
+    /// Write a checkpoint (tree) as a Hugging Face directory. Every file is
+    /// written into a temporary directory beside `dir` and checked against
+    /// its hash; only when all are there does it become `dir` (renamed, or
+    /// its files moved into an existing `dir`): a failed export leaves
+    /// nothing behind.
     pub fn export(&self, hash: &str, dir: &Path) -> Result<Vec<String>> {
         let tree = self.tree(hash)?;
         let io = |path: &Path, e| ClientError::Io {
             path: path.display().to_string(),
             source: e,
         };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let mut names = vec![];
-        for f in tree.files {
-            let name = f.name;
-            if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                return Err(ClientError::Decode(format!(
-                    "unsafe file name {name:?} in tree {hash}"
-                )));
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+        let leaf = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".into());
+        let staging = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir(&staging).map_err(|e| io(&staging, e))?;
+        let written = (|| -> Result<Vec<String>> {
+            let mut names = vec![];
+            for f in tree.files {
+                let name = f.name;
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    return Err(ClientError::Decode(format!(
+                        "unsafe file name {name:?} in tree {hash}"
+                    )));
+                }
+                let path = staging.join(&name);
+                let mut out = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+                self.download(&f.blob, &mut out)?;
+                out.sync_all().map_err(|e| io(&path, e))?;
+                names.push(name);
             }
-            let path = dir.join(&name);
-            let partial = dir.join(format!(".{name}.partial"));
-            let mut out = std::fs::File::create(&partial).map_err(|e| io(&partial, e))?;
-            let written = self
-                .download(&f.blob, &mut out)
-                .and_then(|_| out.sync_all().map_err(|e| io(&partial, e)))
-                .and_then(|_| std::fs::rename(&partial, &path).map_err(|e| io(&path, e)));
-            if let Err(e) = written {
-                let _ = std::fs::remove_file(&partial);
+            Ok(names)
+        })();
+        let names = match written {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
                 return Err(e);
             }
-            names.push(name);
+        };
+        if !dir.exists() {
+            std::fs::rename(&staging, dir).map_err(|e| io(dir, e))?;
+        } else {
+            for n in &names {
+                std::fs::rename(staging.join(n), dir.join(n)).map_err(|e| io(&dir.join(n), e))?;
+            }
+            let _ = std::fs::remove_dir_all(&staging);
         }
         Ok(names)
     }

@@ -460,6 +460,9 @@ async fn list_artifacts(ctx: Ctx, q: ArtifactQuery) -> Res {
     reply_json(&list)
 }
 
+/// The most rows of a dataset one `GET /artifacts/{hash}` shows.
+const MAX_ROWS_SHOWN: usize = 100;
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ArtifactRows {
@@ -481,7 +484,12 @@ async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
                 "no recorded artifact {hash}; `herd artifacts` lists them"
             ))
         })?;
-    let wanted = q.rows.unwrap_or(3).min(100);
+    let wanted = q.rows.unwrap_or(3);
+    if wanted > MAX_ROWS_SHOWN {
+        return Err(bad(format!(
+            "query `rows`: at most {MAX_ROWS_SHOWN} rows are shown, not {wanted}; export the dataset for all of them"
+        )));
+    }
     let mut rows = vec![];
     if !artifact.artifact.is_directory() && wanted > 0 {
         let blobs = ctx.state.store.blobs.clone();

@@ -181,6 +181,21 @@ pub(super) fn job_of(ctx: &Ctx, j: &JobView) -> Job {
     }
 }
 
+/// Refuse a `where` or `sort` key that no recorded job has (a typo would
+/// otherwise filter everything out, or sort nothing, and answer 200).
+fn known_key(
+    rows: &std::collections::BTreeMap<Uuid, JobRow>,
+    key: &str,
+    what: &str,
+) -> Result<(), String> {
+    if rows.is_empty() || rows.values().any(|j| job_value(j, key).is_some()) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: no job has `{key}` (keys: submitted, seed, hp.NAME, metric.NAME; `herd history` shows the names)"
+    ))
+}
+
 async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
     let conds = parse_where(q.where_.as_deref().unwrap_or("")).map_err(bad)?;
     let limit = q.limit.unwrap_or(MAX_JOBS_PAGE);
@@ -190,6 +205,17 @@ async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
         )));
     }
     let p = ctx.state.projection.read().await;
+    for (k, _, _) in &conds {
+        known_key(&p.rows, k, "query `where`").map_err(bad)?;
+    }
+    if let Some(sort) = &q.sort {
+        known_key(
+            &p.rows,
+            sort.strip_prefix('-').unwrap_or(sort),
+            "query `sort`",
+        )
+        .map_err(bad)?;
+    }
     // Filter and sort on the rows (in memory for every job); read full views
     // only for the page asked for.
     let mut out: Vec<(&Uuid, &JobRow)> = p

@@ -45,6 +45,11 @@ struct NewRun {
 }
 
 async fn open_run(ctx: Ctx, body: NewRun) -> Res {
+    if !(body.hyperparameters.is_object() || body.hyperparameters.is_null()) {
+        return Err(bad(
+            "field `hyperparameters`: an object of name -> value (a run's settings are looked up by name)".to_string(),
+        ));
+    }
     if let Some(e) = body.experiment {
         if !ctx
             .state
@@ -166,6 +171,36 @@ async fn log_artifact(id: Uuid, ctx: Ctx, body: NewArtifact) -> Res {
             body.hash
         )));
     }
+    // The blob must be what the output claims: a directory tree for a
+    // checkpoint or adapter, a dataset of that kind otherwise.
+    let (blobs, hash, kind) = (
+        ctx.state.store.blobs.clone(),
+        body.hash.clone(),
+        body.artifact,
+    );
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let is_tree = blobs.tree(&hash).is_ok();
+        if kind.is_directory() != is_tree {
+            return Err(format!(
+                "field `artifact`: blob {hash} is {}, not a {kind}",
+                if is_tree {
+                    "a directory tree"
+                } else {
+                    "a single file"
+                }
+            ));
+        }
+        if let Ok(dataset) = crate::data::DatasetKind::parse(&kind.to_string()) {
+            let bytes = blobs.read(&hash).map_err(|e| e.to_string())?;
+            crate::data::parse_bytes(dataset, &bytes, &hash).map_err(|e| {
+                format!("field `artifact`: blob {hash} is not a {kind} dataset: {e}")
+            })?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(internal)?
+    .map_err(bad)?;
     open_run_view(&ctx, id).await?;
     let event = HerdEvent::JobOutput {
         job: id,
