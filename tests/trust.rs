@@ -795,3 +795,46 @@ fn unknown_keys_oversized_rows_and_mislabelled_run_outputs_are_refused() {
     )
     .unwrap();
 }
+
+/// Names are text people read: control characters (a name with ESC could
+/// clear a screen or retitle a terminal), bidirectional overrides,
+/// padding and over-long names are refused, naming the character.
+#[test]
+fn names_with_escapes_controls_or_overrides_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let refused = |res: Result<Value, ClientError>, want: &str| {
+        let (status, message) = api_error(res);
+        assert_eq!(status, 400, "{message}");
+        assert!(message.contains(want), "expected {want:?} in {message}");
+    };
+    refused(
+        c.post("/experiments", &json!({"name": "x\u{1b}]0;pwned\u{7}"})),
+        "U+001B",
+    );
+    refused(
+        c.post("/experiments", &json!({"name": " padded"})),
+        "spaces",
+    );
+    refused(
+        c.post("/experiments", &json!({"name": "a".repeat(201)})),
+        "200",
+    );
+    refused(c.post("/runs", &json!({"name": "two\nlines"})), "U+000A");
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let mut body = req("sft", &[("model", &r), ("data", &sft)], json!({"steps": 1}));
+    body["name"] = json!("evil\u{202E}gnp.exe");
+    refused(c.post("/jobs", &body), "U+202E");
+    let run = c.post("/runs", &json!({"name": "ok"})).unwrap();
+    let id = run["id"].as_str().unwrap();
+    refused(
+        c.post(
+            &format!("/runs/{id}/metrics"),
+            &json!({"points": [{"name": "loss\u{0}", "step": 1, "value": 1.0}]}),
+        ),
+        "U+0000",
+    );
+    c.post("/experiments", &json!({"name": "fine name ✓"}))
+        .unwrap();
+}

@@ -474,3 +474,83 @@ mod tests {
             .contains("expected one of"));
     }
 }
+
+/// The longest name (experiment, job, run, metric, artifact) accepted.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// Names are text people read in terminals and pages: 1 to 200 characters,
+/// no leading or trailing spaces, no control characters (ESC would let a
+/// name clear a screen or retitle a terminal), no bidirectional overrides
+/// (which reorder what is shown). The error names the offending character.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_NAME_CHARS {
+        return Err(format!("1 to {MAX_NAME_CHARS} characters, not {n}"));
+    }
+    if name.trim() != name {
+        return Err(format!("{name:?} starts or ends with spaces"));
+    }
+    if let Some((i, c)) = name.chars().enumerate().find(|(_, c)| unreadable(*c)) {
+        return Err(format!(
+            "character {} U+{:04X} at position {i} is {}",
+            i + 1,
+            c as u32,
+            if c.is_control() {
+                "a control character"
+            } else {
+                "a bidirectional override"
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// A character a name may not hold (see [`check_name`]).
+pub fn unreadable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` as a terminal may print it: unreadable characters (see
+/// [`check_name`]) written as `\u{..}` escapes, for names recorded before
+/// they were checked.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(unreadable) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if unreadable(c) {
+                    format!("\\u{{{:x}}}", c as u32)
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn names_refuse_escapes_controls_bidi_and_padding() {
+        check_name("sft lr=1e-5 / run 3 ✓").unwrap();
+        for bad in [
+            "",
+            " x",
+            "x ",
+            "a\u{1b}]0;pwned\u{7}",
+            "a\nb",
+            "nul\0",
+            "abc\u{202E}def",
+            &"x".repeat(201),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("a\u{1b}b").unwrap_err().contains("U+001B"));
+        assert_eq!(printable("a\u{1b}[2Jb\u{202E}"), "a\\u{1b}[2Jb\\u{202e}");
+    }
+}

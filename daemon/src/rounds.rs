@@ -158,6 +158,7 @@ pub fn expand(
                 "{at}: names must be unique, non-empty, without '.'"
             ));
         }
+        herd_core::vocab::check_name(&j.name).map_err(|e| format!("{at}.name: {e}"))?;
         let kind: JobKind = j.kind.parse().map_err(|e| format!("{at}.kind: {e}"))?;
         let hyperparameters = jobs::effective_hyperparameters(kind, &j.hyperparameters)
             .map_err(|e| format!("{at}.hyperparameters: {e}"))?;

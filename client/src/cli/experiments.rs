@@ -16,7 +16,7 @@ pub(super) fn experiment(c: &Client, action: &ExperimentAction, js: bool) -> Res
                     println!(
                         "{}  {:<24} rounds={} jobs={}",
                         e.id,
-                        e.name,
+                        herd_core::vocab::printable(&e.name),
                         e.rounds.len(),
                         e.jobs.len()
                     );
@@ -27,7 +27,7 @@ pub(super) fn experiment(c: &Client, action: &ExperimentAction, js: bool) -> Res
             let v = c.experiment(id)?;
             print(js, &v, || {
                 let e = &v.experiment;
-                println!("{} ({})", e.name, e.id);
+                println!("{} ({})", herd_core::vocab::printable(&e.name), e.id);
                 if !e.description.is_empty() {
                     println!("  {}", e.description);
                 }
@@ -35,7 +35,7 @@ pub(super) fn experiment(c: &Client, action: &ExperimentAction, js: bool) -> Res
                 for r in &v.rounds {
                     println!(
                         "  round {}/{}  {}  {} jobs",
-                        e.name,
+                        herd_core::vocab::printable(&e.name),
                         r.index,
                         r.id,
                         r.jobs.len()

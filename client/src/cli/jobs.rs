@@ -20,7 +20,13 @@ pub(super) fn hyperparameters(j: &Job) -> &Value {
 pub(super) fn show(c: &Client, id: &str, js: bool) -> Result<()> {
     let j = c.job(id)?;
     print(js, &json!(j), || {
-        println!("{} {} ({}) — {}", j.kind, j.name, j.id, j.status);
+        println!(
+            "{} {} ({}) — {}",
+            j.kind,
+            herd_core::vocab::printable(&j.name),
+            j.id,
+            j.status
+        );
         if let Some(e) = &j.error {
             println!("  error: {e}");
         }
@@ -123,7 +129,7 @@ fn column(j: &Job, col: &str) -> String {
         "job" | "id" => j.id.to_string(),
         "kind" => j.kind.to_string(),
         "status" => j.status.to_string(),
-        "name" => j.name.clone(),
+        "name" => herd_core::vocab::printable(&j.name).into_owned(),
         "seed" => j.seed.to_string(),
         "submitted" => time_of(j.submitted_ms),
         "started" => j.started_ms.map_or("-".into(), time_of),

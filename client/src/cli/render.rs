@@ -27,7 +27,7 @@ pub(super) fn job_row(j: &Job) -> String {
         j.id,
         j.kind,
         j.status,
-        short(&j.name),
+        short(&herd_core::vocab::printable(&j.name)),
         metrics.join(" ")
     )
 }

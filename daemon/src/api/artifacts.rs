@@ -231,6 +231,7 @@ where
     B: bytes::Buf,
 {
     let kind = DatasetKind::parse(&q.kind).map_err(bad)?;
+    herd_core::vocab::check_name(&q.name).map_err(|e| bad(format!("query `name`: {e}")))?;
     let info = stream_to_blob(&ctx, body).await?;
     if info.size > DATASET_LIMIT {
         return Err(bad(format!(
@@ -283,6 +284,7 @@ struct NewCheckpoint {
 }
 
 async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
+    herd_core::vocab::check_name(&body.name).map_err(|e| bad(format!("field `name`: {e}")))?;
     let mut entries = vec![];
     for (name, hash) in &body.files {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {

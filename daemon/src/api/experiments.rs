@@ -37,9 +37,7 @@ struct NewExperiment {
 }
 
 async fn create_experiment(ctx: Ctx, body: NewExperiment) -> Res {
-    if body.name.trim().is_empty() || body.name.len() > 200 {
-        return Err(bad("field `name`: 1 to 200 characters"));
-    }
+    herd_core::vocab::check_name(&body.name).map_err(|e| bad(format!("field `name`: {e}")))?;
     if body.name.parse::<Uuid>().is_ok() || body.name.contains('/') {
         return Err(bad(format!(
             "field `name`: {:?} would read as an id or a path (EXPERIMENT/JOB); choose another",

@@ -87,6 +87,9 @@ async fn submit_job(ctx: Ctx, body: JobRequest) -> Res {
             }
         }
     }
+    if let Some(name) = &body.name {
+        herd_core::vocab::check_name(name).map_err(|e| bad(format!("field `name`: {e}")))?;
+    }
     let id = Uuid::now_v7();
     let event = HerdEvent::JobSubmitted {
         job: id,

@@ -45,6 +45,7 @@ struct NewRun {
 }
 
 async fn open_run(ctx: Ctx, body: NewRun) -> Res {
+    herd_core::vocab::check_name(&body.name).map_err(|e| bad(format!("field `name`: {e}")))?;
     if !(body.hyperparameters.is_object() || body.hyperparameters.is_null()) {
         return Err(bad(
             "field `hyperparameters`: an object of name -> value (a run's settings are looked up by name)".to_string(),
@@ -125,11 +126,14 @@ async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
         .points
         .iter()
         .enumerate()
-        .find(|(_, p)| !p.value.is_finite() || p.name.is_empty() || p.name.len() > 200)
+        .find(|(_, p)| !p.value.is_finite() || herd_core::vocab::check_name(&p.name).is_err())
     {
+        let why = herd_core::vocab::check_name(&p.name)
+            .err()
+            .unwrap_or_else(|| format!("value {} is not finite", p.value));
         return Err(bad(format!(
-            "field `points[{i}]`: name must be 1-200 chars and value finite (got {:?} = {})",
-            p.name, p.value
+            "field `points[{i}]` ({}): {why}",
+            herd_core::vocab::printable(&p.name)
         )));
     }
     open_run_view(&ctx, id).await?;
@@ -164,6 +168,7 @@ struct NewArtifact {
 }
 
 async fn log_artifact(id: Uuid, ctx: Ctx, body: NewArtifact) -> Res {
+    herd_core::vocab::check_name(&body.name).map_err(|e| bad(format!("field `name`: {e}")))?;
     herd_store::blob::validate_id(&body.hash).map_err(|e| bad(format!("field `hash`: {e}")))?;
     if !ctx.state.store.blobs.contains(&body.hash) {
         return Err(bad(format!(
