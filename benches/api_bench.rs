@@ -19,6 +19,7 @@ fn main() {
         .build()
         .unwrap();
     let config = DaemonConfig {
+        dashboard_hosts: vec![],
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
         scheduler: SchedulerConfig {

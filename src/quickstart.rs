@@ -369,6 +369,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         .enable_all()
         .build()?;
     let config = DaemonConfig {
+        dashboard_hosts: vec![],
         data_dir: data_dir.clone(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         scheduler: SchedulerConfig {

@@ -327,3 +327,53 @@ fn the_dashboard_in_a_real_browser() {
     b.click("#verify");
     b.wait_for("#verification [data-status=succeeded]");
 }
+
+/// The dashboard answers only to its own address (and localhost, and names
+/// given with --dashboard-host): a page on another name that resolves here
+/// (DNS rebinding) gets 421 on every route, login included. No browser is
+/// needed: the requests are written by hand.
+#[test]
+fn the_dashboard_refuses_hosts_it_is_not() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        dir.path(),
+        &[
+            "--dashboard-listen",
+            "127.0.0.1:0",
+            "--dashboard-host",
+            "herd.internal",
+        ],
+    );
+    let url = d.client().status().unwrap()["dashboard"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let addr = url.trim_start_matches("http://").to_string();
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
+    let status_for = |path: &str, host: &str| -> u16 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    for path in ["/", "/login?code=x", "/api/jobs", "/static/app.js"] {
+        assert_eq!(status_for(path, "evil.example"), 421, "{path}");
+        assert_eq!(
+            status_for(path, &format!("evil.example:{port}")),
+            421,
+            "{path}"
+        );
+    }
+    assert_eq!(status_for("/", &addr), 200);
+    assert_eq!(status_for("/", &format!("localhost:{port}")), 200);
+    assert_eq!(status_for("/", &format!("herd.internal:{port}")), 200);
+    assert_eq!(status_for("/", "herd.internal"), 200);
+    // The API's own port is not the dashboard's: Host there is not checked.
+    assert!(d.client().status().is_ok());
+}

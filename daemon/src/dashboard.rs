@@ -213,8 +213,65 @@ fn asset(name: &str) -> Option<warp::reply::Response> {
 }
 
 /// Everything the dashboard port answers.
+/// The `Host` values the dashboard answers: its address, `localhost` (and
+/// the other loopback spellings) on its port when it listens on loopback,
+/// and the names given (a bare name: on the dashboard's port, and as is).
+pub fn allowed_hosts(addr: std::net::SocketAddr, extra: &[String]) -> Vec<String> {
+    let port = addr.port();
+    let mut hosts = vec![addr.to_string()];
+    if addr.ip().is_loopback() {
+        for h in ["localhost", "127.0.0.1", "[::1]"] {
+            hosts.push(format!("{h}:{port}"));
+        }
+    }
+    for h in extra {
+        let h = h.trim().to_ascii_lowercase();
+        // `name:port` (or `[v6]:port`) as given; a bare name on the
+        // dashboard's port, and port-less (a proxy on 80 or 443).
+        let has_port = h.rsplit_once(':').is_some_and(|(name, p)| {
+            p.parse::<u16>().is_ok() && (!name.contains(':') || name.ends_with(']'))
+        });
+        if !has_port {
+            hosts.push(format!("{h}:{port}"));
+        }
+        hosts.push(h);
+    }
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// Refuse a `Host` the dashboard does not answer to (421): a page on
+/// another name that resolves here (DNS rebinding) is not the dashboard's
+/// origin, whatever its `Origin` says.
+fn host_allowed(
+    hosts: std::sync::Arc<Vec<String>>,
+) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("host")
+        .and_then(move |host: Option<String>| {
+            let hosts = hosts.clone();
+            async move {
+                let h = host.unwrap_or_default().to_ascii_lowercase();
+                if hosts.iter().any(|a| *a == h) {
+                    Ok(())
+                } else {
+                    Err(warp::reject::custom(ApiError {
+                        status: StatusCode::MISDIRECTED_REQUEST,
+                        message: format!(
+                            "this dashboard does not answer to Host {:?} (it answers to {}; add names with --dashboard-host)",
+                            herd_core::vocab::printable(&h),
+                            hosts.join(", ")
+                        ),
+                    }))
+                }
+            }
+        })
+        .untuple_one()
+}
+
 pub fn routes(
     ctx: Ctx,
+    hosts: Vec<String>,
 ) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone {
     let sessions = ctx.sessions.clone();
     let login = warp::path!("login")
@@ -272,15 +329,18 @@ pub fn routes(
         });
     let api = warp::path("api").and(session(&ctx)).and(api::api(&ctx));
     let state = ctx.state.clone();
-    login
-        .or(session_info)
-        .unify()
-        .or(index)
-        .unify()
-        .or(static_files)
-        .unify()
-        .or(api)
-        .unify()
+    host_allowed(std::sync::Arc::new(hosts))
+        .and(
+            login
+                .or(session_info)
+                .unify()
+                .or(index)
+                .unify()
+                .or(static_files)
+                .unify()
+                .or(api)
+                .unify(),
+        )
         .recover(move |err| api::recover(err, state.clone()))
 }
 

@@ -21,6 +21,10 @@ pub struct DaemonConfig {
     pub scheduler: SchedulerConfig,
     /// Where to serve the web dashboard (None: not served).
     pub dashboard: Option<SocketAddr>,
+    /// Further names the dashboard answers to (`Host`), beside its own
+    /// address (and `localhost` when that is a loopback address): a
+    /// reverse proxy's name, say. Any other `Host` gets 421.
+    pub dashboard_hosts: Vec<String>,
 }
 
 pub const TOKEN_FILE: &str = "token";
@@ -227,12 +231,13 @@ impl Daemon {
             stop_rx,
         ))];
         let dashboard_addr = dashboard.as_ref().map(|(_, a)| *a);
-        if let Some((listener, _)) = dashboard {
+        if let Some((listener, addr)) = dashboard {
+            let hosts = crate::dashboard::allowed_hosts(addr, &config.dashboard_hosts);
             let (stop, stop_rx) = oneshot::channel::<()>();
             stops.push(stop);
             servers.push(tokio::spawn(crate::listener::serve(
                 listener,
-                crate::dashboard::routes(ctx),
+                crate::dashboard::routes(ctx, hosts),
                 stop_rx,
             )));
         }

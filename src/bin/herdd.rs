@@ -27,6 +27,11 @@ struct Cli {
     /// leaves the API running without it.
     #[arg(long, env = "HERD_DASHBOARD_LISTEN", default_value = "127.0.0.1:7448")]
     dashboard_listen: String,
+    /// A further name the dashboard answers to (its `Host`), e.g. a reverse
+    /// proxy's; repeat for more. Its own address (and localhost on
+    /// loopback) always works; any other Host gets 421.
+    #[arg(long = "dashboard-host")]
+    dashboard_hosts: Vec<String>,
     /// Allow a non-loopback --listen address. The API is plain HTTP: put it
     /// behind TLS (an SSH tunnel or a reverse proxy) before it leaves the machine.
     #[arg(long)]
@@ -198,6 +203,7 @@ fn main() {
         },
     };
     let config = DaemonConfig {
+        dashboard_hosts: cli.dashboard_hosts.clone(),
         data_dir,
         listen: cli.listen,
         scheduler: sched,
