@@ -838,3 +838,66 @@ fn names_with_escapes_controls_or_overrides_are_refused() {
     c.post("/experiments", &json!({"name": "fine name ✓"}))
         .unwrap();
 }
+
+/// A token holder can't lock everyone out with bodies that never come:
+/// 4,200 connections send a request head for a large upload and then stall.
+/// At most 64 bodies per client are read at once (the rest are refused at
+/// once, 503, and closed), and a read body must bring 1 KiB every 10 s or
+/// get 408: `/status` keeps answering (it used to answer 503 for as long as
+/// the stalled bodies stayed).
+#[test]
+fn stalled_request_bodies_cannot_lock_clients_out() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let addr = d.addr.trim_start_matches("http://").to_string();
+    let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
+    let head = format!(
+        "POST /blobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 1000000\r\n\r\nten bytes.",
+        token.trim()
+    );
+    let mut stalled = vec![];
+    for _ in 0..4200 {
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+            break; // the client ran out of descriptors: enough of them
+        };
+        let _ = s.write_all(head.as_bytes());
+        stalled.push(s);
+    }
+    assert!(stalled.len() >= 2000, "opened only {}", stalled.len());
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        c.status().expect("/status answers while bodies stall");
+        worst = worst.max(t.elapsed());
+    }
+    eprintln!(
+        "{} stalled bodies: /status worst of 5 {worst:?}",
+        stalled.len()
+    );
+    assert!(worst < Duration::from_secs(5), "status took {worst:?}");
+    // Every stalled connection ends: refused at the gate at once, or timed
+    // out with 408 once its window passes.
+    let (mut refused, mut timed_out) = (0, 0);
+    for s in stalled.iter_mut().take(200) {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        if out.starts_with("HTTP/1.1 503") {
+            refused += 1;
+        } else if out.starts_with("HTTP/1.1 408") {
+            timed_out += 1;
+        } else {
+            panic!("unexpected answer to a stalled body: {out:?}");
+        }
+    }
+    assert!(
+        timed_out > 0 && refused > 0,
+        "408: {timed_out}, 503: {refused}"
+    );
+    assert!(
+        timed_out <= 64,
+        "at most 64 bodies per client are read at once"
+    );
+}

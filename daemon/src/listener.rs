@@ -62,7 +62,7 @@ where
     let http = Arc::new(http);
     tokio::pin!(stop);
     loop {
-        let (mut stream, _peer) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             _ = &mut stop => return,
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
@@ -107,21 +107,25 @@ where
             // A handler that panics answers 500 with the reason, instead of
             // the connection dropping with no answer (the client would ask
             // "is the daemon running?"). A panicking request records nothing.
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::Body>| {
-                let (method, path) = (req.method().clone(), req.uri().path().to_string());
-                let mut routes = routes.clone();
-                async move {
-                    use futures_util::FutureExt;
-                    use hyper::service::Service;
-                    match std::panic::AssertUnwindSafe(routes.call(req))
-                        .catch_unwind()
-                        .await
-                    {
-                        Ok(answer) => answer,
-                        Err(panic) => Ok(panicked(&method, &path, panic)),
+            let service =
+                hyper::service::service_fn(move |mut req: hyper::Request<hyper::Body>| {
+                    // Who sent it: request bodies are capped per client.
+                    req.extensions_mut()
+                        .insert(crate::api::bodies::Peer(peer.ip()));
+                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                    let mut routes = routes.clone();
+                    async move {
+                        use futures_util::FutureExt;
+                        use hyper::service::Service;
+                        match std::panic::AssertUnwindSafe(routes.call(req))
+                            .catch_unwind()
+                            .await
+                        {
+                            Ok(answer) => answer,
+                            Err(panic) => Ok(panicked(&method, &path, panic)),
+                        }
                     }
-                }
-            });
+                });
             let _ = http
                 .serve_connection(JsonParseErrors::new(stream), service)
                 .await;

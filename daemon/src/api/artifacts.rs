@@ -53,10 +53,15 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
 }
 
 fn upload() -> impl Filter<
-    Extract = (impl Stream<Item = Result<impl bytes::Buf, warp::Error>> + Send + 'static,),
+    Extract = (
+        super::bodies::BodyPermit,
+        impl Stream<Item = Result<impl bytes::Buf, warp::Error>> + Send + 'static,
+    ),
     Error = Rejection,
 > + Clone {
-    warp::body::content_length_limit(UPLOAD_LIMIT).and(warp::body::stream())
+    warp::body::content_length_limit(UPLOAD_LIMIT)
+        .and(super::bodies::permit())
+        .and(warp::body::stream())
 }
 
 /// Stream a request body into the blob store without holding it in memory.
@@ -74,7 +79,19 @@ where
         })
     });
     let mut body = Box::pin(body);
-    while let Some(chunk) = body.next().await {
+    let mut clock = super::bodies::Clock::default();
+    loop {
+        let chunk = match clock.next(&mut body).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(stalled) => {
+                // Abort the blob being written, then say why.
+                let _ = tx.send(Err("the request body stalled".into())).await;
+                drop(tx);
+                let _ = writer.await;
+                return Err(stalled);
+            }
+        };
         let msg = chunk
             .map(|mut b| b.copy_to_bytes(b.remaining()))
             .map_err(|e| e.to_string());
@@ -129,7 +146,7 @@ impl std::io::Read for ChannelReader {
     }
 }
 
-async fn put_blob<S, B>(ctx: Ctx, body: S) -> Res
+async fn put_blob<S, B>(ctx: Ctx, _permit: super::bodies::BodyPermit, body: S) -> Res
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: bytes::Buf,
@@ -225,7 +242,12 @@ struct DatasetQuery {
     name: String,
 }
 
-async fn import_dataset<S, B>(ctx: Ctx, q: DatasetQuery, body: S) -> Res
+async fn import_dataset<S, B>(
+    ctx: Ctx,
+    q: DatasetQuery,
+    _permit: super::bodies::BodyPermit,
+    body: S,
+) -> Res
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
     B: bytes::Buf,

@@ -29,6 +29,7 @@ use herd_core::wire::{
 };
 
 mod artifacts;
+pub mod bodies;
 mod experiments;
 mod jobs;
 mod kinds;
@@ -122,11 +123,13 @@ fn body_of<T: serde::de::DeserializeOwned + Send>(
     check_depth: bool,
 ) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
     warp::body::content_length_limit(JSON_LIMIT)
-        .and(warp::body::bytes().or_else(|_| async {
-            // Without this, a body shorter than its Content-Length came out
-            // as warp's generic 405 from the routes tried after this one.
-            Err(bad("the request body ended before its Content-Length"))
-        }))
+        .and(bodies::permit())
+        .and(warp::body::stream())
+        .and_then(|permit: bodies::BodyPermit, body| async move {
+            let b = bodies::collect(body, JSON_LIMIT).await;
+            drop(permit);
+            b
+        })
         .and_then(move |b: Bytes| async move {
             let too_deep = check_depth
                 .then(|| herd_store::event::json_deeper_than(&b, MAX_JSON_DEPTH))
@@ -230,10 +233,22 @@ pub(crate) async fn recover(err: Rejection, state: Arc<State>) -> Result<impl Re
         (StatusCode::BAD_REQUEST, format!("{err:?}"))
     };
     let message = state.without_server_paths(&message);
-    Ok(warp::reply::with_status(
-        warp::reply::json(&json!({"error": message})),
+    let mut reply = warp::reply::with_status(warp::reply::json(&json!({"error": message})), status)
+        .into_response();
+    // A body left unread (too large, stalled, refused at the gate): close
+    // the connection rather than wait for the rest of it.
+    if matches!(
         status,
-    ))
+        StatusCode::REQUEST_TIMEOUT
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        reply.headers_mut().insert(
+            warp::http::header::CONNECTION,
+            warp::http::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(reply)
 }
 
 type Res = Result<warp::reply::Response, Rejection>;
