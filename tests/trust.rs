@@ -54,6 +54,13 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+/// A 400 whose message says `want`.
+fn refused(res: Result<Value, ClientError>, want: &str) {
+    let (status, message) = api_error(res);
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains(want), "expected {want:?} in {message}");
+}
+
 fn api_error(r: Result<Value, ClientError>) -> (u16, String) {
     match r {
         Err(ClientError::Api { status, message }) => (status, message),
@@ -745,11 +752,6 @@ fn unknown_keys_oversized_rows_and_mislabelled_run_outputs_are_refused() {
     let c = d.client();
     let (r, _, _, _, sft) = import_fixtures(&c);
     run_short_sft(&c, &r, &sft);
-    let refused = |res: Result<Value, ClientError>, want: &str| {
-        let (status, message) = api_error(res);
-        assert_eq!(status, 400, "{message}");
-        assert!(message.contains(want), "expected {want:?} in {message}");
-    };
     refused(c.get("/jobs?sort=bogus"), "no job has `bogus`");
     refused(c.get("/jobs?sort=-metric.reward_acc"), "metric.reward_acc");
     refused(c.get("/jobs?where=metric.los%3C2"), "metric.los");
@@ -804,11 +806,6 @@ fn names_with_escapes_controls_or_overrides_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());
     let c = d.client();
-    let refused = |res: Result<Value, ClientError>, want: &str| {
-        let (status, message) = api_error(res);
-        assert_eq!(status, 400, "{message}");
-        assert!(message.contains(want), "expected {want:?} in {message}");
-    };
     refused(
         c.post("/experiments", &json!({"name": "x\u{1b}]0;pwned\u{7}"})),
         "U+001B",
