@@ -15,6 +15,7 @@
 pub mod average;
 pub mod batch;
 pub mod chat;
+pub mod chat_files;
 pub mod chat_setup;
 pub mod checkpoint;
 pub mod config;
