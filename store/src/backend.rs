@@ -204,6 +204,61 @@ fn be(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+fn read_head(db: &sled::Db) -> Result<Head> {
+    match db.get(HEAD_KEY).map_err(be)? {
+        None => Ok(Head::default()),
+        Some(v) => {
+            let mut c = Cursor {
+                bytes: &v,
+                what: "head pointer",
+            };
+            let seq = c.u64()?;
+            let log_end = c.u64()?;
+            let hash = std::str::from_utf8(c.bytes)
+                .map_err(|_| StoreError::Backend("head pointer hash is not UTF-8".into()))?
+                .to_string();
+            Ok(Head { seq, hash, log_end })
+        }
+    }
+}
+
+/// The index head of the log in `dir` as its files stand, without opening
+/// the log: None when there is no index, an error when it can't be read.
+/// For `repair`, which must know what was acknowledged before it changes
+/// anything.
+pub(crate) fn index_head(dir: &Path) -> Result<Option<Head>> {
+    if !dir.join("db").exists() {
+        return Ok(None);
+    }
+    let db = sled::Config::new().path(dir).open().map_err(|e| {
+        StoreError::Backend(format!("opening sled database at {}: {e}", dir.display()))
+    })?;
+    let head = read_head(&db)?;
+    drop(db);
+    Ok(Some(head))
+}
+
+/// Acknowledged records `first..=last` are not whole in a file of `len`
+/// bytes, where they were indexed up to `end`; `first` starts at `offset`.
+pub(crate) fn missing_words(first: u64, last: u64, offset: u64, len: u64, end: u64) -> String {
+    let events = if first == last {
+        format!("acknowledged event {first} is")
+    } else {
+        format!("acknowledged events {first}–{last} are")
+    };
+    let torn = if len > offset {
+        format!(
+            " (event {first} is cut {} bytes into its record)",
+            len - offset
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{events} missing: the file is {len} bytes, but the index recorded acknowledged records up to byte {end}{torn}"
+    )
+}
+
 fn decode_chunk(k: &[u8], v: &[u8]) -> Result<Chunk> {
     let first_seq = Cursor {
         bytes: &k[1..],
@@ -294,6 +349,19 @@ impl Backend {
             }
         }
         let log_path = dir.join(LOG_FILE);
+        if !log_path.exists() {
+            let acknowledged = read_head(&db)?.seq;
+            if acknowledged > 0 {
+                return Err(StoreError::Damaged {
+                    seq: 1,
+                    offset: 0,
+                    reason: format!(
+                        "the log is gone: {} does not exist, but the index recorded {acknowledged} acknowledged events",
+                        log_path.display()
+                    ),
+                });
+            }
+        }
         let log = OpenOptions::new()
             .read(true)
             .write(true)
@@ -361,21 +429,74 @@ impl Backend {
     }
 
     pub(crate) fn head(&self) -> Result<Head> {
-        match self.db.get(HEAD_KEY).map_err(be)? {
-            None => Ok(Head::default()),
-            Some(v) => {
-                let mut c = Cursor {
-                    bytes: &v,
-                    what: "head pointer",
-                };
-                let seq = c.u64()?;
-                let log_end = c.u64()?;
-                let hash = std::str::from_utf8(c.bytes)
-                    .map_err(|_| StoreError::Backend("head pointer hash is not UTF-8".into()))?
-                    .to_string();
-                Ok(Head { seq, hash, log_end })
+        read_head(&self.db)
+    }
+
+    /// Where record `seq` starts in the file, by the index (0 for seq 0).
+    pub(crate) fn record_offset(&self, seq: u64) -> Result<u64> {
+        if seq == 0 {
+            return Ok(0);
+        }
+        let mut found = None;
+        self.for_each_chunk_entry(seq, |s, offset, _| {
+            if s == seq {
+                found = Some(offset);
+            }
+            s < seq
+        })?;
+        found.ok_or_else(|| StoreError::CorruptEvent {
+            seq,
+            reason: "missing from the index".into(),
+        })
+    }
+
+    /// When the file is shorter than the index's head says: the first
+    /// acknowledged record it no longer holds whole, its offset, and what
+    /// is missing, in words.
+    pub(crate) fn missing_acknowledged(&self, head: &Head) -> Result<Option<(u64, u64, String)>> {
+        let path = self.log_path();
+        let len = self
+            .log
+            .metadata()
+            .map_err(|e| StoreError::io(&path, e))?
+            .len();
+        if len >= head.log_end {
+            return Ok(None);
+        }
+        let mut first = None;
+        self.for_each_chunk_entry(1, |seq, offset, record_len| {
+            if offset + record_len as u64 + 1 > len {
+                first = Some((seq, offset));
+                return false;
+            }
+            true
+        })?;
+        let (seq, offset) = first.unwrap_or((head.seq, len));
+        Ok(Some((
+            seq,
+            offset,
+            missing_words(seq, head.seq, offset, len, head.log_end),
+        )))
+    }
+
+    /// Call `f(seq, offset, length)` for each indexed record from the chunk
+    /// holding `from` on, without reading the file, until it returns false.
+    fn for_each_chunk_entry(
+        &self,
+        from: u64,
+        mut f: impl FnMut(u64, u64, u32) -> bool,
+    ) -> Result<()> {
+        for chunk in self.chunks_from(from) {
+            let chunk = chunk?;
+            let mut offset = chunk.offset;
+            for (i, &l) in chunk.lengths.iter().enumerate() {
+                if !f(chunk.first_seq + i as u64, offset, l) {
+                    return Ok(());
+                }
+                offset += l as u64 + 1;
             }
         }
+        Ok(())
     }
 
     pub(crate) fn stream_version(&self, stream: &str) -> Result<u64> {

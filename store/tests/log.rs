@@ -251,10 +251,11 @@ fn a_changed_record_breaks_the_chain() {
     })
     .unwrap();
     assert_eq!(log.get(5).unwrap().unwrap().payload.get(), r#"{"n":9}"#);
-    // Record 5 still parses, but record 6 no longer names its hash.
+    // Record 5 still parses, but record 6 no longer names its hash: nothing
+    // vouches for record 5, and that is the record named.
     let err = log.verify_chain().unwrap_err();
     assert!(
-        matches!(err, StoreError::BrokenChain { seq: 6, .. }),
+        matches!(err, StoreError::BrokenChain { seq: 5, .. }),
         "{err}"
     );
     // Garbage bytes are reported as corrupt, with the sequence, not a panic.
@@ -348,8 +349,8 @@ fn an_uncommitted_tail_is_cut_and_a_truncated_log_is_refused() {
         .err()
         .expect("a truncated log must not open");
     assert!(
-        matches!(err, StoreError::CorruptEvent { seq: 3, .. })
-            && err.to_string().contains("truncated"),
+        matches!(err, StoreError::Damaged { seq: 3, .. })
+            && err.to_string().contains("acknowledged event 3 is missing"),
         "{err}"
     );
 }

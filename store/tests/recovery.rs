@@ -104,8 +104,27 @@ fn refused_at(dir: &Path, seq: u64) -> String {
     msg
 }
 
+/// Repair without `--accept-loss`: finds the damage, names what would be
+/// lost, changes nothing (the log still refuses to open the same way).
+fn repair_refuses(dir: &Path, seq: u64, lost: (u64, u64), acknowledged: u64) -> String {
+    let before = std::fs::read(file(dir)).ok();
+    let report = repair(dir, false).unwrap();
+    assert!(!report.applied, "{report:?}");
+    assert_eq!(report.damaged_at.map(|d| d.0), Some(seq), "{report:?}");
+    assert_eq!(report.lost, Some(lost), "{report:?}");
+    assert_eq!(report.acknowledged_lost, acknowledged, "{report:?}");
+    assert_eq!(
+        std::fs::read(file(dir)).ok(),
+        before,
+        "refusing changed the log"
+    );
+    let again = repair(dir, false).unwrap();
+    assert_eq!(again.damaged_at, report.damaged_at, "the index was kept");
+    report.finding()
+}
+
 #[test]
-fn a_flipped_digit_in_the_middle_stops_the_open_with_or_without_the_index() {
+fn a_flipped_digit_in_the_middle_is_named_where_it_is_with_or_without_the_index() {
     for drop_index in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         written_log(dir.path());
@@ -113,26 +132,29 @@ fn a_flipped_digit_in_the_middle_stops_the_open_with_or_without_the_index() {
         flip_digit(dir.path(), 20);
         if drop_index {
             delete_index(dir.path());
-            // Record 20 still parses; record 21 no longer names its hash.
-            refused_at(dir.path(), 21);
-        } else {
-            refused_at(dir.path(), 21);
         }
+        // Record 20 still parses, but record 21 no longer names its hash:
+        // nothing vouches for record 20, so it is the one named.
+        let msg = refused_at(dir.path(), 20);
+        assert!(msg.contains("changed after it was written"), "{msg}");
         // Refusing changed nothing.
         assert_eq!(lines(dir.path()).len() as u64, EVENTS);
-        let report = repair(dir.path()).unwrap();
-        assert_eq!(report.damaged_at.map(|d| d.0), Some(21));
-        assert_eq!(report.events_kept, 20);
-        assert_eq!(report.acknowledged_set_aside, EVENTS - 20);
+        let acknowledged_lost = if drop_index { 0 } else { EVENTS - 19 };
+        repair_refuses(dir.path(), 20, (20, EVENTS), acknowledged_lost);
+        let report = repair(dir.path(), true).unwrap();
+        assert!(report.applied);
+        assert_eq!(report.damaged_at.map(|d| d.0), Some(20));
+        assert_eq!(report.events_kept, 19);
+        assert_eq!(report.acknowledged_set_aside, EVENTS - 19);
         let quarantined = dir
             .path()
             .join(report.quarantine_file.unwrap().trim_start_matches("log/"));
         let set_aside = std::fs::read(quarantined).unwrap();
         assert_eq!(
             set_aside.iter().filter(|&&b| b == b'\n').count() as u64,
-            EVENTS - 20
+            EVENTS - 19
         );
-        assert_eq!(acknowledged(dir.path()), 20);
+        assert_eq!(acknowledged(dir.path()), 19);
     }
 }
 
@@ -142,7 +164,80 @@ fn a_flipped_last_record_is_caught_by_the_index_head() {
     written_log(dir.path());
     flip_digit(dir.path(), EVENTS);
     let msg = refused_at(dir.path(), EVENTS);
-    assert!(msg.contains("changed after it was written"), "{msg}");
+    assert!(msg.contains("differ from what was acknowledged"), "{msg}");
+    // Repair used to call this log intact: the chain links, only the
+    // index knows the last record's bytes changed.
+    let said = repair_refuses(dir.path(), EVENTS, (EVENTS, EVENTS), 1);
+    assert!(said.contains("differ from what was acknowledged"), "{said}");
+    let report = repair(dir.path(), true).unwrap();
+    assert_eq!(report.events_kept, EVENTS - 1);
+    assert_eq!(report.acknowledged_set_aside, 1);
+    assert_eq!(acknowledged(dir.path()), EVENTS - 1);
+}
+
+#[test]
+fn acknowledged_records_cut_from_the_end_are_named_as_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    written_log(dir.path());
+    let ls = lines(dir.path());
+    write_lines(dir.path(), &ls[..EVENTS as usize - 3], b"");
+    let err = EventLog::open(dir.path()).err().expect("must not open");
+    assert!(
+        matches!(err, StoreError::Damaged { seq, .. } if seq == EVENTS - 2),
+        "{err}"
+    );
+    let want = format!("acknowledged events {}–{EVENTS} are missing", EVENTS - 2);
+    assert!(err.to_string().contains(&want), "{err}");
+    let said = repair_refuses(dir.path(), EVENTS - 2, (EVENTS - 2, EVENTS), 3);
+    assert!(said.contains(&want), "{said}");
+    let report = repair(dir.path(), true).unwrap();
+    assert_eq!(report.events_kept, EVENTS - 3);
+    assert_eq!(
+        report.quarantine_file, None,
+        "nothing was there to set aside"
+    );
+    assert_eq!(acknowledged(dir.path()), EVENTS - 3);
+}
+
+#[test]
+fn a_deleted_log_is_named_as_gone_with_its_acknowledged_events() {
+    let dir = tempfile::tempdir().unwrap();
+    written_log(dir.path());
+    std::fs::remove_file(file(dir.path())).unwrap();
+    let err = EventLog::open(dir.path()).err().expect("must not open");
+    assert!(matches!(err, StoreError::Damaged { seq: 1, .. }), "{err}");
+    assert!(err.to_string().contains("the log is gone"), "{err}");
+    assert!(!file(dir.path()).exists(), "refusing created nothing");
+    let said = repair_refuses(dir.path(), 1, (1, EVENTS), EVENTS);
+    assert!(
+        said.contains(&format!("the index recorded {EVENTS} acknowledged events")),
+        "{said}"
+    );
+    let report = repair(dir.path(), true).unwrap();
+    assert_eq!(report.events_kept, 0);
+    assert_eq!(acknowledged(dir.path()), 0);
+}
+
+#[test]
+fn a_torn_acknowledged_record_is_a_loss_not_a_torn_write() {
+    let dir = tempfile::tempdir().unwrap();
+    written_log(dir.path());
+    let ls = lines(dir.path());
+    let last = &ls[EVENTS as usize - 1];
+    let half = &last[..last.len() / 2];
+    write_lines(dir.path(), &ls[..EVENTS as usize - 1], half);
+    // The index recorded it: it was acknowledged, so opening must not cut it.
+    let err = EventLog::open(dir.path()).err().expect("must not open");
+    assert!(
+        matches!(err, StoreError::Damaged { seq, .. } if seq == EVENTS),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cut"), "{err}");
+    repair_refuses(dir.path(), EVENTS, (EVENTS, EVENTS), 1);
+    let report = repair(dir.path(), true).unwrap();
+    assert_eq!(report.torn_bytes_set_aside, half.len() as u64);
+    assert_eq!(report.events_kept, EVENTS - 1);
+    assert_eq!(acknowledged(dir.path()), EVENTS - 1);
 }
 
 #[test]
@@ -169,7 +264,7 @@ fn a_whole_garbage_line_after_the_last_record_stops_the_open() {
     let ls = lines(dir.path());
     write_lines(dir.path(), &ls, b"not a record\n");
     refused_at(dir.path(), EVENTS + 1);
-    let report = repair(dir.path()).unwrap();
+    let report = repair(dir.path(), true).unwrap();
     assert_eq!(report.acknowledged_set_aside, 1);
     assert_eq!(report.events_kept, EVENTS);
     assert_eq!(acknowledged(dir.path()), EVENTS);
@@ -188,7 +283,7 @@ fn a_duplicated_line_stops_the_open() {
         }
         let err = EventLog::open(dir.path()).err().expect("must not open");
         assert!(matches!(err, StoreError::Damaged { seq: 11, .. }), "{err}");
-        let report = repair(dir.path()).unwrap();
+        let report = repair(dir.path(), true).unwrap();
         assert_eq!(report.events_kept, 10);
         assert_eq!(report.acknowledged_set_aside, EVENTS + 1 - 10);
     }
@@ -217,7 +312,7 @@ fn a_deleted_index_is_rebuilt_from_the_records() {
 fn repair_on_an_intact_log_keeps_everything_and_rebuilds_the_index() {
     let dir = tempfile::tempdir().unwrap();
     written_log(dir.path());
-    let report = repair(dir.path()).unwrap();
+    let report = repair(dir.path(), true).unwrap();
     assert_eq!(report.damaged_at, None);
     assert_eq!(report.acknowledged_set_aside, 0);
     assert_eq!(report.events_kept, EVENTS);

@@ -37,11 +37,12 @@ impl EventLog {
             backend.for_each_record(1, head.seq, |seq, _, bytes| {
                 let rec = decode(seq, bytes)?;
                 if rec.prev_hash != prev_hash {
+                    // Nothing vouches for the record before: name it, as opening does.
                     return Err(StoreError::BrokenChain {
-                        seq,
+                        seq: seq.saturating_sub(1).max(1),
                         reason: format!(
-                            "prev_hash {} does not match the previous record's hash {}",
-                            rec.prev_hash, prev_hash
+                            "the record hashes to {prev_hash:?}, but record {seq} names {:?} as its hash: it changed after it was written",
+                            rec.prev_hash
                         ),
                     });
                 }
