@@ -13,6 +13,7 @@
 //! * [`api`]: the HTTP API (warp).
 //! * [`listener`]: accepting connections: header timeout, connection limit.
 //! * [`server`]: start, token, shutdown.
+//! * [`repair`]: `herdd repair`, and the loss it records.
 
 pub mod api;
 pub mod dashboard;
@@ -21,6 +22,7 @@ pub mod jobs;
 pub mod listener;
 pub mod metrics;
 pub mod references;
+pub mod repair;
 pub mod rounds;
 pub mod scheduler;
 pub mod server;

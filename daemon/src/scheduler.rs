@@ -256,7 +256,11 @@ impl Attempt {
                 job: id,
                 reason: "cancelled by request".into(),
             },
-            Ending::Interrupted(reason) => HerdEvent::JobInterrupted { job: id, reason },
+            Ending::Interrupted(reason) => HerdEvent::JobInterrupted {
+                job: id,
+                reason,
+                requeued: true,
+            },
             Ending::EndedBy(reason) => HerdEvent::JobFailed {
                 job: id,
                 reason: state.without_server_paths(&reason),
@@ -347,6 +351,7 @@ impl Scheduler {
                         reason: format!(
                             "this job ran on Slurm but the daemon now runs --executor local ({cancelled}); requeued"
                         ),
+                        requeued: true,
                     }
                 }
                 (None, _) if j.attempts >= self.config.max_attempts => HerdEvent::JobFailed {
@@ -359,6 +364,7 @@ impl Scheduler {
                 (None, _) => HerdEvent::JobInterrupted {
                     job: j.id,
                     reason: "the daemon stopped while this job was running; requeued".into(),
+                    requeued: true,
                 },
             };
             self.state.record_one(&streams::job(j.id), event).await?;

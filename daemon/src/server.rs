@@ -174,6 +174,17 @@ impl Daemon {
         secure_data_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
         let token = ensure_token(&config.data_dir)?;
+        // A repair that died before recording its loss: record it first.
+        let data_dir = config.data_dir.clone();
+        let recorded =
+            tokio::task::spawn_blocking(move || crate::repair::record_pending(&data_dir)).await??;
+        for r in recorded {
+            eprintln!(
+                "herdd: recorded an earlier repair's loss as event {} ({} job(s) marked interrupted)",
+                r.seq,
+                r.interrupted_jobs.len()
+            );
+        }
         let state = State::open(&config.data_dir)?;
         let recovery = state.store.log.recovery();
         if recovery.reindexed > 0 || recovery.torn_bytes_cut > 0 {

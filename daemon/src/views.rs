@@ -45,6 +45,8 @@ pub struct Through {
 struct Counts {
     unknown_events: u64,
     undecodable: Vec<(u64, String)>,
+    #[serde(default)]
+    repairs: Vec<herd_core::model::RepairView>,
 }
 
 pub struct ViewStore {
@@ -117,6 +119,7 @@ impl ViewStore {
             let c: Counts = decode(COUNTS, &v)?;
             p.unknown_events = c.unknown_events;
             p.undecodable = c.undecodable;
+            p.repairs = c.repairs;
         }
         for kv in self.db.scan_prefix(b"e:") {
             let (k, v) = kv?;
@@ -196,6 +199,7 @@ impl ViewStore {
         let counts = Counts {
             unknown_events: p.unknown_events,
             undecodable: p.undecodable.clone(),
+            repairs: p.repairs.clone(),
         };
         batch.insert(COUNTS, json(&counts));
         batch.insert(THROUGH, json(through));

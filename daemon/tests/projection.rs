@@ -36,9 +36,20 @@ fn op() -> impl Strategy<Value = Op> {
         // Up to 1,200 points: series cross the index's 512-point blocks.
         (any::<u8>(), 1u16..1200).prop_map(|(j, n)| Op::Metrics(j, n)),
         (any::<u8>(), any::<u8>()).prop_map(|(j, h)| Op::Output(j, h)),
-        (any::<u8>(), 0u8..4).prop_map(|(j, how)| Op::Finish(j, how)),
+        (any::<u8>(), 0u8..6).prop_map(|(j, how)| Op::Finish(j, how)),
         Just(Op::Future),
     ]
+}
+
+fn return_repair(job: Uuid) -> HerdEvent {
+    HerdEvent::HistoryRepaired {
+        first_lost: 3,
+        last_lost: 5,
+        acknowledged_lost: 2,
+        reason: "test".into(),
+        quarantine_file: None,
+        interrupted_jobs: vec![job],
+    }
 }
 
 fn hash(n: u8) -> String {
@@ -93,9 +104,13 @@ proptest! {
                         0 => HerdEvent::JobSucceeded { job, summary: json!({"ok": true}) },
                         1 => HerdEvent::JobFailed { job, reason: "boom".into() },
                         2 => HerdEvent::JobCancelled { job, reason: "user".into() },
-                        _ => HerdEvent::JobInterrupted { job, reason: "restart".into() },
+                        3 => HerdEvent::JobInterrupted { job, reason: "restart".into(), requeued: true },
+                        4 => HerdEvent::JobInterrupted { job, reason: "repair lost its end".into(), requeued: false },
+                        // A repair's record: not about one job, shown by status and verify.
+                        _ => return_repair(job),
                     };
-                    (streams::job(job), new_event(&e))
+                    let stream = if matches!(e, HerdEvent::HistoryRepaired { .. }) { streams::HISTORY.to_string() } else { streams::job(job) };
+                    (stream, new_event(&e))
                 }
                 // A type from a newer herd: must be readable and counted, not fatal.
                 _ => ("future".into(), NewEvent::new("SomethingNew", json!({"x": [1, 2]}))),
@@ -119,6 +134,7 @@ proptest! {
         prop_assert_eq!(&saved.artifacts, &live.artifacts);
         prop_assert_eq!(&saved.rows, &live.rows);
         prop_assert_eq!(saved.unknown_events, live.unknown_events);
+        prop_assert_eq!(&saved.repairs, &live.repairs);
         for (id, view) in &live.jobs {
             let stored_view = saved.job(*id).unwrap().map(|v| v.into_owned());
             prop_assert_eq!(stored_view.as_ref(), Some(view));

@@ -106,10 +106,17 @@ enum Command {
         #[arg(long, conflicts_with = "job_file")]
         probe: Option<PathBuf>,
     },
-    /// With herdd stopped: move a damaged event log's bad suffix aside into
-    /// DATA/log/quarantine (nothing is deleted), rebuild the index, and
-    /// report how many acknowledged events were set aside.
-    Repair,
+    /// With herdd stopped: compare the event log with what its index says
+    /// was acknowledged and name what is damaged, missing or changed. With
+    /// --accept-loss (needed whenever events would be lost), move the
+    /// damaged suffix aside into DATA/log/quarantine (nothing is deleted),
+    /// rebuild the index, and record the loss as an event.
+    Repair {
+        /// Set the damage aside even though events are lost; the loss is
+        /// recorded (`HistoryRepaired`) and shown by verify and history.
+        #[arg(long)]
+        accept_loss: bool,
+    },
 }
 
 fn main() {
@@ -132,8 +139,8 @@ fn main() {
         .unwrap_or_else(herd_client::default_data_dir);
     // Absolute, whatever the working directory (links and job files name it).
     let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
-    if let Some(Command::Repair) = &cli.command {
-        std::process::exit(repair(&data_dir));
+    if let Some(Command::Repair { accept_loss }) = &cli.command {
+        std::process::exit(repair(&data_dir, *accept_loss));
     }
     herd_daemon::server::few_malloc_arenas();
     if !cli.listen.ip().is_loopback() {
@@ -263,8 +270,7 @@ fn slurm_config(cli: &Cli) -> Result<SlurmConfig, String> {
 }
 
 /// `herdd repair`: set a damaged log's suffix aside and re-index the rest.
-fn repair(data_dir: &std::path::Path) -> i32 {
-    let log_dir = data_dir.join("log");
+fn repair(data_dir: &std::path::Path, accept_loss: bool) -> i32 {
     let _lock = match herd_daemon::server::lock_data_dir(data_dir) {
         Ok(l) => l,
         Err(e) => {
@@ -272,34 +278,58 @@ fn repair(data_dir: &std::path::Path) -> i32 {
             return 1;
         }
     };
-    match herd_store::repair(&log_dir) {
-        Ok(r) => {
-            match r.damaged_at {
-                Some((seq, offset)) => println!(
-                    "herdd repair: the log was damaged at sequence {seq} (byte {offset}): {}\n\
-                     set aside {} acknowledged event(s) (and {} bytes of a torn last line) in {}/{}\n\
-                     kept {} event(s); the old index is in {}/{}",
-                    r.reason.as_deref().unwrap_or(""),
-                    r.acknowledged_set_aside,
-                    r.torn_bytes_set_aside,
-                    data_dir.display(),
-                    r.quarantine_file.as_deref().unwrap_or("?"),
-                    r.events_kept,
-                    data_dir.display(),
-                    r.old_index.as_deref().unwrap_or("(none)"),
-                ),
-                None => println!(
-                    "herdd repair: every record is intact ({} events); rebuilt the index (the old one is in {}/{})",
-                    r.events_kept,
-                    data_dir.display(),
-                    r.old_index.as_deref().unwrap_or("(none)"),
-                ),
-            }
-            0
-        }
+    let repaired = match herd_daemon::repair::repair(data_dir, accept_loss) {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("herdd repair: {e}");
-            1
+            eprintln!("herdd repair: {e:#}");
+            return 1;
         }
+    };
+    let r = &repaired.report;
+    let data = data_dir.display();
+    println!("herdd repair: {}", r.finding());
+    match (r.index_head, &r.index_note) {
+        (Some(head), _) => println!("  the index recorded {head} acknowledged event(s)"),
+        (None, Some(note)) => println!("  {note}"),
+        (None, None) => {}
     }
+    if let Some((first, last)) = r.lost {
+        let events = if first == last {
+            format!("event {first}")
+        } else {
+            format!("events {first}–{last}")
+        };
+        println!(
+            "  lost: {events} ({} of them recorded as acknowledged by the index)",
+            r.acknowledged_lost
+        );
+    }
+    if !r.applied {
+        eprintln!(
+            "herdd repair: nothing was changed: repairing would lose the events above. \
+             Copy DATA somewhere safe if you can; then run `herdd --data-dir {data} repair --accept-loss` \
+             to set them aside (kept in DATA/log/quarantine) and record the loss in the history"
+        );
+        return 1;
+    }
+    if let Some(file) = &r.quarantine_file {
+        println!(
+            "  set aside {} whole record(s) (and {} bytes of a torn last line) in {data}/{file}",
+            r.acknowledged_set_aside, r.torn_bytes_set_aside
+        );
+    }
+    println!(
+        "  kept {} event(s); rebuilt the index (the old one is in {data}/{})",
+        r.events_kept,
+        r.old_index.as_deref().unwrap_or("(none)")
+    );
+    for rec in &repaired.recorded {
+        println!(
+            "  recorded the loss as event {} (HistoryRepaired); {} job(s) whose later events may be lost are marked interrupted{}",
+            rec.seq,
+            rec.interrupted_jobs.len(),
+            if rec.interrupted_jobs.is_empty() { "" } else { " (resubmit them with `herd reproduce JOB`)" }
+        );
+    }
+    0
 }

@@ -285,8 +285,13 @@ impl Chain {
     }
 }
 
+/// A repair that lost events leaves its report in the quarantine folder
+/// under this suffix until the loss is recorded as an event (the caller
+/// renames it then): a crash in between can't launder the loss.
+pub const PENDING_SUFFIX: &str = ".pending.json";
+
 /// What [`repair`] found, and did when it was allowed to.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RepairReport {
     /// Records that form an intact chain from the start and were kept.
     pub events_kept: u64,
@@ -487,6 +492,9 @@ pub fn repair(dir: &Path, accept_loss: bool) -> Result<RepairReport> {
         .unwrap_or(0);
     let quarantine = dir.join("quarantine");
     std::fs::create_dir_all(&quarantine).map_err(|e| io(&quarantine, e))?;
+    let pending = report
+        .lost
+        .map(|_| quarantine.join(format!("repair-{stamp}{PENDING_SUFFIX}")));
     if let Some((seq, _)) = report
         .damaged_at
         .filter(|_| whole_after > 0 || !file.torn.is_empty())
@@ -509,6 +517,17 @@ pub fn repair(dir: &Path, accept_loss: bool) -> Result<RepairReport> {
         report.acknowledged_set_aside = whole_after;
         report.torn_bytes_set_aside = file.torn.len() as u64;
         report.quarantine_file = Some(format!("log/quarantine/{name}"));
+    }
+    if let Some(pending) = &pending {
+        // Before anything is cut: the loss must reach the record even if
+        // this process dies before its caller appends the event.
+        let bytes = serde_json::to_vec_pretty(&report).expect("a report serializes");
+        std::fs::write(pending, bytes)
+            .and_then(|_| std::fs::File::open(pending)?.sync_all())
+            .map_err(|e| io(pending, e))?;
+        sync_dir(&quarantine)?;
+    }
+    if report.quarantine_file.is_some() {
         // Only now that the suffix is safe elsewhere, cut it here.
         let log = std::fs::OpenOptions::new()
             .write(true)

@@ -573,6 +573,8 @@ pub fn run(cli: &Cli) -> Result<()> {
                 jobs.iter().for_each(|j| println!("{}", j.id));
             } else {
                 jobs::history_table(&jobs, columns.as_deref())?;
+                // The table is only what survived: say when history lost events.
+                repairs_note(&c.status()?["repairs"]);
             }
         }
         Command::Lineage { hash } => artifacts::lineage(&c, hash, js)?,
@@ -618,6 +620,7 @@ pub fn run(cli: &Cli) -> Result<()> {
                     println!("BROKEN:");
                     v.problems.iter().for_each(|p| println!("  {p}"));
                 }
+                repairs_note(&v.report["repairs"]);
             });
             if !v.ok {
                 return Err(ClientError::Api {
@@ -638,16 +641,28 @@ pub fn run(cli: &Cli) -> Result<()> {
                 println!("herdd at {} — devices: {}", c.server(), devices.join(", "));
                 let jobs = &v["jobs"];
                 println!(
-                    "jobs: {} queued, {} running, {} succeeded, {} failed, {} cancelled",
+                    "jobs: {} queued, {} running, {} succeeded, {} failed, {} cancelled, {} interrupted",
                     jobs["queued"],
                     jobs["running"],
                     jobs["succeeded"],
                     jobs["failed"],
-                    jobs["cancelled"]
+                    jobs["cancelled"],
+                    jobs["interrupted"]
                 );
                 println!("events recorded: {}", v["head_seq"]);
+                repairs_note(&v["repairs"]);
             });
         }
     }
     Ok(())
+}
+
+/// Print each recorded loss (`herdd repair --accept-loss`): whatever a
+/// command shows of the record, it must not pass for the whole of it.
+fn repairs_note(repairs: &serde_json::Value) {
+    for r in repairs.as_array().into_iter().flatten() {
+        if let Some(m) = r["message"].as_str() {
+            println!("NOTE: {}", herd_core::vocab::printable(m));
+        }
+    }
 }

@@ -144,10 +144,32 @@ pub enum HerdEvent {
         job: Uuid,
         reason: String,
     },
-    /// The process running the job died with the daemon; it goes back to the queue.
+    /// The process running the job died with the daemon; it goes back to
+    /// the queue. Unless `requeued` is false: `herdd repair` lost the job's
+    /// later events, so it ends here, visibly, and runs again only when
+    /// resubmitted.
     JobInterrupted {
         job: Uuid,
         reason: String,
+        #[serde(default = "requeued_by_default")]
+        requeued: bool,
+    },
+    /// `herdd repair --accept-loss` set damaged events aside (or found
+    /// acknowledged ones missing): the record says so from here on.
+    HistoryRepaired {
+        /// The events lost, first and last sequence.
+        first_lost: u64,
+        last_lost: u64,
+        /// How many of them the index recorded as acknowledged.
+        acknowledged_lost: u64,
+        reason: String,
+        /// Where the set-aside records are, relative to the data directory.
+        #[serde(default)]
+        quarantine_file: Option<String>,
+        /// Jobs whose later events may be among the lost: marked
+        /// interrupted (never re-run on their own).
+        #[serde(default)]
+        interrupted_jobs: Vec<Uuid>,
     },
     #[serde(skip)]
     Unknown {
@@ -171,6 +193,7 @@ impl HerdEvent {
             HerdEvent::ExperimentCreated { .. }
             | HerdEvent::ArtifactImported { .. }
             | HerdEvent::RoundSubmitted { .. }
+            | HerdEvent::HistoryRepaired { .. }
             | HerdEvent::Unknown { .. } => None,
         }
     }
@@ -188,6 +211,7 @@ impl HerdEvent {
             HerdEvent::JobFailed { .. } => "JobFailed",
             HerdEvent::JobCancelled { .. } => "JobCancelled",
             HerdEvent::JobInterrupted { .. } => "JobInterrupted",
+            HerdEvent::HistoryRepaired { .. } => "HistoryRepaired",
             HerdEvent::Unknown { .. } => "Unknown",
         }
     }
@@ -241,6 +265,7 @@ impl HerdEvent {
             "JobFailed",
             "JobCancelled",
             "JobInterrupted",
+            "HistoryRepaired",
         ];
         if !known.contains(&rec.event_type) {
             return Ok(HerdEvent::Unknown {
@@ -267,6 +292,10 @@ impl HerdEvent {
     }
 }
 
+fn requeued_by_default() -> bool {
+    true
+}
+
 /// Where schema changes are absorbed: rewrite an old payload into the current
 /// shape. Version 1 is current for every type, so nothing to do yet.
 fn upcast(_event_type: &str, _schema_version: u32, payload: Value) -> Value {
@@ -283,4 +312,6 @@ pub mod streams {
         format!("job-{id}")
     }
     pub const ARTIFACTS: &str = "artifacts";
+    /// Events about the record itself (repairs).
+    pub const HISTORY: &str = "history";
 }

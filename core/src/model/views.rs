@@ -26,13 +26,18 @@ pub enum JobStatus {
     Succeeded,
     Failed,
     Cancelled,
+    /// Its later events were lost to a repair: ended, resubmittable.
+    Interrupted,
 }
 
 impl JobStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+            JobStatus::Succeeded
+                | JobStatus::Failed
+                | JobStatus::Cancelled
+                | JobStatus::Interrupted
         )
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -45,6 +50,7 @@ impl JobStatus {
             JobStatus::Succeeded => "succeeded",
             JobStatus::Failed => "failed",
             JobStatus::Cancelled => "cancelled",
+            JobStatus::Interrupted => "interrupted",
         }
     }
 }
@@ -53,7 +59,9 @@ impl std::str::FromStr for JobStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         JobStatus::parse(s).ok_or_else(|| {
-            format!("status {s:?} is not queued, running, succeeded, failed or cancelled")
+            format!(
+                "status {s:?} is not queued, running, succeeded, failed, cancelled or interrupted"
+            )
         })
     }
 }
@@ -170,6 +178,9 @@ pub struct Projection {
     pub unknown_events: u64,
     /// Events that did not decode, with the reason (never silently dropped).
     pub undecodable: Vec<(u64, String)>,
+    /// Every `herdd repair` that lost events, in order.
+    #[serde(default)]
+    pub repairs: Vec<RepairView>,
     #[serde(skip)]
     pub dirty: Dirty,
     #[serde(skip)]
@@ -178,6 +189,40 @@ pub struct Projection {
 
 /// Two projections are equal when they record the same things (rows are
 /// derived from the views; what is dirty says only when they were saved).
+/// A repair that lost events, as the record tells it (`HistoryRepaired`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairView {
+    /// The `HistoryRepaired` event's sequence: history before it lost
+    /// `first_lost..=last_lost` (their numbers were given again after it).
+    pub seq: u64,
+    pub repaired_ms: u64,
+    pub first_lost: u64,
+    pub last_lost: u64,
+    pub acknowledged_lost: u64,
+    pub reason: String,
+    pub quarantine_file: Option<String>,
+    pub interrupted_jobs: Vec<Uuid>,
+}
+
+impl RepairView {
+    /// One line for people: what was lost, how much was acknowledged, why.
+    pub fn describe(&self) -> String {
+        let events = if self.first_lost == self.last_lost {
+            format!("event {}", self.first_lost)
+        } else {
+            format!("events {}–{}", self.first_lost, self.last_lost)
+        };
+        let kept = match &self.quarantine_file {
+            Some(f) => format!("; the damaged records are kept in DATA/{f}"),
+            None => String::new(),
+        };
+        format!(
+            "history was repaired at event {}: {events} lost ({} of them acknowledged): {}{kept}",
+            self.seq, self.acknowledged_lost, self.reason
+        )
+    }
+}
+
 impl PartialEq for Projection {
     fn eq(&self, other: &Self) -> bool {
         self.last_seq == other.last_seq
@@ -188,6 +233,7 @@ impl PartialEq for Projection {
             && self.artifacts == other.artifacts
             && self.unknown_events == other.unknown_events
             && self.undecodable == other.undecodable
+            && self.repairs == other.repairs
     }
 }
 
@@ -450,12 +496,38 @@ impl Projection {
             HerdEvent::JobCancelled { job, reason } => {
                 self.end(job, JobStatus::Cancelled, reason, ts)
             }
-            HerdEvent::JobInterrupted { job, reason } => {
+            HerdEvent::JobInterrupted {
+                job,
+                reason,
+                requeued: true,
+            } => {
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.status = JobStatus::Queued;
                     j.error = Some(reason);
                 }
             }
+            HerdEvent::JobInterrupted {
+                job,
+                reason,
+                requeued: false,
+            } => self.end(job, JobStatus::Interrupted, reason, ts),
+            HerdEvent::HistoryRepaired {
+                first_lost,
+                last_lost,
+                acknowledged_lost,
+                reason,
+                quarantine_file,
+                interrupted_jobs,
+            } => self.repairs.push(RepairView {
+                seq,
+                repaired_ms: ts,
+                first_lost,
+                last_lost,
+                acknowledged_lost,
+                reason,
+                quarantine_file,
+                interrupted_jobs,
+            }),
             HerdEvent::Unknown { .. } => self.unknown_events += 1,
         }
     }

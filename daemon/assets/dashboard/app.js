@@ -121,7 +121,7 @@ async function roundPage(main, id) {
   columns.forEach((col, c) => col.forEach((j, r) => pos.set(j.id, { x: 20 + c * (W + GX), y: 20 + r * (H + GY) })));
   const width = 40 + columns.length * (W + GX);
   const height = 40 + Math.max(...columns.map((c) => c.length)) * (H + GY);
-  const colour = { queued: "#98a2b3", running: "#2f80ed", succeeded: "#27ae60", failed: "#e5484d", cancelled: "#b08800" };
+  const colour = { queued: "#98a2b3", running: "#2f80ed", succeeded: "#27ae60", failed: "#e5484d", cancelled: "#b08800", interrupted: "#b08800" };
   const edges = jobs.flatMap((j) => (j.depends_on || []).filter((x) => pos.has(x)).map((x) => {
     const a = pos.get(x), b = pos.get(j.id);
     return `<path class="edge" d="M${a.x + W},${a.y + H / 2} C${a.x + W + GX / 2},${a.y + H / 2} ${b.x - GX / 2},${b.y + H / 2} ${b.x},${b.y + H / 2}"/>`;
@@ -352,6 +352,14 @@ async function storePage(main) {
   };
 }
 
+// Every page is only what survived a repair that lost events: say so on all of them.
+async function showRepairs() {
+  const repairs = (await get("/status")).repairs || [];
+  const el = document.getElementById("repairs");
+  el.hidden = repairs.length === 0;
+  el.innerHTML = repairs.map((r) => `<p><b>History repaired.</b> ${esc(r.message)}</p>`).join("");
+}
+
 // ---- routing ---------------------------------------------------------------
 
 async function route() {
@@ -365,7 +373,10 @@ async function route() {
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean);
   try {
-    if (!csrf) csrf = (await get("/session")).csrf;
+    if (!csrf) {
+      csrf = (await get("/session")).csrf;
+      await showRepairs();
+    }
     document.getElementById("conn").textContent = "signed in";
     switch (parts[0]) {
       case undefined: await experimentsPage(main); break;

@@ -74,12 +74,14 @@ async fn events(ctx: Ctx, q: EventsQuery) -> Res {
 /// present, and every materialized checkpoint in the cache still equal to
 /// its blobs. Each problem is listed; `ok` only when there are none.
 async fn verify(ctx: Ctx) -> Res {
-    let referenced: Vec<(String, ArtifactKind, String)> = {
+    let (referenced, repairs): (Vec<(String, ArtifactKind, String)>, Value) = {
         let p = ctx.state.projection.read().await;
-        p.artifacts
+        let referenced = p
+            .artifacts
             .values()
             .map(|a| (a.hash.clone(), a.artifact, a.name.clone()))
-            .collect()
+            .collect();
+        (referenced, repairs(&p))
     };
     let state = ctx.state.clone();
     let (report, problems) = tokio::task::spawn_blocking(move || {
@@ -115,7 +117,7 @@ async fn verify(ctx: Ctx) -> Res {
                 ));
             }
         }
-        (json!({"chain": chain, "blobs": blobs, "artifacts_checked": referenced.len()}), problems)
+        (json!({"chain": chain, "blobs": blobs, "artifacts_checked": referenced.len(), "repairs": repairs}), problems)
     })
     .await
     .map_err(internal)?;
@@ -131,6 +133,20 @@ async fn verify(ctx: Ctx) -> Res {
     }))
 }
 
+/// Every recorded loss (`herdd repair --accept-loss`), each with a line
+/// for people: the record is intact again, but it is not whole, and says so.
+fn repairs(p: &herd_core::Projection) -> Value {
+    json!(p
+        .repairs
+        .iter()
+        .map(|r| {
+            let mut v = json!(r);
+            v["message"] = json!(r.describe());
+            v
+        })
+        .collect::<Vec<_>>())
+}
+
 async fn status(ctx: Ctx) -> Res {
     let p = ctx.state.projection.read().await;
     let count = |s: JobStatus| p.rows.values().filter(|j| j.status == s).count();
@@ -138,7 +154,9 @@ async fn status(ctx: Ctx) -> Res {
         "devices": ctx.scheduler.devices(),
         "head_seq": p.last_seq,
         "jobs": {"queued": count(JobStatus::Queued), "running": count(JobStatus::Running), "succeeded": count(JobStatus::Succeeded),
-                  "failed": count(JobStatus::Failed), "cancelled": count(JobStatus::Cancelled)},
+                  "failed": count(JobStatus::Failed), "cancelled": count(JobStatus::Cancelled),
+                  "interrupted": count(JobStatus::Interrupted)},
+        "repairs": repairs(&p),
         "executor": ctx.scheduler.executor_name(),
         "dashboard": ctx.dashboard_url.as_deref(),
     }))
