@@ -328,6 +328,56 @@ fn the_dashboard_in_a_real_browser() {
     b.wait_for("#verification [data-status=succeeded]");
 }
 
+/// After `herdd repair --accept-loss`, every page opens with a banner
+/// saying what history lost: the pages show only what survived.
+#[test]
+fn the_dashboard_says_when_history_was_repaired() {
+    let Some(b) = browser_or_skip("the_dashboard_says_when_history_was_repaired") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (d, _) = daemon_with_dashboard(dir.path());
+        for i in 0..5 {
+            d.client().create_experiment(&format!("e{i}"), "").unwrap();
+        }
+    }
+    let log = dir.path().join("log").join("events.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&log, lines[..lines.len() - 2].join("\n") + "\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herdd"))
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "repair",
+            "--accept-loss",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (d, url) = daemon_with_dashboard(dir.path());
+    b.goto(&login_link(&d));
+    b.wait_for("#experiments");
+    let banner = b.text("#repairs p");
+    let n = lines.len();
+    assert!(
+        banner.contains("History repaired.")
+            && banner.contains(&format!(
+                "events {}–{n} lost (2 of them acknowledged)",
+                n - 1
+            )),
+        "{banner}"
+    );
+    b.goto(&format!("{url}/#/history"));
+    b.wait_for("#history");
+    assert!(b.text("#repairs").contains("history was repaired"));
+}
+
 /// The dashboard answers only to its own address (and localhost, and names
 /// given with --dashboard-host): a page on another name that resolves here
 /// (DNS rebinding) gets 421 on every route, login included. No browser is
