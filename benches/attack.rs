@@ -407,7 +407,10 @@ fn hostile() {
         server_errors.len()
     );
     assert!(server_errors.is_empty(), "5xx for {server_errors:?}");
-    assert!(accepted.is_empty(), "hostile requests accepted: {accepted:?}");
+    assert!(
+        accepted.is_empty(),
+        "hostile requests accepted: {accepted:?}"
+    );
     assert!(status_ok && verified);
 }
 

@@ -474,3 +474,153 @@ fn a_node_failure_requeues_the_job() {
     let m = c.metrics(&id, &["loss"]).unwrap();
     assert_every_step_once(&m["loss"], 300, "attempt 2's loss");
 }
+
+/// Where the committed data directory written by an earlier herd lives.
+fn datadir_v1() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datadir-v1")
+}
+
+/// Writes `tests/fixtures/datadir-v1`: the record (`log/events.jsonl`) of a
+/// data directory as herd wrote it before the executor handle replaced
+/// `slurm_job` in `JobStarted`, with a Slurm job that succeeded, one still
+/// running when the daemon was killed (and its messages file), an
+/// experiment and an external run; `expected.json` is what that herd showed
+/// of each job. Run by hand with that herd (`--ignored`); the test below
+/// reads it with today's.
+#[test]
+#[ignore]
+fn write_the_datadir_v1_fixture() {
+    let cluster = Cluster::start().expect("a Slurm cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = slurm_daemon(&cluster, dir.path());
+    let c = d.client();
+    let exp = c
+        .create_experiment("old", "written by herd before executor handles")
+        .unwrap();
+    let run = c
+        .open_run("external", Some(&exp), &json!({"lr": 3e-4}))
+        .unwrap();
+    c.log_metrics(&run, &[(1, "loss", 2.0), (2, "loss", 1.5)])
+        .unwrap();
+    c.close_run(&run, true, "").unwrap();
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let inputs = [("model", r.as_str()), ("data", sft.as_str())];
+    let done = submit_with(
+        &c,
+        "sft",
+        &inputs,
+        json!({"steps": 3, "batch_size": 2}),
+        None,
+    );
+    assert_eq!(
+        c.wait(&done, Duration::from_secs(120)).unwrap().status,
+        JobStatus::Succeeded
+    );
+    let long = submit_with(
+        &c,
+        "sft",
+        &inputs,
+        json!({"steps": 100000, "batch_size": 2}),
+        None,
+    );
+    until("the long job reporting", Duration::from_secs(120), || {
+        c.job(&long).unwrap().metric_points > 0
+    });
+    let jobs: Vec<Value> = [&run, &done, &long]
+        .iter()
+        .map(|id| {
+            let j = c.job(id).unwrap();
+            json!({"id": j.id, "name": j.name, "kind": j.kind, "status": j.status,
+                   "attempts": j.attempts, "outputs": j.outputs, "slurm_job": j.slurm_job})
+        })
+        .collect();
+    let long_slurm = c.job(&long).unwrap().slurm_job.unwrap();
+    d.kill9();
+    let out = datadir_v1();
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("data/log")).unwrap();
+    std::fs::copy(
+        dir.path().join("log/events.jsonl"),
+        out.join("data/log/events.jsonl"),
+    )
+    .unwrap();
+    let work = format!("data/work/{long}");
+    std::fs::create_dir_all(out.join(&work)).unwrap();
+    let messages = format!("messages-{long_slurm}.jsonl");
+    std::fs::copy(
+        dir.path().join(format!("work/{long}/{messages}")),
+        out.join(&work).join(&messages),
+    )
+    .unwrap();
+    std::fs::write(
+        out.join("expected.json"),
+        serde_json::to_string_pretty(&json!({"experiment": exp, "jobs": jobs})).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A data directory written by an earlier herd (`datadir-v1`: `slurm_job`
+/// in `JobStarted`, before executor handles) opens with today's, folds to
+/// what that herd showed, and its Slurm job left running is re-attached:
+/// the new cluster no longer knows it, so it ends with Slurm's word for
+/// that, after the metrics its messages file still held were recorded.
+#[test]
+fn a_data_directory_from_an_earlier_herd_opens_and_reattaches() {
+    let Some(cluster) =
+        cluster_or_skip("a_data_directory_from_an_earlier_herd_opens_and_reattaches")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let status = Command::new("cp")
+        .args([
+            "-r",
+            datadir_v1().join("data").to_str().unwrap(),
+            data.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    Command::new("chmod")
+        .args(["-R", "go-rwx", data.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(datadir_v1().join("expected.json")).unwrap())
+            .unwrap();
+    let d = slurm_daemon(&cluster, &data);
+    let c = d.client();
+    let jobs = expected["jobs"].as_array().unwrap();
+    for (i, want) in jobs.iter().enumerate() {
+        let id = want["id"].as_str().unwrap();
+        let j = c.job(id).unwrap();
+        let got = json!({"id": j.id, "name": j.name, "kind": j.kind, "attempts": j.attempts,
+                         "outputs": j.outputs, "slurm_job": j.slurm_job});
+        for key in ["id", "name", "kind", "attempts", "outputs", "slurm_job"] {
+            assert_eq!(got[key], want[key], "job {i} `{key}`");
+        }
+        if i < 2 {
+            assert_eq!(json!(j.status), want["status"], "job {i}");
+        }
+    }
+    // The one left running: re-attached by its Slurm id, ended by what Slurm says.
+    let long = jobs[2]["id"].as_str().unwrap();
+    let slurm_job = jobs[2]["slurm_job"].as_u64().unwrap();
+    let j = c.wait(long, Duration::from_secs(60)).unwrap();
+    assert_eq!(j.status, JobStatus::Failed, "{j:?}");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap_or("")
+            .contains(&format!("Slurm no longer knows job {slurm_job}")),
+        "{:?}",
+        j.error
+    );
+    assert!(c.metrics(long, &["loss"]).unwrap()["loss"].len() > 0);
+    assert_eq!(
+        attempts_started(&data, long),
+        1,
+        "re-attached, not run again"
+    );
+}
