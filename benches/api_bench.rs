@@ -22,13 +22,7 @@ fn main() {
         dashboard_hosts: vec![],
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        scheduler: SchedulerConfig {
-            worker_command: vec!["true".into()],
-            devices: vec!["cpu".into()],
-            cpu_threads: 1,
-            max_attempts: 1,
-            executor: herd_daemon::scheduler::Executor::Local,
-        },
+        scheduler: SchedulerConfig::local(vec!["true".into()], vec!["cpu".into()], 1),
         dashboard: None,
     };
     let daemon = rt.block_on(Daemon::start(config)).unwrap();

@@ -72,6 +72,7 @@ fn job_events(job: Uuid, experiment: Uuid, i: usize, steps: usize) -> Vec<NewEve
             attempt: 1,
             device: "cpu".into(),
             pid: Some(1000 + i as u32),
+            executor: None,
             slurm_job: None,
             engine_version: herd_engine::ENGINE_VERSION.into(),
             threads: 2,

@@ -372,13 +372,11 @@ pub fn run(opts: &Options) -> Result<Report> {
         dashboard_hosts: vec![],
         data_dir: data_dir.clone(),
         listen: "127.0.0.1:0".parse().expect("addr"),
-        scheduler: SchedulerConfig {
-            worker_command: opts.worker_command.clone(),
-            devices: vec!["cpu".into(), "cpu".into()],
-            cpu_threads: 1,
-            max_attempts: 3,
-            executor: herd_daemon::scheduler::Executor::Local,
-        },
+        scheduler: SchedulerConfig::local(
+            opts.worker_command.clone(),
+            vec!["cpu".into(), "cpu".into()],
+            1,
+        ),
         dashboard: None,
     };
     let daemon = rt.block_on(Daemon::start(config))?;

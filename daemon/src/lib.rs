@@ -8,7 +8,8 @@
 //! * [`references`]: job inputs (`job:<id>/<output>` or a hash), parsed and kind-checked once.
 //! * [`rounds`]: round specs expanded into job DAGs.
 //! * [`state`]: store + live projection shared by the API and scheduler.
-//! * [`scheduler`]: devices, queue, dependencies, worker processes, recovery.
+//! * [`scheduler`]: queue, slots, dependencies, following attempts, recovery.
+//! * [`executor`]: where workers run (local processes, Slurm).
 //! * [`worker`]: the worker process side of a job.
 //! * [`api`]: the HTTP API (warp).
 //! * [`listener`]: accepting connections: header timeout, connection limit.
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod dashboard;
 pub mod data;
+pub mod executor;
 pub mod jobs;
 pub mod listener;
 pub mod metrics;

@@ -194,16 +194,8 @@ impl Daemon {
                 recovery.reindexed, recovery.torn_bytes_cut
             );
         }
-        if let crate::scheduler::Executor::Slurm(slurm) = &config.scheduler.executor {
-            let (slurm, worker, data) = (
-                slurm.clone(),
-                config.scheduler.worker_command.clone(),
-                config.data_dir.clone(),
-            );
-            let node =
-                tokio::task::spawn_blocking(move || crate::slurm::probe(&slurm, &worker, &data))
-                    .await??;
-            eprintln!("herdd: Slurm executor: the start-up probe ran on {node} and saw the data directory");
+        if let Some(found) = config.scheduler.executor.probe(&config.data_dir).await? {
+            eprintln!("herdd: {found}");
         }
         let scheduler = Scheduler::new(state.clone(), config.scheduler.clone());
         scheduler.recover().await?;

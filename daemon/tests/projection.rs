@@ -87,7 +87,7 @@ proptest! {
                 }
                 Op::Start(j) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];
-                    (streams::job(job), new_event(&HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, slurm_job: None, engine_version: "t".into(), fingerprint: Default::default(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }))
+                    (streams::job(job), new_event(&HerdEvent::JobStarted { job, attempt: 1, device: "cpu".into(), pid: None, executor: None, slurm_job: None, engine_version: "t".into(), fingerprint: Default::default(), threads: 2, resolved_inputs: BTreeMap::new(), effective_hyperparameters: json!({}) }))
                 }
                 Op::Metrics(j, n) if !jobs.is_empty() => {
                     let job = jobs[j as usize % jobs.len()];

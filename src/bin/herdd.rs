@@ -163,7 +163,7 @@ fn main() {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "herdd".into());
     let worker = vec![exe, "worker".into()];
-    let mut sched = if cli.executor == "slurm" {
+    let sched = if cli.executor == "slurm" {
         match slurm_config(&cli) {
             Ok(slurm) => {
                 let worker = match &cli.slurm_worker_command {
@@ -177,21 +177,27 @@ fn main() {
                 std::process::exit(2);
             }
         }
-    } else {
-        SchedulerConfig::discover(worker, cli.cpu_jobs)
-    };
-    if !cli.devices.is_empty() && cli.executor == "local" {
+    } else if !cli.devices.is_empty() || cli.threads.is_some() {
         for d in &cli.devices {
             if let Err(e) = herd_engine::device::select(d) {
                 eprintln!("herdd: --devices: {e}");
                 std::process::exit(2);
             }
         }
-        sched.devices = cli.devices.clone();
-    }
-    if let Some(t) = cli.threads {
-        sched.cpu_threads = t.max(1);
-    }
+        let found = SchedulerConfig::discover(Vec::new(), cli.cpu_jobs).executor;
+        let devices = if cli.devices.is_empty() {
+            found.slots()
+        } else {
+            cli.devices.clone()
+        };
+        let threads = cli.threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / cli.cpu_jobs.max(1)).max(1)
+        });
+        SchedulerConfig::local(worker, devices, threads)
+    } else {
+        SchedulerConfig::discover(worker, cli.cpu_jobs)
+    };
     let dashboard = match cli.dashboard_listen.as_str() {
         "off" => None,
         addr => match addr.parse::<SocketAddr>() {

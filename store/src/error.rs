@@ -28,7 +28,7 @@ pub enum StoreError {
     /// Found when the log is opened: the records from `seq` on can't be
     /// trusted. Nothing is changed; `herdd repair` sets them aside.
     #[error("the event log is damaged at sequence {seq} (byte {offset} of log/events.jsonl): {reason}. \
-             Nothing was changed. `herdd --data-dir DATA repair` says what repairing would lose; \
+             Nothing was changed. `herdd repair --data-dir DATA` says what repairing would lose; \
              with --accept-loss it moves the records from there on into a quarantine file \
              (nothing is deleted), rebuilds the index and records the loss in the history")]
     Damaged {

@@ -44,8 +44,8 @@ pub(super) fn show(c: &Client, id: &str, js: bool) -> Result<()> {
             j.attempts,
             j.device.clone().unwrap_or_default()
         );
-        if let Some(s) = j.slurm_job {
-            println!("  slurm job {s}");
+        if let Some(h) = &j.executor {
+            println!("  ran as {} job {}", h.executor, h.id);
         }
         if !j.resources.is_empty() {
             println!("  resources {}", j.resources);

@@ -42,6 +42,20 @@ pub struct MetricPoint {
     pub value: f64,
 }
 
+/// An attempt as its executor knows it: the executor's name and the
+/// attempt's id there (a Slurm job id, a process id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorHandle {
+    pub executor: String,
+    pub id: String,
+}
+
+impl std::fmt::Display for ExecutorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.executor, self.id)
+    }
+}
+
 /// Everything herd records. `Unknown` keeps events written by a newer herd
 /// readable (and skipped by the views) instead of failing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,8 +113,13 @@ pub enum HerdEvent {
         device: String,
         #[serde(default)]
         pid: Option<u32>,
-        /// The Slurm job id, when the attempt runs through `sbatch`.
+        /// Which executor runs the attempt, and its id there (a Slurm job
+        /// id, a process id): what a restarted daemon re-attaches by.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        executor: Option<ExecutorHandle>,
+        /// Written by herd before `executor` (the Slurm job id); read as
+        /// `executor: {executor: "slurm", id}`. Never written now.
+        #[serde(default, skip_serializing)]
         slurm_job: Option<u64>,
         engine_version: String,
         threads: u32,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::events::{HerdEvent, Stored};
+use super::events::{ExecutorHandle, HerdEvent, Stored};
 use super::rows::{Dirty, JobRow, Names};
 use crate::vocab::{ArtifactKind, JobKind, Resources};
 
@@ -117,7 +117,10 @@ pub struct JobView {
     /// What the job asked of a cluster executor (over the kind's defaults).
     #[serde(default)]
     pub resources: Resources,
-    /// The Slurm job id of the latest attempt, when it ran through Slurm.
+    /// The latest attempt's executor and its id there.
+    #[serde(default)]
+    pub executor: Option<ExecutorHandle>,
+    /// `executor`'s id when that is Slurm: kept for clients that read it.
     #[serde(default)]
     pub slurm_job: Option<u64>,
     pub outputs: BTreeMap<String, String>,
@@ -397,6 +400,7 @@ impl Projection {
                         threads: None,
                         fingerprint: BTreeMap::new(),
                         resources,
+                        executor: None,
                         slurm_job: None,
                         outputs: BTreeMap::new(),
                         last_metrics: BTreeMap::new(),
@@ -419,6 +423,7 @@ impl Projection {
                 resolved_inputs,
                 effective_hyperparameters,
                 fingerprint,
+                executor,
                 slurm_job,
                 ..
             } => {
@@ -437,7 +442,16 @@ impl Projection {
                     j.resolved_inputs = resolved_inputs;
                     j.effective_hyperparameters = effective_hyperparameters;
                     j.fingerprint = fingerprint;
-                    j.slurm_job = slurm_job;
+                    // Old records name a Slurm job by its number only.
+                    j.executor = executor.or(slurm_job.map(|id| ExecutorHandle {
+                        executor: "slurm".into(),
+                        id: id.to_string(),
+                    }));
+                    j.slurm_job = j
+                        .executor
+                        .as_ref()
+                        .filter(|h| h.executor == "slurm")
+                        .and_then(|h| h.id.parse().ok());
                     j.started_ms = Some(ts);
                     j.error = None;
                 }

@@ -154,7 +154,7 @@ async function jobPage(main, id) {
     </p>
     <h2>Metrics</h2><div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>
     <div class="grid">
-      <div class="card"><h2>Job</h2>${kvTable({ id: j.id, seed: j.seed, attempts: j.attempts, device: j.device || "", threads: j.threads || "", slurm_job: j.slurm_job ?? "", submitted: time(j.submitted_ms), started: time(j.started_ms), took: j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : "" })}</div>
+      <div class="card"><h2>Job</h2>${kvTable({ id: j.id, seed: j.seed, attempts: j.attempts, device: j.device || "", threads: j.threads || "", executor: j.executor ? `${j.executor.executor} ${j.executor.id}` : "", submitted: time(j.submitted_ms), started: time(j.started_ms), took: j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : "" })}</div>
       <div class="card"><h2>Hyperparameters</h2>${kvTable(j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters, "hyperparameters")}</div>
       <div class="card"><h2>Inputs</h2><table class="kv">${Object.entries(j.inputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${j.resolved_inputs[k] ? inputLink(j.resolved_inputs[k]) : inputLink(v) + (Object.keys(j.resolved_inputs).length ? ' <span class="muted">(not kept)</span>' : "")}</td></tr>`).join("")}</table></div>
       <div class="card"><h2>Outputs</h2><table class="kv" id="outputs">${Object.entries(j.outputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${inputLink(v)} · <a href="#/lineage/${esc(v)}">lineage</a></td></tr>`).join("") || '<tr><td class="muted">none yet</td></tr>'}</table></div>
@@ -332,7 +332,7 @@ async function queuePage(main) {
   const s = await get("/status");
   const running = await get("/jobs?status=running&limit=200");
   const queued = await get("/jobs?status=queued&limit=200");
-  const rows = (js) => js.map((j) => `<tr><td><a href="#/job/${j.id}">${esc(j.name)}</a></td><td>${esc(j.kind)}</td><td>${badge(j.status)}</td><td>${esc(j.device || "")}${j.slurm_job ? ` (slurm ${j.slurm_job})` : ""}</td><td class="num">${j.priority}</td></tr>`).join("");
+  const rows = (js) => js.map((j) => `<tr><td><a href="#/job/${j.id}">${esc(j.name)}</a></td><td>${esc(j.kind)}</td><td>${badge(j.status)}</td><td>${esc(j.device || "")}${j.executor && j.executor.executor !== "local" ? ` (${esc(j.executor.executor)} ${esc(j.executor.id)})` : ""}</td><td class="num">${j.priority}</td></tr>`).join("");
   main.innerHTML = `<h1>Queue &amp; devices</h1>
     <p>executor <b id="executor">${esc(s.executor)}</b>; slots: <span class="mono">${esc(s.devices.join(", "))}</span></p>
     ${kvTable(s.jobs, "counts")}

@@ -85,6 +85,7 @@ async fn open_run(ctx: Ctx, body: NewRun) -> Res {
             attempt: 1,
             device: "external".into(),
             pid: None,
+            executor: None,
             slurm_job: None,
             engine_version: "external".into(),
             threads: 0,
