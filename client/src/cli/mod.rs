@@ -481,6 +481,14 @@ pub fn run(cli: &Cli) -> Result<()> {
                 by: by.as_deref(),
                 order: order.as_deref(),
                 resources: resources.unwrap_or_default(),
+                makes_models: average_top.is_some() && {
+                    let model = |a: &Option<ArtifactKind>| {
+                        matches!(a, Some(ArtifactKind::Checkpoint | ArtifactKind::Adapter))
+                    };
+                    c.kinds()?
+                        .iter()
+                        .any(|k| k.kind == *kind && k.outputs.iter().any(|o| model(&o.artifact)))
+                },
             })?;
             // On stderr: stdout stays the round (or its id, or JSON).
             if !cli.quiet {

@@ -19,6 +19,10 @@ pub(super) struct SweepArgs<'a> {
     pub by: Option<&'a str>,
     pub order: Option<&'a str>,
     pub resources: herd_core::Resources,
+    /// Whether `kind` makes a model (a checkpoint or an adapter), as the
+    /// daemon's registry says (`GET /kinds`): only then can `--average-top`
+    /// average its outputs.
+    pub makes_models: bool,
 }
 
 /// A value as typed: JSON when it parses (numbers, booleans), else text.
@@ -120,9 +124,9 @@ pub(super) fn plan(a: &SweepArgs) -> Result<(Value, Vec<String>)> {
             ))
         }
         (Some(k), Some(by)) => {
-            if !matches!(a.kind, JobKind::Sft | JobKind::Dpo | JobKind::Rm) {
+            if !a.makes_models {
                 return Err(ClientError::Usage(format!(
-                    "--average-top averages models: sft, dpo or rm, not {}",
+                    "--average-top averages models, and {} jobs make none (`herd kinds` shows what each kind makes)",
                     a.kind
                 )));
             }
@@ -211,6 +215,7 @@ mod tests {
             by: Some("metric.loss"),
             order: None,
             resources: "cpus=1".parse().unwrap(),
+            makes_models: true,
         };
         let (spec, said) = plan(&a).unwrap();
         let jobs = spec["jobs"].as_array().unwrap();
@@ -246,6 +251,7 @@ mod tests {
             SweepArgs { by: None, ..reward },
             SweepArgs {
                 kind: JobKind::Sample,
+                makes_models: false,
                 ..reward
             },
             SweepArgs {

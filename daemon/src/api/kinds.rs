@@ -3,7 +3,7 @@
 //! registry itself, so this answer cannot drift from what is checked.
 
 use super::*;
-use crate::jobs::recipe::{describe, RECIPES};
+use crate::jobs::{describe, RECIPES};
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -29,6 +29,6 @@ async fn list_kinds(_ctx: Ctx) -> Res {
 
 async fn get_kind(kind: String, _ctx: Ctx) -> Res {
     let kind: JobKind = kind.parse().map_err(bad)?;
-    let r = crate::jobs::recipe::recipe(kind).map_err(bad)?;
+    let r = crate::jobs::recipe(kind).map_err(bad)?;
     reply_json(&describe(r))
 }

@@ -9,11 +9,12 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, complete, load_dataset, save_dataset, GenParams};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::generation::{complete, GenParams};
+use super::inputs::{chat_of, load_dataset, save_dataset};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind, PreferenceExample, Strength};
 use crate::task;
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -41,7 +42,7 @@ impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
         self.gen.validate()
     }
-    fn bounds() -> Vec<super::Bound> {
+    fn bounds() -> Vec<super::recipe::Bound> {
         GenParams::bounds()
     }
 }

@@ -6,21 +6,22 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::recipe::{InputNames, InputSource, JobContext, OutputKind, Recipe, Validate};
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Params {
     /// One per input in name order; empty = uniform.
     pub weights: Vec<f64>,
-    /// Average only the best `top_k` inputs (0: all). The scheduler ranks
-    /// the jobs whose outputs they are by their last value of `by` when the
-    /// job starts, and records the chosen ones as the job's resolved inputs
+    /// Average only the best `top_k` inputs (0: all). When the job starts,
+    /// the jobs whose outputs they are are ranked by their last value of
+    /// `by` (`choose_inputs`), and the chosen ones recorded as the job's
+    /// resolved inputs
     /// (a sweep's "average the top K"); with no more than `top_k` inputs
     /// all are taken, which is how a reproduction re-runs the choice.
     pub top_k: usize,
@@ -94,6 +95,82 @@ impl Recipe for Average {
     ];
     fn accepts(_input: &str) -> &'static [ArtifactKind] {
         &[ArtifactKind::Checkpoint, ArtifactKind::Adapter]
+    }
+    /// `top_k`: keep the inputs whose jobs rank best by the metric's last
+    /// value (ties by input name). With no more inputs than `top_k` all are
+    /// kept (a reproduction gives exactly the kept hashes).
+    fn choose_inputs(
+        params: &Params,
+        resolved: &mut BTreeMap<String, String>,
+        source: &dyn Fn(&str) -> Option<InputSource>,
+    ) -> Result<Option<String>> {
+        let Some((metric, lowest_first)) = params.ranking() else {
+            return Ok(None);
+        };
+        if resolved.len() <= params.top_k {
+            return Ok(None);
+        }
+        let mut ranked = vec![];
+        for name in resolved.keys() {
+            let job = source(name).ok_or_else(|| {
+                anyhow!(
+                    "input `{name}` is not a job's output, so it has no metric to rank by (top_k {} of {} inputs)",
+                    params.top_k,
+                    resolved.len()
+                )
+            })?;
+            let (_, value) = job.last_metrics.get(metric).ok_or_else(|| {
+                anyhow!(
+                    "input `{name}`: job {} ({}) recorded no metric `{metric}` (it has: {})",
+                    job.job,
+                    job.name,
+                    job.last_metrics
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            if !value.is_finite() {
+                bail!(
+                    "input `{name}`: job {} ended with {metric} = {value}",
+                    job.job
+                );
+            }
+            ranked.push((*value, name.clone()));
+        }
+        ranked.sort_by(|a, b| {
+            let by_value = if lowest_first {
+                a.0.total_cmp(&b.0)
+            } else {
+                b.0.total_cmp(&a.0)
+            };
+            by_value.then_with(|| a.1.cmp(&b.1))
+        });
+        let kept: Vec<&(f64, String)> = ranked.iter().take(params.top_k).collect();
+        resolved.retain(|name, _| kept.iter().any(|(_, k)| k == name));
+        let said: Vec<String> = ranked
+            .iter()
+            .map(|(v, n)| {
+                let mark = if resolved.contains_key(n) {
+                    "kept"
+                } else {
+                    "left"
+                };
+                format!("{n} {v} ({mark})")
+            })
+            .collect();
+        Ok(Some(format!(
+            "top {} of {} by metric.{metric} ({}): {}",
+            params.top_k,
+            ranked.len(),
+            if lowest_first {
+                "lowest first"
+            } else {
+                "highest first"
+            },
+            said.join(", ")
+        )))
     }
     fn check_with_inputs(p: &Params, inputs: &[&str]) -> Result<(), String> {
         p.check_ranking()?;

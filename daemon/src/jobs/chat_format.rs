@@ -8,8 +8,8 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use herd_core::{ArtifactKind, JobKind};
 use herd_engine::chat_setup::TemplateChoice;
 
 /// The longest template text accepted (published ones are under 20 KB).

@@ -15,10 +15,11 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, save_dataset, score, similarity};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::generation::score;
+use super::inputs::{chat_of, save_dataset, similarity};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{self, Dataset, DatasetKind};
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -65,14 +66,14 @@ impl Validate for Params {
         }
         Ok(())
     }
-    fn bounds() -> Vec<super::Bound> {
+    fn bounds() -> Vec<super::recipe::Bound> {
         [
             "apology_max_share",
             "dedup_threshold",
             "similar_response_threshold",
             "quality_top_fraction",
         ]
-        .map(|n| super::Bound::closed(n, 0.0, 1.0))
+        .map(|n| super::recipe::Bound::closed(n, 0.0, 1.0))
         .into()
     }
 }

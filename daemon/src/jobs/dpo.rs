@@ -8,13 +8,11 @@ use herd_engine::objective::{self, Pair};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{
-    chat_of, load_dataset, prompt_completions, save_trained, train_loop, truncate, LoraParams,
-    TrainParams,
-};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::inputs::{chat_of, load_dataset, prompt_completions, truncate};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::training::{save_trained, train_loop, LoraParams, TrainParams};
 use crate::data::{Dataset, DatasetKind, Strength};
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -59,11 +57,11 @@ impl Validate for Params {
         }
         Ok(())
     }
-    fn bounds() -> Vec<super::Bound> {
+    fn bounds() -> Vec<super::recipe::Bound> {
         let mut b = TrainParams::bounds();
         b.extend(LoraParams::bounds());
-        b.push(super::Bound::at_least("beta", 0.0, false));
-        b.push(super::Bound::at_least("nll_weight", 0.0, true));
+        b.push(super::recipe::Bound::at_least("beta", 0.0, false));
+        b.push(super::recipe::Bound::at_least("nll_weight", 0.0, true));
         b
     }
 }
@@ -84,11 +82,7 @@ impl Recipe for Dpo {
         ("reference_logps", OutputKind::Is(ArtifactKind::Cache)),
     ];
     fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "data" => &[ArtifactKind::Preference],
-            "adapter" => &[ArtifactKind::Adapter],
-            _ => &[ArtifactKind::Checkpoint],
-        }
+        super::training::accepts(&[ArtifactKind::Preference], input)
     }
     fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
         p.lora.makes(inputs, output)

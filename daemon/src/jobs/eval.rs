@@ -7,10 +7,11 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, complete, load_dataset, score, GenParams};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::generation::{complete, score, GenParams};
+use super::inputs::{chat_of, load_dataset};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind};
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -32,14 +33,14 @@ impl Default for Params {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
-        use super::{in_range, limits::*};
+        use super::training::{in_range, limits::*};
         in_range("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)?;
         in_range("batch_size", self.batch_size, 1, MAX_BATCH)?;
         in_range("max_seq_len", self.max_seq_len, 2, MAX_SEQ_LEN)?;
         Ok(())
     }
-    fn bounds() -> Vec<super::Bound> {
-        use super::{limits::*, Bound};
+    fn bounds() -> Vec<super::recipe::Bound> {
+        use super::{recipe::Bound, training::limits::*};
         vec![
             Bound::closed("max_new_tokens", 1.0, MAX_NEW_TOKENS as f64),
             Bound::closed("batch_size", 1.0, MAX_BATCH as f64),
@@ -130,7 +131,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                 .filter_map(|(i, x)| {
                     let answer = x.answer.as_ref()?;
                     Some(
-                        match super::annotator_rank(&ours[i][0], &theirs[i][0], answer) {
+                        match super::annotate::rank(&ours[i][0], &theirs[i][0], answer) {
                             Some((0, _)) => 1.0,
                             Some(_) => 0.0,
                             None => 0.5,
@@ -198,7 +199,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             .filter_map(|r| {
                 super::inputs::encode_sft(&chat, r, false)
                     .ok()
-                    .and_then(|e| super::truncate(e, p.max_seq_len))
+                    .and_then(|e| super::inputs::truncate(e, p.max_seq_len))
             })
             .collect();
         let (mut total, mut tokens) = (0.0, 0usize);

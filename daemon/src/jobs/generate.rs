@@ -11,10 +11,11 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, complete_counts, load_dataset, save_dataset, GenParams};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::generation::{complete_counts, GenParams};
+use super::inputs::{chat_of, load_dataset, save_dataset};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind, SftExample};
+use herd_core::{ArtifactKind, JobKind};
 use herd_engine::chat::Message;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,15 +41,20 @@ impl Default for Params {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
-        super::in_range("k", self.k, 1, super::limits::MAX_SAMPLES_PER_PROMPT)?;
+        super::training::in_range(
+            "k",
+            self.k,
+            1,
+            super::training::limits::MAX_SAMPLES_PER_PROMPT,
+        )?;
         self.gen.validate()
     }
-    fn bounds() -> Vec<super::Bound> {
+    fn bounds() -> Vec<super::recipe::Bound> {
         let mut b = GenParams::bounds();
-        b.push(super::Bound::closed(
+        b.push(super::recipe::Bound::closed(
             "k",
             1.0,
-            super::limits::MAX_SAMPLES_PER_PROMPT as f64,
+            super::training::limits::MAX_SAMPLES_PER_PROMPT as f64,
         ));
         b
     }

@@ -32,8 +32,8 @@ impl Default for GenParams {
 
 impl GenParams {
     /// What `validate` enforces (see `Bound`).
-    pub fn bounds() -> Vec<super::Bound> {
-        use super::Bound;
+    pub fn bounds() -> Vec<super::recipe::Bound> {
+        use super::recipe::Bound;
         vec![
             Bound::closed("temperature", 0.0, 100.0),
             Bound {

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use herd_engine::chat::{ChatFormat, Encoded};
 
-use super::JobContext;
+use super::recipe::JobContext;
 use crate::data::{self, Dataset, DatasetKind};
 
 /// Load a dataset input, insisting on its kind.

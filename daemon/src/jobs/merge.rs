@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

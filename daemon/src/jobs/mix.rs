@@ -21,9 +21,10 @@ use herd_engine::rng::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{save_dataset, ArtifactKind, JobContext, JobKind, Validate};
+use super::inputs::save_dataset;
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{self, Dataset, DatasetKind};
+use herd_core::{ArtifactKind, JobKind};
 
 /// Largest multiplier and count one input may be given.
 const MAX_WEIGHT: f64 = 1000.0;

@@ -21,6 +21,7 @@ mod inputs;
 mod merge;
 mod mix;
 pub mod recipe;
+mod registry;
 mod rm;
 mod sample;
 mod sft;
@@ -28,7 +29,6 @@ mod sink;
 mod training;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde_json::{Map, Value};
@@ -40,9 +40,9 @@ pub use sink::{store_output, MemorySink, Sink};
 pub use training::{in_range, limits, save_trained, train_loop, LoraParams, TrainParams};
 
 pub use herd_core::{ArtifactKind, JobKind};
-pub use recipe::{
-    output_kind, output_names, outputs_made, recipe, AnyRecipe, InputNames, OutputKind, Recipe,
-    RECIPES,
+pub use recipe::{Bound, InputNames, InputSource, JobContext, OutputKind, Recipe, Validate};
+pub use registry::{
+    describe, kinds_markdown, output_kind, output_names, outputs_made, recipe, AnyRecipe, RECIPES,
 };
 
 /// Input `name` of a `kind` job may be an artifact of kind `artifact`.
@@ -128,75 +128,6 @@ pub fn annotator_rank(a: &str, b: &str, answer: &str) -> Option<(usize, crate::d
     annotate::rank(a, b, answer)
 }
 
-/// Range checks beyond types.
-pub trait Validate {
-    fn validate(&self) -> Result<(), String>;
-    /// The numeric ranges `validate` enforces, for `herd kinds` (a test
-    /// holds each against `validate` at both ends).
-    fn bounds() -> Vec<Bound>
-    where
-        Self: Sized,
-    {
-        vec![]
-    }
-}
-
-/// A hyperparameter's accepted interval.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bound {
-    pub name: &'static str,
-    pub min: f64,
-    /// Whether `min` itself is accepted.
-    pub min_inclusive: bool,
-    /// None: no upper bound.
-    pub max: Option<f64>,
-    pub max_inclusive: bool,
-}
-
-impl Bound {
-    /// `[min, max]`.
-    pub const fn closed(name: &'static str, min: f64, max: f64) -> Self {
-        Bound {
-            name,
-            min,
-            min_inclusive: true,
-            max: Some(max),
-            max_inclusive: true,
-        }
-    }
-    /// `[min, ∞)`, or `(min, ∞)` when not `inclusive`.
-    pub const fn at_least(name: &'static str, min: f64, inclusive: bool) -> Self {
-        Bound {
-            name,
-            min,
-            min_inclusive: inclusive,
-            max: None,
-            max_inclusive: false,
-        }
-    }
-    /// As people read intervals: `[1, 4096]`, `(0, ∞)`, `[0, 0.9)`.
-    pub fn text(&self) -> String {
-        let n = |x: f64| {
-            if x == x.trunc() && x.abs() < 1e15 {
-                format!("{}", x as i64)
-            } else {
-                format!("{x}")
-            }
-        };
-        format!(
-            "{}{}, {}{}",
-            if self.min_inclusive { "[" } else { "(" },
-            n(self.min),
-            self.max.map_or("∞".to_string(), n),
-            if self.max.is_some() && self.max_inclusive {
-                "]"
-            } else {
-                ")"
-            }
-        )
-    }
-}
-
 /// Check the input names of a job before it is queued.
 pub fn check_inputs(kind: JobKind, inputs: &BTreeMap<String, String>) -> Result<(), String> {
     let (required, optional) = match recipe(kind)?.inputs() {
@@ -239,29 +170,6 @@ pub fn check_with_inputs(
 ) -> Result<(), String> {
     let names: Vec<&str> = inputs.keys().map(|k| k.as_str()).collect();
     recipe(kind)?.check_with_inputs(hyperparameters, &names)
-}
-
-/// Everything a job needs to run.
-pub struct JobContext<'a> {
-    pub kind: JobKind,
-    /// Effective hyperparameters (already validated).
-    pub hyperparameters: Value,
-    pub seed: u64,
-    /// Input name -> local path (checkpoint directory or dataset file).
-    pub inputs: BTreeMap<String, PathBuf>,
-    /// Scratch space for outputs.
-    pub workdir: PathBuf,
-    pub device: candle_core::Device,
-    pub sink: &'a mut dyn Sink,
-}
-
-impl JobContext<'_> {
-    pub fn input(&self, name: &str) -> Result<&Path> {
-        self.inputs
-            .get(name)
-            .map(|p| p.as_path())
-            .ok_or_else(|| anyhow::anyhow!("missing input `{name}`"))
-    }
 }
 
 /// Run a job to completion; returns its summary (also the outcome record).

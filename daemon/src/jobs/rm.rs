@@ -11,10 +11,11 @@ use herd_engine::rng::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, load_dataset, save_trained, similarity, train_loop, LoraParams, TrainParams};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::inputs::{chat_of, load_dataset, similarity};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::training::{save_trained, train_loop, LoraParams, TrainParams};
 use crate::data::{Dataset, DatasetKind, Strength};
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -59,11 +60,15 @@ impl Validate for Params {
         }
         Ok(())
     }
-    fn bounds() -> Vec<super::Bound> {
+    fn bounds() -> Vec<super::recipe::Bound> {
         let mut b = TrainParams::bounds();
         b.extend(LoraParams::bounds());
-        b.push(super::Bound::closed("similarity_threshold", 0.0, 1.0));
-        b.push(super::Bound {
+        b.push(super::recipe::Bound::closed(
+            "similarity_threshold",
+            0.0,
+            1.0,
+        ));
+        b.push(super::recipe::Bound {
             name: "heldout_fraction",
             min: 0.0,
             min_inclusive: true,
@@ -86,11 +91,7 @@ impl Recipe for Rm {
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] = super::training::TRAINED;
     fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "data" => &[ArtifactKind::Preference],
-            "adapter" => &[ArtifactKind::Adapter],
-            _ => &[ArtifactKind::Checkpoint],
-        }
+        super::training::accepts(&[ArtifactKind::Preference], input)
     }
     fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
         p.lora.makes(inputs, output)

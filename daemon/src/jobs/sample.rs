@@ -11,10 +11,11 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, complete_counts, load_dataset, save_dataset, score, GenParams};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::generation::{complete_counts, score, GenParams};
+use super::inputs::{chat_of, load_dataset, save_dataset};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind, SftExample};
+use herd_core::{ArtifactKind, JobKind};
 use herd_engine::chat::Message;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,15 +46,20 @@ impl Validate for Params {
         if self.k < 2 {
             return Err("k must be at least 2 (rejection sampling picks the best of k)".into());
         }
-        super::in_range("k", self.k, 2, super::limits::MAX_SAMPLES_PER_PROMPT)?;
+        super::training::in_range(
+            "k",
+            self.k,
+            2,
+            super::training::limits::MAX_SAMPLES_PER_PROMPT,
+        )?;
         self.gen.validate()
     }
-    fn bounds() -> Vec<super::Bound> {
+    fn bounds() -> Vec<super::recipe::Bound> {
         let mut b = GenParams::bounds();
-        b.push(super::Bound::closed(
+        b.push(super::recipe::Bound::closed(
             "k",
             2.0,
-            super::limits::MAX_SAMPLES_PER_PROMPT as f64,
+            super::training::limits::MAX_SAMPLES_PER_PROMPT as f64,
         ));
         b
     }

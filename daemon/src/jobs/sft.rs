@@ -7,10 +7,11 @@ use herd_engine::objective;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, OutputKind, Recipe};
-use super::{chat_of, load_dataset, save_trained, train_loop, truncate, LoraParams, TrainParams};
-use super::{ArtifactKind, JobContext, JobKind, Validate};
+use super::inputs::{chat_of, load_dataset, truncate};
+use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::training::{save_trained, train_loop, LoraParams, TrainParams};
 use crate::data::{Dataset, DatasetKind};
+use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -31,7 +32,7 @@ impl Validate for Params {
         self.train.validate()?;
         self.lora.validate()
     }
-    fn bounds() -> Vec<super::Bound> {
+    fn bounds() -> Vec<super::recipe::Bound> {
         let mut b = TrainParams::bounds();
         b.extend(LoraParams::bounds());
         b
@@ -50,11 +51,7 @@ impl Recipe for Sft {
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] = super::training::TRAINED;
     fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "data" => &[ArtifactKind::Sft],
-            "adapter" => &[ArtifactKind::Adapter],
-            _ => &[ArtifactKind::Checkpoint],
-        }
+        super::training::accepts(&[ArtifactKind::Sft], input)
     }
     fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
         p.lora.makes(inputs, output)

@@ -12,7 +12,7 @@ use herd_engine::train::{TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::JobContext;
+use super::recipe::JobContext;
 
 /// The dtype a training job computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,8 +128,8 @@ impl Default for LoraParams {
 }
 
 impl LoraParams {
-    pub fn bounds() -> Vec<super::Bound> {
-        use super::Bound;
+    pub fn bounds() -> Vec<super::recipe::Bound> {
+        use super::recipe::Bound;
         vec![
             Bound::closed("lora_rank", 0.0, limits::MAX_LORA_RANK as f64),
             Bound::at_least("lora_alpha", 0.0, false),
@@ -255,6 +255,17 @@ pub mod limits {
 }
 
 /// `name` within `lo..=hi`, or an error that says both bounds.
+/// What a training recipe's (rm, sft, dpo) inputs accept: `data` its
+/// dataset kind, `adapter` an adapter to keep training, the rest (model,
+/// reference) checkpoints.
+pub fn accepts(data: &'static [ArtifactKind], input: &str) -> &'static [ArtifactKind] {
+    match input {
+        "data" => data,
+        "adapter" => &[ArtifactKind::Adapter],
+        _ => &[ArtifactKind::Checkpoint],
+    }
+}
+
 pub fn in_range<T: PartialOrd + std::fmt::Display>(
     name: &str,
     v: T,
@@ -269,8 +280,8 @@ pub fn in_range<T: PartialOrd + std::fmt::Display>(
 
 impl TrainParams {
     /// What `validate` enforces, field by field (see `Bound`).
-    pub fn bounds() -> Vec<super::Bound> {
-        use super::Bound;
+    pub fn bounds() -> Vec<super::recipe::Bound> {
+        use super::recipe::Bound;
         use limits::*;
         vec![
             Bound {

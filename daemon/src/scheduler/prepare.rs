@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::Scheduler;
 use crate::executor::{Placement, Started};
-use crate::jobs;
+use crate::jobs::{self, InputSource};
 use crate::state::State;
 use crate::worker::JobFile;
 
@@ -102,12 +102,24 @@ impl Scheduler {
         let effective =
             jobs::effective_hyperparameters(kind, &job.hyperparameters).map_err(|e| anyhow!(e))?;
         let mut resolved = Self::resolve(job, jobs)?;
-        let mut notes = vec![];
-        if kind == herd_core::JobKind::Average {
-            if let Some(note) = Self::keep_top(job, &effective, jobs, &mut resolved)? {
-                notes.push(note);
-            }
-        }
+        // The recipe may keep only some inputs (average's top_k).
+        let source = |name: &str| {
+            let Ok(InputRef::JobOutput { job: src, .. }) =
+                job.inputs.get(name)?.parse::<InputRef>()
+            else {
+                return None;
+            };
+            jobs.get(&src).map(|v| InputSource {
+                job: v.id,
+                name: v.name.clone(),
+                last_metrics: v.last_metrics.clone(),
+            })
+        };
+        let notes: Vec<String> = jobs::recipe(kind)
+            .map_err(|e| anyhow!(e))?
+            .choose_inputs(&effective, &mut resolved, &source)?
+            .into_iter()
+            .collect();
         // Adapters must adapt the model they are given with; what an adapter
         // output adapts is recorded with it.
         let adapter_base =
@@ -138,90 +150,6 @@ impl Scheduler {
             workdir,
             notes,
         })
-    }
-
-    /// `average` with `top_k`: keep the inputs whose jobs rank best by the
-    /// metric's last value (ties by input name). With no more inputs than
-    /// `top_k` all are kept (a reproduction gives exactly the kept hashes).
-    fn keep_top(
-        job: &JobView,
-        effective: &serde_json::Value,
-        jobs: &BTreeMap<Uuid, JobView>,
-        resolved: &mut BTreeMap<String, String>,
-    ) -> Result<Option<String>> {
-        let params: jobs::average::Params = serde_json::from_value(effective.clone())?;
-        let Some((metric, lowest_first)) = params.ranking() else {
-            return Ok(None);
-        };
-        if resolved.len() <= params.top_k {
-            return Ok(None);
-        }
-        let mut ranked = vec![];
-        for (name, v) in &job.inputs {
-            let source = match v.parse::<InputRef>() {
-                Ok(InputRef::JobOutput { job: src, .. }) => jobs.get(&src),
-                _ => None,
-            }
-            .ok_or_else(|| {
-                anyhow!(
-                    "input `{name}` is not a job's output, so it has no metric to rank by (top_k {} of {} inputs)",
-                    params.top_k,
-                    resolved.len()
-                )
-            })?;
-            let (_, value) = source.last_metrics.get(metric).ok_or_else(|| {
-                anyhow!(
-                    "input `{name}`: job {} ({}) recorded no metric `{metric}` (it has: {})",
-                    source.id,
-                    source.name,
-                    source
-                        .last_metrics
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
-            if !value.is_finite() {
-                bail!(
-                    "input `{name}`: job {} ended with {metric} = {value}",
-                    source.id
-                );
-            }
-            ranked.push((*value, name.clone()));
-        }
-        ranked.sort_by(|a, b| {
-            let by_value = if lowest_first {
-                a.0.total_cmp(&b.0)
-            } else {
-                b.0.total_cmp(&a.0)
-            };
-            by_value.then_with(|| a.1.cmp(&b.1))
-        });
-        let kept: Vec<&(f64, String)> = ranked.iter().take(params.top_k).collect();
-        resolved.retain(|name, _| kept.iter().any(|(_, k)| k == name));
-        let said: Vec<String> = ranked
-            .iter()
-            .map(|(v, n)| {
-                let mark = if resolved.contains_key(n) {
-                    "kept"
-                } else {
-                    "left"
-                };
-                format!("{n} {v} ({mark})")
-            })
-            .collect();
-        Ok(Some(format!(
-            "top {} of {} by metric.{metric} ({}): {}",
-            params.top_k,
-            ranked.len(),
-            if lowest_first {
-                "lowest first"
-            } else {
-                "highest first"
-            },
-            said.join(", ")
-        )))
     }
 
     pub(super) fn write_job_file(
