@@ -99,8 +99,14 @@ impl Scheduler {
         jobs: &BTreeMap<Uuid, JobView>,
     ) -> Result<Prepared> {
         let kind = job.kind;
-        let effective =
-            jobs::effective_hyperparameters(kind, &job.hyperparameters).map_err(|e| anyhow!(e))?;
+        // Resolved once, at submit: the recorded set is the effective one.
+        // Nothing is merged again here, so a daemon whose defaults changed
+        // runs a queued job as it was recorded (or refuses it, saying why).
+        let recipe = jobs::recipe(kind).map_err(|e| anyhow!(e))?;
+        let effective = job.hyperparameters.clone();
+        recipe.check(&effective).map_err(|e| {
+            anyhow!("its recorded hyperparameters no longer pass this herd's checks: {e}")
+        })?;
         let mut resolved = Self::resolve(job, jobs)?;
         // The recipe may keep only some inputs (average's top_k).
         let source = |name: &str| {
@@ -115,8 +121,7 @@ impl Scheduler {
                 last_metrics: v.last_metrics.clone(),
             })
         };
-        let notes: Vec<String> = jobs::recipe(kind)
-            .map_err(|e| anyhow!(e))?
+        let notes: Vec<String> = recipe
             .choose_inputs(&effective, &mut resolved, &source)?
             .into_iter()
             .collect();
