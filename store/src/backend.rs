@@ -42,6 +42,13 @@ use uuid::Uuid;
 
 use crate::error::{Result, StoreError};
 
+mod keys;
+
+use keys::{
+    chunk_key, decode_chunk, decode_run, id_prefix, key, put_varint, run_key, stream_head_key,
+    Chunk, Cursor,
+};
+
 const HEAD_KEY: &[u8] = b"mhead";
 const FORMAT_KEY: &[u8] = b"mformat";
 const FORMAT: &[u8] = b"herd-events/2 jsonl+sled-index";
@@ -53,14 +60,6 @@ pub(crate) const SLED_FILES: &[&str] = &["conf", "db", "blobs"];
 const CHUNK_RECORDS: usize = 256;
 /// Ids per bucket entry: keeps every sled value a few KiB.
 const BUCKET_IDS: usize = 256;
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
 
 pub(crate) struct Backend {
     db: sled::Db,
@@ -109,89 +108,6 @@ pub(crate) struct GroupIndex {
     pub(crate) ids: Vec<(Uuid, u64)>,
     /// Hash of the last record.
     pub(crate) head_hash: String,
-}
-
-struct Chunk {
-    first_seq: u64,
-    offset: u64,
-    lengths: Vec<u32>,
-}
-
-impl Chunk {
-    #[cfg(feature = "test-hooks")]
-    fn end_seq(&self) -> u64 {
-        self.first_seq + self.lengths.len() as u64
-    }
-    fn byte_len(&self) -> u64 {
-        self.lengths.iter().map(|&l| l as u64 + 1).sum()
-    }
-}
-
-fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
-    k.push(tag);
-    for p in parts {
-        k.extend_from_slice(p);
-    }
-    k
-}
-
-fn chunk_key(seq: u64) -> Vec<u8> {
-    key(b'c', &[&seq.to_be_bytes()])
-}
-
-fn run_key(stream: &str, version: u64) -> Vec<u8> {
-    key(b's', &[stream.as_bytes(), &[0], &version.to_be_bytes()])
-}
-
-fn stream_head_key(stream: &str) -> Vec<u8> {
-    key(b'h', &[stream.as_bytes()])
-}
-
-fn id_prefix(id: &Uuid) -> [u8; 6] {
-    id.as_bytes()[..6].try_into().expect("uuid has 16 bytes")
-}
-
-/// Reads fixed-width big-endian integers, naming what it was reading when
-/// the bytes run out.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    what: &'static str,
-}
-
-impl Cursor<'_> {
-    fn varint(&mut self) -> Result<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let [b] = self.take::<1>()?;
-            v |= ((b & 0x7f) as u64) << shift;
-            if b < 0x80 {
-                return Ok(v);
-            }
-        }
-        Err(StoreError::Backend(format!(
-            "{}: varint too long",
-            self.what
-        )))
-    }
-    fn take<const N: usize>(&mut self) -> Result<[u8; N]> {
-        if self.bytes.len() < N {
-            return Err(StoreError::Backend(format!(
-                "{}: entry ends early ({} bytes left, {N} needed)",
-                self.what,
-                self.bytes.len()
-            )));
-        }
-        let (head, rest) = self.bytes.split_at(N);
-        self.bytes = rest;
-        Ok(head.try_into().expect("split at N"))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        self.take::<8>().map(u64::from_be_bytes)
-    }
-    fn u32(&mut self) -> Result<u32> {
-        self.take::<4>().map(u32::from_be_bytes)
-    }
 }
 
 /// sled reports a held file lock as WouldBlock, sometimes wrapped in an
@@ -257,38 +173,6 @@ pub(crate) fn missing_words(first: u64, last: u64, offset: u64, len: u64, end: u
     format!(
         "{events} missing: the file is {len} bytes, but the index recorded acknowledged records up to byte {end}{torn}"
     )
-}
-
-fn decode_chunk(k: &[u8], v: &[u8]) -> Result<Chunk> {
-    let first_seq = Cursor {
-        bytes: &k[1..],
-        what: "chunk key",
-    }
-    .u64()?;
-    let mut c = Cursor {
-        bytes: v,
-        what: "chunk index",
-    };
-    let offset = c.u64()?;
-    let count = c.u32()? as usize;
-    let lengths = (0..count).map(|_| c.u32()).collect::<Result<Vec<_>>>()?;
-    Ok(Chunk {
-        first_seq,
-        offset,
-        lengths,
-    })
-}
-
-fn decode_run(v: &[u8], first_version: u64) -> Result<Run> {
-    let mut c = Cursor {
-        bytes: v,
-        what: "stream index",
-    };
-    Ok(Run {
-        first_version,
-        first_seq: c.u64()?,
-        count: c.u64()?,
-    })
 }
 
 impl Backend {

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use super::render::{duration, num, print, short, time_of};
-use crate::{Client, ClientError, Job, Result};
+use std::time::Duration;
+
+use super::render::{duration, job_row, num, print, short, time_of};
+use super::{parse_input, parse_kv, repairs_note, resolve};
+use crate::{Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest, JobStatus, Result};
 
 /// The hyperparameters a job ran with (effective where recorded).
 pub(super) fn hyperparameters(j: &Job) -> &Value {
@@ -295,5 +298,213 @@ pub(super) fn plot(
             None => println!("(--out FILE.svg or FILE.png draws one panel per metric)"),
         }
     });
+    Ok(())
+}
+
+/// What `herd submit` takes.
+#[derive(clap::Args)]
+pub struct Submit {
+    /// The job's kind (`herd kinds` lists them with their inputs)
+    #[arg(long)]
+    pub kind: JobKind,
+    /// name=HASH (or name=job:ID/output)
+    #[arg(long = "input", value_parser = parse_input)]
+    pub inputs: Vec<(String, InputRef)>,
+    /// key=value hyperparameter (value parsed as JSON when it can be)
+    #[arg(long = "set", value_parser = parse_kv)]
+    pub sets: Vec<(String, String)>,
+    /// The job's seed: the same seed, inputs and hyperparameters give the
+    /// same outputs (bit-identical on CPU)
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Experiment id or name (the job is recorded under it)
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// A name for the job (default: its kind): EXPERIMENT/NAME then names
+    /// it where no other job in the experiment has that name
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Higher runs first among queued jobs whose inputs are ready
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    /// Jobs this one waits for (id or EXPERIMENT/NAME)
+    #[arg(long)]
+    pub after: Vec<String>,
+    /// What the job asks of a cluster executor, over the daemon's
+    /// defaults: cpus=4,gpus=1,mem=16G,time=2:00:00 (Slurm only)
+    #[arg(long)]
+    pub resources: Option<herd_core::Resources>,
+    /// Wait for the job to end
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `herd submit`: one job, optionally waited for.
+pub(super) fn submit(c: &Client, args: &Submit, js: bool, quiet: bool) -> Result<()> {
+    let Submit {
+        kind,
+        inputs,
+        sets,
+        seed,
+        experiment,
+        name,
+        priority,
+        after,
+        resources,
+        wait,
+    } = args;
+    let mut hp = serde_json::Map::new();
+    for (k, v) in sets {
+        hp.insert(
+            k.clone(),
+            serde_json::from_str(v).unwrap_or(Value::String(v.clone())),
+        );
+    }
+    let req = JobRequest {
+        kind: *kind,
+        inputs: inputs.iter().cloned().collect::<BTreeMap<_, _>>(),
+        hyperparameters: Value::Object(hp),
+        seed: *seed,
+        experiment: experiment
+            .as_deref()
+            .map(|e| resolve::experiment(&c, e))
+            .transpose()?,
+        name: name.clone(),
+        priority: *priority,
+        depends_on: after
+            .iter()
+            .map(|a| resolve::job(&c, a))
+            .collect::<Result<_>>()?,
+        resources: resources.unwrap_or_default(),
+    };
+    let v = c.submit(&req)?;
+    let id = v.id.to_string();
+    if *wait {
+        if quiet {
+            println!("{id}");
+        }
+        let mut show = crate::progress::Follow::new();
+        let j = crate::progress::wait_all(
+            &c,
+            &[id.clone()],
+            Duration::from_secs(24 * 3600),
+            &mut show,
+        )?
+        .remove(0);
+        if !quiet {
+            print(js, &json!(j), || println!("{}", job_row(&j)));
+        }
+        if j.status != JobStatus::Succeeded {
+            return Err(ClientError::Api {
+                status: 0,
+                message: format!(
+                    "job {id} {}: {}",
+                    j.status,
+                    j.error.as_deref().unwrap_or("no reason recorded")
+                ),
+            });
+        }
+    } else {
+        print(js, &json!(v), || println!("{id}"));
+    }
+    Ok(())
+}
+
+/// What `herd history` takes.
+#[derive(clap::Args)]
+pub struct History {
+    /// Experiment id or name
+    #[arg(long)]
+    pub experiment: Option<String>,
+    #[arg(long)]
+    pub kind: Option<JobKind>,
+    #[arg(long)]
+    pub status: Option<JobStatus>,
+    /// Round id or EXPERIMENT/INDEX
+    #[arg(long)]
+    pub round: Option<String>,
+    /// Conditions on hyperparameters and metrics: hp.lr<1e-4,metric.loss<2
+    #[arg(long = "where")]
+    pub where_: Option<String>,
+    /// Sort key (submitted, hp.X, metric.X); prefix - for descending
+    #[arg(long, allow_hyphen_values = true)]
+    pub sort: Option<String>,
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Skip this many matching jobs first (with --limit: paging)
+    #[arg(long)]
+    pub offset: Option<usize>,
+    /// Columns to show, e.g. job,name,hp.lr,metric.loss,duration
+    /// [default: identity, start, duration, the hyperparameters that
+    /// differ, key metrics, outputs]
+    #[arg(long)]
+    pub columns: Option<String>,
+}
+
+/// `herd history`: a table of jobs (or their ids, or JSON).
+pub(super) fn history(c: &Client, args: &History, js: bool, quiet: bool) -> Result<()> {
+    let History {
+        experiment,
+        kind,
+        status,
+        round,
+        where_,
+        sort,
+        limit,
+        offset,
+        columns,
+    } = args;
+    let q = JobQuery {
+        experiment: experiment
+            .as_deref()
+            .map(|e| resolve::experiment(&c, e))
+            .transpose()?,
+        kind: *kind,
+        status: *status,
+        round: round
+            .as_deref()
+            .map(|r| resolve::round(&c, r))
+            .transpose()?,
+        where_: where_.clone(),
+        sort: sort.clone(),
+        limit: *limit,
+        offset: *offset,
+    };
+    let jobs = c.jobs(&q)?;
+    if js {
+        print(js, &json!(jobs), || {});
+    } else if quiet {
+        // One id per line, for `for j in $(herd -q history ...)`.
+        jobs.iter().for_each(|j| println!("{}", j.id));
+    } else {
+        history_table(&jobs, columns.as_deref())?;
+        // The table is only what survived: say when history lost events.
+        repairs_note(&c.status()?["repairs"]);
+    }
+    Ok(())
+}
+
+/// `herd wait`: until every job ends; an error when one did not succeed.
+pub(super) fn wait(c: &Client, ids: &[String], timeout: u64, js: bool) -> Result<()> {
+    let ids = ids
+        .iter()
+        .map(|id| resolve::job(&c, id).map(|i| i.to_string()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut show = crate::progress::Follow::new();
+    let out = crate::progress::wait_all(&c, &ids, Duration::from_secs(timeout), &mut show)?;
+    print(js, &json!(out), || {
+        out.iter().for_each(|j| println!("{}", job_row(j)))
+    });
+    if let Some(bad) = out.iter().find(|j| j.status != JobStatus::Succeeded) {
+        return Err(ClientError::Api {
+            status: 0,
+            message: format!(
+                "job {} {}: {}",
+                bad.id,
+                bad.status,
+                bad.error.clone().unwrap_or_default()
+            ),
+        });
+    }
     Ok(())
 }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 mod artifacts;
 mod compare;
+mod daemon;
 mod experiments;
 mod jobs;
 mod render;
@@ -17,11 +18,12 @@ mod resolve;
 mod sweep;
 
 use compare::{diff, reproduce, watch};
-use render::{job_row, print, print_round, short, short_val};
+use daemon::repairs_note;
+use render::{print, print_round, short, short_val};
 
 use crate::{
-    ArtifactKind, ArtifactQuery, Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest,
-    JobStatus, Result, RoundDetail,
+    ArtifactKind, ArtifactQuery, Client, ClientError, InputRef, Job, JobKind, JobQuery, JobStatus,
+    Result, RoundDetail,
 };
 
 #[derive(Parser)]
@@ -66,36 +68,7 @@ pub enum Command {
         what: ImportWhat,
     },
     /// Submit a job. Example: herd submit --kind dpo --input model=H1 --input data=H2 --set beta=0.1
-    Submit {
-        /// The job's kind (`herd kinds` lists them with their inputs)
-        #[arg(long)]
-        kind: JobKind,
-        /// name=HASH (or name=job:ID/output)
-        #[arg(long = "input", value_parser = parse_input)]
-        inputs: Vec<(String, InputRef)>,
-        /// key=value hyperparameter (value parsed as JSON when it can be)
-        #[arg(long = "set", value_parser = parse_kv)]
-        sets: Vec<(String, String)>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Experiment id or name
-        #[arg(long)]
-        experiment: Option<String>,
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long, default_value_t = 0)]
-        priority: i32,
-        /// Jobs this one waits for (id or EXPERIMENT/NAME)
-        #[arg(long)]
-        after: Vec<String>,
-        /// What the job asks of a cluster executor, over the daemon's
-        /// defaults: cpus=4,gpus=1,mem=16G,time=2:00:00 (Slurm only)
-        #[arg(long)]
-        resources: Option<herd_core::Resources>,
-        /// Wait for the job to end
-        #[arg(long)]
-        wait: bool,
-    },
+    Submit(jobs::Submit),
     /// A one-time login link for the web dashboard (two minutes, one use),
     /// opened in a browser where one is available.
     Dashboard {
@@ -107,41 +80,7 @@ pub enum Command {
     /// the best K outputs. Example: herd sweep --experiment E --kind sft
     /// --input model=H1 --input data=H2 --grid lr=1e-5,2e-5 --grid epochs=1,2
     /// --average-top 2 --by metric.loss
-    Sweep {
-        /// The kind of every point (`herd kinds` lists them)
-        #[arg(long)]
-        kind: JobKind,
-        /// Experiment id or name (the sweep is one of its rounds)
-        #[arg(long)]
-        experiment: String,
-        /// name=HASH (or name=job:ID/output), the same for every point
-        #[arg(long = "input", value_parser = parse_input)]
-        inputs: Vec<(String, InputRef)>,
-        /// key=value, the same for every point
-        #[arg(long = "set", value_parser = parse_kv)]
-        sets: Vec<(String, String)>,
-        /// key=v1,v2,...: one axis of the grid (repeat for more axes)
-        #[arg(long = "grid", value_parser = parse_kv)]
-        grid: Vec<(String, String)>,
-        /// Every point's seed
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Average the best K outputs (an `average` job in the round)
-        #[arg(long)]
-        average_top: Option<usize>,
-        /// metric.NAME that ranks the points (its last value)
-        #[arg(long)]
-        by: Option<String>,
-        /// min or max [default: min for losses and perplexities, else max]
-        #[arg(long)]
-        order: Option<String>,
-        /// What each job asks of a cluster executor (see submit)
-        #[arg(long)]
-        resources: Option<herd_core::Resources>,
-        /// Wait for the round to end
-        #[arg(long)]
-        wait: bool,
-    },
+    Sweep(sweep::Sweep),
     /// Submit a round from a spec file (JSON), or show one. Example: herd round submit round.json
     Round {
         #[command(subcommand)]
@@ -179,34 +118,7 @@ pub enum Command {
         produced: bool,
     },
     /// Query run history. Example: herd history --kind dpo --where "beta<=0.1,metric.reward_accuracy>0.6" --sort -metric.reward_accuracy
-    History {
-        /// Experiment id or name
-        #[arg(long)]
-        experiment: Option<String>,
-        #[arg(long)]
-        kind: Option<JobKind>,
-        #[arg(long)]
-        status: Option<JobStatus>,
-        /// Round id or EXPERIMENT/INDEX
-        #[arg(long)]
-        round: Option<String>,
-        /// Conditions on hyperparameters and metrics: hp.lr<1e-4,metric.loss<2
-        #[arg(long = "where")]
-        where_: Option<String>,
-        /// Sort key (submitted, hp.X, metric.X); prefix - for descending
-        #[arg(long, allow_hyphen_values = true)]
-        sort: Option<String>,
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Skip this many matching jobs first (with --limit: paging)
-        #[arg(long)]
-        offset: Option<usize>,
-        /// Columns to show, e.g. job,name,hp.lr,metric.loss,duration
-        /// [default: identity, start, duration, the hyperparameters that
-        /// differ, key metrics, outputs]
-        #[arg(long)]
-        columns: Option<String>,
-    },
+    History(jobs::History),
     /// Lineage of a checkpoint or dataset, back to the base model and data.
     Lineage { hash: String },
     /// Live progress of running jobs (or one job) until they end.
@@ -315,12 +227,12 @@ pub enum RoundAction {
 }
 
 /// `name=REF`, REF a content hash or `job:<id>/<output>`.
-fn parse_input(s: &str) -> std::result::Result<(String, InputRef), String> {
+pub(super) fn parse_input(s: &str) -> std::result::Result<(String, InputRef), String> {
     let (k, v) = parse_kv(s)?;
     Ok((k, v.parse()?))
 }
 
-fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
+pub(super) fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected key=value, got {s:?}"))
@@ -371,156 +283,11 @@ pub fn run(cli: &Cli) -> Result<()> {
             };
             artifacts::list(&c, &q, js)?
         }
-        Command::Submit {
-            kind,
-            inputs,
-            sets,
-            seed,
-            experiment,
-            name,
-            priority,
-            after,
-            resources,
-            wait,
-        } => {
-            let mut hp = serde_json::Map::new();
-            for (k, v) in sets {
-                hp.insert(
-                    k.clone(),
-                    serde_json::from_str(v).unwrap_or(Value::String(v.clone())),
-                );
-            }
-            let req = JobRequest {
-                kind: *kind,
-                inputs: inputs.iter().cloned().collect::<BTreeMap<_, _>>(),
-                hyperparameters: Value::Object(hp),
-                seed: *seed,
-                experiment: experiment
-                    .as_deref()
-                    .map(|e| resolve::experiment(&c, e))
-                    .transpose()?,
-                name: name.clone(),
-                priority: *priority,
-                depends_on: after
-                    .iter()
-                    .map(|a| resolve::job(&c, a))
-                    .collect::<Result<_>>()?,
-                resources: resources.unwrap_or_default(),
-            };
-            let v = c.submit(&req)?;
-            let id = v.id.to_string();
-            if *wait {
-                if cli.quiet {
-                    println!("{id}");
-                }
-                let mut show = crate::progress::Follow::new();
-                let j = crate::progress::wait_all(
-                    &c,
-                    &[id.clone()],
-                    Duration::from_secs(24 * 3600),
-                    &mut show,
-                )?
-                .remove(0);
-                if !cli.quiet {
-                    print(js, &json!(j), || println!("{}", job_row(&j)));
-                }
-                if j.status != JobStatus::Succeeded {
-                    return Err(ClientError::Api {
-                        status: 0,
-                        message: format!(
-                            "job {id} {}: {}",
-                            j.status,
-                            j.error.as_deref().unwrap_or("no reason recorded")
-                        ),
-                    });
-                }
-            } else {
-                print(js, &json!(v), || println!("{id}"));
-            }
-        }
+        Command::Submit(args) => jobs::submit(&c, args, js, cli.quiet)?,
         Command::Round { action } => experiments::round(&c, action, js, cli.quiet)?,
-        Command::Dashboard { no_open } => {
-            let v = c.post("/dashboard/codes", &json!({}))?;
-            let url = v["url"].as_str().unwrap_or_default().to_string();
-            print(js, &v, || println!("{url}"));
-            // $BROWSER, else xdg-open where there is a display; never fatal.
-            let opener = std::env::var("BROWSER").ok().or_else(|| {
-                (std::env::var_os("DISPLAY").is_some()
-                    || std::env::var_os("WAYLAND_DISPLAY").is_some())
-                .then(|| "xdg-open".to_string())
-            });
-            if let (false, Some(o)) = (*no_open, opener) {
-                let _ = std::process::Command::new(o)
-                    .arg(&url)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn();
-            }
-        }
-        Command::Sweep {
-            kind,
-            experiment,
-            inputs,
-            sets,
-            grid,
-            seed,
-            average_top,
-            by,
-            order,
-            resources,
-            wait,
-        } => {
-            let (spec, said) = sweep::plan(&sweep::SweepArgs {
-                kind: *kind,
-                inputs,
-                sets,
-                grid,
-                seed: *seed,
-                experiment: resolve::experiment(&c, experiment)?,
-                average_top: *average_top,
-                by: by.as_deref(),
-                order: order.as_deref(),
-                resources: resources.unwrap_or_default(),
-                makes_models: average_top.is_some() && {
-                    let model = |a: &Option<ArtifactKind>| {
-                        matches!(a, Some(ArtifactKind::Checkpoint | ArtifactKind::Adapter))
-                    };
-                    c.kinds()?
-                        .iter()
-                        .any(|k| k.kind == *kind && k.outputs.iter().any(|o| model(&o.artifact)))
-                },
-            })?;
-            // On stderr: stdout stays the round (or its id, or JSON).
-            if !cli.quiet {
-                for line in &said {
-                    eprintln!("  {line}");
-                }
-            }
-            experiments::submit_round(&c, &spec, *wait, js, cli.quiet)?;
-        }
-        Command::Wait { ids, timeout } => {
-            let ids = ids
-                .iter()
-                .map(|id| resolve::job(&c, id).map(|i| i.to_string()))
-                .collect::<Result<Vec<_>>>()?;
-            let mut show = crate::progress::Follow::new();
-            let out =
-                crate::progress::wait_all(&c, &ids, Duration::from_secs(*timeout), &mut show)?;
-            print(js, &json!(out), || {
-                out.iter().for_each(|j| println!("{}", job_row(j)))
-            });
-            if let Some(bad) = out.iter().find(|j| j.status != JobStatus::Succeeded) {
-                return Err(ClientError::Api {
-                    status: 0,
-                    message: format!(
-                        "job {} {}: {}",
-                        bad.id,
-                        bad.status,
-                        bad.error.clone().unwrap_or_default()
-                    ),
-                });
-            }
-        }
+        Command::Dashboard { no_open } => daemon::dashboard(&c, *no_open, js)?,
+        Command::Sweep(args) => sweep::run(&c, args, js, cli.quiet)?,
+        Command::Wait { ids, timeout } => jobs::wait(&c, ids, *timeout, js)?,
         Command::Cancel { id } => {
             let v = c.cancel(&resolve::job(&c, id)?.to_string())?;
             print(js, &v, || println!("cancelling {id}"));
@@ -546,45 +313,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             });
         }
         Command::Show { id, .. } => jobs::show(&c, &resolve::job(&c, id)?.to_string(), js)?,
-        Command::History {
-            experiment,
-            kind,
-            status,
-            round,
-            where_,
-            sort,
-            limit,
-            offset,
-            columns,
-        } => {
-            let q = JobQuery {
-                experiment: experiment
-                    .as_deref()
-                    .map(|e| resolve::experiment(&c, e))
-                    .transpose()?,
-                kind: *kind,
-                status: *status,
-                round: round
-                    .as_deref()
-                    .map(|r| resolve::round(&c, r))
-                    .transpose()?,
-                where_: where_.clone(),
-                sort: sort.clone(),
-                limit: *limit,
-                offset: *offset,
-            };
-            let jobs = c.jobs(&q)?;
-            if js {
-                print(js, &json!(jobs), || {});
-            } else if cli.quiet {
-                // One id per line, for `for j in $(herd -q history ...)`.
-                jobs.iter().for_each(|j| println!("{}", j.id));
-            } else {
-                jobs::history_table(&jobs, columns.as_deref())?;
-                // The table is only what survived: say when history lost events.
-                repairs_note(&c.status()?["repairs"]);
-            }
-        }
+        Command::History(args) => jobs::history(&c, args, js, cli.quiet)?,
         Command::Lineage { hash } => artifacts::lineage(&c, hash, js)?,
         Command::Watch { id } => {
             let id = id.as_deref().map(|i| resolve::job(&c, i)).transpose()?;
@@ -613,64 +342,8 @@ pub fn run(cli: &Cli) -> Result<()> {
                 .collect();
             print(js, &json!(all), || render::kinds(&all, kind.is_some()));
         }
-        Command::Verify => {
-            let v = c.verify()?;
-            print(js, &v, || {
-                if v.ok {
-                    println!(
-                        "ok: {} events chained, {} blobs ({} bytes) verified, {} artifacts present",
-                        v.report["chain"]["events"],
-                        v.report["blobs"]["blobs"],
-                        v.report["blobs"]["bytes"],
-                        v.report["artifacts_checked"]
-                    );
-                } else {
-                    println!("BROKEN:");
-                    v.problems.iter().for_each(|p| println!("  {p}"));
-                }
-                repairs_note(&v.report["repairs"]);
-            });
-            if !v.ok {
-                return Err(ClientError::Api {
-                    status: 0,
-                    message: format!("store verification failed: {}", v.error),
-                });
-            }
-        }
-        Command::Status => {
-            let v = c.status()?;
-            print(js, &v, || {
-                let devices: Vec<String> = v["devices"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|d| d.as_str().map(String::from))
-                    .collect();
-                println!("herdd at {} — devices: {}", c.server(), devices.join(", "));
-                let jobs = &v["jobs"];
-                println!(
-                    "jobs: {} queued, {} running, {} succeeded, {} failed, {} cancelled, {} interrupted",
-                    jobs["queued"],
-                    jobs["running"],
-                    jobs["succeeded"],
-                    jobs["failed"],
-                    jobs["cancelled"],
-                    jobs["interrupted"]
-                );
-                println!("events recorded: {}", v["head_seq"]);
-                repairs_note(&v["repairs"]);
-            });
-        }
+        Command::Verify => daemon::verify(&c, js)?,
+        Command::Status => daemon::status(&c, js)?,
     }
     Ok(())
-}
-
-/// Print each recorded loss (`herdd repair --accept-loss`): whatever a
-/// command shows of the record, it must not pass for the whole of it.
-fn repairs_note(repairs: &serde_json::Value) {
-    for r in repairs.as_array().into_iter().flatten() {
-        if let Some(m) = r["message"].as_str() {
-            println!("NOTE: {}", herd_core::vocab::printable(m));
-        }
-    }
 }

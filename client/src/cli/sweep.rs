@@ -7,7 +7,90 @@
 
 use super::*;
 
-/// What `herd sweep` was asked.
+/// What `herd sweep` takes on its command line.
+#[derive(clap::Args)]
+pub struct Sweep {
+    /// The kind of every point (`herd kinds` lists them)
+    #[arg(long)]
+    pub kind: JobKind,
+    /// Experiment id or name (the sweep is one of its rounds)
+    #[arg(long)]
+    pub experiment: String,
+    /// name=HASH (or name=job:ID/output), the same for every point
+    #[arg(long = "input", value_parser = parse_input)]
+    pub inputs: Vec<(String, InputRef)>,
+    /// key=value, the same for every point
+    #[arg(long = "set", value_parser = parse_kv)]
+    pub sets: Vec<(String, String)>,
+    /// key=v1,v2,...: one axis of the grid (repeat for more axes)
+    #[arg(long = "grid", value_parser = parse_kv)]
+    pub grid: Vec<(String, String)>,
+    /// Every point's seed
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Average the best K outputs (an `average` job in the round)
+    #[arg(long)]
+    pub average_top: Option<usize>,
+    /// metric.NAME that ranks the points (its last value)
+    #[arg(long)]
+    pub by: Option<String>,
+    /// min or max [default: min for losses and perplexities, else max]
+    #[arg(long)]
+    pub order: Option<String>,
+    /// What each job asks of a cluster executor (see submit)
+    #[arg(long)]
+    pub resources: Option<herd_core::Resources>,
+    /// Wait for the round to end
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `herd sweep`: plan the grid, say what was planned, submit it as a round.
+pub(super) fn run(c: &Client, args: &Sweep, js: bool, quiet: bool) -> Result<()> {
+    let Sweep {
+        kind,
+        experiment,
+        inputs,
+        sets,
+        grid,
+        seed,
+        average_top,
+        by,
+        order,
+        resources,
+        wait,
+    } = args;
+    let (spec, said) = sweep::plan(&sweep::SweepArgs {
+        kind: *kind,
+        inputs,
+        sets,
+        grid,
+        seed: *seed,
+        experiment: resolve::experiment(&c, experiment)?,
+        average_top: *average_top,
+        by: by.as_deref(),
+        order: order.as_deref(),
+        resources: resources.unwrap_or_default(),
+        makes_models: average_top.is_some() && {
+            let model = |a: &Option<ArtifactKind>| {
+                matches!(a, Some(ArtifactKind::Checkpoint | ArtifactKind::Adapter))
+            };
+            c.kinds()?
+                .iter()
+                .any(|k| k.kind == *kind && k.outputs.iter().any(|o| model(&o.artifact)))
+        },
+    })?;
+    // On stderr: stdout stays the round (or its id, or JSON).
+    if !quiet {
+        for line in &said {
+            eprintln!("  {line}");
+        }
+    }
+    experiments::submit_round(&c, &spec, *wait, js, quiet)?;
+    Ok(())
+}
+
+/// What `herd sweep` was asked, resolved.
 pub(super) struct SweepArgs<'a> {
     pub kind: JobKind,
     pub inputs: &'a [(String, InputRef)],
