@@ -420,7 +420,7 @@ fn drive(
         if r == 1 {
             vars.insert("policy".into(), base.clone());
         }
-        let spec = round_spec_with(&exp, vars, 100 * r as u64, z.epochs, training);
+        let spec = round_spec_with(experiment, vars, 100 * r as u64, z.epochs, training);
         let sub = c.submit_round(&spec)?;
         let ids: Vec<String> = sub.jobs.iter().map(|id| id.to_string()).collect();
         round_ids.push(sub.id.to_string());

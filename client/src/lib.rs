@@ -42,11 +42,14 @@ pub enum ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
+pub use herd_core::model::MetricPoint;
 pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
 pub use herd_core::wire::{
     ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery,
-    JobReproduced, JobRequest, JobSubmitted, KindInfo, MetricSeries, Progress, Reproduction,
-    RoundDetail, RoundReproduced, RoundSubmitted, TreeListing, Verification, MAX_JOBS_PAGE,
+    JobReproduced, JobRequest, JobSubmitted, KindInfo, MetricBatch, MetricSeries, MetricsAccepted,
+    NewCheckpoint, NewExperiment, NewRun, Progress, Reproduction, RoundDetail, RoundJob,
+    RoundReproduced, RoundSpec, RoundSubmitted, RunEnded, RunOutput, TreeListing, Verification,
+    MAX_JOBS_PAGE,
 };
 
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
@@ -179,7 +182,8 @@ impl Client {
         Self::json(self.handle(self.req("GET", path).call())?)
     }
 
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+    /// POST a body (one of `herd_core::wire`'s types; any JSON works).
+    pub fn post<B: serde::Serialize + ?Sized>(&self, path: &str, body: &B) -> Result<Value> {
         Self::json(self.handle(self.req("POST", path).send_json(body))?)
     }
 
@@ -198,7 +202,10 @@ impl Client {
     pub fn create_experiment(&self, name: &str, description: &str) -> Result<String> {
         let v: Created = Self::typed(self.post(
             "/experiments",
-            &json!({"name": name, "description": description}),
+            &NewExperiment {
+                name: name.into(),
+                description: description.into(),
+            },
         )?)?;
         Ok(v.id.to_string())
     }
@@ -258,7 +265,7 @@ impl Client {
             path: dir.display().to_string(),
             source: e,
         };
-        let mut files = serde_json::Map::new();
+        let mut files = BTreeMap::new();
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .map_err(io)?
             .filter_map(|e| e.ok())
@@ -276,13 +283,17 @@ impl Client {
                 continue;
             }
             let info: BlobStored = Self::typed(self.upload_file(&p)?)?;
-            files.insert(fname, Value::String(info.id));
+            files.insert(fname, info.id);
         }
         // The daemon judges the files it was sent; say which directory.
         let recorded = self
             .post(
                 "/checkpoints",
-                &json!({"name": name, "files": files, "base": base}),
+                &NewCheckpoint {
+                    name: name.into(),
+                    files,
+                    base: base.map(String::from),
+                },
             )
             .map_err(|e| match e {
                 ClientError::Api { status, message } => ClientError::Api {
@@ -320,7 +331,7 @@ impl Client {
     }
 
     pub fn submit(&self, req: &JobRequest) -> Result<JobSubmitted> {
-        Self::typed(self.post("/jobs", &serde_json::to_value(req).expect("serializes"))?)
+        Self::typed(self.post("/jobs", req)?)
     }
 
     pub fn job(&self, id: &str) -> Result<Job> {
@@ -401,7 +412,9 @@ impl Client {
         Self::typed(self.post(&format!("/jobs/{}/reproduce", enc(id)), &json!({}))?)
     }
 
-    pub fn submit_round(&self, spec: &Value) -> Result<RoundSubmitted> {
+    /// Submit a round: a `RoundSpec` (or the same as JSON, as a spec file
+    /// holds it).
+    pub fn submit_round<S: serde::Serialize + ?Sized>(&self, spec: &S) -> Result<RoundSubmitted> {
         Self::typed(self.post("/rounds", spec)?)
     }
 
@@ -419,36 +432,64 @@ impl Client {
         experiment: Option<&str>,
         hyperparameters: &Value,
     ) -> Result<String> {
+        let experiment = experiment
+            .map(|e| {
+                e.parse()
+                    .map_err(|_| ClientError::Usage(format!("{e:?} is not an experiment id")))
+            })
+            .transpose()?;
         let v = self.post(
             "/runs",
-            &json!({"name": name, "experiment": experiment, "hyperparameters": hyperparameters}),
+            &NewRun {
+                name: name.into(),
+                experiment,
+                hyperparameters: hyperparameters.clone(),
+            },
         )?;
         Ok(Self::typed::<Created>(v)?.id.to_string())
     }
 
     /// Log metric points `(step, name, value)` to an open run.
-    pub fn log_metrics(&self, run: &str, points: &[(u64, &str, f64)]) -> Result<Value> {
-        let points: Vec<Value> = points
+    pub fn log_metrics(&self, run: &str, points: &[(u64, &str, f64)]) -> Result<MetricsAccepted> {
+        let points = points
             .iter()
-            .map(|(s, n, v)| json!({"step": s, "name": n, "value": v}))
+            .map(|&(step, name, value)| MetricPoint {
+                step,
+                name: name.into(),
+                value,
+            })
             .collect();
-        self.post(
+        Self::typed(self.post(
             &format!("/runs/{}/metrics", enc(run)),
-            &json!({"points": points}),
-        )
+            &MetricBatch { points },
+        )?)
     }
 
-    pub fn log_artifact(&self, run: &str, name: &str, hash: &str, artifact: &str) -> Result<Value> {
+    pub fn log_artifact(
+        &self,
+        run: &str,
+        name: &str,
+        hash: &str,
+        artifact: ArtifactKind,
+    ) -> Result<Value> {
         self.post(
             &format!("/runs/{}/artifacts", enc(run)),
-            &json!({"name": name, "hash": hash, "artifact": artifact}),
+            &RunOutput {
+                name: name.into(),
+                hash: hash.into(),
+                artifact,
+                summary: Value::Null,
+            },
         )
     }
 
     pub fn close_run(&self, run: &str, succeeded: bool, reason: &str) -> Result<Value> {
         self.post(
             &format!("/runs/{}/close", enc(run)),
-            &json!({"status": if succeeded { "succeeded" } else { "failed" }, "reason": reason}),
+            &RunEnded {
+                status: if succeeded { "succeeded" } else { "failed" }.into(),
+                reason: reason.into(),
+            },
         )
     }
 

@@ -1,7 +1,9 @@
-//! The bodies of the HTTP API that have structure, defined once: the daemon
-//! reads requests and writes responses with these types, the client the
-//! other way round. (Views the API returns as they are — experiments,
-//! rounds, artifacts, lineage — are the `model` types themselves.)
+//! The bodies of the HTTP API, defined once: the daemon reads every request
+//! body (and the structured queries) with these types and writes its
+//! responses with them, the client the other way round, so a field renamed
+//! on one side cannot drift from the other. (Views the API returns as they
+//! are — experiments, rounds, artifacts, lineage — are the `model` types
+//! themselves; small acknowledgements such as `{"ok": true}` stay inline.)
 
 use std::collections::BTreeMap;
 
@@ -296,4 +298,118 @@ pub struct BlobStored {
     pub existed: bool,
     /// A stored copy was corrupt and these bytes replaced it.
     pub repaired: bool,
+}
+
+/// `POST /experiments`: a new experiment (names are unique).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewExperiment {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `POST /checkpoints`: a model (or PEFT adapter) directory whose files
+/// were uploaded to `/blobs` first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCheckpoint {
+    pub name: String,
+    /// file name -> blob hash
+    pub files: BTreeMap<String, String>,
+    /// For a PEFT adapter (adapter_config.json among the files): the
+    /// recorded checkpoint it adapts.
+    #[serde(default)]
+    pub base: Option<String>,
+}
+
+/// `POST /datasets?kind=&name=`: the query of a dataset import (the body
+/// is the JSONL itself).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetQuery {
+    /// preference, sft or prompts
+    pub kind: String,
+    pub name: String,
+}
+
+/// `POST /runs`: an external run (a training script herd did not launch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRun {
+    pub name: String,
+    #[serde(default)]
+    pub experiment: Option<Uuid>,
+    /// An object of name -> value.
+    #[serde(default)]
+    pub hyperparameters: Value,
+}
+
+/// `POST /runs/{id}/metrics`: points of an open run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricBatch {
+    pub points: Vec<crate::model::MetricPoint>,
+}
+
+/// The answer to a metric batch: how many points, recorded at which event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsAccepted {
+    pub accepted: usize,
+    pub seq: u64,
+}
+
+/// `POST /runs/{id}/artifacts`: a recorded blob as an output of an open run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunOutput {
+    pub name: String,
+    pub hash: String,
+    pub artifact: ArtifactKind,
+    #[serde(default)]
+    pub summary: Value,
+}
+
+/// `POST /runs/{id}/close`: how an external run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunEnded {
+    /// succeeded or failed
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST /rounds`: a round of jobs that name each other's outputs
+/// (`job.output`) and the round's variables (`$name`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSpec {
+    pub experiment: Uuid,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    pub jobs: Vec<RoundJob>,
+    /// `job.output` naming the policy the next round starts from.
+    #[serde(default)]
+    pub final_policy: Option<String>,
+}
+
+/// One job of a round spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundJob {
+    pub name: String,
+    pub kind: String,
+    pub inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hyperparameters: Value,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub priority: i32,
+    /// What the job asks of a cluster executor (`cpus=4,gpus=1,mem=16G,time=1:00:00`).
+    #[serde(default)]
+    pub resources: crate::Resources,
 }

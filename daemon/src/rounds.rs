@@ -27,7 +27,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -39,7 +38,7 @@ use herd_core::model::JobStatus;
 pub const ALL_PREFERENCES: &str = "all_preferences";
 
 /// `$all_preferences` of `experiment`: (input name suffix, reference) for each
-/// `annotate` job of its recorded rounds, in round order: the output's hash
+/// job of its recorded rounds whose recipe collects preferences (`annotate`), in round order: the output's hash
 /// once recorded, `job:<id>/data` while the job may still run; a job that
 /// failed or was cancelled has none.
 pub fn all_preferences(recorded: &Live, experiment: Uuid) -> Result<Vec<(String, String)>, String> {
@@ -53,25 +52,26 @@ pub fn all_preferences(recorded: &Live, experiment: Uuid) -> Result<Vec<(String,
         };
         let mut found = 0;
         for id in &round.jobs {
-            // The row says the kind: only annotate jobs' views are read (an
-            // ended job's view is on disk).
-            if recorded
-                .rows
-                .get(id)
-                .is_none_or(|r| r.kind != JobKind::Annotate)
-            {
+            // The row says the kind, its recipe whether it collects
+            // preferences: only such jobs' views are read (an ended job's
+            // view is on disk).
+            let Some(output) = recorded.rows.get(id).and_then(|r| {
+                jobs::recipe(r.kind)
+                    .ok()
+                    .and_then(|recipe| recipe.collects_preferences())
+            }) else {
                 continue;
-            }
+            };
             let job = recorded
                 .job(*id)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| {
                     format!("round {} lists job {id}, which has no view", round.index)
                 })?;
-            let reference = match (job.status, job.outputs.get("data")) {
+            let reference = match (job.status, job.outputs.get(output)) {
                 (_, Some(hash)) => hash.clone(),
                 (JobStatus::Queued | JobStatus::Running, None) => {
-                    InputRef::job_output(job.id, "data").to_string()
+                    InputRef::job_output(job.id, output).to_string()
                 }
                 _ => continue,
             };
@@ -88,36 +88,7 @@ pub fn all_preferences(recorded: &Live, experiment: Uuid) -> Result<Vec<(String,
 }
 use crate::references::{self, InputRef};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoundSpec {
-    pub experiment: Uuid,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub vars: BTreeMap<String, String>,
-    pub jobs: Vec<RoundJob>,
-    /// `job.output` naming the policy the next round starts from.
-    #[serde(default)]
-    pub final_policy: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoundJob {
-    pub name: String,
-    pub kind: String,
-    pub inputs: BTreeMap<String, String>,
-    #[serde(default)]
-    pub hyperparameters: Value,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub priority: i32,
-    /// What the job asks of a cluster executor (`cpus=4,gpus=1,mem=16G,time=1:00:00`).
-    #[serde(default)]
-    pub resources: herd_core::Resources,
-}
+pub use herd_core::wire::{RoundJob, RoundSpec};
 
 /// One job of an expanded round, ready to record.
 #[derive(Debug, Clone)]

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use herd_client::RoundSpec;
 use serde_json::{json, Value};
+use uuid::Uuid;
 
 /// How the rounds train: the tiny model from scratch, or a user's model.
 #[derive(Debug, Clone, Copy)]
@@ -50,11 +52,11 @@ impl Training {
 
 /// The round spec: the Llama 3 loop at demo scale.
 pub fn round_spec(
-    experiment: &str,
+    experiment: Uuid,
     vars: BTreeMap<String, String>,
     seed: u64,
     epochs: f64,
-) -> Value {
+) -> RoundSpec {
     round_spec_with(experiment, vars, seed, epochs, Training::TINY)
 }
 
@@ -64,12 +66,12 @@ pub fn round_spec(
 /// round all take plain checkpoints; the two DPO adapters are averaged
 /// exactly (concatenated ranks) before their merge.
 pub fn round_spec_with(
-    experiment: &str,
+    experiment: Uuid,
     vars: BTreeMap<String, String>,
     seed: u64,
     epochs: f64,
     t: Training,
-) -> Value {
+) -> RoundSpec {
     let lora = t.lora_rank > 0;
     let with_lora = |mut hp: Value| {
         if lora {
@@ -124,11 +126,14 @@ pub fn round_spec_with(
     let policy = trained("average");
     jobs.push(json!({"name": "eval", "kind": "eval", "inputs": {"policy": policy, "baseline": "$policy", "rm": trained("rm"), "prompts": "$heldout"},
         "hyperparameters": {"max_new_tokens": 24, "batch_size": gen_batch}}));
-    json!({
-        "experiment": experiment,
-        "seed": seed,
-        "vars": vars,
-        "final_policy": policy,
-        "jobs": jobs,
-    })
+    RoundSpec {
+        experiment,
+        seed,
+        vars,
+        final_policy: Some(policy),
+        jobs: jobs
+            .into_iter()
+            .map(|j| serde_json::from_value(j).expect("the quickstart's jobs are round jobs"))
+            .collect(),
+    }
 }

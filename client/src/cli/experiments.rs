@@ -2,6 +2,7 @@
 //! round from a spec file (experiment by name, `--var`), show one.
 
 use super::*;
+use crate::RoundSpec;
 
 pub(super) fn experiment(c: &Client, action: &ExperimentAction, js: bool) -> Result<()> {
     match action {
@@ -78,7 +79,10 @@ pub(super) fn round(c: &Client, action: &RoundAction, js: bool, quiet: bool) -> 
             if let Some(Value::String(e)) = spec_v.get("experiment").cloned() {
                 spec_v["experiment"] = json!(resolve::experiment(c, &e)?);
             }
-            submit_round(c, &spec_v, *wait, js, quiet)?;
+            // Checked here, so an error names the file it came from.
+            let typed: RoundSpec = serde_json::from_value(spec_v)
+                .map_err(|e| ClientError::Usage(format!("{}: round spec: {e}", spec.display())))?;
+            submit_round(c, &typed, *wait, js, quiet)?;
         }
         RoundAction::Show { id } => {
             let r = c.round(&resolve::round(c, id)?.to_string())?;
@@ -91,7 +95,7 @@ pub(super) fn round(c: &Client, action: &RoundAction, js: bool, quiet: bool) -> 
 /// Submit a round spec; with `wait`, follow its jobs and show the round.
 pub(super) fn submit_round(
     c: &Client,
-    spec: &Value,
+    spec: &RoundSpec,
     wait: bool,
     js: bool,
     quiet: bool,

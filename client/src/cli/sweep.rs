@@ -86,7 +86,9 @@ pub(super) fn run(c: &Client, args: &Sweep, js: bool, quiet: bool) -> Result<()>
             eprintln!("  {line}");
         }
     }
-    experiments::submit_round(&c, &spec, *wait, js, quiet)?;
+    let spec: crate::RoundSpec = serde_json::from_value(spec)
+        .map_err(|e| ClientError::Decode(format!("the sweep's round spec: {e}")))?;
+    experiments::submit_round(c, &spec, *wait, js, quiet)?;
     Ok(())
 }
 

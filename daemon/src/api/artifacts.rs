@@ -3,6 +3,7 @@
 //! and recorded as artifacts.
 
 use super::*;
+use herd_core::wire::{DatasetQuery, NewCheckpoint};
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -235,13 +236,6 @@ async fn get_tree(hash: String, ctx: Ctx) -> Res {
     })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DatasetQuery {
-    kind: String,
-    name: String,
-}
-
 async fn import_dataset<S, B>(
     ctx: Ctx,
     q: DatasetQuery,
@@ -291,18 +285,6 @@ where
         hash: info.id,
         summary
     }))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewCheckpoint {
-    name: String,
-    /// file name -> blob hash (upload each file to /blobs first)
-    files: BTreeMap<String, String>,
-    /// For a PEFT adapter (adapter_config.json among the files): the
-    /// recorded checkpoint it adapts.
-    #[serde(default)]
-    base: Option<String>,
 }
 
 async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {

@@ -3,6 +3,7 @@
 
 use super::*;
 use herd_core::model::ExperimentView;
+use herd_core::wire::NewExperiment;
 use herd_core::Projection;
 
 /// This resource's routes.
@@ -26,14 +27,6 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             .and_then(get_experiment)
             .boxed(),
     ]
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewExperiment {
-    name: String,
-    #[serde(default)]
-    description: String,
 }
 
 async fn create_experiment(ctx: Ctx, body: NewExperiment) -> Res {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use herd_core::model::{streams, HerdEvent, JobRow, JobStatus, JobView, MetricPoint};
+use herd_core::model::{streams, HerdEvent, JobRow, JobStatus, JobView};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;

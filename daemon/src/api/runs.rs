@@ -2,6 +2,7 @@
 //! (hyperparameters, metrics, artifacts, outcome).
 
 use super::*;
+use herd_core::wire::{MetricBatch, MetricsAccepted, NewRun, RunEnded, RunOutput};
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -32,16 +33,6 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             .and_then(close_run)
             .boxed(),
     ]
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewRun {
-    name: String,
-    #[serde(default)]
-    experiment: Option<Uuid>,
-    #[serde(default)]
-    hyperparameters: Value,
 }
 
 async fn open_run(ctx: Ctx, body: NewRun) -> Res {
@@ -113,12 +104,6 @@ async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
     Ok(())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MetricBatch {
-    points: Vec<MetricPoint>,
-}
-
 async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
     if body.points.is_empty() || body.points.len() > MAX_POINTS {
         return Err(bad(format!("field `points`: 1 to {MAX_POINTS} points")));
@@ -155,20 +140,10 @@ async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
         .record(&streams::job(id), events)
         .await
         .map_err(internal)?;
-    ok(json!({"accepted": n, "seq": seq}))
+    ok(json!(MetricsAccepted { accepted: n, seq }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewArtifact {
-    name: String,
-    hash: String,
-    artifact: ArtifactKind,
-    #[serde(default)]
-    summary: Value,
-}
-
-async fn log_artifact(id: Uuid, ctx: Ctx, body: NewArtifact) -> Res {
+async fn log_artifact(id: Uuid, ctx: Ctx, body: RunOutput) -> Res {
     herd_core::vocab::check_name(&body.name).map_err(|e| bad(format!("field `name`: {e}")))?;
     herd_store::blob::validate_id(&body.hash).map_err(|e| bad(format!("field `hash`: {e}")))?;
     if !ctx.state.store.blobs.contains(&body.hash) {
@@ -222,15 +197,7 @@ async fn log_artifact(id: Uuid, ctx: Ctx, body: NewArtifact) -> Res {
     ok(json!({"ok": true}))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CloseRun {
-    status: String,
-    #[serde(default)]
-    reason: String,
-}
-
-async fn close_run(id: Uuid, ctx: Ctx, body: CloseRun) -> Res {
+async fn close_run(id: Uuid, ctx: Ctx, body: RunEnded) -> Res {
     open_run_view(&ctx, id).await?;
     let event = match body.status.as_str() {
         "succeeded" => HerdEvent::JobSucceeded {

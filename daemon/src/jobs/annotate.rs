@@ -93,6 +93,7 @@ impl Recipe for Annotate {
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] =
         &[("data", OutputKind::Is(ArtifactKind::Preference))];
+    const COLLECTS_PREFERENCES: Option<&'static str> = Some("data");
     fn accepts(input: &str) -> &'static [ArtifactKind] {
         match input {
             "prompts" => &[ArtifactKind::Prompts],

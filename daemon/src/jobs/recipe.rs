@@ -57,6 +57,11 @@ pub trait Recipe: Sync + 'static {
     const INPUTS: InputNames;
     /// (output name, its kind).
     const OUTPUTS: &'static [(&'static str, OutputKind)];
+    /// The output holding the human (or simulated human) preferences the
+    /// job collects, if it collects any: what a round's
+    /// `$all_preferences` gathers from every earlier round (annotate's
+    /// `data`).
+    const COLLECTS_PREFERENCES: Option<&'static str> = None;
     /// The artifact kinds input `name` accepts (default: a checkpoint).
     fn accepts(_input: &str) -> &'static [ArtifactKind] {
         &[ArtifactKind::Checkpoint]

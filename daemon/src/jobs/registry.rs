@@ -22,6 +22,8 @@ pub trait AnyRecipe: Sync {
     fn inputs(&self) -> InputNames;
     fn outputs(&self) -> &'static [(&'static str, OutputKind)];
     fn accepts(&self, input: &str) -> &'static [ArtifactKind];
+    /// See [`Recipe::COLLECTS_PREFERENCES`].
+    fn collects_preferences(&self) -> Option<&'static str>;
     fn default_hyperparameters(&self) -> Value;
     /// The numeric ranges checked at submit.
     fn bounds(&self) -> Vec<Bound>;
@@ -56,6 +58,9 @@ impl<R: Recipe> AnyRecipe for Erased<R> {
     }
     fn accepts(&self, input: &str) -> &'static [ArtifactKind] {
         R::accepts(input)
+    }
+    fn collects_preferences(&self) -> Option<&'static str> {
+        R::COLLECTS_PREFERENCES
     }
     fn default_hyperparameters(&self) -> Value {
         serde_json::to_value(R::Params::default()).expect("params serialize")
