@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::generation::{complete, GenParams};
 use super::inputs::{chat_of, load_dataset, save_dataset};
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind, PreferenceExample, Strength};
 use crate::task;
 use herd_core::{ArtifactKind, JobKind};
@@ -94,12 +94,7 @@ impl Recipe for Annotate {
     const OUTPUTS: &'static [(&'static str, OutputKind)] =
         &[("data", OutputKind::Is(ArtifactKind::Preference))];
     const COLLECTS_PREFERENCES: Option<&'static str> = Some("data");
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "prompts" => &[ArtifactKind::Prompts],
-            _ => &[ArtifactKind::Checkpoint],
-        }
-    }
+    const ACCEPTS: Accepts = &[("prompts", &[ArtifactKind::Prompts])];
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

@@ -93,9 +93,8 @@ impl Recipe for Average {
         ),
         ("adapter", OutputKind::WhenInputsAre(ArtifactKind::Adapter)),
     ];
-    fn accepts(_input: &str) -> &'static [ArtifactKind] {
-        &[ArtifactKind::Checkpoint, ArtifactKind::Adapter]
-    }
+    const ACCEPTS_OTHERWISE: &'static [ArtifactKind] =
+        &[ArtifactKind::Checkpoint, ArtifactKind::Adapter];
     /// `top_k`: keep the inputs whose jobs rank best by the metric's last
     /// value (ties by input name). With no more inputs than `top_k` all are
     /// kept (a reproduction gives exactly the kept hashes).

@@ -85,9 +85,6 @@ impl Recipe for ChatFormat {
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] =
         &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
-    fn accepts(_: &str) -> &'static [ArtifactKind] {
-        &[ArtifactKind::Checkpoint]
-    }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         let model_dir = ctx.input("model")?.to_path_buf();
         let out = ctx.workdir.join("checkpoint");

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::generation::score;
 use super::inputs::{chat_of, save_dataset, similarity};
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{self, Dataset, DatasetKind};
 use herd_core::{ArtifactKind, JobKind};
 
@@ -231,12 +231,7 @@ impl Recipe for Curate {
         optional: &["rm"],
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] = &[("data", OutputKind::SameAs("data"))];
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "data" => &[ArtifactKind::Sft, ArtifactKind::Preference],
-            _ => &[ArtifactKind::Checkpoint],
-        }
-    }
+    const ACCEPTS: Accepts = &[("data", &[ArtifactKind::Sft, ArtifactKind::Preference])];
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::inputs::{chat_of, load_dataset, prompt_completions, truncate};
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use super::training::{save_trained, train_loop, LoraParams, TrainParams};
 use crate::data::{Dataset, DatasetKind, Strength};
 use herd_core::{ArtifactKind, JobKind};
@@ -81,9 +81,7 @@ impl Recipe for Dpo {
         ("adapter", OutputKind::Is(ArtifactKind::Adapter)),
         ("reference_logps", OutputKind::Is(ArtifactKind::Cache)),
     ];
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        super::training::accepts(&[ArtifactKind::Preference], input)
-    }
+    const ACCEPTS: Accepts = super::training::ON_PREFERENCES;
     fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
         p.lora.makes(inputs, output)
     }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::generation::{complete, score, GenParams};
 use super::inputs::{chat_of, load_dataset};
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind};
 use herd_core::{ArtifactKind, JobKind};
 
@@ -60,14 +60,11 @@ impl Recipe for Eval {
         optional: &["baseline", "rm", "prompts", "sft", "preference"],
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] = &[];
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "prompts" => &[ArtifactKind::Prompts],
-            "sft" => &[ArtifactKind::Sft],
-            "preference" => &[ArtifactKind::Preference],
-            _ => &[ArtifactKind::Checkpoint],
-        }
-    }
+    const ACCEPTS: Accepts = &[
+        ("prompts", &[ArtifactKind::Prompts]),
+        ("sft", &[ArtifactKind::Sft]),
+        ("preference", &[ArtifactKind::Preference]),
+    ];
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

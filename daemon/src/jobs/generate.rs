@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::generation::{complete_counts, GenParams};
 use super::inputs::{chat_of, load_dataset, save_dataset};
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind, SftExample};
 use herd_core::{ArtifactKind, JobKind};
 use herd_engine::chat::Message;
@@ -41,21 +41,12 @@ impl Default for Params {
 
 impl Validate for Params {
     fn validate(&self) -> Result<(), String> {
-        super::training::in_range(
-            "k",
-            self.k,
-            1,
-            super::training::limits::MAX_SAMPLES_PER_PROMPT,
-        )?;
+        super::generation::check_k(self.k, 1)?;
         self.gen.validate()
     }
     fn bounds() -> Vec<super::recipe::Bound> {
         let mut b = GenParams::bounds();
-        b.push(super::recipe::Bound::closed(
-            "k",
-            1.0,
-            super::training::limits::MAX_SAMPLES_PER_PROMPT as f64,
-        ));
+        b.push(super::generation::k_bound(1));
         b
     }
 }
@@ -72,13 +63,10 @@ impl Recipe for Generate {
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] =
         &[("data", OutputKind::Is(ArtifactKind::Sft))];
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "prompts" => &[ArtifactKind::Prompts],
-            "adapter" => &[ArtifactKind::Adapter],
-            _ => &[ArtifactKind::Checkpoint],
-        }
-    }
+    const ACCEPTS: Accepts = &[
+        ("prompts", &[ArtifactKind::Prompts]),
+        ("adapter", &[ArtifactKind::Adapter]),
+    ];
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

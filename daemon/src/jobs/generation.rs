@@ -36,13 +36,7 @@ impl GenParams {
         use super::recipe::Bound;
         vec![
             Bound::closed("temperature", 0.0, 100.0),
-            Bound {
-                name: "top_p",
-                min: 0.0,
-                min_inclusive: false,
-                max: Some(1.0),
-                max_inclusive: true,
-            },
+            Bound::above("top_p", 0.0, 1.0),
             Bound::closed("max_new_tokens", 1.0, limits::MAX_NEW_TOKENS as f64),
             Bound::closed("batch_size", 1.0, limits::MAX_BATCH as f64),
         ]
@@ -69,6 +63,16 @@ impl GenParams {
 }
 
 /// `n` completions (text) per prompt; see [`complete_counts`].
+/// `k`, samples per prompt, at least `min` (rejection sampling needs two
+/// to choose from): the check and its bound for `/kinds`, from one place.
+pub fn check_k(k: usize, min: usize) -> std::result::Result<(), String> {
+    in_range("k", k, min, limits::MAX_SAMPLES_PER_PROMPT)
+}
+
+pub fn k_bound(min: usize) -> super::recipe::Bound {
+    super::recipe::Bound::closed("k", min as f64, limits::MAX_SAMPLES_PER_PROMPT as f64)
+}
+
 pub fn complete(
     model: &herd_engine::Llama,
     chat: &ChatFormat,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -32,12 +32,7 @@ impl Recipe for Merge {
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] =
         &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "adapter" => &[ArtifactKind::Adapter],
-            _ => &[ArtifactKind::Checkpoint],
-        }
-    }
+    const ACCEPTS: Accepts = &[("adapter", &[ArtifactKind::Adapter])];
     fn run(ctx: &mut JobContext, _: Params) -> Result<Value> {
         let model_dir = ctx.input("model")?.to_path_buf();
         let adapter_dir = ctx.input("adapter")?.to_path_buf();

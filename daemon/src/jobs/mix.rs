@@ -68,13 +68,11 @@ impl Recipe for Mix {
     const KIND: JobKind = JobKind::Mix;
     const INPUTS: InputNames = InputNames::AtLeast(1);
     const OUTPUTS: &'static [(&'static str, OutputKind)] = &[("data", OutputKind::SameAsInputs)];
-    fn accepts(_input: &str) -> &'static [ArtifactKind] {
-        &[
-            ArtifactKind::Sft,
-            ArtifactKind::Preference,
-            ArtifactKind::Prompts,
-        ]
-    }
+    const ACCEPTS_OTHERWISE: &'static [ArtifactKind] = &[
+        ArtifactKind::Sft,
+        ArtifactKind::Preference,
+        ArtifactKind::Prompts,
+    ];
     fn check_with_inputs(p: &Params, inputs: &[&str]) -> Result<(), String> {
         for name in p.weights.keys().chain(p.counts.keys()) {
             if !inputs.contains(&name.as_str()) {

@@ -40,7 +40,9 @@ pub use sink::{store_output, MemorySink, Sink};
 pub use training::{in_range, limits, save_trained, train_loop, LoraParams, TrainParams};
 
 pub use herd_core::{ArtifactKind, JobKind};
-pub use recipe::{Bound, InputNames, InputSource, JobContext, OutputKind, Recipe, Validate};
+pub use recipe::{
+    Accepts, Bound, InputNames, InputSource, JobContext, OutputKind, Recipe, Validate,
+};
 pub use registry::{
     describe, kinds_markdown, output_kind, output_names, outputs_made, recipe, AnyRecipe, RECIPES,
 };

@@ -48,6 +48,9 @@ pub enum OutputKind {
     WhenInputsAre(ArtifactKind),
 }
 
+/// (input name, the artifact kinds it accepts).
+pub type Accepts = &'static [(&'static str, &'static [ArtifactKind])];
+
 /// One recipe of the Llama 3 loop.
 pub trait Recipe: Sync + 'static {
     /// Typed hyperparameters: `Default` gives the defaults, `Validate` the
@@ -62,9 +65,16 @@ pub trait Recipe: Sync + 'static {
     /// `$all_preferences` gathers from every earlier round (annotate's
     /// `data`).
     const COLLECTS_PREFERENCES: Option<&'static str> = None;
-    /// The artifact kinds input `name` accepts (default: a checkpoint).
-    fn accepts(_input: &str) -> &'static [ArtifactKind] {
-        &[ArtifactKind::Checkpoint]
+    /// The artifact kinds inputs accept, by input name; any other input
+    /// accepts [`Recipe::ACCEPTS_OTHERWISE`].
+    const ACCEPTS: Accepts = &[];
+    const ACCEPTS_OTHERWISE: &'static [ArtifactKind] = &[ArtifactKind::Checkpoint];
+    /// The artifact kinds input `name` accepts.
+    fn accepts(input: &str) -> &'static [ArtifactKind] {
+        Self::ACCEPTS
+            .iter()
+            .find(|(name, _)| *name == input)
+            .map_or(Self::ACCEPTS_OTHERWISE, |(_, kinds)| kinds)
     }
     /// Checks of the hyperparameters against the job's input names (mix:
     /// its weights name inputs), at submit.
@@ -131,6 +141,16 @@ impl Bound {
             name,
             min,
             min_inclusive: true,
+            max: Some(max),
+            max_inclusive: true,
+        }
+    }
+    /// `(min, max]`: above `min`, at most `max`.
+    pub const fn above(name: &'static str, min: f64, max: f64) -> Self {
+        Bound {
+            name,
+            min,
+            min_inclusive: false,
             max: Some(max),
             max_inclusive: true,
         }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::generation::{complete_counts, score, GenParams};
 use super::inputs::{chat_of, load_dataset, save_dataset};
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use crate::data::{Dataset, DatasetKind, SftExample};
 use herd_core::{ArtifactKind, JobKind};
 use herd_engine::chat::Message;
@@ -46,21 +46,12 @@ impl Validate for Params {
         if self.k < 2 {
             return Err("k must be at least 2 (rejection sampling picks the best of k)".into());
         }
-        super::training::in_range(
-            "k",
-            self.k,
-            2,
-            super::training::limits::MAX_SAMPLES_PER_PROMPT,
-        )?;
+        super::generation::check_k(self.k, 2)?;
         self.gen.validate()
     }
     fn bounds() -> Vec<super::recipe::Bound> {
         let mut b = GenParams::bounds();
-        b.push(super::recipe::Bound::closed(
-            "k",
-            2.0,
-            super::training::limits::MAX_SAMPLES_PER_PROMPT as f64,
-        ));
+        b.push(super::generation::k_bound(2));
         b
     }
 }
@@ -89,12 +80,7 @@ impl Recipe for Sample {
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] =
         &[("data", OutputKind::Is(ArtifactKind::Sft))];
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        match input {
-            "prompts" => &[ArtifactKind::Prompts],
-            _ => &[ArtifactKind::Checkpoint],
-        }
-    }
+    const ACCEPTS: Accepts = &[("prompts", &[ArtifactKind::Prompts])];
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

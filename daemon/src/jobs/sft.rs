@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::inputs::{chat_of, load_dataset, truncate};
-use super::recipe::{InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
 use super::training::{save_trained, train_loop, LoraParams, TrainParams};
 use crate::data::{Dataset, DatasetKind};
-use herd_core::{ArtifactKind, JobKind};
+use herd_core::JobKind;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -45,14 +45,9 @@ pub struct Sft;
 impl Recipe for Sft {
     type Params = Params;
     const KIND: JobKind = JobKind::Sft;
-    const INPUTS: InputNames = InputNames::Named {
-        required: &["model", "data"],
-        optional: &["adapter"],
-    };
+    const INPUTS: InputNames = super::training::MODEL_AND_DATA;
     const OUTPUTS: &'static [(&'static str, OutputKind)] = super::training::TRAINED;
-    fn accepts(input: &str) -> &'static [ArtifactKind] {
-        super::training::accepts(&[ArtifactKind::Sft], input)
-    }
+    const ACCEPTS: Accepts = super::training::ON_DIALOGS;
     fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
         p.lora.makes(inputs, output)
     }

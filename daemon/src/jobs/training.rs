@@ -255,16 +255,23 @@ pub mod limits {
 }
 
 /// `name` within `lo..=hi`, or an error that says both bounds.
-/// What a training recipe's (rm, sft, dpo) inputs accept: `data` its
-/// dataset kind, `adapter` an adapter to keep training, the rest (model,
-/// reference) checkpoints.
-pub fn accepts(data: &'static [ArtifactKind], input: &str) -> &'static [ArtifactKind] {
-    match input {
-        "data" => data,
-        "adapter" => &[ArtifactKind::Adapter],
-        _ => &[ArtifactKind::Checkpoint],
-    }
-}
+/// What a training recipe's inputs accept: `data` preference pairs (rm,
+/// dpo) or dialogs (sft), `adapter` an adapter to keep training; the rest
+/// (model, reference) checkpoints.
+pub const ON_PREFERENCES: super::recipe::Accepts = &[
+    ("data", &[ArtifactKind::Preference]),
+    ("adapter", &[ArtifactKind::Adapter]),
+];
+pub const ON_DIALOGS: super::recipe::Accepts = &[
+    ("data", &[ArtifactKind::Sft]),
+    ("adapter", &[ArtifactKind::Adapter]),
+];
+
+/// The inputs of a training recipe that trains one model on one dataset.
+pub const MODEL_AND_DATA: super::recipe::InputNames = super::recipe::InputNames::Named {
+    required: &["model", "data"],
+    optional: &["adapter"],
+};
 
 pub fn in_range<T: PartialOrd + std::fmt::Display>(
     name: &str,
@@ -284,22 +291,10 @@ impl TrainParams {
         use super::recipe::Bound;
         use limits::*;
         vec![
-            Bound {
-                name: "lr",
-                min: 0.0,
-                min_inclusive: false,
-                max: Some(MAX_LR),
-                max_inclusive: true,
-            },
+            Bound::above("lr", 0.0, MAX_LR),
             Bound::closed("steps", 0.0, MAX_STEPS as f64),
             Bound::closed("warmup_steps", 0.0, MAX_STEPS as f64),
-            Bound {
-                name: "epochs",
-                min: 0.0,
-                min_inclusive: false,
-                max: Some(MAX_EPOCHS),
-                max_inclusive: true,
-            },
+            Bound::above("epochs", 0.0, MAX_EPOCHS),
             Bound::closed("batch_size", 1.0, MAX_BATCH as f64),
             Bound::closed("grad_accum", 1.0, MAX_GRAD_ACCUM as f64),
             Bound::closed("max_seq_len", 2.0, MAX_SEQ_LEN as f64),
