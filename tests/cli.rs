@@ -975,3 +975,203 @@ fn a_sweep_is_a_round_on_the_local_executor_too() {
     assert_eq!(jobs[1]["hyperparameters"]["lr"], json!(1e-3));
     assert_eq!(jobs[0]["seed"], jobs[1]["seed"]);
 }
+
+/// A daemon on another port is found from its data directory alone, and
+/// `HERD_SERVER` takes `host:port` as people write it.
+#[test]
+fn a_daemon_on_another_port_is_found_from_its_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    assert!(
+        !d.addr.ends_with(":7447"),
+        "the test daemon must not be on the default port"
+    );
+    let herd = |env: &[(&str, &str)], args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_herd"));
+        c.args(args)
+            .env_remove("HERD_TOKEN")
+            .env_remove("HERD_SERVER")
+            .env_remove("HERD_DATA_DIR");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let dir_s = dir.path().to_str().unwrap();
+    for (how, out) in [
+        (
+            "HERD_DATA_DIR",
+            herd(&[("HERD_DATA_DIR", dir_s)], &["status"]),
+        ),
+        ("--data-dir", herd(&[], &["--data-dir", dir_s, "status"])),
+    ] {
+        assert!(
+            out.status.success(),
+            "herd status with only {how}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(d.addr.trim_start_matches("http://")),
+            "{how}: {text}"
+        );
+    }
+    let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
+    let bare = d.addr.trim_start_matches("http://").to_string();
+    let out = herd(
+        &[("HERD_SERVER", bare.as_str()), ("HERD_TOKEN", token.trim())],
+        &["status"],
+    );
+    assert!(
+        out.status.success(),
+        "HERD_SERVER={bare}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing listening: the error says where the address came from.
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::write(empty.path().join("token"), "x".repeat(64)).unwrap();
+    let out = herd(
+        &[("HERD_SERVER", "127.0.0.1:1")],
+        &["--data-dir", empty.path().to_str().unwrap(), "status"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("http://127.0.0.1:1") && err.contains("HERD_SERVER"),
+        "{err}"
+    );
+}
+
+/// Ids and hashes as listings print them (a prefix) work wherever a whole
+/// one does, and an ambiguous prefix lists what it matches.
+#[test]
+fn short_ids_and_hashes_resolve_and_ambiguous_ones_list_their_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let model = cli.quiet(&["import", "model", f.join("ref").to_str().unwrap()]);
+    let data = cli.quiet(&[
+        "import",
+        "dataset",
+        f.join("sft.jsonl").to_str().unwrap(),
+        "--kind",
+        "sft",
+    ]);
+    let submit = |lr: &str| {
+        cli.quiet(&[
+            "submit",
+            "--kind",
+            "sft",
+            "--input",
+            &format!("model={}", &model[..12]),
+            "--input",
+            &format!("data={}", &data[..10]),
+            "--set",
+            "steps=1",
+            "--set",
+            &format!("lr={lr}"),
+        ])
+    };
+    let (a, b) = (submit("1e-4"), submit("2e-4"));
+    let job = cli.json(&["show", &a[..13]]);
+    assert_eq!(job["id"], a.as_str(), "{job}");
+    assert_eq!(
+        job["inputs"]["model"],
+        model.as_str(),
+        "the short hash went in whole: {job}"
+    );
+    let art = cli.json(&["show", &model[..12]]);
+    assert_eq!(art["artifact"]["hash"], model.as_str(), "{art}");
+    let lineage = cli.json(&["lineage", &data[..9]]);
+    assert_eq!(lineage["hash"], data.as_str(), "{lineage}");
+    cli.quiet(&["wait", &a[..13], &b[..13]]);
+    // UUID v7 ids made in the same minute share their first 8 characters.
+    if a[..8] == b[..8] {
+        let out = cli.raw(&["show", &a[..8]]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("ambiguous")
+                && err.contains(&a)
+                && err.contains(&b),
+            "{err}"
+        );
+    }
+    for (bad, says) in [
+        ("0123456", "8 or more characters of it"),
+        ("ffffffffff", "no job or artifact id starts with ffffffffff"),
+    ] {
+        let out = cli.raw(&["show", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "herd show {bad}: {err}"
+        );
+    }
+}
+
+/// Rows of the wrong kind, a JSON array and a broken line each get an
+/// error that says what to do, with every bad line counted.
+#[test]
+fn importing_the_wrong_shape_says_what_the_rows_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let prefs = f.join("preferences.jsonl");
+    let fails = |args: &[&str], says: &[&str]| {
+        let out = cli.raw(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "herd {args:?} succeeded");
+        for s in says {
+            assert!(err.contains(s), "herd {args:?}: wanted {s:?} in: {err}");
+        }
+    };
+    fails(
+        &[
+            "import",
+            "dataset",
+            prefs.to_str().unwrap(),
+            "--kind",
+            "sft",
+        ],
+        &[
+            "3 of 3 line(s) bad",
+            "look like preference rows",
+            "--kind preference",
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let array = work.path().join("rows.json");
+    std::fs::write(&array, "[{\"prompt\": \"a\", \"completion\": \"b\"},\n {\"prompt\": \"c\", \"completion\": \"d\"}]\n").unwrap();
+    fails(
+        &[
+            "import",
+            "dataset",
+            array.to_str().unwrap(),
+            "--kind",
+            "sft",
+        ],
+        &["JSON array", "JSON Lines"],
+    );
+    let many = work.path().join("many.jsonl");
+    let mut text = String::new();
+    for i in 0..40 {
+        text += &format!(
+            "{{\"prompt\": \"p{i}\", \"completion\": {}}}\n",
+            if i == 16 { "oops" } else { "1" }
+        );
+    }
+    std::fs::write(&many, text).unwrap();
+    fails(
+        &["import", "dataset", many.to_str().unwrap(), "--kind", "sft"],
+        &["40 of 40 line(s) bad", "line 17, column ", "… and 35 more"],
+    );
+    let out = cli.raw(&["artifacts", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listed.as_array().map(|a| a.len()),
+        Some(0),
+        "nothing was recorded: {listed}"
+    );
+}

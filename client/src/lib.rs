@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach herdd at {server}: {reason} (is the daemon running? start it with `herdd`)"
+        "cannot reach herdd at {server}: {reason} (is the daemon running? start it with `herdd`; the address comes from --server, else HERD_SERVER, else the `address` file herdd writes in its data directory (--data-dir or HERD_DATA_DIR))"
     )]
     Down { server: String, reason: String },
     #[error("herdd refused the token (401): set HERD_TOKEN or --token, or point --data-dir at the daemon's data directory")]
@@ -45,11 +45,11 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 pub use herd_core::model::MetricPoint;
 pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
 pub use herd_core::wire::{
-    ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, Imported, Job, JobQuery,
-    JobReproduced, JobRequest, JobSubmitted, KindInfo, MetricBatch, MetricSeries, MetricsAccepted,
-    NewCheckpoint, NewExperiment, NewRun, Progress, Reproduction, RoundDetail, RoundJob,
-    RoundReproduced, RoundSpec, RoundSubmitted, RunEnded, RunOutput, TreeListing, Verification,
-    MAX_JOBS_PAGE,
+    ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, IdMatch, Imported, Job,
+    JobQuery, JobReproduced, JobRequest, JobSubmitted, KindInfo, MetricBatch, MetricSeries,
+    MetricsAccepted, NewCheckpoint, NewExperiment, NewRun, Progress, Reproduction, Resolved,
+    RoundDetail, RoundJob, RoundReproduced, RoundSpec, RoundSubmitted, RunEnded, RunOutput,
+    TreeListing, Verification, MAX_JOBS_PAGE,
 };
 
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
@@ -82,13 +82,24 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// What people type for the daemon's address, as a URL: `host:port` gets
+/// `http://`, a trailing `/` goes.
+pub fn server_url(s: &str) -> String {
+    let s = s.trim().trim_end_matches('/');
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    }
+}
+
 impl Client {
     pub fn new(server: &str, token: &str) -> Self {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
             .build();
         Client {
-            server: server.trim_end_matches('/').to_string(),
+            server: server_url(server),
             token: token.to_string(),
             agent,
         }
@@ -101,15 +112,20 @@ impl Client {
         token: Option<String>,
         data_dir: Option<PathBuf>,
     ) -> Result<Self> {
+        let dir = data_dir
+            .or_else(|| std::env::var_os("HERD_DATA_DIR").map(PathBuf::from))
+            .unwrap_or_else(default_data_dir);
+        // The daemon writes where it listens into its data directory.
         let server = server
             .or_else(|| std::env::var("HERD_SERVER").ok())
+            .or_else(|| {
+                let text = std::fs::read_to_string(dir.join("address")).ok()?;
+                Some(text.trim().to_string()).filter(|s| !s.is_empty())
+            })
             .unwrap_or_else(|| DEFAULT_SERVER.to_string());
         let token = match token.or_else(|| std::env::var("HERD_TOKEN").ok()) {
             Some(t) => t,
             None => {
-                let dir = data_dir
-                    .or_else(|| std::env::var_os("HERD_DATA_DIR").map(PathBuf::from))
-                    .unwrap_or_else(default_data_dir);
                 let path = dir.join("token");
                 std::fs::read_to_string(&path)
                     .map_err(|e| {
@@ -491,6 +507,11 @@ impl Client {
                 reason: reason.into(),
             },
         )
+    }
+
+    /// What a short id or hash (8+ hex characters) may stand for.
+    pub fn resolve(&self, prefix: &str) -> Result<Resolved> {
+        Self::typed(self.get(&format!("/resolve/{}", enc(prefix)))?)
     }
 
     pub fn lineage(&self, hash: &str) -> Result<LineageNode> {

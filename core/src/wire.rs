@@ -413,3 +413,29 @@ pub struct RoundJob {
     #[serde(default)]
     pub resources: crate::Resources,
 }
+
+/// `GET /resolve/{prefix}`: what a short id or hash (at least
+/// [`MIN_ID_PREFIX`] hex characters, dashes ignored) may stand for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolved {
+    /// At most [`MAX_ID_MATCHES`], in order of kind then id.
+    pub matches: Vec<IdMatch>,
+    /// Whether there were more.
+    pub more: bool,
+}
+
+/// One recorded thing an id prefix matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdMatch {
+    /// job, round, experiment or artifact
+    pub what: String,
+    /// The full id (a UUID, or a content hash).
+    pub id: String,
+    /// Its name, to tell matches apart.
+    pub name: String,
+}
+
+/// The shortest id prefix herd resolves: 8 hex characters (4 bytes).
+pub const MIN_ID_PREFIX: usize = 8;
+/// The most matches one prefix lists.
+pub const MAX_ID_MATCHES: usize = 20;

@@ -32,8 +32,8 @@ use lines::{preference_line, prompts_line, sft_line, unused};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// At most this many errors are listed for one file.
-const MAX_ERRORS: usize = 20;
+/// At most this many errors are listed for one file (all are counted).
+const MAX_ERRORS: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -177,15 +177,86 @@ pub enum Dataset {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LineError {
     pub line: usize,
+    /// The field at fault; `(line)` when the line is not a JSON object at
+    /// all, `(file)` for the file as a whole.
     pub field: String,
+    /// Where in the line, for JSON syntax errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}: {} bad line(s); the file was not imported:\n{}", errors.len(), errors.iter().map(|e| format!("  line {}: field `{}`: {}", e.line, e.field, e.reason)).collect::<Vec<_>>().join("\n"))]
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.field.as_str(), self.column) {
+            ("(line)", Some(c)) => write!(f, "line {}, column {c}: {}", self.line, self.reason),
+            ("(line)", None) => write!(f, "line {}: {}", self.line, self.reason),
+            ("(file)", _) => write!(f, "{}", self.reason),
+            (field, _) => write!(f, "line {}: field `{field}`: {}", self.line, self.reason),
+        }
+    }
+}
+
+/// Why a file was refused: its first problems, how many lines had one,
+/// and, when the rows read as another kind, which.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataError {
     pub file: String,
+    /// The first [`MAX_ERRORS`] problems.
     pub errors: Vec<LineError>,
+    /// Lines with a problem, all of them.
+    pub bad_lines: usize,
+    /// Non-blank lines read.
+    pub lines: usize,
+    /// "these rows look like preference rows …", when they do.
+    pub hint: Option<String>,
+}
+
+impl std::error::Error for DataError {}
+
+impl std::fmt::Display for DataError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: ", self.file)?;
+        if self.lines > 0 {
+            write!(f, "{} of {} line(s) bad", self.bad_lines, self.lines)?;
+        } else {
+            write!(f, "refused")?;
+        }
+        write!(f, "; the file was not imported")?;
+        if let Some(h) = &self.hint {
+            write!(f, ". {h}")?;
+        }
+        write!(f, ":")?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        if self.bad_lines > self.errors.len() {
+            write!(
+                f,
+                "\n  … and {} more bad line(s)",
+                self.bad_lines - self.errors.len()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl DataError {
+    /// One problem with the file as a whole.
+    fn whole(file: &str, line: usize, reason: String) -> Self {
+        DataError {
+            file: file.to_string(),
+            errors: vec![LineError {
+                line,
+                field: "(file)".into(),
+                column: None,
+                reason,
+            }],
+            bad_lines: 0,
+            lines: 0,
+            hint: None,
+        }
+    }
 }
 
 /// Parse a whole JSONL text. Blank lines are skipped.
@@ -215,24 +286,55 @@ pub fn parse_noting(
     text: &str,
     file: &str,
 ) -> Result<(Dataset, Vec<String>), DataError> {
+    parse_kind(kind, text, file, true)
+}
+
+/// What each kind's rows hold, for the hint when rows are of another kind.
+fn looks(kind: DatasetKind) -> &'static str {
+    match kind {
+        DatasetKind::Preference => "prompt with chosen/rejected or ranked responses",
+        DatasetKind::Sft => "messages, prompt/completion or text",
+        DatasetKind::Prompts => "a prompt or messages to answer",
+    }
+}
+
+fn parse_kind(
+    kind: DatasetKind,
+    text: &str,
+    file: &str,
+    sniff: bool,
+) -> Result<(Dataset, Vec<String>), DataError> {
+    if text.trim_start().starts_with('[') {
+        return Err(DataError::whole(
+            file,
+            1,
+            "this is a JSON array; herd reads JSON Lines, one object per line (convert it with `jq -c '.[]' FILE > FILE.jsonl`)".into(),
+        ));
+    }
     let mut ignored = std::collections::BTreeSet::new();
     let mut errors = vec![];
+    let (mut bad_lines, mut lines) = (0, 0);
     let (mut pref, mut sft, mut prompts) = (vec![], vec![], vec![]);
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
+        lines += 1;
         let lineno = i + 1;
         let v: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(LineError {
-                    line: lineno,
-                    field: "(line)".into(),
-                    reason: format!("not valid JSON: {e}"),
-                });
-                if errors.len() >= MAX_ERRORS {
-                    break;
+                bad_lines += 1;
+                if errors.len() < MAX_ERRORS {
+                    // serde's text ends "at line 1 column C": the line is ours.
+                    let msg = e.to_string();
+                    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                    errors.push(LineError {
+                        line: lineno,
+                        field: "(line)".into(),
+                        column: Some(e.column()),
+                        reason: format!("not valid JSON: {msg}"),
+                    });
                 }
                 continue;
             }
@@ -246,27 +348,48 @@ pub fn parse_noting(
             DatasetKind::Prompts => prompts_line(&v).map(|x| prompts.push(x)),
         };
         if let Err((field, reason)) = r {
-            errors.push(LineError {
-                line: lineno,
-                field,
-                reason,
-            });
-            if errors.len() >= MAX_ERRORS {
-                break;
+            bad_lines += 1;
+            if errors.len() < MAX_ERRORS {
+                errors.push(LineError {
+                    line: lineno,
+                    field,
+                    column: None,
+                    reason,
+                });
             }
         }
     }
     if errors.is_empty() && pref.is_empty() && sft.is_empty() && prompts.is_empty() {
-        errors.push(LineError {
-            line: 0,
-            field: "(file)".into(),
-            reason: "no examples".into(),
-        });
+        return Err(DataError::whole(file, 0, "no examples".into()));
     }
     if !errors.is_empty() {
+        // Rows of another kind fail every line alike: say which kind they are.
+        let hint = sniff
+            .then(|| {
+                [
+                    DatasetKind::Preference,
+                    DatasetKind::Sft,
+                    DatasetKind::Prompts,
+                ]
+                .into_iter()
+                .filter(|k| *k != kind)
+                .find(|k| parse_kind(*k, text, file, false).is_ok())
+            })
+            .flatten()
+            .map(|k| {
+                format!(
+                    "These rows look like {} rows ({}): import with --kind {}",
+                    k.as_str(),
+                    looks(k),
+                    k.as_str()
+                )
+            });
         return Err(DataError {
             file: file.to_string(),
             errors,
+            bad_lines,
+            lines,
+            hint,
         });
     }
     let dataset = match kind {
@@ -308,17 +431,24 @@ pub fn parse_bytes_noting(
     bytes: &[u8],
     file: &str,
 ) -> Result<(Dataset, Vec<String>), DataError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| DataError {
-        file: file.to_string(),
-        errors: vec![LineError {
-            line: bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count()
-                + 1,
-            field: "(line)".into(),
-            reason: "not UTF-8".into(),
-        }],
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
+        DataError {
+            file: file.to_string(),
+            errors: vec![LineError {
+                line,
+                field: "(line)".into(),
+                column: None,
+                reason: "not UTF-8".into(),
+            }],
+            bad_lines: 1,
+            lines: 0,
+            hint: None,
+        }
     })?;
     parse_noting(kind, text, file)
 }

@@ -28,6 +28,11 @@ pub struct DaemonConfig {
 }
 
 pub const TOKEN_FILE: &str = "token";
+/// Where herdd says which address it listens on (`http://HOST:PORT`), so a
+/// client given only the data directory finds a daemon on any port. Its own
+/// file, not a line in the token file: scripts read the token file whole
+/// (`Authorization: Bearer $(cat DATA/token)`), and the address is no secret.
+pub const ADDRESS_FILE: &str = "address";
 /// Tokens shorter than this are refused: a guessable token is no token.
 pub const MIN_TOKEN_LEN: usize = 32;
 
@@ -120,6 +125,25 @@ pub fn ensure_token(data_dir: &Path) -> Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_new_token(data_dir),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// Record the API's address in `DATA/address` (replaced whole). A daemon
+/// listening on every interface is reached locally at the loopback address.
+fn write_address(data_dir: &Path, addr: SocketAddr) -> Result<()> {
+    let reach = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        ip if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    };
+    let path = data_dir.join(ADDRESS_FILE);
+    let tmp = data_dir.join(format!(".{ADDRESS_FILE}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, format!("http://{reach}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// 256 random bits, hex: written to a temp file, synced, renamed into place,
@@ -227,6 +251,7 @@ impl Daemon {
         let (listener, addr) = crate::listener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        write_address(&config.data_dir, addr)?;
         let mut stops = vec![stop];
         let mut servers = vec![tokio::spawn(crate::listener::serve(
             listener,

@@ -73,7 +73,7 @@ pub(super) fn round(c: &Client, action: &RoundAction, js: bool, quiet: bool) -> 
                 if !spec_v["vars"].is_object() {
                     spec_v["vars"] = json!({});
                 }
-                spec_v["vars"][k] = json!(v);
+                spec_v["vars"][k] = json!(resolve::hash(c, v)?);
             }
             // The spec may name its experiment.
             if let Some(Value::String(e)) = spec_v.get("experiment").cloned() {

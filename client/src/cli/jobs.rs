@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 use super::render::{duration, job_row, num, print, short, time_of};
-use super::{parse_input, parse_kv, repairs_note, resolve};
-use crate::{Client, ClientError, InputRef, Job, JobKind, JobQuery, JobRequest, JobStatus, Result};
+use super::{parse_kv, repairs_note, resolve};
+use crate::{Client, ClientError, Job, JobKind, JobQuery, JobRequest, JobStatus, Result};
 
 /// The hyperparameters a job ran with (effective where recorded).
 pub(super) fn hyperparameters(j: &Job) -> &Value {
@@ -308,8 +308,8 @@ pub struct Submit {
     #[arg(long)]
     pub kind: JobKind,
     /// name=HASH (or name=job:ID/output)
-    #[arg(long = "input", value_parser = parse_input)]
-    pub inputs: Vec<(String, InputRef)>,
+    #[arg(long = "input", value_parser = parse_kv)]
+    pub inputs: Vec<(String, String)>,
     /// key=value hyperparameter (value parsed as JSON when it can be)
     #[arg(long = "set", value_parser = parse_kv)]
     pub sets: Vec<(String, String)>,
@@ -362,7 +362,9 @@ pub(super) fn submit(c: &Client, args: &Submit, js: bool, quiet: bool) -> Result
     }
     let req = JobRequest {
         kind: *kind,
-        inputs: inputs.iter().cloned().collect::<BTreeMap<_, _>>(),
+        inputs: resolve::inputs(c, inputs)?
+            .into_iter()
+            .collect::<BTreeMap<_, _>>(),
         hyperparameters: Value::Object(hp),
         seed: *seed,
         experiment: experiment

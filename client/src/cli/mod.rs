@@ -226,12 +226,6 @@ pub enum RoundAction {
     },
 }
 
-/// `name=REF`, REF a content hash or `job:<id>/<output>`.
-pub(super) fn parse_input(s: &str) -> std::result::Result<(String, InputRef), String> {
-    let (k, v) = parse_kv(s)?;
-    Ok((k, v.parse()?))
-}
-
 pub(super) fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -292,9 +286,14 @@ pub fn run(cli: &Cli) -> Result<()> {
             let v = c.cancel(&resolve::job(&c, id)?.to_string())?;
             print(js, &v, || println!("cancelling {id}"));
         }
-        Command::Show { id, rows, .. } if crate::BlobHash::is_valid(id) => {
-            artifacts::show(&c, id, *rows, js)?
-        }
+        Command::Show {
+            id,
+            rows,
+            output: None,
+        } => match resolve::shown(&c, id)? {
+            resolve::Shown::Artifact(hash) => artifacts::show(&c, &hash, *rows, js)?,
+            resolve::Shown::Job(job) => jobs::show(&c, &job.to_string(), js)?,
+        },
         Command::Show {
             id,
             output: Some(name),
@@ -312,9 +311,8 @@ pub fn run(cli: &Cli) -> Result<()> {
                 println!("{hash}")
             });
         }
-        Command::Show { id, .. } => jobs::show(&c, &resolve::job(&c, id)?.to_string(), js)?,
         Command::History(args) => jobs::history(&c, args, js, cli.quiet)?,
-        Command::Lineage { hash } => artifacts::lineage(&c, hash, js)?,
+        Command::Lineage { hash } => artifacts::lineage(&c, &resolve::hash(&c, hash)?, js)?,
         Command::Watch { id } => {
             let id = id.as_deref().map(|i| resolve::job(&c, i)).transpose()?;
             watch(&c, id.map(|i| i.to_string()).as_deref(), js)?
@@ -333,7 +331,9 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Reproduce { id, timeout } => {
             reproduce(&c, &resolve::job_or_round(&c, id)?, *timeout, js)?
         }
-        Command::Export { hash, to, force } => artifacts::export(&c, hash, to, *force, js)?,
+        Command::Export { hash, to, force } => {
+            artifacts::export(&c, &resolve::hash(&c, hash)?, to, *force, js)?
+        }
         Command::Kinds { kind } => {
             let all: Vec<_> = c
                 .kinds()?

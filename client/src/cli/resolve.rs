@@ -4,11 +4,102 @@
 //! * experiment: its id or its (unique) name;
 //! * round: its id, or `EXPERIMENT/INDEX`;
 //! * job: its id, `EXPERIMENT/NAME` where that name is unique in the
-//!   experiment, or `EXPERIMENT/ROUND/NAME`.
+//!   experiment, or `EXPERIMENT/ROUND/NAME`;
+//! * job or artifact: a unique prefix of its id or hash, at least 8 hex
+//!   characters, as listings print them (an ambiguous one lists its
+//!   matches, as git does).
 
 use uuid::Uuid;
 
-use crate::{Client, ClientError, Job, JobQuery, Result};
+use crate::{Client, ClientError, IdMatch, InputRef, Job, JobQuery, Result};
+
+/// Whether `s` can be an id prefix: 8+ hex characters, dashes aside.
+fn looks_like_prefix(s: &str) -> bool {
+    let hex = s.chars().filter(|c| *c != '-').count();
+    hex >= herd_core::wire::MIN_ID_PREFIX && s.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
+}
+
+/// The one recorded thing of a kind in `what` whose id starts with `prefix`.
+fn unique(c: &Client, prefix: &str, what: &[&str]) -> Result<IdMatch> {
+    let r = c.resolve(prefix)?;
+    let found: Vec<IdMatch> = r
+        .matches
+        .into_iter()
+        .filter(|m| what.contains(&m.what.as_str()))
+        .collect();
+    let kinds = what.join(" or ");
+    match &found[..] {
+        [m] => Ok(m.clone()),
+        [] => Err(usage(format!("no {kinds} id starts with {prefix}"))),
+        several => Err(usage(format!(
+            "{prefix} is ambiguous: {}{} {kinds} ids start with it:\n{}\ngive more characters",
+            several.len(),
+            if r.more { "+" } else { "" },
+            several
+                .iter()
+                .map(|m| format!(
+                    "  {} {} {}",
+                    m.what,
+                    m.id,
+                    herd_core::vocab::printable(&m.name)
+                ))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))),
+    }
+}
+
+/// A content hash, whole or a unique prefix of one.
+pub fn hash(c: &Client, s: &str) -> Result<String> {
+    if crate::BlobHash::is_valid(s) || !looks_like_prefix(s) {
+        return Ok(s.to_string());
+    }
+    Ok(unique(c, s, &["artifact"])?.id)
+}
+
+/// `--input name=REF`: a reference as the daemon takes it, with a short
+/// hash expanded first.
+pub fn inputs(c: &Client, given: &[(String, String)]) -> Result<Vec<(String, InputRef)>> {
+    given
+        .iter()
+        .map(|(name, text)| {
+            let full = match text.parse::<InputRef>() {
+                Ok(r) => return Ok((name.clone(), r)),
+                Err(e) if !looks_like_prefix(text) => {
+                    return Err(usage(format!("--input {name}={text}: {e}")))
+                }
+                Err(_) => hash(c, text)?,
+            };
+            let r = full
+                .parse::<InputRef>()
+                .map_err(|e| usage(format!("--input {name}={text}: {e}")))?;
+            Ok((name.clone(), r))
+        })
+        .collect()
+}
+
+/// What `herd show X` names: an artifact (hash or prefix) or a job.
+pub enum Shown {
+    Artifact(String),
+    Job(Uuid),
+}
+
+pub fn shown(c: &Client, s: &str) -> Result<Shown> {
+    if crate::BlobHash::is_valid(s) {
+        return Ok(Shown::Artifact(s.to_string()));
+    }
+    if s.parse::<Uuid>().is_err() && looks_like_prefix(s) {
+        let m = unique(c, s, &["job", "artifact"])?;
+        return Ok(match m.what.as_str() {
+            "job" => Shown::Job(
+                m.id.parse()
+                    .map_err(|_| usage(format!("bad job id {}", m.id)))?,
+            ),
+            _ => Shown::Artifact(m.id),
+        });
+    }
+    job(c, s).map(Shown::Job)
+}
 
 fn usage(msg: String) -> ClientError {
     ClientError::Usage(msg)
@@ -58,13 +149,20 @@ pub fn job(c: &Client, s: &str) -> Result<Uuid> {
     if let Ok(id) = s.parse() {
         return Ok(id);
     }
+    if looks_like_prefix(s) {
+        let m = unique(c, s, &["job"])?;
+        return m
+            .id
+            .parse()
+            .map_err(|_| usage(format!("bad job id {}", m.id)));
+    }
     let parts: Vec<&str> = s.split('/').collect();
     let (exp, round, name) = match parts[..] {
         [exp, name] => (exp, None, name),
         [exp, round, name] => (exp, Some(round), name),
         _ => {
             return Err(usage(format!(
-                "{s:?} is not a job: give its id, or EXPERIMENT/NAME (EXPERIMENT/ROUND/NAME for a round's job)"
+                "{s:?} is not a job: give its id (or 8 or more characters of it), or EXPERIMENT/NAME (EXPERIMENT/ROUND/NAME for a round's job)"
             )))
         }
     };

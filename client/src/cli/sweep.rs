@@ -17,8 +17,8 @@ pub struct Sweep {
     #[arg(long)]
     pub experiment: String,
     /// name=HASH (or name=job:ID/output), the same for every point
-    #[arg(long = "input", value_parser = parse_input)]
-    pub inputs: Vec<(String, InputRef)>,
+    #[arg(long = "input", value_parser = parse_kv)]
+    pub inputs: Vec<(String, String)>,
     /// key=value, the same for every point
     #[arg(long = "set", value_parser = parse_kv)]
     pub sets: Vec<(String, String)>,
@@ -60,6 +60,7 @@ pub(super) fn run(c: &Client, args: &Sweep, js: bool, quiet: bool) -> Result<()>
         resources,
         wait,
     } = args;
+    let inputs = &resolve::inputs(c, inputs)?;
     let (spec, said) = sweep::plan(&sweep::SweepArgs {
         kind: *kind,
         inputs,

@@ -27,12 +27,83 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             .and(c.clone())
             .and_then(status)
             .boxed(),
+        warp::path!("resolve" / String)
+            .and(warp::get())
+            .and(c.clone())
+            .and_then(resolve)
+            .boxed(),
         warp::path!("dashboard" / "codes")
             .and(warp::post())
             .and(c.clone())
             .and_then(login_code)
             .boxed(),
     ]
+}
+
+/// What a short id or hash stands for: the jobs, rounds, experiments and
+/// artifacts whose id starts with it (range scans of the sorted views).
+async fn resolve(prefix: String, ctx: Ctx) -> Res {
+    use herd_core::wire::{IdMatch, Resolved, MAX_ID_MATCHES, MIN_ID_PREFIX};
+    let hex: String = prefix
+        .chars()
+        .filter(|c| *c != '-')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if hex.len() < MIN_ID_PREFIX || hex.len() > 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad(format!(
+            "{:?} is not an id prefix: give at least {MIN_ID_PREFIX} hex characters of an id or hash",
+            herd_core::vocab::printable(&prefix)
+        )));
+    }
+    let p = ctx.state.projection.read().await;
+    let mut matches = vec![];
+    // UUIDs sort as their bytes, so a prefix is a range.
+    if hex.len() <= 32 {
+        let lo = Uuid::parse_str(&format!("{hex:0<32}")).map_err(internal)?;
+        let hi = Uuid::parse_str(&format!("{hex:f<32}")).map_err(internal)?;
+        for id in p
+            .rows
+            .range(lo..=hi)
+            .map(|(id, _)| *id)
+            .take(MAX_ID_MATCHES + 1)
+        {
+            let name = p.job(id).map_err(internal)?.map(|j| j.name.clone());
+            matches.push(IdMatch {
+                what: "job".into(),
+                id: id.to_string(),
+                name: name.unwrap_or_default(),
+            });
+        }
+        for (id, r) in p.rounds.range(lo..=hi).take(MAX_ID_MATCHES + 1) {
+            matches.push(IdMatch {
+                what: "round".into(),
+                id: id.to_string(),
+                name: format!("round {}", r.index),
+            });
+        }
+        for (id, e) in p.experiments.range(lo..=hi).take(MAX_ID_MATCHES + 1) {
+            matches.push(IdMatch {
+                what: "experiment".into(),
+                id: id.to_string(),
+                name: e.name.clone(),
+            });
+        }
+    }
+    for (hash, a) in p
+        .artifacts
+        .range(hex.clone()..)
+        .take_while(|(h, _)| h.starts_with(&hex))
+        .take(MAX_ID_MATCHES + 1)
+    {
+        matches.push(IdMatch {
+            what: "artifact".into(),
+            id: hash.clone(),
+            name: a.name.clone(),
+        });
+    }
+    let more = matches.len() > MAX_ID_MATCHES;
+    matches.truncate(MAX_ID_MATCHES);
+    ok(json!(Resolved { matches, more }))
 }
 
 async fn lineage(hash: String, ctx: Ctx) -> Res {
