@@ -1159,13 +1159,13 @@ fn importing_the_wrong_shape_says_what_the_rows_are() {
     for i in 0..40 {
         text += &format!(
             "{{\"prompt\": \"p{i}\", \"completion\": {}}}\n",
-            if i == 16 { "oops" } else { "1" }
+            if i == 2 { "oops" } else { "1" }
         );
     }
     std::fs::write(&many, text).unwrap();
     fails(
         &["import", "dataset", many.to_str().unwrap(), "--kind", "sft"],
-        &["40 of 40 line(s) bad", "line 17, column ", "… and 35 more"],
+        &["40 of 40 line(s) bad", "line 3, column 32: not valid JSON: expected value", "… and 35 more"],
     );
     let out = cli.raw(&["artifacts", "--json"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
