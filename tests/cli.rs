@@ -1165,7 +1165,11 @@ fn importing_the_wrong_shape_says_what_the_rows_are() {
     std::fs::write(&many, text).unwrap();
     fails(
         &["import", "dataset", many.to_str().unwrap(), "--kind", "sft"],
-        &["40 of 40 line(s) bad", "line 3, column 32: not valid JSON: expected value", "… and 35 more"],
+        &[
+            "40 of 40 line(s) bad",
+            "line 3, column 32: not valid JSON: expected value",
+            "… and 35 more",
+        ],
     );
     let out = cli.raw(&["artifacts", "--json"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1174,4 +1178,87 @@ fn importing_the_wrong_shape_says_what_the_rows_are() {
         Some(0),
         "nothing was recorded: {listed}"
     );
+}
+
+/// History over mixed kinds shows only hyperparameters that differ where
+/// present, and a mistyped key is an error that names the key meant.
+#[test]
+fn history_shows_what_differs_and_typos_say_what_was_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let model = cli.quiet(&["import", "model", f.join("ref").to_str().unwrap()]);
+    let sft = cli.quiet(&[
+        "import",
+        "dataset",
+        f.join("sft.jsonl").to_str().unwrap(),
+        "--kind",
+        "sft",
+    ]);
+    let prefs = cli.quiet(&[
+        "import",
+        "dataset",
+        f.join("preferences.jsonl").to_str().unwrap(),
+        "--kind",
+        "preference",
+    ]);
+    let a = cli.quiet(&[
+        "submit",
+        "--kind",
+        "sft",
+        "--input",
+        &format!("model={model}"),
+        "--input",
+        &format!("data={sft}"),
+        "--set",
+        "steps=1",
+        "--set",
+        "lr=1e-4",
+    ]);
+    let b = cli.quiet(&[
+        "submit",
+        "--kind",
+        "dpo",
+        "--input",
+        &format!("model={model}"),
+        "--input",
+        &format!("data={prefs}"),
+        "--set",
+        "steps=1",
+        "--set",
+        "lr=2e-5",
+    ]);
+    cli.quiet(&["wait", &a, &b]);
+    let out = cli.raw(&["history"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let header = table.lines().next().unwrap();
+    assert!(header.contains("hp.lr"), "lr differs: {header}");
+    assert!(!header.contains("hp.beta"), "only dpo has beta: {header}");
+    for (args, says) in [
+        (
+            vec!["history", "--where", "metric.los<2"],
+            "did you mean `metric.loss`?",
+        ),
+        (
+            vec!["history", "--sort", "-metric.los"],
+            "did you mean `metric.loss`?",
+        ),
+        (
+            vec!["history", "--columns", "job,hp.lrr"],
+            "did you mean `hp.lr`?",
+        ),
+    ] {
+        let out = cli.raw(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "herd {args:?}: {err}"
+        );
+    }
 }

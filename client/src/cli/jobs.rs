@@ -99,9 +99,11 @@ pub(super) const KEY_METRICS: [&str; 6] = [
 ];
 
 /// The default columns: identity, time, the hyperparameters that differ
-/// among these jobs, key metrics, outputs.
-fn default_columns(jobs: &[Job]) -> Vec<String> {
-    let mut cols: Vec<String> = ["job", "kind", "status", "name", "started", "duration"]
+/// among these jobs, key metrics, outputs. A hyperparameter differs when
+/// at least two jobs have it with different values: one a kind lacks
+/// (`beta` beside an SFT job) is not a difference.
+fn default_columns(jobs: &[Job]) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let head: Vec<String> = ["job", "kind", "status", "name", "started", "duration"]
         .map(String::from)
         .to_vec();
     let mut values: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
@@ -110,21 +112,86 @@ fn default_columns(jobs: &[Job]) -> Vec<String> {
             values.entry(k.as_str()).or_default().insert(cell(v));
         }
     }
-    let present = |k: &str| jobs.iter().all(|j| hyperparameters(j).get(k).is_some());
-    cols.extend(
-        values
+    let hps = values
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, _)| format!("hp.{k}"))
+        .collect();
+    let mut tail: Vec<String> = KEY_METRICS
+        .iter()
+        .filter(|m| jobs.iter().any(|j| j.last_metrics.contains_key(**m)))
+        .map(|m| format!("metric.{m}"))
+        .collect();
+    tail.push("outputs".into());
+    (head, hps, tail)
+}
+
+/// The terminal's width, when stdout is one.
+fn terminal_width() -> Option<usize> {
+    #[cfg(unix)]
+    {
+        // SAFETY: TIOCGWINSZ fills a winsize struct we own.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        if unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0
+            && ws.ws_col > 0
+        {
+            return Some(ws.ws_col as usize);
+        }
+    }
+    None
+}
+
+/// A `--columns` key no job has: an error, with the nearest key jobs have.
+fn unknown_column(jobs: &[Job], col: &str) -> Option<String> {
+    let (prefix, name) = col.split_once('.')?;
+    let keys: BTreeSet<String> = match prefix {
+        "hp" => jobs
             .iter()
-            .filter(|(k, v)| v.len() > 1 || (jobs.len() > 1 && !present(k)))
-            .map(|(k, _)| format!("hp.{k}")),
-    );
-    cols.extend(
-        KEY_METRICS
+            .flat_map(|j| {
+                hyperparameters(j)
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k.clone())
+            })
+            .collect(),
+        "metric" => jobs
             .iter()
-            .filter(|m| jobs.iter().any(|j| j.last_metrics.contains_key(**m)))
-            .map(|m| format!("metric.{m}")),
-    );
-    cols.push("outputs".into());
-    cols
+            .flat_map(|j| j.last_metrics.keys().cloned())
+            .collect(),
+        _ => return None,
+    };
+    if jobs.is_empty() || keys.contains(name) {
+        return None;
+    }
+    let near = keys
+        .iter()
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, k)| *d <= 2.max(name.len() / 3) || k.contains(name))
+        .min();
+    Some(match near {
+        Some((_, k)) => format!("--columns: no job here has `{col}`; did you mean `{prefix}.{k}`?"),
+        None => format!(
+            "--columns: no job here has `{col}` ({prefix} names: {})",
+            keys.into_iter().collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
+/// Levenshtein distance, for did-you-mean.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 fn column(j: &Job, col: &str) -> String {
@@ -160,6 +227,7 @@ fn column(j: &Job, col: &str) -> String {
 const KNOWN: &str = "job, kind, status, name, seed, submitted, started, finished, duration, outputs, experiment, attempts, hp.NAME, metric.NAME";
 
 pub(super) fn history_table(jobs: &[Job], columns: Option<&str>) -> Result<()> {
+    let mut left_out = vec![];
     let cols: Vec<String> = match columns {
         Some(list) => {
             let cols: Vec<String> = list.split(',').map(|c| c.trim().to_string()).collect();
@@ -170,10 +238,35 @@ pub(super) fn history_table(jobs: &[Job], columns: Option<&str>) -> Result<()> {
                         "--columns: no column {c:?} (columns: {KNOWN})"
                     )));
                 }
+                if let Some(e) = unknown_column(jobs, c) {
+                    return Err(ClientError::Usage(e));
+                }
             }
             cols
         }
-        None => default_columns(jobs),
+        None => {
+            let (head, mut hps, tail) = default_columns(jobs);
+            // On a terminal, the table fits its width: hyperparameter
+            // columns go from the right and are named in a footer.
+            if let Some(width) = terminal_width() {
+                let w = |c: &str| {
+                    jobs.iter()
+                        .map(|j| column(j, c).chars().count())
+                        .chain([c.chars().count()])
+                        .max()
+                        .unwrap_or(0)
+                        + 2
+                };
+                let fixed: usize = head.iter().chain(&tail).map(|c| w(c)).sum();
+                let mut total = fixed + hps.iter().map(|c| w(c)).sum::<usize>();
+                while total > width && !hps.is_empty() {
+                    let c = hps.pop().expect("not empty");
+                    total -= w(&c);
+                    left_out.insert(0, c);
+                }
+            }
+            head.into_iter().chain(hps).chain(tail).collect()
+        }
     };
     let cells: Vec<Vec<String>> = jobs
         .iter()
@@ -203,6 +296,13 @@ pub(super) fn history_table(jobs: &[Job], columns: Option<&str>) -> Result<()> {
     println!("{}", line(&cols));
     for r in &cells {
         println!("{}", line(r));
+    }
+    if !left_out.is_empty() {
+        println!(
+            "({} more hyperparameter(s) differ: {}; show them with --columns)",
+            left_out.len(),
+            left_out.join(", ")
+        );
     }
     Ok(())
 }

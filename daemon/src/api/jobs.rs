@@ -196,9 +196,31 @@ fn known_key(
     if matches!(key, "submitted" | "seed") || rows.values().any(|j| job_value(j, key).is_some()) {
         return Ok(());
     }
-    Err(format!(
-        "{what}: no job has `{key}` (keys: submitted, seed, hp.NAME, metric.NAME; `herd history` shows the names)"
-    ))
+    // The keys jobs have, for a did-you-mean.
+    let mut present = std::collections::BTreeSet::new();
+    for j in rows.values() {
+        present.extend(j.hp.iter().map(|(k, _)| format!("hp.{k}")));
+        present.extend(j.metrics.iter().map(|(k, _)| format!("metric.{k}")));
+    }
+    let typed = key
+        .strip_prefix("hp.")
+        .or(key.strip_prefix("metric."))
+        .unwrap_or(key);
+    let near = present
+        .iter()
+        .map(|k| {
+            let name = k.split_once('.').map_or(k.as_str(), |(_, n)| n);
+            (strsim::damerau_levenshtein(typed, name), k)
+        })
+        .filter(|(d, k)| *d <= 2.max(typed.len() / 3) || k.contains(typed))
+        .min();
+    let hint = match near {
+        Some((_, k)) => format!("did you mean `{k}`?"),
+        None => {
+            "keys: submitted, seed, hp.NAME, metric.NAME; `herd history` shows the names".into()
+        }
+    };
+    Err(format!("{what}: no job has `{key}`; {hint}"))
 }
 
 async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
