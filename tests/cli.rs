@@ -383,6 +383,32 @@ fn names_quiet_output_tables_and_artifacts() {
         ]),
         "did you mean `lr`",
     );
+    // Another tool's name for it, and every bad value at once.
+    let out = cli.raw(&[
+        "submit",
+        "--kind",
+        "sft",
+        "--input",
+        &format!("model={model}"),
+        "--input",
+        &format!("data={sft}"),
+        "--set",
+        "learning_rate=1e-5",
+        "--set",
+        "batch_size=0",
+        "--set",
+        "epochs=-1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for says in [
+        "unknown hyperparameter `learning_rate`: did you mean `lr`?",
+        "`batch_size` = 0",
+        "`epochs` = -1",
+    ] {
+        assert!(err.contains(says), "wanted {says:?} in {err}");
+    }
+    assert!(!err.contains("; ("), "no stray separator: {err}");
 
     // History: the hyperparameter that differs is a column, names in full,
     // start and duration shown; --columns chooses.

@@ -69,6 +69,25 @@ pub fn check_input_kind(kind: JobKind, name: &str, artifact: ArtifactKind) -> Re
     ))
 }
 
+/// What other tools (transformers' TrainingArguments, TRL, PEFT) call
+/// herd's hyperparameters, for did-you-mean.
+const ALIASES: &[(&str, &str)] = &[
+    ("learning_rate", "lr"),
+    ("num_train_epochs", "epochs"),
+    ("max_steps", "steps"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("max_length", "max_seq_len"),
+    ("max_seq_length", "max_seq_len"),
+    ("max_grad_norm", "grad_clip"),
+    ("lora_r", "lora_rank"),
+    ("r", "lora_rank"),
+    ("rpo_alpha", "nll_weight"),
+    ("num_generations", "k"),
+    ("max_completion_length", "max_new_tokens"),
+];
+
 /// Merge user hyperparameters over the kind's defaults, refusing unknown names
 /// and wrong types by name. Returns the effective set.
 pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, String> {
@@ -87,37 +106,63 @@ pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, 
         _ => unreachable!("params are structs"),
     };
     let mut merged = defaults.clone();
+    // Every problem at once: a user fixing one `--set` should not meet
+    // the next only on the next try.
+    let mut problems = vec![];
+    let mut known: Vec<&String> = defaults.keys().collect();
+    known.sort();
     for (k, v) in &given {
         if !defaults.contains_key(k) {
-            let mut known: Vec<&String> = defaults.keys().collect();
-            known.sort();
-            let guess = known
+            let alias = ALIASES
                 .iter()
-                .map(|n| (strsim::damerau_levenshtein(k, n), *n))
-                .filter(|(d, n)| *d <= 2.max(n.len() / 3))
-                .min()
-                .map(|(_, n)| format!("did you mean `{n}`? "))
-                .unwrap_or_default();
-            return Err(format!(
-                "unknown hyperparameter `{k}` for job kind {}; {guess}(known: {})",
-                kind.as_str(),
+                .find(|(other, _)| other == k)
+                .map(|(_, ours)| *ours)
+                .filter(|ours| defaults.contains_key(*ours));
+            let guess = alias.or_else(|| {
                 known
                     .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+                    .map(|n| (strsim::damerau_levenshtein(k, n), n.as_str()))
+                    .filter(|(d, n)| *d <= 2.max(n.len() / 3))
+                    .min()
+                    .map(|(_, n)| n)
+            });
+            problems.push(match guess {
+                Some(n) => format!("unknown hyperparameter `{k}`: did you mean `{n}`?"),
+                None => format!("unknown hyperparameter `{k}`"),
+            });
+            continue;
         }
         // Check this one field alone so the error can name it.
         let mut one = defaults.clone();
         one.insert(k.clone(), v.clone());
         if let Err(e) = recipe.check(&Value::Object(one)) {
-            return Err(format!(
+            problems.push(format!(
                 "hyperparameter `{k}` = {v}: {e} (default: {})",
                 defaults[k]
             ));
+            continue;
         }
         merged.insert(k.clone(), v.clone());
+    }
+    if !problems.is_empty() {
+        let unknown = problems.iter().any(|p| p.starts_with("unknown"));
+        return Err(format!(
+            "{}{}",
+            problems.join("; "),
+            if unknown {
+                format!(
+                    " ({} takes: {})",
+                    kind.as_str(),
+                    known
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                String::new()
+            }
+        ));
     }
     let merged = Value::Object(merged);
     recipe.check(&merged)?;
