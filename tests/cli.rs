@@ -1287,4 +1287,24 @@ fn history_shows_what_differs_and_typos_say_what_was_meant() {
             "herd {args:?}: {err}"
         );
     }
+    // SFT that keeps no row says why.
+    let out = cli.raw(&[
+        "submit",
+        "--kind",
+        "sft",
+        "--input",
+        &format!("model={model}"),
+        "--input",
+        &format!("data={sft}"),
+        "--set",
+        "max_seq_len=2",
+        "--wait",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("no SFT examples left")
+            && err.contains("raise max_seq_len"),
+        "{err}"
+    );
 }

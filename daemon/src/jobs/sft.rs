@@ -64,14 +64,30 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     };
     let mut seqs = vec![];
     let mut dropped = 0;
+    // Tokens before the first trained one, of the shortest dropped row.
+    let mut shortest_prompt = usize::MAX;
     for r in &rows {
-        match truncate(
-            super::inputs::encode_sft(&chat, r, p.last_turn_only)?,
-            p.train.max_seq_len,
-        ) {
+        let encoded = super::inputs::encode_sft(&chat, r, p.last_turn_only)?;
+        let prompt = encoded
+            .target_mask
+            .iter()
+            .position(|t| *t != 0)
+            .unwrap_or(encoded.len());
+        match truncate(encoded, p.train.max_seq_len) {
             Some(e) => seqs.push(e),
-            None => dropped += 1,
+            None => {
+                dropped += 1;
+                shortest_prompt = shortest_prompt.min(prompt);
+            }
         }
+    }
+    if seqs.is_empty() {
+        anyhow::bail!(
+            "no SFT examples left to train on ({} rows: {dropped} whose completion max_seq_len {} truncated away, the shortest of their prompts being {} tokens; raise max_seq_len)",
+            rows.len(),
+            p.train.max_seq_len,
+            shortest_prompt
+        );
     }
     if dropped > 0 {
         ctx.sink.note(&format!(
