@@ -1204,6 +1204,30 @@ fn importing_the_wrong_shape_says_what_the_rows_are() {
         Some(0),
         "nothing was recorded: {listed}"
     );
+    // A pair whose chosen equals its rejected imports, with a note.
+    let ties = work.path().join("ties.jsonl");
+    std::fs::write(
+        &ties,
+        "{\"prompt\": \"a\", \"chosen\": \"x\", \"rejected\": \"y\"}\n{\"prompt\": \"b\", \"chosen\": \"z\", \"rejected\": \"z\"}\n",
+    )
+    .unwrap();
+    let out = cli.raw(&[
+        "import",
+        "dataset",
+        ties.to_str().unwrap(),
+        "--kind",
+        "preference",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("1 row(s) rank a response above an identical one (line(s) 2)"),
+        "{said}"
+    );
 }
 
 /// History over mixed kinds shows only hyperparameters that differ where

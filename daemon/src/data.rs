@@ -315,6 +315,8 @@ fn parse_kind(
     let mut errors = vec![];
     let (mut bad_lines, mut lines) = (0, 0);
     let (mut pref, mut sft, mut prompts) = (vec![], vec![], vec![]);
+    // Preference rows ranking a response above itself.
+    let mut ties = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -343,7 +345,12 @@ fn parse_kind(
             ignored.extend(unused(o, used_columns(kind)).into_iter().map(String::from));
         }
         let r = match kind {
-            DatasetKind::Preference => preference_line(&v).map(|x| pref.push(x)),
+            DatasetKind::Preference => preference_line(&v).map(|x| {
+                if x.responses.windows(2).any(|w| w[0] == w[1]) {
+                    ties.push(lineno);
+                }
+                pref.push(x)
+            }),
             DatasetKind::Sft => sft_line(&v).map(|x| sft.push(x)),
             DatasetKind::Prompts => prompts_line(&v).map(|x| prompts.push(x)),
         };
@@ -398,6 +405,15 @@ fn parse_kind(
         DatasetKind::Prompts => Dataset::Prompts(prompts),
     };
     let mut notes = vec![];
+    if !ties.is_empty() {
+        let shown: Vec<String> = ties.iter().take(5).map(|l| l.to_string()).collect();
+        notes.push(format!(
+            "{} row(s) rank a response above an identical one (line(s) {}{}): such a pair teaches nothing (its DPO and RM loss terms are constant)",
+            ties.len(),
+            shown.join(", "),
+            if ties.len() > 5 { ", …" } else { "" }
+        ));
+    }
     if !ignored.is_empty() {
         notes.push(format!(
             "ignored column(s) herd does not use: {}",
