@@ -31,5 +31,6 @@ pub mod server;
 pub mod slurm;
 pub mod state;
 pub mod task;
+pub mod verifiers;
 pub mod views;
 pub mod worker;

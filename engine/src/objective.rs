@@ -39,14 +39,19 @@ fn target_logprobs(model: &Llama, hidden: &Tensor, targets: &Targets) -> Result<
     let (b, t, h) = hidden.dims3()?;
     let preds = Tensor::new(targets.preds.as_slice(), hidden.device())?;
     let rows = hidden.reshape((b * t, h))?.index_select(&preds, 0)?; // [M, H]
+    rows_logprobs(model, &rows, &targets.ids)
+}
+
+/// log p(ids[m]) from the hidden state `rows[m]` [M, H] that predicts it.
+pub(crate) fn rows_logprobs(model: &Llama, rows: &Tensor, ids: &[u32]) -> Result<Tensor> {
     if let Some(head) = model
         .frozen_f32_head()
-        .filter(|_| crate::fused::usable(&rows))
+        .filter(|_| crate::fused::usable(rows))
     {
-        let ids = Tensor::new(targets.ids.as_slice(), rows.device())?;
-        return Ok(crate::fused::head_logprob(&rows, &head, &ids)?);
+        let ids = Tensor::new(ids, rows.device())?;
+        return Ok(crate::fused::head_logprob(rows, &head, &ids)?);
     }
-    loss::row_logprobs(&model.lm_logits(&rows)?, &targets.ids)
+    loss::row_logprobs(&model.lm_logits(rows)?, ids)
 }
 
 /// SFT: token-mean cross entropy over target tokens of the batch.

@@ -1,0 +1,193 @@
+//! Verifiable rewards: rules that score a completion against its prompt's
+//! `answer`, each a pure function of the two, so a reward recorded once is
+//! the reward any reproduction computes. (A user's own program is the other
+//! kind of verifier: an artifact run in the job's directory.)
+//!
+//! * `exact`: 1 when the completion, normalised, equals the answer
+//!   normalised (case, surrounding space and punctuation, inner runs of
+//!   space), else 0;
+//! * `number`: 1 when the last number in the completion equals the answer's
+//!   number within `tolerance` (absolute), else 0;
+//! * `regex`: 1 when the pattern matches anywhere in the completion
+//!   (`{answer}` in the pattern stands for the answer, escaped);
+//! * `format`: 1 when the pattern matches the whole completion (e.g.
+//!   `(?s)<think>.*</think>\s*\S.*`), else 0.
+
+use regex::Regex;
+
+/// A built-in rule, compiled once per job.
+#[derive(Debug, Clone)]
+pub enum Rule {
+    Exact,
+    Number { tolerance: f64 },
+    Regex(String),
+    Format(Regex),
+}
+
+/// The rule names `verifier_rule` takes.
+pub const RULES: [&str; 4] = ["exact", "number", "regex", "format"];
+
+impl Rule {
+    /// A rule by name; `pattern` for regex and format (checked here, so a
+    /// bad pattern is refused at submit).
+    pub fn new(name: &str, pattern: &str, tolerance: f64) -> Result<Rule, String> {
+        let compile = |p: &str| {
+            Regex::new(p)
+                .map_err(|e| format!("verifier_pattern {p:?} is not a regular expression: {e}"))
+        };
+        match name {
+            "exact" => Ok(Rule::Exact),
+            "number" if tolerance.is_finite() && tolerance >= 0.0 => Ok(Rule::Number { tolerance }),
+            "number" => Err(format!(
+                "verifier_tolerance must be finite and at least 0, got {tolerance}"
+            )),
+            "regex" | "format" if pattern.is_empty() => {
+                Err(format!("the {name} verifier needs verifier_pattern"))
+            }
+            "regex" => {
+                compile(&pattern.replace("{answer}", ""))?;
+                Ok(Rule::Regex(pattern.to_string()))
+            }
+            "format" => Ok(Rule::Format(compile(&format!("^(?:{pattern})$"))?)),
+            other => Err(format!(
+                "verifier_rule {other:?} is not one of {}",
+                RULES.join(", ")
+            )),
+        }
+    }
+
+    /// Whether the rule reads the prompt's answer (every rule but `format`,
+    /// and `regex` only when its pattern names it).
+    pub fn needs_answer(&self) -> bool {
+        match self {
+            Rule::Exact | Rule::Number { .. } => true,
+            Rule::Regex(p) => p.contains("{answer}"),
+            Rule::Format(_) => false,
+        }
+    }
+
+    /// The reward of `completion` for a prompt whose answer is `answer`.
+    pub fn score(&self, completion: &str, answer: Option<&str>) -> f32 {
+        let answer = answer.unwrap_or("");
+        let hit = match self {
+            Rule::Exact => normalise(completion) == normalise(answer),
+            Rule::Number { tolerance } => match (last_number(completion), last_number(answer)) {
+                (Some(x), Some(y)) => (x - y).abs() <= *tolerance,
+                _ => false,
+            },
+            Rule::Regex(p) => {
+                let p = p.replace("{answer}", &regex::escape(answer.trim()));
+                Regex::new(&p).is_ok_and(|re| re.is_match(completion))
+            }
+            Rule::Format(re) => re.is_match(completion),
+        };
+        if hit {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Lower case, inner whitespace runs as one space, surrounding whitespace
+/// and punctuation gone.
+fn normalise(s: &str) -> String {
+    let words: Vec<&str> = s.split_whitespace().collect();
+    words
+        .join(" ")
+        .trim_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
+        .to_lowercase()
+}
+
+/// The last number in `s`: an optional sign, digits, an optional fraction
+/// and exponent; thousands separators (`1,234`) are read through.
+pub fn last_number(s: &str) -> Option<f64> {
+    let re = number_pattern();
+    re.find_iter(s)
+        .last()
+        .and_then(|m| m.as_str().replace(',', "").parse().ok())
+}
+
+fn number_pattern() -> &'static Regex {
+    static RE: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+            .expect("the number pattern compiles")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, pattern: &str) -> Rule {
+        Rule::new(name, pattern, 1e-6).unwrap()
+    }
+
+    #[test]
+    fn exact_normalises_case_space_and_punctuation() {
+        let r = rule("exact", "");
+        assert_eq!(r.score("  Paris. ", Some("paris")), 1.0);
+        assert_eq!(r.score("New   York", Some("new york!")), 1.0);
+        assert_eq!(r.score("Paris, France", Some("Paris")), 0.0);
+        assert_eq!(r.score("anything", None), 0.0);
+        assert!(r.needs_answer());
+    }
+
+    #[test]
+    fn number_takes_the_last_number_within_tolerance() {
+        let r = Rule::new("number", "", 0.01).unwrap();
+        assert_eq!(r.score("3 + 4 = 7", Some("7")), 1.0);
+        assert_eq!(r.score("first 7, then 8", Some("7")), 0.0);
+        assert_eq!(r.score("about 3.141", Some("3.14")), 1.0);
+        assert_eq!(r.score("total: 1,234", Some("1234")), 1.0);
+        assert_eq!(r.score("it is -5", Some("-5")), 1.0);
+        assert_eq!(r.score("1.5e3 m", Some("1500")), 1.0);
+        assert_eq!(r.score("no digits", Some("0")), 0.0);
+        assert_eq!(r.score("42", Some("not a number")), 0.0);
+        assert!(Rule::new("number", "", -1.0).is_err());
+        assert!(Rule::new("number", "", f64::NAN).is_err());
+    }
+
+    #[test]
+    fn regex_matches_anywhere_and_can_name_the_answer() {
+        let r = rule("regex", r"answer is \d+");
+        assert_eq!(r.score("so the answer is 12.", None), 1.0);
+        assert_eq!(r.score("so the answer: 12", None), 0.0);
+        assert!(!r.needs_answer());
+        let r = rule("regex", r"\\boxed\{{answer}\}");
+        assert!(r.needs_answer());
+        assert_eq!(
+            r.score("thus \\boxed{1+1} ok", Some("1+1")),
+            1.0,
+            "the answer is escaped"
+        );
+        assert_eq!(r.score("thus \\boxed{11}", Some("1+1")), 0.0);
+    }
+
+    #[test]
+    fn format_must_match_the_whole_completion() {
+        let r = rule("format", r"(?s)<think>.*</think>\s*\S.*");
+        assert_eq!(r.score("<think>hmm</think> 42", None), 1.0);
+        assert_eq!(r.score("<think>a\nb</think>\n42", None), 1.0);
+        assert_eq!(
+            r.score("42 <think>hmm</think> 42", None),
+            0.0,
+            "whole completion"
+        );
+        assert_eq!(r.score("<think>hmm</think>", None), 0.0);
+    }
+
+    #[test]
+    fn bad_rules_and_patterns_are_refused_by_name() {
+        assert!(Rule::new("fuzzy", "", 0.0)
+            .unwrap_err()
+            .contains("exact, number, regex, format"));
+        assert!(Rule::new("regex", "", 0.0)
+            .unwrap_err()
+            .contains("needs verifier_pattern"));
+        assert!(Rule::new("format", "(unclosed", 0.0)
+            .unwrap_err()
+            .contains("not a regular expression"));
+    }
+}
