@@ -208,6 +208,26 @@ fn counted_logps(
     Ok((lp, rows))
 }
 
+/// Each rollout's log-probs (at `temperature`) of its counted tokens, no
+/// gradient: the sampler's `old` log-probs, or the reference's.
+pub fn rollout_logps(
+    model: &Llama,
+    rollouts: &[Rollout],
+    pad_id: u32,
+    temperature: f32,
+) -> Result<Vec<Vec<f32>>> {
+    let (lp, _) = counted_logps(model, rollouts, pad_id, temperature)?;
+    let flat: Vec<f32> = lp.detach().to_vec1()?;
+    let mut out = Vec::with_capacity(rollouts.len());
+    let mut at = 0;
+    for r in rollouts {
+        let n = r.counted();
+        out.push(flat[at..at + n].to_vec());
+        at += n;
+    }
+    Ok(out)
+}
+
 /// Mean entropy of the next-token distributions at `rows` (no gradient),
 /// a few hundred rows at a time so no [M, V] tensor is held whole.
 fn mean_entropy(model: &Llama, rows: &Tensor) -> Result<f32> {

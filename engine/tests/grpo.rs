@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use herd_engine::checkpoint::load_model;
+use herd_engine::checkpoint::{load_adapter, load_model};
 use herd_engine::grpo::{self, Baseline, GrpoLoss, LossType, Rollout, Scale};
 
 fn grpo_expected() -> serde_json::Value {
@@ -72,12 +72,26 @@ fn leave_one_out_and_flat_groups() {
     assert!(grpo::advantages(&[1.0, 2.0], 1, Baseline::GroupMean, Scale::Group).is_err());
 }
 
-#[test]
-fn loss_gradients_and_metrics_match_trl() {
+fn loss_type(case: &serde_json::Value) -> LossType {
+    match case["loss_type"].as_str().unwrap() {
+        "grpo" => LossType::Grpo,
+        "bnpo" => LossType::Bnpo,
+        "dr_grpo" => LossType::DrGrpo,
+        _ => LossType::Dapo,
+    }
+}
+
+/// Each case's rollouts, step and checks on `model`, whose trainable
+/// parameters are `params` (the adapter's for the LoRA cases).
+fn check_cases(
+    model: &herd_engine::Llama,
+    params: &[(String, candle_core::Var)],
+    lora: bool,
+    current: &serde_json::Value,
+) {
     let e = grpo_expected();
-    let policy = load_model(&fixtures().join("policy"), &device()).unwrap();
-    let params = policy.params();
     let group = e["group"].as_u64().unwrap() as usize;
+    let temperature = e["temperature"].as_f64().unwrap() as f32;
     let prompts: Vec<Vec<u32>> = e["prompts"].as_array().unwrap().iter().map(ids).collect();
     let completions: Vec<Vec<u32>> = e["completions"]
         .as_array()
@@ -85,7 +99,14 @@ fn loss_gradients_and_metrics_match_trl() {
         .iter()
         .map(ids)
         .collect();
-    for case in e["cases"].as_array().unwrap() {
+    let cases: Vec<&serde_json::Value> = e["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["lora"].as_bool().unwrap() == lora)
+        .collect();
+    assert!(!cases.is_empty());
+    for case in cases {
         let name = case["name"].as_str().unwrap();
         let mu = case["num_iterations"].as_u64().unwrap();
         let beta = case["beta"].as_f64().unwrap() as f32;
@@ -102,30 +123,36 @@ fn loss_gradients_and_metrics_match_trl() {
                     prompt: prompts[i / group].clone(),
                     completion: c.clone(),
                     advantage: advantages[i],
-                    old_logps: (mu > 1).then(|| counted(&e["old_logps"][i], &mask)),
-                    ref_logps: (beta != 0.0).then(|| counted(&e["ref_logps"][i], &mask)),
+                    old_logps: (mu > 1).then(|| counted(&case["old_logps"][i], &mask)),
+                    ref_logps: (beta != 0.0).then(|| counted(&case["ref_logps"][i], &mask)),
                     mask,
                 }
             })
             .collect();
-        let loss_type = match case["loss_type"].as_str().unwrap() {
-            "grpo" => LossType::Grpo,
-            "bnpo" => LossType::Bnpo,
-            "dr_grpo" => LossType::DrGrpo,
-            _ => LossType::Dapo,
-        };
+        let what = |x: &str| format!("{name}: {x}");
+        // The engine's own log-probs of the counted tokens are TRL's.
+        let mine = grpo::rollout_logps(model, &rollouts, 319, temperature).unwrap();
+        for (i, (r, got)) in rollouts.iter().zip(&mine).enumerate() {
+            close_all(
+                got,
+                &counted(&current[i], &r.mask)
+                    .iter()
+                    .map(|x| *x as f64)
+                    .collect::<Vec<_>>(),
+                &what("log-probs"),
+            );
+        }
         let cfg = GrpoLoss {
             epsilon_low: case["epsilon_low"].as_f64().unwrap() as f32,
             epsilon_high: case["epsilon_high"].as_f64().unwrap() as f32,
             beta,
-            temperature: e["temperature"].as_f64().unwrap() as f32,
-            loss_type,
+            temperature,
+            loss_type: loss_type(case),
             max_completion_length: e["max_completion_length"].as_u64().unwrap() as usize,
             tokens_in_batch: rollouts.iter().map(Rollout::counted).sum(),
             grad_accum: 1,
         };
-        let out = grpo::grpo_loss(&policy, &rollouts, 319, &cfg).unwrap();
-        let what = |x: &str| format!("{name}: {x}");
+        let out = grpo::grpo_loss(model, &rollouts, 319, &cfg).unwrap();
         close(
             out.loss.to_scalar::<f32>().unwrap() as f64,
             case["loss"].as_f64().unwrap(),
@@ -144,7 +171,7 @@ fn loss_gradients_and_metrics_match_trl() {
         ] {
             close(got as f64, case[key].as_f64().unwrap(), &what(key));
         }
-        let grads = herd_engine::optim::gradients(&out.loss, &params).unwrap();
+        let grads = herd_engine::optim::gradients(&out.loss, params).unwrap();
         close(
             herd_engine::optim::global_norm(&grads).unwrap(),
             case["grad_norm"].as_f64().unwrap(),
@@ -157,12 +184,71 @@ fn loss_gradients_and_metrics_match_trl() {
             close_all(&got, &flat(w), &what(&format!("grad {pname}")));
         }
     }
+}
+
+#[test]
+fn loss_gradients_and_metrics_match_trl() {
+    let e = grpo_expected();
+    let policy = load_model(&fixtures().join("policy"), &device()).unwrap();
+    check_cases(&policy, &policy.params(), false, &e["current_logps"]);
     // The μ = 2 cases clip on both sides: the fixtures test clipping.
     assert!(e["cases"]
         .as_array()
         .unwrap()
         .iter()
         .any(|c| c["clip_low"].as_f64().unwrap() > 0.0 && c["clip_high"].as_f64().unwrap() > 0.0));
+}
+
+#[test]
+fn lora_loss_gradients_and_reference_match_trl_with_peft() {
+    let e = grpo_expected();
+    let mut m = load_model(&fixtures().join("ref"), &device()).unwrap();
+    load_adapter(&mut m, &fixtures().join("lora/adapter")).unwrap();
+    let lora = m.lora.as_ref().unwrap();
+    check_cases(&m, &lora.params(), true, &e["lora_current_logps"]);
+    // The reference is the adapter switched off: its log-probs are TRL's.
+    let case = e["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["lora"] == true)
+        .unwrap();
+    let group = e["group"].as_u64().unwrap() as usize;
+    let prompts: Vec<Vec<u32>> = e["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let rollouts: Vec<Rollout> = e["completions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .enumerate()
+        .map(|(i, c)| Rollout {
+            prompt: prompts[i / group].clone(),
+            mask: mask(&case["mask"][i])[..c.len()]
+                .iter()
+                .map(|m| *m == 1)
+                .collect(),
+            completion: c,
+            advantage: 0.0,
+            old_logps: None,
+            ref_logps: None,
+        })
+        .collect();
+    lora.set_enabled(false);
+    let reference = grpo::rollout_logps(
+        &m,
+        &rollouts,
+        319,
+        e["temperature"].as_f64().unwrap() as f32,
+    )
+    .unwrap();
+    lora.set_enabled(true);
+    for (i, (r, got)) in rollouts.iter().zip(&reference).enumerate() {
+        let want: Vec<f64> = counted(&case["ref_logps"][i], &r.mask)
+            .iter()
+            .map(|x| *x as f64)
+            .collect();
+        close_all(got, &want, "reference log-probs (adapter off)");
+    }
 }
 
 #[test]
