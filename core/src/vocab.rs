@@ -47,12 +47,14 @@ pub enum JobKind {
     Generate,
     /// A checkpoint given a chat template (and its special tokens).
     ChatFormat,
+    /// Online RL with verifiable rewards (GRPO and its variants).
+    Grpo,
     External,
 }
 
 impl JobKind {
     /// The kinds herd runs itself (every kind but `External`).
-    pub const RECIPES: [JobKind; 12] = [
+    pub const RECIPES: [JobKind; 13] = [
         JobKind::Rm,
         JobKind::Sample,
         JobKind::Sft,
@@ -65,6 +67,7 @@ impl JobKind {
         JobKind::Merge,
         JobKind::Generate,
         JobKind::ChatFormat,
+        JobKind::Grpo,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl JobKind {
             JobKind::Merge => "merge",
             JobKind::Generate => "generate",
             JobKind::ChatFormat => "chat_format",
+            JobKind::Grpo => "grpo",
             JobKind::External => "external",
         }
     }
@@ -126,16 +130,20 @@ pub enum ArtifactKind {
     /// A PEFT LoRA adapter directory; its summary's `base` names the
     /// checkpoint it adapts.
     Adapter,
+    /// An online RL job's samples (JSON Lines): each completion with its
+    /// rewards, advantage, group, step and the sampler's log-prob.
+    Rollouts,
 }
 
 impl ArtifactKind {
-    pub const ALL: [ArtifactKind; 6] = [
+    pub const ALL: [ArtifactKind; 7] = [
         ArtifactKind::Checkpoint,
         ArtifactKind::Preference,
         ArtifactKind::Sft,
         ArtifactKind::Prompts,
         ArtifactKind::Cache,
         ArtifactKind::Adapter,
+        ArtifactKind::Rollouts,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +154,7 @@ impl ArtifactKind {
             ArtifactKind::Prompts => "prompts",
             ArtifactKind::Cache => "cache",
             ArtifactKind::Adapter => "adapter",
+            ArtifactKind::Rollouts => "rollouts",
         }
     }
 

@@ -16,8 +16,11 @@
 //! (TRL's normalisations): `grpo` averages each completion over its tokens,
 //! then the completions; `bnpo` averages over all the batch's tokens;
 //! `dr_grpo` divides by completions × `max_completion_length`; `dapo` by the
-//! tokens of the whole generation batch. All but `dapo` are divided by the
-//! gradient-accumulation steps, as TRL does.
+//! tokens of the whole generation batch. TRL then divides all but `dapo` by
+//! the gradient-accumulation steps; here the trainer divides every
+//! micro-batch's loss by them (herd's `Trainer` does), so the loss returned
+//! is TRL's before that division, and `dapo`'s is multiplied by the
+//! micro-batches to match.
 //!
 //! Log-probs are of the logits divided by the sampling temperature (TRL
 //! scales them so the ratio compares like with like). Only tokens inside
@@ -143,8 +146,8 @@ pub struct GrpoLoss {
     pub max_completion_length: usize,
     /// Counted tokens of the whole generation batch (`dapo`'s normaliser).
     pub tokens_in_batch: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
+    /// Micro-batches the optimizer step is split into (see the module doc).
+    pub micro_batches: usize,
 }
 
 /// A micro-batch's loss and what TRL logs of it (masked means over the
@@ -158,6 +161,9 @@ pub struct GrpoOutput {
     pub entropy: f32,
     /// Counted tokens.
     pub tokens: usize,
+    /// The policy's log-probs of the counted tokens, flat in rollout order
+    /// (before this step's update: the sampler's, for the record).
+    pub logps: Vec<f32>,
 }
 
 /// Log-probs (at `temperature`) of each rollout's counted completion
@@ -274,7 +280,6 @@ pub fn grpo_loss(
         Vec::with_capacity(m),
     );
     let rows_n = rollouts.len() as f32;
-    let accum = cfg.grad_accum.max(1) as f32;
     let counted_total: usize = rollouts.iter().map(Rollout::counted).sum();
     for (i, r) in rollouts.iter().enumerate() {
         let n = r.counted();
@@ -301,10 +306,10 @@ pub fn grpo_loss(
         }
         adv.extend(std::iter::repeat_n(r.advantage, n));
         let w = match cfg.loss_type {
-            LossType::Grpo => 1.0 / (n.max(1) as f32 * rows_n * accum),
-            LossType::Bnpo => 1.0 / (counted_total.max(1) as f32 * accum),
-            LossType::DrGrpo => 1.0 / (rows_n * cfg.max_completion_length as f32 * accum),
-            LossType::Dapo => 1.0 / cfg.tokens_in_batch.max(1) as f32,
+            LossType::Grpo => 1.0 / (n.max(1) as f32 * rows_n),
+            LossType::Bnpo => 1.0 / counted_total.max(1) as f32,
+            LossType::DrGrpo => 1.0 / (rows_n * cfg.max_completion_length as f32),
+            LossType::Dapo => cfg.micro_batches.max(1) as f32 / cfg.tokens_in_batch.max(1) as f32,
         };
         weight.extend(std::iter::repeat_n(w, n));
     }
@@ -351,5 +356,6 @@ pub fn grpo_loss(
         clip_region: frac(low + high),
         entropy: mean_entropy(model, &rows)?,
         tokens: m,
+        logps: current,
     })
 }

@@ -150,7 +150,7 @@ fn check_cases(
             loss_type: loss_type(case),
             max_completion_length: e["max_completion_length"].as_u64().unwrap() as usize,
             tokens_in_batch: rollouts.iter().map(Rollout::counted).sum(),
-            grad_accum: 1,
+            micro_batches: 1,
         };
         let out = grpo::grpo_loss(model, &rollouts, 319, &cfg).unwrap();
         close(
@@ -262,7 +262,7 @@ fn bad_rollouts_are_refused_by_what_is_wrong() {
         loss_type: LossType::Grpo,
         max_completion_length: 8,
         tokens_in_batch: 2,
-        grad_accum: 1,
+        micro_batches: 1,
     };
     let r = Rollout {
         prompt: vec![312, 40],

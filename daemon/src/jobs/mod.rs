@@ -17,6 +17,7 @@ mod dpo;
 mod eval;
 mod generate;
 mod generation;
+mod grpo;
 mod inputs;
 mod merge;
 mod mix;
@@ -132,17 +133,30 @@ pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, 
             });
             continue;
         }
-        // Check this one field alone so the error can name it.
-        let mut one = defaults.clone();
-        one.insert(k.clone(), v.clone());
-        if let Err(e) = recipe.check(&Value::Object(one)) {
-            problems.push(format!(
-                "hyperparameter `{k}` = {v}: {e} (default: {})",
-                defaults[k]
-            ));
-            continue;
-        }
         merged.insert(k.clone(), v.clone());
+    }
+    // A set that checks whole is accepted whole: some fields only make
+    // sense together (a verifier rule and its pattern). When it fails,
+    // each given field is checked alone over the defaults so the error
+    // names every field wrong on its own; when no single field explains
+    // the failure, the failure of the whole is the error.
+    if let Err(whole) = recipe.check(&Value::Object(merged.clone())) {
+        let mut alone = vec![];
+        for (k, v) in given.iter().filter(|(k, _)| defaults.contains_key(*k)) {
+            let mut one = defaults.clone();
+            one.insert(k.clone(), v.clone());
+            if let Err(e) = recipe.check(&Value::Object(one)) {
+                alone.push((
+                    e.clone(),
+                    format!("hyperparameter `{k}` = {v}: {e} (default: {})", defaults[k]),
+                ));
+            }
+        }
+        if alone.iter().any(|(e, _)| *e == whole) {
+            problems.extend(alone.into_iter().map(|(_, text)| text));
+        } else {
+            problems.push(whole);
+        }
     }
     if !problems.is_empty() {
         let unknown = problems.iter().any(|p| p.starts_with("unknown"));
@@ -164,9 +178,7 @@ pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, 
             }
         ));
     }
-    let merged = Value::Object(merged);
-    recipe.check(&merged)?;
-    Ok(merged)
+    Ok(Value::Object(merged))
 }
 
 /// The simulated annotators' ranking rule (which of two responses to a

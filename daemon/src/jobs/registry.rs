@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::recipe::{Bound, InputNames, InputSource, JobContext, OutputKind, Recipe, Validate};
 use super::{
-    annotate, average, chat_format, curate, dpo, eval, generate, merge, mix, rm, sample, sft,
+    annotate, average, chat_format, curate, dpo, eval, generate, grpo, merge, mix, rm, sample, sft,
 };
 
 /// A recipe behind a vtable, for the registry.
@@ -101,7 +101,7 @@ fn parse<P: DeserializeOwned + Validate>(v: &Value) -> Result<P, String> {
 }
 
 /// Every recipe herd runs.
-pub static RECIPES: [&dyn AnyRecipe; 12] = [
+pub static RECIPES: [&dyn AnyRecipe; 13] = [
     &Erased::<rm::Rm>(PhantomData),
     &Erased::<sample::Sample>(PhantomData),
     &Erased::<sft::Sft>(PhantomData),
@@ -114,6 +114,7 @@ pub static RECIPES: [&dyn AnyRecipe; 12] = [
     &Erased::<merge::Merge>(PhantomData),
     &Erased::<generate::Generate>(PhantomData),
     &Erased::<chat_format::ChatFormat>(PhantomData),
+    &Erased::<grpo::Grpo>(PhantomData),
 ];
 
 /// The recipe of `kind`; external runs have none (herd records them, it
