@@ -1,4 +1,4 @@
-//! The main job: `cargo run --release --example quickstart [-- --smoke] [--data-dir DIR] [--rounds N] [--model DIR [--lora-rank N]]`.
+//! The main job: `cargo run --release --example quickstart [-- --smoke] [--data-dir DIR] [--rounds N] [--model DIR [--lora-rank N]] [--method llama3|grpo]`.
 //!
 //! Starts an embedded herd daemon (sled in a local data directory, CPU),
 //! builds a tiny Llama from scratch (or takes a Hugging Face model directory
@@ -28,12 +28,12 @@ fn main() {
     while let Some(a) = rest.next() {
         match a.as_str() {
             "--smoke" => {}
-            "--data-dir" | "--rounds" | "--model" | "--lora-rank" => {
+            "--data-dir" | "--rounds" | "--model" | "--lora-rank" | "--method" => {
                 rest.next();
             }
             other => {
                 eprintln!(
-                    "quickstart: unknown argument {other:?} (expected --smoke, --data-dir DIR, --rounds N, --model DIR, --lora-rank N)"
+                    "quickstart: unknown argument {other:?} (expected --smoke, --data-dir DIR, --rounds N, --model DIR, --lora-rank N, --method llama3|grpo)"
                 );
                 std::process::exit(2);
             }
@@ -53,6 +53,14 @@ fn main() {
         quiet: false,
         model: flag("--model").map(Into::into),
         lora_rank: flag("--lora-rank").map(|r| r.parse().expect("--lora-rank N")),
+        method: match flag("--method").as_deref() {
+            None | Some("llama3") => herd::quickstart::Method::Llama3,
+            Some("grpo") => herd::quickstart::Method::Grpo,
+            Some(other) => {
+                eprintln!("quickstart: --method {other:?}: expected llama3 or grpo");
+                std::process::exit(2);
+            }
+        },
     };
     match herd::quickstart::run(&opts) {
         Ok(report) => {

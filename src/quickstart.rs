@@ -30,7 +30,17 @@ use serde_json::{json, Value};
 
 mod round;
 
-pub use round::{round_spec, round_spec_with, Training};
+pub use round::{grpo_round_spec, round_spec, round_spec_with, Training};
+
+/// How each round improves the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// Llama 3's loop: annotate, RM, rejection sampling, SFT, DPO, average.
+    #[default]
+    Llama3,
+    /// Online RL with the task's checker as a verifiable reward.
+    Grpo,
+}
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -46,6 +56,7 @@ pub struct Options {
     /// LoRA rank for `--model` (None: 16 over ~50M parameters, else full
     /// fine-tuning; 0 forces full fine-tuning).
     pub lora_rank: Option<usize>,
+    pub method: Method,
 }
 
 /// One row of the results table.
@@ -59,6 +70,8 @@ pub struct RoundRow {
     pub win_rate: f64,
     /// The same, judged by the task's checker (ties count half).
     pub checker_win_rate: f64,
+    /// GRPO: the mean reward over the round's samples (NaN otherwise).
+    pub reward: f64,
     /// The preference datasets this round's RM trained on (the `mix` job's
     /// inputs: every earlier round's annotations and this round's).
     pub rm_data_inputs: BTreeMap<String, String>,
@@ -71,6 +84,8 @@ pub struct RoundRow {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
+    #[serde(skip)]
+    pub method: Method,
     pub base_accuracy: f64,
     pub rounds: Vec<RoundRow>,
     pub reproduced_round: usize,
@@ -420,7 +435,12 @@ fn drive(
         if r == 1 {
             vars.insert("policy".into(), base.clone());
         }
-        let spec = round_spec_with(experiment, vars, 100 * r as u64, z.epochs, training);
+        // Both methods draw the same number of samples a round.
+        let samples = z.train_prompts * (training.k + 2);
+        let spec = match opts.method {
+            Method::Llama3 => round_spec_with(experiment, vars, 100 * r as u64, z.epochs, training),
+            Method::Grpo => grpo_round_spec(experiment, vars, 100 * r as u64, training, samples),
+        };
         let sub = c.submit_round(&spec)?;
         let ids: Vec<String> = sub.jobs.iter().map(|id| id.to_string()).collect();
         round_ids.push(sub.id.to_string());
@@ -428,10 +448,21 @@ fn drive(
         let jobs = wait_all(&c, &ids, &pb, &mut lines)?;
         let by = |n: &str| jobs.iter().find(|j| j.name == n);
         let eval = by("eval").context("round has no eval")?;
-        let rm_summary = &by("rm").context("round has no rm")?.summary;
-        let rm_acc = rm_summary
-            .get("heldout_accuracy")
-            .or_else(|| rm_summary.pointer("/result/heldout_accuracy"))
+        // GRPO rounds have no reward model, preferences or annotations.
+        let rm_acc = by("rm")
+            .and_then(|j| {
+                j.summary
+                    .get("heldout_accuracy")
+                    .or_else(|| j.summary.pointer("/result/heldout_accuracy"))
+                    .and_then(|v| v.as_f64())
+            })
+            .unwrap_or(f64::NAN);
+        let reward = by("grpo")
+            .and_then(|j| {
+                j.summary
+                    .get("reward_mean")
+                    .or_else(|| j.summary.pointer("/result/reward_mean"))
+            })
             .and_then(|v| v.as_f64())
             .unwrap_or(f64::NAN);
         let row = RoundRow {
@@ -439,19 +470,19 @@ fn drive(
             rm_accuracy: rm_acc,
             task_accuracy: eval.metric("task_accuracy").unwrap_or(0.0),
             previous_accuracy: eval.metric("baseline_task_accuracy").unwrap_or(0.0),
-            win_rate: eval.metric("win_rate").unwrap_or(0.0),
+            win_rate: eval.metric("win_rate").unwrap_or(f64::NAN),
+            reward,
             checker_win_rate: eval.metric("checker_win_rate").unwrap_or(0.0),
             rm_data_inputs: by("preferences")
-                .context("round has no preferences mix")?
-                .inputs
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_string()))
-                .collect(),
+                .map(|j| {
+                    j.inputs
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default(),
             annotations: by("annotate")
-                .context("round has no annotate")?
-                .outputs
-                .get("data")
-                .cloned()
+                .and_then(|j| j.outputs.get("data").cloned())
                 .unwrap_or_default(),
             seconds: t.elapsed().as_secs_f64(),
             jobs: jobs.len(),
@@ -493,6 +524,7 @@ fn drive(
     });
     let verified = c.verify()?.ok;
     Ok(Report {
+        method: opts.method,
         base_accuracy,
         rounds: rows,
         reproduced_round,
@@ -505,6 +537,9 @@ fn drive(
 
 /// The table the README shows.
 pub fn table(r: &Report) -> String {
+    if r.method == Method::Grpo {
+        return grpo_table(r);
+    }
     let mut s = String::new();
     s.push_str("| round | RM trained on | RM held-out accuracy | policy task accuracy (held-out) | previous policy | win rate vs previous: RM | checker | wall time |\n");
     s.push_str("|---|---|---|---|---|---|---|---|\n");
@@ -543,4 +578,38 @@ pub fn table(r: &Report) -> String {
 /// A hash or `job:<id>/<output>` the daemon gave us, as a typed input.
 fn input(reference: &str) -> Result<InputRef> {
     reference.parse().map_err(anyhow::Error::msg)
+}
+
+/// The table of a GRPO run: no reward model, so win rates are the checker's.
+fn grpo_table(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str("| round | mean reward (samples) | policy task accuracy (held-out) | previous policy | checker win rate vs previous | wall time |\n");
+    s.push_str("|---|---|---|---|---|---|\n");
+    s.push_str(&format!(
+        "| base | – | {:.3} | – | – | – |\n",
+        r.base_accuracy
+    ));
+    for row in &r.rounds {
+        s.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} s |\n",
+            row.round,
+            row.reward,
+            row.task_accuracy,
+            row.previous_accuracy,
+            row.checker_win_rate,
+            row.seconds
+        ));
+    }
+    s.push_str(&format!(
+        "\nreproduced round {}: {}; store verified: {}; total {:.0} s\n",
+        r.reproduced_round,
+        if r.reproduced_identical {
+            "all output hashes identical"
+        } else {
+            "OUTPUTS DIFFER"
+        },
+        r.store_verified,
+        r.total_seconds
+    ));
+    s
 }

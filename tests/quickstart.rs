@@ -12,6 +12,7 @@ fn quickstart_smoke_runs_rounds_reproduces_and_verifies() {
         quiet: true,
         model: None,
         lora_rank: None,
+        method: herd::quickstart::Method::Llama3,
     };
     let report = run(&opts).unwrap();
     eprintln!("{}", table(&report));
@@ -64,6 +65,7 @@ fn quickstart_runs_on_a_users_model_with_lora() {
                 .join("tests/fixtures/families/qwen2"),
         ),
         lora_rank: Some(4),
+        method: herd::quickstart::Method::Llama3,
     };
     let report = run(&opts).unwrap();
     eprintln!("{}", table(&report));
@@ -74,4 +76,31 @@ fn quickstart_runs_on_a_users_model_with_lora() {
     );
     assert_eq!(r.succeeded, r.jobs);
     assert!(report.reproduced_identical && report.store_verified);
+}
+
+/// `--method grpo`: each round one `grpo` job rewarded by the task's
+/// checker, then `eval`; the round reproduces bit for bit.
+#[test]
+fn quickstart_grpo_rounds_run_and_reproduce() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        data_dir: Some(dir.path().join("data")),
+        rounds: 1,
+        worker_command: vec![env!("CARGO_BIN_EXE_herdd").to_string(), "worker".into()],
+        quiet: true,
+        model: None,
+        lora_rank: None,
+        method: herd::quickstart::Method::Grpo,
+    };
+    let report = run(&opts).unwrap();
+    eprintln!("{}", table(&report));
+    let r = &report.rounds[0];
+    assert_eq!((r.jobs, r.succeeded), (2, 2), "grpo and eval");
+    assert!((0.0..=1.0).contains(&r.reward), "mean reward {}", r.reward);
+    assert!((0.0..=1.0).contains(&r.task_accuracy));
+    assert!(
+        report.reproduced_identical,
+        "the grpo round reproduces bit for bit"
+    );
+    assert!(report.store_verified);
 }

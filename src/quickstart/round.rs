@@ -13,6 +13,8 @@ use uuid::Uuid;
 pub struct Training {
     pub sft_lr: f64,
     pub rm_lr: f64,
+    /// GRPO's learning rate (`--method grpo`).
+    pub grpo_lr: f64,
     /// 0: full fine-tuning; else LoRA adapters of this rank, merged.
     pub lora_rank: usize,
     /// Samples per prompt in rejection sampling.
@@ -28,6 +30,7 @@ impl Training {
     pub const TINY: Training = Training {
         sft_lr: 1e-3,
         rm_lr: 1e-3,
+        grpo_lr: 2e-4,
         lora_rank: 0,
         k: 8,
         batch: 64,
@@ -42,11 +45,61 @@ impl Training {
         Training {
             sft_lr: lr,
             rm_lr: lr,
+            grpo_lr: lr / 10.0,
             lora_rank,
             k: 4,
             batch: 8,
             require_correct: false,
         }
+    }
+}
+
+/// A round of online RL instead: one `grpo` job rewarded by the task's
+/// checker as a verifier (`number`: the last number equals the answer),
+/// then `eval` against the round's starting policy. `samples` is the
+/// round's sample budget (the Llama 3 loop's: annotation pairs plus
+/// rejection sampling's k per prompt).
+pub fn grpo_round_spec(
+    experiment: Uuid,
+    vars: BTreeMap<String, String>,
+    seed: u64,
+    t: Training,
+    samples: usize,
+) -> RoundSpec {
+    let (prompts_per_step, group) = (16, 8);
+    let steps = samples.div_ceil(prompts_per_step * group);
+    let lora = t.lora_rank > 0;
+    let mut hp = json!({
+        "steps": steps, "prompts_per_step": prompts_per_step, "group_size": group,
+        "max_new_tokens": 24, "temperature": 1.0, "batch_size": 64,
+        "lr": t.grpo_lr, "loss_type": "dapo", "beta": 0.0,
+        "verifier_rule": "number", "verifier_tolerance": 0.0,
+    });
+    if lora {
+        hp["lora_rank"] = json!(t.lora_rank);
+        hp["lora_alpha"] = json!(2 * t.lora_rank);
+    }
+    let mut jobs = vec![json!({"name": "grpo", "kind": "grpo",
+        "inputs": {"policy": "$policy", "prompts": "$prompts"}, "hyperparameters": hp})];
+    let policy = if lora {
+        jobs.push(json!({"name": "grpo_merged", "kind": "merge",
+            "inputs": {"model": "$policy", "adapter": "grpo.adapter"}}));
+        "grpo_merged.checkpoint"
+    } else {
+        "grpo.checkpoint"
+    };
+    jobs.push(json!({"name": "eval", "kind": "eval",
+        "inputs": {"policy": policy, "baseline": "$policy", "prompts": "$heldout"},
+        "hyperparameters": {"max_new_tokens": 24, "batch_size": t.batch}}));
+    RoundSpec {
+        experiment,
+        seed,
+        vars,
+        final_policy: Some(policy.to_string()),
+        jobs: jobs
+            .into_iter()
+            .map(|j| serde_json::from_value(j).expect("the quickstart's jobs are round jobs"))
+            .collect(),
     }
 }
 
