@@ -7,7 +7,9 @@
 //!   normalised (case, surrounding space and punctuation, inner runs of
 //!   space), else 0;
 //! * `number`: 1 when the last number in the completion equals the answer's
-//!   number within `tolerance` (absolute), else 0;
+//!   number within `tolerance` (absolute); else 0, or with a `scale`
+//!   partial credit `exp(-|x - answer| / scale)` (closer is better, as the
+//!   Llama 3 loop's annotators judge a checkable task);
 //! * `regex`: 1 when the pattern matches anywhere in the completion
 //!   (`{answer}` in the pattern stands for the answer, escaped);
 //! * `format`: 1 when the pattern matches the whole completion (e.g.
@@ -19,7 +21,7 @@ use regex::Regex;
 #[derive(Debug, Clone)]
 pub enum Rule {
     Exact,
-    Number { tolerance: f64 },
+    Number { tolerance: f64, scale: f64 },
     Regex(String),
     Format(Regex),
 }
@@ -31,13 +33,30 @@ impl Rule {
     /// A rule by name; `pattern` for regex and format (checked here, so a
     /// bad pattern is refused at submit).
     pub fn new(name: &str, pattern: &str, tolerance: f64) -> Result<Rule, String> {
+        Self::with_scale(name, pattern, tolerance, 0.0)
+    }
+
+    /// As `new`, with `number`'s partial-credit `scale` (0: none).
+    pub fn with_scale(
+        name: &str,
+        pattern: &str,
+        tolerance: f64,
+        scale: f64,
+    ) -> Result<Rule, String> {
+        if !(scale.is_finite() && scale >= 0.0) {
+            return Err(format!(
+                "verifier_scale must be finite and at least 0, got {scale}"
+            ));
+        }
         let compile = |p: &str| {
             Regex::new(p)
                 .map_err(|e| format!("verifier_pattern {p:?} is not a regular expression: {e}"))
         };
         match name {
             "exact" => Ok(Rule::Exact),
-            "number" if tolerance.is_finite() && tolerance >= 0.0 => Ok(Rule::Number { tolerance }),
+            "number" if tolerance.is_finite() && tolerance >= 0.0 => {
+                Ok(Rule::Number { tolerance, scale })
+            }
             "number" => Err(format!(
                 "verifier_tolerance must be finite and at least 0, got {tolerance}"
             )),
@@ -71,10 +90,13 @@ impl Rule {
         let answer = answer.unwrap_or("");
         let hit = match self {
             Rule::Exact => normalise(completion) == normalise(answer),
-            Rule::Number { tolerance } => match (last_number(completion), last_number(answer)) {
-                (Some(x), Some(y)) => (x - y).abs() <= *tolerance,
-                _ => false,
-            },
+            Rule::Number { tolerance, scale } => {
+                return match (last_number(completion), last_number(answer)) {
+                    (Some(x), Some(y)) if (x - y).abs() <= *tolerance => 1.0,
+                    (Some(x), Some(y)) if *scale > 0.0 => (-(x - y).abs() / scale).exp() as f32,
+                    _ => 0.0,
+                }
+            }
             Rule::Regex(p) => {
                 let p = p.replace("{answer}", &regex::escape(answer.trim()));
                 Regex::new(&p).is_ok_and(|re| re.is_match(completion))
@@ -146,6 +168,16 @@ mod tests {
         assert_eq!(r.score("no digits", Some("0")), 0.0);
         assert_eq!(r.score("42", Some("not a number")), 0.0);
         assert!(Rule::new("number", "", -1.0).is_err());
+        // Partial credit: closer is better, exact is 1.
+        let r = Rule::with_scale("number", "", 0.0, 100.0).unwrap();
+        assert_eq!(r.score("346", Some("346")), 1.0);
+        let (near, far) = (r.score("356", Some("346")), r.score("946", Some("346")));
+        assert!(
+            (near - (-0.1f32).exp()).abs() < 1e-6 && far < near && far > 0.0,
+            "{near} {far}"
+        );
+        assert_eq!(r.score("no number", Some("346")), 0.0);
+        assert!(Rule::with_scale("number", "", 0.0, -1.0).is_err());
         assert!(Rule::new("number", "", f64::NAN).is_err());
     }
 

@@ -74,6 +74,9 @@ pub struct Params {
     pub verifier_rule: Option<String>,
     pub verifier_pattern: String,
     pub verifier_tolerance: f64,
+    /// `number`: partial credit exp(-|x - answer| / scale) for a wrong
+    /// number (0: right or wrong only).
+    pub verifier_scale: f64,
     /// [verifier, rm] weights of a summed reward (default: 1 each).
     pub reward_weights: Vec<f64>,
     /// Record every completion as the `rollouts` output.
@@ -110,6 +113,7 @@ impl Default for Params {
             verifier_rule: None,
             verifier_pattern: String::new(),
             verifier_tolerance: 1e-6,
+            verifier_scale: 0.0,
             reward_weights: vec![],
             keep_rollouts: true,
         }
@@ -149,7 +153,14 @@ impl Params {
     fn rule(&self) -> Result<Option<Rule>, String> {
         self.verifier_rule
             .as_deref()
-            .map(|r| Rule::new(r, &self.verifier_pattern, self.verifier_tolerance))
+            .map(|r| {
+                Rule::with_scale(
+                    r,
+                    &self.verifier_pattern,
+                    self.verifier_tolerance,
+                    self.verifier_scale,
+                )
+            })
             .transpose()
     }
     fn epsilon_high(&self) -> f64 {
