@@ -73,7 +73,7 @@ pub fn grpo_round_spec(
         "steps": steps, "prompts_per_step": prompts_per_step, "group_size": group,
         "max_new_tokens": 24, "temperature": 0.5, "batch_size": 64,
         "lr": t.grpo_lr, "loss_type": "dapo", "beta": 0.0,
-        "verifier_rule": "number", "verifier_tolerance": 0.0, "verifier_scale": 100.0,
+        "verifier_rule": "number", "verifier_tolerance": 0.0,
     });
     if lora {
         hp["lora_rank"] = json!(t.lora_rank);
