@@ -47,6 +47,9 @@ impl Default for Params {
 }
 
 impl Validate for Params {
+    fn lora(&self) -> Option<&LoraParams> {
+        Some(&self.lora)
+    }
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
         self.lora.validate()?;
@@ -82,9 +85,6 @@ impl Recipe for Dpo {
         ("reference_logps", OutputKind::Is(ArtifactKind::Cache)),
     ];
     const ACCEPTS: Accepts = super::training::ON_PREFERENCES;
-    fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
-        p.lora.makes(inputs, output)
-    }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

@@ -169,6 +169,9 @@ impl Params {
 }
 
 impl Validate for Params {
+    fn lora(&self) -> Option<&LoraParams> {
+        Some(&self.lora)
+    }
     fn validate(&self) -> Result<(), String> {
         use limits::*;
         in_range("steps", self.steps, 1, MAX_STEPS)?;

@@ -83,8 +83,8 @@ pub trait Recipe: Sync + 'static {
     }
     /// Whether a job with these hyperparameters and input names makes
     /// output `output` (training: `adapter` with LoRA, else `checkpoint`).
-    fn makes(_params: &Self::Params, _inputs: &[&str], _output: &str) -> bool {
-        true
+    fn makes(params: &Self::Params, inputs: &[&str], output: &str) -> bool {
+        params.lora().is_none_or(|l| l.makes(inputs, output))
     }
     /// At start, before inputs are materialized: keep only some of the
     /// resolved inputs (name -> hash), saying which and why (average's
@@ -119,6 +119,11 @@ pub trait Validate {
         Self: Sized,
     {
         vec![]
+    }
+    /// The LoRA settings, for recipes that train (what they output
+    /// follows: an adapter with LoRA, else a checkpoint).
+    fn lora(&self) -> Option<&super::training::LoraParams> {
+        None
     }
 }
 

@@ -50,6 +50,9 @@ impl Default for Params {
 }
 
 impl Validate for Params {
+    fn lora(&self) -> Option<&LoraParams> {
+        Some(&self.lora)
+    }
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
         self.lora.validate()?;
@@ -88,9 +91,6 @@ impl Recipe for Rm {
     const INPUTS: InputNames = super::training::MODEL_AND_DATA;
     const OUTPUTS: &'static [(&'static str, OutputKind)] = super::training::TRAINED;
     const ACCEPTS: Accepts = super::training::ON_PREFERENCES;
-    fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
-        p.lora.makes(inputs, output)
-    }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

@@ -28,6 +28,9 @@ pub struct Params {
 }
 
 impl Validate for Params {
+    fn lora(&self) -> Option<&LoraParams> {
+        Some(&self.lora)
+    }
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;
         self.lora.validate()
@@ -48,9 +51,6 @@ impl Recipe for Sft {
     const INPUTS: InputNames = super::training::MODEL_AND_DATA;
     const OUTPUTS: &'static [(&'static str, OutputKind)] = super::training::TRAINED;
     const ACCEPTS: Accepts = super::training::ON_DIALOGS;
-    fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
-        p.lora.makes(inputs, output)
-    }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }
