@@ -265,6 +265,12 @@ impl Client {
         Self::typed(self.upload(path, &route)?)
     }
 
+    /// Import a verifier program (any executable file; a `grpo` job runs it
+    /// with JSON lines in and `{"reward": x}` lines out).
+    pub fn import_verifier(&self, path: &Path, name: &str) -> Result<Imported> {
+        Self::typed(self.upload(path, &format!("/verifiers?name={}", enc(name)))?)
+    }
+
     /// Import a Hugging Face model directory (every regular file in it).
     pub fn import_model(&self, dir: &Path, name: &str) -> Result<Imported> {
         self.import_directory(dir, name, None)

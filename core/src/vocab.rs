@@ -133,10 +133,13 @@ pub enum ArtifactKind {
     /// An online RL job's samples (JSON Lines): each completion with its
     /// rewards, advantage, group, step and the sampler's log-prob.
     Rollouts,
+    /// A program that scores completions (JSON Lines in, `{"reward": x}`
+    /// lines out), recorded by content like any input.
+    Verifier,
 }
 
 impl ArtifactKind {
-    pub const ALL: [ArtifactKind; 7] = [
+    pub const ALL: [ArtifactKind; 8] = [
         ArtifactKind::Checkpoint,
         ArtifactKind::Preference,
         ArtifactKind::Sft,
@@ -144,6 +147,7 @@ impl ArtifactKind {
         ArtifactKind::Cache,
         ArtifactKind::Adapter,
         ArtifactKind::Rollouts,
+        ArtifactKind::Verifier,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -155,6 +159,7 @@ impl ArtifactKind {
             ArtifactKind::Cache => "cache",
             ArtifactKind::Adapter => "adapter",
             ArtifactKind::Rollouts => "rollouts",
+            ArtifactKind::Verifier => "verifier",
         }
     }
 

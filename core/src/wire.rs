@@ -333,6 +333,14 @@ pub struct DatasetQuery {
     pub name: String,
 }
 
+/// `POST /verifiers?name=`: the query of a verifier program's import (the
+/// body is the program itself).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifierQuery {
+    pub name: String,
+}
+
 /// `POST /runs`: an external run (a training script herd did not launch).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

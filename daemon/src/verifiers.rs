@@ -138,6 +138,167 @@ fn number_pattern() -> &'static Regex {
     })
 }
 
+/// A user's verifier program (an artifact of kind `verifier`): run in the
+/// job's directory with one JSON line per completion on stdin
+/// (`prompt`, `completion`, `answer`, `group`, `index`), it prints one
+/// `{"reward": x}` line per completion on stdout, in order.
+#[derive(Debug, Clone)]
+pub struct Program {
+    /// An executable copy of the recorded file.
+    pub path: std::path::PathBuf,
+    pub workdir: std::path::PathBuf,
+    /// Per call (one step's completions).
+    pub timeout: std::time::Duration,
+    /// Address-space limit of the process.
+    pub memory_bytes: u64,
+}
+
+/// What a verifier program is told about one completion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scored<'a> {
+    pub prompt: &'a [herd_engine::chat::Message],
+    pub completion: &'a str,
+    pub answer: Option<&'a str>,
+    pub group: usize,
+    pub index: usize,
+}
+
+impl Program {
+    /// Copy the recorded file (read-only in the blob store) to `workdir`
+    /// as an executable.
+    pub fn install(
+        recorded: &std::path::Path,
+        workdir: &std::path::Path,
+        timeout: std::time::Duration,
+        memory_bytes: u64,
+    ) -> Result<Program, String> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
+        let path = workdir.join("verifier");
+        std::fs::copy(recorded, &path)
+            .and_then(|_| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| format!("installing the verifier at {}: {e}", path.display()))?;
+        Ok(Program {
+            path,
+            workdir: workdir.to_path_buf(),
+            timeout,
+            memory_bytes,
+        })
+    }
+
+    /// One reward per item, or an error that says what the program did.
+    pub fn score(&self, items: &[Scored]) -> Result<Vec<f32>, String> {
+        use std::io::{Read, Write};
+        use std::process::{Command, Stdio};
+        let mut input = Vec::new();
+        for it in items {
+            serde_json::to_writer(&mut input, it).map_err(|e| e.to_string())?;
+            input.push(b'\n');
+        }
+        let mut cmd = Command::new(&self.path);
+        cmd.current_dir(&self.workdir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let limit = self.memory_bytes;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs
+        // between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let rl = libc::rlimit {
+                    rlim_cur: limit as libc::rlim_t,
+                    rlim_max: limit as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("the verifier program could not start: {e}"))?;
+        // Writing, reading and waiting side by side: a program that reads
+        // everything before it writes, or writes before it reads, both work.
+        let mut stdin = child.stdin.take().expect("piped");
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let mut stdout = child.stdout.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = stdout.read_to_end(&mut out);
+            out
+        });
+        let mut stderr = child.stderr.take().expect("piped");
+        let errs = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = stderr.read_to_end(&mut out);
+            out
+        });
+        let started = std::time::Instant::now();
+        let status = loop {
+            match child.try_wait().map_err(|e| e.to_string())? {
+                Some(s) => break s,
+                None if started.elapsed() > self.timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "the verifier program did not finish scoring {} completions within {:?}; it was stopped",
+                        items.len(),
+                        self.timeout
+                    ));
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        };
+        let _ = writer.join();
+        let out = reader.join().unwrap_or_default();
+        let err = errs.join().unwrap_or_default();
+        let tail = |b: &[u8]| {
+            let t = String::from_utf8_lossy(b);
+            let t = t.trim();
+            let start = t.len().saturating_sub(2000);
+            t.get(start..).unwrap_or(t).to_string()
+        };
+        if !status.success() {
+            return Err(format!(
+                "the verifier program failed ({status}): {}",
+                tail(&err)
+            ));
+        }
+        let text = String::from_utf8_lossy(&out);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.len() != items.len() {
+            return Err(format!(
+                "the verifier program printed {} reward line(s) for {} completions",
+                lines.len(),
+                items.len()
+            ));
+        }
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let v: serde_json::Value = serde_json::from_str(l).map_err(|_| {
+                    format!(
+                        "the verifier program's line {}: {:?} is not {{\"reward\": number}}",
+                        i + 1,
+                        tail(l.as_bytes())
+                    )
+                })?;
+                match v.get("reward").and_then(|r| r.as_f64()) {
+                    Some(r) if r.is_finite() => Ok(r as f32),
+                    _ => Err(format!(
+                        "the verifier program's line {}: {l} has no finite `reward`",
+                        i + 1
+                    )),
+                }
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +382,66 @@ mod tests {
         assert!(Rule::new("format", "(unclosed", 0.0)
             .unwrap_err()
             .contains("not a regular expression"));
+    }
+
+    fn program(dir: &std::path::Path, body: &str, timeout_ms: u64) -> Program {
+        let src = dir.join("src.sh");
+        std::fs::write(&src, format!("#!/bin/sh\n{body}\n")).unwrap();
+        Program::install(
+            &src,
+            &dir.join("work"),
+            std::time::Duration::from_millis(timeout_ms),
+            1 << 30,
+        )
+        .unwrap()
+    }
+
+    fn items() -> Vec<Scored<'static>> {
+        (0..3)
+            .map(|i| Scored {
+                prompt: &[],
+                completion: "x",
+                answer: Some("1"),
+                group: 0,
+                index: i,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_program_scores_every_completion_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // Reads each line and answers with its index as the reward.
+        let p = program(
+            dir.path(),
+            r#"while read -r line; do i=$(echo "$line" | sed 's/.*"index":\([0-9]*\).*/\1/'); echo "{\"reward\": $i}"; done"#,
+            10_000,
+        );
+        assert_eq!(p.score(&items()).unwrap(), vec![0.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn programs_that_hang_crash_print_garbage_or_nan_fail_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        for (body, says) in [
+            ("sleep 30", "did not finish scoring 3 completions"),
+            ("echo boom >&2; exit 3", "failed (exit status: 3): boom"),
+            (
+                "cat >/dev/null; echo hello; echo 1; echo 2",
+                "line 1: \"hello\" is not",
+            ),
+            (
+                "cat >/dev/null; echo '{\"reward\": 1}'",
+                "printed 1 reward line(s) for 3 completions",
+            ),
+            (
+                "cat >/dev/null; for i in 1 2 3; do echo '{\"reward\": \"NaN\"}'; done",
+                "has no finite `reward`",
+            ),
+        ] {
+            let p = program(dir.path(), body, 500);
+            let err = p.score(&items()).unwrap_err();
+            assert!(err.contains(says), "{body}: {err}");
+        }
     }
 }

@@ -23,6 +23,10 @@ pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Re
             let name = name.clone().unwrap_or_else(|| file_name(file, "dataset"));
             c.import_dataset(file, kind, &name)?
         }
+        ImportWhat::Verifier { file, name } => {
+            let name = name.clone().unwrap_or_else(|| file_name(file, "verifier"));
+            c.import_verifier(file, &name)?
+        }
         ImportWhat::Model {
             dir,
             name,

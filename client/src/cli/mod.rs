@@ -186,6 +186,15 @@ pub enum ImportWhat {
         #[arg(long)]
         name: Option<String>,
     },
+    /// A verifier program for `grpo` (`--input verifier=HASH`): run in the
+    /// job's directory, it reads one JSON line per completion (prompt,
+    /// completion, answer, group, index) and prints one {"reward": x} line
+    /// each. Example: herd import verifier score.py
+    Verifier {
+        file: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// A Hugging Face model directory (config.json, model.safetensors,
     /// tokenizer.json), or a PEFT LoRA adapter directory
     /// (adapter_config.json, adapter_model.safetensors) with --base

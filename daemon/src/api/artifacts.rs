@@ -3,7 +3,7 @@
 //! and recorded as artifacts.
 
 use super::*;
-use herd_core::wire::{DatasetQuery, NewCheckpoint};
+use herd_core::wire::{DatasetQuery, NewCheckpoint, VerifierQuery};
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -31,6 +31,13 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             .and(warp::query())
             .and(upload())
             .and_then(import_dataset)
+            .boxed(),
+        warp::path!("verifiers")
+            .and(warp::post())
+            .and(c.clone())
+            .and(warp::query())
+            .and(upload())
+            .and_then(import_verifier)
             .boxed(),
         warp::path!("checkpoints")
             .and(warp::post())
@@ -234,6 +241,57 @@ async fn get_tree(hash: String, ctx: Ctx) -> Res {
             })
             .collect(),
     })
+}
+
+/// The largest verifier program recorded: a script, not a model.
+const VERIFIER_LIMIT: u64 = 16 << 20;
+
+/// A verifier program, recorded by content: the `grpo` job that names it
+/// runs exactly these bytes (see `verifiers::Program`).
+async fn import_verifier<S, B>(
+    ctx: Ctx,
+    q: VerifierQuery,
+    _permit: super::bodies::BodyPermit,
+    body: S,
+) -> Res
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: bytes::Buf,
+{
+    herd_core::vocab::check_name(&q.name).map_err(|e| bad(format!("query `name`: {e}")))?;
+    let info = stream_to_blob(&ctx, body).await?;
+    if info.size > VERIFIER_LIMIT || info.size == 0 {
+        return Err(bad(format!(
+            "a verifier program is 1 to {VERIFIER_LIMIT} bytes, not {}",
+            info.size
+        )));
+    }
+    let blobs = ctx.state.store.blobs.clone();
+    let hash = info.id.clone();
+    let head = tokio::task::spawn_blocking(move || blobs.read(&hash))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    // How it runs: its `#!` line, when it has one.
+    let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let interpreter = first
+        .strip_prefix(b"#!")
+        .map(|i| String::from_utf8_lossy(i).trim().to_string());
+    let summary = json!({"bytes": info.size, "interpreter": interpreter});
+    let event = HerdEvent::ArtifactImported {
+        hash: info.id.clone(),
+        artifact: herd_core::ArtifactKind::Verifier,
+        name: q.name,
+        summary: summary.clone(),
+    };
+    ctx.state
+        .record_one(streams::ARTIFACTS, event)
+        .await
+        .map_err(internal)?;
+    created(json!(Imported {
+        hash: info.id,
+        summary
+    }))
 }
 
 async fn import_dataset<S, B>(
@@ -497,7 +555,10 @@ async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
         )));
     }
     let mut rows = vec![];
-    if !artifact.artifact.is_directory() && wanted > 0 {
+    // Rows of the artifacts that are JSON Lines (a verifier is a program).
+    let lines =
+        !artifact.artifact.is_directory() && artifact.artifact != herd_core::ArtifactKind::Verifier;
+    if lines && wanted > 0 {
         let blobs = ctx.state.store.blobs.clone();
         let h = hash.clone();
         let bytes = tokio::task::spawn_blocking(move || blobs.read(&h))

@@ -1,8 +1,8 @@
 //! `grpo`: online RL with verifiable rewards. Each step draws
 //! `prompts_per_step` prompts, samples a group of `group_size` completions
 //! of each with the shared-prefill sampler, scores them (a built-in
-//! verifier rule against the prompt's `answer`, a reward model, or a
-//! weighted sum of both), turns rewards into group-relative advantages and
+//! verifier rule against the prompt's `answer` or a verifier program, a
+//! reward model, or a weighted sum of both), turns rewards into group-relative advantages and
 //! takes `num_iterations` optimizer steps on the clipped surrogate (the
 //! math and its TRL fixtures: `herd_engine::grpo`). Every completion is
 //! kept in the `rollouts` output with its rewards, advantage, group, step
@@ -77,6 +77,10 @@ pub struct Params {
     /// `number`: partial credit exp(-|x - answer| / scale) for a wrong
     /// number (0: right or wrong only).
     pub verifier_scale: f64,
+    /// A `verifier` input program's time limit for one step's completions.
+    pub verifier_timeout_s: u64,
+    /// A `verifier` input program's address-space limit.
+    pub verifier_memory_mb: u64,
     /// [verifier, rm] weights of a summed reward (default: 1 each).
     pub reward_weights: Vec<f64>,
     /// Record every completion as the `rollouts` output.
@@ -114,6 +118,8 @@ impl Default for Params {
             verifier_pattern: String::new(),
             verifier_tolerance: 1e-6,
             verifier_scale: 0.0,
+            verifier_timeout_s: 60,
+            verifier_memory_mb: 4096,
             reward_weights: vec![],
             keep_rollouts: true,
         }
@@ -227,6 +233,8 @@ impl Validate for Params {
         if self.reward_weights.iter().any(|w| !w.is_finite()) {
             return Err("reward_weights must be finite numbers".into());
         }
+        in_range("verifier_timeout_s", self.verifier_timeout_s, 1, 86_400)?;
+        in_range("verifier_memory_mb", self.verifier_memory_mb, 16, 1 << 22)?;
         self.lora.validate()
     }
     fn bounds() -> Vec<Bound> {
@@ -254,6 +262,12 @@ impl Validate for Params {
             },
         ];
         b.extend(LoraParams::bounds());
+        b.push(Bound::closed("verifier_timeout_s", 1.0, 86_400.0));
+        b.push(Bound::closed(
+            "verifier_memory_mb",
+            16.0,
+            (1u64 << 22) as f64,
+        ));
         b
     }
 }
@@ -266,7 +280,7 @@ impl Recipe for Grpo {
     const KIND: JobKind = JobKind::Grpo;
     const INPUTS: InputNames = InputNames::Named {
         required: &["policy", "prompts"],
-        optional: &["adapter", "reference", "rm"],
+        optional: &["adapter", "reference", "rm", "verifier"],
     };
     const OUTPUTS: &'static [(&'static str, OutputKind)] = &[
         ("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint)),
@@ -276,11 +290,17 @@ impl Recipe for Grpo {
     const ACCEPTS: Accepts = &[
         ("prompts", &[ArtifactKind::Prompts]),
         ("adapter", &[ArtifactKind::Adapter]),
+        ("verifier", &[ArtifactKind::Verifier]),
     ];
     fn check_with_inputs(p: &Params, inputs: &[&str]) -> Result<(), String> {
-        let sources = usize::from(p.verifier_rule.is_some()) + usize::from(inputs.contains(&"rm"));
+        let program = inputs.contains(&"verifier");
+        if program && p.verifier_rule.is_some() {
+            return Err("give verifier_rule or a `verifier` input (a program), not both".into());
+        }
+        let sources =
+            usize::from(p.verifier_rule.is_some() || program) + usize::from(inputs.contains(&"rm"));
         if sources == 0 {
-            return Err("grpo needs a reward: set verifier_rule (exact, number, regex, format) or give an `rm` input, or both".into());
+            return Err("grpo needs a reward: set verifier_rule (exact, number, regex, format), give a `verifier` input (a program) or an `rm` input".into());
         }
         if !p.reward_weights.is_empty() && p.reward_weights.len() != 2 {
             return Err(format!(
@@ -332,6 +352,18 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             })
         })
         .collect::<Result<_>>()?;
+    let program = match ctx.inputs.get("verifier") {
+        Some(file) => Some(
+            crate::verifiers::Program::install(
+                file,
+                &ctx.workdir.join("verifier-run"),
+                std::time::Duration::from_secs(p.verifier_timeout_s),
+                p.verifier_memory_mb << 20,
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let rm = match ctx.inputs.get("rm") {
         Some(dir) => {
             let m = herd_engine::checkpoint::load_model(dir, &ctx.device)?;
@@ -445,6 +477,25 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                 rm_rewards.extend(score(rm, rm_chat, &prompt.messages, &g_texts)?);
             }
             texts.extend(g_texts);
+        }
+        if let Some(program) = &program {
+            let items: Vec<crate::verifiers::Scored> = texts
+                .iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    let prompt = &prompts[picked[k / p.group_size]];
+                    crate::verifiers::Scored {
+                        prompt: &prompt.messages,
+                        completion: t,
+                        answer: prompt.answer.as_deref(),
+                        group: k / p.group_size,
+                        index: k % p.group_size,
+                    }
+                })
+                .collect();
+            verifier_rewards = program
+                .score(&items)
+                .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
         }
         if let Some(bad) = rm_rewards.iter().find(|r| !r.is_finite()) {
             bail!("step {step}: the reward model gave a non-finite reward ({bad})");
