@@ -657,8 +657,8 @@ fn the_example_round_spec_runs() {
     let kinds = cli.json(&["kinds"]);
     assert_eq!(
         kinds.as_array().unwrap().len(),
-        12,
-        "one per recipe, merge, generate and chat_format included"
+        13,
+        "one per recipe, merge, generate, chat_format and grpo included"
     );
     let mix = cli.json(&["kinds", "mix"]);
     assert_eq!(mix[0]["at_least"], 1);
