@@ -89,13 +89,11 @@ fn a_verifier_program_rewards_a_grpo_job_that_reproduces() {
         ])
     };
     let job = ok(submit(&verifier), "grpo with a verifier program");
-    let rollouts = ok(
-        d.herd(&["show", &job, "--output", "rollouts"]),
-        "rollouts hash",
-    );
     let rows: Value = serde_json::from_str(&ok(
-        d.herd(&["show", &rollouts, "--rows", "5", "--json"]),
-        "rows",
+        d.herd(&[
+            "show", &job, "--output", "rollouts", "--rows", "5", "--json",
+        ]),
+        "the job's rollouts",
     ))
     .unwrap();
     let rows = rows["rows"].as_array().unwrap();

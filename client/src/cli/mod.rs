@@ -99,9 +99,10 @@ pub enum Command {
     /// Example: herd show my-exp/sft; herd show HASH --rows 5
     Show {
         id: String,
-        /// Dataset rows to show
-        #[arg(long, default_value_t = 3)]
-        rows: usize,
+        /// Dataset rows to show [default: 3]; with --output, that output's
+        /// rows (herd show JOB --output rollouts --rows 5)
+        #[arg(long)]
+        rows: Option<usize>,
         /// Print only the hash of this output of the job (e.g. checkpoint)
         #[arg(long)]
         output: Option<String>,
@@ -300,13 +301,13 @@ pub fn run(cli: &Cli) -> Result<()> {
             rows,
             output: None,
         } => match resolve::shown(&c, id)? {
-            resolve::Shown::Artifact(hash) => artifacts::show(&c, &hash, *rows, js)?,
+            resolve::Shown::Artifact(hash) => artifacts::show(&c, &hash, rows.unwrap_or(3), js)?,
             resolve::Shown::Job(job) => jobs::show(&c, &job.to_string(), js)?,
         },
         Command::Show {
             id,
             output: Some(name),
-            ..
+            rows,
         } => {
             let j = c.job(&resolve::job(&c, id)?.to_string())?;
             let hash = j.outputs.get(name).ok_or_else(|| {
@@ -316,9 +317,13 @@ pub fn run(cli: &Cli) -> Result<()> {
                     j.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
                 ))
             })?;
-            print(js, &json!({"output": name, "hash": hash}), || {
-                println!("{hash}")
-            });
+            match rows {
+                // The output itself: a dataset's (or rollouts') rows.
+                Some(n) => artifacts::show(&c, hash, *n, js)?,
+                None => print(js, &json!({"output": name, "hash": hash}), || {
+                    println!("{hash}")
+                }),
+            }
         }
         Command::History(args) => jobs::history(&c, args, js, cli.quiet)?,
         Command::Lineage { hash } => artifacts::lineage(&c, &resolve::hash(&c, hash)?, js)?,
