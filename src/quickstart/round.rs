@@ -30,7 +30,7 @@ impl Training {
     pub const TINY: Training = Training {
         sft_lr: 1e-3,
         rm_lr: 1e-3,
-        grpo_lr: 3e-4,
+        grpo_lr: 1e-4,
         lora_rank: 0,
         k: 8,
         batch: 64,
@@ -71,7 +71,7 @@ pub fn grpo_round_spec(
     let lora = t.lora_rank > 0;
     let mut hp = json!({
         "steps": steps, "prompts_per_step": prompts_per_step, "group_size": group,
-        "max_new_tokens": 24, "temperature": 0.5, "batch_size": 64,
+        "max_new_tokens": 24, "temperature": 0.8, "batch_size": 64,
         "lr": t.grpo_lr, "loss_type": "dapo", "beta": 0.0,
         "verifier_rule": "number", "verifier_tolerance": 0.0,
     });
