@@ -1204,6 +1204,26 @@ fn importing_the_wrong_shape_says_what_the_rows_are() {
         Some(0),
         "nothing was recorded: {listed}"
     );
+    // A model folder without weights is named as the user knows it.
+    let folder = work.path().join("no-weights");
+    std::fs::create_dir(&folder).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("ref").join(f), folder.join(f)).unwrap();
+    }
+    let out = cli.raw(&["import", "model", folder.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no-weights") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("/tmp/") || err.contains(folder.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&format!("{}", dir.path().join("tmp").display())),
+        "the daemon's temp path leaked: {err}"
+    );
     // A pair whose chosen equals its rejected imports, with a note.
     let ties = work.path().join("ties.jsonl");
     std::fs::write(

@@ -166,15 +166,16 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum ExperimentAction {
+    /// A new experiment (names are unique). Example: herd experiment create arith-v1 --description "..."
     Create {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Every experiment, with its rounds and jobs counted
     List,
-    Show {
-        id: String,
-    },
+    /// One experiment (id or name): its rounds and their jobs
+    Show { id: String },
 }
 
 #[derive(Subcommand)]
@@ -220,6 +221,7 @@ pub enum ImportWhat {
 
 #[derive(Subcommand)]
 pub enum RoundAction {
+    /// Submit a round spec file (JSON; examples/round.json), its jobs as one DAG
     Submit {
         spec: PathBuf,
         /// Set a round variable: --var prefs=HASH (over the spec's `vars`)
@@ -231,9 +233,8 @@ pub enum RoundAction {
         #[arg(long)]
         wait: bool,
     },
-    Show {
-        id: String,
-    },
+    /// One round (id or EXPERIMENT/INDEX) and its jobs
+    Show { id: String },
 }
 
 pub(super) fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {

@@ -461,7 +461,12 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
                     Some(config) => herd_engine::checkpoint::inspect_adapter(&dir, config),
                     None => herd_engine::checkpoint::inspect(&dir),
                 }
-                .map_err(|e| e.to_string().replace(&ours, ""))
+                .map_err(|e| {
+                    e.to_string()
+                        .replace(&ours, "")
+                        .replace(&format!("{}: ", dir.display()), "")
+                        .replace(&dir.display().to_string(), "the model directory")
+                })
             });
             let _ = std::fs::remove_dir_all(&dir);
             Ok((tree.id, check?))
