@@ -229,3 +229,40 @@ pub fn run_short_sft(c: &Client, model: &str, data: &str) -> herd_client::Job {
     assert_eq!(j.status, herd_client::JobStatus::Succeeded, "{:?}", j.error);
     j
 }
+
+/// `herd` against one daemon, for tests of the CLI.
+pub struct Cli<'a> {
+    pub d: &'a Daemon,
+}
+
+impl Cli<'_> {
+    pub fn raw(&self, args: &[&str]) -> std::process::Output {
+        self.d.herd(args)
+    }
+    /// `herd -q ARGS`, which must succeed: the id or hash it prints.
+    pub fn quiet(&self, args: &[&str]) -> String {
+        let out = self.raw(&[&["-q"], args].concat());
+        assert!(
+            out.status.success(),
+            "herd -q {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.raw(&a);
+        assert!(
+            out.status.success(),
+            "herd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "herd {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}

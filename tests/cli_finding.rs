@@ -1,0 +1,245 @@
+//! Finding things as people type them: a daemon on another port, short
+//! ids and hashes, history keys with a typo.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// A daemon on another port is found from its data directory alone, and
+/// `HERD_SERVER` takes `host:port` as people write it.
+#[test]
+fn a_daemon_on_another_port_is_found_from_its_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    assert!(
+        !d.addr.ends_with(":7447"),
+        "the test daemon must not be on the default port"
+    );
+    let herd = |env: &[(&str, &str)], args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_herd"));
+        c.args(args)
+            .env_remove("HERD_TOKEN")
+            .env_remove("HERD_SERVER")
+            .env_remove("HERD_DATA_DIR");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let dir_s = dir.path().to_str().unwrap();
+    for (how, out) in [
+        (
+            "HERD_DATA_DIR",
+            herd(&[("HERD_DATA_DIR", dir_s)], &["status"]),
+        ),
+        ("--data-dir", herd(&[], &["--data-dir", dir_s, "status"])),
+    ] {
+        assert!(
+            out.status.success(),
+            "herd status with only {how}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(d.addr.trim_start_matches("http://")),
+            "{how}: {text}"
+        );
+    }
+    let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
+    let bare = d.addr.trim_start_matches("http://").to_string();
+    let out = herd(
+        &[("HERD_SERVER", bare.as_str()), ("HERD_TOKEN", token.trim())],
+        &["status"],
+    );
+    assert!(
+        out.status.success(),
+        "HERD_SERVER={bare}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing listening: the error says where the address came from.
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::write(empty.path().join("token"), "x".repeat(64)).unwrap();
+    let out = herd(
+        &[("HERD_SERVER", "127.0.0.1:1")],
+        &["--data-dir", empty.path().to_str().unwrap(), "status"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("http://127.0.0.1:1") && err.contains("HERD_SERVER"),
+        "{err}"
+    );
+}
+
+/// Ids and hashes as listings print them (a prefix) work wherever a whole
+/// one does, and an ambiguous prefix lists what it matches.
+#[test]
+fn short_ids_and_hashes_resolve_and_ambiguous_ones_list_their_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let model = cli.quiet(&["import", "model", f.join("ref").to_str().unwrap()]);
+    let data = cli.quiet(&[
+        "import",
+        "dataset",
+        f.join("sft.jsonl").to_str().unwrap(),
+        "--kind",
+        "sft",
+    ]);
+    let submit = |lr: &str| {
+        cli.quiet(&[
+            "submit",
+            "--kind",
+            "sft",
+            "--input",
+            &format!("model={}", &model[..12]),
+            "--input",
+            &format!("data={}", &data[..10]),
+            "--set",
+            "steps=1",
+            "--set",
+            &format!("lr={lr}"),
+        ])
+    };
+    let (a, b) = (submit("1e-4"), submit("2e-4"));
+    let job = cli.json(&["show", &a[..13]]);
+    assert_eq!(job["id"], a.as_str(), "{job}");
+    assert_eq!(
+        job["inputs"]["model"],
+        model.as_str(),
+        "the short hash went in whole: {job}"
+    );
+    let art = cli.json(&["show", &model[..12]]);
+    assert_eq!(art["artifact"]["hash"], model.as_str(), "{art}");
+    let lineage = cli.json(&["lineage", &data[..9]]);
+    assert_eq!(lineage["hash"], data.as_str(), "{lineage}");
+    cli.quiet(&["wait", &a[..13], &b[..13]]);
+    // UUID v7 ids made in the same minute share their first 8 characters.
+    if a[..8] == b[..8] {
+        let out = cli.raw(&["show", &a[..8]]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("ambiguous")
+                && err.contains(&a)
+                && err.contains(&b),
+            "{err}"
+        );
+    }
+    for (bad, says) in [
+        ("0123456", "8 or more characters of it"),
+        ("ffffffffff", "no job or artifact id starts with ffffffffff"),
+    ] {
+        let out = cli.raw(&["show", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "herd show {bad}: {err}"
+        );
+    }
+}
+
+/// History over mixed kinds shows only hyperparameters that differ where
+/// present, and a mistyped key is an error that names the key meant.
+#[test]
+fn history_shows_what_differs_and_typos_say_what_was_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let cli = Cli { d: &d };
+    let f = fixtures();
+    let model = cli.quiet(&["import", "model", f.join("ref").to_str().unwrap()]);
+    let sft = cli.quiet(&[
+        "import",
+        "dataset",
+        f.join("sft.jsonl").to_str().unwrap(),
+        "--kind",
+        "sft",
+    ]);
+    let prefs = cli.quiet(&[
+        "import",
+        "dataset",
+        f.join("preferences.jsonl").to_str().unwrap(),
+        "--kind",
+        "preference",
+    ]);
+    let a = cli.quiet(&[
+        "submit",
+        "--kind",
+        "sft",
+        "--input",
+        &format!("model={model}"),
+        "--input",
+        &format!("data={sft}"),
+        "--set",
+        "steps=1",
+        "--set",
+        "lr=1e-4",
+    ]);
+    let b = cli.quiet(&[
+        "submit",
+        "--kind",
+        "dpo",
+        "--input",
+        &format!("model={model}"),
+        "--input",
+        &format!("data={prefs}"),
+        "--set",
+        "steps=1",
+        "--set",
+        "lr=2e-5",
+    ]);
+    cli.quiet(&["wait", &a, &b]);
+    let out = cli.raw(&["history"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let header = table.lines().next().unwrap();
+    assert!(header.contains("hp.lr"), "lr differs: {header}");
+    assert!(!header.contains("hp.beta"), "only dpo has beta: {header}");
+    for (args, says) in [
+        (
+            vec!["history", "--where", "metric.los<2"],
+            "did you mean `metric.loss`?",
+        ),
+        (
+            vec!["history", "--sort", "-metric.los"],
+            "did you mean `metric.loss`?",
+        ),
+        (
+            vec!["history", "--columns", "job,hp.lrr"],
+            "did you mean `hp.lr`?",
+        ),
+    ] {
+        let out = cli.raw(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "herd {args:?}: {err}"
+        );
+    }
+    // SFT that keeps no row says why.
+    let out = cli.raw(&[
+        "submit",
+        "--kind",
+        "sft",
+        "--input",
+        &format!("model={model}"),
+        "--input",
+        &format!("data={sft}"),
+        "--set",
+        "max_seq_len=2",
+        "--wait",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("no SFT examples left")
+            && err.contains("raise max_seq_len"),
+        "{err}"
+    );
+}
