@@ -561,7 +561,12 @@ pub fn table(r: &Report) -> String {
             row.seconds
         ));
     }
-    s.push_str(&format!(
+    s + &footer(r)
+}
+
+/// What both tables end with: the reproduction and the store's check.
+fn footer(r: &Report) -> String {
+    format!(
         "\nreproduced round {}: {}; store verified: {}; total {:.0} s\n",
         r.reproduced_round,
         if r.reproduced_identical {
@@ -571,8 +576,7 @@ pub fn table(r: &Report) -> String {
         },
         r.store_verified,
         r.total_seconds
-    ));
-    s
+    )
 }
 
 /// A hash or `job:<id>/<output>` the daemon gave us, as a typed input.
@@ -600,16 +604,5 @@ fn grpo_table(r: &Report) -> String {
             row.seconds
         ));
     }
-    s.push_str(&format!(
-        "\nreproduced round {}: {}; store verified: {}; total {:.0} s\n",
-        r.reproduced_round,
-        if r.reproduced_identical {
-            "all output hashes identical"
-        } else {
-            "OUTPUTS DIFFER"
-        },
-        r.store_verified,
-        r.total_seconds
-    ));
-    s
+    s + &footer(r)
 }

@@ -528,6 +528,21 @@ pub fn unreadable(c: char) -> bool {
 /// `s` as a terminal may print it: unreadable characters (see
 /// [`check_name`]) written as `\u{..}` escapes, for names recorded before
 /// they were checked.
+/// The name among `names` that `typed` was most likely meant to be, for a
+/// did-you-mean: the nearest by edit distance (transpositions count one),
+/// within a third of the longer name's length (at least 2), else one that
+/// contains what was typed. One rule for every did-you-mean herd prints.
+pub fn nearest<'a>(typed: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let names: Vec<&str> = names.into_iter().collect();
+    names
+        .iter()
+        .map(|n| (strsim::damerau_levenshtein(typed, n), *n))
+        .filter(|(d, n)| *d <= 2.max(typed.len().max(n.len()) / 3))
+        .min()
+        .map(|(_, n)| n)
+        .or_else(|| names.iter().copied().filter(|n| n.contains(typed)).min())
+}
+
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.chars().any(unreadable) {
         return std::borrow::Cow::Borrowed(s);
@@ -566,5 +581,35 @@ mod name_tests {
         }
         assert!(check_name("a\u{1b}b").unwrap_err().contains("U+001B"));
         assert_eq!(printable("a\u{1b}[2Jb\u{202E}"), "a\\u{1b}[2Jb\\u{202e}");
+    }
+}
+
+#[cfg(test)]
+mod nearest_tests {
+    use super::nearest;
+
+    #[test]
+    fn a_typo_finds_the_name_meant_and_nonsense_finds_none() {
+        let names = [
+            "lr",
+            "beta",
+            "steps",
+            "max_seq_len",
+            "loss",
+            "reward_accuracy",
+        ];
+        assert_eq!(nearest("lrr", names), Some("lr"));
+        assert_eq!(nearest("los", names), Some("loss"));
+        assert_eq!(
+            nearest("stpes", names),
+            Some("steps"),
+            "a transposition counts one"
+        );
+        assert_eq!(
+            nearest("reward_acc", names),
+            Some("reward_accuracy"),
+            "a prefix is contained"
+        );
+        assert_eq!(nearest("temperature", names), None);
     }
 }

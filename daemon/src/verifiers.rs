@@ -21,8 +21,15 @@ use regex::Regex;
 #[derive(Debug, Clone)]
 pub enum Rule {
     Exact,
-    Number { tolerance: f64, scale: f64 },
-    Regex(String),
+    Number {
+        tolerance: f64,
+        scale: f64,
+    },
+    /// Compiled once; a pattern naming `{answer}` is compiled per answer.
+    Regex {
+        pattern: String,
+        fixed: Option<Regex>,
+    },
     Format(Regex),
 }
 
@@ -64,8 +71,11 @@ impl Rule {
                 Err(format!("the {name} verifier needs verifier_pattern"))
             }
             "regex" => {
-                compile(&pattern.replace("{answer}", ""))?;
-                Ok(Rule::Regex(pattern.to_string()))
+                let fixed = compile(&pattern.replace("{answer}", ""))?;
+                Ok(Rule::Regex {
+                    pattern: pattern.to_string(),
+                    fixed: (!pattern.contains("{answer}")).then_some(fixed),
+                })
             }
             "format" => Ok(Rule::Format(compile(&format!("^(?:{pattern})$"))?)),
             other => Err(format!(
@@ -80,7 +90,7 @@ impl Rule {
     pub fn needs_answer(&self) -> bool {
         match self {
             Rule::Exact | Rule::Number { .. } => true,
-            Rule::Regex(p) => p.contains("{answer}"),
+            Rule::Regex { fixed, .. } => fixed.is_none(),
             Rule::Format(_) => false,
         }
     }
@@ -97,8 +107,14 @@ impl Rule {
                     _ => 0.0,
                 }
             }
-            Rule::Regex(p) => {
-                let p = p.replace("{answer}", &regex::escape(answer.trim()));
+            Rule::Regex {
+                fixed: Some(re), ..
+            } => re.is_match(completion),
+            Rule::Regex {
+                pattern,
+                fixed: None,
+            } => {
+                let p = pattern.replace("{answer}", &regex::escape(answer.trim()));
                 Regex::new(&p).is_ok_and(|re| re.is_match(completion))
             }
             Rule::Format(re) => re.is_match(completion),

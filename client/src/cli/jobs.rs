@@ -164,34 +164,14 @@ fn unknown_column(jobs: &[Job], col: &str) -> Option<String> {
     if jobs.is_empty() || keys.contains(name) {
         return None;
     }
-    let near = keys
-        .iter()
-        .map(|k| (edit_distance(name, k), k))
-        .filter(|(d, k)| *d <= 2.max(name.len() / 3) || k.contains(name))
-        .min();
+    let near = herd_core::vocab::nearest(name, keys.iter().map(String::as_str));
     Some(match near {
-        Some((_, k)) => format!("--columns: no job here has `{col}`; did you mean `{prefix}.{k}`?"),
+        Some(k) => format!("--columns: no job here has `{col}`; did you mean `{prefix}.{k}`?"),
         None => format!(
             "--columns: no job here has `{col}` ({prefix} names: {})",
             keys.into_iter().collect::<Vec<_>>().join(", ")
         ),
     })
-}
-
-/// Levenshtein distance, for did-you-mean.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 fn column(j: &Job, col: &str) -> String {

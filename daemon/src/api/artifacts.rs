@@ -278,20 +278,29 @@ where
         .strip_prefix(b"#!")
         .map(|i| String::from_utf8_lossy(i).trim().to_string());
     let summary = json!({"bytes": info.size, "interpreter": interpreter});
+    record_import(&ctx, info.id, ArtifactKind::Verifier, q.name, summary).await
+}
+
+/// Record an imported artifact and answer with its hash and summary: the
+/// last step of every import.
+async fn record_import(
+    ctx: &Ctx,
+    hash: String,
+    artifact: ArtifactKind,
+    name: String,
+    summary: Value,
+) -> Res {
     let event = HerdEvent::ArtifactImported {
-        hash: info.id.clone(),
-        artifact: herd_core::ArtifactKind::Verifier,
-        name: q.name,
+        hash: hash.clone(),
+        artifact,
+        name,
         summary: summary.clone(),
     };
     ctx.state
         .record_one(streams::ARTIFACTS, event)
         .await
         .map_err(internal)?;
-    created(json!(Imported {
-        hash: info.id,
-        summary
-    }))
+    created(json!(Imported { hash, summary }))
 }
 
 async fn import_dataset<S, B>(
@@ -329,20 +338,7 @@ where
     .map_err(internal)?;
     // Nothing is recorded unless the whole file parsed.
     let summary = parsed.map_err(bad)?;
-    let event = HerdEvent::ArtifactImported {
-        hash: info.id.clone(),
-        artifact: kind.artifact(),
-        name: q.name,
-        summary: summary.clone(),
-    };
-    ctx.state
-        .record_one(streams::ARTIFACTS, event)
-        .await
-        .map_err(internal)?;
-    created(json!(Imported {
-        hash: info.id,
-        summary
-    }))
+    record_import(&ctx, info.id, kind.artifact(), q.name, summary).await
 }
 
 async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
@@ -488,17 +484,7 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
         }
         None => (ArtifactKind::Checkpoint, summary),
     };
-    let event = HerdEvent::ArtifactImported {
-        hash: hash.clone(),
-        artifact,
-        name: body.name,
-        summary: summary.clone(),
-    };
-    ctx.state
-        .record_one(streams::ARTIFACTS, event)
-        .await
-        .map_err(internal)?;
-    created(json!(Imported { hash, summary }))
+    record_import(&ctx, hash, artifact, body.name, summary).await
 }
 
 /// The recorded checkpoint an adapter's config names as its base
@@ -561,8 +547,7 @@ async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
     }
     let mut rows = vec![];
     // Rows of the artifacts that are JSON Lines (a verifier is a program).
-    let lines =
-        !artifact.artifact.is_directory() && artifact.artifact != herd_core::ArtifactKind::Verifier;
+    let lines = !artifact.artifact.is_directory() && artifact.artifact != ArtifactKind::Verifier;
     if lines && wanted > 0 {
         let blobs = ctx.state.store.blobs.clone();
         let h = hash.clone();

@@ -206,16 +206,13 @@ fn known_key(
         .strip_prefix("hp.")
         .or(key.strip_prefix("metric."))
         .unwrap_or(key);
-    let near = present
-        .iter()
-        .map(|k| {
-            let name = k.split_once('.').map_or(k.as_str(), |(_, n)| n);
-            (strsim::damerau_levenshtein(typed, name), k)
-        })
-        .filter(|(d, k)| *d <= 2.max(typed.len() / 3) || k.contains(typed))
-        .min();
+    // Names compared without their prefix; the key suggested with it.
+    let bare = |k: &'_ str| k.split_once('.').map_or(k, |(_, n)| n).to_string();
+    let names: Vec<String> = present.iter().map(|k| bare(k)).collect();
+    let near = herd_core::vocab::nearest(typed, names.iter().map(String::as_str))
+        .and_then(|n| present.iter().find(|k| bare(k) == n));
     let hint = match near {
-        Some((_, k)) => format!("did you mean `{k}`?"),
+        Some(k) => format!("did you mean `{k}`?"),
         None => {
             "keys: submitted, seed, hp.NAME, metric.NAME; `herd history` shows the names".into()
         }

@@ -282,38 +282,49 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             }
         }
         let tokens_in_batch: usize = rollouts.iter().map(Rollout::counted).sum();
-        // Chunks with no counted token (every completion masked) train
-        // nothing: they are skipped, and a step with none at all too.
-        let chunks: Vec<Vec<usize>> = (0..rollouts.len())
-            .collect::<Vec<_>>()
-            .chunks(p.batch_size)
-            .map(|c| c.to_vec())
+        // Micro-batches: `batch_size` rollouts each, in order. One with no
+        // counted token (every completion masked) trains nothing, and a
+        // step with none at all takes no update.
+        let chunks: Vec<std::ops::Range<usize>> = (0..rollouts.len())
+            .step_by(p.batch_size)
+            .map(|a| a..(a + p.batch_size).min(rollouts.len()))
             .collect();
-        if tokens_in_batch > 0 {
-            if let Some(r) = &reference {
-                let lp =
-                    grpo::rollout_logps(r, &counted_only(&rollouts), pad, p.temperature as f32)?;
-                attach(&mut rollouts, lp, |r, v| r.ref_logps = Some(v));
-            } else if p.beta > 0.0 {
-                let lora = model.lora.as_ref().expect("a reference or an adapter");
-                lora.set_enabled(false);
-                let lp = grpo::rollout_logps(
-                    &model,
-                    &counted_only(&rollouts),
-                    pad,
-                    p.temperature as f32,
-                );
-                lora.set_enabled(true);
-                attach(&mut rollouts, lp?, |r, v| r.ref_logps = Some(v));
+        // The reference's and (μ > 1) the sampler's log-probs, no gradient,
+        // a micro-batch at a time.
+        let logps_of = |m: &herd_engine::Llama, rs: &[Rollout]| -> Result<Vec<Vec<f32>>> {
+            let mut out = Vec::with_capacity(rs.len());
+            for c in &chunks {
+                if rs[c.clone()].iter().all(|r| r.counted() == 0) {
+                    out.extend(c.clone().map(|_| vec![]));
+                } else {
+                    out.extend(grpo::rollout_logps(
+                        m,
+                        &rs[c.clone()],
+                        pad,
+                        p.temperature as f32,
+                    )?);
+                }
             }
-            if p.num_iterations > 1 {
-                let lp = grpo::rollout_logps(
-                    &model,
-                    &counted_only(&rollouts),
-                    pad,
-                    p.temperature as f32,
-                )?;
-                attach(&mut rollouts, lp, |r, v| r.old_logps = Some(v));
+            Ok(out)
+        };
+        if tokens_in_batch > 0 {
+            let reference_logps = match (&reference, p.beta > 0.0) {
+                (Some(r), _) => Some(logps_of(r, &rollouts)?),
+                (None, true) => {
+                    let lora = model.lora.as_ref().expect("a reference or an adapter");
+                    lora.set_enabled(false);
+                    let lp = logps_of(&model, &rollouts);
+                    lora.set_enabled(true);
+                    Some(lp?)
+                }
+                (None, false) => None,
+            };
+            let old_logps = (p.num_iterations > 1)
+                .then(|| logps_of(&model, &rollouts))
+                .transpose()?;
+            for (k, r) in rollouts.iter_mut().enumerate() {
+                r.ref_logps = reference_logps.as_ref().map(|x| x[k].clone());
+                r.old_logps = old_logps.as_ref().map(|x| x[k].clone());
             }
         }
         let cfg = GrpoLoss {
@@ -339,8 +350,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             let mut seen: Vec<(f32, f32, f32, f32, f32, usize)> = vec![];
             let stats = trainer.step_with(
                 |k| {
-                    let idx = &chunks[k];
-                    let part: Vec<Rollout> = idx.iter().map(|i| rollouts[*i].clone()).collect();
+                    let part = &rollouts[chunks[k].clone()];
                     if part.iter().all(|r| r.counted() == 0) {
                         // Nothing counts here: a zero loss over every
                         // trained weight (each gets a zero gradient).
@@ -359,12 +369,12 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                             herd_engine::EngineError::Input("nothing to train".into())
                         });
                     }
-                    let out = grpo::grpo_loss(&model, &part, pad, &cfg)?;
+                    let out = grpo::grpo_loss(&model, part, pad, &cfg)?;
                     if iteration == 0 {
                         let mut at = 0;
-                        for (i, r) in idx.iter().zip(&part) {
+                        for (i, r) in chunks[k].clone().zip(part) {
                             let n = r.counted();
-                            sampler_logps[*i] = Some(out.logps[at..at + n].iter().sum());
+                            sampler_logps[i] = Some(out.logps[at..at + n].iter().sum());
                             at += n;
                         }
                     }
@@ -493,28 +503,6 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     }
     save_trained(ctx, &model, &policy_dir, summary.clone())?;
     Ok(summary)
-}
-
-/// The rollouts with at least one counted token (log-probs are computed for
-/// those only).
-fn counted_only(rollouts: &[Rollout]) -> Vec<Rollout> {
-    rollouts
-        .iter()
-        .filter(|r| r.counted() > 0)
-        .cloned()
-        .collect()
-}
-
-/// Hand per-rollout values (for the counted rollouts, in order) back.
-fn attach(rollouts: &mut [Rollout], values: Vec<Vec<f32>>, set: impl Fn(&mut Rollout, Vec<f32>)) {
-    let mut values = values.into_iter();
-    for r in rollouts.iter_mut() {
-        if r.counted() > 0 {
-            set(r, values.next().expect("one per counted rollout"));
-        } else {
-            set(r, vec![]);
-        }
-    }
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {

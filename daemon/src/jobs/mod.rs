@@ -119,14 +119,8 @@ pub fn effective_hyperparameters(kind: JobKind, given: &Value) -> Result<Value, 
                 .find(|(other, _)| other == k)
                 .map(|(_, ours)| *ours)
                 .filter(|ours| defaults.contains_key(*ours));
-            let guess = alias.or_else(|| {
-                known
-                    .iter()
-                    .map(|n| (strsim::damerau_levenshtein(k, n), n.as_str()))
-                    .filter(|(d, n)| *d <= 2.max(n.len() / 3))
-                    .min()
-                    .map(|(_, n)| n)
-            });
+            let guess =
+                alias.or_else(|| herd_core::vocab::nearest(k, known.iter().map(|n| n.as_str())));
             problems.push(match guess {
                 Some(n) => format!("unknown hyperparameter `{k}`: did you mean `{n}`?"),
                 None => format!("unknown hyperparameter `{k}`"),
