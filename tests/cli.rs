@@ -85,6 +85,8 @@ fn every_command_with_json_output() {
         "lr=1e-5",
         "--experiment",
         &exp,
+        "--name",
+        "sft-low",
         "--wait",
     ]);
     let (id1, id2) = (j1["id"].as_str().unwrap(), j2["id"].as_str().unwrap());
@@ -140,6 +142,24 @@ fn every_command_with_json_output() {
     assert!(rows
         .iter()
         .any(|r| r["key"] == "model" && r["same"] == true));
+    // As text: both jobs named in the header, only what differs (lr, the
+    // outputs, the metrics), the identical rows counted.
+    let text = cli.text(&["diff", id1, id2]);
+    let header = text.lines().next().unwrap();
+    assert!(
+        header.contains("sft (") && header.contains("sft-low ("),
+        "{text}"
+    );
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with(" ")).collect();
+    assert!(rows.iter().any(|l| l.contains(" lr ")), "{text}");
+    assert!(!rows.iter().any(|l| l.contains(" batch_size ")), "{text}");
+    assert!(
+        text.contains("identical rows not shown; --all shows them"),
+        "{text}"
+    );
+    assert!(cli
+        .text(&["diff", id1, id2, "--all"])
+        .contains(" batch_size "));
     // Reproduce a job: identical hashes.
     let rep = cli.json(&["reproduce", id1]);
     assert_eq!(rep["identical"], true, "{rep}");
@@ -560,4 +580,117 @@ fn names_quiet_output_tables_and_artifacts() {
         err.contains("is herdd running?") && err.contains("herdd"),
         "{err}"
     );
+}
+
+/// Terminal output as the lines it draws: each ANSI escape sequence (CSI
+/// `ESC [ ... letter`: cursor moves, line clears) becomes a line break.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            out.push('\n');
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `herd watch` on a real 80-column terminal (a pty made by `script`): no
+/// line wraps, a queued job is not "0/1", a job that succeeded ends full,
+/// and watching when nothing runs says so.
+#[test]
+fn watch_on_an_80_column_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        system::skip(
+            "watch_on_an_80_column_terminal",
+            "no `script` (util-linux) to give herd a terminal",
+            "HERD_REQUIRE_SCRIPT",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--cpu-jobs", "1"]);
+    let c = d.client();
+    let cli = Cli { d: &d };
+    let (r, _, _, _, sft) = import_fixtures(&c);
+    let submit = |name: &str| {
+        cli.quiet(&[
+            "submit",
+            "--kind",
+            "sft",
+            "--name",
+            name,
+            "--input",
+            &format!("model={r}"),
+            "--input",
+            &format!("data={sft}"),
+            "--set",
+            "steps=300",
+            "--set",
+            "batch_size=2",
+        ])
+    };
+    // Long names, so a line that did not fit would wrap; one slot, so the
+    // second waits in the queue while the first runs.
+    let first = submit("a-job-name-much-longer-than-twenty-columns");
+    submit("another-long-name-that-queues-behind-it");
+    let herd = format!(
+        "stty cols 80 rows 24; {} --server {} --data-dir {} watch",
+        env!("CARGO_BIN_EXE_herd"),
+        d.addr,
+        dir.path().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &herd, "/dev/null"])
+        .env_remove("HERD_TOKEN")
+        .env_remove("HERD_SERVER")
+        .output()
+        .unwrap();
+    let screen = strip_ansi(&String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "{screen}");
+    let lines: Vec<&str> = screen.split(['\n', '\r']).collect();
+    std::fs::create_dir_all(shots()).unwrap();
+    std::fs::write(shots().join("watch-80.txt"), &screen).unwrap();
+    for l in &lines {
+        assert!(l.chars().count() <= 80, "wider than 80 columns: {l:?}");
+    }
+    assert!(!screen.contains(" 0/1 "), "{screen}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("queued") && l.starts_with("sft another-long")),
+        "the queued job is shown: {screen}"
+    );
+    let finals: Vec<&&str> = lines.iter().filter(|l| l.contains("succeeded")).collect();
+    assert!(
+        finals.iter().any(|l| l.contains("300/300")),
+        "a succeeded bar ends full: {screen}"
+    );
+    assert_eq!(
+        c.job(&first).unwrap().status,
+        herd_client::JobStatus::Succeeded
+    );
+    // Nothing left to watch: say so rather than exit silently.
+    let idle = cli.raw(&["watch"]);
+    assert!(idle.status.success());
+    assert!(
+        String::from_utf8_lossy(&idle.stderr).contains("nothing is queued or running"),
+        "{}",
+        String::from_utf8_lossy(&idle.stderr)
+    );
+}
+
+/// Where tests leave pictures and captures of screens for the README.
+fn shots() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/cli-screens")
 }

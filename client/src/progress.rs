@@ -130,27 +130,57 @@ impl Follow {
             return;
         };
         let bar = self.bars.entry(j.id).or_insert_with(|| {
-            let b = multi.add(ProgressBar::new(1));
-            b.set_style(
-                ProgressStyle::with_template("{prefix:<28} [{bar:25}] {pos}/{len} {msg}")
-                    .expect("template")
-                    .progress_chars("=> "),
-            );
-            b.set_prefix(label.chars().take(28).collect::<String>());
+            let b = multi.add(ProgressBar::new(0));
+            b.set_style(style(false));
+            b.set_prefix(label.clone());
             b
         });
         if bar.is_finished() {
             return;
         }
         if total > 0 {
+            if bar.length() == Some(0) {
+                bar.set_style(style(true));
+            }
             bar.set_length(total);
             bar.set_position(done);
         }
-        bar.set_message(format!("{} {} {}", j.status, pace(j), metrics(j)));
+        // Progress is reported every few steps; a job that succeeded did
+        // all of them.
+        if j.status == JobStatus::Succeeded {
+            if let Some(len) = bar.length().filter(|l| *l > 0) {
+                bar.set_position(len);
+            }
+        }
+        let pace = pace(j);
+        let mut msg = j.status.to_string();
+        for part in [metrics(j), pace] {
+            if !part.is_empty() {
+                msg += " ";
+                msg += &part;
+            }
+        }
+        bar.set_message(msg);
         if j.is_final() {
             bar.abandon(); // keeps the last line on screen
         }
     }
+}
+
+/// A bar's line: the job, then (once the job says how many steps) the bar
+/// and its count, then what fits of the status, pace and metrics. Fixed
+/// parts come to 50 columns, and the message is cut to the terminal's
+/// width, so an 80-column terminal never wraps. No count before the total
+/// is known (a queued job is not "0/1").
+fn style(known_total: bool) -> ProgressStyle {
+    let template = if known_total {
+        "{prefix:20!} [{bar:16}] {pos}/{len} {wide_msg}"
+    } else {
+        "{prefix:20!} {wide_msg}"
+    };
+    ProgressStyle::with_template(template)
+        .expect("template")
+        .progress_chars("=> ")
 }
 
 /// Wait for every job in `ids` to end, showing their progress.

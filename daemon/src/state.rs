@@ -315,15 +315,9 @@ pub fn fold(live: &mut Live, rec: &RecordedEvent) -> Result<(), ViewsError> {
 }
 
 fn checkpoint(live: &mut Live) -> Result<(), ViewsError> {
-    let Live {
-        projection,
-        metrics,
-        views,
-        through,
-        since_checkpoint,
-    } = live;
-    views.checkpoint(projection, metrics, through)?;
-    *since_checkpoint = 0;
+    live.views
+        .checkpoint(&mut live.projection, &mut live.metrics, &live.through)?;
+    live.since_checkpoint = 0;
     Ok(())
 }
 

@@ -249,6 +249,16 @@ impl Cli<'_> {
         );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
+    /// `herd ARGS` as a person sees it: stdout, which must succeed.
+    pub fn text(&self, args: &[&str]) -> String {
+        let out = self.raw(args);
+        assert!(
+            out.status.success(),
+            "herd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
         a.push("--json");

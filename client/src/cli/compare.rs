@@ -48,6 +48,10 @@ pub(super) fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
         if js {
             println!("{}", serde_json::to_string(&jobs).expect("json"));
         }
+        if jobs.is_empty() && seen.is_empty() {
+            eprintln!("nothing is queued or running (`herd history` lists what ran)");
+            return Ok(());
+        }
         for j in &jobs {
             if !js {
                 show.update(j);
@@ -61,7 +65,9 @@ pub(super) fn watch(c: &Client, id: Option<&str>, js: bool) -> Result<()> {
     }
 }
 
-pub(super) fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
+/// Only the rows that differ unless `all`: two jobs of one sweep share
+/// dozens of hyperparameters, and the one that differs is the point.
+pub(super) fn diff(c: &Client, a: &str, b: &str, all: bool, js: bool) -> Result<()> {
     // Rounds when both ids are rounds; jobs otherwise.
     let (ra, rb) = (c.round(a), c.round(b));
     let pairs: Vec<(Job, Job)> = match (ra, rb) {
@@ -136,7 +142,8 @@ pub(super) fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
         out.push(JobDiff {
             a: x.id,
             b: y.id,
-            name: x.name.clone(),
+            a_name: x.name.clone(),
+            b_name: y.name.clone(),
             rows: rows
                 .into_iter()
                 .map(|(section, key, a, b)| DiffRow {
@@ -151,8 +158,15 @@ pub(super) fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
     }
     print(js, &out, || {
         for d in &out {
-            println!("== {} : {} vs {}", d.name, d.a, d.b);
-            for r in &d.rows {
+            let (a, b) = (d.a.to_string(), d.b.to_string());
+            let (a, b) = (
+                format!("{} ({})", d.a_name, short(&a)),
+                format!("{} ({})", d.b_name, short(&b)),
+            );
+            println!("== {a} vs {b}");
+            println!("   {:<7} {:<22} {:<28} {}", "", "", a, b);
+            let same = d.rows.iter().filter(|r| r.same).count();
+            for r in d.rows.iter().filter(|r| all || !r.same) {
                 let mark = if r.same { " " } else { "*" };
                 println!(
                     " {mark} {:<7} {:<22} {:<28} {}",
@@ -161,6 +175,11 @@ pub(super) fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
                     short_val(&r.a),
                     short_val(&r.b)
                 );
+            }
+            if same == d.rows.len() {
+                println!("   (identical: {same} rows)");
+            } else if !all && same > 0 {
+                println!("   ({same} identical rows not shown; --all shows them)");
             }
         }
     });
@@ -172,7 +191,8 @@ pub(super) fn diff(c: &Client, a: &str, b: &str, js: bool) -> Result<()> {
 struct JobDiff {
     a: uuid::Uuid,
     b: uuid::Uuid,
-    name: String,
+    a_name: String,
+    b_name: String,
     rows: Vec<DiffRow>,
 }
 

@@ -135,8 +135,16 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Compare two jobs or two rounds side by side.
-    Diff { a: String, b: String },
+    /// Compare two jobs or two rounds side by side: what differs
+    /// (hyperparameters, inputs, seed, metrics, outputs). Example:
+    /// herd diff my-exp/0/sft my-exp/1/sft
+    Diff {
+        a: String,
+        b: String,
+        /// Show the rows that are the same too
+        #[arg(long)]
+        all: bool,
+    },
     /// Re-run a job or a whole round with its recorded inputs, hyperparameters
     /// and seed, then compare output hashes. Example: herd reproduce ROUND
     Reproduce {
@@ -339,9 +347,9 @@ pub fn run(cli: &Cli) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             jobs::plot(&c, &ids, metrics, out.as_ref(), js)?
         }
-        Command::Diff { a, b } => {
+        Command::Diff { a, b, all } => {
             let (a, b) = (resolve::job_or_round(&c, a)?, resolve::job_or_round(&c, b)?);
-            diff(&c, &a, &b, js)?
+            diff(&c, &a, &b, *all, js)?
         }
         Command::Reproduce { id, timeout } => {
             reproduce(&c, &resolve::job_or_round(&c, id)?, *timeout, js)?
