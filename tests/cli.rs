@@ -117,6 +117,7 @@ fn every_command_with_json_output() {
     let plot = cli.json(&[
         "plot",
         id1,
+        id2,
         "--metric",
         "loss",
         "--metric",
@@ -135,6 +136,23 @@ fn every_command_with_json_output() {
         svg_text(&svg, "loss") && svg_text(&svg, "grad_norm"),
         "a panel per metric"
     );
+    // One legend above the panels (each job named once), and each job in
+    // one colour in every panel.
+    assert_eq!(
+        svg.matches(">sft-low<").count() + svg.matches(">\nsft-low\n<").count(),
+        1,
+        "{svg}"
+    );
+    let strokes: Vec<&str> = svg
+        .split("<polyline")
+        .skip(1)
+        .filter_map(|p| p.split("stroke=\"").nth(1)?.split('"').next())
+        .filter(|c| *c != "#000000")
+        .collect();
+    assert_eq!(strokes.len(), 6, "legend, loss, grad_norm: {strokes:?}");
+    assert_ne!(strokes[0], strokes[1]);
+    assert_eq!(strokes[0..2], strokes[2..4]);
+    assert_eq!(strokes[0..2], strokes[4..6]);
     // Diff of two jobs: lr differs, inputs the same.
     let diff = cli.json(&["diff", id1, id2]);
     let rows = diff[0]["rows"].as_array().unwrap();

@@ -198,6 +198,7 @@ fn a_sweep_is_a_round_on_the_local_executor_too() {
             vec!["--grid", "steps=1,2"],
             "steps is both --set and --grid",
         ),
+        (vec!["--grid", "lr=1e-5,1e-5"], "1e-5 is listed twice"),
     ] {
         let out = cli.raw(&[&base[..], &extra[..]].concat());
         let err = String::from_utf8_lossy(&out.stderr);
@@ -246,4 +247,31 @@ fn a_sweep_is_a_round_on_the_local_executor_too() {
     // Each point's hyperparameters are recorded as given; the seed is shared.
     assert_eq!(jobs[1]["hyperparameters"]["lr"], json!(1e-3));
     assert_eq!(jobs[0]["seed"], jobs[1]["seed"]);
+    // Points are named by their values as typed; the round says which the
+    // average left out.
+    assert_eq!(jobs[0]["name"], "sft_lr1e-5");
+    assert_eq!(jobs[1]["name"], "sft_lr1e-3");
+    let worst = if std::ptr::eq(best, &jobs[0]) {
+        &jobs[1]
+    } else {
+        &jobs[0]
+    };
+    let round_id = round["round"]["id"].as_str().unwrap();
+    let shown = cli.text(&["round", "show", round_id]);
+    let line = |name: &str| {
+        shown
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{name} in {shown}"))
+            .to_string()
+    };
+    let worst_name = worst["name"].as_str().unwrap();
+    assert!(
+        line(worst_name).ends_with("(not kept by average)"),
+        "{shown}"
+    );
+    assert!(
+        !line(best["name"].as_str().unwrap()).contains("not kept"),
+        "{shown}"
+    );
 }

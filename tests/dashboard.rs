@@ -145,7 +145,7 @@ fn the_dashboard_in_a_real_browser() {
     b.goto(&format!("{url}/"));
     b.wait_for("#login-needed");
 
-    // Some history: a sweep round (two SFTs and their average), a long
+    // Some history: a sweep round (three SFTs, the best two averaged), a long
     // SFT to cancel, and an external run whose curve grows.
     let (r, _, _, _, sft) = import_fixtures(&c);
     let exp = c.create_experiment("dash", "the dashboard's test").unwrap();
@@ -165,7 +165,7 @@ fn the_dashboard_in_a_real_browser() {
         "--set",
         "steps=3",
         "--grid",
-        "lr=1e-5,1e-3",
+        "lr=1e-5,1e-4,1e-3",
         "--average-top",
         "2",
         "--by",
@@ -219,8 +219,29 @@ fn the_dashboard_in_a_real_browser() {
         "return document.getElementById('chart-loss').dataset.points === '40'",
     );
     b.wait_for("#chart-loss canvas");
+    // A metric that sorts first arrives later: its panel goes first, where
+    // the page puts it when the job ends, so nothing moves then.
+    c.log_metrics(&run, &[(1, "aardvark", 0.5)]).unwrap();
+    let panels = "return [...document.querySelectorAll('#charts .chart')].map(c => c.id).join(' ')";
+    b.until(
+        "the new panel",
+        Duration::from_secs(20),
+        "return !!document.getElementById('chart-aardvark')",
+    );
+    assert_eq!(b.js(panels), json!("chart-aardvark chart-loss"));
     b.screenshot(&shots.join("job-live.png"));
     c.close_run(&run, true, "").unwrap();
+    b.until(
+        "the page to show the run ended",
+        Duration::from_secs(20),
+        "return !!document.querySelector('h1 [data-status=succeeded]')",
+    );
+    assert_eq!(b.js(panels), json!("chart-aardvark chart-loss"));
+    assert_eq!(
+        b.js("return !!document.getElementById('cancel')"),
+        json!(false),
+        "no Cancel on an ended job"
+    );
 
     // History: the page shows the server's filter and sort.
     b.goto(&format!("{url}/#/history"));
@@ -246,6 +267,11 @@ fn the_dashboard_in_a_real_browser() {
         .collect();
     assert_eq!(shown, expected);
     assert!(shown.len() >= 4);
+    // Numbers stay on one line (1.000e-5 does not wrap).
+    assert_eq!(
+        b.js("return getComputedStyle(document.querySelector('#history td.num')).whiteSpace"),
+        json!("nowrap")
+    );
     // The hyperparameter sorted by gets a column (and a few that differ
     // across the page, never more than three).
     b.wait_for("th[data-sort='hp.lr']");
@@ -276,16 +302,32 @@ fn the_dashboard_in_a_real_browser() {
     );
     b.screenshot(&shots.join("compare.png"));
 
-    // The round as a graph: the average depends on both points.
+    // The round as a graph: the average depends on the three points and
+    // left out the worst, whose node and edge say so.
     b.goto(&format!("{url}/#/round/{round}"));
     b.wait_for("#round-graph");
     assert_eq!(
         b.js("return document.querySelectorAll('#round-graph .node').length"),
-        json!(3)
+        json!(4)
     );
     assert_eq!(
         b.js("return document.querySelectorAll('#round-graph .edge').length"),
-        json!(2)
+        json!(3)
+    );
+    let dropped: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.name != "average" && !average.resolved_inputs.contains_key(&j.name))
+        .map(|j| j.id.to_string())
+        .collect();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(
+        b.js("return [...document.querySelectorAll('#round-graph .node.left-out')].map(n => n.dataset.job)"),
+        json!(dropped)
+    );
+    assert!(b.text("#round-graph").contains("not kept by average"));
+    assert_eq!(
+        b.js("return document.querySelectorAll('#round-graph .edge.left-out').length"),
+        json!(1)
     );
     assert_eq!(
         b.js("return [...document.querySelectorAll('#round-graph .node')].every(n => n.dataset.status === 'succeeded')"),
@@ -305,9 +347,21 @@ fn the_dashboard_in_a_real_browser() {
     }
     b.screenshot(&shots.join("lineage.png"));
 
-    // Cancel from the job's page (the page sends the CSRF token).
+    // Cancel from the job's page (the page sends the CSRF token), after
+    // saying yes: the first click only asks.
     b.goto(&format!("{url}/#/job/{long}"));
     b.click("#cancel");
+    b.until(
+        "the page to ask",
+        Duration::from_secs(20),
+        "return !document.getElementById('cancel-ask').hidden",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !c.job(&long).unwrap().is_final(),
+        "one click does not cancel"
+    );
+    b.click("#cancel-confirm");
     let j = c.wait(&long, Duration::from_secs(60)).unwrap();
     assert_eq!(j.status, JobStatus::Cancelled);
     b.until(

@@ -389,7 +389,10 @@ fn a_sweep_of_four_averages_the_best_two() {
     );
     let round: Value = serde_json::from_slice(&out.stdout).unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("sft_3: lr=0.001 steps=4"), "{said}");
+    assert!(
+        said.contains("sft_lr1e-3_steps4: lr=1e-3 steps=4"),
+        "{said}"
+    );
     let jobs = round["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 5);
     let mut points = vec![];

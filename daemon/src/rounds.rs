@@ -9,7 +9,8 @@
 //!  "final_policy": "sft.checkpoint"}
 //! ```
 //! An input is `$var` (a round variable), `job.output` (the output of an
-//! earlier job of this round: a dependency), or a content hash. `$policy`
+//! earlier job of this round: a dependency; split at the last dot, since a
+//! sweep point's name carries values like `beta0.2`), or a content hash. `$policy`
 //! defaults to the previous round's final policy. (`herd round submit`
 //! also takes the experiment by name and `--var name=hash`.)
 //!
@@ -165,7 +166,7 @@ pub fn expand(
                 })?
             } else if herd_core::BlobHash::is_valid(v) {
                 v.clone()
-            } else if let Some((job, out)) = v.split_once('.') {
+            } else if let Some((job, out)) = v.rsplit_once('.') {
                 let id = by_name.get(job).ok_or_else(|| {
                     format!("{at}.inputs.{name}: {v:?} names no earlier job of this round")
                 })?;
@@ -218,7 +219,7 @@ pub fn expand(
         });
     }
     if let Some(fp) = &spec.final_policy {
-        let job = fp.split_once('.').map(|x| x.0).unwrap_or("");
+        let job = fp.rsplit_once('.').map(|x| x.0).unwrap_or("");
         if !by_name.contains_key(job) {
             return Err(format!("final_policy {fp:?} names no job of this round"));
         }
@@ -229,7 +230,7 @@ pub fn expand(
 /// `job:<id>/<output>` for a round's final policy, from its recorded spec.
 pub fn final_policy_ref(spec: &Value, jobs: &[(Uuid, String)]) -> Option<String> {
     let fp = spec.get("final_policy")?.as_str()?;
-    let (job, out) = fp.split_once('.')?;
+    let (job, out) = fp.rsplit_once('.')?;
     let id = jobs.iter().find(|(_, n)| n == job)?.0;
     Some(InputRef::job_output(id, out).to_string())
 }

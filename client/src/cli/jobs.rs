@@ -329,15 +329,17 @@ pub(super) fn plot(
     } else {
         names.iter().map(|n| n.to_string()).collect()
     };
+    let labels: Vec<String> = jobs.iter().map(|(j, _)| label(j)).collect();
     let panels: Vec<Panel> = metric_names
         .iter()
         .map(|m| Panel {
             metric: m.clone(),
             curves: jobs
                 .iter()
-                .filter_map(|(j, s)| {
+                .enumerate()
+                .filter_map(|(i, (_, s))| {
                     s.get(m).map(|pts| Curve {
-                        label: label(j),
+                        job: i,
                         points: pts.clone(),
                     })
                 })
@@ -353,7 +355,7 @@ pub(super) fn plot(
             .join(" vs ")
     );
     if let Some(path) = out {
-        crate::plot::draw(path, &title, &panels).map_err(ClientError::Usage)?;
+        crate::plot::draw(path, &title, &labels, &panels).map_err(ClientError::Usage)?;
     }
     let summary = json!({
         "file": out,
@@ -367,7 +369,7 @@ pub(super) fn plot(
                 println!(
                     "{:<14} {:<18} {} last={}",
                     p.metric,
-                    c.label.chars().take(18).collect::<String>(),
+                    labels[c.job].chars().take(18).collect::<String>(),
                     crate::plot::sparkline(&vals, 50),
                     vals.last().copied().map_or("-".into(), num)
                 );

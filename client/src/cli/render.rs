@@ -92,7 +92,19 @@ pub(super) fn kinds(all: &[crate::KindInfo], detail: bool) {
 pub(super) fn print_round(r: &RoundDetail) {
     println!("round {} (index {})", r.round.id, r.round.index);
     for j in &r.jobs {
-        println!("  {}", job_row(j));
+        // A point an average ranked and did not keep says so.
+        let left_by: Vec<&str> = r
+            .jobs
+            .iter()
+            .filter(|x| x.left_out().iter().any(|(_, id)| *id == j.id))
+            .map(|x| x.name.as_str())
+            .collect();
+        let mark = if left_by.is_empty() {
+            String::new()
+        } else {
+            format!("  (not kept by {})", left_by.join(", "))
+        };
+        println!("  {}{mark}", job_row(j));
     }
 }
 

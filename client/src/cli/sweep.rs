@@ -116,9 +116,10 @@ fn value(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::String(text.to_string()))
 }
 
-/// Every point of the grid, the last `--grid` varying fastest.
-fn points(grid: &[(String, String)]) -> Result<Vec<Vec<(String, Value)>>> {
-    let mut out: Vec<Vec<(String, Value)>> = vec![vec![]];
+/// Every point of the grid, the last `--grid` varying fastest: each value
+/// as typed (it names the point) with its key.
+fn points(grid: &[(String, String)]) -> Result<Vec<Vec<(String, String)>>> {
+    let mut out: Vec<Vec<(String, String)>> = vec![vec![]];
     let mut seen = std::collections::BTreeSet::new();
     for (key, values) in grid {
         if !seen.insert(key.clone()) {
@@ -133,12 +134,21 @@ fn points(grid: &[(String, String)]) -> Result<Vec<Vec<(String, Value)>>> {
                 values.join(",")
             )));
         }
+        if let Some(v) = values
+            .iter()
+            .find(|v| values.iter().filter(|w| w == v).count() > 1)
+        {
+            return Err(ClientError::Usage(format!(
+                "--grid {key}={}: {v} is listed twice",
+                values.join(",")
+            )));
+        }
         out = out
             .into_iter()
             .flat_map(|p| {
                 values.iter().map(move |v| {
                     let mut p = p.clone();
-                    p.push((key.clone(), value(v)));
+                    p.push((key.clone(), v.to_string()));
                     p
                 })
             })
@@ -181,16 +191,24 @@ pub(super) fn plan(a: &SweepArgs) -> Result<(Value, Vec<String>)> {
         .collect();
     let mut jobs = vec![];
     let mut said = vec![];
-    for (i, p) in points.iter().enumerate() {
-        let name = format!("{}_{i}", a.kind);
+    for p in &points {
+        // Named by its values as typed (`sft_lr3e-4_beta0.2`), so a
+        // history, a plot's legend and the average's ranking say which
+        // point is which.
+        let name = std::iter::once(a.kind.to_string())
+            .chain(p.iter().map(|(k, v)| format!("{k}{v}")))
+            .collect::<Vec<_>>()
+            .join("_");
+        herd_core::vocab::check_name(&name)
+            .map_err(|e| ClientError::Usage(format!("the grid point named {name:?}: {e}")))?;
         let mut hp = fixed.clone();
         for (k, v) in p {
-            hp.insert(k.clone(), v.clone());
+            hp.insert(k.clone(), value(v));
         }
         said.push(format!(
             "{name}: {}",
             p.iter()
-                .map(|(k, v)| format!("{k}={}", short_val(v)))
+                .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(" ")
         ));
@@ -318,7 +336,22 @@ mod tests {
             jobs[4]["hyperparameters"],
             json!({"top_k": 2, "by": "metric.loss", "order": "min"})
         );
-        assert_eq!(jobs[4]["inputs"]["dpo_3"], "dpo_3.checkpoint");
+        let names: Vec<&str> = jobs.iter().map(|j| j["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "dpo_lr1e-5_beta0.1",
+                "dpo_lr1e-5_beta0.2",
+                "dpo_lr2e-5_beta0.1",
+                "dpo_lr2e-5_beta0.2",
+                "average"
+            ]
+        );
+        assert_eq!(
+            jobs[4]["inputs"]["dpo_lr2e-5_beta0.2"],
+            "dpo_lr2e-5_beta0.2.checkpoint"
+        );
+        assert!(said[0].starts_with("dpo_lr1e-5_beta0.1: lr=1e-5 beta=0.1"));
         assert_eq!(spec["final_policy"], "average.checkpoint");
         assert_eq!(said.len(), 5);
         let reward = SweepArgs {
@@ -342,6 +375,10 @@ mod tests {
             },
             SweepArgs {
                 grid: &[],
+                ..reward
+            },
+            SweepArgs {
+                grid: &[("lr".to_string(), "1e-5,1e-5".to_string())],
                 ..reward
             },
         ] {

@@ -135,6 +135,25 @@ pub struct JobView {
     pub finished_ms: Option<u64>,
 }
 
+impl JobView {
+    /// The jobs whose outputs this job was given but left out when it
+    /// started (an `average` with `top_k` keeps only the best): each with
+    /// the input name it came in under. Empty before the job starts.
+    pub fn left_out(&self) -> Vec<(&str, Uuid)> {
+        if self.resolved_inputs.is_empty() {
+            return vec![];
+        }
+        self.inputs
+            .iter()
+            .filter(|(name, _)| !self.resolved_inputs.contains_key(*name))
+            .filter_map(|(name, r)| match r.parse() {
+                Ok(crate::InputRef::JobOutput { job, .. }) => Some((name.as_str(), job)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactView {
     pub hash: String,

@@ -122,14 +122,27 @@ async function roundPage(main, id) {
   const width = 40 + columns.length * (W + GX);
   const height = 40 + Math.max(...columns.map((c) => c.length)) * (H + GY);
   const colour = { queued: "#98a2b3", running: "#2f80ed", succeeded: "#27ae60", failed: "#e5484d", cancelled: "#b08800", interrupted: "#b08800" };
+  // Jobs a later job was given but left out when it started (an average
+  // keeping its top K): their node and edge are dashed and faint.
+  const leftOut = new Map();
+  for (const j of jobs) {
+    if (!Object.keys(j.resolved_inputs || {}).length) continue;
+    for (const [name, ref] of Object.entries(j.inputs)) {
+      const m = /^job:([0-9a-f-]+)\//.exec(ref);
+      if (m && !(name in j.resolved_inputs)) leftOut.set(m[1], [...(leftOut.get(m[1]) || []), j]);
+    }
+  }
   const edges = jobs.flatMap((j) => (j.depends_on || []).filter((x) => pos.has(x)).map((x) => {
     const a = pos.get(x), b = pos.get(j.id);
-    return `<path class="edge" d="M${a.x + W},${a.y + H / 2} C${a.x + W + GX / 2},${a.y + H / 2} ${b.x - GX / 2},${b.y + H / 2} ${b.x},${b.y + H / 2}"/>`;
+    const dropped = (leftOut.get(x) || []).includes(j) ? " left-out" : "";
+    return `<path class="edge${dropped}" d="M${a.x + W},${a.y + H / 2} C${a.x + W + GX / 2},${a.y + H / 2} ${b.x - GX / 2},${b.y + H / 2} ${b.x},${b.y + H / 2}"/>`;
   })).join("");
   const nodes = jobs.map((j) => {
     const p = pos.get(j.id);
-    return `<a href="#/job/${j.id}"><g class="node" data-job="${j.id}" data-status="${j.status}"><rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" fill="${colour[j.status] || "#667085"}"/>
-      <text x="${p.x + 10}" y="${p.y + 18}">${esc(j.name)}</text><text x="${p.x + 10}" y="${p.y + 34}" opacity=".85">${esc(j.kind)} · ${esc(j.status)}</text></g></a>`;
+    const by = leftOut.get(j.id);
+    const second = by ? `not kept by ${by.map((x) => x.name).join(", ")}` : `${j.kind} · ${j.status}`;
+    return `<a href="#/job/${j.id}"><g class="node${by ? " left-out" : ""}" data-job="${j.id}" data-status="${j.status}"><title>${esc(j.name)}: ${esc(j.kind)} · ${esc(j.status)}${by ? ` · ${esc(second)}` : ""}</title><rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" fill="${colour[j.status] || "#667085"}"/>
+      <text x="${p.x + 10}" y="${p.y + 18}">${esc(j.name)}</text><text x="${p.x + 10}" y="${p.y + 34}" opacity=".85">${esc(second)}</text></g></a>`;
   }).join("");
   main.innerHTML = `<h1>Round ${d.round.index}</h1>
     <p class="muted">final policy: ${esc(d.round.spec.final_policy || "none")}</p>
@@ -147,8 +160,8 @@ async function jobPage(main, id) {
   main.innerHTML = `<h1>${esc(j.name)} <span class="muted">${esc(j.kind)}</span> ${badge(j.status)}</h1>
     <p id="progress"></p>
     ${j.error ? `<p class="error" id="failure">${esc(j.error)}</p>` : ""}
-    <p>
-      <button id="cancel" class="danger" ${active ? "" : "disabled"}>Cancel</button>
+    <p id="actions">
+      ${active ? '<button id="cancel" class="danger">Cancel</button><span id="cancel-ask" hidden>Cancel this job? <button id="cancel-confirm" class="danger">Yes, cancel it</button> <button id="cancel-keep">No</button></span>' : ""}
       <button id="reproduce" ${active ? "disabled" : ""}>Reproduce</button>
       <a href="#/compare?ids=${j.id}">compare…</a>
     </p>
@@ -173,7 +186,13 @@ async function jobPage(main, id) {
     if (el && p && p.total) el.innerHTML = `<span class="progress"><div style="width:${(100 * p.done) / p.total}%"></div></span> ${p.done}/${p.total}`;
   };
   showProgress(j.progress);
-  byId(main, "cancel").onclick = async () => { await post(`/jobs/${id}/cancel`); if (main.isConnected) route(); };
+  // Cancelling asks first: one stray click should not end a long run.
+  if (active) {
+    const ask = byId(main, "cancel-ask");
+    byId(main, "cancel").onclick = () => { ask.hidden = false; byId(main, "cancel").hidden = true; };
+    byId(main, "cancel-keep").onclick = () => { ask.hidden = true; byId(main, "cancel").hidden = false; };
+    byId(main, "cancel-confirm").onclick = async () => { await post(`/jobs/${id}/cancel`); if (main.isConnected) route(); };
+  }
   byId(main, "reproduce").onclick = async () => { const r = await post(`/jobs/${id}/reproduce`); location.hash = `#/job/${r.id}`; };
   if (!active || !main.isConnected) return;
   // Live: new points from the event stream; the status from the job itself.
@@ -187,7 +206,14 @@ async function jobPage(main, id) {
       if (!series.has(p.name)) {
         series.set(p.name, []);
         byId(main, "no-metrics")?.remove();
-        byId(main, "charts").insertAdjacentHTML("beforeend", `<div class="card chart" id="chart-${esc(p.name)}"></div>`);
+        // In name order, as the page draws them when it reloads (a job's
+        // end must not reshuffle the panels).
+        const charts = byId(main, "charts");
+        const after = [...charts.children].find((c) => c.id.slice("chart-".length) > p.name);
+        const card = document.createElement("div");
+        card.className = "card chart";
+        card.id = `chart-${p.name}`;
+        charts.insertBefore(card, after || null);
       }
       const s = series.get(p.name);
       if (!s.length || p.step > s[s.length - 1][0]) { s.push([p.step, p.value]); touched.add(p.name); }
