@@ -451,13 +451,13 @@ pub(super) fn submit(c: &Client, args: &Submit, js: bool, quiet: bool) -> Result
         seed: *seed,
         experiment: experiment
             .as_deref()
-            .map(|e| resolve::experiment(&c, e))
+            .map(|e| resolve::experiment(c, e))
             .transpose()?,
         name: name.clone(),
         priority: *priority,
         depends_on: after
             .iter()
-            .map(|a| resolve::job(&c, a))
+            .map(|a| resolve::job(c, a))
             .collect::<Result<_>>()?,
         resources: resources.unwrap_or_default(),
     };
@@ -469,7 +469,7 @@ pub(super) fn submit(c: &Client, args: &Submit, js: bool, quiet: bool) -> Result
         }
         let mut show = crate::progress::Follow::new();
         let j = crate::progress::wait_all(
-            &c,
+            c,
             &[id.clone()],
             Duration::from_secs(24 * 3600),
             &mut show,
@@ -541,13 +541,13 @@ pub(super) fn history(c: &Client, args: &History, js: bool, quiet: bool) -> Resu
     let q = JobQuery {
         experiment: experiment
             .as_deref()
-            .map(|e| resolve::experiment(&c, e))
+            .map(|e| resolve::experiment(c, e))
             .transpose()?,
         kind: *kind,
         status: *status,
         round: round
             .as_deref()
-            .map(|r| resolve::round(&c, r))
+            .map(|r| resolve::round(c, r))
             .transpose()?,
         where_: where_.clone(),
         sort: sort.clone(),
@@ -572,10 +572,10 @@ pub(super) fn history(c: &Client, args: &History, js: bool, quiet: bool) -> Resu
 pub(super) fn wait(c: &Client, ids: &[String], timeout: u64, js: bool) -> Result<()> {
     let ids = ids
         .iter()
-        .map(|id| resolve::job(&c, id).map(|i| i.to_string()))
+        .map(|id| resolve::job(c, id).map(|i| i.to_string()))
         .collect::<Result<Vec<_>>>()?;
     let mut show = crate::progress::Follow::new();
-    let out = crate::progress::wait_all(&c, &ids, Duration::from_secs(timeout), &mut show)?;
+    let out = crate::progress::wait_all(c, &ids, Duration::from_secs(timeout), &mut show)?;
     print(js, &json!(out), || {
         out.iter().for_each(|j| println!("{}", job_row(j)))
     });

@@ -67,7 +67,7 @@ pub(super) fn run(c: &Client, args: &Sweep, js: bool, quiet: bool) -> Result<()>
         sets,
         grid,
         seed: *seed,
-        experiment: resolve::experiment(&c, experiment)?,
+        experiment: resolve::experiment(c, experiment)?,
         average_top: *average_top,
         by: by.as_deref(),
         order: order.as_deref(),
