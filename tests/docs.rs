@@ -2,8 +2,10 @@
 //! it" and of `examples/bring_your_own.md` run as written, in bash, against
 //! a real herdd they start themselves. The only changes: `cargo` lines are
 //! skipped (the test build's `herd` and `herdd` are put on the PATH instead),
-//! HOME is a temporary directory, and HERD_LISTEN/HERD_SERVER pick a free
-//! port. The files the blocks name are the repository's fixtures.
+//! HOME is a temporary directory, and HERD_LISTEN puts herdd on a free port,
+//! not the default: `herd` finds it through the data directory alone (no
+//! HERD_SERVER), as the README says. The files the blocks name are the
+//! repository's fixtures.
 
 mod common;
 
@@ -41,6 +43,7 @@ fn run_block(block: &str, cwd: &Path) -> String {
     let home = cwd.join("home");
     std::fs::create_dir_all(&home).unwrap();
     let port = free_port();
+    assert_ne!(port, 7447, "a non-default port");
     let body: String = block
         .lines()
         .filter(|l| !l.trim_start().starts_with("cargo "))
@@ -62,7 +65,7 @@ fn run_block(block: &str, cwd: &Path) -> String {
             ),
         )
         .env("HERD_LISTEN", format!("127.0.0.1:{port}"))
-        .env("HERD_SERVER", format!("http://127.0.0.1:{port}"))
+        .env_remove("HERD_SERVER")
         .env_remove("HERD_TOKEN")
         .env_remove("HERD_DATA_DIR")
         .output()

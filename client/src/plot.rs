@@ -173,7 +173,7 @@ where
             legend
                 .draw(&Text::new(
                     jobs[i].clone(),
-                    (x + 30, y - 8),
+                    (x + 30, y - 7),
                     ("sans-serif", 15).into_font(),
                 ))
                 .map_err(err)?;
@@ -206,6 +206,7 @@ where
         let mut chart = ChartBuilder::on(area)
             .caption(&panel.metric, ("sans-serif", 18))
             .margin(12)
+            .margin_right(36) // room for the last x tick's label
             .x_label_area_size(40)
             .y_label_area_size(80)
             .build_cartesian_2d(x0..x1, y0..y1)
