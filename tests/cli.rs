@@ -558,6 +558,25 @@ fn names_quiet_output_tables_and_artifacts() {
         "{list}"
     );
     assert!(!list.contains(&model[..12]), "--kind filters: {list}");
+    // Job outputs are named by their maker, as `herd show` addresses it,
+    // and the maker's id is a prefix that tells the two jobs apart.
+    let made = text(cli.raw(&["artifacts", "--kind", "checkpoint"]));
+    for (name, id) in [("first", &a), ("second", &b)] {
+        let row = made
+            .lines()
+            .find(|l| l.contains(&format!("names-exp/{name}.checkpoint")))
+            .unwrap_or_else(|| panic!("{name}: {made}"));
+        let by = row.split_whitespace().nth(4).unwrap();
+        assert!(
+            row.contains(" sft ") && id.starts_with(by) && by.len() >= 8,
+            "{row}"
+        );
+        assert_eq!(
+            cli.json(&["show", by])["id"],
+            id.as_str(),
+            "the prefix resolves"
+        );
+    }
     let shown = text(cli.raw(&["show", &sft, "--rows", "2"]));
     assert!(
         shown.contains("row 1:") && shown.contains("row 2:") && shown.contains("user:"),

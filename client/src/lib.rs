@@ -47,10 +47,10 @@ pub use herd_core::model::MetricPoint;
 pub use herd_core::model::{ArtifactView, ExperimentView, JobView, LineageNode, RoundView};
 pub use herd_core::wire::{
     ArtifactDetail, ArtifactQuery, BlobStored, Created, ExperimentDetail, IdMatch, Imported, Job,
-    JobQuery, JobReproduced, JobRequest, JobSubmitted, KindInfo, MetricBatch, MetricSeries,
-    MetricsAccepted, NewCheckpoint, NewExperiment, NewRun, Progress, Reproduction, Resolved,
-    RoundDetail, RoundJob, RoundReproduced, RoundSpec, RoundSubmitted, RunEnded, RunOutput,
-    TreeListing, Verification, MAX_JOBS_PAGE,
+    JobQuery, JobReproduced, JobRequest, JobSubmitted, KindInfo, ListedArtifact, MadeBy,
+    MetricBatch, MetricSeries, MetricsAccepted, NewCheckpoint, NewExperiment, NewRun, Progress,
+    Reproduction, Resolved, RoundDetail, RoundJob, RoundReproduced, RoundSpec, RoundSubmitted,
+    RunEnded, RunOutput, TreeListing, Verification, MAX_JOBS_PAGE,
 };
 
 pub use herd_core::{ArtifactKind, BlobHash, InputRef, JobKind, JobStatus};
@@ -235,7 +235,7 @@ impl Client {
         Self::typed(self.get(&format!("/experiments/{}", enc(id)))?)
     }
 
-    pub fn artifacts(&self, q: &ArtifactQuery) -> Result<Vec<ArtifactView>> {
+    pub fn artifacts(&self, q: &ArtifactQuery) -> Result<Vec<ListedArtifact>> {
         let mut params = vec![];
         if let Some(k) = q.kind {
             params.push(format!("kind={k}"));

@@ -225,6 +225,47 @@ pub struct ArtifactDetail {
     pub rows: Vec<Value>,
 }
 
+/// `GET /artifacts`: one artifact (its fields at the top level) and, for a
+/// job's output, who made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedArtifact {
+    #[serde(flatten)]
+    pub artifact: ArtifactView,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made_by: Option<MadeBy>,
+}
+
+/// The job an output came from, by the names people use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MadeBy {
+    pub job: Uuid,
+    pub kind: JobKind,
+    /// The job's name.
+    pub name: String,
+    /// `EXPERIMENT/ROUND/JOB.OUTPUT` (`my-exp/0/sft.checkpoint`), with the
+    /// parts the job has: the address `herd show` takes, plus the output.
+    pub label: String,
+}
+
+impl MadeBy {
+    pub fn new(job: &JobView, experiment: Option<&str>, round: Option<u32>, output: &str) -> Self {
+        let mut label = String::new();
+        if let Some(e) = experiment {
+            label += &format!("{e}/");
+        }
+        if let Some(r) = round {
+            label += &format!("{r}/");
+        }
+        label += &format!("{}.{output}", job.name);
+        MadeBy {
+            job: job.id,
+            kind: job.kind,
+            name: job.name.clone(),
+            label,
+        }
+    }
+}
+
 /// `GET /artifacts` query: filters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactQuery {

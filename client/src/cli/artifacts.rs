@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 
 use super::render::{print, short};
 use super::ImportWhat;
-use crate::{ArtifactQuery, ArtifactView, Client, ClientError, LineageNode, Result};
+use crate::{
+    ArtifactQuery, ArtifactView, Client, ClientError, LineageNode, ListedArtifact, Result,
+};
 
 pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Result<()> {
     let file_name = |p: &Path, default: &str| {
@@ -184,24 +186,54 @@ fn print_summary(s: &Value) {
 
 pub(super) fn list(c: &Client, q: &ArtifactQuery, js: bool) -> Result<()> {
     let list = c.artifacts(q)?;
+    // A job output is named by its maker (`my-exp/0/sft.checkpoint`), in
+    // full; the maker's id as the shortest prefix that tells it apart here
+    // (ids of one round share their first 12 characters: the time).
+    let ids: Vec<String> = list
+        .iter()
+        .filter_map(|a| a.made_by.as_ref().map(|m| m.job.to_string()))
+        .collect();
+    let name = |a: &ListedArtifact| {
+        a.made_by
+            .as_ref()
+            .map_or(a.artifact.name.clone(), |m| m.label.clone())
+    };
+    let width = list
+        .iter()
+        .map(|a| name(a).chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     print(js, &json!(list), || {
         println!(
-            "{:<12}  {:<10} {:<28} {:<10}  what",
+            "{:<12}  {:<10} {:<width$}  {:<14}  what",
             "hash", "kind", "name", "made by"
         );
         for a in &list {
+            let by = a.made_by.as_ref().map_or("import".to_string(), |m| {
+                format!("{} {}", m.kind, unique_prefix(&m.job.to_string(), &ids))
+            });
             println!(
-                "{:<12}  {:<10} {:<28} {:<10}  {}",
-                short(&a.hash),
-                a.artifact.as_str(),
-                a.name.chars().take(28).collect::<String>(),
-                a.produced_by
-                    .map_or("import".to_string(), |j| short(&j.to_string())),
-                one_line(&a.summary)
+                "{:<12}  {:<10} {:<width$}  {:<14}  {}",
+                short(&a.artifact.hash),
+                a.artifact.artifact.as_str(),
+                name(a),
+                by,
+                one_line(&a.artifact.summary)
             );
         }
     });
     Ok(())
+}
+
+/// The shortest start of `id` (8 characters at least, what `herd` resolves)
+/// that no other of `all` shares.
+fn unique_prefix(id: &str, all: &[String]) -> String {
+    let mut n = 8;
+    while n < id.len() && all.iter().any(|o| o != id && o.starts_with(&id[..n])) {
+        n += 1;
+    }
+    id[..n].to_string()
 }
 
 fn one_line(s: &Value) -> String {
@@ -337,5 +369,20 @@ fn print_lineage(v: &LineageNode, depth: usize, label: &str, seen: &mut BTreeSet
         for (name, child) in &job.inputs {
             print_lineage(child, depth + 1, &format!("{name} <- "), seen);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unique_prefixes_tell_ids_apart() {
+        let all = vec![
+            "01a2379b-eb21-7aaa-8000-000000000001".to_string(),
+            "01a2379b-eb21-7aab-8000-000000000002".to_string(),
+            "ffff0000-0000-7000-8000-000000000003".to_string(),
+        ];
+        assert_eq!(super::unique_prefix(&all[0], &all), "01a2379b-eb21-7aaa");
+        assert_eq!(super::unique_prefix(&all[1], &all), "01a2379b-eb21-7aab");
+        assert_eq!(super::unique_prefix(&all[2], &all), "ffff0000");
     }
 }

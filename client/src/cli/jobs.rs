@@ -468,13 +468,9 @@ pub(super) fn submit(c: &Client, args: &Submit, js: bool, quiet: bool) -> Result
             println!("{id}");
         }
         let mut show = crate::progress::Follow::new();
-        let j = crate::progress::wait_all(
-            c,
-            &[id.clone()],
-            Duration::from_secs(24 * 3600),
-            &mut show,
-        )?
-        .remove(0);
+        let j =
+            crate::progress::wait_all(c, &[id.clone()], Duration::from_secs(24 * 3600), &mut show)?
+                .remove(0);
         if !quiet {
             print(js, &json!(j), || println!("{}", job_row(&j)));
         }
@@ -545,10 +541,7 @@ pub(super) fn history(c: &Client, args: &History, js: bool, quiet: bool) -> Resu
             .transpose()?,
         kind: *kind,
         status: *status,
-        round: round
-            .as_deref()
-            .map(|r| resolve::round(c, r))
-            .transpose()?,
+        round: round.as_deref().map(|r| resolve::round(c, r)).transpose()?,
         where_: where_.clone(),
         sort: sort.clone(),
         limit: *limit,

@@ -333,8 +333,8 @@ async function lineagePage(main, hash) {
 async function artifactsPage(main) {
   const list = await get("/artifacts");
   main.innerHTML = `<h1>Artifacts</h1><table id="artifacts"><thead><tr><th>hash</th><th>name</th><th>kind</th><th>made by</th></tr></thead><tbody>
-    ${list.map((a) => `<tr><td><a class="mono" href="#/artifact/${esc(a.hash)}">${esc(short(a.hash))}</a></td><td>${esc(a.name)}</td><td>${esc(a.artifact)}</td>
-      <td>${a.produced_by ? `<a href="#/job/${a.produced_by}">job ${esc(short(a.produced_by))}</a>` : '<span class="muted">import</span>'}</td></tr>`).join("")}</tbody></table>`;
+    ${list.map((a) => `<tr><td><a class="mono" href="#/artifact/${esc(a.hash)}">${esc(short(a.hash))}</a></td><td>${esc(a.made_by ? a.made_by.label : a.name)}</td><td>${esc(a.artifact)}</td>
+      <td>${a.made_by ? `<a href="#/job/${a.made_by.job}">${esc(a.made_by.kind)} job ${esc(a.made_by.name)}</a>` : '<span class="muted">import</span>'}</td></tr>`).join("")}</tbody></table>`;
 }
 
 async function artifactPage(main, hash) {

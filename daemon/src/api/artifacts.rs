@@ -3,7 +3,7 @@
 //! and recorded as artifacts.
 
 use super::*;
-use herd_core::wire::{DatasetQuery, NewCheckpoint, VerifierQuery};
+use herd_core::wire::{DatasetQuery, ListedArtifact, MadeBy, NewCheckpoint, VerifierQuery};
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -501,17 +501,35 @@ async fn named_base(ctx: &Ctx, config_blob: &str) -> Option<String> {
         .map(|a| a.hash.clone())
 }
 
+/// Recorded artifacts; each job output names its maker as people address
+/// it (`my-exp/0/sft.checkpoint`), since the output's own name is only
+/// `checkpoint`.
 async fn list_artifacts(ctx: Ctx, q: ArtifactQuery) -> Res {
     let p = ctx.state.projection.read().await;
-    let list: Vec<_> = p
-        .artifacts
-        .values()
-        .filter(|a| q.kind.is_none_or(|k| a.artifact == k))
-        .filter(|a| {
-            q.produced
-                .is_none_or(|by_job| a.produced_by.is_some() == by_job)
-        })
-        .collect();
+    let mut list = vec![];
+    for a in p.artifacts.values() {
+        if q.kind.is_some_and(|k| a.artifact != k)
+            || q.produced
+                .is_some_and(|by_job| a.produced_by.is_some() != by_job)
+        {
+            continue;
+        }
+        let made_by = match a.produced_by {
+            Some(id) => p.job(id).map_err(internal)?.map(|j| {
+                let experiment = j
+                    .experiment
+                    .and_then(|e| p.experiments.get(&e))
+                    .map(|e| e.name.as_str());
+                let round = j.round.and_then(|r| p.rounds.get(&r)).map(|r| r.index);
+                MadeBy::new(&j, experiment, round, &a.name)
+            }),
+            None => None,
+        };
+        list.push(ListedArtifact {
+            artifact: a.clone(),
+            made_by,
+        });
+    }
     reply_json(&list)
 }
 
