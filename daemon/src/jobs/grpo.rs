@@ -452,6 +452,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                 / secs.max(1e-9),
         ));
         points.push(("generation_share".into(), generated / secs.max(1e-9)));
+        points.push(("step_time".into(), secs));
         ctx.sink.metrics(step, &points)?;
         ctx.sink.progress(step, p.steps);
         if p.keep_rollouts {
