@@ -335,6 +335,44 @@ fn the_dashboard_in_a_real_browser() {
     );
     b.screenshot(&shots.join("round.png"));
 
+    // A grpo job's page shows its rollouts a step at a time.
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"What is 2+3?\", \"answer\": \"5\"}\n{\"prompt\": \"Say a word.\", \"answer\": \"a\"}\n",
+    )
+    .unwrap();
+    let prompts = c
+        .import_dataset(&prompts, "prompts", "prompts")
+        .unwrap()
+        .hash;
+    let grpo = submit(
+        &c,
+        &req(
+            "grpo",
+            &[("policy", &r), ("prompts", &prompts)],
+            json!({"steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4,
+                   "batch_size": 4, "verifier_rule": "regex", "verifier_pattern": "a"}),
+        ),
+    );
+    let g = c.wait(&grpo, Duration::from_secs(120)).unwrap();
+    assert_eq!(g.status, JobStatus::Succeeded, "{:?}", g.error);
+    b.goto(&format!("{url}/#/job/{grpo}"));
+    b.until(
+        "step 1's four samples",
+        Duration::from_secs(20),
+        "return document.querySelectorAll('#rollouts tr.rollout[data-step=\"1\"]').length === 4",
+    );
+    assert!(b.text("#rollouts").contains("What is 2+3?"));
+    b.js("const i = document.getElementById('rollout-step'); i.value = '2'; i.onchange(); return true");
+    b.until(
+        "step 2's samples",
+        Duration::from_secs(20),
+        "return document.querySelectorAll('#rollouts tr.rollout[data-step=\"2\"]').length === 4",
+    );
+    b.js("document.getElementById('rollouts-card').scrollIntoView(); return true");
+    b.screenshot(&shots.join("rollouts.png"));
+
     // Lineage of the average: back through both SFTs to the base and data.
     b.goto(&format!("{url}/#/lineage/{averaged}"));
     b.wait_for("#lineage");

@@ -172,7 +172,9 @@ async function jobPage(main, id) {
       <div class="card"><h2>Inputs</h2><table class="kv">${Object.entries(j.inputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${j.resolved_inputs[k] ? inputLink(j.resolved_inputs[k]) : inputLink(v) + (Object.keys(j.resolved_inputs).length ? ' <span class="muted">(not kept)</span>' : "")}</td></tr>`).join("")}</table></div>
       <div class="card"><h2>Outputs</h2><table class="kv" id="outputs">${Object.entries(j.outputs).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${inputLink(v)} · <a href="#/lineage/${esc(v)}">lineage</a></td></tr>`).join("") || '<tr><td class="muted">none yet</td></tr>'}</table></div>
       ${notes.length ? `<div class="card"><h2>Notes</h2><ul>${notes.map((n) => `<li>${esc(n)}</li>`).join("")}</ul></div>` : ""}
-    </div>`;
+    </div>
+    ${j.outputs.rollouts ? '<div class="card" id="rollouts-card"><h2>Rollouts</h2><p>step <input id="rollout-step" type="number" min="1" value="1" size="5"> <span class="muted" id="rollout-of"></span></p><table id="rollouts"></table></div>' : ""}`;
+  if (j.outputs.rollouts) showRollouts(main, j);
   const plots = new Map();
   const draw = (name) => {
     const el = byId(main, `chart-${name}`);
@@ -226,6 +228,31 @@ async function jobPage(main, id) {
   }
   const timer = setInterval(refresh, 2000);
   cleanup.push(() => clearInterval(timer));
+}
+
+// A grpo job's samples, one step at a time (what TRL users turn on with
+// `log_completions`): each completion with its group, reward, advantage
+// and length, the group's prompt once.
+function showRollouts(main, j) {
+  const hp = j.effective_hyperparameters || {};
+  const perStep = (hp.prompts_per_step || 1) * (hp.group_size || 1);
+  const steps = hp.steps || 1;
+  const input = byId(main, "rollout-step");
+  input.max = String(steps);
+  const show = async () => {
+    const step = Math.min(Math.max(1, Number(input.value) || 1), steps);
+    const rows = Math.min(perStep, 100);
+    const d = await get(`/artifacts/${j.outputs.rollouts}?rows=${rows}&offset=${(step - 1) * perStep}`);
+    byId(main, "rollout-of").textContent = `of ${steps}; ${rows < perStep ? `the first ${rows} of ` : ""}${perStep} samples a step`;
+    let group = -1;
+    byId(main, "rollouts").innerHTML = `<thead><tr><th>group</th><th>#</th><th>reward</th><th>advantage</th><th>tokens</th><th>completion</th></tr></thead><tbody>${d.rows.map((r) => {
+      const head = r.group !== group ? `<tr class="rollout-prompt"><td colspan="6" class="muted">prompt: ${esc(((r.prompt || []).filter((m) => m.role === "user").pop() || {}).content || "")}${r.answer != null ? ` · answer ${esc(String(r.answer))}` : ""}</td></tr>` : "";
+      group = r.group;
+      return `${head}<tr class="rollout" data-step="${r.step}"><td class="num">${r.group}</td><td class="num">${r.index}</td><td class="num">${num(r.reward)}</td><td class="num">${num(r.advantage)}</td><td class="num">${r.tokens}${r.truncated ? " (cut)" : ""}</td><td class="completion" title="${esc(r.completion)}">${esc(r.completion.length > 240 ? r.completion.slice(0, 240) + "…" : r.completion)}</td></tr>`;
+    }).join("")}</tbody>`;
+  };
+  input.onchange = show;
+  show();
 }
 
 const HISTORY_PAGE = 50;

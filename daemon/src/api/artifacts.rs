@@ -540,6 +540,9 @@ const MAX_ROWS_SHOWN: usize = 100;
 #[serde(deny_unknown_fields)]
 struct ArtifactRows {
     rows: Option<usize>,
+    /// Rows to skip first: a page further in (a grpo job's rollouts of one
+    /// step).
+    offset: Option<usize>,
 }
 
 /// An artifact; a dataset's first rows come from its verified blob.
@@ -573,11 +576,13 @@ async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
             .await
             .map_err(internal)?
             .map_err(internal)?;
+        let skip = q.offset.unwrap_or(0);
         for (i, line) in bytes
             .split(|b| *b == b'\n')
             .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .take(wanted)
             .enumerate()
+            .skip(skip)
+            .take(wanted)
         {
             rows.push(
                 serde_json::from_slice(line).map_err(|e| {
