@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -274,5 +274,40 @@ impl Cli<'_> {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+}
+
+/// Run herdd expecting it to refuse to start: its exit code and stderr.
+pub fn herdd_refuses(dir: &Path, extra: &[&str]) -> (i32, String) {
+    let listen: &[&str] = if extra.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herdd"))
+        .args(["--data-dir", dir.to_str().unwrap()])
+        .args(listen)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("herdd {extra:?} should have refused to start but kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
