@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Whether an SVG has a text element saying exactly `t`.
 fn svg_text(svg: &str, t: &str) -> bool {
@@ -211,13 +211,49 @@ fn every_command_with_json_output() {
     );
     let rd = cli.json(&["diff", &round_id, &round_id]);
     assert_eq!(rd.as_array().unwrap().len(), 3);
-    // Export round-trips: import gives the same tree hash.
+    // Export round-trips as recorded: import gives the same tree hash.
     let out = dir.path().join("exported");
-    cli.json(&["export", &ckpt, out.to_str().unwrap()]);
+    cli.json(&["export", &ckpt, out.to_str().unwrap(), "--as-recorded"]);
     assert_eq!(
         cli.json(&["import", "model", out.to_str().unwrap()])["hash"],
         ckpt.as_str()
     );
+    // By default an export carries a model card: Hugging Face front matter
+    // (each value JSON, so YAML too) whose lineage is `herd lineage`'s.
+    let carded = dir.path().join("carded");
+    cli.json(&["export", &ckpt, carded.to_str().unwrap()]);
+    let card = std::fs::read_to_string(carded.join("README.md")).unwrap();
+    let front = card
+        .strip_prefix("---\n")
+        .and_then(|c| c.split_once("\n---\n"))
+        .map(|(f, _)| f)
+        .unwrap_or_else(|| panic!("front matter: {card}"));
+    let field = |k: &str| -> Value {
+        let line = front
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+            .unwrap_or_else(|| panic!("{k} in {front}"));
+        serde_json::from_str(line).unwrap()
+    };
+    assert_eq!(field("library_name"), "transformers");
+    assert_eq!(field("tags"), json!(["herd", "sft"]));
+    assert_eq!(field("base_model"), "ref", "the base's import name");
+    assert_eq!(field("datasets"), json!(["sft.jsonl"]));
+    fn hashes(n: &Value, out: &mut Vec<String>) {
+        let h = n["hash"].as_str().unwrap().to_string();
+        if !out.contains(&h) {
+            out.push(h);
+        }
+        if let Some(inputs) = n["job"]["inputs"].as_object() {
+            inputs.values().for_each(|i| hashes(i, out));
+        }
+    }
+    let mut want = vec![];
+    hashes(&cli.json(&["lineage", &ckpt]), &mut want);
+    assert_eq!(field("herd")["lineage"], json!(want));
+    assert_eq!(field("herd")["artifact"], ckpt.as_str());
+    assert!(card.contains(&format!("herd reproduce {id1}")), "{card}");
+    assert!(card.contains("## Hyperparameters (effective)"), "{card}");
     // Watch of a finished job returns; wait, cancel of an ended job, verify, status.
     assert!(cli.raw(&["watch", id1]).status.success());
     assert_eq!(cli.json(&["wait", id1])[0]["status"], "succeeded");

@@ -115,12 +115,43 @@ fn lora_adapter_through_the_cli() {
         std::fs::read(adapter_dir.join("adapter_model.safetensors")).unwrap(),
         "the imported adapter comes back byte for byte"
     );
-    // An adapter herd wrote names its base by hash: it imports without --base.
+    // Exported, an adapter names its base as PEFT looks it up (the name
+    // recorded at the base's import, here its directory's) and keeps herd's
+    // hash of it beside; re-imported, it keeps its recorded base.
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("trained/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["base_model_name_or_path"], "ref", "{config}");
+    assert_eq!(config["herd_base_model"], base.as_str(), "{config}");
     let again = q(format!(
         "import model {}",
         dir.path().join("trained").to_str().unwrap()
     ));
+    assert_eq!(
+        cli.json(&["show", &again])["artifact"]["summary"]["base"],
+        base.as_str()
+    );
+    // --base-name says where PEFT should find it; --as-recorded writes the
+    // recorded bytes (the base named by hash), which import to the same hash.
+    let named = dir.path().join("named");
+    let where_base = fx("ref");
+    cli.json(&[
+        "export",
+        &trained,
+        named.to_str().unwrap(),
+        "--base-name",
+        &where_base,
+    ]);
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(named.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["base_model_name_or_path"], where_base.as_str());
+    let exact = dir.path().join("exact");
+    cli.json(&["export", &trained, exact.to_str().unwrap(), "--as-recorded"]);
+    assert!(!exact.join("README.md").exists());
+    let again = q(format!("import model {}", exact.to_str().unwrap()));
     assert_eq!(again, trained);
+    peft_loads_alone(&named, &trained, &cli);
 
     // A job reference to a LoRA job's checkpoint is refused at submit, and
     // so is an adapter given with a model it does not adapt.
@@ -166,4 +197,76 @@ fn lora_adapter_through_the_cli() {
             "merged {name}: {a} vs {b}"
         );
     }
+}
+
+/// PEFT's one-liner finds the exported adapter's base by the name herd
+/// wrote, and gives herd's logits. Needs a Python with torch, transformers
+/// and peft: `HERD_PYTHON` (else `python3`); without one it says loudly
+/// that it skipped.
+fn peft_loads_alone(dir: &std::path::Path, adapter: &str, cli: &Cli) {
+    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = std::process::Command::new(&python)
+        .args(["-c", "import torch, transformers, peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        common::system::skip(
+            "peft_loads_alone",
+            &format!("{python} has no torch, transformers and peft (set HERD_PYTHON)"),
+            "HERD_REQUIRE_PEFT",
+        );
+        return;
+    }
+    // herd's logits of a fixed prompt through the adapter.
+    let ids = [1u32, 5, 9, 14, 3, 7];
+    let shown = cli.json(&["show", adapter]);
+    let base = shown["artifact"]["summary"]["base"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let base_dir = dir.parent().unwrap().join("base-for-herd");
+    cli.json(&["export", &base, base_dir.to_str().unwrap(), "--as-recorded"]);
+    let mut model =
+        herd_engine::checkpoint::load_model(&base_dir, &candle_core::Device::Cpu).unwrap();
+    herd_engine::checkpoint::load_adapter(&mut model, dir).unwrap();
+    let input = candle_core::Tensor::new(&ids[..], &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let want: Vec<f32> = model
+        .forward(&input)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let script = format!(
+        "import json, torch\nfrom peft import AutoPeftModelForCausalLM\nm = AutoPeftModelForCausalLM.from_pretrained({dir:?}, torch_dtype=torch.float32)\nwith torch.no_grad(): out = m(torch.tensor([{ids:?}])).logits[0]\nprint(json.dumps(out.flatten().tolist()))",
+        dir = dir.to_str().unwrap(),
+        ids = ids,
+    );
+    let out = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "PEFT could not load the export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<f32> = serde_json::from_slice(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-5, "PEFT's logits differ from herd's by {worst}");
 }

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use super::render::{print, short};
 use super::ImportWhat;
 use crate::{
-    ArtifactQuery, ArtifactView, Client, ClientError, LineageNode, ListedArtifact, Result,
+    ArtifactKind, ArtifactQuery, ArtifactView, Client, ClientError, LineageNode, ListedArtifact,
+    Result,
 };
 
 pub(super) fn import(c: &Client, what: &ImportWhat, js: bool, quiet: bool) -> Result<()> {
@@ -294,8 +295,22 @@ fn print_row(row: &Value) {
 
 /// A checkpoint to a directory, a dataset to a JSONL file; never over
 /// something that exists unless `force`.
-pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, force: bool, js: bool) -> Result<()> {
+/// How `herd export` writes.
+pub(super) struct ExportAs<'a> {
+    pub force: bool,
+    pub base_name: Option<&'a str>,
+    pub as_recorded: bool,
+}
+
+pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, how: &ExportAs, js: bool) -> Result<()> {
+    let force = how.force;
     let a = c.artifact(hash, 0)?.artifact;
+    if how.base_name.is_some() && a.artifact != ArtifactKind::Adapter {
+        return Err(ClientError::Usage(format!(
+            "--base-name names an adapter's base, and {hash} is a {}",
+            a.artifact
+        )));
+    }
     let exists = |p: &Path| match std::fs::read_dir(p) {
         Ok(mut entries) => entries.next().is_some(),
         Err(_) => p.exists(),
@@ -308,9 +323,35 @@ pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, force: bool, js: bool
     }
     if a.artifact.is_directory() {
         let files = c.export(hash, to)?;
-        print(js, &json!({"dir": to, "files": files}), || {
-            println!("wrote {} files to {}", files.len(), to.display())
+        let mut base = None;
+        let mut hint = None;
+        if !how.as_recorded {
+            if a.artifact == ArtifactKind::Adapter {
+                let (name, h) = super::card::name_adapter_base(c, to, how.base_name)?;
+                (base, hint) = (Some(name), h);
+            }
+            super::card::write_card(c, to, &a, base.as_deref())?;
+        }
+        let summary =
+            json!({"dir": to, "files": files, "base_model": base, "card": !how.as_recorded});
+        print(js, &summary, || {
+            println!(
+                "wrote {} files to {}{}",
+                files.len(),
+                to.display(),
+                if how.as_recorded {
+                    ""
+                } else {
+                    " and a model card (README.md)"
+                }
+            );
+            if let Some(b) = &base {
+                println!("PEFT finds its base as {b:?}");
+            }
         });
+        if let Some(h) = hint {
+            eprintln!("note: {h}");
+        }
         return Ok(());
     }
     let io = |e| ClientError::Io {

@@ -9,6 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 
 mod artifacts;
+mod card;
 mod compare;
 mod daemon;
 mod experiments;
@@ -160,6 +161,14 @@ pub enum Command {
         /// Overwrite what is there
         #[arg(long)]
         force: bool,
+        /// An adapter's base as PEFT should look it up (a Hub name or a
+        /// local directory); default: the name recorded at the base's import
+        #[arg(long)]
+        base_name: Option<String>,
+        /// Write the files exactly as recorded: no model card, an adapter's
+        /// config untouched (a re-import gives the same hash)
+        #[arg(long)]
+        as_recorded: bool,
     },
     /// What each job kind takes, makes and its hyperparameters with
     /// defaults. Example: herd kinds dpo
@@ -354,8 +363,19 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Reproduce { id, timeout } => {
             reproduce(&c, &resolve::job_or_round(&c, id)?, *timeout, js)?
         }
-        Command::Export { hash, to, force } => {
-            artifacts::export(&c, &resolve::hash(&c, hash)?, to, *force, js)?
+        Command::Export {
+            hash,
+            to,
+            force,
+            base_name,
+            as_recorded,
+        } => {
+            let how = artifacts::ExportAs {
+                force: *force,
+                base_name: base_name.as_deref(),
+                as_recorded: *as_recorded,
+            };
+            artifacts::export(&c, &resolve::hash(&c, hash)?, to, &how, js)?
         }
         Command::Kinds { kind } => {
             let all: Vec<_> = c

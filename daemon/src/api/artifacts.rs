@@ -482,23 +482,50 @@ async fn import_checkpoint(ctx: Ctx, body: NewCheckpoint) -> Res {
             summary["base"] = base.clone().into();
             (ArtifactKind::Adapter, summary)
         }
-        None => (ArtifactKind::Checkpoint, summary),
+        None => {
+            // The name the ecosystem knows it by, for exports (PEFT's
+            // `base_model_name_or_path`, a model card's `base_model`): the
+            // config's `_name_or_path` when it has one, else the import's
+            // name (the directory's, by default).
+            let mut summary = summary;
+            let config_blob = &body.files[herd_engine::checkpoint::CONFIG];
+            let named = source_name(&ctx, config_blob).await;
+            summary["source_name"] = named.unwrap_or_else(|| body.name.clone()).into();
+            (ArtifactKind::Checkpoint, summary)
+        }
     };
     record_import(&ctx, hash, artifact, body.name, summary).await
 }
 
-/// The recorded checkpoint an adapter's config names as its base
-/// (`base_model_name_or_path`, which herd sets to the base's hash), if any.
-async fn named_base(ctx: &Ctx, config_blob: &str) -> Option<String> {
-    let path = ctx.state.store.blobs.path_of(config_blob).ok()?;
+/// A config's `_name_or_path`, when it is a name (not empty).
+async fn source_name(ctx: &Ctx, config_blob: &str) -> Option<String> {
+    let config = read_json_blob(ctx, config_blob).await?;
+    let named = config["_name_or_path"].as_str()?.trim();
+    (!named.is_empty()).then(|| named.to_string())
+}
+
+async fn read_json_blob(ctx: &Ctx, blob: &str) -> Option<Value> {
+    let path = ctx.state.store.blobs.path_of(blob).ok()?;
     let text = tokio::fs::read_to_string(path).await.ok()?;
-    let config: Value = serde_json::from_str(&text).ok()?;
-    let named = config["base_model_name_or_path"].as_str()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The recorded checkpoint an adapter's config names as its base: herd's
+/// own field (`herd_base_model`, which `herd export` writes beside the
+/// base's public name), else `base_model_name_or_path` (which the jobs set
+/// to the base's hash), if either is a recorded checkpoint.
+async fn named_base(ctx: &Ctx, config_blob: &str) -> Option<String> {
+    let config = read_json_blob(ctx, config_blob).await?;
     let p = ctx.state.projection.read().await;
-    p.artifacts
-        .get(named)
-        .filter(|a| a.artifact == ArtifactKind::Checkpoint)
-        .map(|a| a.hash.clone())
+    ["herd_base_model", "base_model_name_or_path"]
+        .iter()
+        .filter_map(|k| config[*k].as_str())
+        .find_map(|named| {
+            p.artifacts
+                .get(named)
+                .filter(|a| a.artifact == ArtifactKind::Checkpoint)
+                .map(|a| a.hash.clone())
+        })
 }
 
 /// Recorded artifacts; each job output names its maker as people address
