@@ -23,6 +23,7 @@ pub mod device;
 pub mod error;
 pub mod fused;
 pub mod generate;
+pub mod gguf;
 pub mod grpo;
 pub mod lora;
 pub mod loss;

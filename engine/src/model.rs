@@ -104,7 +104,7 @@ impl std::fmt::Debug for Llama {
 mod kv_cache;
 pub use kv_cache::KvCache;
 mod rope;
-use rope::rope_inv_freq;
+pub(crate) use rope::rope_inv_freq;
 
 /// x @ w^T over the last dim: [.., in] -> [.., out].
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {

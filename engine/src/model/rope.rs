@@ -5,7 +5,7 @@ use super::*;
 
 /// RoPE inverse frequencies and the cos/sin scale, as transformers'
 /// `ROPE_INIT_FUNCTIONS` compute them for each `rope_type`.
-pub(super) fn rope_inv_freq(cfg: &LlamaConfig) -> (Vec<f32>, f64) {
+pub(crate) fn rope_inv_freq(cfg: &LlamaConfig) -> (Vec<f32>, f64) {
     use crate::config::RopeScaling;
     let hd = cfg.head_dim;
     let base = cfg.rope_theta;

@@ -1,0 +1,360 @@
+//! A checkpoint as one GGUF file, the format llama.cpp, Ollama and
+//! LM Studio read: architecture `llama` and the hyperparameter keys
+//! llama.cpp reads for it, the tokenizer (byte-level BPE: vocabulary,
+//! merges, token types, special ids), the chat template, and the tensors
+//! named and laid out as llama.cpp's `convert_hf_to_gguf.py` lays them out,
+//! the q and k projections permuted from Hugging Face's rotate-half rows to
+//! GGML's interleaved pairs. Weights as f16 or q8_0 (candle's quantizer).
+//!
+//! Refused with the reason: reward models (a score head has no place in
+//! GGUF's `llama`), biases (Qwen2's layout is another architecture), RoPE
+//! scalings other than none, linear and Llama 3's, and SentencePiece-style
+//! vocabularies (byte fallback), which need scores this converter does not
+//! derive yet.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
+
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::{EngineError, Result};
+
+/// How the weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufDtype {
+    F16,
+    Q8_0,
+}
+
+impl std::str::FromStr for GgufDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" => Ok(GgufDtype::F16),
+            "q8_0" => Ok(GgufDtype::Q8_0),
+            other => Err(format!("GGUF dtype {other:?}: f16 or q8_0")),
+        }
+    }
+}
+
+fn bad(why: impl Into<String>) -> EngineError {
+    EngineError::Input(why.into())
+}
+
+/// Hugging Face's q/k rows (each head's first half of rotary dims, then the
+/// second) to GGML's (the two halves interleaved), as llama.cpp's converter
+/// permutes them. `w`: [heads·head_dim, hidden].
+fn permute_rotary(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let half = rows / heads / 2;
+    Ok(w.reshape((heads, 2, half, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+fn quantize(t: &Tensor, dtype: GgufDtype) -> Result<QTensor> {
+    let t = t.to_dtype(DType::F32)?;
+    // Norms and other vectors stay f32, as llama.cpp keeps them.
+    let ggml = match (t.rank(), dtype) {
+        (1, _) => GgmlDType::F32,
+        (_, GgufDtype::F16) => GgmlDType::F16,
+        (_, GgufDtype::Q8_0) if t.dims()[t.rank() - 1] % 32 == 0 => GgmlDType::Q8_0,
+        // A row not a multiple of q8_0's 32-value blocks stays f16.
+        (_, GgufDtype::Q8_0) => GgmlDType::F16,
+    };
+    Ok(QTensor::quantize(&t, ggml)?)
+}
+
+/// Write the checkpoint in `dir` (a Hugging Face directory) to `out`.
+pub fn write(dir: &Path, out: &Path, dtype: GgufDtype) -> Result<()> {
+    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    if config.num_labels > 0 {
+        return Err(bad(
+            "a reward model (a score head, LlamaForSequenceClassification) has no GGUF `llama` form; export it as safetensors",
+        ));
+    }
+    if config.attention_bias || config.mlp_bias {
+        return Err(bad(format!(
+            "a {} checkpoint with biases is not GGUF's `llama` layout; export it as safetensors",
+            config.arch.class()
+        )));
+    }
+    let tensors = crate::checkpoint::load_tensors(dir)?;
+    let tokenizer: serde_json::Value = read_json(&dir.join("tokenizer.json"))?;
+    let tokenizer_config = read_json(&dir.join("tokenizer_config.json")).ok();
+    let template = std::fs::read_to_string(dir.join("chat_template.jinja"))
+        .ok()
+        .or_else(|| {
+            tokenizer_config
+                .as_ref()?
+                .get("chat_template")?
+                .as_str()
+                .map(str::to_string)
+        });
+
+    let mut meta: Vec<(String, Value)> = vec![];
+    let mut put = |k: &str, v: Value| meta.push((k.to_string(), v));
+    let u32v = |x: usize| Value::U32(x as u32);
+    put("general.architecture", Value::String("llama".into()));
+    put(
+        "general.name",
+        Value::String(
+            dir.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        ),
+    );
+    put(
+        "general.file_type",
+        u32v(if dtype == GgufDtype::F16 { 1 } else { 7 }),
+    );
+    put("llama.vocab_size", u32v(config.vocab_size));
+    put("llama.context_length", u32v(config.max_position_embeddings));
+    put("llama.embedding_length", u32v(config.hidden_size));
+    put("llama.block_count", u32v(config.num_hidden_layers));
+    put("llama.feed_forward_length", u32v(config.intermediate_size));
+    put(
+        "llama.attention.head_count",
+        u32v(config.num_attention_heads),
+    );
+    put(
+        "llama.attention.head_count_kv",
+        u32v(config.num_key_value_heads),
+    );
+    put("llama.attention.key_length", u32v(config.head_dim));
+    put("llama.attention.value_length", u32v(config.head_dim));
+    put("llama.rope.dimension_count", u32v(config.head_dim));
+    put("llama.rope.freq_base", Value::F32(config.rope_theta as f32));
+    put(
+        "llama.attention.layer_norm_rms_epsilon",
+        Value::F32(config.rms_norm_eps as f32),
+    );
+    let mut rope_freqs = None;
+    match &config.rope_scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => {
+            put("llama.rope.scaling.type", Value::String("linear".into()));
+            put("llama.rope.scaling.factor", Value::F32(*factor as f32));
+        }
+        // llama.cpp applies Llama 3's frequency scaling through a
+        // `rope_freqs` tensor of per-pair divisors, as its converter writes.
+        Some(RopeScaling::Llama3(_)) => {
+            let (inv, _) = crate::model::rope_inv_freq(&config);
+            let factors: Vec<f32> = inv
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let base = 1.0
+                        / config
+                            .rope_theta
+                            .powf(2.0 * i as f64 / config.head_dim as f64);
+                    (base / *f as f64) as f32
+                })
+                .collect();
+            rope_freqs = Some(Tensor::new(factors, &candle_core::Device::Cpu)?);
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "RoPE scaling `{}` has no GGUF form here (none, linear and llama3 do)",
+                other.rope_type()
+            )))
+        }
+    }
+    for (k, v) in tokenizer_meta(&tokenizer, &config)? {
+        put(&k, v);
+    }
+    if let Some(t) = template {
+        put("tokenizer.chat_template", Value::String(t));
+    }
+
+    // Tensors under llama.cpp's names.
+    let get = |name: &str| {
+        tensors
+            .get(name)
+            .ok_or_else(|| bad(format!("{}: no tensor `{name}`", dir.display())))
+    };
+    let mut named: Vec<(String, QTensor)> = vec![];
+    named.push((
+        "token_embd.weight".into(),
+        quantize(get("model.embed_tokens.weight")?, dtype)?,
+    ));
+    for l in 0..config.num_hidden_layers {
+        let hf = |s: &str| format!("model.layers.{l}.{s}");
+        let blk = |s: &str| format!("blk.{l}.{s}");
+        let q = permute_rotary(
+            get(&hf("self_attn.q_proj.weight"))?,
+            config.num_attention_heads,
+        )?;
+        let k = permute_rotary(
+            get(&hf("self_attn.k_proj.weight"))?,
+            config.num_key_value_heads,
+        )?;
+        named.push((
+            blk("attn_norm.weight"),
+            quantize(get(&hf("input_layernorm.weight"))?, dtype)?,
+        ));
+        named.push((blk("attn_q.weight"), quantize(&q, dtype)?));
+        named.push((blk("attn_k.weight"), quantize(&k, dtype)?));
+        named.push((
+            blk("attn_v.weight"),
+            quantize(get(&hf("self_attn.v_proj.weight"))?, dtype)?,
+        ));
+        named.push((
+            blk("attn_output.weight"),
+            quantize(get(&hf("self_attn.o_proj.weight"))?, dtype)?,
+        ));
+        named.push((
+            blk("ffn_norm.weight"),
+            quantize(get(&hf("post_attention_layernorm.weight"))?, dtype)?,
+        ));
+        named.push((
+            blk("ffn_gate.weight"),
+            quantize(get(&hf("mlp.gate_proj.weight"))?, dtype)?,
+        ));
+        named.push((
+            blk("ffn_up.weight"),
+            quantize(get(&hf("mlp.up_proj.weight"))?, dtype)?,
+        ));
+        named.push((
+            blk("ffn_down.weight"),
+            quantize(get(&hf("mlp.down_proj.weight"))?, dtype)?,
+        ));
+    }
+    named.push((
+        "output_norm.weight".into(),
+        quantize(get("model.norm.weight")?, dtype)?,
+    ));
+    // Tied embeddings: llama.cpp reuses token_embd when `output` is absent.
+    if !config.tie_word_embeddings {
+        named.push((
+            "output.weight".into(),
+            quantize(get("lm_head.weight")?, dtype)?,
+        ));
+    }
+    if let Some(f) = rope_freqs {
+        named.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&f, GgmlDType::F32)?,
+        ));
+    }
+
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let partial = out.with_extension("gguf.partial");
+    let io = |e| EngineError::io(out, e);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io)?);
+    candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    let file = f.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&partial, out).map_err(io)?;
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
+}
+
+/// The tokenizer as GGUF's `gpt2` model (byte-level BPE): every id's token
+/// up to the model's vocabulary size (ids past the tokenizer are padding,
+/// typed unused), merges, types (1 normal, 3 control for special added
+/// tokens, 4 user-defined for other added ones, 5 unused) and special ids.
+fn tokenizer_meta(tok: &serde_json::Value, config: &LlamaConfig) -> Result<Vec<(String, Value)>> {
+    let model = &tok["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true {
+        return Err(bad(
+            "a SentencePiece-style vocabulary (byte fallback) is not written to GGUF yet; byte-level BPE tokenizers (Llama 3, ChatML models) are",
+        ));
+    }
+    let mut tokens: BTreeMap<usize, (String, i32)> = BTreeMap::new();
+    for (t, id) in model["vocab"].as_object().into_iter().flatten() {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad("tokenizer.json: a vocabulary id is not a number"))?;
+        tokens.insert(id as usize, (t.clone(), 1));
+    }
+    for a in tok["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            continue;
+        };
+        let kind = if a["special"] == true { 3 } else { 4 };
+        tokens.insert(id as usize, (content.to_string(), kind));
+    }
+    let n = config
+        .vocab_size
+        .max(tokens.keys().last().map_or(0, |k| k + 1));
+    let (mut list, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for id in 0..n {
+        let (t, kind) = tokens
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| (format!("[PAD{id}]"), 5));
+        list.push(Value::String(t));
+        types.push(Value::I32(kind));
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            serde_json::Value::Array(pair) => Value::String(
+                pair.iter()
+                    .filter_map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            other => Value::String(other.to_string()),
+        })
+        .collect();
+    let mut meta = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String("llama-bpe".into()),
+        ),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(list)),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+    ];
+    if let Some(b) = config.bos_token_id {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(e) = config.eos_token_ids.first() {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(*e)));
+    }
+    if let Some(p) = config.pad_token_id {
+        meta.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(p)));
+    }
+    meta.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        Value::Bool(config.bos_token_id.is_some()),
+    ));
+    Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_rows_are_interleaved_per_head() {
+        // One head, head_dim 4: rows [a0, a1, b0, b1] -> [a0, b0, a1, b1].
+        let w = Tensor::new(&[[0f32], [1.], [2.], [3.]], &candle_core::Device::Cpu).unwrap();
+        let p: Vec<f32> = permute_rotary(&w, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(p, [0., 2., 1., 3.]);
+    }
+}
