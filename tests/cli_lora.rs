@@ -197,6 +197,25 @@ fn lora_adapter_through_the_cli() {
             "merged {name}: {a} vs {b}"
         );
     }
+
+    // The merged checkpoint as GGUF for llama.cpp; an adapter is refused
+    // with the way to merge it, a reward model with the reason.
+    let gguf = dir.path().join("merged.gguf");
+    let done = cli.json(&["export", &merged, gguf.to_str().unwrap(), "--dtype", "q8_0"]);
+    assert_eq!(done["format"], "gguf", "{done}");
+    assert!(std::fs::read(&gguf).unwrap().starts_with(b"GGUF"));
+    let err = raw(format!(
+        "export {trained} {} --format gguf",
+        dir.path().join("a.gguf").display()
+    ));
+    assert!(err.contains("merge it into its base first"), "{err}");
+    let rm = q(format!("import model {}", fx("rm")));
+    let err = raw(format!(
+        "export {rm} {}",
+        dir.path().join("rm.gguf").display()
+    ));
+    assert!(err.contains("reward model"), "{err}");
+    assert!(!dir.path().join("rm.gguf").exists());
 }
 
 /// PEFT's one-liner finds the exported adapter's base by the name herd

@@ -435,6 +435,27 @@ impl Client {
     /// Stream a blob into `out`; the daemon verifies it as it sends.
     /// Stream blob `hash` into `out`, hashing what arrives: bytes that don't
     /// hash to `hash` (a corrupt blob, a cut connection) are an error.
+    /// A checkpoint as one GGUF file (`dtype` f16 or q8_0), converted by
+    /// herdd from the verified blobs, into `out`; its size.
+    pub fn export_gguf(
+        &self,
+        hash: &str,
+        dtype: &str,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64> {
+        let resp = self.handle(
+            self.req(
+                "GET",
+                &format!("/artifacts/{}/gguf?dtype={}", enc(hash), enc(dtype)),
+            )
+            .call(),
+        )?;
+        std::io::copy(&mut resp.into_reader(), out).map_err(|e| ClientError::Io {
+            path: format!("GGUF of {hash}"),
+            source: e,
+        })
+    }
+
     pub fn download(&self, hash: &str, out: &mut dyn std::io::Write) -> Result<u64> {
         use sha2::Digest;
         let resp = self.handle(self.req("GET", &format!("/blobs/{}", enc(hash))).call())?;

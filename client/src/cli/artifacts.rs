@@ -300,6 +300,8 @@ pub(super) struct ExportAs<'a> {
     pub force: bool,
     pub base_name: Option<&'a str>,
     pub as_recorded: bool,
+    /// GGUF with this dtype, instead of the recorded files.
+    pub gguf: Option<&'a str>,
 }
 
 pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, how: &ExportAs, js: bool) -> Result<()> {
@@ -320,6 +322,27 @@ pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, how: &ExportAs, js: b
             "{} exists and is not empty; pass --force to overwrite",
             to.display()
         )));
+    }
+    if let Some(dtype) = how.gguf {
+        let io = |e| ClientError::Io {
+            path: to.display().to_string(),
+            source: e,
+        };
+        let partial = to.with_extension("gguf.partial");
+        let mut out = std::fs::File::create(&partial).map_err(io)?;
+        let written = c
+            .export_gguf(hash, dtype, &mut out)
+            .and_then(|n| out.sync_all().map(|_| n).map_err(io))
+            .and_then(|n| std::fs::rename(&partial, to).map(|_| n).map_err(io));
+        let bytes = written.inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })?;
+        print(
+            js,
+            &json!({"file": to, "bytes": bytes, "format": "gguf", "dtype": dtype}),
+            || println!("wrote {} ({dtype} GGUF, {bytes} bytes)", to.display()),
+        );
+        return Ok(());
     }
     if a.artifact.is_directory() {
         let files = c.export(hash, to)?;

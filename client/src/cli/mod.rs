@@ -169,6 +169,13 @@ pub enum Command {
         /// config untouched (a re-import gives the same hash)
         #[arg(long)]
         as_recorded: bool,
+        /// `gguf`: a checkpoint as one GGUF file for llama.cpp and Ollama
+        /// (default for a path ending in .gguf); else the recorded files
+        #[arg(long)]
+        format: Option<String>,
+        /// GGUF weights: f16 or q8_0
+        #[arg(long, default_value = "f16")]
+        dtype: String,
     },
     /// What each job kind takes, makes and its hyperparameters with
     /// defaults. Example: herd kinds dpo
@@ -369,11 +376,24 @@ pub fn run(cli: &Cli) -> Result<()> {
             force,
             base_name,
             as_recorded,
+            format,
+            dtype,
         } => {
+            let gguf = match format.as_deref() {
+                Some("gguf") => true,
+                Some("safetensors" | "files") => false,
+                Some(other) => {
+                    return Err(ClientError::Usage(format!(
+                        "--format {other}: gguf, or files (the recorded files, the default)"
+                    )))
+                }
+                None => to.extension().is_some_and(|e| e == "gguf"),
+            };
             let how = artifacts::ExportAs {
                 force: *force,
                 base_name: base_name.as_deref(),
                 as_recorded: *as_recorded,
+                gguf: gguf.then_some(dtype.as_str()),
             };
             artifacts::export(&c, &resolve::hash(&c, hash)?, to, &how, js)?
         }

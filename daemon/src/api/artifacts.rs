@@ -187,39 +187,10 @@ async fn get_blob(hash: String, ctx: Ctx) -> Res {
             })
         })?;
     let reader = ctx.state.store.blobs.reader(&hash).map_err(internal)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        let mut reader = reader;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match std::io::Read::read(&mut reader, &mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            }
-        }
-    });
-    let stream = tokio_stream_from(rx);
     Ok(warp::http::Response::builder()
         .header("content-type", "application/octet-stream")
-        .body(warp::hyper::Body::wrap_stream(stream))
+        .body(stream_reader(reader))
         .map_err(internal)?)
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl Stream<Item = T> + Send {
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
 async fn get_tree(hash: String, ctx: Ctx) -> Res {

@@ -31,6 +31,7 @@ use herd_core::wire::{
 mod artifacts;
 pub mod bodies;
 mod experiments;
+mod exports;
 mod jobs;
 mod kinds;
 mod record;
@@ -180,6 +181,7 @@ type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 pub(crate) fn api(ctx: &Ctx) -> Route {
     let mut routes: Vec<Route> = vec![];
     routes.extend(experiments::routes(ctx));
+    routes.extend(exports::routes(ctx));
     routes.extend(artifacts::routes(ctx));
     routes.extend(jobs::routes(ctx));
     routes.extend(rounds::routes(ctx));
@@ -264,4 +266,34 @@ fn reply_json<T: Serialize>(v: &T) -> Res {
 
 fn created(v: Value) -> Res {
     Ok(warp::reply::with_status(warp::reply::json(&v), StatusCode::CREATED).into_response())
+}
+
+/// A response body read from `reader` on a blocking thread, 1 MiB at a
+/// time (blob downloads, GGUF exports): memory stays flat whatever the size.
+fn stream_reader(reader: impl std::io::Read + Send + 'static) -> warp::hyper::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    warp::hyper::Body::wrap_stream(stream)
 }
