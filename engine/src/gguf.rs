@@ -5,12 +5,14 @@
 //! named and laid out as llama.cpp's `convert_hf_to_gguf.py` lays them out,
 //! the q and k projections permuted from Hugging Face's rotate-half rows to
 //! GGML's interleaved pairs. Weights as f16 or q8_0 (candle's quantizer).
+//! Tokenizers: byte-level BPE as GGUF's `gpt2` model (Llama 3), and
+//! SentencePiece-style BPE (byte fallback: Llama 2, Mistral) as its `llama`
+//! model, with scores that replay the merges in order.
 //!
 //! Refused with the reason: reward models (a score head has no place in
 //! GGUF's `llama`), biases (Qwen2's layout is another architecture), RoPE
-//! scalings other than none, linear and Llama 3's, and SentencePiece-style
-//! vocabularies (byte fallback), which need scores this converter does not
-//! derive yet.
+//! scalings other than none, linear and Llama 3's, and tokenizers that are
+//! not BPE.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -260,17 +262,21 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
 }
 
-/// The tokenizer as GGUF's `gpt2` model (byte-level BPE): every id's token
+/// The tokenizer as GGUF's `gpt2` (byte-level BPE) or `llama`
+/// (SentencePiece-style) model: every id's token
 /// up to the model's vocabulary size (ids past the tokenizer are padding,
 /// typed unused), merges, types (1 normal, 3 control for special added
 /// tokens, 4 user-defined for other added ones, 5 unused) and special ids.
 fn tokenizer_meta(tok: &serde_json::Value, config: &LlamaConfig) -> Result<Vec<(String, Value)>> {
     let model = &tok["model"];
-    if model["type"] != "BPE" || model["byte_fallback"] == true {
-        return Err(bad(
-            "a SentencePiece-style vocabulary (byte fallback) is not written to GGUF yet; byte-level BPE tokenizers (Llama 3, ChatML models) are",
-        ));
+    if model["type"] != "BPE" {
+        return Err(bad(format!(
+            "a {} tokenizer has no GGUF form here (BPE, byte-level or SentencePiece-style, does)",
+            model["type"]
+        )));
     }
+    // SentencePiece-style (Llama 2, Mistral): byte fallback, `▁` for spaces.
+    let sentencepiece = model["byte_fallback"] == true;
     let mut tokens: BTreeMap<usize, (String, i32)> = BTreeMap::new();
     for (t, id) in model["vocab"].as_object().into_iter().flatten() {
         let id = id
@@ -288,6 +294,17 @@ fn tokenizer_meta(tok: &serde_json::Value, config: &LlamaConfig) -> Result<Vec<(
     let n = config
         .vocab_size
         .max(tokens.keys().last().map_or(0, |k| k + 1));
+    // SentencePiece's byte pieces (<0x0A>) are typed 6, its unknown 2.
+    if sentencepiece {
+        let unk = model["unk_token"].as_str();
+        for (t, kind) in tokens.values_mut() {
+            if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') {
+                *kind = 6;
+            } else if Some(t.as_str()) == unk {
+                *kind = 2;
+            }
+        }
+    }
     let (mut list, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for id in 0..n {
         let (t, kind) = tokens
@@ -312,19 +329,47 @@ fn tokenizer_meta(tok: &serde_json::Value, config: &LlamaConfig) -> Result<Vec<(
             other => Value::String(other.to_string()),
         })
         .collect();
-    let mut meta = vec![
-        (
-            "tokenizer.ggml.model".to_string(),
-            Value::String("gpt2".into()),
-        ),
-        (
-            "tokenizer.ggml.pre".to_string(),
+    let mut meta = vec![];
+    if sentencepiece {
+        // llama.cpp merges SentencePiece pieces greedily by score: a merged
+        // piece scores minus its merge's rank, so earlier merges win, as in
+        // BPE; other pieces score 0.
+        let mut scores = vec![0f32; n];
+        let index: BTreeMap<&str, usize> = tokens
+            .iter()
+            .map(|(id, (t, _))| (t.as_str(), *id))
+            .collect();
+        for (rank, m) in merges.iter().enumerate() {
+            if let Value::String(m) = m {
+                if let Some(&id) = index.get(m.replacen(' ', "", 1).as_str()) {
+                    if scores[id] == 0.0 {
+                        scores[id] = -(rank as f32) - 1.0;
+                    }
+                }
+            }
+        }
+        meta.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+        meta.push((
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ));
+        meta.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(true)));
+        if let Some(unk) = model["unk_token"].as_str().and_then(|u| index.get(u)) {
+            meta.push((
+                "tokenizer.ggml.unknown_token_id".into(),
+                Value::U32(*unk as u32),
+            ));
+        }
+    } else {
+        meta.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+        meta.push((
+            "tokenizer.ggml.pre".into(),
             Value::String("llama-bpe".into()),
-        ),
-        ("tokenizer.ggml.tokens".to_string(), Value::Array(list)),
-        ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
-        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
-    ];
+        ));
+    }
+    meta.push(("tokenizer.ggml.tokens".into(), Value::Array(list)));
+    meta.push(("tokenizer.ggml.token_type".into(), Value::Array(types)));
+    meta.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
     if let Some(b) = config.bos_token_id {
         meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
     }

@@ -110,19 +110,20 @@ fn keys_names_and_the_rotary_permutation_read_back() {
 }
 
 #[test]
-fn reward_models_and_sentencepiece_vocabularies_are_refused_with_the_reason() {
+fn reward_models_and_biases_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let rm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama-tiny/rm");
     let err = write(&rm, &dir.path().join("rm.gguf"), GgufDtype::F16).unwrap_err();
     assert!(err.to_string().contains("reward model"), "{err}");
     let err = write(
-        &families().join("llama2"),
-        &dir.path().join("l2.gguf"),
+        &families().join("chatml"),
+        &dir.path().join("b.gguf"),
         GgufDtype::F16,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("SentencePiece"), "{err}");
+    assert!(err.to_string().contains("biases"), "{err}");
     assert!(!dir.path().join("rm.gguf").exists());
+    assert!(!dir.path().join("b.gguf").exists());
 }
 
 fn python() -> Option<String> {
@@ -178,7 +179,7 @@ fn transformers_loads_the_gguf() {
     let Some(python) = python() else {
         return;
     };
-    for family in ["llama31", "tied"] {
+    for family in ["llama31", "tied", "llama2"] {
         let dir = tempfile::tempdir().unwrap();
         let src = source(family, dir.path());
         write(&src, &dir.path().join("f16.gguf"), GgufDtype::F16).unwrap();
