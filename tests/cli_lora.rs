@@ -216,6 +216,24 @@ fn lora_adapter_through_the_cli() {
     ));
     assert!(err.contains("reward model"), "{err}");
     assert!(!dir.path().join("rm.gguf").exists());
+
+    // A base that came with its own card: the export keeps it beside
+    // herd's as README.base.md, and herd's carries its license.
+    let carded = dir.path().join("carded-base");
+    std::fs::create_dir_all(&carded).unwrap();
+    for f in std::fs::read_dir(f.join("ref")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, carded.join(f.file_name().unwrap())).unwrap();
+    }
+    let own = "---\nlicense: apache-2.0\n---\n# The base's own card\n";
+    std::fs::write(carded.join("README.md"), own).unwrap();
+    let with_card = q(format!("import model {}", carded.display()));
+    let out = dir.path().join("carded-out");
+    cli.json(&["export", &with_card, out.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(out.join("README.base.md")).unwrap(), own);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("\nlicense: \"apache-2.0\"\n"), "{card}");
+    assert!(card.contains("README.base.md"), "{card}");
 }
 
 /// PEFT's one-liner finds the exported adapter's base by the name herd
