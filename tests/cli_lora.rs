@@ -230,7 +230,10 @@ fn lora_adapter_through_the_cli() {
     let with_card = q(format!("import model {}", carded.display()));
     let out = dir.path().join("carded-out");
     cli.json(&["export", &with_card, out.to_str().unwrap()]);
-    assert_eq!(std::fs::read_to_string(out.join("README.base.md")).unwrap(), own);
+    assert_eq!(
+        std::fs::read_to_string(out.join("README.base.md")).unwrap(),
+        own
+    );
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.contains("\nlicense: \"apache-2.0\"\n"), "{card}");
     assert!(card.contains("README.base.md"), "{card}");

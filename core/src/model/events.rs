@@ -173,6 +173,17 @@ pub enum HerdEvent {
         #[serde(default = "requeued_by_default")]
         requeued: bool,
     },
+    /// Parameters and tags an external run logged after it opened
+    /// (MLflow's `log-parameter`, `set-tag`, `log-batch`): added to its
+    /// hyperparameters and tags. A parameter, once logged, never changes
+    /// (the API refuses another value before anything is recorded).
+    RunLogged {
+        job: Uuid,
+        #[serde(default)]
+        params: BTreeMap<String, Value>,
+        #[serde(default)]
+        tags: BTreeMap<String, String>,
+    },
     /// `herdd repair --accept-loss` set damaged events aside (or found
     /// acknowledged ones missing): the record says so from here on.
     HistoryRepaired {
@@ -208,7 +219,8 @@ impl HerdEvent {
             | HerdEvent::JobSucceeded { job, .. }
             | HerdEvent::JobFailed { job, .. }
             | HerdEvent::JobCancelled { job, .. }
-            | HerdEvent::JobInterrupted { job, .. } => Some(*job),
+            | HerdEvent::JobInterrupted { job, .. }
+            | HerdEvent::RunLogged { job, .. } => Some(*job),
             HerdEvent::ExperimentCreated { .. }
             | HerdEvent::ArtifactImported { .. }
             | HerdEvent::RoundSubmitted { .. }
@@ -230,6 +242,7 @@ impl HerdEvent {
             HerdEvent::JobFailed { .. } => "JobFailed",
             HerdEvent::JobCancelled { .. } => "JobCancelled",
             HerdEvent::JobInterrupted { .. } => "JobInterrupted",
+            HerdEvent::RunLogged { .. } => "RunLogged",
             HerdEvent::HistoryRepaired { .. } => "HistoryRepaired",
             HerdEvent::Unknown { .. } => "Unknown",
         }
@@ -284,6 +297,7 @@ impl HerdEvent {
             "JobFailed",
             "JobCancelled",
             "JobInterrupted",
+            "RunLogged",
             "HistoryRepaired",
         ];
         if !known.contains(&rec.event_type) {

@@ -133,6 +133,9 @@ pub struct JobView {
     pub submitted_ms: u64,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
+    /// An external run's tags (MLflow's `set-tag`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl JobView {
@@ -428,6 +431,7 @@ impl Projection {
                         error: None,
                         submitted_seq: seq,
                         submitted_ms: ts,
+                        tags: BTreeMap::new(),
                         started_ms: None,
                         finished_ms: None,
                     },
@@ -517,6 +521,20 @@ impl Projection {
                     produced_by: Some(job),
                     recorded_seq: seq,
                 });
+            }
+            HerdEvent::RunLogged { job, params, tags } => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    for hp in [&mut j.hyperparameters, &mut j.effective_hyperparameters] {
+                        if !hp.is_object() {
+                            *hp = Value::Object(Default::default());
+                        }
+                        let m = hp.as_object_mut().expect("an object");
+                        for (k, v) in &params {
+                            m.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
+                    }
+                    j.tags.extend(tags);
+                }
             }
             HerdEvent::JobSucceeded { job, summary } => {
                 if let Some(j) = self.jobs.get_mut(&job) {

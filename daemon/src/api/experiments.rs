@@ -30,6 +30,12 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
 }
 
 async fn create_experiment(ctx: Ctx, body: NewExperiment) -> Res {
+    let id = create(&ctx, body).await?;
+    created(json!(Created { id }))
+}
+
+/// Record a new experiment under a unique name; its id.
+pub(super) async fn create(ctx: &Ctx, body: NewExperiment) -> Result<Uuid, Rejection> {
     herd_core::vocab::check_name(&body.name).map_err(|e| bad(format!("field `name`: {e}")))?;
     if body.name.parse::<Uuid>().is_ok() || body.name.contains('/') {
         return Err(bad(format!(
@@ -56,7 +62,7 @@ async fn create_experiment(ctx: Ctx, body: NewExperiment) -> Res {
         .record_one(&streams::experiment(id), event)
         .await
         .map_err(internal)?;
-    created(json!(Created { id }))
+    Ok(id)
 }
 
 async fn list_experiments(ctx: Ctx) -> Res {

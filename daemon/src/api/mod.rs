@@ -34,6 +34,7 @@ mod experiments;
 mod exports;
 mod jobs;
 mod kinds;
+mod mlflow;
 mod record;
 mod rounds;
 mod runs;
@@ -182,6 +183,7 @@ pub(crate) fn api(ctx: &Ctx) -> Route {
     let mut routes: Vec<Route> = vec![];
     routes.extend(experiments::routes(ctx));
     routes.extend(exports::routes(ctx));
+    routes.extend(mlflow::routes(ctx));
     routes.extend(artifacts::routes(ctx));
     routes.extend(jobs::routes(ctx));
     routes.extend(rounds::routes(ctx));

@@ -36,6 +36,12 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
 }
 
 async fn open_run(ctx: Ctx, body: NewRun) -> Res {
+    let id = open(&ctx, body).await?;
+    created(json!(Created { id }))
+}
+
+/// Record a new external run (its submission and start); its id.
+pub(super) async fn open(ctx: &Ctx, body: NewRun) -> Result<Uuid, Rejection> {
     herd_core::vocab::check_name(&body.name).map_err(|e| bad(format!("field `name`: {e}")))?;
     if !(body.hyperparameters.is_object() || body.hyperparameters.is_null()) {
         return Err(bad(
@@ -86,10 +92,10 @@ async fn open_run(ctx: Ctx, body: NewRun) -> Res {
         },
     ];
     ctx.state.record(&stream, events).await.map_err(internal)?;
-    created(json!(Created { id }))
+    Ok(id)
 }
 
-async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
+pub(super) async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
     let p = ctx.state.projection.read().await;
     let j = p
         .rows
@@ -105,6 +111,18 @@ async fn open_run_view(ctx: &Ctx, id: Uuid) -> Result<(), Rejection> {
 }
 
 async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
+    let (n, seq) = log(&ctx, id, body.points).await?;
+    ok(json!(MetricsAccepted { accepted: n, seq }))
+}
+
+/// Record an open run's metric points, each checked (finite, a printable
+/// name); how many and the sequence number of the last event.
+pub(super) async fn log(
+    ctx: &Ctx,
+    id: Uuid,
+    points: Vec<herd_core::model::MetricPoint>,
+) -> Result<(usize, u64), Rejection> {
+    let body = MetricBatch { points };
     if body.points.is_empty() || body.points.len() > MAX_POINTS {
         return Err(bad(format!("field `points`: 1 to {MAX_POINTS} points")));
     }
@@ -140,7 +158,7 @@ async fn log_metrics(id: Uuid, ctx: Ctx, body: MetricBatch) -> Res {
         .record(&streams::job(id), events)
         .await
         .map_err(internal)?;
-    ok(json!(MetricsAccepted { accepted: n, seq }))
+    Ok((n, seq))
 }
 
 async fn log_artifact(id: Uuid, ctx: Ctx, body: RunOutput) -> Res {
@@ -198,7 +216,13 @@ async fn log_artifact(id: Uuid, ctx: Ctx, body: RunOutput) -> Res {
 }
 
 async fn close_run(id: Uuid, ctx: Ctx, body: RunEnded) -> Res {
-    open_run_view(&ctx, id).await?;
+    close(&ctx, id, body).await?;
+    ok(json!({"ok": true}))
+}
+
+/// End an open run, succeeded or failed.
+pub(super) async fn close(ctx: &Ctx, id: Uuid, body: RunEnded) -> Result<(), Rejection> {
+    open_run_view(ctx, id).await?;
     let event = match body.status.as_str() {
         "succeeded" => HerdEvent::JobSucceeded {
             job: id,
@@ -218,5 +242,5 @@ async fn close_run(id: Uuid, ctx: Ctx, body: RunEnded) -> Res {
         .record_one(&streams::job(id), event)
         .await
         .map_err(internal)?;
-    ok(json!({"ok": true}))
+    Ok(())
 }

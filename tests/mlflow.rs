@@ -1,0 +1,222 @@
+//! The MLflow-compatible door: what an MLflow client sends, over HTTP, as
+//! MLflow's REST API spells it, lands in herd's record (an experiment, an
+//! external run with its params, tags and metrics) and reads back in
+//! MLflow's shapes and through herd's own API. With a Python that has the
+//! `mlflow` package (HERD_PYTHON, else python3), MLflow's own client logs a
+//! run too; without one that part says loudly it was skipped.
+
+mod common;
+
+use common::*;
+use herd_client::ClientError;
+use serde_json::{json, Value};
+
+const API: &str = "/api/2.0/mlflow";
+
+fn code(r: Result<Value, ClientError>) -> (u16, String) {
+    match r {
+        Err(ClientError::Api { status, message }) => (status, message),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_mlflow_client_logs_into_herd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let exp = c
+        .post(
+            &format!("{API}/experiments/create"),
+            &json!({"name": "mlf"}),
+        )
+        .unwrap()["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let got = c
+        .get(&format!(
+            "{API}/experiments/get-by-name?experiment_name=mlf"
+        ))
+        .unwrap();
+    assert_eq!(got["experiment"]["experiment_id"], exp.as_str());
+    let (status, message) = code(c.get(&format!(
+        "{API}/experiments/get-by-name?experiment_name=nope"
+    )));
+    assert_eq!(status, 404);
+    assert!(
+        message.contains("RESOURCE_DOES_NOT_EXIST") || message.contains("no experiment"),
+        "{message}"
+    );
+    assert_eq!(
+        code(c.post(
+            &format!("{API}/experiments/create"),
+            &json!({"name": "mlf"})
+        ))
+        .0,
+        409
+    );
+
+    let run = c
+        .post(
+            &format!("{API}/runs/create"),
+            &json!({"experiment_id": exp, "run_name": "trainer", "start_time": 1,
+                    "tags": [{"key": "team", "value": "post-training"}]}),
+        )
+        .unwrap();
+    let id = run["run"]["info"]["run_id"].as_str().unwrap().to_string();
+    assert_eq!(run["run"]["info"]["status"], "RUNNING");
+    c.post(
+        &format!("{API}/runs/log-batch"),
+        &json!({"run_id": id,
+                "params": [{"key": "learning_rate", "value": "0.0003"}, {"key": "optim", "value": "adamw"}],
+                "metrics": [{"key": "loss", "value": 2.5, "timestamp": 5, "step": 1},
+                            {"key": "loss", "value": 1.5, "timestamp": 6, "step": 2}]}),
+    )
+    .unwrap();
+    c.post(
+        &format!("{API}/runs/log-metric"),
+        &json!({"run_id": id, "key": "loss", "value": 1.0, "timestamp": 7, "step": 3}),
+    )
+    .unwrap();
+    c.post(
+        &format!("{API}/runs/log-parameter"),
+        &json!({"run_id": id, "key": "epochs", "value": "3"}),
+    )
+    .unwrap();
+    c.post(
+        &format!("{API}/runs/set-tag"),
+        &json!({"run_id": id, "key": "stage", "value": "sft"}),
+    )
+    .unwrap();
+    // Params never change; a NaN is refused; nothing of either is recorded.
+    let (status, _) = code(c.post(
+        &format!("{API}/runs/log-parameter"),
+        &json!({"run_id": id, "key": "epochs", "value": "4"}),
+    ));
+    assert_eq!(status, 400);
+    let history = c
+        .get(&format!(
+            "{API}/metrics/get-history?run_id={id}&metric_key=loss"
+        ))
+        .unwrap();
+    let steps: Vec<(u64, f64)> = history["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["step"].as_u64().unwrap(), m["value"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(steps, [(1, 2.5), (2, 1.5), (3, 1.0)]);
+
+    // Searched with a filter, then finished.
+    let found = c
+        .post(
+            &format!("{API}/runs/search"),
+            &json!({"experiment_ids": [exp], "filter": "metrics.loss < 1.5 and params.optim = 'adamw'"}),
+        )
+        .unwrap();
+    assert_eq!(found["runs"].as_array().unwrap().len(), 1, "{found}");
+    let none = c
+        .post(
+            &format!("{API}/runs/search"),
+            &json!({"experiment_ids": [exp], "filter": "metrics.loss > 5"}),
+        )
+        .unwrap();
+    assert!(none["runs"].as_array().unwrap().is_empty());
+    let ended = c
+        .post(
+            &format!("{API}/runs/update"),
+            &json!({"run_id": id, "status": "FINISHED", "end_time": 9}),
+        )
+        .unwrap();
+    assert_eq!(ended["run_info"]["status"], "FINISHED");
+    let got = c.get(&format!("{API}/runs/get?run_id={id}")).unwrap();
+    let params: Vec<(String, String)> = got["run"]["data"]["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["key"].as_str().unwrap().into(),
+                p["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        params.contains(&("optim".into(), "adamw".into())),
+        "{params:?}"
+    );
+    assert!(
+        params.contains(&("epochs".into(), "3".into())),
+        "{params:?}"
+    );
+
+    // herd's own view: an external run in the experiment, numbers as
+    // numbers (history filters on them), tags kept.
+    let j = c.job(&id).unwrap();
+    assert_eq!(j.status, herd_client::JobStatus::Succeeded);
+    assert_eq!(j.hyperparameters["learning_rate"], json!(0.0003));
+    assert_eq!(j.tags["team"], "post-training");
+    assert_eq!(j.last_metrics["loss"], (3, 1.0));
+    let h = c
+        .jobs(&herd_client::JobQuery {
+            where_: Some("hp.learning_rate<1e-3".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(h.len(), 1);
+    // A closed run takes nothing more.
+    assert_eq!(
+        code(c.post(
+            &format!("{API}/runs/log-metric"),
+            &json!({"run_id": id, "key": "loss", "value": 0.5, "step": 4}),
+        ))
+        .0,
+        409
+    );
+    mlflow_client_logs(&d);
+}
+
+/// MLflow's own Python client against herd, if there is one.
+fn mlflow_client_logs(d: &Daemon) {
+    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = std::process::Command::new(&python)
+        .args(["-c", "import mlflow"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        system::skip(
+            "mlflow_client_logs",
+            &format!("{python} has no mlflow package (set HERD_PYTHON)"),
+            "HERD_REQUIRE_MLFLOW",
+        );
+        return;
+    }
+    let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
+    let script = "import mlflow\nmlflow.set_experiment('from-mlflow')\nwith mlflow.start_run(run_name='py'):\n    mlflow.log_params({'lr': 1e-4, 'beta': 0.1})\n    for s in range(5): mlflow.log_metric('loss', 1.0 / (s + 1), step=s)\n    mlflow.set_tag('k', 'v')\nprint(mlflow.search_runs(experiment_names=['from-mlflow']).shape[0])";
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .env("MLFLOW_TRACKING_URI", format!("http://{}", d.addr))
+        .env("MLFLOW_TRACKING_TOKEN", token.trim())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mlflow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = d.client();
+    let runs = c
+        .jobs(&herd_client::JobQuery {
+            kind: Some(herd_client::JobKind::External),
+            ..Default::default()
+        })
+        .unwrap();
+    let py = runs
+        .iter()
+        .find(|j| j.name == "py")
+        .expect("the run MLflow logged");
+    assert_eq!(py.status, herd_client::JobStatus::Succeeded);
+    assert_eq!(py.last_metrics["loss"], (4, 0.2));
+    assert_eq!(py.hyperparameters["beta"], json!(0.1));
+}
