@@ -196,7 +196,15 @@ fn mlflow_client_logs(d: &Daemon) {
     let script = "import mlflow\nmlflow.set_experiment('from-mlflow')\nwith mlflow.start_run(run_name='py'):\n    mlflow.log_params({'lr': 1e-4, 'beta': 0.1})\n    for s in range(5): mlflow.log_metric('loss', 1.0 / (s + 1), step=s)\n    mlflow.set_tag('k', 'v')\nprint(mlflow.search_runs(experiment_names=['from-mlflow']).shape[0])";
     let out = std::process::Command::new(&python)
         .args(["-c", script])
-        .env("MLFLOW_TRACKING_URI", format!("http://{}", d.addr))
+        .env(
+            "MLFLOW_TRACKING_URI",
+            if d.addr.starts_with("http") {
+                d.addr.clone()
+            } else {
+                format!("http://{}", d.addr)
+            },
+        )
+        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         .env("MLFLOW_TRACKING_TOKEN", token.trim())
         .output()
         .unwrap();

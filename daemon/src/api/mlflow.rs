@@ -32,7 +32,10 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
                 .and(warp::body::content_length_limit(MAX_BODY))
                 .and(warp::body::bytes())
                 .and_then(|ctx: Ctx, body: Bytes| async move {
-                    Ok::<_, Rejection>(answer($handler(&ctx, parse(&body)?).await))
+                    Ok::<_, Rejection>(answer(match parse(&body) {
+                        Ok(body) => $handler(&ctx, body).await,
+                        Err(e) => Err(e),
+                    }))
                 })
                 .boxed()
         };
@@ -132,8 +135,28 @@ fn answer(a: Answer) -> warp::reply::Response {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Rejection> {
-    serde_json::from_slice(body).map_err(|e| bad(format!("request body: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| invalid(format!("request body: {e}")))
+}
+
+/// A run as MLflow's clients name it: `run_id`, `run_uuid` (older), often both.
+#[derive(Deserialize, Default)]
+struct RunRef {
+    #[serde(default)]
+    run_id: String,
+    #[serde(default)]
+    run_uuid: String,
+}
+
+impl RunRef {
+    fn id(&self) -> Result<Uuid, Failure> {
+        let id = if self.run_id.is_empty() {
+            &self.run_uuid
+        } else {
+            &self.run_id
+        };
+        run_of(id)
+    }
 }
 
 /// A key/value pair as MLflow sends params and tags.
@@ -349,14 +372,14 @@ async fn create_run(ctx: &Ctx, body: CreateRun) -> Answer {
 
 #[derive(Deserialize)]
 struct UpdateRun {
-    #[serde(alias = "run_uuid")]
-    run_id: String,
+    #[serde(flatten)]
+    run: RunRef,
     #[serde(default)]
     status: Option<String>,
 }
 
 async fn update_run(ctx: &Ctx, body: UpdateRun) -> Answer {
-    let id = run_of(&body.run_id)?;
+    let id = body.run.id()?;
     let ended = match body.status.as_deref() {
         None | Some("RUNNING") | Some("SCHEDULED") => None,
         Some("FINISHED") => Some(("succeeded", String::new())),
@@ -400,10 +423,12 @@ async fn record_logged(ctx: &Ctx, id: Uuid, params: &[KeyValue], tags: &[KeyValu
             .map_err(|e| invalid(format!("param {:?}: {e}", p.key)))?;
         let v = param_value(&p.value);
         match j.hyperparameters.get(&p.key) {
-            Some(old) if *old != v => return Err(invalid(format!(
+            Some(old) if *old != v => {
+                return Err(invalid(format!(
                 "param {:?} was logged as {old} and cannot change to {:?} (params are immutable)",
                 p.key, p.value
-            ))),
+            )))
+            }
             Some(_) => {}
             None => {
                 new_params.insert(p.key.clone(), v);
@@ -455,8 +480,8 @@ async fn record_metrics(ctx: &Ctx, id: Uuid, metrics: &[Metric]) -> Answer {
 
 #[derive(Deserialize)]
 struct LogBatch {
-    #[serde(alias = "run_uuid")]
-    run_id: String,
+    #[serde(flatten)]
+    run: RunRef,
     #[serde(default)]
     metrics: Vec<Metric>,
     #[serde(default)]
@@ -467,37 +492,37 @@ struct LogBatch {
 
 /// Params and tags first, then metrics, each checked before it is recorded.
 async fn log_batch(ctx: &Ctx, body: LogBatch) -> Answer {
-    let id = run_of(&body.run_id)?;
+    let id = body.run.id()?;
     record_logged(ctx, id, &body.params, &body.tags).await?;
     record_metrics(ctx, id, &body.metrics).await
 }
 
 #[derive(Deserialize)]
 struct LogMetric {
-    #[serde(alias = "run_uuid")]
-    run_id: String,
+    #[serde(flatten)]
+    run: RunRef,
     #[serde(flatten)]
     metric: Metric,
 }
 
 async fn log_metric(ctx: &Ctx, body: LogMetric) -> Answer {
-    record_metrics(ctx, run_of(&body.run_id)?, &[body.metric]).await
+    record_metrics(ctx, body.run.id()?, &[body.metric]).await
 }
 
 #[derive(Deserialize)]
 struct LogKeyValue {
-    #[serde(alias = "run_uuid")]
-    run_id: String,
+    #[serde(flatten)]
+    run: RunRef,
     #[serde(flatten)]
     kv: KeyValue,
 }
 
 async fn log_parameter(ctx: &Ctx, body: LogKeyValue) -> Answer {
-    record_logged(ctx, run_of(&body.run_id)?, &[body.kv], &[]).await
+    record_logged(ctx, body.run.id()?, &[body.kv], &[]).await
 }
 
 async fn set_tag(ctx: &Ctx, body: LogKeyValue) -> Answer {
-    record_logged(ctx, run_of(&body.run_id)?, &[], &[body.kv]).await
+    record_logged(ctx, body.run.id()?, &[], &[body.kv]).await
 }
 
 #[derive(Deserialize)]
