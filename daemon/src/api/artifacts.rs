@@ -545,19 +545,7 @@ struct ArtifactRows {
 
 /// An artifact; a dataset's first rows come from its verified blob.
 async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
-    let artifact = ctx
-        .state
-        .projection
-        .read()
-        .await
-        .artifacts
-        .get(&hash)
-        .cloned()
-        .ok_or_else(|| {
-            not_found(format!(
-                "no recorded artifact {hash}; `herd artifacts` lists them"
-            ))
-        })?;
+    let artifact = recorded_artifact(&ctx, &hash).await?;
     let wanted = q.rows.unwrap_or(3);
     if wanted > MAX_ROWS_SHOWN {
         return Err(bad(format!(
@@ -590,4 +578,23 @@ async fn get_artifact(hash: String, ctx: Ctx, q: ArtifactRows) -> Res {
         }
     }
     reply_json(&ArtifactDetail { artifact, rows })
+}
+
+/// A recorded artifact by its hash, or 404 saying where to find them.
+pub(super) async fn recorded_artifact(
+    ctx: &Ctx,
+    hash: &str,
+) -> Result<herd_core::model::ArtifactView, Rejection> {
+    ctx.state
+        .projection
+        .read()
+        .await
+        .artifacts
+        .get(hash)
+        .cloned()
+        .ok_or_else(|| {
+            not_found(format!(
+                "no recorded artifact {hash}; `herd artifacts` lists them"
+            ))
+        })
 }

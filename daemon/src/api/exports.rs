@@ -33,15 +33,7 @@ async fn get_gguf(hash: String, ctx: Ctx, q: GgufQuery) -> Res {
         .unwrap_or("f16")
         .parse()
         .map_err(|e: String| bad(format!("query `dtype`: {e}")))?;
-    let artifact = ctx
-        .state
-        .projection
-        .read()
-        .await
-        .artifacts
-        .get(&hash)
-        .cloned()
-        .ok_or_else(|| not_found(format!("no recorded artifact {hash}")))?;
+    let artifact = super::artifacts::recorded_artifact(&ctx, &hash).await?;
     match artifact.artifact {
         ArtifactKind::Checkpoint => {}
         ArtifactKind::Adapter => {

@@ -19,14 +19,20 @@ use herd_core::wire::{NewExperiment, NewRun, RunEnded};
 /// MLflow's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
     let c = with(ctx.clone());
+    // `/api/2.0/mlflow/GROUP/ACTION`, e.g. `runs/log-batch`.
+    fn at(path: &'static str) -> warp::filters::BoxedFilter<()> {
+        let (group, action) = path.split_once('/').expect("GROUP/ACTION");
+        warp::path("api")
+            .and(warp::path("2.0"))
+            .and(warp::path("mlflow"))
+            .and(warp::path(group))
+            .and(warp::path(action))
+            .and(warp::path::end())
+            .boxed()
+    }
     macro_rules! post {
         ($path:literal, $handler:ident) => {
-            warp::path("api")
-                .and(warp::path("2.0"))
-                .and(warp::path("mlflow"))
-                .and(warp::path::path($path.split('/').next().unwrap()))
-                .and(warp::path::path($path.split('/').nth(1).unwrap()))
-                .and(warp::path::end())
+            at($path)
                 .and(warp::post())
                 .and(c.clone())
                 .and(warp::body::content_length_limit(MAX_BODY))
@@ -42,12 +48,7 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
     }
     macro_rules! get {
         ($path:literal, $handler:ident) => {
-            warp::path("api")
-                .and(warp::path("2.0"))
-                .and(warp::path("mlflow"))
-                .and(warp::path::path($path.split('/').next().unwrap()))
-                .and(warp::path::path($path.split('/').nth(1).unwrap()))
-                .and(warp::path::end())
+            at($path)
                 .and(warp::get())
                 .and(c.clone())
                 .and(warp::query::<BTreeMap<String, String>>())
