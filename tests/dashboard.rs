@@ -219,6 +219,15 @@ fn the_dashboard_in_a_real_browser() {
         "return document.getElementById('chart-loss').dataset.points === '40'",
     );
     b.wait_for("#chart-loss canvas");
+    // Away from the cursor the legend shows the last value, not "--"; the
+    // step axis has whole-number ticks only.
+    let legend = b.js("return document.querySelector('#chart-loss .u-legend').innerText");
+    assert!(
+        !legend.as_str().unwrap().contains("--") && legend.as_str().unwrap().contains("0.025"),
+        "{legend}"
+    );
+    let ticks = b.js("const u = document.querySelector('#chart-loss'); return [...u.querySelectorAll('.u-axis')].length");
+    assert!(ticks.as_u64().unwrap() >= 2, "{ticks}");
     // A metric that sorts first arrives later: its panel goes first, where
     // the page puts it when the job ends, so nothing moves then.
     c.log_metrics(&run, &[(1, "aardvark", 0.5)]).unwrap();

@@ -67,11 +67,28 @@ function chart(el, title, series) {
     for (const [x, y] of s.points) ys[index.get(x)] = y;
     data.push(ys);
   }
+  // Away from the cursor the legend shows each line's last value, not "--".
+  const last = (ys) => {
+    for (let k = ys.length - 1; k >= 0; k--) if (ys[k] != null) return ys[k];
+    return null;
+  };
+  const shown = (v) => (v == null ? "" : num(v));
+  // Steps are whole numbers: ticks too (no 1.5).
+  const stepIncrs = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7].map((p) => m * p)).sort((a, b) => a - b);
   const opts = {
     title, width: Math.max(360, el.clientWidth || 560), height: 220,
     scales: { x: { time: false } },
-    series: [{ label: "step" }, ...series.map((s, i) => ({ label: s.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true }))],
-    axes: [{ label: "step" }, { size: 64, values: (u, vals) => vals.map((v) => (v == null ? "" : num(v))) }],
+    series: [
+      { label: "step", value: (u, v) => (v == null ? "last" : String(v)) },
+      ...series.map((s, i) => ({ label: s.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
+        value: (u, v, si) => shown(v == null ? last(u.data[si]) : v) })),
+    ],
+    axes: [
+      { label: "step", incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
+      // As wide as the widest label (5.000e-4 is not clipped).
+      { values: (u, vals) => vals.map(shown),
+        size: (u, vals) => 18 + 7.5 * Math.max(4, ...(vals || []).map((v) => String(v).length)) },
+    ],
   };
   el.innerHTML = "";
   const plot = new uPlot(opts, data, el);
