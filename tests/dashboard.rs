@@ -309,7 +309,22 @@ fn the_dashboard_in_a_real_browser() {
         b.js("return document.getElementById('chart-loss').dataset.points"),
         json!("6")
     );
+    // Smoothing draws each line twice (raw faint, EMA over it); log y
+    // where every value is positive. Both persist across pages.
+    b.js("const s = document.getElementById('smooth'); s.value = '0.6'; s.onchange({target: s}); return true");
+    b.until(
+        "smoothed lines",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return !!c && c.dataset.lines === '4'",
+    );
+    b.js("const l = document.getElementById('logy'); l.checked = true; l.onchange({target: l}); return true");
+    b.until(
+        "a log y axis",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return !!c && c.dataset.log === '1'",
+    );
     b.screenshot(&shots.join("compare.png"));
+    b.js("localStorage.removeItem('herd.smooth'); localStorage.removeItem('herd.logy'); return true");
 
     // The round as a graph: the average depends on the three points and
     // left out the worst, whose node and edge say so.

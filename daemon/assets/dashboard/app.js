@@ -58,7 +58,28 @@ function kvTable(obj, id = "") {
 const PALETTE = ["#2f5bea", "#e5484d", "#27ae60", "#b08800", "#8e44ad", "#16a2b8", "#d35400", "#34495e"];
 
 // A uPlot line chart of one metric: series = [{label, points: [[step, value]]}].
-function chart(el, title, series) {
+// Chart settings people set once: EMA smoothing (the raw curve faint
+// behind, as TensorBoard and W&B draw it) and a log-scale y axis.
+const prefs = {
+  get smooth() { return Number(localStorage.getItem("herd.smooth") || 0); },
+  get log() { return localStorage.getItem("herd.logy") === "1"; },
+};
+
+// TensorBoard's debiased EMA: early points are not pulled toward zero;
+// non-finite values stay out of the average (they are marked, not hidden).
+function ema(ys, weight) {
+  let last = 0, n = 0;
+  return ys.map((y) => {
+    if (y == null || !Number.isFinite(y)) return null;
+    last = last * weight + (1 - weight) * y;
+    n += 1;
+    return last / (1 - weight ** n);
+  });
+}
+
+// uPlot's data: the union of steps, then each series (raw, and smoothed
+// after it when smoothing is on).
+function chartData(series) {
   const steps = [...new Set(series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
   const index = new Map(steps.map((s, i) => [s, i]));
   const data = [steps];
@@ -66,7 +87,26 @@ function chart(el, title, series) {
     const ys = new Array(steps.length).fill(null);
     for (const [x, y] of s.points) ys[index.get(x)] = y;
     data.push(ys);
+    if (prefs.smooth > 0) data.push(ema(ys, prefs.smooth));
   }
+  return data;
+}
+
+// The controls above a page's charts; a change redraws the page.
+function chartControls() {
+  return `<p class="chart-controls">smoothing <input id="smooth" type="range" min="0" max="0.99" step="0.01" value="${prefs.smooth}">
+    <span id="smooth-value">${prefs.smooth.toFixed(2)}</span>
+    <label><input type="checkbox" id="logy" ${prefs.log ? "checked" : ""}> log y</label></p>`;
+}
+
+function bindChartControls(main) {
+  byId(main, "smooth").oninput = (e) => { byId(main, "smooth-value").textContent = Number(e.target.value).toFixed(2); };
+  byId(main, "smooth").onchange = (e) => { localStorage.setItem("herd.smooth", e.target.value); route(); };
+  byId(main, "logy").onchange = (e) => { localStorage.setItem("herd.logy", e.target.checked ? "1" : "0"); route(); };
+}
+
+function chart(el, title, series) {
+  const data = chartData(series);
   // Away from the cursor the legend shows each line's last value, not "--".
   const last = (ys) => {
     for (let k = ys.length - 1; k >= 0; k--) if (ys[k] != null) return ys[k];
@@ -75,14 +115,20 @@ function chart(el, title, series) {
   const shown = (v) => (v == null ? "" : num(v));
   // Steps are whole numbers: ticks too (no 1.5).
   const stepIncrs = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7].map((p) => m * p)).sort((a, b) => a - b);
+  const smooth = prefs.smooth > 0;
+  // A log axis only where every value is positive.
+  const positive = data.slice(1).every((ys) => ys.every((y) => y == null || y > 0));
+  const log = prefs.log && positive;
+  const lines = series.flatMap((s, i) => {
+    const colour = PALETTE[i % PALETTE.length];
+    const value = (u, v, si) => shown(v == null ? last(u.data[si]) : v);
+    const raw = { label: smooth ? `${s.label} (raw)` : s.label, stroke: smooth ? `${colour}44` : colour, width: smooth ? 1 : 1.5, spanGaps: true, value };
+    return smooth ? [raw, { label: s.label, stroke: colour, width: 1.75, spanGaps: true, value }] : [raw];
+  });
   const opts = {
     title, width: Math.max(360, el.clientWidth || 560), height: 220,
-    scales: { x: { time: false } },
-    series: [
-      { label: "step", value: (u, v) => (v == null ? "last" : String(v)) },
-      ...series.map((s, i) => ({ label: s.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
-        value: (u, v, si) => shown(v == null ? last(u.data[si]) : v) })),
-    ],
+    scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
+    series: [{ label: "step", value: (u, v) => (v == null ? "last" : String(v)) }, ...lines],
     axes: [
       { label: "step", incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
       // As wide as the widest label (5.000e-4 is not clipped).
@@ -93,6 +139,8 @@ function chart(el, title, series) {
   el.innerHTML = "";
   const plot = new uPlot(opts, data, el);
   el.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
+  el.dataset.lines = String(lines.length);
+  el.dataset.log = log ? "1" : "0";
   return plot;
 }
 
@@ -182,7 +230,7 @@ async function jobPage(main, id) {
       <button id="reproduce" ${active ? "disabled" : ""}>Reproduce</button>
       <a href="#/compare?ids=${j.id}">compare…</a>
     </p>
-    <h2>Metrics</h2><div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>
+    <h2>Metrics</h2>${chartControls()}<div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>
     <div class="grid">
       <div class="card"><h2>Job</h2>${kvTable({ id: j.id, seed: j.seed, attempts: j.attempts, device: j.device || "", threads: j.threads || "", executor: j.executor ? `${j.executor.executor} ${j.executor.id}` : "", submitted: time(j.submitted_ms), started: time(j.started_ms), took: j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : "" })}</div>
       <div class="card"><h2>Hyperparameters</h2>${kvTable(j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters, "hyperparameters")}</div>
@@ -192,12 +240,13 @@ async function jobPage(main, id) {
     </div>
     ${j.outputs.rollouts ? '<div class="card" id="rollouts-card"><h2>Rollouts</h2><p>step <input id="rollout-step" type="number" min="1" value="1" size="5"> <span class="muted" id="rollout-of"></span></p><table id="rollouts"></table></div>' : ""}`;
   if (j.outputs.rollouts) showRollouts(main, j);
+  bindChartControls(main);
   const plots = new Map();
   const draw = (name) => {
     const el = byId(main, `chart-${name}`);
     const pts = series.get(name);
     if (!plots.has(name)) plots.set(name, chart(el, name, [{ label: name, points: pts }]));
-    else { plots.get(name).setData([pts.map((p) => p[0]), pts.map((p) => p[1])]); el.dataset.points = String(pts.length); }
+    else { plots.get(name).setData(chartData([{ label: name, points: pts }])); el.dataset.points = String(pts.length); }
   };
   names.forEach(draw);
   const showProgress = (p) => {
@@ -347,12 +396,13 @@ async function comparePage(main, params) {
   const keys = [...new Set(hps.flatMap((h) => Object.keys(h)))].sort();
   const differs = (k) => new Set(hps.map((h) => JSON.stringify(h[k]))).size > 1;
   const head = `<tr><th></th>${jobs.map((j, i) => `<th style="color:${PALETTE[i % PALETTE.length]}"><a href="#/job/${j.id}">${esc(j.name)}</a></th>`).join("")}</tr>`;
-  main.innerHTML = `<h1>Compare ${jobs.length} jobs</h1>
+  main.innerHTML = `<h1>Compare ${jobs.length} jobs</h1>${chartControls()}
     <div class="grid" id="compare-charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("")}</div>
     <h2>Hyperparameters <span class="muted">(differences highlighted first)</span></h2>
     <table id="compare-hp">${head}${[...keys.filter(differs), ...keys.filter((k) => !differs(k))].map((k) => `<tr class="${differs(k) ? "diff" : ""}" data-key="${esc(k)}"><td>${esc(k)}</td>${hps.map((h) => `<td class="mono">${h[k] === undefined ? "" : num(h[k])}</td>`).join("")}</tr>`).join("")}</table>
     <h2>Final metrics</h2>
     <table id="compare-metrics">${head}${names.map((n) => `<tr><td>${esc(n)}</td>${jobs.map((j) => `<td class="num">${j.last_metrics?.[n] ? num(j.last_metrics[n][1]) : ""}</td>`).join("")}</tr>`).join("")}</table>`;
+  bindChartControls(main);
   for (const n of names) {
     chart(byId(main, `chart-${n}`), n, jobs.map((j, i) => ({ label: j.name, points: metrics[i].series[n] || [] })));
   }
