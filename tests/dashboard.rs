@@ -324,7 +324,9 @@ fn the_dashboard_in_a_real_browser() {
         "const c = document.getElementById('chart-loss'); return !!c && c.dataset.log === '1'",
     );
     b.screenshot(&shots.join("compare.png"));
-    b.js("localStorage.removeItem('herd.smooth'); localStorage.removeItem('herd.logy'); return true");
+    b.js(
+        "localStorage.removeItem('herd.smooth'); localStorage.removeItem('herd.logy'); return true",
+    );
 
     // The round as a graph: the average depends on the three points and
     // left out the worst, whose node and edge say so.

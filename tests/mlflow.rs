@@ -174,6 +174,10 @@ fn an_mlflow_client_logs_into_herd() {
         .0,
         409
     );
+    // Any other MLflow call: 501 naming it.
+    let (status, message) = code(c.post(&format!("{API}/runs/delete"), &json!({"run_id": id})));
+    assert_eq!(status, 501);
+    assert!(message.contains("runs/delete"), "{message}");
     mlflow_client_logs(&d);
 }
 
@@ -193,7 +197,28 @@ fn mlflow_client_logs(d: &Daemon) {
         return;
     }
     let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
-    let script = "import mlflow\nmlflow.set_experiment('from-mlflow')\nwith mlflow.start_run(run_name='py'):\n    mlflow.log_params({'lr': 1e-4, 'beta': 0.1})\n    for s in range(5): mlflow.log_metric('loss', 1.0 / (s + 1), step=s)\n    mlflow.set_tag('k', 'v')\nprint(mlflow.search_runs(experiment_names=['from-mlflow']).shape[0])";
+    // Params, tags, single metrics and 10k points in batches of 1,000,
+    // then the run ended and its history read back through MLflow.
+    let script = r#"
+import mlflow, time
+from mlflow.entities import Metric
+mlflow.set_experiment('from-mlflow')
+with mlflow.start_run(run_name='py') as run:
+    mlflow.log_params({'lr': 1e-4, 'beta': 0.1})
+    mlflow.set_tag('k', 'v')
+    for s in range(5): mlflow.log_metric('loss', 1.0 / (s + 1), step=s)
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for b in range(10):
+        client.log_batch(run.info.run_id, metrics=[Metric('reward', float(i), now, i) for i in range(b * 1000, (b + 1) * 1000)])
+history = mlflow.MlflowClient().get_metric_history(run.info.run_id, 'reward')
+assert len(history) == 10000, len(history)
+assert sorted(m.step for m in history)[-1] == 9999
+got = mlflow.MlflowClient().get_run(run.info.run_id)
+assert got.data.params['beta'] == '0.1', got.data.params
+assert got.info.status == 'FINISHED', got.info.status
+print(mlflow.search_runs(experiment_names=['from-mlflow']).shape[0])
+"#;
     let out = std::process::Command::new(&python)
         .args(["-c", script])
         .env(
@@ -227,4 +252,13 @@ fn mlflow_client_logs(d: &Daemon) {
     assert_eq!(py.status, herd_client::JobStatus::Succeeded);
     assert_eq!(py.last_metrics["loss"], (4, 0.2));
     assert_eq!(py.hyperparameters["beta"], json!(0.1));
+    assert_eq!(py.last_metrics["reward"], (9999, 9999.0));
+    // In herd's history with its params, filtered on them.
+    let h = c
+        .jobs(&herd_client::JobQuery {
+            where_: Some("hp.beta>0.05".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(h.iter().any(|j| j.id == py.id));
 }

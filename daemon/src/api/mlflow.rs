@@ -9,8 +9,9 @@
 //! MLflow's shapes (`{"error_code": "RESOURCE_DOES_NOT_EXIST", ...}`), as
 //! its clients branch on them.
 //!
-//! Not served: artifacts (log them with `herd import` and `/runs/{id}/
-//! artifacts`), deletes (herd's record is append-only), models, traces.
+//! Not served, answered `501 NOT_IMPLEMENTED` naming the call: artifacts
+//! (log them with `herd import` and `/runs/{id}/artifacts`), deletes
+//! (herd's record is append-only), models, traces.
 
 use super::*;
 use herd_core::model::MetricPoint;
@@ -71,8 +72,43 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
         post!("runs/set-tag", set_tag),
         post!("runs/search", search_runs),
         get!("metrics/get-history", get_metric_history),
+        // Anything else under the prefix: 501 naming the call, so a client
+        // says what it lacks instead of a bare 404.
+        warp::path("api")
+            .and(warp::path("2.0"))
+            .and(warp::path("mlflow"))
+            .and(warp::path::tail())
+            .and(warp::method())
+            .map(|tail: warp::path::Tail, method: warp::http::Method| {
+                answer(Err(Failure {
+                    status: StatusCode::NOT_IMPLEMENTED,
+                    code: "NOT_IMPLEMENTED",
+                    message: format!(
+                        "herd does not serve MLflow's `{method} {}`; it answers {}",
+                        tail.as_str(),
+                        ANSWERED.join(", ")
+                    ),
+                }))
+            })
+            .boxed(),
     ]
 }
+
+/// The MLflow calls herd answers (the 501 for any other lists them).
+const ANSWERED: &[&str] = &[
+    "experiments/create",
+    "experiments/get-by-name",
+    "experiments/get",
+    "runs/create",
+    "runs/update",
+    "runs/get",
+    "runs/log-batch",
+    "runs/log-metric",
+    "runs/log-parameter",
+    "runs/set-tag",
+    "runs/search",
+    "metrics/get-history",
+];
 
 /// The largest MLflow request body (a log-batch is at most 1,000 metrics,
 /// 100 params and 100 tags in MLflow itself).
