@@ -399,6 +399,30 @@ fn the_dashboard_in_a_real_browser() {
     b.js("document.getElementById('rollouts-card').scrollIntoView(); return true");
     b.screenshot(&shots.join("rollouts.png"));
 
+    // The experiment opens with its rounds at a glance: a round with an
+    // eval gives the round chart its one point, and both rounds are listed.
+    let eval_round = c
+        .submit_round(&json!({"experiment": exp, "seed": 1, "vars": {"policy": r, "prompts": prompts},
+            "jobs": [{"name": "eval", "kind": "eval", "inputs": {"policy": "$policy", "prompts": "$prompts"},
+                      "hyperparameters": {"max_new_tokens": 4}}]}))
+        .unwrap();
+    for j in &eval_round.jobs {
+        let j = c.wait(&j.to_string(), Duration::from_secs(120)).unwrap();
+        assert_eq!(j.status, JobStatus::Succeeded, "{:?}", j.error);
+    }
+    b.goto(&format!("{url}/#/experiment/{exp}"));
+    b.wait_for("#rounds-chart canvas");
+    assert_eq!(
+        b.js("return document.getElementById('rounds-chart').dataset.points"),
+        json!("1")
+    );
+    assert_eq!(
+        b.js("return document.querySelectorAll('#rounds tbody tr[data-round]').length"),
+        json!(2)
+    );
+    assert!(b.text("#rounds").contains("task_accuracy"));
+    b.screenshot(&shots.join("experiment.png"));
+
     // Lineage of the average: back through both SFTs to the base and data.
     b.goto(&format!("{url}/#/lineage/{averaged}"));
     b.wait_for("#lineage");

@@ -105,7 +105,7 @@ function bindChartControls(main) {
   byId(main, "logy").onchange = (e) => { localStorage.setItem("herd.logy", e.target.checked ? "1" : "0"); route(); };
 }
 
-function chart(el, title, series) {
+function chart(el, title, series, xLabel = "step") {
   const data = chartData(series);
   // Away from the cursor the legend shows each line's last value, not "--".
   const last = (ys) => {
@@ -128,9 +128,9 @@ function chart(el, title, series) {
   const opts = {
     title, width: Math.max(360, el.clientWidth || 560), height: 220,
     scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
-    series: [{ label: "step", value: (u, v) => (v == null ? "last" : String(v)) }, ...lines],
+    series: [{ label: xLabel, value: (u, v) => (v == null ? "last" : String(v)) }, ...lines],
     axes: [
-      { label: "step", incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
+      { label: xLabel, incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
       // As wide as the widest label (5.000e-4 is not clipped).
       { values: (u, vals) => vals.map(shown),
         size: (u, vals) => 18 + 7.5 * Math.max(4, ...(vals || []).map((v) => String(v).length)) },
@@ -154,13 +154,52 @@ async function experimentsPage(main) {
     <tbody>${rows || '<tr><td colspan="4" class="muted">No experiments yet: herd experiment create NAME</td></tr>'}</tbody></table>`;
 }
 
+// An experiment opens with its rounds at a glance: each finished round's
+// evaluation (task accuracy, win rates, the RM's held-out accuracy) as a
+// chart over rounds, then the rounds with status, duration and final policy.
+const ROUND_METRICS = ["task_accuracy", "win_rate", "checker_win_rate", "heldout_accuracy"];
+
 async function experimentPage(main, id) {
   const d = await get(`/experiments/${id}`);
   const e = d.experiment;
-  const rounds = d.rounds.map((r) => `<tr><td><a href="#/round/${r.id}">round ${r.index}</a></td><td class="num">${r.jobs.length}</td></tr>`).join("");
+  const rounds = await Promise.all(d.rounds.map((r) => get(`/rounds/${r.id}`)));
+  const ended = (j) => !["queued", "running"].includes(j.status);
+  const info = rounds.map((rd) => {
+    const jobs = rd.jobs;
+    const finished = jobs.length > 0 && jobs.every(ended);
+    const failed = jobs.some((j) => ["failed", "cancelled", "interrupted"].includes(j.status));
+    const starts = jobs.map((j) => j.started_ms).filter(Boolean);
+    const ends = jobs.map((j) => j.finished_ms).filter(Boolean);
+    const metrics = {};
+    for (const j of jobs) {
+      for (const k of ROUND_METRICS) {
+        const m = j.last_metrics?.[k];
+        if (m && metrics[k] == null) metrics[k] = m[1];
+        const sm = j.summary?.[k] ?? j.summary?.result?.[k];
+        if (typeof sm === "number" && metrics[k] == null) metrics[k] = sm;
+      }
+    }
+    const fp = rd.round.spec?.final_policy;
+    const maker = fp && jobs.find((j) => j.name === fp.slice(0, fp.lastIndexOf(".")));
+    const policy = maker && maker.outputs?.[fp.slice(fp.lastIndexOf(".") + 1)];
+    return { rd, finished, failed, took: finished && starts.length ? Math.max(...ends) - Math.min(...starts) : null, metrics, policy };
+  });
+  const keys = ROUND_METRICS.filter((k) => info.some((r) => r.finished && r.metrics[k] != null));
+  const status = (r) => (r.failed ? "failed" : r.finished ? "succeeded" : "running");
+  const rows = info.map((r) => `<tr data-round="${r.rd.round.id}"><td><a href="#/round/${r.rd.round.id}">round ${r.rd.round.index}</a></td><td>${badge(status(r))}</td><td class="num">${r.rd.jobs.length}</td>
+      <td class="num">${r.took != null ? duration(r.took) : ""}</td>${keys.map((k) => `<td class="num">${r.metrics[k] != null ? num(r.metrics[k]) : ""}</td>`).join("")}
+      <td>${r.policy ? inputLink(r.policy) : ""}</td></tr>`).join("");
   main.innerHTML = `<h1>${esc(e.name)}</h1><p class="muted">${esc(e.description)}</p>
     <p><a href="#/history?experiment=${e.id}">all ${e.jobs.length} jobs in the history</a></p>
-    <h2>Rounds</h2><table id="rounds"><thead><tr><th>round</th><th>jobs</th></tr></thead><tbody>${rounds || '<tr><td colspan="2" class="muted">none</td></tr>'}</tbody></table>`;
+    ${keys.length ? '<div class="card chart" id="rounds-chart"></div>' : ""}
+    <h2>Rounds</h2><table id="rounds"><thead><tr><th>round</th><th>status</th><th>jobs</th><th>took</th>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}<th>final policy</th></tr></thead>
+    <tbody>${rows || `<tr><td colspan="${5 + keys.length}" class="muted">none</td></tr>`}</tbody></table>`;
+  if (keys.length) {
+    chart(byId(main, "rounds-chart"), "round over round", keys.map((k) => ({
+      label: k,
+      points: info.filter((r) => r.finished && r.metrics[k] != null).map((r) => [r.rd.round.index, r.metrics[k]]),
+    })), "round");
+  }
 }
 
 // A round's jobs as a graph: a job's column is the longest chain of
