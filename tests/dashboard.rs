@@ -423,6 +423,34 @@ fn the_dashboard_in_a_real_browser() {
     assert!(b.text("#rounds").contains("task_accuracy"));
     b.screenshot(&shots.join("experiment.png"));
 
+    // Compare many: 50 runs overlaid, one line and one colour each.
+    let many: Vec<String> = (0..50)
+        .map(|k| {
+            let id = c
+                .open_run(
+                    &format!("many-{k}"),
+                    Some(&exp),
+                    &json!({"lr": 1e-4 * (k + 1) as f64}),
+                )
+                .unwrap();
+            let pts: Vec<(u64, &str, f64)> = (1..=10)
+                .map(|s| (s, "loss", (k + 1) as f64 / s as f64))
+                .collect();
+            c.log_metrics(&id, &pts).unwrap();
+            c.close_run(&id, true, "").unwrap();
+            id
+        })
+        .collect();
+    b.goto(&format!("{url}/#/compare?ids={}", many.join(",")));
+    b.wait_for("#chart-loss canvas");
+    assert_eq!(
+        b.js("return document.getElementById('chart-loss').dataset.lines"),
+        json!("50")
+    );
+    let colours = b.js("return new Set([...document.querySelectorAll('#compare-hp th')].map(t => t.style.color).filter(Boolean)).size");
+    assert_eq!(colours, json!(50), "one colour per job");
+    b.screenshot(&shots.join("compare-many.png"));
+
     // Lineage of the average: back through both SFTs to the base and data.
     b.goto(&format!("{url}/#/lineage/{averaged}"));
     b.wait_for("#lineage");

@@ -56,6 +56,18 @@ function kvTable(obj, id = "") {
   return `<table class="kv" ${id ? `id="${id}"` : ""}>${rows || '<tr><td class="muted">none</td></tr>'}</table>`;
 }
 const PALETTE = ["#2f5bea", "#e5484d", "#27ae60", "#b08800", "#8e44ad", "#16a2b8", "#d35400", "#34495e"];
+// One colour per line however many: the palette, then hues a golden angle
+// apart (as hex, so a faint copy can append an alpha).
+function colourOf(i) {
+  if (i < PALETTE.length) return PALETTE[i];
+  const h = ((i - PALETTE.length) * 137.508) % 360, sat = 0.65, l = 0.45;
+  const f = (n) => {
+    const k = (n + h / 30) % 12;
+    const c = l - sat * Math.min(l, 1 - l) * Math.max(-1, Math.min(k - 3, 9 - k, 1));
+    return Math.round(255 * c).toString(16).padStart(2, "0");
+  };
+  return `#${f(0)}${f(8)}${f(4)}`;
+}
 
 // A uPlot line chart of one metric: series = [{label, points: [[step, value]]}].
 // Chart settings people set once: EMA smoothing (the raw curve faint
@@ -120,7 +132,7 @@ function chart(el, title, series, xLabel = "step") {
   const positive = data.slice(1).every((ys) => ys.every((y) => y == null || y > 0));
   const log = prefs.log && positive;
   const lines = series.flatMap((s, i) => {
-    const colour = PALETTE[i % PALETTE.length];
+    const colour = colourOf(i);
     const value = (u, v, si) => shown(v == null ? last(u.data[si]) : v);
     const raw = { label: smooth ? `${s.label} (raw)` : s.label, stroke: smooth ? `${colour}44` : colour, width: smooth ? 1 : 1.5, spanGaps: true, value };
     return smooth ? [raw, { label: s.label, stroke: colour, width: 1.75, spanGaps: true, value }] : [raw];
@@ -128,6 +140,10 @@ function chart(el, title, series, xLabel = "step") {
   const opts = {
     title, width: Math.max(360, el.clientWidth || 560), height: 220,
     scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
+    // Hovering near a line brings it forward and fades the rest; clicking a
+    // legend entry hides or shows its line.
+    focus: { alpha: 0.25 },
+    cursor: { focus: { prox: 16 } },
     series: [{ label: xLabel, value: (u, v) => (v == null ? "last" : String(v)) }, ...lines],
     axes: [
       { label: xLabel, incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
@@ -434,7 +450,7 @@ async function comparePage(main, params) {
   const hps = jobs.map((j) => (j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters) || {});
   const keys = [...new Set(hps.flatMap((h) => Object.keys(h)))].sort();
   const differs = (k) => new Set(hps.map((h) => JSON.stringify(h[k]))).size > 1;
-  const head = `<tr><th></th>${jobs.map((j, i) => `<th style="color:${PALETTE[i % PALETTE.length]}"><a href="#/job/${j.id}">${esc(j.name)}</a></th>`).join("")}</tr>`;
+  const head = `<tr><th></th>${jobs.map((j, i) => `<th style="color:${colourOf(i)}"><a href="#/job/${j.id}">${esc(j.name)}</a></th>`).join("")}</tr>`;
   main.innerHTML = `<h1>Compare ${jobs.length} jobs</h1>${chartControls()}
     <div class="grid" id="compare-charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("")}</div>
     <h2>Hyperparameters <span class="muted">(differences highlighted first)</span></h2>
