@@ -6,6 +6,7 @@
 //! daemon.
 
 mod events;
+mod lineage;
 mod rows;
 mod views;
 
