@@ -24,6 +24,19 @@ use candle_core::{DType, Tensor};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::{EngineError, Result};
 
+/// A layer's tensors as llama.cpp names them, beside Hugging Face's names.
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
 /// How the weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufDtype {
@@ -179,63 +192,35 @@ pub fn write(dir: &Path, out: &Path, dtype: GgufDtype) -> Result<()> {
             .get(name)
             .ok_or_else(|| bad(format!("{}: no tensor `{name}`", dir.display())))
     };
-    let mut named: Vec<(String, QTensor)> = vec![];
-    named.push((
-        "token_embd.weight".into(),
-        quantize(get("model.embed_tokens.weight")?, dtype)?,
-    ));
+    // (GGUF name, Hugging Face name), each layer's with `{l}`; the q and k
+    // projections are permuted to GGML's rotary layout on the way.
+    let mut pairs = vec![(
+        "token_embd.weight".to_string(),
+        "model.embed_tokens.weight".to_string(),
+    )];
     for l in 0..config.num_hidden_layers {
-        let hf = |s: &str| format!("model.layers.{l}.{s}");
-        let blk = |s: &str| format!("blk.{l}.{s}");
-        let q = permute_rotary(
-            get(&hf("self_attn.q_proj.weight"))?,
-            config.num_attention_heads,
-        )?;
-        let k = permute_rotary(
-            get(&hf("self_attn.k_proj.weight"))?,
-            config.num_key_value_heads,
-        )?;
-        named.push((
-            blk("attn_norm.weight"),
-            quantize(get(&hf("input_layernorm.weight"))?, dtype)?,
-        ));
-        named.push((blk("attn_q.weight"), quantize(&q, dtype)?));
-        named.push((blk("attn_k.weight"), quantize(&k, dtype)?));
-        named.push((
-            blk("attn_v.weight"),
-            quantize(get(&hf("self_attn.v_proj.weight"))?, dtype)?,
-        ));
-        named.push((
-            blk("attn_output.weight"),
-            quantize(get(&hf("self_attn.o_proj.weight"))?, dtype)?,
-        ));
-        named.push((
-            blk("ffn_norm.weight"),
-            quantize(get(&hf("post_attention_layernorm.weight"))?, dtype)?,
-        ));
-        named.push((
-            blk("ffn_gate.weight"),
-            quantize(get(&hf("mlp.gate_proj.weight"))?, dtype)?,
-        ));
-        named.push((
-            blk("ffn_up.weight"),
-            quantize(get(&hf("mlp.up_proj.weight"))?, dtype)?,
-        ));
-        named.push((
-            blk("ffn_down.weight"),
-            quantize(get(&hf("mlp.down_proj.weight"))?, dtype)?,
-        ));
+        pairs.extend(
+            LAYER_TENSORS
+                .iter()
+                .map(|(gguf, hf)| (format!("blk.{l}.{gguf}"), format!("model.layers.{l}.{hf}"))),
+        );
     }
-    named.push((
-        "output_norm.weight".into(),
-        quantize(get("model.norm.weight")?, dtype)?,
-    ));
+    pairs.push(("output_norm.weight".into(), "model.norm.weight".into()));
     // Tied embeddings: llama.cpp reuses token_embd when `output` is absent.
     if !config.tie_word_embeddings {
-        named.push((
-            "output.weight".into(),
-            quantize(get("lm_head.weight")?, dtype)?,
-        ));
+        pairs.push(("output.weight".into(), "lm_head.weight".into()));
+    }
+    let mut named: Vec<(String, QTensor)> = Vec::with_capacity(pairs.len() + 1);
+    for (gguf, hf) in pairs {
+        let t = get(&hf)?;
+        let t = if gguf.ends_with("attn_q.weight") {
+            permute_rotary(t, config.num_attention_heads)?
+        } else if gguf.ends_with("attn_k.weight") {
+            permute_rotary(t, config.num_key_value_heads)?
+        } else {
+            t.clone()
+        };
+        named.push((gguf, quantize(&t, dtype)?));
     }
     if let Some(f) = rope_freqs {
         named.push((

@@ -324,19 +324,7 @@ pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, how: &ExportAs, js: b
         )));
     }
     if let Some(dtype) = how.gguf {
-        let io = |e| ClientError::Io {
-            path: to.display().to_string(),
-            source: e,
-        };
-        let partial = to.with_extension("gguf.partial");
-        let mut out = std::fs::File::create(&partial).map_err(io)?;
-        let written = c
-            .export_gguf(hash, dtype, &mut out)
-            .and_then(|n| out.sync_all().map(|_| n).map_err(io))
-            .and_then(|n| std::fs::rename(&partial, to).map(|_| n).map_err(io));
-        let bytes = written.inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })?;
+        let bytes = write_whole(to, "gguf.partial", |out| c.export_gguf(hash, dtype, out))?;
         print(
             js,
             &json!({"file": to, "bytes": bytes, "format": "gguf", "dtype": dtype}),
@@ -377,20 +365,8 @@ pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, how: &ExportAs, js: b
         }
         return Ok(());
     }
-    let io = |e| ClientError::Io {
-        path: to.display().to_string(),
-        source: e,
-    };
-    // Into a temporary name, renamed once the bytes hashed right.
-    let partial = to.with_extension("partial");
-    let mut out = std::fs::File::create(&partial).map_err(io)?;
-    let written = c
-        .download(hash, &mut out)
-        .and_then(|n| out.sync_all().map(|_| n).map_err(io))
-        .and_then(|n| std::fs::rename(&partial, to).map(|_| n).map_err(io));
-    let bytes = written.inspect_err(|_| {
-        let _ = std::fs::remove_file(&partial);
-    })?;
+    // Renamed into place once the bytes hashed right.
+    let bytes = write_whole(to, "partial", |out| c.download(hash, out))?;
     print(js, &json!({"file": to, "bytes": bytes}), || {
         println!(
             "wrote {} ({} dataset, {bytes} bytes) to {}",
@@ -400,6 +376,27 @@ pub(super) fn export(c: &Client, hash: &str, to: &PathBuf, how: &ExportAs, js: b
         )
     });
     Ok(())
+}
+
+/// Write a file whole or not at all: into `to` with `partial_ext`, synced,
+/// then renamed to `to`; removed if anything fails. Its size.
+fn write_whole(
+    to: &Path,
+    partial_ext: &str,
+    fill: impl FnOnce(&mut dyn std::io::Write) -> Result<u64>,
+) -> Result<u64> {
+    let io = |e| ClientError::Io {
+        path: to.display().to_string(),
+        source: e,
+    };
+    let partial = to.with_extension(partial_ext);
+    let mut out = std::fs::File::create(&partial).map_err(io)?;
+    let written = fill(&mut out)
+        .and_then(|n| out.sync_all().map(|_| n).map_err(io))
+        .and_then(|n| std::fs::rename(&partial, to).map(|_| n).map_err(io));
+    written.inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })
 }
 
 pub(super) fn lineage(c: &Client, hash: &str, js: bool) -> Result<()> {
