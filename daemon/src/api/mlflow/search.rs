@@ -94,7 +94,7 @@ fn matches(j: &JobView, clauses: &[Clause]) -> bool {
             "tags" => j.tags.get(&c.key).cloned(),
             _ => match c.key.as_str() {
                 "status" => Some(mlflow_status(j.status).to_string()),
-                "run_name" | "run_id" if c.key == "run_id" => Some(j.id.to_string()),
+                "run_id" => Some(j.id.to_string()),
                 "run_name" => Some(j.name.clone()),
                 _ => None,
             },
