@@ -217,7 +217,10 @@ assert sorted(m.step for m in history)[-1] == 9999
 got = mlflow.MlflowClient().get_run(run.info.run_id)
 assert got.data.params['beta'] == '0.1', got.data.params
 assert got.info.status == 'FINISHED', got.info.status
-print(mlflow.search_runs(experiment_names=['from-mlflow']).shape[0])
+# output_format='list': the default returns a pandas frame, and pandas is not
+# a dependency of mlflow-skinny.
+found = mlflow.search_runs(experiment_names=['from-mlflow'], filter_string="attributes.run_name = 'py'", output_format='list')
+assert [r.info.run_id for r in found] == [run.info.run_id], found
 "#;
     let out = std::process::Command::new(&python)
         .args(["-c", script])
