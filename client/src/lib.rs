@@ -330,6 +330,26 @@ impl Client {
         Ok(m.series)
     }
 
+    /// Metric series of the latest attempt sampled for `points` pixels
+    /// (each bucket's extremes, NaN marks, first and last; the whole series
+    /// when short), over steps `from..=to` when given.
+    pub fn sampled_metrics(
+        &self,
+        id: &str,
+        names: &[&str],
+        points: usize,
+        from: Option<u64>,
+        to: Option<u64>,
+    ) -> Result<MetricSeries> {
+        let mut q = vec![format!("points={points}")];
+        if !names.is_empty() {
+            q.push(format!("names={}", enc(&names.join(","))));
+        }
+        q.extend(from.map(|f| format!("from={f}")));
+        q.extend(to.map(|t| format!("to={t}")));
+        Self::typed(self.get(&format!("/jobs/{}/metrics?{}", enc(id), q.join("&")))?)
+    }
+
     pub fn cancel(&self, id: &str) -> Result<Value> {
         self.post(&format!("/jobs/{}/cancel", enc(id)), &json!({}))
     }

@@ -12,8 +12,10 @@
 //! * [`vocab`]: job kinds, artifact kinds, blob hashes and input references,
 //!   each parsed once from its text.
 //! * [`wire`]: the request and response bodies of the HTTP API.
+//! * [`number`]: metric values in JSON, NaN and infinities included.
 
 pub mod model;
+pub mod number;
 pub mod vocab;
 pub mod wire;
 

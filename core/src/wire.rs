@@ -143,12 +143,18 @@ impl Job {
     }
 }
 
-/// `GET /jobs/{id}/metrics`: one attempt's series, name -> [(step, value)].
+/// `GET /jobs/{id}/metrics`: one attempt's series, name -> [(step, value)]
+/// (non-finite values as `"NaN"`, `"Infinity"`, `"-Infinity"`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetricSeries {
     pub attempt: u32,
     pub attempts: u32,
+    #[serde(with = "crate::number::series")]
     pub series: BTreeMap<String, Vec<(u64, f64)>>,
+    /// With `?points=N`: how many points each series has in the window,
+    /// of which `series` holds a sample (see the API's metrics query).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u64>,
 }
 
 /// `201` answer to creating something by id (`POST /experiments`, `/runs`).

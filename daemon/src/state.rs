@@ -18,6 +18,7 @@ use herd_store::{EventLog, ExpectedVersion, NewEvent, RecordedEvent, Store};
 use tokio::sync::{watch, Notify, RwLock};
 use uuid::Uuid;
 
+use crate::metrics::lod::{Sampled, Window};
 use crate::metrics::{filed_attempt, MetricIndex};
 use crate::views::{Through, ViewStore, ViewsError};
 
@@ -66,6 +67,19 @@ impl Live {
         names: Option<&[&str]>,
     ) -> Result<BTreeMap<String, Vec<(u64, f64)>>, ViewsError> {
         self.metrics.series(&self.views, job, attempt, names)
+    }
+
+    /// The same series sampled for `points` pixels over `window`.
+    pub fn sampled(
+        &self,
+        job: Uuid,
+        attempt: u32,
+        names: Option<&[&str]>,
+        points: usize,
+        window: Window,
+    ) -> Result<BTreeMap<String, Sampled>, ViewsError> {
+        self.metrics
+            .sampled(&self.views, job, attempt, names, points, window)
     }
 }
 

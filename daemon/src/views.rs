@@ -11,7 +11,8 @@
 //! are folded in. Deleting `DATA/views` is always safe.
 //!
 //! Keys: `m:` meta, `e:` experiments, `r:` rounds, `a:` artifacts, `j:` job
-//! views, `w:` job rows, `s:` metric blocks (job, attempt, name, block).
+//! views, `w:` job rows, `s:` metric blocks (job, attempt, name, block), `t:`
+//! their summaries (job, attempt, name, page; see `metrics/summary.rs`).
 
 use std::path::Path;
 
@@ -20,6 +21,7 @@ use herd_core::Projection;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::metrics::summary::{BlockSummary, PAGE, RECORD};
 use crate::metrics::MetricIndex;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +64,17 @@ fn key(prefix: &[u8], id: &[u8]) -> Vec<u8> {
 }
 
 fn series_prefix(job: Uuid, attempt: u32, name: Option<&str>) -> Vec<u8> {
+    prefixed(b"s:", job, attempt, name)
+}
+
+/// The key prefix of a series' summary pages (`t:`, laid out as `s:`).
+fn summary_prefix(job: Uuid, attempt: u32, name: Option<&str>) -> Vec<u8> {
+    prefixed(b"t:", job, attempt, name)
+}
+
+fn prefixed(tag: &[u8], job: Uuid, attempt: u32, name: Option<&str>) -> Vec<u8> {
     let mut k = Vec::with_capacity(64);
-    k.extend_from_slice(b"s:");
+    k.extend_from_slice(tag);
     k.extend_from_slice(job.as_bytes());
     k.extend_from_slice(&attempt.to_be_bytes());
     if let Some(name) = name {
@@ -86,7 +97,7 @@ impl ViewStore {
     }
 
     fn format() -> Vec<u8> {
-        format!("herd-views-1:{VIEWS_VERSION:016x}").into_bytes()
+        format!("herd-views-2:{VIEWS_VERSION:016x}").into_bytes()
     }
 
     /// The checkpoint's last event, if the store holds views this code wrote.
@@ -204,7 +215,7 @@ impl ViewStore {
         batch.insert(COUNTS, json(&counts));
         batch.insert(THROUGH, json(through));
         let live = |id: Uuid| p.jobs.get(&id).is_some_and(|j| !j.status.is_final());
-        metrics.checkpoint(&mut batch, live);
+        metrics.checkpoint(self, &mut batch, live)?;
         self.db.apply_batch(batch)?;
         let dirty = std::mem::take(&mut p.dirty);
         for id in dirty.jobs {
@@ -220,6 +231,12 @@ impl ViewStore {
     pub fn flush(&self) -> Result<(), ViewsError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Apply a batch a test built from the metric index alone.
+    #[cfg(test)]
+    pub(crate) fn apply(&self, batch: sled::Batch) -> Result<(), ViewsError> {
+        Ok(self.db.apply_batch(batch)?)
     }
 
     pub(crate) fn put_block(
@@ -258,6 +275,90 @@ impl ViewStore {
         }
     }
 
+    pub(crate) fn put_summary_page(
+        batch: &mut sled::Batch,
+        job: Uuid,
+        attempt: u32,
+        name: &str,
+        page: u32,
+        records: Vec<u8>,
+    ) {
+        let mut k = summary_prefix(job, attempt, Some(name));
+        k.extend_from_slice(&page.to_be_bytes());
+        batch.insert(k, records);
+    }
+
+    /// One stored summary page, as records (see `metrics/summary.rs`).
+    pub(crate) fn summary_page(
+        &self,
+        job: Uuid,
+        attempt: u32,
+        name: &str,
+        page: u32,
+    ) -> Result<Option<Vec<u8>>, ViewsError> {
+        let mut k = summary_prefix(job, attempt, Some(name));
+        k.extend_from_slice(&page.to_be_bytes());
+        Ok(self.db.get(k)?.map(|v| v.to_vec()))
+    }
+
+    /// Every stored block summary of one series, in block order.
+    pub(crate) fn summaries(
+        &self,
+        job: Uuid,
+        attempt: u32,
+        name: &str,
+    ) -> Result<Vec<BlockSummary>, ViewsError> {
+        let prefix = summary_prefix(job, attempt, Some(name));
+        let mut out = vec![];
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let page = k[prefix.len()..]
+                .try_into()
+                .map(u32::from_be_bytes)
+                .map_err(|_| corrupt(&k, "malformed summary page key"))?;
+            if out.len() as u64 != page as u64 * PAGE as u64 || v.len() % RECORD != 0 {
+                return Err(corrupt(&k, "summary page out of place"));
+            }
+            for record in v.chunks_exact(RECORD) {
+                out.push(
+                    BlockSummary::decode(record)
+                        .ok_or_else(|| corrupt(&k, "malformed block summary"))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// The names of a job attempt's stored series.
+    pub(crate) fn series_names(&self, job: Uuid, attempt: u32) -> Result<Vec<String>, ViewsError> {
+        let prefix = summary_prefix(job, attempt, None);
+        let mut names: Vec<String> = vec![];
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let name = parse_name(&k)?;
+            if names.last() != Some(&name) {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// One stored block's points.
+    pub(crate) fn block(
+        &self,
+        job: Uuid,
+        attempt: u32,
+        name: &str,
+        index: u32,
+    ) -> Result<Vec<(u64, f64)>, ViewsError> {
+        let mut k = series_prefix(job, attempt, Some(name));
+        k.extend_from_slice(&index.to_be_bytes());
+        match self.db.get(&k)? {
+            Some(v) => Ok(parse_block(&k, &v)?.2),
+            None => Err(corrupt(&k, "a summarized metric block is missing")),
+        }
+    }
+
     /// Every stored block of a job's attempt (names in `names`, or all), in
     /// order: by name, then block index.
     pub(crate) fn for_each_block(
@@ -285,20 +386,28 @@ impl ViewStore {
     }
 }
 
-fn parse_block(k: &[u8], v: &[u8]) -> Result<(String, u32, Vec<(u64, f64)>), ViewsError> {
-    // s: job(16) attempt(4) len(2) name index(4)
+/// The series name in an `s:` or `t:` key: job(16) attempt(4) len(2) name
+/// index(4).
+fn parse_name(k: &[u8]) -> Result<String, ViewsError> {
     let bad = |reason: &str| corrupt(k, reason);
-    if k.len() < 2 + 16 + 4 + 2 + 4 || v.len() % 16 != 0 {
-        return Err(bad("malformed metric block"));
+    if k.len() < 2 + 16 + 4 + 2 + 4 {
+        return Err(bad("malformed metric key"));
     }
     let len = u16::from_be_bytes([k[22], k[23]]) as usize;
     if k.len() != 24 + len + 4 {
-        return Err(bad("malformed metric block key"));
+        return Err(bad("malformed metric key"));
     }
-    let name = std::str::from_utf8(&k[24..24 + len])
+    Ok(std::str::from_utf8(&k[24..24 + len])
         .map_err(|_| bad("metric name is not UTF-8"))?
-        .to_string();
-    let index = u32::from_be_bytes(k[24 + len..].try_into().expect("4 bytes"));
+        .to_string())
+}
+
+fn parse_block(k: &[u8], v: &[u8]) -> Result<(String, u32, Vec<(u64, f64)>), ViewsError> {
+    if v.len() % 16 != 0 {
+        return Err(corrupt(k, "malformed metric block"));
+    }
+    let name = parse_name(k)?;
+    let index = u32::from_be_bytes(k[k.len() - 4..].try_into().expect("4 bytes"));
     let points = v
         .chunks_exact(16)
         .map(|c| {

@@ -287,6 +287,9 @@ pub(super) fn history_table(jobs: &[Job], columns: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Points per curve a plot asks for: more than a panel's pixel width.
+const PLOT_POINTS: usize = 2000;
+
 /// Plot the metrics of one or more jobs: sparklines on the terminal, and
 /// with `out` an SVG or PNG with one panel per metric and a line per job.
 pub(super) fn plot(
@@ -301,7 +304,14 @@ pub(super) fn plot(
     let mut jobs = vec![];
     for id in ids {
         let j = c.job(id)?;
-        let series = c.metrics(id, &names)?;
+        // A picture needs no more points than it has pixels (each bucket's
+        // extremes are kept, so no spike is lost); `--json` gets them all.
+        let series = if js {
+            c.metrics(id, &names)?
+        } else {
+            c.sampled_metrics(id, &names, PLOT_POINTS, None, None)?
+                .series
+        };
         if series.is_empty() {
             return Err(ClientError::Usage(format!(
                 "job {} ({}) has no metrics{}",

@@ -39,6 +39,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct MetricPoint {
     pub step: u64,
     pub name: String,
+    #[serde(with = "crate::number::value")]
     pub value: f64,
 }
 

@@ -26,6 +26,7 @@ pub struct JobRow {
     /// (booleans as 0 and 1), sorted by name.
     pub hp: Box<[(Arc<str>, f64)]>,
     /// Last value of each metric, sorted by name.
+    #[serde(with = "crate::number::named_values")]
     pub metrics: Box<[(Arc<str>, f64)]>,
 }
 

@@ -125,6 +125,7 @@ pub struct JobView {
     pub slurm_job: Option<u64>,
     pub outputs: BTreeMap<String, String>,
     /// Last value and step of each metric.
+    #[serde(with = "crate::number::last_values")]
     pub last_metrics: BTreeMap<String, (u64, f64)>,
     pub metric_points: u64,
     pub summary: Value,

@@ -28,14 +28,14 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
         warp::path!("datasets")
             .and(warp::post())
             .and(c.clone())
-            .and(warp::query())
+            .and(query())
             .and(upload())
             .and_then(import_dataset)
             .boxed(),
         warp::path!("verifiers")
             .and(warp::post())
             .and(c.clone())
-            .and(warp::query())
+            .and(query())
             .and(upload())
             .and_then(import_verifier)
             .boxed(),
@@ -48,13 +48,13 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
         warp::path!("artifacts")
             .and(warp::get())
             .and(c.clone())
-            .and(warp::query())
+            .and(query())
             .and_then(list_artifacts)
             .boxed(),
         warp::path!("artifacts" / String)
             .and(warp::get())
             .and(c.clone())
-            .and(warp::query())
+            .and(query())
             .and_then(get_artifact)
             .boxed(),
     ]

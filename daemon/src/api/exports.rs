@@ -14,7 +14,7 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
     vec![warp::path!("artifacts" / String / "gguf")
         .and(warp::get())
         .and(c)
-        .and(warp::query())
+        .and(query())
         .and_then(get_gguf)
         .boxed()]
 }

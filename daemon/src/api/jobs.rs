@@ -3,6 +3,7 @@
 //! reproduce.
 
 use super::*;
+use crate::metrics::lod::Window;
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -17,7 +18,7 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
         warp::path!("jobs")
             .and(warp::get())
             .and(c.clone())
-            .and(warp::query())
+            .and(query())
             .and_then(list_jobs)
             .boxed(),
         warp::path!("jobs" / Uuid)
@@ -28,7 +29,7 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
         warp::path!("jobs" / Uuid / "metrics")
             .and(warp::get())
             .and(c.clone())
-            .and(warp::query())
+            .and(query())
             .and_then(get_metrics)
             .boxed(),
         warp::path!("jobs" / Uuid / "cancel")
@@ -297,13 +298,22 @@ async fn get_job(id: Uuid, ctx: Ctx) -> Res {
 #[serde(deny_unknown_fields)]
 struct MetricsQuery {
     /// Comma-separated metric names; all when absent.
+    #[serde(alias = "name")]
     names: Option<String>,
     /// Which attempt's points (1-based); the latest when absent.
     attempt: Option<u32>,
+    /// Sample each series for this many pixels (see `metrics/lod.rs`).
+    points: Option<usize>,
+    /// Only points with `from <= step <= to`.
+    from: Option<u64>,
+    to: Option<u64>,
 }
 
+/// The most pixels a sample is asked for: a chart on a wide screen.
+const MAX_SAMPLE: usize = 100_000;
+
 /// A job's metric series: the latest attempt's, or an earlier one's, from
-/// the metric index (see `metrics.rs`).
+/// the metric index (see `metrics/mod.rs`); whole, or sampled for a chart.
 async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
     let p = ctx.state.projection.read().await;
     let latest = p
@@ -318,11 +328,44 @@ async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
         )));
     }
     let wanted: Option<Vec<&str>> = q.names.as_deref().map(|n| n.split(',').collect());
-    let series = p.series(id, attempt, wanted.as_deref()).map_err(internal)?;
+    if let (Some(from), Some(to)) = (q.from, q.to) {
+        if from > to {
+            return Err(bad(format!("query `from` ({from}) is after `to` ({to})")));
+        }
+    }
+    if q.points.is_none() && (q.from.is_some() || q.to.is_some()) {
+        return Err(bad(
+            "query `from`/`to`: give `points` too (the sample's pixel width)",
+        ));
+    }
+    let Some(points) = q.points else {
+        let series = p.series(id, attempt, wanted.as_deref()).map_err(internal)?;
+        return reply_json(&MetricSeries {
+            attempt,
+            attempts: latest,
+            series,
+            counts: Default::default(),
+        });
+    };
+    if !(1..=MAX_SAMPLE).contains(&points) {
+        return Err(bad(format!(
+            "query `points`: 1 to {MAX_SAMPLE} (a chart's width in pixels), not {points}"
+        )));
+    }
+    let window = Window {
+        from: q.from,
+        to: q.to,
+    };
+    let sampled = p
+        .sampled(id, attempt, wanted.as_deref(), points, window)
+        .map_err(internal)?;
+    let counts = sampled.iter().map(|(k, s)| (k.clone(), s.count)).collect();
+    let series = sampled.into_iter().map(|(k, s)| (k, s.points)).collect();
     reply_json(&MetricSeries {
         attempt,
         attempts: latest,
         series,
+        counts,
     })
 }
 

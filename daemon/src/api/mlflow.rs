@@ -17,6 +17,7 @@ mod search;
 
 use super::*;
 use herd_core::model::MetricPoint;
+use herd_core::number::Number;
 use herd_core::wire::{NewExperiment, NewRun, RunEnded};
 use search::search_runs;
 
@@ -55,7 +56,7 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             at($path)
                 .and(warp::get())
                 .and(c.clone())
-                .and(warp::query::<BTreeMap<String, String>>())
+                .and(query::<BTreeMap<String, String>>())
                 .and_then(|ctx: Ctx, q: BTreeMap<String, String>| async move {
                     Ok::<_, Rejection>(answer($handler(&ctx, q).await))
                 })
@@ -210,6 +211,7 @@ struct KeyValue {
 #[derive(Deserialize, Serialize, Clone)]
 struct Metric {
     key: String,
+    #[serde(with = "herd_core::number::value")]
     value: f64,
     #[serde(default)]
     timestamp: i64,
@@ -358,7 +360,7 @@ fn run_json(j: &JobView) -> Value {
     let metrics: Vec<Value> = j
         .last_metrics
         .iter()
-        .map(|(k, (step, v))| json!({"key": k, "value": v, "step": step, "timestamp": start}))
+        .map(|(k, (step, v))| json!({"key": k, "value": Number(*v), "step": step, "timestamp": start}))
         .collect();
     json!({"info": run_info(j), "data": {"metrics": metrics, "params": params, "tags": tags}, "inputs": {}})
 }
@@ -584,7 +586,7 @@ async fn get_metric_history(ctx: &Ctx, q: BTreeMap<String, String>) -> Answer {
         .get(key)
         .into_iter()
         .flatten()
-        .map(|(step, v)| json!({"key": key, "value": v, "step": step, "timestamp": start}))
+        .map(|(step, v)| json!({"key": key, "value": Number(*v), "step": step, "timestamp": start}))
         .collect();
     Ok(json!({"metrics": metrics}))
 }

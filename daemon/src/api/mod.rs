@@ -59,6 +59,18 @@ pub struct ApiError {
 
 impl warp::reject::Reject for ApiError {}
 
+/// A typed query string whose error names the parameter at fault (warp's
+/// own says only "Invalid query string").
+fn query<T: serde::de::DeserializeOwned + Send + 'static>(
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify()
+        .and_then(|q: String| async move {
+            serde_urlencoded::from_str::<T>(&q).map_err(|e| bad(format!("query string: {e}")))
+        })
+}
+
 fn bad(msg: impl Into<String>) -> Rejection {
     warp::reject::custom(ApiError {
         status: StatusCode::BAD_REQUEST,

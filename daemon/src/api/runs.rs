@@ -126,15 +126,13 @@ pub(super) async fn log(
     if body.points.is_empty() || body.points.len() > MAX_POINTS {
         return Err(bad(format!("field `points`: 1 to {MAX_POINTS} points")));
     }
-    if let Some((i, p)) = body
+    // Non-finite values are kept: a diverged run's NaN is worth drawing.
+    if let Some((i, p, why)) = body
         .points
         .iter()
         .enumerate()
-        .find(|(_, p)| !p.value.is_finite() || herd_core::vocab::check_name(&p.name).is_err())
+        .find_map(|(i, p)| Some((i, p, herd_core::vocab::check_name(&p.name).err()?)))
     {
-        let why = herd_core::vocab::check_name(&p.name)
-            .err()
-            .unwrap_or_else(|| format!("value {} is not finite", p.value));
         return Err(bad(format!(
             "field `points[{i}]` ({}): {why}",
             herd_core::vocab::printable(&p.name)
