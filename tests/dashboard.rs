@@ -252,6 +252,46 @@ fn the_dashboard_in_a_real_browser() {
         "no Cancel on an ended job"
     );
 
+    // A long curve is asked for at the chart's pixel width: 20k points
+    // come back sampled, the NaN is marked; zooming fetches the window at
+    // full resolution, a double-click goes back.
+    let curve = c.open_run("long", None, &json!({})).unwrap();
+    let pts: Vec<(u64, &str, f64)> = (1..=20_000u64)
+        .map(|s| {
+            (
+                s,
+                "loss",
+                if s == 7_000 {
+                    f64::NAN
+                } else {
+                    1.0 + (s % 100) as f64 / 100.0
+                },
+            )
+        })
+        .collect();
+    c.log_metrics(&curve, &pts).unwrap();
+    c.close_run(&curve, true, "").unwrap();
+    b.goto(&format!("{url}/#/job/{curve}"));
+    b.wait_for("#chart-loss canvas");
+    let sampled = b.js("const c = document.getElementById('chart-loss'); return [c.dataset.count, Number(c.dataset.points), c.dataset.marks]");
+    assert_eq!(sampled[0], json!("20000"), "{sampled}");
+    assert!(sampled[1].as_u64().unwrap() < 20_000, "sampled: {sampled}");
+    assert_eq!(sampled[2], json!("1"), "the NaN is marked: {sampled}");
+    b.screenshot(&shots.join("job-long.png"));
+    b.js("document.getElementById('chart-loss').plot.setScale('x', {min: 1000, max: 1100}); return true");
+    b.until(
+        "the zoomed window at full resolution",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return c.dataset.window === '1000-1100' && c.dataset.points === '101'",
+    );
+    b.screenshot(&shots.join("job-zoomed.png"));
+    b.js("document.querySelector('#chart-loss .u-over').dispatchEvent(new MouseEvent('dblclick', {bubbles: true})); return true");
+    b.until(
+        "the whole curve again",
+        Duration::from_secs(20),
+        &format!("const c = document.getElementById('chart-loss'); return !c.dataset.window && c.dataset.points === '{}'", sampled[1]),
+    );
+
     // History: the page shows the server's filter and sort.
     b.goto(&format!("{url}/#/history"));
     b.wait_for("#history");

@@ -89,6 +89,15 @@ function ema(ys, weight) {
   });
 }
 
+// The API sends non-finite values as text ("NaN", "Infinity", "-Infinity"):
+// they are left out of the lines and drawn as marks instead.
+const finite = (y) => (typeof y === "number" ? y : null);
+
+// Charts ask the daemon for as many points as they have pixels: it sends
+// each bucket's extremes, so nothing a person looks for is sampled away.
+const chartPixels = () => Math.max(360, Math.round((root.clientWidth || innerWidth) * (devicePixelRatio || 1)));
+const sampled = (id, extra = "") => get(`/jobs/${id}/metrics?points=${chartPixels()}${extra}`);
+
 // uPlot's data: the union of steps, then each series (raw, and smoothed
 // after it when smoothing is on).
 function chartData(series) {
@@ -97,7 +106,7 @@ function chartData(series) {
   const data = [steps];
   for (const s of series) {
     const ys = new Array(steps.length).fill(null);
-    for (const [x, y] of s.points) ys[index.get(x)] = y;
+    for (const [x, y] of s.points) ys[index.get(x)] = finite(y);
     data.push(ys);
     if (prefs.smooth > 0) data.push(ema(ys, prefs.smooth));
   }
@@ -117,8 +126,44 @@ function bindChartControls(main) {
   byId(main, "logy").onchange = (e) => { localStorage.setItem("herd.logy", e.target.checked ? "1" : "0"); route(); };
 }
 
-function chart(el, title, series, xLabel = "step") {
+// Each non-finite point of each series, with its line's colour.
+const marksOf = (series) => series.flatMap((s, i) => s.points.filter((p) => typeof p[1] === "string").map(([x, kind]) => ({ x, kind, colour: colourOf(i) })));
+
+// NaN: a dashed line across the plot; ±Infinity: a triangle at the top or
+// bottom edge. On uPlot's canvas, after the lines.
+function drawMarks(u, marks) {
+  const { ctx, bbox } = u;
+  const r = 5 * (devicePixelRatio || 1);
+  ctx.save();
+  for (const m of marks) {
+    const x = u.valToPos(m.x, "x", true);
+    if (!(x >= bbox.left && x <= bbox.left + bbox.width)) continue;
+    ctx.strokeStyle = ctx.fillStyle = m.colour;
+    ctx.beginPath();
+    if (m.kind === "NaN") {
+      ctx.setLineDash([4, 3]);
+      ctx.moveTo(x, bbox.top);
+      ctx.lineTo(x, bbox.top + bbox.height);
+      ctx.stroke();
+      ctx.setLineDash([]);
+    } else {
+      // Pointing out of the plot, where the value went.
+      const edge = m.kind === "-Infinity" ? bbox.top + bbox.height : bbox.top;
+      const base = m.kind === "-Infinity" ? edge - 2 * r : edge + 2 * r;
+      ctx.moveTo(x, edge);
+      ctx.lineTo(x - r, base);
+      ctx.lineTo(x + r, base);
+      ctx.fill();
+    }
+  }
+  ctx.restore();
+}
+
+// `requery(from, to)`, when given, fetches the series again for a zoomed
+// step window (drag to zoom; double-click goes back to the whole series).
+function chart(el, title, series, xLabel = "step", requery = null) {
   const data = chartData(series);
+  let marks = marksOf(series);
   // Away from the cursor the legend shows each line's last value, not "--".
   const last = (ys) => {
     for (let k = ys.length - 1; k >= 0; k--) if (ys[k] != null) return ys[k];
@@ -145,6 +190,7 @@ function chart(el, title, series, xLabel = "step") {
     focus: { alpha: 0.25 },
     cursor: { focus: { prox: 16 } },
     series: [{ label: xLabel, value: (u, v) => (v == null ? "last" : String(v)) }, ...lines],
+    hooks: { draw: [(u) => drawMarks(u, marks)], setScale: [(u, key) => key === "x" && zoomed(u)] },
     axes: [
       { label: xLabel, incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
       // As wide as the widest label (5.000e-4 is not clipped).
@@ -152,11 +198,55 @@ function chart(el, title, series, xLabel = "step") {
         size: (u, vals) => 18 + 7.5 * Math.max(4, ...(vals || []).map((v) => String(v).length)) },
     ],
   };
+  const describe = (series) => {
+    el.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
+    el.dataset.count = String(series.reduce((n, s) => n + (s.count ?? s.points.length), 0));
+    el.dataset.marks = String(marks.length);
+  };
+  // Zoom: a window inside the whole series' steps is fetched again at full
+  // resolution; only the latest answer is drawn.
+  let whole = { series, x0: data[0][0], x1: data[0][data[0].length - 1] };
+  let generation = 0;
+  const show = (u, next, resetScales) => {
+    marks = marksOf(next);
+    const { min, max } = u.scales.x;
+    u.setData(chartData(next), resetScales);
+    // Without a reset uPlot keeps the scales but draws nothing new until
+    // a scale is set: set the zoom again (zoomed() sees the same window).
+    if (!resetScales) u.setScale("x", { min, max });
+    describe(next);
+  };
+  function zoomed(u) {
+    const { min, max } = u.scales.x;
+    if (!requery || min == null || max == null || whole.x0 == null) return;
+    if (min <= whole.x0 && max >= whole.x1) { generation += 1; return; }
+    const from = Math.max(0, Math.ceil(min)), to = Math.max(from, Math.floor(max));
+    if (el.dataset.window === `${from}-${to}`) return;
+    const g = ++generation;
+    requery(from, to).then((next) => {
+      if (g !== generation || !el.isConnected) return;
+      show(u, next, false);
+      el.dataset.window = `${from}-${to}`;
+    });
+  }
   el.innerHTML = "";
   const plot = new uPlot(opts, data, el);
-  el.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
+  if (requery) {
+    plot.over.addEventListener("dblclick", () => {
+      generation += 1;
+      delete el.dataset.window;
+      show(plot, whole.series, true);
+    });
+  }
+  describe(series);
   el.dataset.lines = String(lines.length);
   el.dataset.log = log ? "1" : "0";
+  // New points of a live series (the whole series, unzoomed).
+  plot.update = (next) => {
+    whole = { series: next, x0: next[0]?.points[0]?.[0], x1: Math.max(...next.map((s) => s.points.at(-1)?.[0] ?? -Infinity)) };
+    if (!el.dataset.window) show(plot, next, true);
+  };
+  el.plot = plot;
   return plot;
 }
 
@@ -272,8 +362,9 @@ async function roundPage(main, id) {
 async function jobPage(main, id) {
   const status = await get("/status");
   let j = await get(`/jobs/${id}`);
-  const m = await get(`/jobs/${id}/metrics`);
+  const m = await sampled(id);
   const series = new Map(Object.entries(m.series));
+  const counts = m.counts || {};
   const names = [...series.keys()].sort();
   const active = j.status === "queued" || j.status === "running";
   const notes = (j.summary && j.summary.notes) || [];
@@ -300,8 +391,13 @@ async function jobPage(main, id) {
   const draw = (name) => {
     const el = byId(main, `chart-${name}`);
     const pts = series.get(name);
-    if (!plots.has(name)) plots.set(name, chart(el, name, [{ label: name, points: pts }]));
-    else { plots.get(name).setData(chartData([{ label: name, points: pts }])); el.dataset.points = String(pts.length); }
+    const one = [{ label: name, points: pts, count: counts[name] }];
+    const requery = async (from, to) => {
+      const w = await sampled(id, `&names=${encodeURIComponent(name)}&attempt=${m.attempt}&from=${from}&to=${to}`);
+      return [{ label: name, points: w.series[name] || [], count: w.counts?.[name] }];
+    };
+    if (!plots.has(name)) plots.set(name, chart(el, name, one, "step", requery));
+    else plots.get(name).update(one);
   };
   names.forEach(draw);
   const showProgress = (p) => {
@@ -339,7 +435,11 @@ async function jobPage(main, id) {
         charts.insertBefore(card, after || null);
       }
       const s = series.get(p.name);
-      if (!s.length || p.step > s[s.length - 1][0]) { s.push([p.step, p.value]); touched.add(p.name); }
+      if (!s.length || p.step > s[s.length - 1][0]) {
+        s.push([p.step, p.value]);
+        counts[p.name] = (counts[p.name] ?? s.length - 1) + 1;
+        touched.add(p.name);
+      }
     }
     touched.forEach(draw);
   });
@@ -445,7 +545,7 @@ async function historyPage(main, params) {
 async function comparePage(main, params) {
   const ids = (params.get("ids") || "").split(",").filter(Boolean);
   const jobs = await Promise.all(ids.map((id) => get(`/jobs/${id}`)));
-  const metrics = await Promise.all(ids.map((id) => get(`/jobs/${id}/metrics`)));
+  const metrics = await Promise.all(ids.map((id) => sampled(id)));
   const names = [...new Set(metrics.flatMap((m) => Object.keys(m.series)))].sort();
   const hps = jobs.map((j) => (j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters) || {});
   const keys = [...new Set(hps.flatMap((h) => Object.keys(h)))].sort();
@@ -459,7 +559,9 @@ async function comparePage(main, params) {
     <table id="compare-metrics">${head}${names.map((n) => `<tr><td>${esc(n)}</td>${jobs.map((j) => `<td class="num">${j.last_metrics?.[n] ? num(j.last_metrics[n][1]) : ""}</td>`).join("")}</tr>`).join("")}</table>`;
   bindChartControls(main);
   for (const n of names) {
-    chart(byId(main, `chart-${n}`), n, jobs.map((j, i) => ({ label: j.name, points: metrics[i].series[n] || [] })));
+    const requery = (from, to) => Promise.all(ids.map((id) => sampled(id, `&names=${encodeURIComponent(n)}&from=${from}&to=${to}`)))
+      .then((ws) => jobs.map((j, i) => ({ label: j.name, points: ws[i].series[n] || [], count: ws[i].counts?.[n] })));
+    chart(byId(main, `chart-${n}`), n, jobs.map((j, i) => ({ label: j.name, points: metrics[i].series[n] || [], count: metrics[i].counts?.[n] })), "step", requery);
   }
 }
 
