@@ -5,7 +5,9 @@
 //! fingerprint, one metric event per step with five metrics, an output and
 //! success), then starts the real `herdd` binary on it and measures what the
 //! issue asks for: restart time (spawn to listening), the daemon's resident
-//! memory, a 20k-point series read and history queries over every job.
+//! memory, a 20k-point series read, history queries over every job, and
+//! curves at scale: a 10M-point series sampled for a chart, a job page of
+//! ten 1M-point series and a compare of 200 jobs in headless Chromium.
 //!
 //! Run: `cargo bench --bench scale_bench` (SCALE_JOBS, SCALE_STEPS change the
 //! size, SCALE_DIR keeps the data directory for the next run; the defaults are 100,000 jobs x 20 steps x 5 metrics, plus one job
@@ -115,6 +117,117 @@ fn job_events(job: Uuid, experiment: Uuid, i: usize, steps: usize) -> Vec<NewEve
     events.iter().map(new_event).collect()
 }
 
+/// A finished job whose metric events carry `steps` points of each series
+/// in `names`, 1,000 points an event.
+fn curve_events(
+    job: Uuid,
+    experiment: Uuid,
+    i: usize,
+    names: &[&str],
+    steps: usize,
+) -> Vec<NewEvent> {
+    let mut events = job_events(job, experiment, i, 0);
+    let ends = events.split_off(events.len() - 2);
+    let per_event = (1000 / names.len()).max(1);
+    for first in (1..=steps).step_by(per_event) {
+        let points = (first..=(first + per_event - 1).min(steps))
+            .flat_map(|step| {
+                names.iter().enumerate().map(move |(m, name)| MetricPoint {
+                    step: step as u64,
+                    name: name.to_string(),
+                    // A noisy decay with a spike now and then.
+                    value: if step % 99_991 == 0 {
+                        10.0
+                    } else {
+                        (1.0 + m as f64) / (1.0 + step as f64).sqrt()
+                            + ((step * 7919 + i) % 101) as f64 / 1e3
+                    },
+                })
+            })
+            .collect();
+        events.push(new_event(&HerdEvent::JobMetrics {
+            job,
+            attempt: 1,
+            points,
+        }));
+    }
+    events.extend(ends);
+    events
+}
+
+/// The jobs the curve measures read: one 10M-point series, one job of ten
+/// 1M-point series, 200 jobs of 10k points. Ids kept in `DATA/curves`.
+struct Curves {
+    long: Uuid,
+    wide: Uuid,
+    many: Vec<Uuid>,
+}
+
+const LONG: usize = 10_000_000;
+const WIDE: usize = 1_000_000;
+const MANY: usize = 200;
+const MANY_STEPS: usize = 10_000;
+const SERIES: [&str; 10] = [
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "reward_accuracy",
+    "kl",
+    "entropy",
+    "reward_mean",
+    "reward_std",
+    "clip_low",
+];
+
+fn write_curves(log: &herd_store::EventLog, experiment: Uuid, data: &std::path::Path) -> Curves {
+    let t = Instant::now();
+    let c = Curves {
+        long: Uuid::now_v7(),
+        wide: Uuid::now_v7(),
+        many: (0..MANY).map(|_| Uuid::now_v7()).collect(),
+    };
+    let write = |job: Uuid, events: Vec<NewEvent>| {
+        for part in events.chunks(1024) {
+            log.append(&streams::job(job), ExpectedVersion::Any, part.to_vec())
+                .unwrap();
+        }
+    };
+    write(c.long, curve_events(c.long, experiment, 1, &["loss"], LONG));
+    write(c.wide, curve_events(c.wide, experiment, 2, &SERIES, WIDE));
+    for (k, &job) in c.many.iter().enumerate() {
+        write(
+            job,
+            curve_events(job, experiment, 3 + k, &["loss"], MANY_STEPS),
+        );
+    }
+    let ids: Vec<String> = [c.long, c.wide]
+        .iter()
+        .chain(&c.many)
+        .map(|u| u.to_string())
+        .collect();
+    std::fs::write(data.join("curves"), ids.join("\n")).unwrap();
+    println!(
+        "curves: {} points more, written in {:.1} s",
+        LONG + 10 * WIDE + MANY * MANY_STEPS,
+        t.elapsed().as_secs_f64()
+    );
+    c
+}
+
+fn read_curves(data: &std::path::Path) -> Curves {
+    let ids: Vec<Uuid> = std::fs::read_to_string(data.join("curves"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    Curves {
+        long: ids[0],
+        wide: ids[1],
+        many: ids[2..].to_vec(),
+    }
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
@@ -212,7 +325,9 @@ fn main() {
             t.elapsed().as_secs_f64()
         );
         std::fs::write(&big_job_file, big_job.to_string()).unwrap();
+        write_curves(log, experiment, &data);
     }
+    let curves = read_curves(&data);
     let log_bytes = std::fs::metadata(data.join("log").join("events.jsonl"))
         .unwrap()
         .len();
@@ -258,6 +373,25 @@ fn main() {
         assert_eq!(s.len(), METRICS.len());
     });
     println!("all 5 series of that job (100k points): median {med:.1} ms, max {max:.1} ms");
+
+    // Curves: a 10M-point series sampled for 2,000 pixels, from its block
+    // summaries; and a zoomed window of it.
+    let long = curves.long.to_string();
+    let (med, max) = median_ms(20, || {
+        let s = c
+            .sampled_metrics(&long, &["loss"], 2000, None, None)
+            .unwrap();
+        assert_eq!(s.counts["loss"], LONG as u64);
+        assert!(s.series["loss"].len() <= 4003);
+    });
+    println!("a 10M-point series sampled at N = 2,000: median {med:.1} ms, max {max:.1} ms");
+    let (med, max) = median_ms(20, || {
+        let s = c
+            .sampled_metrics(&long, &["loss"], 2000, Some(4_000_000), Some(6_000_000))
+            .unwrap();
+        assert_eq!(s.counts["loss"], 2_000_001);
+    });
+    println!("a 2M-step window of it at N = 2,000: median {med:.1} ms, max {max:.1} ms");
 
     // 4. History over every job.
     let sorted = JobQuery {
@@ -332,7 +466,18 @@ fn main() {
             time_page(
                 "a 20k-point curve (the job page, all 5 series: 100k points)",
                 &format!("#/job/{id}"),
-                "const c = document.querySelector('#chart-loss'); return document.body.dataset.page === 'job' && !!c && c.dataset.points === '20000' && !!c.querySelector('canvas')",
+                "const c = document.querySelector('#chart-loss'); return document.body.dataset.page === 'job' && !!c && c.dataset.count === '20000' && !!c.querySelector('canvas')",
+            );
+            time_page(
+                "a job page with 10 series of 1M points each",
+                &format!("#/job/{}", curves.wide),
+                "const c = [...document.querySelectorAll('#charts .chart')]; return document.body.dataset.page === 'job' && c.length === 10 && c.every((e) => e.dataset.count === '1000000' && !!e.querySelector('canvas'))",
+            );
+            let ids: Vec<String> = curves.many.iter().map(|u| u.to_string()).collect();
+            time_page(
+                "compare 200 jobs of 10k points each",
+                &format!("#/compare?ids={}", ids.join(",")),
+                "const c = document.querySelector('#chart-loss'); return document.body.dataset.page === 'compare' && !!c && c.dataset.lines === '200' && c.dataset.count === '2000000'",
             );
             time_page(
                 &format!("the history page over {} jobs, first 50", jobs + 1),

@@ -207,6 +207,7 @@ with mlflow.start_run(run_name='py') as run:
     mlflow.log_params({'lr': 1e-4, 'beta': 0.1})
     mlflow.set_tag('k', 'v')
     for s in range(5): mlflow.log_metric('loss', 1.0 / (s + 1), step=s)
+    mlflow.log_metric('diverged', float('nan'), step=1)
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
     for b in range(10):
@@ -256,6 +257,7 @@ assert [r.info.run_id for r in found] == [run.info.run_id], found
     assert_eq!(py.last_metrics["loss"], (4, 0.2));
     assert_eq!(py.hyperparameters["beta"], json!(0.1));
     assert_eq!(py.last_metrics["reward"], (9999, 9999.0));
+    assert!(py.last_metrics["diverged"].1.is_nan(), "NaN kept as NaN");
     // In herd's history with its params, filtered on them.
     let h = c
         .jobs(&herd_client::JobQuery {
@@ -264,4 +266,101 @@ assert [r.info.run_id for r in found] == [run.info.run_id], found
         })
         .unwrap();
     assert!(h.iter().any(|j| j.id == py.id));
+}
+
+/// transformers' Trainer with `report_to="mlflow"`, pointed at herd by
+/// MLFLOW_TRACKING_URI alone: its params, losses and end land in herd's
+/// record, and `herd history` and `herd plot` show the run.
+#[test]
+fn a_transformers_trainer_reports_to_herd() {
+    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = std::process::Command::new(&python)
+        .args(["-c", "import mlflow, torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        system::skip(
+            "a_transformers_trainer_reports_to_herd",
+            &format!("{python} lacks mlflow, torch or transformers (set HERD_PYTHON)"),
+            "HERD_REQUIRE_MLFLOW",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
+    // A tiny Llama trained for 6 steps on random tokens, logging each step.
+    let script = r#"
+import torch, transformers
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+model = LlamaForCausalLM(config)
+rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (12, 8))]
+args = TrainingArguments(output_dir=OUT, max_steps=6, logging_steps=1, per_device_train_batch_size=2,
+                         learning_rate=1e-3, report_to=["mlflow"], run_name="hf-tiny",
+                         save_strategy="no", use_cpu=True, disable_tqdm=True)
+Trainer(model=model, args=args, train_dataset=rows).train()
+"#
+    .replace("OUT", &format!("{:?}", dir.path().join("hf").to_str().unwrap()));
+    let out = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .env(
+            "MLFLOW_TRACKING_URI",
+            format!("http://{}", d.addr.trim_start_matches("http://")),
+        )
+        .env("MLFLOW_TRACKING_TOKEN", token.trim())
+        .env("MLFLOW_EXPERIMENT_NAME", "hf")
+        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Trainer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = d.client();
+    let runs = c
+        .jobs(&herd_client::JobQuery {
+            kind: Some(herd_client::JobKind::External),
+            ..Default::default()
+        })
+        .unwrap();
+    let run = runs
+        .iter()
+        .find(|j| j.name == "hf-tiny")
+        .unwrap_or_else(|| panic!("the Trainer's run in {runs:?}"));
+    assert_eq!(
+        run.status,
+        herd_client::JobStatus::Succeeded,
+        "ended by the callback"
+    );
+    assert_eq!(run.hyperparameters["learning_rate"], json!(0.001));
+    let loss = &c.metrics(&run.id.to_string(), &["loss"]).unwrap()["loss"];
+    assert_eq!(
+        loss.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    assert!(
+        loss.iter().all(|p| p.1.is_finite() && p.1 > 0.0),
+        "{loss:?}"
+    );
+    // The CLI shows it as any other job.
+    let history = d.herd(&["history", "--experiment", "hf"]);
+    let text = String::from_utf8_lossy(&history.stdout);
+    assert!(
+        history.status.success() && text.contains("hf-tiny"),
+        "{text}"
+    );
+    let svg = dir.path().join("hf.svg");
+    let plot = d.herd(&["plot", &run.id.to_string(), "--out", svg.to_str().unwrap()]);
+    assert!(
+        plot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plot.stderr)
+    );
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("loss"));
 }
