@@ -328,6 +328,8 @@ fn main() {
         write_curves(log, experiment, &data);
     }
     let curves = read_curves(&data);
+    // Every job: the history's, the 20k-step one, the curves'.
+    let all = jobs + 1 + 2 + curves.many.len();
     let log_bytes = std::fs::metadata(data.join("log").join("events.jsonl"))
         .unwrap()
         .len();
@@ -402,7 +404,7 @@ fn main() {
     let (med, max) = median_ms(20, || {
         assert_eq!(c.jobs(&sorted).unwrap().len(), 50);
     });
-    println!("history over {} jobs, sorted by -metric.loss, first 50: median {med:.1} ms, max {max:.1} ms", jobs + 1);
+    println!("history over {all} jobs, sorted by -metric.loss, first 50: median {med:.1} ms, max {max:.1} ms");
     let filtered = JobQuery {
         kind: Some(JobKind::Dpo),
         where_: Some("hp.lr<5e-5,metric.loss<0.5".into()),
@@ -415,11 +417,10 @@ fn main() {
     });
     println!("history filtered (kind, hp.lr, metric.loss) and sorted, first 50: median {med:.1} ms, max {max:.1} ms");
     let (med, max) = median_ms(3, || {
-        assert_eq!(c.jobs(&JobQuery::default()).unwrap().len(), jobs + 1);
+        assert_eq!(c.jobs(&JobQuery::default()).unwrap().len(), all);
     });
     println!(
-        "history, all {} jobs (the client pages, 1,000 a request): median {med:.0} ms, max {max:.0} ms",
-        jobs + 1
+        "history, all {all} jobs (the client pages, 1,000 a request): median {med:.0} ms, max {max:.0} ms"
     );
 
     let (rss, hwm) = rss_kib(child.id());
@@ -480,7 +481,7 @@ fn main() {
                 "const c = document.querySelector('#chart-loss'); return document.body.dataset.page === 'compare' && !!c && c.dataset.lines === '200' && c.dataset.count === '2000000'",
             );
             time_page(
-                &format!("the history page over {} jobs, first 50", jobs + 1),
+                &format!("the history page over {all} jobs, first 50"),
                 "#/history",
                 "return document.body.dataset.page === 'history' && document.querySelectorAll('#history tbody tr').length === 50",
             );

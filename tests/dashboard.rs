@@ -463,6 +463,30 @@ fn the_dashboard_in_a_real_browser() {
     assert!(b.text("#rounds").contains("task_accuracy"));
     b.screenshot(&shots.join("experiment.png"));
 
+    // Two rounds side by side: the eval again with longer answers, matched
+    // by name, its changed hyperparameter and its accuracy's move shown.
+    let longer = c
+        .submit_round(&json!({"experiment": exp, "seed": 1, "vars": {"policy": r, "prompts": prompts},
+            "jobs": [{"name": "eval", "kind": "eval", "inputs": {"policy": "$policy", "prompts": "$prompts"},
+                      "hyperparameters": {"max_new_tokens": 8}}]}))
+        .unwrap();
+    for j in &longer.jobs {
+        c.wait(&j.to_string(), Duration::from_secs(120)).unwrap();
+    }
+    // (By way of another page: the same hash again would not reload.)
+    b.goto(&format!("{url}/#/queue"));
+    b.goto(&format!("{url}/#/experiment/{exp}"));
+    b.wait_for("#compare-rounds");
+    b.click(&format!("input.pick-round[value='{}']", eval_round.id));
+    b.click(&format!("input.pick-round[value='{}']", longer.id));
+    b.click("#compare-rounds");
+    b.wait_for("#round-diff tr.matched[data-job=eval]");
+    let changed = b.text("#round-diff tr[data-job=eval] .hp-diff [data-key=max_new_tokens]");
+    assert!(changed.contains("4 → 8"), "{changed}");
+    let moved = b.text("#round-diff tr[data-job=eval] .metric-deltas [data-metric=task_accuracy]");
+    assert!(moved.contains("→"), "{moved}");
+    b.screenshot(&shots.join("rounds-compared.png"));
+
     // Compare many: 50 runs overlaid, one line and one colour each.
     let many: Vec<String> = (0..50)
         .map(|k| {

@@ -26,6 +26,9 @@ pub use herd_core::wire::Progress;
 
 /// Events folded between checkpoints at most (bounds what a rebuild holds).
 const CHECKPOINT_EVERY: u64 = 50_000;
+/// Metric points folded between checkpoints at most: one 10M-point run is
+/// a few thousand events, and its tail must not all wait in memory.
+const CHECKPOINT_POINTS: u64 = 1_000_000;
 
 /// The projection and the metric index, as of event `through`, with the view
 /// store that holds what is not resident. Derefs to the projection.
@@ -35,6 +38,7 @@ pub struct Live {
     views: Arc<ViewStore>,
     through: Through,
     since_checkpoint: u64,
+    points_since_checkpoint: u64,
 }
 
 impl Live {
@@ -45,7 +49,13 @@ impl Live {
             views,
             through: Through::default(),
             since_checkpoint: 0,
+            points_since_checkpoint: 0,
         }
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.since_checkpoint >= CHECKPOINT_EVERY
+            || self.points_since_checkpoint >= CHECKPOINT_POINTS
     }
 
     /// A job's view: resident, or read from the view store.
@@ -128,7 +138,7 @@ impl State {
                 let seq = rec.seq;
                 let mut live = follower.projection.write().await;
                 let folded = fold(&mut live, &rec).and_then(|()| {
-                    if live.since_checkpoint >= CHECKPOINT_EVERY {
+                    if live.checkpoint_due() {
                         checkpoint(&mut live)?;
                     }
                     Ok(())
@@ -276,7 +286,7 @@ fn load_checkpoint(log: &EventLog, views: Arc<ViewStore>) -> anyhow::Result<Live
         }
         for rec in &batch {
             fold(&mut live, rec)?;
-            if live.since_checkpoint >= CHECKPOINT_EVERY {
+            if live.checkpoint_due() {
                 checkpoint(&mut live)?;
             }
         }
@@ -297,6 +307,7 @@ pub fn fold(live: &mut Live, rec: &RecordedEvent) -> Result<(), ViewsError> {
         views,
         through,
         since_checkpoint,
+        points_since_checkpoint,
     } = live;
     let event = HerdEvent::from_recorded(&stored(rec));
     if let Some(job) = event.as_ref().ok().and_then(HerdEvent::job) {
@@ -314,6 +325,7 @@ pub fn fold(live: &mut Live, rec: &RecordedEvent) -> Result<(), ViewsError> {
             let filed = filed_attempt(*attempt, j.attempts);
             // The current attempt's points are all counted in metric_points.
             let fresh = filed == j.attempts && j.metric_points == 0;
+            *points_since_checkpoint += points.len() as u64;
             let points = points.iter().map(|p| (p.name.as_str(), p.step, p.value));
             metrics.add(views, *job, filed, fresh, points)?;
         }
@@ -332,6 +344,7 @@ fn checkpoint(live: &mut Live) -> Result<(), ViewsError> {
     live.views
         .checkpoint(&mut live.projection, &mut live.metrics, &live.through)?;
     live.since_checkpoint = 0;
+    live.points_since_checkpoint = 0;
     Ok(())
 }
 

@@ -292,20 +292,74 @@ async function experimentPage(main, id) {
   });
   const keys = ROUND_METRICS.filter((k) => info.some((r) => r.finished && r.metrics[k] != null));
   const status = (r) => (r.failed ? "failed" : r.finished ? "succeeded" : "running");
-  const rows = info.map((r) => `<tr data-round="${r.rd.round.id}"><td><a href="#/round/${r.rd.round.id}">round ${r.rd.round.index}</a></td><td>${badge(status(r))}</td><td class="num">${r.rd.jobs.length}</td>
+  const rows = info.map((r) => `<tr data-round="${r.rd.round.id}"><td><input type="checkbox" class="pick-round" value="${r.rd.round.id}"> <a href="#/round/${r.rd.round.id}">round ${r.rd.round.index}</a></td><td>${badge(status(r))}</td><td class="num">${r.rd.jobs.length}</td>
       <td class="num">${r.took != null ? duration(r.took) : ""}</td>${keys.map((k) => `<td class="num">${r.metrics[k] != null ? num(r.metrics[k]) : ""}</td>`).join("")}
       <td>${r.policy ? inputLink(r.policy) : ""}</td></tr>`).join("");
   main.innerHTML = `<h1>${esc(e.name)}</h1><p class="muted">${esc(e.description)}</p>
     <p><a href="#/history?experiment=${e.id}">all ${e.jobs.length} jobs in the history</a></p>
     ${keys.length ? '<div class="card chart" id="rounds-chart"></div>' : ""}
     <h2>Rounds</h2><table id="rounds"><thead><tr><th>round</th><th>status</th><th>jobs</th><th>took</th>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}<th>final policy</th></tr></thead>
-    <tbody>${rows || `<tr><td colspan="${5 + keys.length}" class="muted">none</td></tr>`}</tbody></table>`;
+    <tbody>${rows || `<tr><td colspan="${5 + keys.length}" class="muted">none</td></tr>`}</tbody></table>
+    ${info.length >= 2 ? '<p><button id="compare-rounds" disabled>compare two rounds</button></p>' : ""}`;
+  const compare = byId(main, "compare-rounds");
+  if (compare) {
+    const picked = () => [...main.querySelectorAll("input.pick-round:checked")].map((c) => c.value);
+    main.querySelectorAll("input.pick-round").forEach((c) => { c.onchange = () => { compare.disabled = picked().length !== 2; }; });
+    compare.onclick = () => { const [a, b] = picked(); location.hash = `#/rounds?a=${a}&b=${b}`; };
+  }
   if (keys.length) {
     chart(byId(main, "rounds-chart"), "round over round", keys.map((k) => ({
       label: k,
       points: info.filter((r) => r.finished && r.metrics[k] != null).map((r) => [r.rd.round.index, r.metrics[k]]),
     })), "round");
   }
+}
+
+// A job's final numbers: its metrics' last values, and the round metrics
+// an eval reports in its summary.
+function finals(j) {
+  const out = Object.fromEntries(Object.entries(j.last_metrics || {}).map(([k, v]) => [k, v[1]]));
+  for (const k of ROUND_METRICS) {
+    const v = j.summary?.[k] ?? j.summary?.result?.[k];
+    if (typeof v === "number" && out[k] == null) out[k] = v;
+  }
+  return out;
+}
+
+// Two rounds side by side: their jobs matched by name, what changed in
+// each pair's hyperparameters, and how its final metrics moved.
+async function roundsPage(main, params) {
+  const [a, b] = await Promise.all([get(`/rounds/${params.get("a")}`), get(`/rounds/${params.get("b")}`)]);
+  const hp = (j) => (j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters) || {};
+  const names = [...new Set([...a.jobs, ...b.jobs].map((j) => j.name))];
+  const find = (rd, n) => rd.jobs.find((j) => j.name === n);
+  const show = (v) => (v === undefined ? "–" : num(v));
+  const delta = (x, y) => {
+    if (typeof x !== "number" || typeof y !== "number") return "";
+    const d = y - x;
+    return `<span class="${d > 0 ? "up" : d < 0 ? "down" : "muted"}">${d > 0 ? "+" : ""}${num(d)}</span>`;
+  };
+  const rows = names.map((n) => {
+    const ja = find(a, n), jb = find(b, n);
+    if (!ja || !jb) {
+      const only = ja || jb;
+      return `<tr data-job="${esc(n)}" class="unmatched"><td>${esc(n)}</td><td>${esc(only.kind)}</td><td colspan="2" class="muted">only in round ${(ja ? a : b).round.index}</td></tr>`;
+    }
+    const ha = hp(ja), hb = hp(jb);
+    const changed = [...new Set([...Object.keys(ha), ...Object.keys(hb)])].sort()
+      .filter((k) => JSON.stringify(ha[k]) !== JSON.stringify(hb[k]) && k !== "seed");
+    const fa = finals(ja), fb = finals(jb);
+    const metrics = [...new Set([...Object.keys(fa), ...Object.keys(fb)])].sort();
+    return `<tr data-job="${esc(n)}" class="matched"><td><a href="#/compare?ids=${ja.id},${jb.id}">${esc(n)}</a></td><td>${esc(ja.kind)}</td>
+      <td class="hp-diff">${changed.map((k) => `<div data-key="${esc(k)}"><span class="mono">${esc(k)}</span> ${show(ha[k])} → ${show(hb[k])}</div>`).join("") || '<span class="muted">same</span>'}</td>
+      <td class="metric-deltas">${metrics.map((k) => {
+        const x = fa[k], y = fb[k];
+        return `<div data-metric="${esc(k)}"><span class="mono">${esc(k)}</span> ${show(x)} → ${show(y)} ${delta(x, y)}</div>`;
+      }).join("")}</td></tr>`;
+  }).join("");
+  main.innerHTML = `<h1>Round ${a.round.index} vs round ${b.round.index}</h1>
+    <p><a href="#/round/${a.round.id}">round ${a.round.index}</a> · <a href="#/round/${b.round.id}">round ${b.round.index}</a> · jobs matched by name</p>
+    <table id="round-diff"><thead><tr><th>job</th><th>kind</th><th>hyperparameters that changed</th><th>final metrics</th></tr></thead><tbody>${rows}</tbody></table>`;
 }
 
 // A round's jobs as a graph: a job's column is the longest chain of
@@ -659,6 +713,7 @@ async function route() {
       case undefined: await experimentsPage(main); break;
       case "experiment": await experimentPage(main, parts[1]); break;
       case "round": await roundPage(main, parts[1]); break;
+      case "rounds": await roundsPage(main, params); break;
       case "job": await jobPage(main, parts[1]); break;
       case "history": await historyPage(main, params); break;
       case "compare": await comparePage(main, params); break;
