@@ -480,6 +480,11 @@ fn main() {
                 &format!("#/compare?ids={}", ids.join(",")),
                 "const c = document.querySelector('#chart-loss'); return document.body.dataset.page === 'compare' && !!c && c.dataset.lines === '200' && c.dataset.count === '2000000'",
             );
+            println!(
+                "  of which drawing (after the last answer): {} ms; {} points drawn",
+                b.js("return document.querySelector('#main > div').dataset.drawMs"),
+                b.js("return document.querySelector('#chart-loss').dataset.points")
+            );
             time_page(
                 &format!("the history page over {all} jobs, first 50"),
                 "#/history",

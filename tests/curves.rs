@@ -86,6 +86,19 @@ fn a_long_series_is_sampled_zoomed_and_keeps_its_non_finite_points() {
     };
     check(&c);
 
+    // Many jobs in one request, each sampled the same way.
+    let many = c
+        .get(&format!("/metrics?jobs={id},{id}&names=loss&points=500"))
+        .unwrap();
+    assert_eq!(many["jobs"][&id]["counts"]["loss"], POINTS);
+    match c.get("/metrics?jobs=nope&points=5") {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(message.contains("\"nope\" is not a job id"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
     for (query, says) in [
         ("points=0", "query `points`: 1 to 100000"),
         ("points=10&from=9&to=3", "`from` (9) is after `to` (3)"),

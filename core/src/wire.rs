@@ -90,6 +90,9 @@ pub struct JobQuery {
     pub status: Option<JobStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round: Option<Uuid>,
+    /// Comma-separated job ids: only these (a compare's jobs, one request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<String>,
     /// Comma-separated conditions: `lr<1e-4`, `metric.loss<=2`, `hp.beta=0.1`.
     #[serde(rename = "where", default, skip_serializing_if = "Option::is_none")]
     pub where_: Option<String>,
@@ -155,6 +158,12 @@ pub struct MetricSeries {
     /// of which `series` holds a sample (see the API's metrics query).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub counts: BTreeMap<String, u64>,
+}
+
+/// `GET /metrics?jobs=A,B&points=N`: many jobs' series, sampled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ManyMetricSeries {
+    pub jobs: BTreeMap<Uuid, MetricSeries>,
 }
 
 /// `201` answer to creating something by id (`POST /experiments`, `/runs`).

@@ -552,6 +552,7 @@ pub(super) fn history(c: &Client, args: &History, js: bool, quiet: bool) -> Resu
         kind: *kind,
         status: *status,
         round: round.as_deref().map(|r| resolve::round(c, r)).transpose()?,
+        ids: None,
         where_: where_.clone(),
         sort: sort.clone(),
         limit: *limit,

@@ -4,6 +4,8 @@
 
 use super::*;
 use crate::metrics::lod::Window;
+use crate::state::Live;
+use herd_core::wire::ManyMetricSeries;
 
 /// This resource's routes.
 pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
@@ -31,6 +33,12 @@ pub(super) fn routes(ctx: &Ctx) -> Vec<Route> {
             .and(c.clone())
             .and(query())
             .and_then(get_metrics)
+            .boxed(),
+        warp::path!("metrics")
+            .and(warp::get())
+            .and(c.clone())
+            .and(query())
+            .and_then(get_many_metrics)
             .boxed(),
         warp::path!("jobs" / Uuid / "cancel")
             .and(warp::post())
@@ -229,6 +237,17 @@ async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
             "query `limit`: at most {MAX_JOBS_PAGE} jobs per request, not {limit}; page with `offset`"
         )));
     }
+    let ids = match &q.ids {
+        None => None,
+        Some(ids) => Some(
+            ids.split(',')
+                .map(|s| {
+                    s.parse::<Uuid>()
+                        .map_err(|_| bad(format!("query `ids`: {s:?} is not a job id")))
+                })
+                .collect::<Result<std::collections::HashSet<Uuid>, Rejection>>()?,
+        ),
+    };
     let p = ctx.state.projection.read().await;
     for (k, _, _) in &conds {
         known_key(&p.rows, k, "query `where`").map_err(bad)?;
@@ -246,6 +265,7 @@ async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
     let mut out: Vec<(&Uuid, &JobRow)> = p
         .rows
         .iter()
+        .filter(|(id, _)| ids.as_ref().is_none_or(|ids| ids.contains(id)))
         .filter(|(_, j)| q.experiment.is_none() || j.experiment == q.experiment)
         .filter(|(_, j)| q.kind.is_none_or(|k| j.kind == k))
         .filter(|(_, j)| q.status.is_none_or(|s| j.status == s))
@@ -316,6 +336,56 @@ const MAX_SAMPLE: usize = 100_000;
 /// the metric index (see `metrics/mod.rs`); whole, or sampled for a chart.
 async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
     let p = ctx.state.projection.read().await;
+    reply_json(&metric_series(&p, id, &q)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManyMetricsQuery {
+    /// Comma-separated job ids.
+    jobs: String,
+    names: Option<String>,
+    points: usize,
+    from: Option<u64>,
+    to: Option<u64>,
+}
+
+/// The most jobs one `GET /metrics` samples (the dashboard's compare).
+const MAX_COMPARED: usize = 500;
+
+/// Many jobs' series sampled in one request: a compare of 200 jobs is one
+/// answer, not 200.
+async fn get_many_metrics(ctx: Ctx, q: ManyMetricsQuery) -> Res {
+    let ids = q
+        .jobs
+        .split(',')
+        .map(|s| {
+            s.parse::<Uuid>()
+                .map_err(|_| bad(format!("query `jobs`: {s:?} is not a job id")))
+        })
+        .collect::<Result<Vec<Uuid>, Rejection>>()?;
+    if ids.len() > MAX_COMPARED {
+        return Err(bad(format!(
+            "query `jobs`: at most {MAX_COMPARED} jobs, not {}",
+            ids.len()
+        )));
+    }
+    let one = MetricsQuery {
+        names: q.names,
+        attempt: None,
+        points: Some(q.points),
+        from: q.from,
+        to: q.to,
+    };
+    let p = ctx.state.projection.read().await;
+    let mut jobs = BTreeMap::new();
+    for id in ids {
+        jobs.insert(id, metric_series(&p, id, &one)?);
+    }
+    reply_json(&ManyMetricSeries { jobs })
+}
+
+fn metric_series(p: &Live, id: Uuid, q: &MetricsQuery) -> Result<MetricSeries, Rejection> {
     let latest = p
         .job(id)
         .map_err(internal)?
@@ -340,7 +410,7 @@ async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
     }
     let Some(points) = q.points else {
         let series = p.series(id, attempt, wanted.as_deref()).map_err(internal)?;
-        return reply_json(&MetricSeries {
+        return Ok(MetricSeries {
             attempt,
             attempts: latest,
             series,
@@ -361,7 +431,7 @@ async fn get_metrics(id: Uuid, ctx: Ctx, q: MetricsQuery) -> Res {
         .map_err(internal)?;
     let counts = sampled.iter().map(|(k, s)| (k.clone(), s.count)).collect();
     let series = sampled.into_iter().map(|(k, s)| (k, s.points)).collect();
-    reply_json(&MetricSeries {
+    Ok(MetricSeries {
         attempt,
         attempts: latest,
         series,
