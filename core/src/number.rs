@@ -33,21 +33,32 @@ impl Serialize for Number {
 
 impl<'de> Deserialize<'de> for Number {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either<'a> {
-            Plain(f64),
-            #[serde(borrow)]
-            Named(std::borrow::Cow<'a, str>),
+        // A visitor, not an untagged enum: metric batches are the hot path,
+        // and an untagged enum buffers every value first.
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Number;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number, \"NaN\", \"Infinity\" or \"-Infinity\"")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Number, E> {
+                Ok(Number(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Number, E> {
+                parse(name).map(Number).ok_or_else(|| {
+                    E::custom(format!(
+                        "expected a number, \"NaN\", \"Infinity\" or \"-Infinity\", not {name:?}"
+                    ))
+                })
+            }
         }
-        match Either::deserialize(d)? {
-            Either::Plain(v) => Ok(Number(v)),
-            Either::Named(name) => parse(&name).map(Number).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "expected a number, \"NaN\", \"Infinity\" or \"-Infinity\", not {name:?}"
-                ))
-            }),
-        }
+        d.deserialize_any(Visit)
     }
 }
 

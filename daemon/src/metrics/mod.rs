@@ -63,7 +63,16 @@ impl MetricIndex {
         fresh: bool,
         points: impl IntoIterator<Item = (&'a str, u64, f64)>,
     ) -> Result<(), ViewsError> {
+        // By series first (a batch has a few names and many points): one
+        // key and one lookup per series, not per point.
+        let mut by_name: Vec<(&str, Vec<(u64, f64)>)> = vec![];
         for (name, step, value) in points {
+            match by_name.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, p)) => p.push((step, value)),
+                None => by_name.push((name, vec![(step, value)])),
+            }
+        }
+        for (name, points) in by_name {
             let key = SeriesKey {
                 job,
                 attempt,
@@ -89,7 +98,7 @@ impl MetricIndex {
                     self.live.entry(key).or_insert(tail)
                 }
             };
-            tail.points.push((step, value));
+            tail.points.extend(points);
             tail.dirty = true;
         }
         Ok(())
