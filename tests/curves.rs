@@ -86,6 +86,23 @@ fn a_long_series_is_sampled_zoomed_and_keeps_its_non_finite_points() {
     };
     check(&c);
 
+    // herd's own series (when each batch was recorded) is listed only when
+    // asked for, and no run may log into it.
+    let all = c.metrics(&id, &[]).unwrap();
+    assert_eq!(all.keys().collect::<Vec<_>>(), ["grad_norm", "loss"]);
+    let elapsed = &c.metrics(&id, &["@elapsed_s"]).unwrap()["@elapsed_s"];
+    // One point per recorded event (of up to 1,000 points), at its last step.
+    assert_eq!(elapsed.len() as u64, POINTS / 1000 + 1);
+    assert_eq!(elapsed[0].0, 1000);
+    assert!(elapsed.windows(2).all(|w| w[0].1 <= w[1].1), "{elapsed:?}");
+    match c.log_metrics(&id, &[(1, "@elapsed_s", 0.0)]) {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(message.contains("herd's own series"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
     // Many jobs in one request, each sampled the same way.
     let many = c
         .get(&format!("/metrics?jobs={id},{id}&names=loss&points=500"))

@@ -292,6 +292,37 @@ fn the_dashboard_in_a_real_browser() {
         &format!("const c = document.getElementById('chart-loss'); return !c.dataset.window && c.dataset.points === '{}'", sampled[1]),
     );
 
+    // By wall time: herd records when each batch arrived, so a run logged
+    // in three batches a moment apart is drawn against seconds.
+    let timed = c.open_run("timed", None, &json!({})).unwrap();
+    for k in 0..3u64 {
+        let pts: Vec<(u64, &str, f64)> = (1..=10).map(|s| (k * 10 + s, "loss", s as f64)).collect();
+        c.log_metrics(&timed, &pts).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    c.close_run(&timed, true, "").unwrap();
+    b.goto(&format!("{url}/#/job/{timed}"));
+    b.wait_for("#xaxis");
+    b.js("const x = document.getElementById('xaxis'); x.value = 'time'; x.onchange({target: x}); return true");
+    b.until(
+        "the curve by wall time",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return !!c && c.dataset.x === 'wall time (s)' && !!c.plot",
+    );
+    let xs: Vec<f64> =
+        serde_json::from_value(b.js("return document.getElementById('chart-loss').plot.data[0]"))
+            .unwrap();
+    assert!(xs.windows(2).all(|w| w[0] <= w[1]), "{xs:?}");
+    let span = xs.last().unwrap() - xs.first().unwrap();
+    assert!(
+        (0.4..30.0).contains(&span),
+        "the batches were ~0.6 s apart: {xs:?}"
+    );
+    // By tokens seen: an external run has none, and the page says so.
+    b.js("const x = document.getElementById('xaxis'); x.value = 'tokens'; x.onchange({target: x}); return true");
+    b.wait_for("#x-fallback");
+    b.js("localStorage.removeItem('herd.x'); return true");
+
     // History: the page shows the server's filter and sort.
     b.goto(&format!("{url}/#/history"));
     b.wait_for("#history");

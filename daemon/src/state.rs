@@ -19,7 +19,7 @@ use tokio::sync::{watch, Notify, RwLock};
 use uuid::Uuid;
 
 use crate::metrics::lod::{Sampled, Window};
-use crate::metrics::{filed_attempt, MetricIndex};
+use crate::metrics::{filed_attempt, MetricIndex, ELAPSED};
 use crate::views::{Through, ViewStore, ViewsError};
 
 pub use herd_core::wire::Progress;
@@ -326,8 +326,15 @@ pub fn fold(live: &mut Live, rec: &RecordedEvent) -> Result<(), ViewsError> {
             // The current attempt's points are all counted in metric_points.
             let fresh = filed == j.attempts && j.metric_points == 0;
             *points_since_checkpoint += points.len() as u64;
+            let last_step = points.iter().map(|p| p.step).max();
             let points = points.iter().map(|p| (p.name.as_str(), p.step, p.value));
             metrics.add(views, *job, filed, fresh, points)?;
+            // When each step was recorded, for charts by wall time.
+            if let Some(step) = last_step {
+                let start = j.started_ms.unwrap_or(j.submitted_ms);
+                let secs = rec.timestamp_ms.saturating_sub(start) as f64 / 1000.0;
+                metrics.add(views, *job, filed, fresh, [(ELAPSED, step, secs)])?;
+            }
         }
     }
     projection.apply_decoded(rec.seq, rec.timestamp_ms, event);

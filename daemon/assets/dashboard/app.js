@@ -75,7 +75,31 @@ function colourOf(i) {
 const prefs = {
   get smooth() { return Number(localStorage.getItem("herd.smooth") || 0); },
   get log() { return localStorage.getItem("herd.logy") === "1"; },
+  get x() { return localStorage.getItem("herd.x") || "step"; },
 };
+
+// The x axes a chart can have besides the step: each is a series of the job
+// mapping steps to x (herd records when each metric batch arrived; its
+// trainers log tokens_seen).
+const X_AXES = {
+  time: { series: "@elapsed_s", label: "wall time (s)" },
+  tokens: { series: "tokens_seen", label: "tokens seen" },
+};
+
+// Points by another x: each step's x interpolated along `xs` ([step, x],
+// in step order), clamped at the ends; null when the job has no such series.
+function byX(points, xs) {
+  if (!xs || !xs.length) return null;
+  const at = (step) => {
+    let lo = 0, hi = xs.length - 1;
+    if (step <= xs[0][0]) return xs[0][1];
+    if (step >= xs[hi][0]) return xs[hi][1];
+    while (hi - lo > 1) { const mid = (lo + hi) >> 1; if (xs[mid][0] <= step) lo = mid; else hi = mid; }
+    const [s0, x0] = xs[lo], [s1, x1] = xs[hi];
+    return x0 + ((x1 - x0) * (step - s0)) / (s1 - s0);
+  };
+  return points.map(([step, y]) => [at(step), y]);
+}
 
 // TensorBoard's debiased EMA: early points are not pulled toward zero;
 // non-finite values stay out of the average (they are marked, not hidden).
@@ -124,13 +148,15 @@ function chartData(series) {
 function chartControls() {
   return `<p class="chart-controls">smoothing <input id="smooth" type="range" min="0" max="0.99" step="0.01" value="${prefs.smooth}">
     <span id="smooth-value">${prefs.smooth.toFixed(2)}</span>
-    <label><input type="checkbox" id="logy" ${prefs.log ? "checked" : ""}> log y</label></p>`;
+    <label><input type="checkbox" id="logy" ${prefs.log ? "checked" : ""}> log y</label>
+    x <select id="xaxis">${[["step", "step"], ["time", "wall time"], ["tokens", "tokens seen"]].map(([v, t]) => `<option value="${v}" ${prefs.x === v ? "selected" : ""}>${t}</option>`).join("")}</select></p>`;
 }
 
 function bindChartControls(main) {
   byId(main, "smooth").oninput = (e) => { byId(main, "smooth-value").textContent = Number(e.target.value).toFixed(2); };
   byId(main, "smooth").onchange = (e) => { localStorage.setItem("herd.smooth", e.target.value); route(); };
   byId(main, "logy").onchange = (e) => { localStorage.setItem("herd.logy", e.target.checked ? "1" : "0"); route(); };
+  byId(main, "xaxis").onchange = (e) => { localStorage.setItem("herd.x", e.target.value); route(); };
 }
 
 // Each non-finite point of each series, with its line's colour.
@@ -199,7 +225,8 @@ function chart(el, title, series, xLabel = "step", requery = null) {
     series: [{ label: xLabel, value: (u, v) => (v == null ? "last" : String(v)) }, ...lines],
     hooks: { draw: [(u) => drawMarks(u, marks)], setScale: [(u, key) => key === "x" && zoomed(u)] },
     axes: [
-      { label: xLabel, incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
+      // Seconds may be fractions; steps, rounds and tokens are whole.
+      xLabel === X_AXES.time.label ? { label: xLabel } : { label: xLabel, incrs: stepIncrs, values: (u, vals) => vals.map((v) => (v == null ? "" : String(Math.round(v)))) },
       // As wide as the widest label (5.000e-4 is not clipped).
       { values: (u, vals) => vals.map(shown),
         size: (u, vals) => 18 + 7.5 * Math.max(4, ...(vals || []).map((v) => String(v).length)) },
@@ -246,6 +273,7 @@ function chart(el, title, series, xLabel = "step", requery = null) {
     });
   }
   describe(series);
+  el.dataset.x = xLabel;
   el.dataset.lines = String(lines.length);
   el.dataset.log = log ? "1" : "0";
   // New points of a live series (the whole series, unzoomed).
@@ -426,6 +454,10 @@ async function jobPage(main, id) {
   const m = await sampled(id);
   const series = new Map(Object.entries(m.series));
   const counts = m.counts || {};
+  // By wall time or tokens: the job's x series, or by step when it has none.
+  const axis = X_AXES[prefs.x];
+  const xs = axis && (await sampled(id, `&names=${encodeURIComponent(axis.series)}`)).series[axis.series];
+  const xLabel = axis && xs ? axis.label : "step";
   const names = [...series.keys()].sort();
   const active = j.status === "queued" || j.status === "running";
   const notes = (j.summary && j.summary.notes) || [];
@@ -437,7 +469,7 @@ async function jobPage(main, id) {
       <button id="reproduce" ${active ? "disabled" : ""}>Reproduce</button>
       <a href="#/compare?ids=${j.id}">compare…</a>
     </p>
-    <h2>Metrics</h2>${chartControls()}<div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>
+    <h2>Metrics</h2>${chartControls()}${axis && !xs ? `<p class="muted" id="x-fallback">This job has no ${esc(axis.series)} series: by step.</p>` : ""}<div class="grid" id="charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("") || '<p class="muted" id="no-metrics">No metrics yet.</p>'}</div>
     <div class="grid">
       <div class="card"><h2>Job</h2>${kvTable({ id: j.id, seed: j.seed, attempts: j.attempts, device: j.device || "", threads: j.threads || "", executor: j.executor ? `${j.executor.executor} ${j.executor.id}` : "", submitted: time(j.submitted_ms), started: time(j.started_ms), took: j.finished_ms && j.started_ms ? duration(j.finished_ms - j.started_ms) : "" })}</div>
       <div class="card"><h2>Hyperparameters</h2>${kvTable(j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters, "hyperparameters")}</div>
@@ -452,12 +484,13 @@ async function jobPage(main, id) {
   const draw = (name) => {
     const el = byId(main, `chart-${name}`);
     const pts = series.get(name);
-    const one = [{ label: name, points: pts, count: counts[name] }];
-    const requery = async (from, to) => {
+    const one = [{ label: name, points: xs ? byX(pts, xs) : pts, count: counts[name] }];
+    // Zooming re-queries a step window: by step only.
+    const requery = xs ? null : async (from, to) => {
       const w = await sampled(id, `&names=${encodeURIComponent(name)}&attempt=${m.attempt}&from=${from}&to=${to}`);
       return [{ label: name, points: w.series[name] || [], count: w.counts?.[name] }];
     };
-    if (!plots.has(name)) plots.set(name, chart(el, name, one, "step", requery));
+    if (!plots.has(name)) plots.set(name, chart(el, name, one, xLabel, requery));
     else plots.get(name).update(one);
   };
   names.forEach(draw);
@@ -479,6 +512,8 @@ async function jobPage(main, id) {
   const events = new EventSource(`/api/events?from=${status.head_seq + 1}`);
   cleanup.push(() => events.close());
   events.addEventListener("JobMetrics", (e) => {
+    // Live points extend curves by step; other axes show on reload.
+    if (xs) return;
     const rec = JSON.parse(e.data);
     if (rec.payload.job !== id || (rec.payload.attempt && rec.payload.attempt !== m.attempt && m.attempt)) return;
     const touched = new Set();
@@ -612,13 +647,16 @@ async function comparePage(main, params) {
   // All jobs' series in one request, each sampled for the chart's width.
   const many = (extra = "") => get(`/metrics?jobs=${ids.join(",")}&points=${chartPixels()}${extra}`).then((m) => ids.map((id) => m.jobs[id]));
   const metrics = await many();
+  const axis = X_AXES[prefs.x];
+  const xs = axis ? (await many(`&names=${encodeURIComponent(axis.series)}`)).map((m) => m.series[axis.series]) : [];
+  const mapped = axis && xs.every((x) => x && x.length);
   const fetched = performance.now();
   const names = [...new Set(metrics.flatMap((m) => Object.keys(m.series)))].sort();
   const hps = jobs.map((j) => (j.effective_hyperparameters && Object.keys(j.effective_hyperparameters).length ? j.effective_hyperparameters : j.hyperparameters) || {});
   const keys = [...new Set(hps.flatMap((h) => Object.keys(h)))].sort();
   const differs = (k) => new Set(hps.map((h) => JSON.stringify(h[k]))).size > 1;
   const head = `<tr><th></th>${jobs.map((j, i) => `<th style="color:${colourOf(i)}"><a href="#/job/${j.id}">${esc(j.name)}</a></th>`).join("")}</tr>`;
-  main.innerHTML = `<h1>Compare ${jobs.length} jobs</h1>${chartControls()}
+  main.innerHTML = `<h1>Compare ${jobs.length} jobs</h1>${chartControls()}${axis && !mapped ? `<p class="muted" id="x-fallback">Not every job has a ${esc(axis.series)} series: by step.</p>` : ""}
     <div class="grid" id="compare-charts">${names.map((n) => `<div class="card chart" id="chart-${esc(n)}"></div>`).join("")}</div>
     <h2>Hyperparameters <span class="muted">(differences highlighted first)</span></h2>
     <table id="compare-hp">${head}${[...keys.filter(differs), ...keys.filter((k) => !differs(k))].map((k) => `<tr class="${differs(k) ? "diff" : ""}" data-key="${esc(k)}"><td>${esc(k)}</td>${hps.map((h) => `<td class="mono">${h[k] === undefined ? "" : num(h[k])}</td>`).join("")}</tr>`).join("")}</table>
@@ -626,9 +664,10 @@ async function comparePage(main, params) {
     <table id="compare-metrics">${head}${names.map((n) => `<tr><td>${esc(n)}</td>${jobs.map((j) => `<td class="num">${j.last_metrics?.[n] ? num(j.last_metrics[n][1]) : ""}</td>`).join("")}</tr>`).join("")}</table>`;
   bindChartControls(main);
   for (const n of names) {
-    const requery = (from, to) => many(`&names=${encodeURIComponent(n)}&from=${from}&to=${to}`)
+    const requery = mapped ? null : (from, to) => many(`&names=${encodeURIComponent(n)}&from=${from}&to=${to}`)
       .then((ws) => jobs.map((j, i) => ({ label: j.name, points: ws[i].series[n] || [], count: ws[i].counts?.[n] })));
-    chart(byId(main, `chart-${n}`), n, jobs.map((j, i) => ({ label: j.name, points: metrics[i].series[n] || [], count: metrics[i].counts?.[n] })), "step", requery);
+    const points = (i) => (mapped ? byX(metrics[i].series[n] || [], xs[i]) : metrics[i].series[n] || []);
+    chart(byId(main, `chart-${n}`), n, jobs.map((j, i) => ({ label: j.name, points: points(i), count: metrics[i].counts?.[n] })), mapped ? axis.label : "step", requery);
   }
   // Where the time went, for the benches: fetching, then drawing.
   main.dataset.drawMs = String(Math.round(performance.now() - fetched));

@@ -127,12 +127,16 @@ pub(super) async fn log(
         return Err(bad(format!("field `points`: 1 to {MAX_POINTS} points")));
     }
     // Non-finite values are kept: a diverged run's NaN is worth drawing.
-    if let Some((i, p, why)) = body
-        .points
-        .iter()
-        .enumerate()
-        .find_map(|(i, p)| Some((i, p, herd_core::vocab::check_name(&p.name).err()?)))
-    {
+    if let Some((i, p, why)) = body.points.iter().enumerate().find_map(|(i, p)| {
+        let why = match herd_core::vocab::check_name(&p.name) {
+            Err(why) => why,
+            Ok(()) if crate::metrics::is_internal(&p.name) => {
+                "names starting with `@` are herd's own series".to_string()
+            }
+            Ok(()) => return None,
+        };
+        Some((i, p, why))
+    }) {
         return Err(bad(format!(
             "field `points[{i}]` ({}): {why}",
             herd_core::vocab::printable(&p.name)

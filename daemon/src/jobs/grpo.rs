@@ -182,6 +182,8 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let mut last = vec![];
     let mut update = 0u64;
     let mut rewards_all = 0.0f64;
+    // Training tokens so far: the x axis "tokens seen" charts draw on.
+    let mut tokens_seen = 0usize;
     for step in 1..=p.steps {
         let started = std::time::Instant::now();
         // The step's prompts: a seeded shuffle, reshuffled when used up.
@@ -451,6 +453,8 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             (lengths.iter().sum::<f64>() + tokens_in_batch as f64 * p.num_iterations as f64)
                 / secs.max(1e-9),
         ));
+        tokens_seen += tokens_in_batch;
+        points.push(("tokens_seen".into(), tokens_seen as f64));
         points.push(("generation_share".into(), generated / secs.max(1e-9)));
         points.push(("step_time".into(), secs));
         ctx.sink.metrics(step, &points)?;

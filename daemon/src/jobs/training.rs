@@ -400,6 +400,8 @@ pub fn train_loop(
         b
     };
     let mut last = vec![];
+    // Tokens trained on so far: the x axis "tokens seen" charts draw on.
+    let mut tokens_seen = 0usize;
     for step in 1..=total {
         let batches: Vec<Vec<usize>> = (0..tp.grad_accum).map(|_| next_batch(&mut rng)).collect();
         let mut extras: Vec<(String, f64)> = vec![];
@@ -418,7 +420,9 @@ pub fn train_loop(
             ("grad_norm".to_string(), stats.grad_norm),
             ("lr".to_string(), stats.lr),
             ("tokens".to_string(), tokens as f64),
+            ("tokens_seen".to_string(), (tokens_seen + tokens) as f64),
         ];
+        tokens_seen += tokens;
         // Average extras over micro-batches by name.
         let mut names: Vec<String> = extras.iter().map(|e| e.0.clone()).collect();
         names.sort();

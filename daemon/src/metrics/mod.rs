@@ -19,6 +19,17 @@ use summary::{BlockSummary, PAGE, RECORD};
 pub mod lod;
 pub mod summary;
 
+/// herd's own series of each job: seconds from the attempt's start to the
+/// recording of each metric batch, at the batch's last step (charts by wall
+/// time map steps through it). Listed only when asked for by name; `@` opens
+/// no name a run may log.
+pub const ELAPSED: &str = "@elapsed_s";
+
+/// Whether a series is herd's own (see [`ELAPSED`]).
+pub fn is_internal(name: &str) -> bool {
+    name.starts_with('@')
+}
+
 /// Points per stored block: a 20k-point series is 40 reads.
 pub const BLOCK: usize = 512;
 
@@ -122,7 +133,11 @@ impl MetricIndex {
             self.live.get(&key)
         };
         store.for_each_block(job, attempt, names, |name, index, points| {
-            // Blocks the tail holds are newer in memory.
+            // Blocks the tail holds are newer in memory; herd's own series
+            // only when named.
+            if names.is_none() && is_internal(name) {
+                return;
+            }
             if live_from(name).is_none_or(|t| index < t.first_block) {
                 out.entry(name.to_string()).or_default().extend(points);
             }
@@ -136,7 +151,11 @@ impl MetricIndex {
             if key.job != job || key.attempt != attempt {
                 break;
             }
-            if names.is_none_or(|n| n.contains(&key.name.as_str())) && !tail.points.is_empty() {
+            let wanted = match names {
+                Some(n) => n.contains(&key.name.as_str()),
+                None => !is_internal(&key.name),
+            };
+            if wanted && !tail.points.is_empty() {
                 out.entry(key.name.clone())
                     .or_default()
                     .extend_from_slice(&tail.points);
@@ -172,6 +191,7 @@ impl MetricIndex {
                         .take_while(|(k, _)| k.job == job && k.attempt == attempt)
                         .map(|(k, _)| k.name.clone()),
                 );
+                all.retain(|n| !is_internal(n));
                 all.sort();
                 all.dedup();
                 all
