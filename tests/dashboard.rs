@@ -18,6 +18,14 @@ fn screenshots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshots")
 }
 
+/// Set a chart control (`how`, on the element `e`) as a person would, and
+/// fire its change handler.
+fn set_control(b: &common::browser::Browser, id: &str, how: &str) {
+    b.js(&format!(
+        "const e = document.getElementById('{id}'); {how}; e.onchange({{target: e}}); return true"
+    ));
+}
+
 /// A daemon serving its dashboard on a free port: (daemon, dashboard URL).
 fn daemon_with_dashboard(dir: &std::path::Path) -> (Daemon, String) {
     let d = Daemon::start_with(
@@ -303,7 +311,7 @@ fn the_dashboard_in_a_real_browser() {
     c.close_run(&timed, true, "").unwrap();
     b.goto(&format!("{url}/#/job/{timed}"));
     b.wait_for("#xaxis");
-    b.js("const x = document.getElementById('xaxis'); x.value = 'time'; x.onchange({target: x}); return true");
+    set_control(&b, "xaxis", "e.value = 'time'");
     b.until(
         "the curve by wall time",
         Duration::from_secs(20),
@@ -319,7 +327,7 @@ fn the_dashboard_in_a_real_browser() {
         "the batches were ~0.6 s apart: {xs:?}"
     );
     // By tokens seen: an external run has none, and the page says so.
-    b.js("const x = document.getElementById('xaxis'); x.value = 'tokens'; x.onchange({target: x}); return true");
+    set_control(&b, "xaxis", "e.value = 'tokens'");
     b.wait_for("#x-fallback");
     b.js("localStorage.removeItem('herd.x'); return true");
 
@@ -382,13 +390,13 @@ fn the_dashboard_in_a_real_browser() {
     );
     // Smoothing draws each line twice (raw faint, EMA over it); log y
     // where every value is positive. Both persist across pages.
-    b.js("const s = document.getElementById('smooth'); s.value = '0.6'; s.onchange({target: s}); return true");
+    set_control(&b, "smooth", "e.value = '0.6'");
     b.until(
         "smoothed lines",
         Duration::from_secs(20),
         "const c = document.getElementById('chart-loss'); return !!c && c.dataset.lines === '4'",
     );
-    b.js("const l = document.getElementById('logy'); l.checked = true; l.onchange({target: l}); return true");
+    set_control(&b, "logy", "e.checked = true");
     b.until(
         "a log y axis",
         Duration::from_secs(20),

@@ -183,20 +183,9 @@ fn an_mlflow_client_logs_into_herd() {
 
 /// MLflow's own Python client against herd, if there is one.
 fn mlflow_client_logs(d: &Daemon) {
-    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has = std::process::Command::new(&python)
-        .args(["-c", "import mlflow"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        system::skip(
-            "mlflow_client_logs",
-            &format!("{python} has no mlflow package (set HERD_PYTHON)"),
-            "HERD_REQUIRE_MLFLOW",
-        );
+    let Some(python) = python_with("mlflow", "mlflow_client_logs") else {
         return;
-    }
-    let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
+    };
     // Params, tags, single metrics and 10k points in batches of 1,000,
     // then the run ended and its history read back through MLflow.
     let script = r#"
@@ -223,32 +212,9 @@ assert got.info.status == 'FINISHED', got.info.status
 found = mlflow.search_runs(experiment_names=['from-mlflow'], filter_string="attributes.run_name = 'py'", output_format='list')
 assert [r.info.run_id for r in found] == [run.info.run_id], found
 "#;
-    let out = std::process::Command::new(&python)
-        .args(["-c", script])
-        .env(
-            "MLFLOW_TRACKING_URI",
-            if d.addr.starts_with("http") {
-                d.addr.clone()
-            } else {
-                format!("http://{}", d.addr)
-            },
-        )
-        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        .env("MLFLOW_TRACKING_TOKEN", token.trim())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mlflow: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_with_mlflow(d, &python, script, &[]);
     let c = d.client();
-    let runs = c
-        .jobs(&herd_client::JobQuery {
-            kind: Some(herd_client::JobKind::External),
-            ..Default::default()
-        })
-        .unwrap();
+    let runs = external_runs(&c);
     let py = runs
         .iter()
         .find(|j| j.name == "py")
@@ -273,22 +239,14 @@ assert [r.info.run_id for r in found] == [run.info.run_id], found
 /// record, and `herd history` and `herd plot` show the run.
 #[test]
 fn a_transformers_trainer_reports_to_herd() {
-    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has = std::process::Command::new(&python)
-        .args(["-c", "import mlflow, torch, transformers"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        system::skip(
-            "a_transformers_trainer_reports_to_herd",
-            &format!("{python} lacks mlflow, torch or transformers (set HERD_PYTHON)"),
-            "HERD_REQUIRE_MLFLOW",
-        );
+    let Some(python) = python_with(
+        "mlflow, torch, transformers",
+        "a_transformers_trainer_reports_to_herd",
+    ) else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());
-    let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
     // A tiny Llama trained for 6 steps on random tokens, logging each step.
     let script = r#"
 import torch, transformers
@@ -304,31 +262,18 @@ args = TrainingArguments(output_dir=OUT, max_steps=6, logging_steps=1, per_devic
 Trainer(model=model, args=args, train_dataset=rows).train()
 "#
     .replace("OUT", &format!("{:?}", dir.path().join("hf").to_str().unwrap()));
-    let out = std::process::Command::new(&python)
-        .args(["-c", &script])
-        .env(
-            "MLFLOW_TRACKING_URI",
-            format!("http://{}", d.addr.trim_start_matches("http://")),
-        )
-        .env("MLFLOW_TRACKING_TOKEN", token.trim())
-        .env("MLFLOW_EXPERIMENT_NAME", "hf")
-        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TOKENIZERS_PARALLELISM", "false")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "Trainer: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_with_mlflow(
+        &d,
+        &python,
+        &script,
+        &[
+            ("MLFLOW_EXPERIMENT_NAME", "hf"),
+            ("HF_HUB_OFFLINE", "1"),
+            ("TOKENIZERS_PARALLELISM", "false"),
+        ],
     );
     let c = d.client();
-    let runs = c
-        .jobs(&herd_client::JobQuery {
-            kind: Some(herd_client::JobKind::External),
-            ..Default::default()
-        })
-        .unwrap();
+    let runs = external_runs(&c);
     let run = runs
         .iter()
         .find(|j| j.name == "hf-tiny")
@@ -363,4 +308,52 @@ Trainer(model=model, args=args, train_dataset=rows).train()
         String::from_utf8_lossy(&plot.stderr)
     );
     assert!(std::fs::read_to_string(&svg).unwrap().contains("loss"));
+}
+
+/// HERD_PYTHON (else python3) when it imports `modules`; else None, having
+/// said loudly that `test` was skipped.
+fn python_with(modules: &str, test: &str) -> Option<String> {
+    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        system::skip(
+            test,
+            &format!("{python} cannot import {modules} (set HERD_PYTHON)"),
+            "HERD_REQUIRE_MLFLOW",
+        );
+    }
+    has.then_some(python)
+}
+
+/// Run a Python script with MLflow pointed at `d` (its URI and token, no
+/// retries) and `env`; it must succeed.
+fn run_with_mlflow(d: &Daemon, python: &str, script: &str, env: &[(&str, &str)]) {
+    let token = std::fs::read_to_string(d.dir.join("token")).unwrap();
+    let out = std::process::Command::new(python)
+        .args(["-c", script])
+        .env(
+            "MLFLOW_TRACKING_URI",
+            format!("http://{}", d.addr.trim_start_matches("http://")),
+        )
+        .env("MLFLOW_TRACKING_TOKEN", token.trim())
+        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{python}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn external_runs(c: &herd_client::Client) -> Vec<herd_client::Job> {
+    c.jobs(&herd_client::JobQuery {
+        kind: Some(herd_client::JobKind::External),
+        ..Default::default()
+    })
+    .unwrap()
 }
