@@ -300,6 +300,36 @@ fn the_dashboard_in_a_real_browser() {
         &format!("const c = document.getElementById('chart-loss'); return !c.dataset.window && c.dataset.points === '{}'", sampled[1]),
     );
 
+    // A run an MLflow client logged (MLflow's REST calls, as its client
+    // sends them) is a job page like any other.
+    let mlflow = "/api/2.0/mlflow";
+    let from_mlflow = c
+        .post(
+            &format!("{mlflow}/runs/create"),
+            &json!({"experiment_id": "0", "run_name": "via-mlflow"}),
+        )
+        .unwrap()["run"]["info"]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let metrics: Vec<serde_json::Value> = (0..30)
+        .map(|s| json!({"key": "loss", "value": 1.0 / (1.0 + s as f64), "timestamp": 0, "step": s}))
+        .collect();
+    c.post(&format!("{mlflow}/runs/log-batch"), &json!({"run_id": from_mlflow, "metrics": metrics, "params": [{"key": "lr", "value": "0.001"}]}))
+        .unwrap();
+    c.post(
+        &format!("{mlflow}/runs/update"),
+        &json!({"run_id": from_mlflow, "status": "FINISHED"}),
+    )
+    .unwrap();
+    b.goto(&format!("{url}/#/job/{from_mlflow}"));
+    b.until(
+        "the MLflow run's page",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return !!c && c.dataset.count === '30' && !!document.querySelector('h1 [data-status=succeeded]')",
+    );
+    assert!(b.text("#hyperparameters").contains("0.001"));
+
     // By wall time: herd records when each batch arrived, so a run logged
     // in three batches a moment apart is drawn against seconds.
     let timed = c.open_run("timed", None, &json!({})).unwrap();
