@@ -498,18 +498,18 @@ async fn record_logged(ctx: &Ctx, id: Uuid, params: &[KeyValue], tags: &[KeyValu
     Ok(json!({}))
 }
 
-async fn record_metrics(ctx: &Ctx, id: Uuid, metrics: &[Metric]) -> Answer {
+async fn record_metrics(ctx: &Ctx, id: Uuid, metrics: Vec<Metric>) -> Answer {
     if metrics.is_empty() {
         return Ok(json!({}));
     }
     let points = metrics
-        .iter()
+        .into_iter()
         .map(|m| {
             let step = u64::try_from(m.step)
                 .map_err(|_| invalid(format!("metric {:?}: step {} is negative", m.key, m.step)))?;
             Ok(MetricPoint {
                 step,
-                name: m.key.clone(),
+                name: m.key,
                 value: m.value,
             })
         })
@@ -520,10 +520,14 @@ async fn record_metrics(ctx: &Ctx, id: Uuid, metrics: &[Metric]) -> Answer {
     Ok(json!({}))
 }
 
+/// The run named in place, not `#[serde(flatten)]`: flattening buffers the
+/// whole body (1,000 metrics) as a tree before reading it.
 #[derive(Deserialize)]
 struct LogBatch {
-    #[serde(flatten)]
-    run: RunRef,
+    #[serde(default)]
+    run_id: String,
+    #[serde(default)]
+    run_uuid: String,
     #[serde(default)]
     metrics: Vec<Metric>,
     #[serde(default)]
@@ -534,9 +538,13 @@ struct LogBatch {
 
 /// Params and tags first, then metrics, each checked before it is recorded.
 async fn log_batch(ctx: &Ctx, body: LogBatch) -> Answer {
-    let id = body.run.id()?;
+    let id = RunRef {
+        run_id: body.run_id,
+        run_uuid: body.run_uuid,
+    }
+    .id()?;
     record_logged(ctx, id, &body.params, &body.tags).await?;
-    record_metrics(ctx, id, &body.metrics).await
+    record_metrics(ctx, id, body.metrics).await
 }
 
 #[derive(Deserialize)]
@@ -548,7 +556,7 @@ struct LogMetric {
 }
 
 async fn log_metric(ctx: &Ctx, body: LogMetric) -> Answer {
-    record_metrics(ctx, body.run.id()?, &[body.metric]).await
+    record_metrics(ctx, body.run.id()?, vec![body.metric]).await
 }
 
 #[derive(Deserialize)]

@@ -146,15 +146,15 @@ pub(super) async fn log(
     let n = body.points.len();
     // Events stay well under the store's record limit: one atomic append of
     // JobMetrics events of at most 1,000 points each.
-    let events: Vec<HerdEvent> = body
-        .points
-        .chunks(1000)
-        .map(|c| HerdEvent::JobMetrics {
+    let mut points = body.points.into_iter().peekable();
+    let mut events: Vec<HerdEvent> = vec![];
+    while points.peek().is_some() {
+        events.push(HerdEvent::JobMetrics {
             job: id,
             attempt: 0,
-            points: c.to_vec(),
-        })
-        .collect();
+            points: points.by_ref().take(1000).collect(),
+        });
+    }
     let seq = ctx
         .state
         .record(&streams::job(id), events)
