@@ -263,7 +263,14 @@ pub struct MadeBy {
 }
 
 impl MadeBy {
-    pub fn new(job: &JobView, experiment: Option<&str>, round: Option<u32>, output: &str) -> Self {
+    /// `job`: its id, kind and name.
+    pub fn new(
+        job: (Uuid, JobKind, &str),
+        experiment: Option<&str>,
+        round: Option<u32>,
+        output: &str,
+    ) -> Self {
+        let (id, kind, name) = job;
         let mut label = String::new();
         if let Some(e) = experiment {
             label += &format!("{e}/");
@@ -271,11 +278,11 @@ impl MadeBy {
         if let Some(r) = round {
             label += &format!("{r}/");
         }
-        label += &format!("{}.{output}", job.name);
+        label += &format!("{name}.{output}");
         MadeBy {
-            job: job.id,
-            kind: job.kind,
-            name: job.name.clone(),
+            job: id,
+            kind,
+            name: name.to_string(),
             label,
         }
     }

@@ -19,6 +19,9 @@ pub struct JobRow {
     pub experiment: Option<Uuid>,
     pub round: Option<Uuid>,
     pub kind: JobKind,
+    /// What people call the job (names an output's maker without reading
+    /// its full view); shared between rows with the same name.
+    pub name: Arc<str>,
     pub status: JobStatus,
     pub submitted_seq: u64,
     pub seed: u64,
@@ -67,6 +70,7 @@ impl Names {
         for (k, _) in row.hp.iter_mut().chain(row.metrics.iter_mut()) {
             *k = self.get(k);
         }
+        row.name = self.get(&row.name);
         row
     }
 
@@ -97,6 +101,7 @@ impl Names {
             experiment: j.experiment,
             round: j.round,
             kind: j.kind,
+            name: self.get(&j.name),
             status: j.status,
             submitted_seq: j.submitted_seq,
             seed: j.seed,

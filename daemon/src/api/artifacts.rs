@@ -512,17 +512,18 @@ async fn list_artifacts(ctx: Ctx, q: ArtifactQuery) -> Res {
         {
             continue;
         }
-        let made_by = match a.produced_by {
-            Some(id) => p.job(id).map_err(internal)?.map(|j| {
+        // From the maker's row, always in memory (its full view may not be).
+        let made_by = a
+            .produced_by
+            .and_then(|id| Some((id, p.rows.get(&id)?)))
+            .map(|(id, j)| {
                 let experiment = j
                     .experiment
                     .and_then(|e| p.experiments.get(&e))
                     .map(|e| e.name.as_str());
                 let round = j.round.and_then(|r| p.rounds.get(&r)).map(|r| r.index);
-                MadeBy::new(&j, experiment, round, &a.name)
-            }),
-            None => None,
-        };
+                MadeBy::new((id, j.kind, &j.name), experiment, round, &a.name)
+            });
         list.push(ListedArtifact {
             artifact: a.clone(),
             made_by,
