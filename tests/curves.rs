@@ -108,6 +108,14 @@ fn a_long_series_is_sampled_zoomed_and_keeps_its_non_finite_points() {
         .get(&format!("/metrics?jobs={id},{id}&names=loss&points=500"))
         .unwrap();
     assert_eq!(many["jobs"][&id]["counts"]["loss"], POINTS);
+    let many_ids = vec![id.clone(); 20].join(",");
+    match c.get(&format!("/metrics?jobs={many_ids}&points=100000")) {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(message.contains("20 jobs x 100000 points"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     match c.get("/metrics?jobs=nope&points=5") {
         Err(ClientError::Api { status, message }) => {
             assert_eq!(status, 400);

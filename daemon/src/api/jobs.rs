@@ -370,6 +370,15 @@ async fn get_many_metrics(ctx: Ctx, q: ManyMetricsQuery) -> Res {
             ids.len()
         )));
     }
+    // One answer stays bounded: each series' sample is up to ~3N points.
+    if ids.len().saturating_mul(q.points) > MAX_SAMPLE * 10 {
+        return Err(bad(format!(
+            "query `points`: {} jobs x {} points is over {}; ask for fewer points per job",
+            ids.len(),
+            q.points,
+            MAX_SAMPLE * 10
+        )));
+    }
     let one = MetricsQuery {
         names: q.names,
         attempt: None,
