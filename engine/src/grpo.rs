@@ -168,19 +168,15 @@ pub struct GrpoOutput {
 
 /// Log-probs (at `temperature`) of each rollout's counted completion
 /// tokens, flat in rollout order, and the hidden states' rows that predict
-/// them (for the entropy).
+/// them (for the entropy). A group's completions share their prompt, which
+/// then runs once for all of them (`shared_prompt.rs`): with groups of 8,
+/// 128-token prompts and 128-token completions, 44% fewer tokens.
 fn counted_logps(
     model: &Llama,
     rollouts: &[Rollout],
     pad_id: u32,
     temperature: f32,
 ) -> Result<(Tensor, Tensor)> {
-    let rows: Vec<Row> = rollouts
-        .iter()
-        .map(|r| Row::causal(&[r.prompt.as_slice(), r.completion.as_slice()].concat()))
-        .collect();
-    let batch = Batch::collate(&rows, pad_id, &model.device)?;
-    let mut targets = Targets::default();
     for (i, r) in rollouts.iter().enumerate() {
         if r.prompt.is_empty() {
             return Err(EngineError::Input(format!("rollout {i} has no prompt")));
@@ -192,24 +188,63 @@ fn counted_logps(
                 r.completion.len()
             )));
         }
-        for (j, (&id, &m)) in r.completion.iter().zip(&r.mask).enumerate() {
-            if m {
-                targets.push(i * batch.len + r.prompt.len() + j - 1, id);
+    }
+    // Each distinct prompt once, in order of first use.
+    let mut prompts: Vec<&[u32]> = vec![];
+    let owner: Vec<usize> = rollouts
+        .iter()
+        .map(
+            |r| match prompts.iter().position(|p| *p == r.prompt.as_slice()) {
+                Some(i) => i,
+                None => {
+                    prompts.push(&r.prompt);
+                    prompts.len() - 1
+                }
+            },
+        )
+        .collect();
+    let mut targets = Targets::default();
+    let hidden = if prompts.len() < rollouts.len() {
+        let completions: Vec<(usize, &[u32])> = owner
+            .iter()
+            .zip(rollouts)
+            .map(|(&i, r)| (i, r.completion.as_slice()))
+            .collect();
+        let shared = crate::shared_prompt::forward(model, &prompts, &completions, pad_id)?;
+        for (k, r) in rollouts.iter().enumerate() {
+            for (j, (&id, &m)) in r.completion.iter().zip(&r.mask).enumerate() {
+                if m {
+                    targets.push(shared.pred(owner[k], r.prompt.len(), k, j), id);
+                }
             }
         }
-    }
+        shared.hidden
+    } else {
+        let rows: Vec<Row> = rollouts
+            .iter()
+            .map(|r| Row::causal(&[r.prompt.as_slice(), r.completion.as_slice()].concat()))
+            .collect();
+        let batch = Batch::collate(&rows, pad_id, &model.device)?;
+        for (k, r) in rollouts.iter().enumerate() {
+            for (j, (&id, &m)) in r.completion.iter().zip(&r.mask).enumerate() {
+                if m {
+                    targets.push(k * batch.len + r.prompt.len() + j - 1, id);
+                }
+            }
+        }
+        let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+        let (b, t, d) = h.dims3()?;
+        h.reshape((b * t, d))?
+    };
     if targets.is_empty() {
         return Err(EngineError::Input(
             "no completion token counts in this batch".into(),
         ));
     }
-    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+    let preds = Tensor::new(targets.preds.as_slice(), hidden.device())?;
     // Logits are linear in the hidden state (no bias): scaling the rows
     // scales the logits.
-    let h = (h / temperature as f64)?;
-    let (b, t, d) = h.dims3()?;
-    let preds = Tensor::new(targets.preds.as_slice(), h.device())?;
-    let rows = h.reshape((b * t, d))?.index_select(&preds, 0)?; // [M, D]
+    let rows = (hidden.index_select(&preds, 0)? / temperature as f64)?; // [M, D]
     let lp = crate::objective::rows_logprobs(model, &rows, &targets.ids)?;
     Ok((lp, rows))
 }

@@ -32,6 +32,7 @@ pub mod objective;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod shared_prompt;
 pub mod template;
 pub mod train;
 

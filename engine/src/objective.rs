@@ -347,19 +347,15 @@ fn dpo_weights(seq: &Encoded, j: usize, side: usize, mask_format: bool) -> (f32,
     (dpo_w, if side == 0 { 1.0 } else { 0.0 })
 }
 
-/// DPO log-prob sums with each prompt run once: the prompts as one batch
-/// (keeping their keys and values), then the 2N completions as one batch
-/// whose rows attend to their prompt's cached keys and values (gradients
-/// flow back into the prompt through them) and causally to themselves.
-/// Attention costs P^2 + 2 P C + C^2 per pair instead of (P + 2C)^2 for one
-/// packed row.
+/// DPO log-prob sums with each prompt run once for its chosen and its
+/// rejected completion (see `shared_prompt.rs`). Attention costs
+/// P^2 + 2 P C + 2 C^2 per pair instead of (P + 2C)^2 for one packed row.
 fn dpo_logps_shared_prompt(
     model: &Llama,
     pairs: &[Pair],
     mask_format: bool,
     pad_id: u32,
 ) -> Result<DpoLogps> {
-    use crate::model::KvCache;
     let n = pairs.len();
     if n == 0 {
         return Err(EngineError::Input("empty DPO batch".into()));
@@ -375,22 +371,7 @@ fn dpo_logps_shared_prompt(
         prompts.push(pc);
     }
     let dev = &model.device;
-    // Prompts, right-padded to P.
-    let rows: Vec<Row> = pairs
-        .iter()
-        .zip(&prompts)
-        .map(|(p, &pc)| Row::causal(&p.chosen.ids[..pc]))
-        .collect();
-    let prompt_batch = Batch::collate(&rows, pad_id, dev)?;
-    let big_p = prompt_batch.len;
-    let mut cache = KvCache::default();
-    let hp = model.forward_hidden(
-        &prompt_batch.ids,
-        &prompt_batch.positions,
-        &prompt_batch.bias,
-        Some(&mut cache),
-    )?; // [N, P, H]
-        // Completions: rows 0..N chosen, N..2N rejected, right-padded to C.
+    // Completions: rows 0..N chosen, N..2N rejected.
     let seqs: Vec<(&Encoded, usize)> = (0..2)
         .flat_map(|side| {
             pairs
@@ -399,50 +380,17 @@ fn dpo_logps_shared_prompt(
                 .map(move |(p, &pc)| (if side == 0 { &p.chosen } else { &p.rejected }, pc))
         })
         .collect();
-    let big_c = seqs
+    let prompt_ids: Vec<&[u32]> = pairs
         .iter()
-        .map(|(s, pc)| s.len() - pc)
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let tk = big_p + big_c;
-    let mut ids = Vec::with_capacity(2 * n * big_c);
-    let mut pos = Vec::with_capacity(2 * n * big_c);
-    let mut bias = vec![crate::ops::MASKED; 2 * n * big_c * tk];
-    for (r, (seq, pc)) in seqs.iter().enumerate() {
-        let len = seq.len() - pc;
-        for q in 0..big_c {
-            ids.push(if q < len { seq.ids[pc + q] } else { pad_id });
-            pos.push((pc + q) as u32);
-            let base = (r * big_c + q) * tk;
-            if q < len {
-                bias[base..base + pc].fill(0.0); // the real prompt tokens
-                bias[base + big_p..base + big_p + q + 1].fill(0.0); // causal
-            } else {
-                bias[base + big_p + q] = 0.0; // padding sees itself only
-            }
-        }
-    }
-    let ids = Tensor::from_vec(ids, (2 * n, big_c), dev)?;
-    let pos = Tensor::from_vec(pos, (2 * n, big_c), dev)?;
-    let bias = Tensor::from_vec(bias, (2 * n, 1, big_c, tk), dev)?;
-    // Each prompt's keys and values serve its chosen and its rejected row.
-    let twice: Vec<u32> = (0..2).flat_map(|_| 0..n as u32).collect();
-    let twice = Tensor::new(twice.as_slice(), dev)?;
-    let mut branch_cache = KvCache {
-        layers: cache
-            .layers
-            .iter()
-            .map(|kv| {
-                kv.as_ref()
-                    .map(|(k, v)| Ok((k.index_select(&twice, 0)?, v.index_select(&twice, 0)?)))
-                    .transpose()
-            })
-            .collect::<candle_core::Result<_>>()?,
-        ..KvCache::default()
-    };
-    let hc = model.forward_hidden(&ids, &pos, &bias, Some(&mut branch_cache))?; // [2N, C, H]
-                                                                                // Targets over [prompt hidden rows | completion hidden rows].
+        .zip(&prompts)
+        .map(|(p, &pc)| &p.chosen.ids[..pc])
+        .collect();
+    let completions: Vec<(usize, &[u32])> = seqs
+        .iter()
+        .enumerate()
+        .map(|(r, (seq, pc))| (r % n, &seq.ids[*pc..]))
+        .collect();
+    let shared = crate::shared_prompt::forward(model, &prompt_ids, &completions, pad_id)?;
     let mut targets = Targets::default();
     let mut owners: Vec<(usize, f32, f32)> = vec![];
     for (r, (seq, pc)) in seqs.iter().enumerate() {
@@ -451,25 +399,12 @@ fn dpo_logps_shared_prompt(
             if seq.target_mask[j] == 0 {
                 continue;
             }
-            let pred = if j == *pc {
-                i * big_p + pc - 1
-            } else {
-                n * big_p + r * big_c + (j - pc - 1)
-            };
-            targets.push(pred, seq.ids[j]);
+            targets.push(shared.pred(i, *pc, r, j - pc), seq.ids[j]);
             let (dw, nw) = dpo_weights(seq, j, side, mask_format);
             owners.push((side * n + i, dw, nw));
         }
     }
-    let h = hp.dims3()?.2;
-    let all = Tensor::cat(
-        &[
-            &hp.reshape((n * big_p, h))?,
-            &hc.reshape((2 * n * big_c, h))?,
-        ],
-        0,
-    )?
-    .unsqueeze(0)?; // [1, N*P + 2N*C, H]
+    let all = shared.hidden.unsqueeze(0)?; // [1, N*P + 2N*C, H]
     let lp = target_logprobs(model, &all, &targets)?;
     dpo_sums(&lp, &owners, n, dev)
 }
