@@ -356,6 +356,35 @@ fn the_dashboard_in_a_real_browser() {
         (0.4..30.0).contains(&span),
         "the batches were ~0.6 s apart: {xs:?}"
     );
+    // Live, by wall time: a running run's new batches extend the curve,
+    // each at the time it was recorded.
+    let live = c.open_run("live-timed", None, &json!({})).unwrap();
+    c.log_metrics(&live, &[(1, "loss", 1.0)]).unwrap();
+    b.goto(&format!("{url}/#/job/{live}"));
+    b.until(
+        "the live page by wall time",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return !!c && c.dataset.x === 'wall time (s)'",
+    );
+    for k in 1..=2u64 {
+        std::thread::sleep(Duration::from_millis(400));
+        let pts: Vec<(u64, &str, f64)> = (1..=10).map(|s| (k * 10 + s, "loss", s as f64)).collect();
+        c.log_metrics(&live, &pts).unwrap();
+    }
+    b.until(
+        "the live curve to grow by wall time",
+        Duration::from_secs(20),
+        "const c = document.getElementById('chart-loss'); return c.dataset.points === '21'",
+    );
+    let xs: Vec<f64> =
+        serde_json::from_value(b.js("return document.getElementById('chart-loss').plot.data[0]"))
+            .unwrap();
+    assert!(xs.windows(2).all(|w| w[0] <= w[1]), "{xs:?}");
+    assert!(
+        xs.last().unwrap() - xs.first().unwrap() > 0.6,
+        "two batches 0.4 s apart: {xs:?}"
+    );
+    c.close_run(&live, true, "").unwrap();
     // By tokens seen: an external run has none, and the page says so.
     set_control(&b, "xaxis", "e.value = 'tokens'");
     b.wait_for("#x-fallback");

@@ -260,10 +260,17 @@ async function jobPage(main, id) {
   const events = new EventSource(`/api/events?from=${status.head_seq + 1}`);
   cleanup.push(() => events.close());
   events.addEventListener("JobMetrics", (e) => {
-    // Live points extend curves by step; other axes show on reload.
-    if (xs) return;
     const rec = JSON.parse(e.data);
     if (rec.payload.job !== id || (rec.payload.attempt && rec.payload.attempt !== m.attempt && m.attempt)) return;
+    // By wall time or tokens, the event extends the x series too (as herd
+    // records @elapsed_s: when the event was recorded, at its last step).
+    if (xs) {
+      const last = Math.max(...rec.payload.points.map((p) => p.step));
+      const x = prefs.x === "time"
+        ? (rec.timestamp_ms - (j.started_ms ?? j.submitted_ms)) / 1000
+        : rec.payload.points.filter((p) => p.name === axis.series).at(-1)?.value;
+      if (typeof x === "number" && (!xs.length || last > xs[xs.length - 1][0])) xs.push([last, x]);
+    }
     const touched = new Set();
     for (const p of rec.payload.points) {
       if (!series.has(p.name)) {
