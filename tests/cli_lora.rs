@@ -244,19 +244,13 @@ fn lora_adapter_through_the_cli() {
 /// and peft: `HERD_PYTHON` (else `python3`); without one it says loudly
 /// that it skipped.
 fn peft_loads_alone(dir: &std::path::Path, adapter: &str, cli: &Cli) {
-    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has = std::process::Command::new(&python)
-        .args(["-c", "import torch, transformers, peft"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        common::system::skip(
-            "peft_loads_alone",
-            &format!("{python} has no torch, transformers and peft (set HERD_PYTHON)"),
-            "HERD_REQUIRE_PEFT",
-        );
+    let Some(python) = common::system::python_with(
+        "torch, transformers, peft",
+        "peft_loads_alone",
+        "HERD_REQUIRE_PEFT",
+    ) else {
         return;
-    }
+    };
     // herd's logits of a fixed prompt through the adapter.
     let ids = [1u32, 5, 9, 14, 3, 7];
     let shown = cli.json(&["show", adapter]);

@@ -183,7 +183,8 @@ fn an_mlflow_client_logs_into_herd() {
 
 /// MLflow's own Python client against herd, if there is one.
 fn mlflow_client_logs(d: &Daemon) {
-    let Some(python) = python_with("mlflow", "mlflow_client_logs") else {
+    let Some(python) = system::python_with("mlflow", "mlflow_client_logs", "HERD_REQUIRE_MLFLOW")
+    else {
         return;
     };
     // Params, tags, single metrics and 10k points in batches of 1,000,
@@ -239,9 +240,10 @@ assert [r.info.run_id for r in found] == [run.info.run_id], found
 /// record, and `herd history` and `herd plot` show the run.
 #[test]
 fn a_transformers_trainer_reports_to_herd() {
-    let Some(python) = python_with(
+    let Some(python) = system::python_with(
         "mlflow, torch, transformers",
         "a_transformers_trainer_reports_to_herd",
+        "HERD_REQUIRE_MLFLOW",
     ) else {
         return;
     };
@@ -308,24 +310,6 @@ Trainer(model=model, args=args, train_dataset=rows).train()
         String::from_utf8_lossy(&plot.stderr)
     );
     assert!(std::fs::read_to_string(&svg).unwrap().contains("loss"));
-}
-
-/// HERD_PYTHON (else python3) when it imports `modules`; else None, having
-/// said loudly that `test` was skipped.
-fn python_with(modules: &str, test: &str) -> Option<String> {
-    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has = std::process::Command::new(&python)
-        .args(["-c", &format!("import {modules}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        system::skip(
-            test,
-            &format!("{python} cannot import {modules} (set HERD_PYTHON)"),
-            "HERD_REQUIRE_MLFLOW",
-        );
-    }
-    has.then_some(python)
 }
 
 /// Run a Python script with MLflow pointed at `d` (its URI and token, no

@@ -12,6 +12,11 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use herd_engine::gguf::{write, GgufDtype};
 
+/// The project's loud-skip and Python probe, shared with the root tests.
+#[path = "../../tests/common/system.rs"]
+#[allow(dead_code)]
+mod system;
+
 fn families() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families")
 }
@@ -126,35 +131,6 @@ fn reward_models_and_biases_are_refused_with_the_reason() {
     assert!(!dir.path().join("b.gguf").exists());
 }
 
-fn python() -> Option<String> {
-    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import torch, transformers, gguf"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    let line = format!(
-        "SKIPPED transformers_loads_the_gguf: {python} has no torch, transformers and gguf (set HERD_PYTHON)"
-    );
-    if std::env::var("HERD_REQUIRE_GGUF").as_deref() == Ok("1") {
-        panic!("{line}");
-    }
-    eprintln!("\n{}\n{line}\n{}", "!".repeat(72), "!".repeat(72));
-    if let Ok(log) = std::env::var("HERD_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{line}");
-        }
-    }
-    None
-}
-
 const PY: &str = r#"
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,7 +152,11 @@ print(json.dumps(out))
 
 #[test]
 fn transformers_loads_the_gguf() {
-    let Some(python) = python() else {
+    let Some(python) = system::python_with(
+        "torch, transformers, gguf",
+        "transformers_loads_the_gguf",
+        "HERD_REQUIRE_GGUF",
+    ) else {
         return;
     };
     for family in ["llama31", "tied", "llama2"] {

@@ -100,3 +100,22 @@ pub fn skip(test: &str, why: &str, require: &str) {
         }
     }
 }
+
+/// HERD_PYTHON (else python3) when it imports `modules` (the ecosystem's
+/// loaders, which the project does not depend on); else None, having said
+/// loudly that `test` was skipped (a failure with `require` set to 1).
+pub fn python_with(modules: &str, test: &str, require: &str) -> Option<String> {
+    let python = std::env::var("HERD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        skip(
+            test,
+            &format!("{python} cannot import {modules} (set HERD_PYTHON)"),
+            require,
+        );
+    }
+    has.then_some(python)
+}

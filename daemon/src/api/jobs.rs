@@ -237,16 +237,9 @@ async fn list_jobs(ctx: Ctx, q: JobQuery) -> Res {
             "query `limit`: at most {MAX_JOBS_PAGE} jobs per request, not {limit}; page with `offset`"
         )));
     }
-    let ids = match &q.ids {
+    let ids: Option<std::collections::HashSet<Uuid>> = match &q.ids {
         None => None,
-        Some(ids) => Some(
-            ids.split(',')
-                .map(|s| {
-                    s.parse::<Uuid>()
-                        .map_err(|_| bad(format!("query `ids`: {s:?} is not a job id")))
-                })
-                .collect::<Result<std::collections::HashSet<Uuid>, Rejection>>()?,
-        ),
+        Some(ids) => Some(job_ids("ids", ids)?.into_iter().collect()),
     };
     let p = ctx.state.projection.read().await;
     for (k, _, _) in &conds {
@@ -350,20 +343,23 @@ struct ManyMetricsQuery {
     to: Option<u64>,
 }
 
+/// Comma-separated job ids from query parameter `field`.
+fn job_ids(field: &str, text: &str) -> Result<Vec<Uuid>, Rejection> {
+    text.split(',')
+        .map(|s| {
+            s.parse::<Uuid>()
+                .map_err(|_| bad(format!("query `{field}`: {s:?} is not a job id")))
+        })
+        .collect()
+}
+
 /// The most jobs one `GET /metrics` samples (the dashboard's compare).
 const MAX_COMPARED: usize = 500;
 
 /// Many jobs' series sampled in one request: a compare of 200 jobs is one
 /// answer, not 200.
 async fn get_many_metrics(ctx: Ctx, q: ManyMetricsQuery) -> Res {
-    let ids = q
-        .jobs
-        .split(',')
-        .map(|s| {
-            s.parse::<Uuid>()
-                .map_err(|_| bad(format!("query `jobs`: {s:?} is not a job id")))
-        })
-        .collect::<Result<Vec<Uuid>, Rejection>>()?;
+    let ids = job_ids("jobs", &q.jobs)?;
     if ids.len() > MAX_COMPARED {
         return Err(bad(format!(
             "query `jobs`: at most {MAX_COMPARED} jobs, not {}",
