@@ -149,15 +149,34 @@ pub fn generate(
 }
 
 /// `counts[i]` continuations of each prompt `i` (a count may be 0), its
-/// prefill run once. Rows are decoded together, prompt by prompt in order
-/// and each prompt's rows in order; sampling draws for them in that order,
-/// so a seed gives the same tokens for the same prompts and counts.
+/// prefill run once. Rows are decoded together; continuation `j` of prompt
+/// `i` draws from its own random stream ([`row_stream`]), so a seed gives the
+/// same tokens for the same prompts and counts, and a row's draws do not
+/// depend on the other rows.
 pub fn generate_many(
     model: &Llama,
     prompts: &[Vec<u32>],
     counts: &[usize],
     cfg: &SamplingConfig,
     pad_id: u32,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    generate_from(model, prompts, counts, cfg, pad_id, 0)
+}
+
+/// The random stream of continuation `sample` of prompt `prompt`.
+fn row_stream(seed: u64, prompt: usize, sample: usize) -> Rng {
+    Rng::stream(seed, ((prompt as u64) << 32) | sample as u64)
+}
+
+/// [`generate_many`] for prompts that start at index `first_prompt` of a
+/// larger list: the rows draw from that list's streams.
+fn generate_from(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    counts: &[usize],
+    cfg: &SamplingConfig,
+    pad_id: u32,
+    first_prompt: usize,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     if prompts.len() != counts.len() {
         return Err(EngineError::Input(format!(
@@ -187,7 +206,6 @@ pub fn generate_many(
             cfg.max_new_tokens
         )));
     }
-    let mut rng = Rng::new(cfg.seed);
     // valid[r][k]: key position k of prompt r is a real token.
     let mut valid: Vec<Vec<bool>> = Vec::with_capacity(np);
     let (mut ids, mut pos) = (Vec::with_capacity(np * p), Vec::with_capacity(np * p));
@@ -240,6 +258,10 @@ pub fn generate_many(
         .iter()
         .map(|(r, _)| prompts[live[*r]].len() as u32)
         .collect();
+    let mut rngs: Vec<Rng> = rows
+        .iter()
+        .map(|(r, j)| row_stream(cfg.seed, first_prompt + live[*r], *j))
+        .collect();
     let mut gen: Vec<Vec<u32>> = vec![vec![]; b];
     let mut done = vec![false; b];
     for step in 0..cfg.max_new_tokens {
@@ -250,7 +272,7 @@ pub fn generate_many(
                 feed.push(pad_id);
                 continue;
             }
-            let tok = pick(&logits[r], cfg, &mut rng);
+            let tok = pick(&logits[r], cfg, &mut rngs[r]);
             gen[r].push(tok);
             if cfg.stop_ids.contains(&tok) {
                 done[r] = true;
@@ -288,11 +310,13 @@ pub fn generate_many(
 /// Continuations of many prompts, as rejection sampling draws them:
 /// `counts[i]` of prompt `i`. Whole prompts go to calls of at most
 /// `rows_per_call` rows (at least one prompt each), each call running every
-/// prompt's prefill once ([`generate_many`]) with seed `cfg.seed + c` for
-/// call `c`. Calls run side by side on the thread pool: decoding a few rows
-/// of a small model is too little work to spread one call's matrix products
-/// over cores, and the calls are independent. The result does not depend on
-/// how many run at once.
+/// prompt's prefill once ([`generate_many`]). Calls run side by side on the
+/// thread pool: decoding a few rows of a small model is too little work to
+/// spread one call's matrix products over cores, and the calls are
+/// independent. Every row draws from its own stream of `cfg.seed`, so the
+/// result does not depend on how many calls run at once, and the draws not
+/// on how the prompts are split into calls (the logits can, in the last bit,
+/// as matrix products of other sizes sum in another order).
 pub fn sample_many(
     model: &Llama,
     prompts: &[Vec<u32>],
@@ -324,18 +348,14 @@ pub fn sample_many(
     }
     let done: Vec<Vec<Vec<Vec<u32>>>> = calls
         .par_iter()
-        .enumerate()
-        .map(|(c, range)| {
-            let cfg = SamplingConfig {
-                seed: cfg.seed.wrapping_add(c as u64),
-                ..cfg.clone()
-            };
-            let out = generate_many(
+        .map(|range| {
+            let out = generate_from(
                 model,
                 &prompts[range.clone()],
                 &counts[range.clone()],
-                &cfg,
+                cfg,
                 pad_id,
+                range.start,
             )?;
             progress(counts[range.clone()].iter().sum());
             Ok(out)

@@ -11,6 +11,14 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(ChaCha8Rng::seed_from_u64(seed))
     }
+    /// One of 2^64 independent streams of `seed` (ChaCha's stream counter):
+    /// each sampled row draws from its own, so what a row draws does not
+    /// depend on which other rows share its batch.
+    pub fn stream(seed: u64, stream: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        Rng(rng)
+    }
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f32 {
         self.0.random::<f32>()

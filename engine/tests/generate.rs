@@ -97,3 +97,27 @@ fn sampling_does_not_depend_on_the_thread_count() {
     let alone = generate_many(&model, &prompts[..1], &[3], &cfg, 319).unwrap();
     assert_eq!(one[0], alone[0]);
 }
+
+/// Each row draws from its own stream (prompt, sample): a prompt decoded
+/// alone in the first call or in the second draws the same tokens, and each
+/// prompt of a call draws other tokens than it would under another index.
+#[test]
+fn rows_draw_from_their_own_streams() {
+    use herd_engine::generate::sample_many;
+    let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let prompts = prompts();
+    let cfg = SamplingConfig {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 3,
+        stop_ids: vec![],
+    };
+    // Calls [0] [1] [2] against [0, 1] [2]: prompt 2 alone in both.
+    let three = sample_many(&model, &prompts, &[3, 2, 3], &cfg, 319, 4, &|_| {}).unwrap();
+    let two = sample_many(&model, &prompts, &[3, 2, 3], &cfg, 319, 5, &|_| {}).unwrap();
+    assert_eq!(three[2], two[2]);
+    // The same prompt at index 0 draws from other streams.
+    let first = generate_many(&model, &prompts[2..], &[3], &cfg, 319).unwrap();
+    assert_ne!(first[0], three[2]);
+}
