@@ -420,6 +420,10 @@ impl Llama {
     /// each block's input, and [`Llama::finish_backward`] recomputes the
     /// blocks one at a time. Memory for activations drops from all blocks'
     /// to one block's plus the inputs, for about one more forward pass.
+    pub fn is_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
+    }
+
     pub fn set_checkpointing(&self, on: bool) {
         self.checkpointing.store(on, Ordering::Relaxed);
         self.pending.lock().expect("pending lock").clear();

@@ -263,7 +263,9 @@ fn a_cut_graph_is_an_error_not_a_silent_zero() {
     assert!(matches!(err, EngineError::NoGradient(_)), "{err}");
 }
 
-fn train_once(dir: &std::path::Path) -> Vec<u8> {
+/// Train 4 steps of 2 micro-batches; `width` > 1 runs them side by side on
+/// a pool of `width` threads.
+fn train_once(dir: &std::path::Path, width: usize) -> Vec<u8> {
     let chat = herd_engine::checkpoint::load_chat(&fixtures().join("ref")).unwrap();
     let model = Llama::init(tiny_config(false), 11, &Device::Cpu).unwrap();
     let data: Vec<_> = [
@@ -288,11 +290,18 @@ fn train_once(dir: &std::path::Path) -> Vec<u8> {
     };
     let mut trainer = Trainer::new(model.params(), cfg).unwrap();
     let mut losses = vec![];
+    let micro = |i: usize| Ok(objective::sft_loss(&model, &data[i..i + 2], chat.special.pad)?.0);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(width)
+        .build()
+        .unwrap();
     for _ in 0..4 {
-        let s = trainer
-            .step(|i| Ok(objective::sft_loss(&model, &data[i..i + 2], chat.special.pad)?.0))
-            .unwrap();
-        losses.push(s.loss);
+        let s = if width > 1 {
+            pool.install(|| trainer.step_parallel(width, micro, |_| Ok(())))
+        } else {
+            trainer.step(micro)
+        };
+        losses.push(s.unwrap().loss);
     }
     assert!(losses[3] < losses[0], "loss falls: {losses:?}");
     save_model(&model, dir, None).unwrap();
@@ -302,9 +311,20 @@ fn train_once(dir: &std::path::Path) -> Vec<u8> {
 #[test]
 fn training_twice_gives_bit_identical_weights() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let first = train_once(a.path());
-    let second = train_once(b.path());
+    let first = train_once(a.path(), 1);
+    let second = train_once(b.path(), 1);
     assert!(first == second, "checkpoints differ between identical runs");
+}
+
+/// Micro-batches side by side sum their gradients in order: the same bits
+/// as one after another.
+#[test]
+fn parallel_micro_batches_give_the_sequential_weights() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(
+        train_once(a.path(), 1) == train_once(b.path(), 2),
+        "side-by-side micro-batches changed the checkpoint"
+    );
 }
 
 #[test]

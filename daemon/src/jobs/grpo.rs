@@ -339,6 +339,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             tokens_in_batch,
             micro_batches,
         };
+        let width = herd_engine::train::micro_batch_width(&model, micro_batches);
         let mut sampler_logps: Vec<Option<f32>> = vec![None; rollouts.len()];
         let mut step_metrics: Vec<(String, f64)> = vec![];
         for iteration in 0..p.num_iterations {
@@ -349,8 +350,11 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             if let Some(l) = &model.lora {
                 l.set_training(true, ctx.seed.wrapping_add(update));
             }
-            let mut seen: Vec<(f32, f32, f32, f32, f32, usize)> = vec![];
-            let stats = trainer.step_with(
+            let seen: std::sync::Mutex<Vec<(usize, (f32, f32, f32, f32, f32, usize))>> =
+                Default::default();
+            let logps_seen = std::sync::Mutex::new(&mut sampler_logps);
+            let stats = trainer.step_parallel(
+                width,
                 |k| {
                     let part = &rollouts[chunks[k].clone()];
                     if part.iter().all(|r| r.counted() == 0) {
@@ -373,6 +377,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                     }
                     let out = grpo::grpo_loss(&model, part, pad, &cfg)?;
                     if iteration == 0 {
+                        let mut sampler_logps = logps_seen.lock().expect("log-probs");
                         let mut at = 0;
                         for (i, r) in chunks[k].clone().zip(part) {
                             let n = r.counted();
@@ -380,20 +385,26 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                             at += n;
                         }
                     }
-                    seen.push((
-                        out.kl,
-                        out.clip_low,
-                        out.clip_high,
-                        out.clip_region,
-                        out.entropy,
-                        out.tokens,
+                    seen.lock().expect("metrics").push((
+                        k,
+                        (
+                            out.kl,
+                            out.clip_low,
+                            out.clip_high,
+                            out.clip_region,
+                            out.entropy,
+                            out.tokens,
+                        ),
                     ));
                     Ok(out.loss)
                 },
                 |store| model.finish_backward(store),
             )?;
             // Token-weighted means over the micro-batches, as TRL's
-            // global masked means.
+            // global masked means, summed in micro-batch order.
+            let mut seen = seen.into_inner().expect("metrics");
+            seen.sort_by_key(|s| s.0);
+            let seen: Vec<_> = seen.into_iter().map(|s| s.1).collect();
             let total: usize = seen.iter().map(|s| s.5).sum::<usize>().max(1);
             let mean = |f: fn(&(f32, f32, f32, f32, f32, usize)) -> f32| {
                 seen.iter().map(|s| f(s) as f64 * s.5 as f64).sum::<f64>() / total as f64
