@@ -176,7 +176,7 @@ fn counted_logps(
     rollouts: &[Rollout],
     pad_id: u32,
     temperature: f32,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<CountedLogps> {
     for (i, r) in rollouts.iter().enumerate() {
         if r.prompt.is_empty() {
             return Err(EngineError::Input(format!("rollout {i} has no prompt")));
@@ -245,8 +245,17 @@ fn counted_logps(
     // Logits are linear in the hidden state (no bias): scaling the rows
     // scales the logits.
     let rows = (hidden.index_select(&preds, 0)? / temperature as f64)?; // [M, D]
-    let lp = crate::objective::rows_logprobs(model, &rows, &targets.ids)?;
-    Ok((lp, rows))
+    let (lp, logits) = crate::objective::rows_logprobs(model, &rows, &targets.ids)?;
+    Ok(CountedLogps { lp, rows, logits })
+}
+
+/// The counted tokens' log-probs [M], the hidden rows that predict them
+/// [M, D] (scaled by 1/temperature) and, where the head computed them
+/// whole, their logits [M, V].
+struct CountedLogps {
+    lp: Tensor,
+    rows: Tensor,
+    logits: Option<Tensor>,
 }
 
 /// Each rollout's log-probs (at `temperature`) of its counted tokens, no
@@ -257,8 +266,10 @@ pub fn rollout_logps(
     pad_id: u32,
     temperature: f32,
 ) -> Result<Vec<Vec<f32>>> {
-    let (lp, _) = counted_logps(model, rollouts, pad_id, temperature)?;
-    let flat: Vec<f32> = lp.detach().to_vec1()?;
+    let flat: Vec<f32> = counted_logps(model, rollouts, pad_id, temperature)?
+        .lp
+        .detach()
+        .to_vec1()?;
     let mut out = Vec::with_capacity(rollouts.len());
     let mut at = 0;
     for r in rollouts {
@@ -269,22 +280,36 @@ pub fn rollout_logps(
     Ok(out)
 }
 
-/// Mean entropy of the next-token distributions at `rows` (no gradient),
-/// a few hundred rows at a time so no [M, V] tensor is held whole.
-fn mean_entropy(model: &Llama, rows: &Tensor) -> Result<f32> {
-    let rows = rows.detach();
-    let m = rows.dim(0)?;
-    let mut total = 0f64;
-    for start in (0..m).step_by(256) {
-        let n = 256.min(m - start);
-        let logits = model.lm_logits(&rows.narrow(0, start, n)?)?;
-        let logp = log_softmax_rows(&logits)?;
-        let ent = (logp.exp()? * &logp)?.sum(1)?.neg()?;
-        total += ent
+/// Mean entropy of the next-token distributions (no gradient): from the
+/// logits where the head computed them whole, else from `rows` a few
+/// hundred at a time, so no [M, V] tensor is held whole.
+fn mean_entropy(model: &Llama, counted: &CountedLogps) -> Result<f32> {
+    let sum = |logits: &Tensor| -> Result<f64> {
+        let logits = logits.detach();
+        let ent = if crate::fused::usable(&logits) {
+            crate::fused::row_entropy(&logits)?
+        } else {
+            let logp = log_softmax_rows(&logits)?;
+            (logp.exp()? * &logp)?.sum(1)?.neg()?
+        };
+        Ok(ent
             .to_dtype(candle_core::DType::F64)?
             .sum_all()?
-            .to_scalar::<f64>()?;
-    }
+            .to_scalar::<f64>()?)
+    };
+    let rows = &counted.rows;
+    let m = rows.dim(0)?;
+    let total = match &counted.logits {
+        Some(logits) => sum(logits)?,
+        None => {
+            let mut total = 0f64;
+            for start in (0..m).step_by(256) {
+                let n = 256.min(m - start);
+                total += sum(&model.lm_logits(&rows.detach().narrow(0, start, n)?)?)?;
+            }
+            total
+        }
+    };
     Ok((total / m as f64) as f32)
 }
 
@@ -303,7 +328,8 @@ pub fn grpo_loss(
     pad_id: u32,
     cfg: &GrpoLoss,
 ) -> Result<GrpoOutput> {
-    let (logps, rows) = counted_logps(model, rollouts, pad_id, cfg.temperature)?;
+    let counted = counted_logps(model, rollouts, pad_id, cfg.temperature)?;
+    let logps = &counted.lp;
     let current: Vec<f32> = logps.detach().to_vec1()?;
     let device: &Device = logps.device();
     let m = current.len();
@@ -367,14 +393,14 @@ pub fn grpo_loss(
         high += usize::from(ratio > hi && adv[t] > 0.0);
     }
     let v = |x: Vec<f32>| Tensor::from_vec(x, m, device);
-    let ratio = (&logps - v(old)?)?.exp()?;
+    let ratio = (logps - v(old)?)?.exp()?;
     let adv_t = v(adv)?;
     // -min(r·A, clip(r)·A), the min resolved above.
     let surrogate = ((ratio * &adv_t)? * v(unclipped)?)?
         .add(&v(clipped_term)?)?
         .neg()?;
     let (per_token, kl) = if cfg.beta != 0.0 {
-        let d = (v(refs)? - &logps)?;
+        let d = (v(refs)? - logps)?;
         let kl_t = ((d.exp()? - &d)? - 1.0)?;
         let kl_mean = kl_t.detach().mean_all()?.to_scalar::<f32>()?;
         ((surrogate + (kl_t * cfg.beta as f64)?)?, kl_mean)
@@ -389,7 +415,7 @@ pub fn grpo_loss(
         clip_low: frac(low),
         clip_high: frac(high),
         clip_region: frac(low + high),
-        entropy: mean_entropy(model, &rows)?,
+        entropy: mean_entropy(model, &counted)?,
         tokens: m,
         logps: current,
     })

@@ -39,19 +39,26 @@ fn target_logprobs(model: &Llama, hidden: &Tensor, targets: &Targets) -> Result<
     let (b, t, h) = hidden.dims3()?;
     let preds = Tensor::new(targets.preds.as_slice(), hidden.device())?;
     let rows = hidden.reshape((b * t, h))?.index_select(&preds, 0)?; // [M, H]
-    rows_logprobs(model, &rows, &targets.ids)
+    Ok(rows_logprobs(model, &rows, &targets.ids)?.0)
 }
 
-/// log p(ids[m]) from the hidden state `rows[m]` [M, H] that predicts it.
-pub(crate) fn rows_logprobs(model: &Llama, rows: &Tensor, ids: &[u32]) -> Result<Tensor> {
+/// log p(ids[m]) from the hidden state `rows[m]` [M, H] that predicts it,
+/// and the logits [M, V] where they were computed whole (a trained head; a
+/// frozen one computes them a chunk at a time and keeps none).
+pub(crate) fn rows_logprobs(
+    model: &Llama,
+    rows: &Tensor,
+    ids: &[u32],
+) -> Result<(Tensor, Option<Tensor>)> {
     if let Some(head) = model
         .frozen_f32_head()
         .filter(|_| crate::fused::usable(rows))
     {
         let ids = Tensor::new(ids, rows.device())?;
-        return Ok(crate::fused::head_logprob(rows, &head, &ids)?);
+        return Ok((crate::fused::head_logprob(rows, &head, &ids)?, None));
     }
-    loss::row_logprobs(&model.lm_logits(rows)?, ids)
+    let logits = model.lm_logits(rows)?;
+    Ok((loss::row_logprobs(&logits, ids)?, Some(logits)))
 }
 
 /// SFT: token-mean cross entropy over target tokens of the batch.

@@ -98,3 +98,39 @@ pub fn target_logprob(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .apply_op2(&targets.contiguous()?, TargetLogprob)
 }
+
+/// Entropy of softmax(logits[r]) per row, no gradient: logits [M, V] f32
+/// -> [M]. With e = exp(x - max) and S = Σe: H = ln S + max - Σ e·x / S,
+/// one pass of the vectorized exp per row (the log-softmax and its exp as
+/// tensor ops were two passes and two [M, V] buffers).
+struct RowEntropy;
+
+impl candle_core::CustomOp1 for RowEntropy {
+    fn name(&self) -> &'static str {
+        "herd-row-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "logits")?;
+        let (m, v) = l.shape().dims2()?;
+        let out: Vec<f32> = (0..m)
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; v],
+                |e, r| {
+                    let row = &x[r * v..(r + 1) * v];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let total = fast_exp::exp_shifted(row, max, Some(e));
+                    let weighted = dot(e, row);
+                    total.ln() + max - weighted / total
+                },
+            )
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(m)))
+    }
+}
+
+/// Entropy of each row's softmax: logits [M, V] f32 on the CPU -> [M].
+pub fn row_entropy(logits: &Tensor) -> Result<Tensor> {
+    logits.detach().contiguous()?.apply_op1_no_bwd(&RowEntropy)
+}

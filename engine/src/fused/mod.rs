@@ -145,7 +145,7 @@ pub use decode_attention::decode_attention;
 pub use frozen_linear::frozen_linear;
 pub use head_logprob::head_logprob;
 pub use linear::{linear_few_rows, FEW_ROWS};
-pub use logprob::target_logprob;
+pub use logprob::{row_entropy, target_logprob};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::{masked_softmax, usable};
