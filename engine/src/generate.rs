@@ -102,11 +102,9 @@ fn pick(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
         }
         return best as u32;
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<f64> = logits
-        .iter()
-        .map(|v| (((*v - max) as f64) / cfg.temperature).exp())
-        .collect();
+    let mut weights = vec![0f32; logits.len()];
+    crate::fused::tempered_weights(logits, cfg.temperature as f32, &mut weights);
+    let mut probs: Vec<f64> = weights.iter().map(|w| *w as f64).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if cfg.top_p < 1.0 {

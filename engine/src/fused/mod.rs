@@ -130,6 +130,19 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// Unnormalized sampling weights at a temperature: `out[j]` =
+/// exp((logits[j] - max) / temperature), through the vectorized exp (the
+/// sampler took a libm exp per vocabulary entry per row per token).
+pub fn tempered_weights(logits: &[f32], temperature: f32, out: &mut [f32]) {
+    assert_eq!(logits.len(), out.len(), "tempered_weights: lengths");
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inv = 1.0 / temperature;
+    for (o, x) in out.iter_mut().zip(logits) {
+        *o = (x - max) * inv;
+    }
+    fast_exp::exp_shifted_inplace(out, 0.0);
+}
+
 mod decode_attention;
 mod fast_exp;
 mod frozen_linear;
