@@ -226,7 +226,7 @@ fn generate_from(
             }
         }
     }
-    let mut cache = KvCache::with_capacity(p + cfg.max_new_tokens);
+    let mut cache = KvCache::with_capacity(p);
     let hidden = model.forward_hidden(
         &Tensor::from_vec(ids, (np, p), dev)?,
         &Tensor::from_vec(pos, (np, p), dev)?,
@@ -234,7 +234,7 @@ fn generate_from(
         Some(&mut cache),
     )?;
     let last = model.lm_logits(&hidden.narrow(1, p - 1, 1)?)?; // [np, 1, V]
-                                                               // Each prompt's cache, logits and mask copied to its rows: row -> (prompt, sample).
+                                                               // Each prompt's logits and mask copied to its rows: row -> (prompt, sample).
     let rows: Vec<(usize, usize)> = live
         .iter()
         .enumerate()
@@ -242,16 +242,14 @@ fn generate_from(
         .collect();
     let b = rows.len();
     let mut last = last;
+    let owner: Vec<u32> = rows.iter().map(|(r, _)| *r as u32).collect();
     if b != np {
-        let idx = Tensor::from_vec(
-            rows.iter().map(|(r, _)| *r as u32).collect::<Vec<u32>>(),
-            b,
-            dev,
-        )?;
-        cache.select_rows(&idx)?;
-        last = last.index_select(&idx, 0)?;
+        last = last.index_select(&Tensor::new(owner.as_slice(), dev)?, 0)?;
         valid = rows.iter().map(|(r, _)| valid[*r].clone()).collect();
     }
+    // The rows read their prompt's keys and values where the prefill left
+    // them (one copy per prompt) and write their own after.
+    let mut cache = cache.branch(owner, cfg.max_new_tokens)?;
     let mut next_pos: Vec<u32> = rows
         .iter()
         .map(|(r, _)| prompts[live[*r]].len() as u32)

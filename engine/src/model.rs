@@ -357,16 +357,28 @@ impl Llama {
             None => (k, v),
             Some(c) => c.append(l, k, v)?,
         };
-        let tk = k.dim(2)?;
         // Group query heads by their shared KV head instead of repeating K/V:
         // head h uses KV head h / rep, as transformers' repeat_kv does.
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let decoding = cache.as_deref().is_some_and(|c| c.capacity > 0);
-        let att = if let (true, true, Some(bias5)) =
-            (decoding, crate::fused::usable(&k), bias5.as_ref())
-        {
+        let prefix = cache.as_deref().and_then(|c| c.prefix.as_ref());
+        let fused = match (decoding, crate::fused::usable(&k), bias5.as_ref()) {
+            (true, true, Some(bias5)) => Some(bias5),
+            _ => None,
+        };
+        // A shared prefix the fused kernel does not read: copied per row.
+        let (k, v) = match (prefix, fused) {
+            (Some(p), None) => {
+                let (pk, pv) = p.per_row(l)?;
+                (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+            }
+            _ => (k, v),
+        };
+        let tk = k.dim(2)?;
+        let att = if let Some(bias5) = fused {
             // Generation: straight over the cache's buffers.
-            crate::fused::decode_attention(&q, &k, &v, bias5, scale)?
+            let shared = prefix.map(|p| (&p.layers[l].0, &p.layers[l].1, p.owner.as_slice()));
+            crate::fused::decode_attention(&q, shared, &k, &v, bias5, scale)?
         } else {
             let scores = q.matmul(&k.t()?)?; // [B, nkv, rep*T, Tk]
             let probs = if crate::fused::usable(&scores) {

@@ -12,14 +12,18 @@
 use super::*;
 
 /// q [B, nkv, R, hd] (R = rep·t: query heads of a KV group × new positions,
-/// head-major, as the model lays them out) against k, v [B, nkv, Tk, hd]
-/// (strided views of the cache: the last dim contiguous), with the additive
-/// bias [B, 1, t, Tk]; returns [B, nkv, R, hd].
+/// head-major, as the model lays them out) against a row's keys and values:
+/// its prompt's shared prefix [N, nkv, P, hd] (row b continues prompt
+/// owner[b]), then its own k, v [B, nkv, Tk - P, hd] (strided views of the
+/// cache: the last dim contiguous), with the additive bias [B, 1, t, Tk];
+/// returns [B, nkv, R, hd].
 struct DecodeAttention {
     /// bias[b][q][j], copied out of its tensor.
     bias: Vec<f32>,
     t: usize,
     scale: f32,
+    /// The shared prefix's keys, values and owners.
+    prefix: Option<(Tensor, Tensor, Vec<u32>)>,
 }
 
 /// Element `index` of a strided 4-d layout.
@@ -57,11 +61,12 @@ fn f32_storage<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// One (row, KV head): R query rows against Tk keys and values.
+/// One (row, KV head): R query rows against Tk keys and values, in two
+/// segments (the shared prefix's, then the row's own), each [n, hd].
 struct Block<'a> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: [&'a [f32]; 2],
+    v: [&'a [f32]; 2],
     /// [t, Tk]: query row qi takes position qi % t.
     bias: &'a [f32],
     t: usize,
@@ -98,19 +103,33 @@ fn softmax_rows(b: &Block, probs: &mut [f32], tk: usize) {
     }
 }
 
+impl Block<'_> {
+    fn keys(&self) -> usize {
+        (self.k[0].len() + self.k[1].len()) / self.hd
+    }
+}
+
 fn attend_scalar(b: &Block, o: &mut [f32]) {
-    let (hd, tk) = (b.hd, b.k.len() / b.hd);
+    let (hd, tk) = (b.hd, b.keys());
     let r = b.q.len() / hd;
     // probs[qi][j]: each key row is read once for all query rows.
     let mut probs = vec![0f32; r * tk];
-    for (j, kr) in b.k.chunks_exact(hd).enumerate() {
+    for (j, kr) in b.k[0]
+        .chunks_exact(hd)
+        .chain(b.k[1].chunks_exact(hd))
+        .enumerate()
+    {
         for (qi, qr) in b.q.chunks_exact(hd).enumerate() {
             probs[qi * tk + j] = dot8(qr, kr);
         }
     }
     softmax_rows(b, &mut probs, tk);
     o.fill(0.0);
-    for (j, vr) in b.v.chunks_exact(hd).enumerate() {
+    for (j, vr) in b.v[0]
+        .chunks_exact(hd)
+        .chain(b.v[1].chunks_exact(hd))
+        .enumerate()
+    {
         for (qi, or) in o.chunks_exact_mut(hd).enumerate() {
             let p = probs[qi * tk + j];
             if p != 0.0 {
@@ -123,58 +142,70 @@ fn attend_scalar(b: &Block, o: &mut [f32]) {
 }
 
 /// The same with AVX2+FMA, hd a multiple of 8. Scores are taken 8 keys at
-/// a time (8 dot products summed across lanes together); the last keys are
-/// padded with zero keys so that every score is summed the same way,
-/// whatever Tk is. Values are summed into registers, 32 lanes at a time.
+/// a time (8 dot products summed across lanes together); each segment's
+/// last keys are padded with zero keys, so every score is summed the same
+/// way whatever the segment lengths. Values are summed into registers, 32
+/// lanes at a time, in key order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(b: &Block, o: &mut [f32]) {
     use std::arch::x86_64::*;
     let hd = b.hd;
-    let tk = b.k.len() / hd;
+    let tk = b.keys();
     let r = b.q.len() / hd;
     assert!(
-        hd % 8 == 0 && b.k.len() == tk * hd && b.v.len() == tk * hd && o.len() == r * hd,
+        hd % 8 == 0
+            && b.k
+                .iter()
+                .zip(&b.v)
+                .all(|(k, v)| k.len() == v.len() && k.len() % hd == 0)
+            && o.len() == r * hd,
         "decode_attention: block shapes"
     );
-    let full = tk / 8 * 8;
-    // The last partial group of keys, zero-padded to 8.
-    let mut tail = vec![0f32; 8 * hd];
-    tail[..(tk - full) * hd].copy_from_slice(&b.k[full * hd..]);
     let mut probs = vec![0f32; r * tk];
     let mut sums = [0f32; 8];
-    for qi in 0..r {
-        let q = b.q.as_ptr().add(qi * hd);
-        let mut j = 0;
-        while j < tk {
-            let keys = if j < full {
-                b.k.as_ptr().add(j * hd)
-            } else {
-                tail.as_ptr()
-            };
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let mut c = 0;
-            while c < hd {
-                let qv = _mm256_loadu_ps(q.add(c));
-                for (u, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys.add(u * hd + c)), *a);
+    let mut tail = vec![0f32; 8 * hd];
+    let mut first = 0; // the segment's first key
+    for keys in b.k {
+        let n = keys.len() / hd;
+        let full = n / 8 * 8;
+        // The segment's last partial group of keys, zero-padded to 8.
+        tail.fill(0.0);
+        tail[..(n - full) * hd].copy_from_slice(&keys[full * hd..]);
+        for qi in 0..r {
+            let q = b.q.as_ptr().add(qi * hd);
+            let mut j = 0;
+            while j < n {
+                let group = if j < full {
+                    keys.as_ptr().add(j * hd)
+                } else {
+                    tail.as_ptr()
+                };
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < hd {
+                    let qv = _mm256_loadu_ps(q.add(c));
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(group.add(u * hd + c)), *a);
+                    }
+                    c += 8;
                 }
-                c += 8;
+                // Eight lane sums at once: pairwise adds, then the halves.
+                let s01 = _mm256_hadd_ps(acc[0], acc[1]);
+                let s23 = _mm256_hadd_ps(acc[2], acc[3]);
+                let s45 = _mm256_hadd_ps(acc[4], acc[5]);
+                let s67 = _mm256_hadd_ps(acc[6], acc[7]);
+                let s0123 = _mm256_hadd_ps(s01, s23);
+                let s4567 = _mm256_hadd_ps(s45, s67);
+                let lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+                let hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+                _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_add_ps(lo, hi));
+                let m = (n - j).min(8);
+                probs[qi * tk + first + j..][..m].copy_from_slice(&sums[..m]);
+                j += 8;
             }
-            // Eight lane sums at once: pairwise adds, then the halves.
-            let s01 = _mm256_hadd_ps(acc[0], acc[1]);
-            let s23 = _mm256_hadd_ps(acc[2], acc[3]);
-            let s45 = _mm256_hadd_ps(acc[4], acc[5]);
-            let s67 = _mm256_hadd_ps(acc[6], acc[7]);
-            let s0123 = _mm256_hadd_ps(s01, s23);
-            let s4567 = _mm256_hadd_ps(s45, s67);
-            let lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
-            let hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
-            _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_add_ps(lo, hi));
-            let n = (tk - j).min(8);
-            probs[qi * tk + j..][..n].copy_from_slice(&sums[..n]);
-            j += 8;
         }
+        first += n;
     }
     softmax_rows(b, &mut probs, tk);
     for qi in 0..r {
@@ -183,14 +214,19 @@ unsafe fn attend_avx2(b: &Block, o: &mut [f32]) {
         while c < hd {
             let lanes = ((hd - c) / 8).min(4);
             let mut acc = [_mm256_setzero_ps(); 4];
-            for (j, p) in row.iter().enumerate() {
-                if *p == 0.0 {
-                    continue;
-                }
-                let pv = _mm256_set1_ps(*p);
-                let v = b.v.as_ptr().add(j * hd + c);
-                for (u, a) in acc[..lanes].iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v.add(u * 8)), *a);
+            let mut j = 0;
+            for values in b.v {
+                for vr in values.chunks_exact(hd) {
+                    let p = row[j];
+                    j += 1;
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let pv = _mm256_set1_ps(p);
+                    let v = vr.as_ptr().add(c);
+                    for (u, a) in acc[..lanes].iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v.add(u * 8)), *a);
+                    }
                 }
             }
             for (u, a) in acc[..lanes].iter().enumerate() {
@@ -229,9 +265,6 @@ impl CustomOp3 for DecodeAttention {
             candle_core::bail!("decode_attention: keys and values need a contiguous last dim");
         }
         let t = self.t;
-        if r % t != 0 || self.bias.len() != b * t * tk {
-            candle_core::bail!("decode_attention: bias does not match {t} positions × {tk} keys");
-        }
         let (q, k, v) = (
             f32_slice(sq, lq, "q")?,
             f32_storage(sk, "k")?,
@@ -240,23 +273,73 @@ impl CustomOp3 for DecodeAttention {
         if lk.stride()[2] != hd || lv.stride()[2] != hd {
             candle_core::bail!("decode_attention: keys and values need contiguous positions");
         }
+        // The shared prefix: its storage held for the call.
+        let guards = self
+            .prefix
+            .as_ref()
+            .map(|(pk, pv, _)| [pk, pv].map(|x| x.storage_and_layout()));
+        let mut shared: Option<(&[f32], &Layout, &[f32], &Layout, &[u32], usize)> = None;
+        if let (Some([(gk, pkl), (gv, pvl)]), Some((_, _, owner))) = (&guards, &self.prefix) {
+            let (candle_core::Storage::Cpu(ck), candle_core::Storage::Cpu(cv)) = (&**gk, &**gv)
+            else {
+                candle_core::bail!("decode_attention: the prefix is not on the CPU");
+            };
+            let (n, nkv2, p, hd2) = pkl.shape().dims4()?;
+            if (nkv2, hd2) != (nkv, hd)
+                || pvl.shape() != pkl.shape()
+                || owner.len() != b
+                || owner.iter().any(|o| *o as usize >= n)
+                || [pkl, pvl]
+                    .iter()
+                    .any(|l| l.stride()[3] != 1 || l.stride()[2] != hd)
+            {
+                candle_core::bail!(
+                    "decode_attention: prefix {:?} for {b} rows of {nkv}×{hd}",
+                    pkl.shape()
+                );
+            }
+            shared = Some((
+                f32_storage(ck, "prefix k")?,
+                pkl,
+                f32_storage(cv, "prefix v")?,
+                pvl,
+                owner,
+                p,
+            ));
+        }
+        let p = shared.map_or(0, |s| s.5);
+        let all = p + tk;
+        if r % t != 0 || self.bias.len() != b * t * all {
+            candle_core::bail!("decode_attention: bias does not match {t} positions × {all} keys");
+        }
         let mut out = output_buffer(b * nkv * r * hd);
         // One task per (row, KV head): its R query rows, in a fixed order.
-        // Its keys and values are each one contiguous [Tk, hd] block.
+        // Its keys and values are each one contiguous [Tk, hd] block per
+        // segment; the rows of one prompt read the same prefix block.
         let task = |(bg, o): (usize, &mut [f32])| {
             let (bi, g) = (bg / nkv, bg % nkv);
+            let (kp, vp): (&[f32], &[f32]) = match shared {
+                Some((pk, pkl, pv, pvl, owner, p)) => {
+                    let i = owner[bi] as usize;
+                    (
+                        &pk[offset(pkl, [i, g, 0, 0])..][..p * hd],
+                        &pv[offset(pvl, [i, g, 0, 0])..][..p * hd],
+                    )
+                }
+                None => (&[], &[]),
+            };
             let block = Block {
                 q: &q[(bi * nkv + g) * r * hd..][..r * hd],
-                k: &k[offset(lk, [bi, g, 0, 0])..][..tk * hd],
-                v: &v[offset(lv, [bi, g, 0, 0])..][..tk * hd],
-                bias: &self.bias[bi * t * tk..][..t * tk],
+                k: [kp, &k[offset(lk, [bi, g, 0, 0])..][..tk * hd]],
+                v: [vp, &v[offset(lv, [bi, g, 0, 0])..][..tk * hd]],
+                bias: &self.bias[bi * t * all..][..t * all],
                 t,
                 hd,
                 scale: self.scale,
             };
             attend(&block, o);
         };
-        if b * nkv * r * tk * hd < PARALLEL_MIN_ELEMS * 8 {
+        if b * nkv * r * all * hd < PARALLEL_MIN_ELEMS * 8 {
             out.chunks_mut(r * hd).enumerate().for_each(task);
         } else {
             out.par_chunks_mut(r * hd).enumerate().for_each(task);
@@ -265,10 +348,13 @@ impl CustomOp3 for DecodeAttention {
     }
 }
 
-/// Attention of `q` [B, nkv, R, hd] over `k`, `v` [B, nkv, Tk, hd] with
-/// `bias` [B, 1, t, Tk] (R = rep·t), f32 on the CPU, no backward.
+/// Attention of `q` [B, nkv, R, hd] over each row's keys and values: the
+/// `prefix` (keys, values [N, nkv, P, hd], and the prompt each row
+/// continues) if there is one, then `k`, `v` [B, nkv, Tk - P, hd]; `bias`
+/// [B, 1, t, Tk] (R = rep·t). f32 on the CPU, no backward.
 pub fn decode_attention(
     q: &Tensor,
+    prefix: Option<(&Tensor, &Tensor, &[u32])>,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
@@ -279,6 +365,7 @@ pub fn decode_attention(
         bias: bias.flatten_all()?.to_vec1::<f32>()?,
         t,
         scale: scale as f32,
+        prefix: prefix.map(|(k, v, owner)| (k.clone(), v.clone(), owner.to_vec())),
     };
     q.contiguous()?.apply_op3(k, v, op)
 }
@@ -291,15 +378,17 @@ mod tests {
 
     /// Plain attention in f64: softmax(scale q·k + bias) v.
     fn reference(b: &Block) -> Vec<f64> {
-        let (hd, tk) = (b.hd, b.k.len() / b.hd);
+        let (hd, tk) = (b.hd, b.keys());
         let r = b.q.len() / hd;
+        let k = [b.k[0], b.k[1]].concat();
+        let v = [b.v[0], b.v[1]].concat();
         let mut out = vec![0f64; r * hd];
         for qi in 0..r {
             let bias = &b.bias[(qi % b.t) * tk..][..tk];
             let s: Vec<f64> = (0..tk)
                 .map(|j| {
                     let d: f64 = (0..hd)
-                        .map(|c| b.q[qi * hd + c] as f64 * b.k[j * hd + c] as f64)
+                        .map(|c| b.q[qi * hd + c] as f64 * k[j * hd + c] as f64)
                         .sum();
                     d * b.scale as f64 + bias[j] as f64
                 })
@@ -309,7 +398,7 @@ mod tests {
             let total: f64 = e.iter().sum();
             for j in 0..tk {
                 for c in 0..hd {
-                    out[qi * hd + c] += e[j] / total * b.v[j * hd + c] as f64;
+                    out[qi * hd + c] += e[j] / total * v[j * hd + c] as f64;
                 }
             }
         }
@@ -317,15 +406,19 @@ mod tests {
     }
 
     /// Both paths agree with plain attention: head dims 32 and 72, key
-    /// counts on and off multiples of 8, masked keys, two new positions.
+    /// counts on and off multiples of 8, masked keys, two new positions, a
+    /// shared prefix of several lengths; and splitting the keys into prefix
+    /// and own changes no bit.
     #[test]
     fn matches_plain_attention() {
         let mut rng = Rng::new(5);
-        for (hd, tk, t, r) in [
-            (32, 1, 1, 2),
-            (32, 13, 1, 2),
-            (32, 64, 2, 4),
-            (72, 37, 1, 3),
+        for (hd, tk, split, t, r) in [
+            (32, 1, 0, 1, 2),
+            (32, 13, 5, 1, 2),
+            (32, 64, 16, 2, 4),
+            (32, 200, 131, 1, 2),
+            (72, 37, 0, 1, 3),
+            (72, 37, 36, 1, 3),
         ] {
             let mut gen = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
             let (q, k, v) = (gen(r * hd), gen(tk * hd), gen(tk * hd));
@@ -338,15 +431,23 @@ mod tests {
                     }
                 })
                 .collect();
+            let at = split * hd;
             let block = Block {
                 q: &q,
-                k: &k,
-                v: &v,
+                k: [&k[..at], &k[at..]],
+                v: [&v[..at], &v[at..]],
                 bias: &bias,
                 t,
                 hd,
                 scale: 0.3,
             };
+            let whole = Block {
+                k: [&[], &k],
+                v: [&[], &v],
+                ..block
+            };
+            let mut unsplit = vec![0f32; r * hd];
+            attend(&whole, &mut unsplit);
             let want = reference(&block);
             let mut scalar = vec![0f32; r * hd];
             attend_scalar(&block, &mut scalar);
@@ -360,6 +461,7 @@ mod tests {
                     );
                 }
             }
+            assert_eq!(fast, unsplit, "hd {hd} tk {tk} split {split}");
         }
     }
 }

@@ -17,8 +17,31 @@ pub struct KvCache {
     pub layers: Vec<Option<(Tensor, Tensor)>>,
     /// 0: grow by concatenation.
     pub capacity: usize,
-    /// Positions filled.
+    /// Positions filled (after the prefix, when there is one).
     pub len: usize,
+    /// Keys and values every row starts with, shared rather than copied
+    /// (see [`KvCache::branch`]).
+    pub prefix: Option<Prefix>,
+}
+
+/// Prompts' keys and values that several decoded rows continue: per layer
+/// (k, v) [N, nkv, P, hd], and which prompt each row continues. Decoding
+/// reads a prompt's keys once for all its rows instead of from a copy per
+/// row (a group of 8 completions of a 128-token prompt read 8 copies).
+pub struct Prefix {
+    pub layers: Vec<(Tensor, Tensor)>,
+    /// owner[row]: the prompt (index into dim 0) row `row` continues.
+    pub owner: Vec<u32>,
+}
+
+impl Prefix {
+    /// Layer `l`'s prefix keys and values copied out per row, [B, nkv, P,
+    /// hd] each: what a kernel that cannot read the shared prefix needs.
+    pub fn per_row(&self, l: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = &self.layers[l];
+        let idx = Tensor::new(self.owner.as_slice(), k.device())?;
+        Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+    }
 }
 
 impl KvCache {
@@ -29,7 +52,36 @@ impl KvCache {
             layers: vec![],
             capacity,
             len: 0,
+            prefix: None,
         }
+    }
+
+    /// Rows that continue this (filled, prefix-free) cache's prompts: row
+    /// `r` continues prompt `owner[r]`, with room for `capacity` more
+    /// positions of its own, written in place. The prompts' keys and values
+    /// become the shared [`Prefix`].
+    pub fn branch(self, owner: Vec<u32>, capacity: usize) -> candle_core::Result<KvCache> {
+        if self.prefix.is_some() {
+            candle_core::bail!("KV cache: a branched cache cannot branch again");
+        }
+        let len = self.len;
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|kv| {
+                let (k, v) = kv.ok_or_else(|| {
+                    candle_core::Error::Msg("KV cache: a layer was not filled".into())
+                })?;
+                Ok((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let n = layers.len();
+        Ok(KvCache {
+            layers: (0..n).map(|_| None).collect(),
+            capacity,
+            len: 0,
+            prefix: Some(Prefix { layers, owner }),
+        })
     }
 
     /// Add layer `l`'s keys and values of `t` new positions ([B, nkv, t, hd]);
@@ -67,16 +119,5 @@ impl KvCache {
             kb.narrow(2, 0, self.len + t)?,
             vb.narrow(2, 0, self.len + t)?,
         ))
-    }
-
-    /// Keep rows `idx` of the batch (in that order, repeats allowed): each
-    /// prompt's keys and values copied to the rows that continue it.
-    pub fn select_rows(&mut self, idx: &Tensor) -> candle_core::Result<()> {
-        for layer in self.layers.iter_mut() {
-            if let Some((k, v)) = layer.take() {
-                *layer = Some((k.index_select(idx, 0)?, v.index_select(idx, 0)?));
-            }
-        }
-        Ok(())
     }
 }
