@@ -90,8 +90,8 @@ pub fn complete(
 /// `count` completions (text) of each prompt. Each call to the engine takes
 /// whole prompts, as many as fit `batch_size` rows (at least one), and runs
 /// each prompt's prefill once for all its rows; calls run side by side on
-/// the worker's threads; deterministic for a seed (call `c` gets seed + c),
-/// whatever the thread count.
+/// the worker's threads; deterministic for a seed (each row draws from its
+/// own stream of it), whatever the thread count.
 pub fn complete_counts(
     model: &herd_engine::Llama,
     chat: &ChatFormat,
