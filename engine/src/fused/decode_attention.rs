@@ -1,5 +1,6 @@
 //! Attention for decoding: each row's new position(s) against its cached
-//! keys and values, read in place from the cache's buffers.
+//! keys and values, read in place from the cache's buffers: its prompt's,
+//! shared by every row that continues the prompt, then its own.
 //!
 //! Decoding multiplies [rep, hd] queries by [Tk, hd] keys for every row and
 //! KV head: products so small that gemm spent more time packing and
