@@ -47,13 +47,13 @@ fn main() {
     let grpo = flag("--method").as_deref() == Some("grpo");
     let opts = herd::quickstart::Options {
         data_dir: flag("--data-dir").map(Into::into),
-        // GRPO's rounds are one job each, ~8 s here: 16 of them (under
-        // three minutes) take the tiny model from 0.38 to 0.70 (README).
+        // GRPO's rounds are one job each, ~7 s here: 24 of them (under
+        // four minutes) take the tiny model from 0.38 to 0.80 (README).
         rounds: flag("--rounds")
             .map(|r| r.parse().expect("--rounds N"))
             .unwrap_or(match (smoke, grpo) {
                 (true, _) => 2,
-                (false, true) => 16,
+                (false, true) => 24,
                 (false, false) => 3,
             }),
         worker_command: vec![exe, "worker".into()],

@@ -129,11 +129,14 @@ impl Trainer {
         finish: impl Fn(&mut candle_core::backprop::GradStore) -> Result<()> + Sync,
     ) -> Result<StepStats> {
         use rayon::prelude::*;
+        if width <= 1 {
+            return self.step_with(micro, finish);
+        }
         let n = self.config.grad_accum;
         let mut total: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let this = &*self;
-        for wave in (0..n).collect::<Vec<_>>().chunks(width.max(1)) {
+        for wave in (0..n).collect::<Vec<_>>().chunks(width) {
             let done: Vec<Result<(f64, Vec<Tensor>)>> = wave
                 .par_iter()
                 .map(|i| this.micro_grads(micro(*i)?, &mut |s| finish(s)))
