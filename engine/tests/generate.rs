@@ -69,20 +69,24 @@ fn seeded_sampling_is_bit_reproducible() {
     assert!(a[0].iter().any(|r| r != &a[0][0]), "{:?}", a[0]);
 }
 
-/// Calls run side by side on the pool, each with its own seed: one thread or
-/// two, the same tokens.
+/// Ten tokens at temperature 1, top-p 0.9.
+fn nucleus_sampling(seed: u64) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed,
+        stop_ids: vec![],
+    }
+}
+
+/// Calls run side by side on the pool: one thread or two, the same tokens.
 #[test]
 fn sampling_does_not_depend_on_the_thread_count() {
     use herd_engine::generate::sample_many;
     let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
     let prompts = prompts();
-    let cfg = SamplingConfig {
-        max_new_tokens: 10,
-        temperature: 1.0,
-        top_p: 0.9,
-        seed: 3,
-        stop_ids: vec![],
-    };
+    let cfg = nucleus_sampling(3);
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -106,13 +110,7 @@ fn rows_draw_from_their_own_streams() {
     use herd_engine::generate::sample_many;
     let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
     let prompts = prompts();
-    let cfg = SamplingConfig {
-        max_new_tokens: 10,
-        temperature: 1.0,
-        top_p: 0.9,
-        seed: 3,
-        stop_ids: vec![],
-    };
+    let cfg = nucleus_sampling(3);
     // Calls [0] [1] [2] against [0, 1] [2]: prompt 2 alone in both.
     let three = sample_many(&model, &prompts, &[3, 2, 3], &cfg, 319, 4, &|_| {}).unwrap();
     let two = sample_many(&model, &prompts, &[3, 2, 3], &cfg, 319, 5, &|_| {}).unwrap();
