@@ -350,8 +350,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             if let Some(l) = &model.lora {
                 l.set_training(true, ctx.seed.wrapping_add(update));
             }
-            let seen: std::sync::Mutex<Vec<(usize, (f32, f32, f32, f32, f32, usize))>> =
-                Default::default();
+            let seen: std::sync::Mutex<Vec<(usize, MicroMetrics)>> = Default::default();
             let logps_seen = std::sync::Mutex::new(&mut sampler_logps);
             let stats = trainer.step_parallel(
                 width,
@@ -387,14 +386,14 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
                     }
                     seen.lock().expect("metrics").push((
                         k,
-                        (
-                            out.kl,
-                            out.clip_low,
-                            out.clip_high,
-                            out.clip_region,
-                            out.entropy,
-                            out.tokens,
-                        ),
+                        MicroMetrics {
+                            kl: out.kl,
+                            clip_low: out.clip_low,
+                            clip_high: out.clip_high,
+                            clip_region: out.clip_region,
+                            entropy: out.entropy,
+                            tokens: out.tokens,
+                        },
                     ));
                     Ok(out.loss)
                 },
@@ -405,19 +404,22 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             let mut seen = seen.into_inner().expect("metrics");
             seen.sort_by_key(|s| s.0);
             let seen: Vec<_> = seen.into_iter().map(|s| s.1).collect();
-            let total: usize = seen.iter().map(|s| s.5).sum::<usize>().max(1);
-            let mean = |f: fn(&(f32, f32, f32, f32, f32, usize)) -> f32| {
-                seen.iter().map(|s| f(s) as f64 * s.5 as f64).sum::<f64>() / total as f64
+            let total: usize = seen.iter().map(|s| s.tokens).sum::<usize>().max(1);
+            let mean = |f: fn(&MicroMetrics) -> f32| {
+                seen.iter()
+                    .map(|s| f(s) as f64 * s.tokens as f64)
+                    .sum::<f64>()
+                    / total as f64
             };
             step_metrics = vec![
                 ("loss".into(), stats.loss),
                 ("grad_norm".into(), stats.grad_norm),
                 ("lr".into(), stats.lr),
-                ("kl".into(), mean(|s| s.0)),
-                ("clip_ratio/low_mean".into(), mean(|s| s.1)),
-                ("clip_ratio/high_mean".into(), mean(|s| s.2)),
-                ("clip_ratio/region_mean".into(), mean(|s| s.3)),
-                ("entropy".into(), mean(|s| s.4)),
+                ("kl".into(), mean(|s| s.kl)),
+                ("clip_ratio/low_mean".into(), mean(|s| s.clip_low)),
+                ("clip_ratio/high_mean".into(), mean(|s| s.clip_high)),
+                ("clip_ratio/region_mean".into(), mean(|s| s.clip_region)),
+                ("entropy".into(), mean(|s| s.entropy)),
             ];
         }
         let lengths: Vec<f64> = sampled.iter().flatten().map(|c| c.len() as f64).collect();
@@ -529,6 +531,17 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     let m = xs.iter().sum::<f64>() / n;
     let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
     (m, var.sqrt())
+}
+
+/// One micro-batch's metrics, weighted by its counted tokens when the
+/// step's are averaged.
+struct MicroMetrics {
+    kl: f32,
+    clip_low: f32,
+    clip_high: f32,
+    clip_region: f32,
+    entropy: f32,
+    tokens: usize,
 }
 
 /// Rows per sampling call (whole groups; a group's prompt prefills once).

@@ -78,7 +78,7 @@ struct Block<'a> {
 fn attend(b: &Block, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if b.hd % 8 == 0 && super::avx2_fma() {
+        if b.hd.is_multiple_of(8) && super::avx2_fma() {
             // SAFETY: AVX2 and FMA are present; `attend_avx2` checks the
             // slice lengths it indexes unchecked.
             return unsafe { attend_avx2(b, o) };
@@ -155,7 +155,7 @@ unsafe fn attend_avx2(b: &Block, o: &mut [f32]) {
     let tk = b.keys();
     let r = b.q.len() / hd;
     assert!(
-        hd % 8 == 0
+        hd.is_multiple_of(8)
             && b.k
                 .iter()
                 .zip(&b.v)
@@ -238,6 +238,17 @@ unsafe fn attend_avx2(b: &Block, o: &mut [f32]) {
     }
 }
 
+/// The shared prefix's storage for one call: keys and values [N, nkv, P,
+/// hd] (strided), and the prompt each row continues.
+struct SharedPrefix<'a> {
+    k: &'a [f32],
+    k_layout: &'a Layout,
+    v: &'a [f32],
+    v_layout: &'a Layout,
+    owner: &'a [u32],
+    len: usize,
+}
+
 impl CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "herd-decode-attention"
@@ -279,7 +290,7 @@ impl CustomOp3 for DecodeAttention {
             .prefix
             .as_ref()
             .map(|(pk, pv, _)| [pk, pv].map(|x| x.storage_and_layout()));
-        let mut shared: Option<(&[f32], &Layout, &[f32], &Layout, &[u32], usize)> = None;
+        let mut shared: Option<SharedPrefix> = None;
         if let (Some([(gk, pkl), (gv, pvl)]), Some((_, _, owner))) = (&guards, &self.prefix) {
             let (candle_core::Storage::Cpu(ck), candle_core::Storage::Cpu(cv)) = (&**gk, &**gv)
             else {
@@ -299,16 +310,16 @@ impl CustomOp3 for DecodeAttention {
                     pkl.shape()
                 );
             }
-            shared = Some((
-                f32_storage(ck, "prefix k")?,
-                pkl,
-                f32_storage(cv, "prefix v")?,
-                pvl,
+            shared = Some(SharedPrefix {
+                k: f32_storage(ck, "prefix k")?,
+                k_layout: pkl,
+                v: f32_storage(cv, "prefix v")?,
+                v_layout: pvl,
                 owner,
-                p,
-            ));
+                len: p,
+            });
         }
-        let p = shared.map_or(0, |s| s.5);
+        let p = shared.as_ref().map_or(0, |s| s.len);
         let all = p + tk;
         if r % t != 0 || self.bias.len() != b * t * all {
             candle_core::bail!("decode_attention: bias does not match {t} positions × {all} keys");
@@ -319,12 +330,12 @@ impl CustomOp3 for DecodeAttention {
         // segment; the rows of one prompt read the same prefix block.
         let task = |(bg, o): (usize, &mut [f32])| {
             let (bi, g) = (bg / nkv, bg % nkv);
-            let (kp, vp): (&[f32], &[f32]) = match shared {
-                Some((pk, pkl, pv, pvl, owner, p)) => {
-                    let i = owner[bi] as usize;
+            let (kp, vp): (&[f32], &[f32]) = match &shared {
+                Some(sp) => {
+                    let i = sp.owner[bi] as usize;
                     (
-                        &pk[offset(pkl, [i, g, 0, 0])..][..p * hd],
-                        &pv[offset(pvl, [i, g, 0, 0])..][..p * hd],
+                        &sp.k[offset(sp.k_layout, [i, g, 0, 0])..][..sp.len * hd],
+                        &sp.v[offset(sp.v_layout, [i, g, 0, 0])..][..sp.len * hd],
                     )
                 }
                 None => (&[], &[]),
