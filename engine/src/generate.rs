@@ -234,7 +234,8 @@ fn generate_from(
         Some(&mut cache),
     )?;
     let last = model.lm_logits(&hidden.narrow(1, p - 1, 1)?)?; // [np, 1, V]
-                                                               // Each prompt's logits and mask copied to its rows: row -> (prompt, sample).
+
+    // Each prompt's logits and mask copied to its rows: row -> (prompt, sample).
     let rows: Vec<(usize, usize)> = live
         .iter()
         .enumerate()

@@ -366,14 +366,12 @@ impl Llama {
             (true, true, Some(bias5)) => Some(bias5),
             _ => None,
         };
-        // A shared prefix the fused kernel does not read: copied per row.
-        let (k, v) = match (prefix, fused) {
-            (Some(p), None) => {
-                let (pk, pv) = p.per_row(l)?;
-                (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
-            }
-            _ => (k, v),
-        };
+        if prefix.is_some() && fused.is_none() {
+            // KvCache::branch shares a prefix only where the kernel reads it.
+            return Err(EngineError::Input(
+                "a shared KV prefix needs the fused decode kernel (f32 on the CPU)".into(),
+            ));
+        }
         let tk = k.dim(2)?;
         let att = if let Some(bias5) = fused {
             // Generation: straight over the cache's buffers.
@@ -432,13 +430,14 @@ impl Llama {
     /// each block's input, and [`Llama::finish_backward`] recomputes the
     /// blocks one at a time. Memory for activations drops from all blocks'
     /// to one block's plus the inputs, for about one more forward pass.
-    pub fn is_checkpointing(&self) -> bool {
-        self.checkpointing.load(Ordering::Relaxed)
-    }
-
     pub fn set_checkpointing(&self, on: bool) {
         self.checkpointing.store(on, Ordering::Relaxed);
         self.pending.lock().expect("pending lock").clear();
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn is_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
     }
 
     /// Complete `store` (from `loss.backward()`) through the blocks of

@@ -69,6 +69,26 @@ fn seeded_sampling_is_bit_reproducible() {
     assert!(a[0].iter().any(|r| r != &a[0][0]), "{:?}", a[0]);
 }
 
+/// Where the fused decode kernel does not read the cache (here f64), each
+/// row gets its own copy of its prompt's keys and values instead of the
+/// shared prefix: the same greedy tokens as the f32 model's shared path.
+#[test]
+fn rows_copy_their_prompt_where_the_kernel_cannot_share_it() {
+    let model = load_model(&fixtures().join("ref"), &Device::Cpu).unwrap();
+    let f64_model = herd_engine::Llama::from_tensors_dtype(
+        model.config.clone(),
+        model.tensors(),
+        &Device::Cpu,
+        candle_core::DType::F64,
+    )
+    .unwrap();
+    let prompts = prompts();
+    let cfg = SamplingConfig::greedy(16, vec![]);
+    let shared = generate_many(&model, &prompts, &[3, 0, 2], &cfg, 319).unwrap();
+    let copied = generate_many(&f64_model, &prompts, &[3, 0, 2], &cfg, 319).unwrap();
+    assert_eq!(shared, copied);
+}
+
 /// Ten tokens at temperature 1, top-p 0.9.
 fn nucleus_sampling(seed: u64) -> SamplingConfig {
     SamplingConfig {

@@ -34,16 +34,6 @@ pub struct Prefix {
     pub owner: Vec<u32>,
 }
 
-impl Prefix {
-    /// Layer `l`'s prefix keys and values copied out per row, [B, nkv, P,
-    /// hd] each: what a kernel that cannot read the shared prefix needs.
-    pub fn per_row(&self, l: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = &self.layers[l];
-        let idx = Tensor::new(self.owner.as_slice(), k.device())?;
-        Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
-    }
-}
-
 impl KvCache {
     /// A cache that holds at most `capacity` positions, written in place
     /// (inference only: no gradient flows through an in-place write).
@@ -58,8 +48,9 @@ impl KvCache {
 
     /// Rows that continue this (filled, prefix-free) cache's prompts: row
     /// `r` continues prompt `owner[r]`, with room for `capacity` more
-    /// positions of its own, written in place. The prompts' keys and values
-    /// become the shared [`Prefix`].
+    /// positions of its own, written in place. Where the fused decode kernel
+    /// reads the cache (f32 on the CPU), the prompts' keys and values become
+    /// the shared [`Prefix`]; elsewhere each row gets its own copy, once.
     pub fn branch(self, owner: Vec<u32>, capacity: usize) -> candle_core::Result<KvCache> {
         if self.prefix.is_some() {
             candle_core::bail!("KV cache: a branched cache cannot branch again");
@@ -76,12 +67,25 @@ impl KvCache {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let n = layers.len();
-        Ok(KvCache {
-            layers: (0..n).map(|_| None).collect(),
-            capacity,
-            len: 0,
-            prefix: Some(Prefix { layers, owner }),
-        })
+        if layers.iter().all(|(k, _)| crate::fused::usable(k)) {
+            return Ok(KvCache {
+                layers: (0..n).map(|_| None).collect(),
+                capacity,
+                len: 0,
+                prefix: Some(Prefix { layers, owner }),
+            });
+        }
+        let mut rows = KvCache::with_capacity(len + capacity);
+        rows.layers = (0..n).map(|_| None).collect();
+        let Some((k0, _)) = layers.first() else {
+            return Ok(rows);
+        };
+        let idx = Tensor::new(owner.as_slice(), k0.device())?;
+        for (l, (k, v)) in layers.iter().enumerate() {
+            rows.append(l, k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)?;
+        }
+        rows.len = len;
+        Ok(rows)
     }
 
     /// Add layer `l`'s keys and values of `t` new positions ([B, nkv, t, hd]);
