@@ -1,5 +1,5 @@
 //! Finding things as people type them: a daemon on another port, short
-//! ids and hashes, history keys with a typo.
+//! ids and hashes, history keys with a typo, what each command is for.
 
 mod common;
 
@@ -242,4 +242,53 @@ fn history_shows_what_differs_and_typos_say_what_was_meant() {
             && err.contains("raise max_seq_len"),
         "{err}"
     );
+}
+
+/// `herd -h` says what every command is for, and `herd submit -h` what
+/// every option is for (`experiment`, `round`, `--seed`, `--name` and
+/// `--priority` once said nothing).
+#[test]
+fn every_command_and_submit_option_says_what_it_is_for() {
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "herd {args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Each entry of a clap section is "  NAME  what it is for".
+    let entries = |text: &str, section: &str| -> Vec<(String, String)> {
+        text.lines()
+            .skip_while(|l| !l.starts_with(section))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter(|l| !l.trim_start().starts_with("-h,"))
+            .map(|l| {
+                let l = l.trim_start();
+                let (name, what) = l.split_once("  ").unwrap_or((l, ""));
+                (name.to_string(), what.trim().to_string())
+            })
+            .collect()
+    };
+    let top = help(&["-h"]);
+    let commands = entries(&top, "Commands:");
+    for name in ["submit", "experiment", "round", "history", "watch", "export"] {
+        assert!(commands.iter().any(|(n, _)| n == name), "{name}: {top}");
+    }
+    for (name, what) in &commands {
+        assert!(!what.is_empty(), "`herd {name}` says nothing in:\n{top}");
+    }
+    let submit = help(&["submit", "-h"]);
+    let options = entries(&submit, "Options:");
+    for flag in ["--seed", "--name", "--priority", "--experiment", "--set"] {
+        let what = options
+            .iter()
+            .find(|(n, _)| n.split([' ', ',']).any(|w| w == flag))
+            .map(|(_, w)| w.as_str());
+        assert!(
+            what.is_some_and(|w| !w.is_empty()),
+            "`herd submit {flag}` says nothing in:\n{submit}"
+        );
+    }
 }

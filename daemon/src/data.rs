@@ -173,6 +173,31 @@ pub enum Dataset {
     Prompts(Vec<PromptExample>),
 }
 
+/// The row type of one dataset kind, so that a job asks for its rows by
+/// type (`load_rows::<PromptExample>`) rather than matching the enum.
+pub trait Row: Sized {
+    const KIND: DatasetKind;
+    /// The rows of `ds`, when it is of this kind.
+    fn rows_of(ds: Dataset) -> Option<Vec<Self>>;
+}
+
+macro_rules! row_of_kind {
+    ($row:ty, $variant:ident) => {
+        impl Row for $row {
+            const KIND: DatasetKind = DatasetKind::$variant;
+            fn rows_of(ds: Dataset) -> Option<Vec<Self>> {
+                match ds {
+                    Dataset::$variant(rows) => Some(rows),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+row_of_kind!(PreferenceExample, Preference);
+row_of_kind!(SftExample, Sft);
+row_of_kind!(PromptExample, Prompts);
+
 /// One problem on one line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LineError {

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::generation::{complete, GenParams};
-use super::inputs::{chat_of, load_dataset, save_dataset};
+use super::inputs::{chat_of, load_rows, save_dataset};
 use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
-use crate::data::{Dataset, DatasetKind, PreferenceExample, Strength};
+use crate::data::{Dataset, PreferenceExample, PromptExample, Strength};
 use crate::task;
 use herd_core::{ArtifactKind, JobKind};
 
@@ -103,10 +103,7 @@ impl Recipe for Annotate {
 fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let chat = chat_of(&policy_dir)?;
-    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?
-    else {
-        unreachable!()
-    };
+    let prompts: Vec<PromptExample> = load_rows(ctx.input("prompts")?)?;
     if prompts.iter().any(|x| x.answer.is_none()) {
         bail!("annotate needs an `answer` on every prompt (the checker ranks by it)");
     }

@@ -251,13 +251,12 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let out = ctx.workdir.join("checkpoint");
     herd_engine::checkpoint::save_model(&model, &out, Some(first))?;
     let summary = json!({"models": inputs.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "weights": p.weights});
-    ctx.sink.output(
+    ctx.finish_with(
         "checkpoint",
         herd_core::ArtifactKind::Checkpoint,
         &out,
-        summary.clone(),
-    )?;
-    Ok(summary)
+        summary,
+    )
 }
 
 fn average_adapters(
@@ -284,9 +283,7 @@ fn average_adapters(
     let out = ctx.workdir.join("adapter");
     herd_engine::checkpoint::write_adapter(&config, &tensors, &out, base.as_str().unwrap_or(""))?;
     let summary = json!({"adapters": inputs.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "weights": p.weights, "rank": config.rank});
-    ctx.sink
-        .output("adapter", ArtifactKind::Adapter, &out, summary.clone())?;
-    Ok(summary)
+    ctx.finish_with("adapter", ArtifactKind::Adapter, &out, summary)
 }
 
 fn kind(c: &herd_engine::LlamaConfig) -> &'static str {

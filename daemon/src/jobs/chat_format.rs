@@ -79,12 +79,8 @@ pub struct ChatFormat;
 impl Recipe for ChatFormat {
     type Params = Params;
     const KIND: JobKind = JobKind::ChatFormat;
-    const INPUTS: InputNames = InputNames::Named {
-        required: &["model"],
-        optional: &[],
-    };
-    const OUTPUTS: &'static [(&'static str, OutputKind)] =
-        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    const INPUTS: InputNames = InputNames::only(&["model"]);
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = super::recipe::A_CHECKPOINT;
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         let model_dir = ctx.input("model")?.to_path_buf();
         let out = ctx.workdir.join("checkpoint");
@@ -96,12 +92,6 @@ impl Recipe for ChatFormat {
             p.add_special_tokens,
             ctx.seed,
         )?;
-        ctx.sink.output(
-            "checkpoint",
-            ArtifactKind::Checkpoint,
-            &out,
-            summary.clone(),
-        )?;
-        Ok(summary)
+        ctx.finish_with("checkpoint", ArtifactKind::Checkpoint, &out, summary)
     }
 }

@@ -8,19 +8,16 @@ use herd_engine::objective::{self, Pair};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::inputs::{chat_of, load_dataset, prompt_completions, truncate};
-use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
-use super::training::{save_trained, train_loop, LoraParams, TrainParams};
-use crate::data::{Dataset, DatasetKind, Strength};
+use super::inputs::{chat_of, load_rows, prompt_completions, truncate};
+use super::recipe::{Accepts, Bound, InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::training::{save_trained, train_loop, OwnParams, TrainParams, Trained};
+use crate::data::{PreferenceExample, Strength};
 use herd_core::{ArtifactKind, JobKind};
 
+/// What `dpo` adds to the shared training hyperparameters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Params {
-    #[serde(flatten)]
-    pub train: TrainParams,
-    #[serde(flatten)]
-    pub lora: LoraParams,
+pub struct Own {
     pub beta: f64,
     pub nll_weight: f64,
     pub mask_format_tokens: bool,
@@ -30,14 +27,11 @@ pub struct Params {
     pub min_strength: Strength,
 }
 
-impl Default for Params {
+pub type Params = Trained<Own>;
+
+impl Default for Own {
     fn default() -> Self {
-        Params {
-            train: TrainParams {
-                batch_size: 2,
-                ..TrainParams::default()
-            },
-            lora: LoraParams::default(),
+        Own {
             beta: 0.1,
             nll_weight: 0.2,
             mask_format_tokens: true,
@@ -46,13 +40,17 @@ impl Default for Params {
     }
 }
 
-impl Validate for Params {
-    fn lora(&self) -> Option<&LoraParams> {
-        Some(&self.lora)
+impl OwnParams for Own {
+    fn train_defaults() -> TrainParams {
+        TrainParams {
+            batch_size: 2,
+            ..TrainParams::default()
+        }
     }
+}
+
+impl Validate for Own {
     fn validate(&self) -> Result<(), String> {
-        self.train.validate()?;
-        self.lora.validate()?;
         if !(self.beta.is_finite() && self.beta > 0.0)
             || !(self.nll_weight.is_finite() && self.nll_weight >= 0.0)
         {
@@ -60,12 +58,11 @@ impl Validate for Params {
         }
         Ok(())
     }
-    fn bounds() -> Vec<super::recipe::Bound> {
-        let mut b = TrainParams::bounds();
-        b.extend(LoraParams::bounds());
-        b.push(super::recipe::Bound::at_least("beta", 0.0, false));
-        b.push(super::recipe::Bound::at_least("nll_weight", 0.0, true));
-        b
+    fn bounds() -> Vec<Bound> {
+        vec![
+            Bound::at_least("beta", 0.0, false),
+            Bound::at_least("nll_weight", 0.0, true),
+        ]
     }
 }
 
@@ -98,14 +95,11 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         .cloned()
         .unwrap_or_else(|| model_dir.clone());
     let chat = chat_of(&model_dir)?;
-    let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)?
-    else {
-        unreachable!()
-    };
+    let rows: Vec<PreferenceExample> = load_rows(ctx.input("data")?)?;
     let mut pairs = vec![];
     let (mut dropped, mut too_weak) = (0, 0);
     for r in &rows {
-        if r.weaker_than(p.min_strength) {
+        if r.weaker_than(p.own.min_strength) {
             too_weak += 1;
             continue;
         }
@@ -129,7 +123,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         ctx.sink.note(&format!(
             "dpo data: {} pairs kept, {too_weak} dropped as weaker than {}, {dropped} truncated away by max_seq_len {}",
             pairs.len(),
-            p.min_strength.as_str(),
+            p.own.min_strength.as_str(),
             p.train.max_seq_len
         ));
     }
@@ -137,7 +131,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         bail!(
             "no preference pairs left to train on ({} rows: {too_weak} weaker than min_strength {}, {dropped} too long)",
             rows.len(),
-            p.min_strength.as_str()
+            p.own.min_strength.as_str()
         );
     }
     let pad = chat.special.pad;
@@ -151,7 +145,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
      -> Result<()> {
         for chunk in pairs.chunks(p.train.batch_size.max(1)) {
             let (c, r) =
-                objective::reference_logps(reference, chunk, p.mask_format_tokens, true, pad)?;
+                objective::reference_logps(reference, chunk, p.own.mask_format_tokens, true, pad)?;
             ref_c.extend(c);
             ref_r.extend(r);
         }
@@ -162,7 +156,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             bail!("with LoRA the reference is the base model with the adapter switched off: leave out input `reference` (or give the `model` itself)");
         }
         let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
-        super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
+        p.prepare(ctx, &mut model)?;
         let lora = model.lora.as_ref().expect("attached");
         lora.set_enabled(false);
         reference_logps(&model, &mut ref_c, &mut ref_r).context("reference log-probs")?;
@@ -178,14 +172,14 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             reference_logps(&reference, &mut ref_c, &mut ref_r)?;
         }
         let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
-        super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
+        p.prepare(ctx, &mut model)?;
         model
     };
     let cache_path = ctx.workdir.join("reference_logps.json");
     std::fs::write(
         &cache_path,
         serde_json::to_vec(
-            &json!({"chosen": ref_c, "rejected": ref_r, "mask_format_tokens": p.mask_format_tokens}),
+            &json!({"chosen": ref_c, "rejected": ref_r, "mask_format_tokens": p.own.mask_format_tokens}),
         )?,
     )?;
     ctx.sink.output(
@@ -205,9 +199,9 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             &batch,
             &rc,
             &rr,
-            p.beta,
-            p.nll_weight,
-            p.mask_format_tokens,
+            p.own.beta,
+            p.own.nll_weight,
+            p.own.mask_format_tokens,
             pad,
         )?;
         let mean = |v: &[f32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;

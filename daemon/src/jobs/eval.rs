@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::generation::{complete, score, GenParams};
-use super::inputs::{chat_of, load_dataset};
+use super::inputs::{chat_of, load_rows};
 use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
-use crate::data::{Dataset, DatasetKind};
+use crate::data::{PreferenceExample, PromptExample, SftExample};
 use herd_core::{ArtifactKind, JobKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,9 +93,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     };
     let mut m = serde_json::Map::new();
     if let Some(path) = ctx.inputs.get("prompts").cloned() {
-        let Dataset::Prompts(prompts) = load_dataset(&path, DatasetKind::Prompts)? else {
-            unreachable!()
-        };
+        let prompts: Vec<PromptExample> = load_rows(&path)?;
         let msgs: Vec<_> = prompts.iter().map(|x| x.messages(0)).collect();
         let ours = complete(&policy, &chat, &msgs, 1, &g, ctx.seed, |_, _| {})?;
         let accuracy = |outs: &[Vec<String>]| {
@@ -169,9 +167,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         m.insert("examples".into(), examples.into());
     }
     if let (Some(path), Some((rm, rm_chat))) = (ctx.inputs.get("preference").cloned(), &rm) {
-        let Dataset::Preference(rows) = load_dataset(&path, DatasetKind::Preference)? else {
-            unreachable!()
-        };
+        let rows: Vec<PreferenceExample> = load_rows(&path)?;
         let (mut correct, mut pairs) = (0, 0);
         for r in &rows {
             let s = score(rm, rm_chat, &r.prompt, &r.responses)?;
@@ -188,9 +184,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         );
     }
     if let Some(path) = ctx.inputs.get("sft").cloned() {
-        let Dataset::Sft(rows) = load_dataset(&path, DatasetKind::Sft)? else {
-            unreachable!()
-        };
+        let rows: Vec<SftExample> = load_rows(&path)?;
         let seqs: Vec<_> = rows
             .iter()
             .filter_map(|r| {

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::generation::{complete_counts, GenParams};
-use super::inputs::{chat_of, load_dataset, save_dataset};
+use super::inputs::{chat_of, load_rows, save_dataset};
 use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
-use crate::data::{Dataset, DatasetKind, SftExample};
+use crate::data::{Dataset, PromptExample, SftExample};
 use herd_core::{ArtifactKind, JobKind};
 use herd_engine::chat::Message;
 
@@ -74,10 +74,7 @@ impl Recipe for Generate {
 
 fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let model_dir = ctx.input("model")?.to_path_buf();
-    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?
-    else {
-        unreachable!()
-    };
+    let prompts: Vec<PromptExample> = load_rows(ctx.input("prompts")?)?;
     let chat = chat_of(&model_dir)?;
     if p.k > 1 && p.gen.temperature == 0.0 {
         ctx.sink.note(&format!(

@@ -20,10 +20,10 @@ use herd_engine::train::{TrainConfig, Trainer};
 use serde_json::{json, Value};
 
 use super::generation::score;
-use super::inputs::{chat_of, load_dataset};
+use super::inputs::{chat_of, load_rows};
 use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe};
 use super::training::{save_trained, Precision};
-use crate::data::{Dataset, DatasetKind};
+use crate::data::PromptExample;
 mod params;
 
 use herd_core::{ArtifactKind, JobKind};
@@ -88,9 +88,7 @@ struct Prompt {
 fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let chat = chat_of(&policy_dir)?;
-    let Dataset::Prompts(rows) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)? else {
-        unreachable!()
-    };
+    let rows: Vec<PromptExample> = load_rows(ctx.input("prompts")?)?;
     let rule = p.rule().map_err(anyhow::Error::msg)?;
     if let Some(r) = rule.as_ref().filter(|r| r.needs_answer()) {
         if let Some(i) = rows.iter().position(|x| x.answer.is_none()) {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use herd_engine::chat::{ChatFormat, Encoded};
 
 use super::recipe::JobContext;
-use crate::data::{self, Dataset, DatasetKind};
+use crate::data::{self, Dataset, DatasetKind, Row};
 
 /// Load a dataset input, insisting on its kind.
 pub fn load_dataset(path: &Path, want: DatasetKind) -> Result<Dataset> {
@@ -15,6 +15,12 @@ pub fn load_dataset(path: &Path, want: DatasetKind) -> Result<Dataset> {
         std::fs::read(path).with_context(|| format!("reading dataset {}", path.display()))?;
     let ds = data::parse_bytes(want, &bytes, &path.display().to_string())?;
     Ok(ds)
+}
+
+/// A dataset input's rows, of the kind the job needs (`R`).
+pub fn load_rows<R: Row>(path: &Path) -> Result<Vec<R>> {
+    let ds = load_dataset(path, R::KIND)?;
+    Ok(R::rows_of(ds).expect("parse_bytes returns the kind it was asked for"))
 }
 
 /// The date a template's `strftime_now` prints in every job: Llama 3.1's

@@ -26,12 +26,8 @@ pub struct Merge;
 impl Recipe for Merge {
     type Params = Params;
     const KIND: JobKind = JobKind::Merge;
-    const INPUTS: InputNames = InputNames::Named {
-        required: &["model", "adapter"],
-        optional: &[],
-    };
-    const OUTPUTS: &'static [(&'static str, OutputKind)] =
-        &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+    const INPUTS: InputNames = InputNames::only(&["model", "adapter"]);
+    const OUTPUTS: &'static [(&'static str, OutputKind)] = super::recipe::A_CHECKPOINT;
     const ACCEPTS: Accepts = &[("adapter", &[ArtifactKind::Adapter])];
     fn run(ctx: &mut JobContext, _: Params) -> Result<Value> {
         let model_dir = ctx.input("model")?.to_path_buf();
@@ -54,12 +50,6 @@ impl Recipe for Merge {
         herd_engine::checkpoint::save_model(&merged, &out, Some(&model_dir))?;
         let lora = &model.lora.as_ref().expect("loaded").config;
         let summary = json!({"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "reward_model": lora.score});
-        ctx.sink.output(
-            "checkpoint",
-            ArtifactKind::Checkpoint,
-            &out,
-            summary.clone(),
-        )?;
-        Ok(summary)
+        ctx.finish_with("checkpoint", ArtifactKind::Checkpoint, &out, summary)
     }
 }

@@ -35,6 +35,21 @@ pub enum InputNames {
     AtLeast(usize),
 }
 
+impl InputNames {
+    /// Exactly these inputs, none optional.
+    pub const fn only(required: &'static [&'static str]) -> Self {
+        InputNames::Named {
+            required,
+            optional: &[],
+        }
+    }
+}
+
+/// The outputs of a recipe that makes one plain checkpoint (merge,
+/// chat_format).
+pub const A_CHECKPOINT: &[(&str, OutputKind)] =
+    &[("checkpoint", OutputKind::Is(ArtifactKind::Checkpoint))];
+
 /// The artifact kind of an output.
 #[derive(Debug, Clone, Copy)]
 pub enum OutputKind {
@@ -213,5 +228,18 @@ impl JobContext<'_> {
             .get(name)
             .map(|p| p.as_path())
             .ok_or_else(|| anyhow::anyhow!("missing input `{name}`"))
+    }
+
+    /// Record `path` as output `name` and end the job with `summary`, its
+    /// result: how a recipe that makes one artifact finishes.
+    pub fn finish_with(
+        &mut self,
+        name: &str,
+        kind: ArtifactKind,
+        path: &Path,
+        summary: Value,
+    ) -> Result<Value> {
+        self.sink.output(name, kind, path, summary.clone())?;
+        Ok(summary)
     }
 }

@@ -11,19 +11,16 @@ use herd_engine::rng::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::inputs::{chat_of, load_dataset, similarity};
-use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
-use super::training::{save_trained, train_loop, LoraParams, TrainParams};
-use crate::data::{Dataset, DatasetKind, Strength};
+use super::inputs::{chat_of, load_rows, similarity};
+use super::recipe::{Accepts, Bound, InputNames, JobContext, OutputKind, Recipe, Validate};
+use super::training::{save_trained, train_loop, OwnParams, Trained};
+use crate::data::{PreferenceExample, Strength};
 use herd_core::JobKind;
 
+/// What `rm` adds to the shared training hyperparameters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Params {
-    #[serde(flatten)]
-    pub train: TrainParams,
-    #[serde(flatten)]
-    pub lora: LoraParams,
+pub struct Own {
     /// Add Llama 2's margin by preference strength.
     pub margin: bool,
     /// Pairs marked weaker than this are dropped (rows without a strength
@@ -36,11 +33,11 @@ pub struct Params {
     pub heldout_fraction: f64,
 }
 
-impl Default for Params {
+pub type Params = Trained<Own>;
+
+impl Default for Own {
     fn default() -> Self {
-        Params {
-            train: TrainParams::default(),
-            lora: LoraParams::default(),
+        Own {
             margin: false,
             min_strength: Strength::SlightlyBetter,
             similarity_threshold: 0.95,
@@ -49,13 +46,10 @@ impl Default for Params {
     }
 }
 
-impl Validate for Params {
-    fn lora(&self) -> Option<&LoraParams> {
-        Some(&self.lora)
-    }
+impl OwnParams for Own {}
+
+impl Validate for Own {
     fn validate(&self) -> Result<(), String> {
-        self.train.validate()?;
-        self.lora.validate()?;
         if !(0.0..=1.0).contains(&self.similarity_threshold)
             || !(0.0..0.9).contains(&self.heldout_fraction)
         {
@@ -63,22 +57,17 @@ impl Validate for Params {
         }
         Ok(())
     }
-    fn bounds() -> Vec<super::recipe::Bound> {
-        let mut b = TrainParams::bounds();
-        b.extend(LoraParams::bounds());
-        b.push(super::recipe::Bound::closed(
-            "similarity_threshold",
-            0.0,
-            1.0,
-        ));
-        b.push(super::recipe::Bound {
-            name: "heldout_fraction",
-            min: 0.0,
-            min_inclusive: true,
-            max: Some(0.9),
-            max_inclusive: false,
-        });
-        b
+    fn bounds() -> Vec<Bound> {
+        vec![
+            Bound::closed("similarity_threshold", 0.0, 1.0),
+            Bound {
+                name: "heldout_fraction",
+                min: 0.0,
+                min_inclusive: true,
+                max: Some(0.9),
+                max_inclusive: false,
+            },
+        ]
     }
 }
 
@@ -99,20 +88,17 @@ impl Recipe for Rm {
 fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let model_dir = ctx.input("model")?.to_path_buf();
     let chat = chat_of(&model_dir)?;
-    let Dataset::Preference(rows) = load_dataset(ctx.input("data")?, DatasetKind::Preference)?
-    else {
-        unreachable!()
-    };
+    let rows: Vec<PreferenceExample> = load_rows(ctx.input("data")?)?;
     let mut examples = vec![];
     let (mut too_similar, mut too_long, mut too_weak) = (0, 0, 0);
     for r in &rows {
-        if r.weaker_than(p.min_strength) {
+        if r.weaker_than(p.own.min_strength) {
             too_weak += 1;
             continue;
         }
         let similar = (0..r.responses.len()).any(|i| {
             (i + 1..r.responses.len())
-                .any(|j| similarity(&r.responses[i], &r.responses[j]) >= p.similarity_threshold)
+                .any(|j| similarity(&r.responses[i], &r.responses[j]) >= p.own.similarity_threshold)
         });
         if similar {
             too_similar += 1;
@@ -126,7 +112,7 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
             too_long += 1;
             continue;
         }
-        let margin = if p.margin {
+        let margin = if p.own.margin {
             r.strength.map(|s| s.margin()).unwrap_or(0.0)
         } else {
             0.0
@@ -140,14 +126,14 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     ctx.sink.note(&format!(
         "rm data: {} examples kept, {too_weak} dropped as weaker than {}, {too_similar} as too similar (>= {}), {too_long} longer than max_seq_len",
         examples.len(),
-        p.min_strength.as_str(),
-        p.similarity_threshold
+        p.own.min_strength.as_str(),
+        p.own.similarity_threshold
     ));
     // Held-out split: a seeded shuffle, the tail held out.
     let mut rng = Rng::new(ctx.seed ^ 0x5eed);
     rng.shuffle(&mut examples);
     let held = if examples.len() >= 10 {
-        (examples.len() as f64 * p.heldout_fraction).round() as usize
+        (examples.len() as f64 * p.own.heldout_fraction).round() as usize
     } else {
         0
     };
@@ -156,12 +142,12 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         bail!(
             "no reward-model examples left to train on ({} rows: {too_weak} weaker than min_strength {}, {too_similar} too similar, {too_long} too long)",
             rows.len(),
-            p.min_strength.as_str()
+            p.own.min_strength.as_str()
         );
     }
     let mut model =
         herd_engine::checkpoint::load_as_reward_model(&model_dir, &ctx.device, ctx.seed)?;
-    super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
+    p.prepare(ctx, &mut model)?;
     let pad = chat.special.pad;
     let mut order_rng = Rng::new(ctx.seed ^ 0x0dd);
     let last = train_loop(ctx, &model, &p.train, examples.len(), |idx, extras| {

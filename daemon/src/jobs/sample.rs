@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::generation::{complete_counts, score, GenParams};
-use super::inputs::{chat_of, load_dataset, save_dataset};
+use super::inputs::{chat_of, load_rows, save_dataset};
 use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
-use crate::data::{Dataset, DatasetKind, SftExample};
+use crate::data::{Dataset, PromptExample, SftExample};
 use herd_core::{ArtifactKind, JobKind};
 use herd_engine::chat::Message;
 
@@ -74,10 +74,7 @@ pub struct Sample;
 impl Recipe for Sample {
     type Params = Params;
     const KIND: JobKind = JobKind::Sample;
-    const INPUTS: InputNames = InputNames::Named {
-        required: &["policy", "rm", "prompts"],
-        optional: &[],
-    };
+    const INPUTS: InputNames = InputNames::only(&["policy", "rm", "prompts"]);
     const OUTPUTS: &'static [(&'static str, OutputKind)] =
         &[("data", OutputKind::Is(ArtifactKind::Sft))];
     const ACCEPTS: Accepts = &[("prompts", &[ArtifactKind::Prompts])];
@@ -89,10 +86,7 @@ impl Recipe for Sample {
 fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let rm_dir = ctx.input("rm")?.to_path_buf();
-    let Dataset::Prompts(prompts) = load_dataset(ctx.input("prompts")?, DatasetKind::Prompts)?
-    else {
-        unreachable!()
-    };
+    let prompts: Vec<PromptExample> = load_rows(ctx.input("prompts")?)?;
     let chat = chat_of(&policy_dir)?;
     let rm_chat = chat_of(&rm_dir)?;
     // Each prompt's variants (one per system prompt it has, or itself

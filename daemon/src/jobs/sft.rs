@@ -7,19 +7,16 @@ use herd_engine::objective;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::inputs::{chat_of, load_dataset, truncate};
+use super::inputs::{chat_of, load_rows, truncate};
 use super::recipe::{Accepts, InputNames, JobContext, OutputKind, Recipe, Validate};
-use super::training::{save_trained, train_loop, LoraParams, TrainParams};
-use crate::data::{Dataset, DatasetKind};
+use super::training::{save_trained, train_loop, OwnParams, Trained};
+use crate::data::SftExample;
 use herd_core::JobKind;
 
+/// What `sft` adds to the shared training hyperparameters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Params {
-    #[serde(flatten)]
-    pub train: TrainParams,
-    #[serde(flatten)]
-    pub lora: LoraParams,
+pub struct Own {
     /// Pack several examples per row up to max_seq_len.
     pub packing: bool,
     /// In a multi-turn dialog, train only the last assistant turn (by
@@ -27,18 +24,13 @@ pub struct Params {
     pub last_turn_only: bool,
 }
 
-impl Validate for Params {
-    fn lora(&self) -> Option<&LoraParams> {
-        Some(&self.lora)
-    }
+pub type Params = Trained<Own>;
+
+impl OwnParams for Own {}
+
+impl Validate for Own {
     fn validate(&self) -> Result<(), String> {
-        self.train.validate()?;
-        self.lora.validate()
-    }
-    fn bounds() -> Vec<super::recipe::Bound> {
-        let mut b = TrainParams::bounds();
-        b.extend(LoraParams::bounds());
-        b
+        Ok(())
     }
 }
 
@@ -59,15 +51,13 @@ impl Recipe for Sft {
 fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
     let model_dir = ctx.input("model")?.to_path_buf();
     let chat = chat_of(&model_dir)?;
-    let Dataset::Sft(rows) = load_dataset(ctx.input("data")?, DatasetKind::Sft)? else {
-        unreachable!()
-    };
+    let rows: Vec<SftExample> = load_rows(ctx.input("data")?)?;
     let mut seqs = vec![];
     let mut dropped = 0;
     // Tokens before the first trained one, of the shortest dropped row.
     let mut shortest_prompt = usize::MAX;
     for r in &rows {
-        let encoded = super::inputs::encode_sft(&chat, r, p.last_turn_only)?;
+        let encoded = super::inputs::encode_sft(&chat, r, p.own.last_turn_only)?;
         let prompt = encoded
             .target_mask
             .iter()
@@ -96,12 +86,12 @@ fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         ));
     }
     let mut model = herd_engine::checkpoint::load_model(&model_dir, &ctx.device)?;
-    super::training::prepare(ctx, &mut model, &p.train, &p.lora)?;
+    p.prepare(ctx, &mut model)?;
     let pad = chat.special.pad;
     let n = seqs.len();
     let last = train_loop(ctx, &model, &p.train, n, |idx, _| {
         let batch: Vec<_> = idx.iter().map(|i| seqs[*i].clone()).collect();
-        let (loss, tokens) = if p.packing {
+        let (loss, tokens) = if p.own.packing {
             objective::sft_loss_packed(&model, &batch, pad, p.train.max_seq_len)?
         } else {
             objective::sft_loss(&model, &batch, pad)?

@@ -12,7 +12,7 @@ use herd_engine::train::{TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::recipe::JobContext;
+use super::recipe::{Bound, JobContext, Validate};
 
 /// The dtype a training job computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,21 +20,6 @@ use super::recipe::JobContext;
 pub enum Precision {
     F32,
     Bf16,
-}
-
-/// The model a training job trains, made ready: its adapter attached (see
-/// [`LoraParams::attach`]) and its compute dtype set.
-pub fn prepare(
-    ctx: &JobContext,
-    model: &mut herd_engine::Llama,
-    train: &TrainParams,
-    lora: &LoraParams,
-) -> Result<()> {
-    lora.attach(ctx, model)?;
-    if train.dtype == Precision::Bf16 {
-        bf16(model)?;
-    }
-    Ok(())
 }
 
 /// `dtype=bf16` on this model's device: a GPU computes in bf16; the CPU
@@ -48,6 +33,67 @@ pub fn bf16(model: &mut herd_engine::Llama) -> Result<()> {
         model.store_frozen_base_in_bf16()?;
     }
     Ok(())
+}
+
+/// A training recipe's hyperparameters: what rm, sft and dpo share (the
+/// schedule and optimizer, LoRA) and the recipe's own, one flat set on the
+/// wire (`lr`, `lora_rank` and `beta` side by side).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, bound(deserialize = "Own: OwnParams + Deserialize<'de>"))]
+pub struct Trained<Own> {
+    #[serde(flatten)]
+    pub train: TrainParams,
+    #[serde(flatten)]
+    pub lora: LoraParams,
+    #[serde(flatten)]
+    pub own: Own,
+}
+
+/// What a training recipe adds to the shared hyperparameters of [`Trained`].
+pub trait OwnParams: Default + Validate {
+    /// The shared settings' defaults for this recipe (dpo: two pairs a batch).
+    fn train_defaults() -> TrainParams {
+        TrainParams::default()
+    }
+}
+
+impl<Own: OwnParams> Default for Trained<Own> {
+    fn default() -> Self {
+        Trained {
+            train: Own::train_defaults(),
+            lora: LoraParams::default(),
+            own: Own::default(),
+        }
+    }
+}
+
+impl<Own> Trained<Own> {
+    /// The model the job trains, made ready: its adapter attached (see
+    /// [`LoraParams::attach`]) and its compute dtype set.
+    pub fn prepare(&self, ctx: &JobContext, model: &mut herd_engine::Llama) -> Result<()> {
+        self.lora.attach(ctx, model)?;
+        if self.train.dtype == Precision::Bf16 {
+            bf16(model)?;
+        }
+        Ok(())
+    }
+}
+
+impl<Own: OwnParams> Validate for Trained<Own> {
+    fn lora(&self) -> Option<&LoraParams> {
+        Some(&self.lora)
+    }
+    fn validate(&self) -> Result<(), String> {
+        self.train.validate()?;
+        self.lora.validate()?;
+        self.own.validate()
+    }
+    fn bounds() -> Vec<Bound> {
+        let mut b = TrainParams::bounds();
+        b.extend(LoraParams::bounds());
+        b.extend(Own::bounds());
+        b
+    }
 }
 
 /// The hyperparameters every training job shares.
@@ -128,8 +174,7 @@ impl Default for LoraParams {
 }
 
 impl LoraParams {
-    pub fn bounds() -> Vec<super::recipe::Bound> {
-        use super::recipe::Bound;
+    pub fn bounds() -> Vec<Bound> {
         vec![
             Bound::closed("lora_rank", 0.0, limits::MAX_LORA_RANK as f64),
             Bound::at_least("lora_alpha", 0.0, false),
@@ -254,7 +299,6 @@ pub mod limits {
     pub const MAX_LORA_RANK: usize = 4096;
 }
 
-/// `name` within `lo..=hi`, or an error that says both bounds.
 /// What a training recipe's inputs accept: `data` preference pairs (rm,
 /// dpo) or dialogs (sft), `adapter` an adapter to keep training; the rest
 /// (model, reference) checkpoints.
@@ -273,6 +317,7 @@ pub const MODEL_AND_DATA: super::recipe::InputNames = super::recipe::InputNames:
     optional: &["adapter"],
 };
 
+/// `name` within `lo..=hi`, or an error that says both bounds.
 pub fn in_range<T: PartialOrd + std::fmt::Display>(
     name: &str,
     v: T,
@@ -287,8 +332,7 @@ pub fn in_range<T: PartialOrd + std::fmt::Display>(
 
 impl TrainParams {
     /// What `validate` enforces, field by field (see `Bound`).
-    pub fn bounds() -> Vec<super::recipe::Bound> {
-        use super::recipe::Bound;
+    pub fn bounds() -> Vec<Bound> {
         use limits::*;
         vec![
             Bound::above("lr", 0.0, MAX_LR),
