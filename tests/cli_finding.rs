@@ -273,7 +273,14 @@ fn every_command_and_submit_option_says_what_it_is_for() {
     };
     let top = help(&["-h"]);
     let commands = entries(&top, "Commands:");
-    for name in ["submit", "experiment", "round", "history", "watch", "export"] {
+    for name in [
+        "submit",
+        "experiment",
+        "round",
+        "history",
+        "watch",
+        "export",
+    ] {
         assert!(commands.iter().any(|(n, _)| n == name), "{name}: {top}");
     }
     for (name, what) in &commands {

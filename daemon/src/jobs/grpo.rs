@@ -67,12 +67,6 @@ impl Recipe for Grpo {
         }
         Ok(())
     }
-    fn makes(p: &Params, inputs: &[&str], output: &str) -> bool {
-        match output {
-            "rollouts" => p.keep_rollouts,
-            _ => p.lora.makes(inputs, output),
-        }
-    }
     fn run(ctx: &mut JobContext, p: Params) -> Result<Value> {
         run(ctx, p)
     }

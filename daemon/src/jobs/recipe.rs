@@ -96,11 +96,6 @@ pub trait Recipe: Sync + 'static {
     fn check_with_inputs(_params: &Self::Params, _inputs: &[&str]) -> Result<(), String> {
         Ok(())
     }
-    /// Whether a job with these hyperparameters and input names makes
-    /// output `output` (training: `adapter` with LoRA, else `checkpoint`).
-    fn makes(params: &Self::Params, inputs: &[&str], output: &str) -> bool {
-        params.lora().is_none_or(|l| l.makes(inputs, output))
-    }
     /// At start, before inputs are materialized: keep only some of the
     /// resolved inputs (name -> hash), saying which and why (average's
     /// `top_k` by a metric of the jobs that made them). `source` tells the
@@ -124,7 +119,8 @@ pub struct InputSource {
     pub last_metrics: BTreeMap<String, (u64, f64)>,
 }
 
-/// Range checks beyond types.
+/// What typed hyperparameters answer beyond their types: range checks,
+/// and which outputs they make.
 pub trait Validate {
     fn validate(&self) -> Result<(), String>;
     /// The numeric ranges `validate` enforces, for `herd kinds` (a test
@@ -135,10 +131,11 @@ pub trait Validate {
     {
         vec![]
     }
-    /// The LoRA settings, for recipes that train (what they output
-    /// follows: an adapter with LoRA, else a checkpoint).
-    fn lora(&self) -> Option<&super::training::LoraParams> {
-        None
+    /// Whether a job with these settings and input names makes output
+    /// `output`: every declared one, unless the settings choose (training:
+    /// an `adapter` with LoRA, else a `checkpoint`).
+    fn makes(&self, _inputs: &[&str], _output: &str) -> bool {
+        true
     }
 }
 

@@ -77,7 +77,7 @@ impl<R: Recipe> AnyRecipe for Erased<R> {
     fn makes(&self, hyperparameters: &Value, inputs: &[&str], output: &str) -> bool {
         // Jobs record their effective hyperparameters, so they parse as
         // they are; should they not, say the output may exist.
-        parse::<R::Params>(hyperparameters).map_or(true, |p| R::makes(&p, inputs, output))
+        parse::<R::Params>(hyperparameters).map_or(true, |p| p.makes(inputs, output))
     }
     fn choose_inputs(
         &self,

@@ -80,8 +80,8 @@ impl<Own> Trained<Own> {
 }
 
 impl<Own: OwnParams> Validate for Trained<Own> {
-    fn lora(&self) -> Option<&LoraParams> {
-        Some(&self.lora)
+    fn makes(&self, inputs: &[&str], output: &str) -> bool {
+        self.lora.makes(inputs, output)
     }
     fn validate(&self) -> Result<(), String> {
         self.train.validate()?;

@@ -155,8 +155,11 @@ impl Params {
 }
 
 impl Validate for Params {
-    fn lora(&self) -> Option<&LoraParams> {
-        Some(&self.lora)
+    fn makes(&self, inputs: &[&str], output: &str) -> bool {
+        match output {
+            "rollouts" => self.keep_rollouts,
+            _ => self.lora.makes(inputs, output),
+        }
     }
     fn validate(&self) -> Result<(), String> {
         use limits::*;
