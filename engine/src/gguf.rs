@@ -179,7 +179,7 @@ pub fn write(dir: &Path, out: &Path, dtype: GgufDtype) -> Result<()> {
             )))
         }
     }
-    for (k, v) in tokenizer_meta(&tokenizer, &config)? {
+    for (k, v) in tokenizer_meta(&tokenizer, tokenizer_config.as_ref(), &config)? {
         put(&k, v);
     }
     if let Some(t) = template {
@@ -252,7 +252,11 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// up to the model's vocabulary size (ids past the tokenizer are padding,
 /// typed unused), merges, types (1 normal, 3 control for special added
 /// tokens, 4 user-defined for other added ones, 5 unused) and special ids.
-fn tokenizer_meta(tok: &serde_json::Value, config: &LlamaConfig) -> Result<Vec<(String, Value)>> {
+fn tokenizer_meta(
+    tok: &serde_json::Value,
+    tokenizer_config: Option<&serde_json::Value>,
+    config: &LlamaConfig,
+) -> Result<Vec<(String, Value)>> {
     let model = &tok["model"];
     if model["type"] != "BPE" {
         return Err(bad(format!(
@@ -349,7 +353,7 @@ fn tokenizer_meta(tok: &serde_json::Value, config: &LlamaConfig) -> Result<Vec<(
         meta.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
         meta.push((
             "tokenizer.ggml.pre".into(),
-            Value::String("llama-bpe".into()),
+            Value::String(bpe_pre(&tok["pre_tokenizer"])?.into()),
         ));
     }
     meta.push(("tokenizer.ggml.tokens".into(), Value::Array(list)));
@@ -366,14 +370,146 @@ fn tokenizer_meta(tok: &serde_json::Value, config: &LlamaConfig) -> Result<Vec<(
     }
     meta.push((
         "tokenizer.ggml.add_bos_token".into(),
-        Value::Bool(config.bos_token_id.is_some()),
+        Value::Bool(adds_bos(tok, tokenizer_config, config)),
     ));
     Ok(meta)
+}
+
+/// The text splits llama.cpp knows by name (`tokenizer.ggml.pre`), as
+/// tokenizer.json writes their regex before byte-level BPE.
+const NAMED_SPLITS: [(&str, &str); 2] = [
+    (
+        "llama-bpe",
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
+    (
+        "qwen2",
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
+];
+
+/// llama.cpp's name for how a byte-level BPE tokenizer splits text before
+/// merging, read from tokenizer.json's pre-tokenizer: GPT-2's regex
+/// (`gpt-2`), a named regex then bytes (Llama 3's `llama-bpe`, `qwen2`), or
+/// digits one by one then GPT-2's regex (`smollm`). Any other split is
+/// refused: written under a wrong name, text would tokenize differently in
+/// every runtime that reads the file.
+fn bpe_pre(pre: &serde_json::Value) -> Result<&'static str> {
+    let byte_level = |p: &serde_json::Value, regex: bool| {
+        p["type"] == "ByteLevel" && (p["use_regex"] != false) == regex
+    };
+    if byte_level(pre, true) {
+        return Ok("gpt-2");
+    }
+    if let Some([first, then]) = pre["pretokenizers"].as_array().map(Vec::as_slice) {
+        if first["type"] == "Split" && first["behavior"] == "Isolated" && byte_level(then, false) {
+            let regex = first["pattern"]["Regex"].as_str();
+            if let Some((name, _)) = NAMED_SPLITS.iter().find(|(_, r)| Some(*r) == regex) {
+                return Ok(name);
+            }
+        }
+        if first["type"] == "Digits" && first["individual_digits"] == true && byte_level(then, true)
+        {
+            return Ok("smollm");
+        }
+    }
+    Err(bad(format!(
+        "tokenizer.json's pre-tokenizer {pre} is not a split llama.cpp knows by name (GPT-2's, Llama 3's, Qwen 2's, SmolLM's); in GGUF its text would tokenize differently"
+    )))
+}
+
+/// Whether the source tokenizer puts BOS before a text, so that runtimes
+/// reading the GGUF do too: its tokenizer_config.json's `add_bos_token`,
+/// else whether its post-processor's template starts with the BOS token.
+fn adds_bos(
+    tok: &serde_json::Value,
+    tokenizer_config: Option<&serde_json::Value>,
+    config: &LlamaConfig,
+) -> bool {
+    if let Some(b) = tokenizer_config.and_then(|c| c["add_bos_token"].as_bool()) {
+        return b;
+    }
+    let Some(bos) = config.bos_token_id else {
+        return false;
+    };
+    // The template, alone or among a sequence's processors (Llama 3.1).
+    let post = &tok["post_processor"];
+    let template = std::iter::once(post)
+        .chain(post["processors"].as_array().into_iter().flatten())
+        .find(|p| p["type"] == "TemplateProcessing");
+    let Some(first) = template.map(|t| &t["single"][0]["SpecialToken"]["id"]) else {
+        return false;
+    };
+    tok["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|a| a["id"] == bos && a["content"] == *first)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_byte_level_split_gets_llama_cpps_name_or_a_refusal() {
+        use serde_json::json;
+        let bytes = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": regex});
+        let split = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
+        assert_eq!(bpe_pre(&bytes(true)).unwrap(), "gpt-2");
+        let llama3 =
+            json!({"type": "Sequence", "pretokenizers": [split(NAMED_SPLITS[0].1), bytes(false)]});
+        assert_eq!(bpe_pre(&llama3).unwrap(), "llama-bpe");
+        let qwen2 =
+            json!({"type": "Sequence", "pretokenizers": [split(NAMED_SPLITS[1].1), bytes(false)]});
+        assert_eq!(bpe_pre(&qwen2).unwrap(), "qwen2");
+        let smollm = json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, bytes(true)]});
+        assert_eq!(bpe_pre(&smollm).unwrap(), "smollm");
+        for other in [
+            json!({"type": "Sequence", "pretokenizers": [split(r"\p{N}+|\s+"), bytes(false)]}),
+            bytes(false),
+            json!({"type": "Whitespace"}),
+            serde_json::Value::Null,
+        ] {
+            let err = bpe_pre(&other).unwrap_err().to_string();
+            assert!(err.contains("tokenize differently"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bos_is_added_as_the_source_tokenizer_adds_it() {
+        use serde_json::json;
+        let mut config = LlamaConfig::from_json(
+            &json!({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "vocab_size": 4, "bos_token_id": 1}),
+            "config.json",
+        )
+        .unwrap();
+        let added = json!([{"id": 1, "content": "<s>"}]);
+        let template = json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]});
+        let plain = json!({"added_tokens": added, "post_processor": {"type": "ByteLevel"}});
+        assert!(!adds_bos(&plain, None, &config));
+        let alone = json!({"added_tokens": added, "post_processor": template});
+        assert!(adds_bos(&alone, None, &config));
+        let in_sequence = json!({"added_tokens": added,
+            "post_processor": {"type": "Sequence", "processors": [{"type": "ByteLevel"}, template]}});
+        assert!(adds_bos(&in_sequence, None, &config));
+        // tokenizer_config.json's word wins.
+        assert!(!adds_bos(
+            &alone,
+            Some(&json!({"add_bos_token": false})),
+            &config
+        ));
+        assert!(adds_bos(
+            &plain,
+            Some(&json!({"add_bos_token": true})),
+            &config
+        ));
+        config.bos_token_id = None;
+        assert!(!adds_bos(&alone, None, &config));
+    }
 
     #[test]
     fn rotary_rows_are_interleaved_per_head() {

@@ -143,7 +143,7 @@ for name in ["f16", "q8_0"]:
         g = m.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
     out[name + "_greedy"] = g[0, len(ids):].tolist()
 tok = AutoTokenizer.from_pretrained(d, gguf_file="f16.gguf")
-msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."}]
+msgs = [{"role": "user", "content": "What is 1234+56?\n\n  Think."}, {"role": "assistant", "content": "It is 1290."}]
 out["template"] = tok.chat_template
 ids = tok.apply_chat_template(msgs, tokenize=True)
 out["dialog_ids"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -221,8 +221,12 @@ fn transformers_loads_the_gguf() {
         assert_eq!(v["template"].as_str().unwrap(), template, "{family}");
         let chat = herd_engine::checkpoint::load_chat(&src).unwrap();
         let msgs = [
-            herd_engine::chat::Message::new("user", "What is 2+3?"),
-            herd_engine::chat::Message::new("assistant", "It is 5."),
+            // Digits, a blank line and a run of spaces, which GPT-2's and
+            // Llama 3's splits cut apart differently (this fixture's small
+            // vocabulary happens to merge them alike; `bpe_pre`'s unit test
+            // holds the names).
+            herd_engine::chat::Message::new("user", "What is 1234+56?\n\n  Think."),
+            herd_engine::chat::Message::new("assistant", "It is 1290."),
         ];
         let ours = chat.encode_dialog(&msgs).unwrap().ids;
         let theirs: Vec<u32> = serde_json::from_value(v["dialog_ids"].clone()).unwrap();
