@@ -179,7 +179,7 @@ fn every_job_kind_runs_over_http_and_lineage_holds() {
     let out = dir.path().join("export");
     c.export(&ckpt, &out).unwrap();
     assert_eq!(c.import_model(&out, "again").unwrap().hash.as_str(), ckpt);
-    assert_eq!(c.verify().unwrap().ok, true);
+    assert!(c.verify().unwrap().ok);
 }
 
 #[test]
@@ -305,7 +305,7 @@ fn sigkilled_daemon_requeues_and_completes_the_job() {
     let j = c2.wait(&id, Duration::from_secs(300)).unwrap();
     assert_eq!(j.status, herd_client::JobStatus::Succeeded, "{:?}", j.error);
     assert!(j.attempts >= 2, "attempts {}", j.attempts);
-    assert_eq!(c2.verify().unwrap().ok, true);
+    assert!(c2.verify().unwrap().ok);
     // The curves are the latest attempt's alone: every step once, in order.
     let loss = &c2.metrics(&id, &["loss"]).unwrap()["loss"];
     let steps: Vec<u64> = loss.iter().map(|(s, _)| *s).collect();
@@ -377,5 +377,5 @@ fn hundred_concurrent_clients_lose_nothing() {
         c.job(&run).unwrap().status,
         herd_client::JobStatus::Succeeded
     );
-    assert_eq!(c.verify().unwrap().ok, true);
+    assert!(c.verify().unwrap().ok);
 }

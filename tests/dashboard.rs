@@ -130,7 +130,7 @@ fn cookies_codes_and_csrf_guard_the_dashboard_api() {
         403,
         "a cross-origin change"
     );
-    assert_eq!(c.job(&id).unwrap().status.is_final(), false);
+    assert!(!c.job(&id).unwrap().status.is_final());
     assert_eq!(
         status(with(agent.post(&cancel)).set("X-Herd-CSRF", csrf).call()),
         200

@@ -47,7 +47,7 @@ fn bytes_are_verified_where_they_are_used() {
     let (r, _, _, _, sft) = import_fixtures(&c);
     let run = |c: &Client| -> String { run_short_sft(c, &r, &sft).outputs["checkpoint"].clone() };
     let first = run(&c);
-    assert_eq!(c.verify().unwrap().ok, true);
+    assert!(c.verify().unwrap().ok);
     // A flipped byte in the materialized checkpoint the worker reads:
     // verify reports it, and the next job trains on the recorded bytes.
     let cached = data
@@ -185,7 +185,7 @@ fn a_full_disk_answers_507_and_the_daemon_recovers_without_a_restart() {
     std::fs::remove_file(&filler).unwrap();
     // Space is back: the same daemon records again.
     c.create_experiment("after", "").unwrap();
-    assert_eq!(c.verify().unwrap().ok, true);
+    assert!(c.verify().unwrap().ok);
     let names: Vec<String> = c
         .experiments()
         .unwrap()

@@ -620,7 +620,7 @@ fn a_data_directory_from_an_earlier_herd_opens_and_reattaches() {
         "{:?}",
         j.error
     );
-    assert!(c.metrics(long, &["loss"]).unwrap()["loss"].len() > 0);
+    assert!(!c.metrics(long, &["loss"]).unwrap()["loss"].is_empty());
     assert_eq!(
         attempts_started(&data, long),
         1,

@@ -254,7 +254,7 @@ fn host_allowed(
             let hosts = hosts.clone();
             async move {
                 let h = host.unwrap_or_default().to_ascii_lowercase();
-                if hosts.iter().any(|a| *a == h) {
+                if hosts.contains(&h) {
                     Ok(())
                 } else {
                     Err(warp::reject::custom(ApiError {

@@ -403,7 +403,7 @@ fn parse_name(k: &[u8]) -> Result<String, ViewsError> {
 }
 
 fn parse_block(k: &[u8], v: &[u8]) -> Result<(String, u32, Vec<(u64, f64)>), ViewsError> {
-    if v.len() % 16 != 0 {
+    if !v.len().is_multiple_of(16) {
         return Err(corrupt(k, "malformed metric block"));
     }
     let name = parse_name(k)?;

@@ -72,7 +72,7 @@ pub fn advantages(
     baseline: Baseline,
     scale: Scale,
 ) -> Result<(Vec<f32>, f32)> {
-    if group < 2 || rewards.is_empty() || rewards.len() % group != 0 {
+    if group < 2 || rewards.is_empty() || !rewards.len().is_multiple_of(group) {
         return Err(EngineError::Input(format!(
             "{} rewards do not make groups of {group} (at least 2)",
             rewards.len()

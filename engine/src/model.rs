@@ -337,7 +337,7 @@ impl Llama {
         } = inputs;
         let (b, t) = (*b, *t);
         // Attention.
-        let h = rms_norm(&x, &self.weight(&blk.input_layernorm), cfg.rms_norm_eps)?;
+        let h = rms_norm(x, &self.weight(&blk.input_layernorm), cfg.rms_norm_eps)?;
         let q = self
             .project(l, "q_proj", &h, &blk.q_proj)?
             .reshape((b, t, nh, hd))?
@@ -351,8 +351,8 @@ impl Llama {
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = apply_rope(&q, &cos, &sin)?;
-        let k = apply_rope(&k, &cos, &sin)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
         let (k, v) = match cache.as_deref_mut() {
             None => (k, v),
             Some(c) => c.append(l, k, v)?,

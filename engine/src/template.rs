@@ -388,7 +388,7 @@ fn dump(v: &Value, s: &JsonStyle, depth: usize, out: &mut String) -> Result<(), 
         ValueKind::Map => {
             let mut keys: Vec<Value> = v.try_iter()?.collect();
             if s.sort_keys {
-                keys.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                keys.sort_by_key(|a| a.to_string());
             }
             out.push('{');
             for (i, k) in keys.iter().enumerate() {

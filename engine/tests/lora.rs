@@ -116,7 +116,7 @@ fn lora_forward_sft_step_and_merge_match_peft() {
         weight_decay: s["weight_decay"].as_f64().unwrap(),
     };
     let base_q: Vec<f32> = m.layers[0].q_proj.flatten_all().unwrap().to_vec1().unwrap();
-    let mut opt = AdamW::new(params, cfg.clone()).unwrap();
+    let mut opt = AdamW::new(params, cfg).unwrap();
     opt.step(&grads, cfg.lr).unwrap();
     let (after, _) = objective::sft_loss(&m, &seqs, 319).unwrap();
     close(

@@ -187,10 +187,10 @@ async fn get_blob(hash: String, ctx: Ctx) -> Res {
             })
         })?;
     let reader = ctx.state.store.blobs.reader(&hash).map_err(internal)?;
-    Ok(warp::http::Response::builder()
+    warp::http::Response::builder()
         .header("content-type", "application/octet-stream")
         .body(stream_reader(reader))
-        .map_err(internal)?)
+        .map_err(internal)
 }
 
 async fn get_tree(hash: String, ctx: Ctx) -> Res {

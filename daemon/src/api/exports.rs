@@ -80,9 +80,9 @@ async fn get_gguf(hash: String, ctx: Ctx, q: GgufQuery) -> Res {
     let size = file.metadata().map_err(internal)?.len();
     // The file goes as soon as it is open: the stream reads the open handle.
     let _ = std::fs::remove_dir_all(&work);
-    Ok(warp::http::Response::builder()
+    warp::http::Response::builder()
         .header("content-type", "application/octet-stream")
         .header("content-length", size)
         .body(stream_reader(file))
-        .map_err(internal)?)
+        .map_err(internal)
 }

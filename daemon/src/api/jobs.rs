@@ -480,7 +480,7 @@ pub(super) async fn reproduce_one(ctx: &Ctx, id: Uuid) -> Result<Uuid, Rejection
         experiment: j.experiment,
         round: None,
         name: format!("{} (reproduce)", j.name),
-        kind: j.kind.clone(),
+        kind: j.kind,
         inputs: j.resolved_inputs.clone(),
         hyperparameters: if j.effective_hyperparameters.is_null() {
             j.hyperparameters.clone()

@@ -142,7 +142,7 @@ pub(super) async fn log(
             herd_core::vocab::printable(&p.name)
         )));
     }
-    open_run_view(&ctx, id).await?;
+    open_run_view(ctx, id).await?;
     let n = body.points.len();
     // Events stay well under the store's record limit: one atomic append of
     // JobMetrics events of at most 1,000 points each.
