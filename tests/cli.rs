@@ -717,18 +717,9 @@ fn watch_on_an_80_column_terminal() {
     // second waits in the queue while the first runs.
     let first = submit("a-job-name-much-longer-than-twenty-columns");
     submit("another-long-name-that-queues-behind-it");
-    let herd = format!(
-        "stty cols 80 rows 24; {} --server {} --data-dir {} watch",
-        env!("CARGO_BIN_EXE_herd"),
-        d.addr,
-        dir.path().display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &herd, "/dev/null"])
-        .env_remove("HERD_TOKEN")
-        .env_remove("HERD_SERVER")
-        .output()
-        .unwrap();
+    let out = d
+        .herd_on_a_terminal(80, 24, "watch")
+        .expect("script was found above");
     let screen = strip_ansi(&String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success(), "{screen}");
     let lines: Vec<&str> = screen.split(['\n', '\r']).collect();

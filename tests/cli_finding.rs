@@ -204,14 +204,16 @@ fn history_shows_what_differs_and_typos_say_what_was_meant() {
     // On a terminal one column narrower than that table, hyperparameter
     // columns give way and a footer names them.
     let widest = table.lines().map(|l| l.chars().count()).max().unwrap();
-    match on_a_terminal(&d, widest - 1, "history") {
+    match d.herd_on_a_terminal(widest - 1, 50, "history") {
         None => system::skip(
             "history_shows_what_differs_and_typos_say_what_was_meant (terminal width)",
             "no `script` (util-linux) to give herd a terminal",
             "HERD_REQUIRE_SCRIPT",
         ),
-        Some(screen) => {
-            let lines: Vec<&str> = screen.lines().collect();
+        Some(out) => {
+            let screen = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+            assert!(out.status.success(), "{screen}");
+            let lines: Vec<&str> = screen.trim_end().lines().collect();
             let (footer, rows) = lines.split_last().unwrap();
             assert!(
                 footer.contains("differ:") && footer.contains("show them with --columns"),
@@ -320,25 +322,4 @@ fn every_command_and_submit_option_says_what_it_is_for() {
             "`herd submit {flag}` says nothing in:\n{submit}"
         );
     }
-}
-
-/// What `herd ARGS` prints on a terminal `cols` wide (a pty made by
-/// `script`), or None without `script`.
-fn on_a_terminal(d: &Daemon, cols: usize, args: &str) -> Option<String> {
-    Command::new("script").arg("--version").output().ok()?;
-    let herd = format!(
-        "stty cols {cols} rows 50; {} --server {} --data-dir {} {args}",
-        env!("CARGO_BIN_EXE_herd"),
-        d.addr,
-        d.dir.display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &herd, "/dev/null"])
-        .env_remove("HERD_TOKEN")
-        .env_remove("HERD_SERVER")
-        .output()
-        .unwrap();
-    let screen = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    assert!(out.status.success(), "{screen}");
-    Some(screen.trim_end().to_string())
 }

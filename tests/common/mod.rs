@@ -91,6 +91,31 @@ impl Daemon {
         }
     }
 
+    /// `herd ARGS` against this daemon on a terminal `cols` x `rows` (a pty
+    /// made by util-linux's `script`), or None where there is no `script`.
+    pub fn herd_on_a_terminal(
+        &self,
+        cols: usize,
+        rows: usize,
+        args: &str,
+    ) -> Option<std::process::Output> {
+        Command::new("script").arg("--version").output().ok()?;
+        let herd = format!(
+            "stty cols {cols} rows {rows}; {} --server {} --data-dir {} {args}",
+            env!("CARGO_BIN_EXE_herd"),
+            self.addr,
+            self.dir.display()
+        );
+        Some(
+            Command::new("script")
+                .args(["-qec", &herd, "/dev/null"])
+                .env_remove("HERD_TOKEN")
+                .env_remove("HERD_SERVER")
+                .output()
+                .unwrap(),
+        )
+    }
+
     /// `herd ARGS` against this daemon (token from its data directory).
     pub fn herd(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_herd"))
